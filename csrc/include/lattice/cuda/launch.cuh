@@ -8,6 +8,7 @@
 #include <cstdio>
 #include <stdexcept>
 #include <string>
+#include <utility>
 
 #ifndef LATTICE_CUDA_EMULATION
 #include <cuda_runtime.h>
