@@ -264,7 +264,7 @@ def format_importance_table(
         rows.append(row)
     shown = rows if max_rows is None else rows[:max_rows]
     widths = [max(len(c), *(len(r[i]) for r in shown)) if shown else len(c) for i, c in enumerate(cols)]
-    n_left = 4 if selection is not None else 2
+    n_left = len(cols) - len(result.tasks)  # text columns left, numbers right
 
     def fmt(r: Sequence[str]) -> str:
         return "  ".join(v.ljust(w) if i < n_left else v.rjust(w) for i, (v, w) in enumerate(zip(r, widths)))
@@ -319,7 +319,8 @@ def plot_importance(
     annotate: Optional[int] = 40,
 ) -> str:
     """Scatter the importance of every feature on two tasks, coloured by Pareto front (of the full
-    task set), kept features ringed, error bars = std over repeats; saved as PNG to ``path``.
+    task set; drawn as staircases when there are exactly these two tasks), kept features ringed, error
+    bars = std over repeats; saved as PNG to ``path``.
 
     ``annotate``: label the points with feature names when there are at most this many features.
     Needs matplotlib (``pip install lattice-rec[plot]``).
@@ -331,6 +332,7 @@ def plot_importance(
     std = result.delta_logloss_std if metric == "logloss" else result.delta_auc_std
     x, y = mean[:, tx], mean[:, ty]
     n_fronts = len(selection.fronts)
+    exact_2d = len(result.tasks) == 2 and tx != ty  # otherwise fronts are of all tasks, not this projection
     cmap = matplotlib.colormaps["viridis"].resampled(max(n_fronts, 2))
     fig = Figure(figsize=(7.5, 6), dpi=120)
     ax = fig.add_subplot()
@@ -338,9 +340,9 @@ def plot_importance(
     for j, front in enumerate(selection.fronts):  # over fronts
         ax.scatter(x[front], y[front], s=28, color=cmap(j), zorder=2,
                    label=f"front {j}" if j < 8 or j == n_fronts - 1 else None)
-        if j < 8 and front.size > 1:  # the front's staircase in this 2-task projection
+        if exact_2d and j < 8 and front.size > 1:  # with two tasks the front is a true staircase
             o = np.argsort(x[front])
-            ax.plot(x[front][o], y[front][o], color=cmap(j), lw=0.6, alpha=0.5, zorder=1)
+            ax.step(x[front][o], y[front][o], where="pre", color=cmap(j), lw=0.7, alpha=0.6, zorder=1)
     kept = selection.kept
     ax.scatter(x[kept], y[kept], s=110, facecolors="none", edgecolors="crimson", linewidths=1.4, zorder=3,
                label=f"kept ({selection.method}, {kept.size})")
