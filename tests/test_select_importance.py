@@ -164,3 +164,22 @@ def test_masked_metrics():
     assert math.isnan(float(masked_auc(logits, labels, mask, torch.tensor([False, True]))[1]))
     empty = masked_logloss(logits, labels, torch.zeros_like(mask))
     assert torch.isnan(empty).all()
+
+
+def test_significant_zeroes_jitter():
+    from lattice.select.importance import ImportanceResult
+
+    ll = np.zeros((4, 3, 2))
+    ll[:, 0, 0] = [1.0, 1.1, 0.9, 1.0]        # clearly important
+    ll[:, 1, 0] = [0.01, -0.02, 0.015, -0.01]  # jitter around zero
+    ll[:, 2, 1] = [-0.5, -0.6, -0.55, -0.5]    # clearly harmful: kept negative
+    res = ImportanceResult(features=list("abc"), kinds=["dense"] * 3, tasks=["x", "y"],
+                           baseline_logloss=np.zeros(2), baseline_auc=np.zeros(2), delta_logloss=ll,
+                           delta_auc=ll.copy(), num_rows=10)
+    s = res.significant("logloss", 2.0)
+    assert s[0, 0] == pytest.approx(1.0) and s[1, 0] == 0.0 and s[2, 1] == pytest.approx(-0.5375)
+    assert np.array_equal(res.significant("logloss", 0), res.delta_logloss_mean)
+    one = ImportanceResult(features=list("abc"), kinds=["dense"] * 3, tasks=["x", "y"],
+                           baseline_logloss=np.zeros(2), baseline_auc=np.zeros(2), delta_logloss=ll[:1],
+                           delta_auc=ll[:1], num_rows=10)
+    assert np.array_equal(one.significant(), one.delta_logloss_mean)

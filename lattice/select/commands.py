@@ -88,6 +88,7 @@ def run_filter(
     max_rows: Optional[int] = 200_000,
     within_domain: bool = True,
     features: Optional[List[str]] = None,
+    significance: Optional[float] = 2.0,
     compare_weighted_sum: bool = False,
     task_weights: Optional[List[float]] = None,
     plot: bool = True,
@@ -110,6 +111,9 @@ def run_filter(
         metric: importance used for selection: ``logloss`` (rise) or ``auc`` (drop).
         repeats / seed / max_rows / within_domain / features: see
             :func:`lattice.select.importance.permutation_importance`.
+        significance: for the selection, an importance within this many standard errors (over the
+            repeats) of zero counts as zero (:meth:`ImportanceResult.significant`); ``None`` or 0:
+            use the raw means. The CSV, JSON, table and plot always show the raw means and stds.
         compare_weighted_sum: also select by the normalized weighted sum of task importances
             (``task_weights``, default equal) under the same budget; reported side by side.
         plot: write the PNG (needs matplotlib: ``pip install lattice-rec[plot]``; checked before any
@@ -135,7 +139,7 @@ def run_filter(
     for t in plot_tasks or []:
         if t not in result.tasks:
             raise KeyError(f"plot_tasks: unknown task {t!r}; tasks are {result.tasks}")
-    scores = result.matrix(metric)
+    scores = result.significant(metric, significance) if significance else result.matrix(metric)
     fronts = non_dominated_sort(scores)
     selection = pareto_select(scores, budget, seed=seed, names=result.features, fronts=fronts)
     weighted = None
@@ -144,10 +148,12 @@ def run_filter(
     os.makedirs(out_dir, exist_ok=True)
     files: Dict[str, str] = {}
     files["kept_yaml"] = os.path.join(out_dir, "kept_features.yaml")
-    write_kept_yaml(files["kept_yaml"], selection, result=result, schema=schema, metric=metric)
+    extra = {"significance": significance}
+    write_kept_yaml(files["kept_yaml"], selection, result=result, schema=schema, metric=metric, extra=extra)
     if weighted is not None:
         files["kept_yaml_weighted_sum"] = os.path.join(out_dir, "kept_features_weighted_sum.yaml")
-        write_kept_yaml(files["kept_yaml_weighted_sum"], weighted, result=result, schema=schema, metric=metric)
+        write_kept_yaml(files["kept_yaml_weighted_sum"], weighted, result=result, schema=schema, metric=metric,
+                        extra=extra)
     sels = [selection] + ([weighted] if weighted is not None else [])
     files["csv"] = os.path.join(out_dir, "importance.csv")
     write_importance_csv(files["csv"], result, sels)

@@ -353,6 +353,21 @@ class ImportanceResult:
             return self.delta_auc_mean
         raise ValueError(f"metric must be 'logloss' or 'auc', got {metric!r}")
 
+    def significant(self, metric: str = "logloss", z: float = 2.0) -> np.ndarray:
+        """The ``[F, T]`` mean importance with entries within ``z`` standard errors of zero set to 0.
+
+        The standard error is ``std / sqrt(repeats)`` over the permutation repeats, so this removes
+        the jitter a feature the model barely uses gets from one shuffle to the next (a pure-noise
+        feature then scores exactly 0 on every task and is dominated by any feature that matters
+        somewhere). With one repeat there is no spread to judge by and the mean is returned as is.
+        """
+        mean = self.matrix(metric)
+        if self.repeats < 2 or z <= 0:
+            return mean
+        raw = self.delta_logloss if metric == "logloss" else self.delta_auc
+        sem = _nanstd(raw) / math.sqrt(self.repeats)
+        return np.where(np.abs(mean) > z * sem, mean, np.where(np.isnan(mean), np.nan, 0.0))
+
     def feature_index(self, name: str) -> int:
         return self.features.index(name)
 

@@ -84,8 +84,10 @@ def kept_features_document(
     result: Optional[ImportanceResult] = None,
     schema=None,
     metric: str = "logloss",
+    extra: Optional[Mapping[str, Any]] = None,
 ) -> Dict[str, Any]:
-    """The mapping written by :func:`write_kept_yaml` (see the module docstring)."""
+    """The mapping written by :func:`write_kept_yaml` (see the module docstring); ``extra`` entries are
+    added to its ``selection:`` block."""
     if selection.names is None:
         raise ValueError("the selection has no feature names; pass names= to the selector")
     kept = list(selection.names)
@@ -102,6 +104,7 @@ def kept_features_document(
         sel["fronts"] = {n: rank[n] for n in kept}
     if selection.filled_front is not None:
         sel["sampled_front"] = int(selection.filled_front)
+    sel.update(extra or {})
     doc: Dict[str, Any] = {"features": kept, "selection": sel}
     if schema is not None:
         doc["schema"] = restrict_schema(schema, kept)
@@ -114,11 +117,12 @@ def write_kept_yaml(
     result: Optional[ImportanceResult] = None,
     schema=None,
     metric: str = "logloss",
+    extra: Optional[Mapping[str, Any]] = None,
 ) -> Dict[str, Any]:
     """Write the kept features as YAML (see the module docstring); returns the written mapping."""
     import yaml
 
-    doc = kept_features_document(selection, result=result, schema=schema, metric=metric)
+    doc = kept_features_document(selection, result=result, schema=schema, metric=metric, extra=extra)
     total = len(result.features) if result is not None else len(selection.rank)
     header = [
         f"# Lattice Filter: kept {len(doc['features'])} of {total} features "
