@@ -157,3 +157,16 @@ def test_run_filter_end_to_end(tmp_path, capsys):
     with pytest.raises(KeyError):
         run_filter(ToyModel(w), batches, budget=2, out_dir=str(tmp_path / "g"), plot_tasks=["t0", "zz"],
                    dense_names=["d0", "d1"], task_names=["t0", "t1"], repeats=1, print_table=False)
+
+
+def test_run_filter_with_schema(tmp_path):
+    schema_mod = pytest.importorskip("lattice.data.schema")
+    schema = schema_mod.Schema.from_dict(SCHEMA)
+    batches, w = toy_world(n=1000, batch_size=500, seed=2)
+    out = run_filter(ToyModel(w), batches, budget=3, schema=schema, out_dir=str(tmp_path), repeats=2,
+                     plot=False, print_table=False)
+    assert out.importance.features == ["d0", "d1", "s0", "s1", "q0"] and out.importance.tasks == ["t0", "t1"]
+    assert {"d0", "s0"} <= set(out.kept) and len(out.kept) == 3
+    kept = schema_mod.Schema.from_yaml(out.files["kept_yaml"])  # what a data config would load
+    assert kept.feature_names == [n for n in schema.feature_names if n in out.kept]
+    assert kept.task_names == ["t0", "t1"]
