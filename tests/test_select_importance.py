@@ -183,3 +183,18 @@ def test_significant_zeroes_jitter():
                            baseline_logloss=np.zeros(2), baseline_auc=np.zeros(2), delta_logloss=ll[:1],
                            delta_auc=ll[:1], num_rows=10)
     assert np.array_equal(one.significant(), one.delta_logloss_mean)
+
+
+def test_predict_output_forms(world):
+    from types import SimpleNamespace
+
+    batches, w = world
+    base = ToyModel(w)
+    ref = permutation_importance(base, batches[:2], repeats=1, features=["d0"], dense_names=["d0", "d1"])
+    for wrap in (lambda b: SimpleNamespace(logits=base(b)), lambda b: {"logits": base(b)}, lambda b: (base(b), None)):
+        got = permutation_importance(wrap, batches[:2], repeats=1, features=["d0"], dense_names=["d0", "d1"])
+        np.testing.assert_array_equal(got.delta_logloss, ref.delta_logloss)
+    with pytest.raises(TypeError, match="logits"):
+        permutation_importance(lambda b: 3, batches[:1], repeats=1, dense_names=["d0", "d1"])
+    with pytest.raises(ValueError, match="shape"):
+        permutation_importance(lambda b: base(b)[:, :1], batches[:1], repeats=1, dense_names=["d0", "d1"])

@@ -410,15 +410,27 @@ def _full_columns(ev: EvalSet, ref: FeatureRef) -> Optional[Tuple[Optional[Jagge
     return (_key_jagged(ev.chunks, "sequences", ref.name), ts)
 
 
+def _logits_of(out) -> Tensor:
+    """``[B, T]`` logits from what ``predict`` returned: a tensor, an object with ``.logits`` (a lattice
+    network's output), a mapping with ``"logits"``, or a tuple/list whose first item is the logits."""
+    if isinstance(out, Tensor):
+        return out
+    if hasattr(out, "logits"):
+        return out.logits
+    if isinstance(out, dict) and "logits" in out:
+        return out["logits"]
+    if isinstance(out, (tuple, list)) and out:
+        return _logits_of(out[0])
+    raise TypeError(f"predict must return logits [B, T] (or an output with .logits), got {type(out).__name__}")
+
+
 @torch.no_grad()
 def _predict_all(predict: Predict, chunks: Iterable[Any], device) -> Tensor:
     outs = []
     for c in chunks:
         if device is not None:
             c = c.to(device)
-        out = predict(c)
-        if isinstance(out, (tuple, list)):
-            out = out[0]
+        out = _logits_of(predict(c))
         outs.append(out.detach().to("cpu", torch.float64))
     return torch.cat(outs)
 
@@ -443,8 +455,9 @@ def permutation_importance(
     """Per-task permutation importance of every feature.
 
     Args:
-        predict: ``predict(batch) -> logits [B, T]`` (a tensor, or a tuple whose first item is one); it
-            is called under ``torch.no_grad()`` and should be in eval mode.
+        predict: ``predict(batch) -> logits [B, T]`` (a tensor, an output with ``.logits`` such as a
+            lattice network's or ``LatticeModule``'s, a mapping with ``"logits"``, or a tuple whose first
+            item is one); it is called under ``torch.no_grad()`` and should be in eval mode.
         batches: the evaluation set (an iterable of ``Batch``, e.g. a validation DataLoader); read once,
             up to ``max_rows`` rows, into CPU memory (see the module docstring).
         schema: a ``lattice.data.Schema`` (feature order, dense names, task names and kinds); optional.
