@@ -135,6 +135,7 @@ def run_filter(
         predict, batches, schema=schema, dense_names=dense_names, task_names=task_names,
         task_kinds=task_kinds, features=features, repeats=repeats, seed=seed, max_rows=max_rows,
         within_domain=within_domain, device=device,
+        progress=lambda done, total, name: log.info("lattice filter: %d/%d permutations (%s)", done, total, name),
     )
     for t in plot_tasks or []:
         if t not in result.tasks:
