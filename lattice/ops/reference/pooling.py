@@ -81,13 +81,13 @@ def jagged_embedding_pool(
     out = torch.zeros(T * B, weights.shape[1], dtype=acc, device=weights.device).index_add(0, bag, vals)
     if pooling == 1:
         out = out / lengths.clamp(min=1).to(acc).unsqueeze(1)
-    return out.view(T, B, -1).transpose(0, 1).to(weights.dtype)
+    return out.view(T, B, weights.shape[1]).transpose(0, 1).to(weights.dtype)
 
 
 def _row_contributions(grad_output, table_row_offsets, indices, offsets, pooling, per_sample_weights):
     bag, rows, T, B, lengths = _positions(table_row_offsets, indices, offsets)
     acc = _acc_dtype(grad_output.dtype)
-    g = grad_output.to(acc).transpose(0, 1).reshape(T * B, -1)  # bag-major
+    g = grad_output.to(acc).transpose(0, 1).reshape(T * B, grad_output.shape[2])  # bag-major
     contrib = g.index_select(0, bag)
     if per_sample_weights is not None:
         contrib = contrib * per_sample_weights[: rows.numel()].to(acc).unsqueeze(1)
@@ -120,7 +120,7 @@ def jagged_embedding_pool_backward_per_sample_weights(
     """grad[j] = <grad_output[b, t], weights[row(j)]> for every index position j (0 past offsets[-1])."""
     bag, rows, T, B, _ = _positions(table_row_offsets, indices, offsets)
     acc = _acc_dtype(weights.dtype)
-    g = grad_output.to(acc).transpose(0, 1).reshape(T * B, -1)
+    g = grad_output.to(acc).transpose(0, 1).reshape(T * B, grad_output.shape[2])
     out = torch.zeros(indices.numel(), dtype=acc, device=weights.device)
     out[: rows.numel()] = (g.index_select(0, bag) * weights.index_select(0, rows).to(acc)).sum(1)
     return out
