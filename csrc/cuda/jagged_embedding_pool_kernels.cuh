@@ -166,7 +166,7 @@ __global__ void status_init_kernel(Status* status) {
 // Checks table_row_offsets (threads 0..T) and offsets (threads 0..T*B) as CSR offsets, and each bag's indices
 // against its table's row count (one warp per bag, grid-stride).
 template <typename index_t>
-__global__ void __launch_bounds__(kThreads) check_inputs_kernel(const long long* __restrict__ table_row_offsets,
+__global__ void check_inputs_kernel(const long long* __restrict__ table_row_offsets,
                                                                  const index_t* __restrict__ indices,
                                                                  const index_t* __restrict__ offsets,
                                                                  long long rows_total, long long num_indices, int T,
@@ -251,7 +251,7 @@ __global__ void check_finalize_kernel(const long long* __restrict__ table_row_of
 // Forward
 // ---------------------------------------------------------------------------------------------------------
 template <typename scalar_t, typename index_t, int VEC>
-__global__ void __launch_bounds__(kThreads) pool_forward_kernel(
+__global__ void pool_forward_kernel(
     const scalar_t* __restrict__ weights, long long ld, long long rows_total,
     const long long* __restrict__ table_row_offsets, const index_t* __restrict__ indices,
     const index_t* __restrict__ offsets, const float* __restrict__ per_sample_weights, long long num_indices, int T,
@@ -307,7 +307,7 @@ __global__ void __launch_bounds__(kThreads) pool_forward_kernel(
 // Gradient of per_sample_weights: grad[i] = <grad_output[b, t], weights[row(i)]> (sum pooling)
 // ---------------------------------------------------------------------------------------------------------
 template <typename scalar_t, typename grad_t, typename index_t, int VEC>
-__global__ void __launch_bounds__(kThreads) psw_grad_kernel(
+__global__ void psw_grad_kernel(
     const grad_t* __restrict__ grad_output, const scalar_t* __restrict__ weights, long long ld, long long rows_total,
     const long long* __restrict__ table_row_offsets, const index_t* __restrict__ indices,
     const index_t* __restrict__ offsets, long long num_indices, int T, long long B, int D, int group_size,
@@ -347,7 +347,7 @@ __global__ void __launch_bounds__(kThreads) psw_grad_kernel(
 // Backward step 1: (row, position) pairs and per-position bag and scale. Positions outside every bag get the
 // sentinel key rows_total, which sorts after all real rows.
 // ---------------------------------------------------------------------------------------------------------
-__global__ void __launch_bounds__(kThreads) fill_keys_kernel(long long* __restrict__ keys, int* __restrict__ vals,
+__global__ void fill_keys_kernel(long long* __restrict__ keys, int* __restrict__ vals,
                                                              long long n, long long sentinel) {
   for (long long i = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
        i += static_cast<long long>(gridDim.x) * blockDim.x) {
@@ -357,7 +357,7 @@ __global__ void __launch_bounds__(kThreads) fill_keys_kernel(long long* __restri
 }
 
 template <typename index_t>
-__global__ void __launch_bounds__(kThreads) bag_keys_kernel(
+__global__ void bag_keys_kernel(
     const long long* __restrict__ table_row_offsets, const index_t* __restrict__ indices,
     const index_t* __restrict__ offsets, const float* __restrict__ per_sample_weights, long long rows_total,
     long long num_indices, int T, long long B, int mean, long long* __restrict__ keys, int* __restrict__ bag_of,
@@ -412,7 +412,7 @@ __device__ __forceinline__ int block_inclusive_scan(int v, int* warp_sums, int* 
 }
 
 // out[i] = sum(in[tile_start .. i)), tile_sums[tile] = the tile's total. in and out may alias.
-__global__ void __launch_bounds__(kScanThreads) scan_tiles_kernel(const int* in, int* out, long long n,
+__global__ void scan_tiles_kernel(const int* in, int* out, long long n,
                                                                    int* __restrict__ tile_sums) {
   __shared__ int warp_sums[kScanThreads / 32];
   __shared__ int total;
@@ -429,7 +429,7 @@ __global__ void __launch_bounds__(kScanThreads) scan_tiles_kernel(const int* in,
   if (threadIdx.x == 0 && tile_sums) tile_sums[blockIdx.x] = carry;
 }
 
-__global__ void __launch_bounds__(kScanThreads) scan_add_kernel(int* data, long long n, const int* __restrict__ tile_offsets) {
+__global__ void scan_add_kernel(int* data, long long n, const int* __restrict__ tile_offsets) {
   const int add = tile_offsets[blockIdx.x];
   const long long base = static_cast<long long>(blockIdx.x) * kScanTile;
   for (int c = threadIdx.x; c < kScanTile; c += kScanThreads) {
@@ -442,7 +442,7 @@ __global__ void __launch_bounds__(kScanThreads) scan_add_kernel(int* data, long 
 // Radix sort of (key, value) pairs by the key's bits [shift, shift+8): histogram, scan, stable scatter
 // ---------------------------------------------------------------------------------------------------------
 // hist[digit * num_tiles + tile] = number of keys with that digit in the tile.
-__global__ void __launch_bounds__(kSortThreads) radix_histogram_kernel(const long long* __restrict__ keys, long long n,
+__global__ void radix_histogram_kernel(const long long* __restrict__ keys, long long n,
                                                                         int shift, int* __restrict__ hist) {
   __shared__ int counts[kRadix];
   for (int d = threadIdx.x; d < kRadix; d += kSortThreads) counts[d] = 0;
@@ -458,7 +458,7 @@ __global__ void __launch_bounds__(kSortThreads) radix_histogram_kernel(const lon
 
 // Stable scatter: offsets[digit * num_tiles + tile] is the exclusive scan of the histogram. Warp w of a block
 // handles keys [tile + 256w, tile + 256(w+1)) in chunks of 32, ranking equal digits with __match_any_sync.
-__global__ void __launch_bounds__(kSortThreads) radix_scatter_kernel(
+__global__ void radix_scatter_kernel(
     const long long* __restrict__ keys_in, const int* __restrict__ vals_in, long long n, int shift,
     const int* __restrict__ offsets, long long* __restrict__ keys_out, int* __restrict__ vals_out) {
   constexpr int kWarps = kSortThreads / 32;
@@ -515,7 +515,7 @@ __global__ void __launch_bounds__(kSortThreads) radix_scatter_kernel(
 // ---------------------------------------------------------------------------------------------------------
 // Segments of equal sorted keys (sentinel keys excluded)
 // ---------------------------------------------------------------------------------------------------------
-__global__ void __launch_bounds__(kThreads) segment_heads_kernel(const long long* __restrict__ keys, long long n,
+__global__ void segment_heads_kernel(const long long* __restrict__ keys, long long n,
                                                                  long long sentinel, int* __restrict__ heads) {
   for (long long i = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
        i += static_cast<long long>(gridDim.x) * blockDim.x) {
@@ -526,7 +526,7 @@ __global__ void __launch_bounds__(kThreads) segment_heads_kernel(const long long
 
 // seg_index = exclusive scan of the heads. Writes seg_start[s] for every segment, seg_start[U] = the number of
 // non-sentinel keys, and status->num_segments = U.
-__global__ void __launch_bounds__(kThreads) segment_starts_kernel(const long long* __restrict__ keys, long long n,
+__global__ void segment_starts_kernel(const long long* __restrict__ keys, long long n,
                                                                   long long sentinel, const int* __restrict__ seg_index,
                                                                   int* __restrict__ seg_start, Status* status) {
   for (long long i = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
@@ -578,7 +578,7 @@ __device__ __forceinline__ void segment_gradient(const Group& g, const int* __re
 
 // Sparse mode: rows[s] and row_grads[s, :] for s < U (U known on the host).
 template <typename grad_t, int VEC>
-__global__ void __launch_bounds__(kThreads) sparse_rows_kernel(
+__global__ void sparse_rows_kernel(
     const long long* __restrict__ sorted_keys, const int* __restrict__ sorted_pos, const int* __restrict__ seg_start,
     const int* __restrict__ bag_of, const float* __restrict__ scale, const grad_t* __restrict__ grad_output, int T,
     long long B, int D, long long num_segments, int group_size, long long* __restrict__ rows,
@@ -605,7 +605,7 @@ enum Optimizer : int { kSGD = 0, kRowwiseAdagrad = 1 };
 // Row-wise Adagrad needs the whole row's mean g^2 first: for D <= G*VEC the gradient stays in registers,
 // otherwise it is recomputed in a second pass over the columns.
 template <typename scalar_t, typename grad_t, int VEC>
-__global__ void __launch_bounds__(kThreads) fused_update_kernel(
+__global__ void fused_update_kernel(
     scalar_t* __restrict__ weights, long long ld, float* __restrict__ state, const long long* __restrict__ sorted_keys,
     const int* __restrict__ sorted_pos, const int* __restrict__ seg_start, const int* __restrict__ bag_of,
     const float* __restrict__ scale, const grad_t* __restrict__ grad_output, int T, long long B, int D,
@@ -665,7 +665,7 @@ __global__ void __launch_bounds__(kThreads) fused_update_kernel(
 // ---------------------------------------------------------------------------------------------------------
 // sparse_rows_optimizer_step_: validation of rows (range, then duplicates after a sort) and the update
 // ---------------------------------------------------------------------------------------------------------
-__global__ void __launch_bounds__(kThreads) rows_keys_kernel(const long long* __restrict__ rows, long long n,
+__global__ void rows_keys_kernel(const long long* __restrict__ rows, long long n,
                                                              long long rows_total, long long* __restrict__ keys,
                                                              int* __restrict__ vals, Status* status) {
   for (long long i = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
@@ -678,7 +678,7 @@ __global__ void __launch_bounds__(kThreads) rows_keys_kernel(const long long* __
   }
 }
 
-__global__ void __launch_bounds__(kThreads) rows_duplicates_kernel(const long long* __restrict__ sorted_keys,
+__global__ void rows_duplicates_kernel(const long long* __restrict__ sorted_keys,
                                                                    long long n, long long sentinel, Status* status) {
   for (long long i = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x + 1; i < n;
        i += static_cast<long long>(gridDim.x) * blockDim.x) {
@@ -707,7 +707,7 @@ __global__ void rows_finalize_kernel(const long long* __restrict__ rows, const l
 }
 
 template <typename scalar_t, typename grad_t, int VEC>
-__global__ void __launch_bounds__(kThreads) rows_update_kernel(
+__global__ void rows_update_kernel(
     scalar_t* __restrict__ weights, long long ld, float* __restrict__ state, const long long* __restrict__ rows,
     const grad_t* __restrict__ row_grads, long long num_rows, int D, int group_size, int optimizer, float lr,
     float eps, float weight_decay, const Status* __restrict__ status) {
