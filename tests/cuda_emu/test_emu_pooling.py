@@ -4,6 +4,8 @@ with a pure-torch reference on small random inputs (empty bags, duplicate indice
 every dtype), under several thread schedules; plus the device-side validation messages."""
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import emu_harness as h
 
@@ -176,6 +178,23 @@ def test_forward_all_empty_and_zero_indices(lib):
     c = Case(T=2, B=3, D=4, lengths=[0] * 6)
     out = run_forward(lib, c)
     assert c.N == 0 and torch.equal(out, torch.zeros(3, 2, 4))
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(T=st.integers(1, 3), B=st.integers(0, 6), D=st.sampled_from([1, 2, 5, 8, 20, 40]),
+       rows=st.lists(st.integers(1, 9), min_size=3, max_size=3), max_len=st.integers(0, 9),
+       dtype=st.sampled_from([torch.float32, torch.bfloat16]), itype=st.sampled_from([torch.int32, torch.int64]),
+       mode=st.sampled_from(["sum", "mean", "psw"]), seed=st.integers(0, 2**16))
+def test_forward_and_sparse_backward_property(lib, T, B, D, rows, max_len, dtype, itype, mode, seed):
+    c = Case(T=T, B=B, D=D, rows=rows[:T], max_len=max_len, dtype=dtype, itype=itype, psw=mode == "psw",
+             pooling=1 if mode == "mean" else 0, seed=seed) if B > 0 else None
+    if c is None:  # B = 0: no bags at all
+        c = Case(T=T, B=0, D=D, rows=rows[:T], lengths=[], dtype=dtype, itype=itype)
+    close(run_forward(lib, c), c.ref_forward(), dtype)
+    ref_rows, ref_grads = c.ref_row_grads()
+    got_rows, got_grads = run_sparse(lib, c)
+    assert torch.equal(got_rows, ref_rows)
+    close(got_grads, ref_grads, dtype)
 
 
 # ---------------------------------------------------------------------------------------------------------

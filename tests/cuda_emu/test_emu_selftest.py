@@ -71,6 +71,7 @@ def test_shared_memory_is_per_block_and_poisoned(lib):
 # Warp collectives: results recomputed from the PTX definitions of shfl.sync / vote / match / redux
 # ---------------------------------------------------------------------------------------------------------
 def _shfl(vals, lane, mode, b, width):
+    b &= 31  # PTX: bval = b[4:0]
     segmask = (32 - width) & 31
     clamp = 0 if mode == "up" else 31
     max_lane = (lane & segmask) | (clamp & ~segmask & 31)
@@ -95,7 +96,7 @@ def _expected_collectives(warp_vals):
     rows = []
     full_sum = sum(warp_vals)
     for lane, v in enumerate(warp_vals):
-        r = [0] * 24
+        r = [0] * 25
         r[0] = _shfl(warp_vals, lane, "idx", 5, 32)
         r[1] = _shfl(warp_vals, lane, "idx", lane + 3, 8)
         r[2] = _shfl(warp_vals, lane, "idx", -1, 16)
@@ -129,6 +130,7 @@ def _expected_collectives(warp_vals):
             r[23] = sum(1 << k for k, x in enumerate(warp_vals) if k % 2 == 0 and x > 10)
         else:
             r[23] = 0xDEADBEEF
+        r[24] = _shfl(warp_vals, lane, "down", 33, 32)
         rows.append([_u32(x) for x in r])
     return rows
 
@@ -137,14 +139,14 @@ def _expected_collectives(warp_vals):
 def test_warp_collectives_lane_semantics(lib, threads):
     g = torch.Generator().manual_seed(threads)
     inp = torch.randint(0, 20, (threads,), dtype=torch.int32, generator=g)
-    res = torch.empty(threads * 24, dtype=torch.int32)
+    res = torch.empty(threads * 25, dtype=torch.int32)
     expected = []
     for w in range(threads // 32):
         expected += _expected_collectives(inp[w * 32 : (w + 1) * 32].tolist())
 
     def run():
         lib.call("selftest_collectives", inp, res, threads)
-        return [[_u32(x) for x in row] for row in res.view(threads, 24).tolist()]
+        return [[_u32(x) for x in row] for row in res.view(threads, 25).tolist()]
 
     def check(got, cfg):
         for t in range(threads):
@@ -155,9 +157,9 @@ def test_warp_collectives_lane_semantics(lib, threads):
 
 def test_match_all_when_all_equal(lib):
     inp = torch.full((32,), 8, dtype=torch.int32)
-    res = torch.empty(32 * 24, dtype=torch.int32)
+    res = torch.empty(32 * 25, dtype=torch.int32)
     lib.call("selftest_collectives", inp, res, 32)
-    rows = res.view(32, 24)
+    rows = res.view(32, 25)
     assert rows[:, 14].eq(-1).all() and rows[:, 15].eq(1).all()
 
 

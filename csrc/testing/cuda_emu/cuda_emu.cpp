@@ -544,7 +544,7 @@ void complete_collective(int warp, unsigned mask) {
         const unsigned clamp = op == kShflUp ? 0u : 31u;
         const int max_lane = static_cast<int>((l & segmask) | (clamp & ~segmask));
         const int min_lane = static_cast<int>(l & segmask);
-        const int b = f->arg;
+        const int b = f->arg & 31;  // PTX: bval = b[4:0]
         int j = l;
         bool in_range = false;
         if (op == kShflUp) { j = l - b; in_range = j >= max_lane; }

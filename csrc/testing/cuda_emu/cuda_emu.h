@@ -254,6 +254,20 @@ inline short __bfloat16_as_short(__nv_bfloat16 h) { return static_cast<short>(h.
 LATTICE_EMU_HALF_OPS(__half)
 LATTICE_EMU_HALF_OPS(__nv_bfloat16)
 #undef LATTICE_EMU_HALF_OPS
+#define LATTICE_EMU_HALF2_OPS(H2, H)                                                               \
+  inline H2 __hadd2(H2 a, H2 b) { return H2{a.x + b.x, a.y + b.y}; }                                \
+  inline H2 __hsub2(H2 a, H2 b) { return H2{a.x - b.x, a.y - b.y}; }                                \
+  inline H2 __hmul2(H2 a, H2 b) { return H2{a.x * b.x, a.y * b.y}; }                                \
+  inline H2 __h2div(H2 a, H2 b) { return H2{a.x / b.x, a.y / b.y}; }                                \
+  inline H2 __hfma2(H2 a, H2 b, H2 c) { return H2{__hfma(a.x, b.x, c.x), __hfma(a.y, b.y, c.y)}; } \
+  inline H2 __hmax2(H2 a, H2 b) { return H2{__hmax(a.x, b.x), __hmax(a.y, b.y)}; }                  \
+  inline H2 __hmin2(H2 a, H2 b) { return H2{__hmin(a.x, b.x), __hmin(a.y, b.y)}; }                  \
+  inline H2 operator+(H2 a, H2 b) { return __hadd2(a, b); }                                         \
+  inline H2 operator-(H2 a, H2 b) { return __hsub2(a, b); }                                         \
+  inline H2 operator*(H2 a, H2 b) { return __hmul2(a, b); }
+LATTICE_EMU_HALF2_OPS(__half2, __half)
+LATTICE_EMU_HALF2_OPS(__nv_bfloat162, __nv_bfloat16)
+#undef LATTICE_EMU_HALF2_OPS
 
 // ---------------------------------------------------------------------------------------------------------
 // Math and bit intrinsics (device-only names; the C library covers expf, logf, fmaxf, ...)

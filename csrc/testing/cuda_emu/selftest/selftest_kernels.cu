@@ -62,7 +62,7 @@ __global__ void barrier_reduce_kernel(int* out) {
   out[t * 5 + 4] = static_cast<int>(threadIdx.x * 100 + threadIdx.y * 10 + threadIdx.z);
 }
 
-constexpr int kCollectiveResults = 24;
+constexpr int kCollectiveResults = 25;
 
 // Every warp collective with a few argument patterns; results[thread][k]. The Python test recomputes each
 // from the CUDA/PTX definitions.
@@ -106,6 +106,8 @@ __global__ void collectives_kernel(const int* in, unsigned* results) {
   } else {
     r[23] = 0xdeadbeefu;
   }
+  r[24] = static_cast<unsigned>(__shfl_down_sync(full, v, 33u));  // delta is taken mod 32
+
 }
 
 // Misuse of warp collectives: each mode must be reported.
