@@ -89,12 +89,55 @@ def test_backward_sparse_and_fused(dtype, pooling, psw):
             torch.testing.assert_close(state.double(), ref_state, rtol=1e-5, atol=1e-6)
 
 
-def test_per_sample_weights_grad():
-    c = make(D=48, psw=True, seed=5)
-    go = torch.randn(c["B"], c["T"], c["D"], device="cuda")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_per_sample_weights_grad(dtype):
+    c = make(D=48, psw=True, seed=5, dtype=dtype)
+    go = torch.randn(c["B"], c["T"], c["D"], device="cuda").to(dtype)
     got = ops.jagged_embedding_pool_backward_per_sample_weights(go, c["weights"], c["tro"], c["indices"], c["offsets"])
-    ref = (go[c["bag"] % c["B"], c["bag"] // c["B"]] * c["weights"][c["rows"]]).sum(1)
-    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    assert got.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)  # like the CPU op
+    ref = (go.double()[c["bag"] % c["B"], c["bag"] // c["B"]] * c["weights"].double()[c["rows"]]).sum(1)
+    torch.testing.assert_close(got.double(), ref, **TOL[dtype])
+
+
+def test_matches_cpu_op_with_shared_tables():
+    # table_row_offsets [T, 2] (features sharing a table), compared with the CPU kernel of the same op.
+    c = make(T=3, B=17, D=24, rows=(40, 40, 40), seed=8)
+    tro = torch.tensor([[0, 40], [10, 50], [0, 40]], device="cuda")
+    w = torch.randn(60, 24, device="cuda")
+    cpu = lambda t: None if t is None else t.cpu()  # noqa: E731
+    try:
+        ref = ops.jagged_embedding_pool(w.cpu(), tro.cpu(), c["indices"].cpu(), c["offsets"].cpu(), 0, None)
+    except NotImplementedError:
+        pytest.skip("no CPU kernel registered")
+    out = ops.jagged_embedding_pool(w, tro, c["indices"], c["offsets"], 0, None)
+    torch.testing.assert_close(out.cpu(), ref, rtol=1e-5, atol=1e-5)
+    go = torch.randn_like(out)
+    rows, grads = ops.jagged_embedding_pool_backward_sparse(go, tro, c["indices"], c["offsets"], 0, None)
+    ref_rows, ref_grads = ops.jagged_embedding_pool_backward_sparse(go.cpu(), tro.cpu(), c["indices"].cpu(),
+                                                                    c["offsets"].cpu(), 0, cpu(None))
+    assert torch.equal(rows.cpu(), ref_rows)
+    torch.testing.assert_close(grads.cpu(), ref_grads, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("pooling", [0, 1])
+def test_gradcheck_and_opcheck_float64(pooling):
+    import lattice.ops as lops
+
+    fn = getattr(lops, "jagged_embedding_pool", None)
+    if fn is None:
+        pytest.skip("the pooling front end (lattice.ops.jagged_embedding_pool) is not available")
+    c = make(T=2, B=3, D=4, rows=(5, 3), max_len=4, dtype=torch.float64, psw=pooling == 0, seed=2)
+    inputs = [c["weights"].clone().requires_grad_(True)]
+    if pooling == 0:
+        inputs.append(c["psw"].double().clone().requires_grad_(True))
+
+    def f(w, psw=None):
+        return fn(w, c["tro"], c["indices"], c["offsets"], pooling, psw, sparse_grad=False)
+
+    assert torch.autograd.gradcheck(f, tuple(inputs))
+    psw = c["psw"].double() if pooling == 0 else None
+    torch.library.opcheck(ops.jagged_embedding_pool.default,
+                          (c["weights"], c["tro"], c["indices"], c["offsets"], pooling, psw))
 
 
 def test_sparse_rows_step_and_errors():
@@ -108,9 +151,9 @@ def test_sparse_rows_step_and_errors():
     ref[rows] -= 0.5 * g / (st.sqrt() + 1e-8)[:, None]
     ops.sparse_rows_optimizer_step_(w, state, rows, grads, 1, 0.5, 1e-8, 0.0)
     torch.testing.assert_close(w, ref)
-    with pytest.raises(RuntimeError, match=r"rows must be unique: rows\[0\] = rows\[2\] = 5"):
+    with pytest.raises(RuntimeError, match=r"rows must be unique: rows\[2\] = 5 appears twice"):
         ops.sparse_rows_optimizer_step_(w, state, torch.tensor([5, 1, 5], device="cuda"), grads, 1, 0.5, 1e-8, 0.0)
-    with pytest.raises(RuntimeError, match=r"rows\[1\] = 100 is out of range"):
+    with pytest.raises(RuntimeError, match=r"rows\[1\] = 100 is out of range for weights with 100 rows"):
         ops.sparse_rows_optimizer_step_(w, state, torch.tensor([5, 100, 7], device="cuda"), grads, 1, 0.5, 1e-8, 0.0)
 
 
@@ -120,7 +163,7 @@ def test_bad_index_is_reported_and_fused_step_leaves_weights():
     bad_pos = int(c["offsets"][3])  # first position of table 1
     if bad_pos < idx.numel():
         idx[bad_pos] = 6
-        with pytest.raises(RuntimeError, match=rf"indices\[{bad_pos}\] = 6 is out of range for table 1 \(6 rows\)"):
+        with pytest.raises(RuntimeError, match=rf"indices\[{bad_pos}\] = 6 is out of range for table 1 with 6 rows"):
             ops.jagged_embedding_pool(c["weights"], c["tro"], idx, c["offsets"], 0, None)
         w = c["weights"].clone()
         go = torch.randn(3, 2, 8, device="cuda")

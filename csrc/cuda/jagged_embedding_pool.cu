@@ -32,6 +32,7 @@ void dispatch_scalar(ScalarType t, F&& f) {
     case ScalarType::kFloat: f(static_cast<float*>(nullptr)); return;
     case ScalarType::kHalf: f(static_cast<__half*>(nullptr)); return;
     case ScalarType::kBFloat16: f(static_cast<__nv_bfloat16*>(nullptr)); return;
+    case ScalarType::kDouble: f(static_cast<double*>(nullptr)); return;
   }
   throw std::invalid_argument("lattice pooling: unknown scalar type");
 }
@@ -45,16 +46,23 @@ void dispatch_index(IndexType t, F&& f) {
   }
 }
 
-// grad_t is either the weights' type or float.
+// grad_t is either the weights' type or their accumulation type.
 template <typename scalar_t, typename F>
 void dispatch_grad(ScalarType weights_type, ScalarType grad_type, F&& f) {
-  if (grad_type == ScalarType::kFloat) {
-    f(static_cast<float*>(nullptr));
-  } else if (grad_type == weights_type) {
+  using acc_t = typename AccOf<scalar_t>::type;
+  if (grad_type == weights_type) {
     f(static_cast<scalar_t*>(nullptr));
+  } else if (grad_type == (std::is_same<acc_t, double>::value ? ScalarType::kDouble : ScalarType::kFloat)) {
+    f(static_cast<acc_t*>(nullptr));
   } else {
-    throw std::invalid_argument("lattice pooling: the gradient must have the weights' dtype or float32");
+    throw std::invalid_argument("lattice pooling: the gradient must have the weights' dtype or their accumulation type");
   }
+}
+
+template <typename A>
+void require_acc(const Problem& p) {
+  const ScalarType want = std::is_same<A, double>::value ? ScalarType::kDouble : ScalarType::kFloat;
+  if (p.acc_type != want) throw std::invalid_argument("lattice pooling: Problem::acc_type does not match the dtypes");
 }
 
 // VEC in {8, 4, 2, 1}: the widest that divides dim and every row stride and keeps every pointer aligned to
@@ -95,7 +103,7 @@ int group_size_for(int dim, int vec) {
   return g;
 }
 
-int elem_bytes(ScalarType t) { return t == ScalarType::kFloat ? 4 : 2; }
+TableRows tables_of(const Problem& p) { return TableRows{p.table_row_offsets, p.table_row_stride}; }
 
 Status read_status(const Status* device_status, cudaStream_t stream) {
   Status s;
@@ -107,15 +115,15 @@ Status read_status(const Status* device_status, cudaStream_t stream) {
 void launch_check(const Problem& p, Status* status, cudaStream_t stream) {
   launch(status_init_kernel, dim3(1), dim3(32), 0, stream, status);
   const long long num_bags = static_cast<long long>(p.num_tables) * p.batch_size;
-  const long long work = std::max<long long>(num_bags * 32, num_bags + 1);
+  const long long work = std::max<long long>({num_bags * 32, num_bags + 1, static_cast<long long>(p.num_tables)});
   dispatch_index(p.index_type, [&](auto index_tag) {
     using index_t = std::remove_pointer_t<decltype(index_tag)>;
     const auto* indices = static_cast<const index_t*>(p.indices);
     const auto* offsets = static_cast<const index_t*>(p.offsets);
-    launch(check_inputs_kernel<index_t>, dim3(blocks_for(work, kThreads)), dim3(kThreads), 0, stream,
-           p.table_row_offsets, indices, offsets, p.rows_total, p.num_indices, p.num_tables, num_bags, status);
-    launch(check_finalize_kernel<index_t>, dim3(1), dim3(32), 0, stream, p.table_row_offsets, indices, offsets,
-           p.rows_total, p.num_indices, p.num_tables, num_bags, status);
+    launch(check_inputs_kernel<index_t>, dim3(blocks_for(work, kThreads)), dim3(kThreads), 0, stream, tables_of(p),
+           indices, offsets, p.rows_total, p.num_indices, p.num_tables, num_bags, status);
+    launch(check_finalize_kernel<index_t>, dim3(1), dim3(32), 0, stream, tables_of(p), indices, offsets,
+           p.num_indices, p.num_tables, num_bags, status);
   });
 }
 
@@ -180,7 +188,7 @@ struct SortWorkspace {
   int* vals = nullptr;
   int* vals_alt = nullptr;
   int* bag_of = nullptr;
-  float* scale = nullptr;
+  void* scale = nullptr;  // [n] in the accumulation type
   int* seg_index = nullptr;
   int* seg_start = nullptr;
   int* hist = nullptr;
@@ -206,7 +214,7 @@ SortWorkspace carve(void* base, long long n) {
   w.vals = reinterpret_cast<int*>(take(sizeof(int) * n));
   w.vals_alt = reinterpret_cast<int*>(take(sizeof(int) * n));
   w.bag_of = reinterpret_cast<int*>(take(sizeof(int) * n));
-  w.scale = reinterpret_cast<float*>(take(sizeof(float) * n));
+  w.scale = take(sizeof(double) * n);
   w.seg_index = reinterpret_cast<int*>(take(sizeof(int) * n));
   w.seg_start = reinterpret_cast<int*>(take(sizeof(int) * (n + 1)));
   w.hist = reinterpret_cast<int*>(take(sizeof(int) * tiles * kRadix));
@@ -224,9 +232,18 @@ void sort_positions(const Problem& p, const SortWorkspace& w, cudaStream_t strea
   const long long num_bags = static_cast<long long>(p.num_tables) * p.batch_size;
   dispatch_index(p.index_type, [&](auto index_tag) {
     using index_t = std::remove_pointer_t<decltype(index_tag)>;
-    launch(bag_keys_kernel<index_t>, dim3(blocks_for(num_bags * 32, kThreads)), dim3(kThreads), 0, stream,
-           p.table_row_offsets, static_cast<const index_t*>(p.indices), static_cast<const index_t*>(p.offsets),
-           p.per_sample_weights, p.rows_total, n, p.num_tables, p.batch_size, p.pooling, w.keys, w.bag_of, w.scale);
+    auto run = [&](auto scale_tag) {
+      using scale_t = std::remove_pointer_t<decltype(scale_tag)>;
+      launch(bag_keys_kernel<index_t, scale_t>, dim3(blocks_for(num_bags * 32, kThreads)), dim3(kThreads), 0, stream,
+             tables_of(p), static_cast<const index_t*>(p.indices), static_cast<const index_t*>(p.offsets),
+             static_cast<const scale_t*>(p.per_sample_weights), p.rows_total, n, p.num_tables, p.batch_size,
+             p.pooling, w.keys, w.bag_of, static_cast<scale_t*>(w.scale));
+    };
+    if (p.acc_type == ScalarType::kDouble) {
+      run(static_cast<double*>(nullptr));
+    } else {
+      run(static_cast<float*>(nullptr));
+    }
   });
   radix_sort(w.keys, w.vals, w.keys_alt, w.vals_alt, n, bit_width(sentinel), w.hist, w.scratch, stream);
   launch(segment_heads_kernel, dim3(blocks_for(n, kThreads)), dim3(kThreads), 0, stream,
@@ -258,6 +275,7 @@ Status forward(const Problem& p, void* out, void* workspace, cudaStream_t stream
   if (p.dim > 0 && num_bags > 0) {
     dispatch_scalar(p.weights_type, [&](auto scalar_tag) {
       using scalar_t = std::remove_pointer_t<decltype(scalar_tag)>;
+      require_acc<typename AccOf<scalar_t>::type>(p);
       const int vec = pick_vec(p.dim, p.ld, {{p.weights, static_cast<int>(sizeof(scalar_t))}, {out, static_cast<int>(sizeof(scalar_t))}});
       const int g = group_size_for(p.dim, vec);
       dispatch_index(p.index_type, [&](auto index_tag) {
@@ -267,9 +285,9 @@ Status forward(const Problem& p, void* out, void* workspace, cudaStream_t stream
           if constexpr (VEC * sizeof(scalar_t) <= 16) {
             launch(pool_forward_kernel<scalar_t, index_t, VEC>, dim3(blocks_for(num_bags, kThreads / g)),
                    dim3(kThreads), 0, stream, static_cast<const scalar_t*>(p.weights), p.ld, p.rows_total,
-                   p.table_row_offsets, static_cast<const index_t*>(p.indices), static_cast<const index_t*>(p.offsets),
-                   p.per_sample_weights, p.num_indices, p.num_tables, p.batch_size, p.dim, g, p.pooling,
-                   static_cast<scalar_t*>(out));
+                   tables_of(p), static_cast<const index_t*>(p.indices), static_cast<const index_t*>(p.offsets),
+                   static_cast<const typename AccOf<scalar_t>::type*>(p.per_sample_weights), p.num_indices,
+                   p.num_tables, p.batch_size, p.dim, g, p.pooling, static_cast<scalar_t*>(out));
           }
         });
       });
@@ -294,6 +312,7 @@ void backward_sparse_write(const Problem& p, const void* grad_output, ScalarType
   const SortWorkspace w = carve(workspace, p.num_indices);
   dispatch_scalar(grad_type, [&](auto grad_tag) {
     using grad_t = std::remove_pointer_t<decltype(grad_tag)>;
+    require_acc<typename AccOf<grad_t>::type>(p);
     const int vec = pick_vec(p.dim, p.dim, {{grad_output, static_cast<int>(sizeof(grad_t))}, {row_grads, static_cast<int>(sizeof(grad_t))}});
     const int g = group_size_for(p.dim, vec);
     dispatch_vec(vec, [&](auto vec_c) {
@@ -302,8 +321,8 @@ void backward_sparse_write(const Problem& p, const void* grad_output, ScalarType
         launch(sparse_rows_kernel<grad_t, VEC>, dim3(blocks_for(num_unique, kThreads / g)), dim3(kThreads), 0,
                stream, static_cast<const long long*>(w.keys), static_cast<const int*>(w.vals),
                static_cast<const int*>(w.seg_start), static_cast<const int*>(w.bag_of),
-               static_cast<const float*>(w.scale), static_cast<const grad_t*>(grad_output), p.num_tables,
-               p.batch_size, p.dim, num_unique, g, rows, static_cast<grad_t*>(row_grads));
+               static_cast<const typename AccOf<grad_t>::type*>(w.scale), static_cast<const grad_t*>(grad_output),
+               p.num_tables, p.batch_size, p.dim, num_unique, g, rows, static_cast<grad_t*>(row_grads));
       }
     });
   });
@@ -320,6 +339,7 @@ Status backward_fused(const Problem& p, float* optimizer_state, const void* grad
   if (p.num_indices > 0 && p.dim > 0) {
     dispatch_scalar(p.weights_type, [&](auto scalar_tag) {
       using scalar_t = std::remove_pointer_t<decltype(scalar_tag)>;
+      require_acc<typename AccOf<scalar_t>::type>(p);
       dispatch_grad<scalar_t>(p.weights_type, grad_type, [&](auto grad_tag) {
         using grad_t = std::remove_pointer_t<decltype(grad_tag)>;
         const int vec = pick_vec(p.dim, p.ld, {{p.weights, static_cast<int>(sizeof(scalar_t))}, {grad_output, static_cast<int>(sizeof(grad_t))}});
@@ -331,9 +351,9 @@ Status backward_fused(const Problem& p, float* optimizer_state, const void* grad
                    dim3(kThreads), 0, stream, static_cast<scalar_t*>(const_cast<void*>(p.weights)), p.ld,
                    optimizer_state, static_cast<const long long*>(w.keys), static_cast<const int*>(w.vals),
                    static_cast<const int*>(w.seg_start), static_cast<const int*>(w.bag_of),
-                   static_cast<const float*>(w.scale), static_cast<const grad_t*>(grad_output), p.num_tables,
-                   p.batch_size, p.dim, g, opt.optimizer, opt.learning_rate, opt.eps, opt.weight_decay,
-                   static_cast<const Status*>(w.status));
+                   static_cast<const typename AccOf<scalar_t>::type*>(w.scale),
+                   static_cast<const grad_t*>(grad_output), p.num_tables, p.batch_size, p.dim, g, opt.optimizer,
+                   opt.learning_rate, opt.eps, opt.weight_decay, static_cast<const Status*>(w.status));
           }
         });
       });
@@ -349,7 +369,8 @@ Status backward_per_sample_weights(const Problem& p, const void* grad_output, Sc
   launch_check(p, status, stream);
   const long long num_bags = static_cast<long long>(p.num_tables) * p.batch_size;
   if (p.num_indices > 0) {
-    check(cudaMemsetAsync(grad_psw, 0, static_cast<size_t>(p.num_indices) * elem_bytes(grad_type), stream),
+    const size_t acc_bytes = p.weights_type == ScalarType::kDouble ? 8 : 4;
+    check(cudaMemsetAsync(grad_psw, 0, static_cast<size_t>(p.num_indices) * acc_bytes, stream),
           "grad_per_sample_weights memset");
   }
   if (p.num_indices > 0 && num_bags > 0) {
@@ -366,10 +387,10 @@ Status backward_per_sample_weights(const Problem& p, const void* grad_output, Sc
             if constexpr (VEC * sizeof(scalar_t) <= 16) {
               launch(psw_grad_kernel<scalar_t, grad_t, index_t, VEC>, dim3(blocks_for(num_bags, kThreads / g)),
                      dim3(kThreads), 0, stream, static_cast<const grad_t*>(grad_output),
-                     static_cast<const scalar_t*>(p.weights), p.ld, p.rows_total, p.table_row_offsets,
+                     static_cast<const scalar_t*>(p.weights), p.ld, p.rows_total, tables_of(p),
                      static_cast<const index_t*>(p.indices), static_cast<const index_t*>(p.offsets), p.num_indices,
                      p.num_tables, p.batch_size, p.dim, g, static_cast<const Status*>(status),
-                     static_cast<grad_t*>(grad_psw));
+                     static_cast<typename AccOf<scalar_t>::type*>(grad_psw));
             }
           });
         });
@@ -394,9 +415,8 @@ Status sparse_rows_step(void* weights, ScalarType weights_type, long long rows_t
            rows_total, w.keys, w.vals, w.status);
     radix_sort(w.keys, w.vals, w.keys_alt, w.vals_alt, num_rows, bit_width(rows_total), w.hist, w.scratch, stream);
     launch(rows_duplicates_kernel, dim3(blocks_for(num_rows, kThreads)), dim3(kThreads), 0, stream,
-           static_cast<const long long*>(w.keys), num_rows, rows_total, w.status);
-    launch(rows_finalize_kernel, dim3(1), dim3(32), 0, stream, rows, static_cast<const long long*>(w.keys),
-           static_cast<const int*>(w.vals), w.status);
+           static_cast<const long long*>(w.keys), static_cast<const int*>(w.vals), num_rows, rows_total, w.status);
+    launch(rows_finalize_kernel, dim3(1), dim3(32), 0, stream, rows, w.status);
     if (dim > 0) {
       dispatch_scalar(weights_type, [&](auto scalar_tag) {
         using scalar_t = std::remove_pointer_t<decltype(scalar_tag)>;
@@ -421,36 +441,30 @@ Status sparse_rows_step(void* weights, ScalarType weights_type, long long rows_t
 }
 
 std::string describe(const Status& s, long long batch_size, long long rows_total, long long num_indices) {
+  // The texts match the CPU op's (csrc/cpu), so an error reads the same on either device.
   const std::string pos = std::to_string(s.position), val = std::to_string(s.value), v2 = std::to_string(s.value2);
-  auto bag = [&](long long j) {
-    if (batch_size <= 0) return std::string("bag ") + std::to_string(j);
-    return "bag " + std::to_string(j) + " (table " + std::to_string(j / batch_size) + ", sample " +
-           std::to_string(j % batch_size) + ")";
-  };
+  (void)batch_size;
   switch (s.code) {
     case kOk: return "";
-    case kTableOffsetsStart: return "table_row_offsets[0] must be 0, got " + val;
-    case kTableOffsetsDecreasing:
-      return "table_row_offsets must be non-decreasing: table " + std::to_string(s.position - 1) +
-             " has table_row_offsets[" + std::to_string(s.position - 1) + "] = " + v2 + " > table_row_offsets[" + pos +
-             "] = " + val;
-    case kTableOffsetsOverrun:
-      return "table_row_offsets[-1] = " + val + " overruns weights (" + std::to_string(rows_total) + " rows)";
+    case kTableRange:
+      return "table_row_offsets: table " + std::to_string(s.table) + " spans rows [" + val + ", " + v2 +
+             "), which is not a valid range of weights' " + std::to_string(rows_total) + " rows";
     case kOffsetsStart: return "offsets[0] must be 0, got " + val;
     case kOffsetsDecreasing:
-      return "offsets must be non-decreasing: " + bag(s.position - 1) + " has offsets[" +
+      return "offsets must be non-decreasing: bag " + std::to_string(s.position - 1) + " has offsets[" +
              std::to_string(s.position - 1) + "] = " + v2 + " > offsets[" + pos + "] = " + val;
     case kOffsetsOverrun:
       return "offsets[-1] = " + val + " overruns indices (" + std::to_string(num_indices) + " entries)";
     case kIndexNegative:
-      return "indices[" + pos + "] = " + val + " is negative (table " + std::to_string(s.table) + ")";
+      return "indices[" + pos + "] = " + val + " is negative (table " + std::to_string(s.table) + ", sample " +
+             std::to_string(s.sample) + ")";
     case kIndexOutOfRange:
-      return "indices[" + pos + "] = " + val + " is out of range for table " + std::to_string(s.table) + " (" + v2 +
-             " rows)";
+      return "indices[" + pos + "] = " + val + " is out of range for table " + std::to_string(s.table) + " with " +
+             v2 + " rows (sample " + std::to_string(s.sample) + ")";
     case kRowOutOfRange:
-      return "rows[" + pos + "] = " + val + " is out of range for weights (" + std::to_string(rows_total) + " rows)";
-    case kRowDuplicate:
-      return "rows must be unique: rows[" + pos + "] = rows[" + v2 + "] = " + val;
+      return "rows[" + pos + "] = " + val + " is out of range for weights with " + std::to_string(rows_total) +
+             " rows";
+    case kRowDuplicate: return "rows must be unique: rows[" + pos + "] = " + val + " appears twice";
     default: return "invalid input (status code " + std::to_string(s.code) + ")";
   }
 }

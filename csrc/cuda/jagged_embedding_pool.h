@@ -24,17 +24,16 @@ struct Status {
   long long code;          // a StatusCode
   long long position;      // index into the offending tensor
   long long value;         // the offending value
-  long long value2;        // context (the previous offset, the table's row count, the other duplicate's position)
-  long long table;         // table of the offending index
+  long long value2;        // context (the previous offset, a table's end row or row count)
+  long long table;         // table of the offending index or range
+  long long sample;        // sample of the offending index
   long long num_segments;  // unique rows found by the backward sort
   unsigned long long first_bad[3];  // atomicMin slots: table_row_offsets, offsets (or rows), indices (or dups)
 };
 
 enum StatusCode : long long {
   kOk = 0,
-  kTableOffsetsStart = 1,
-  kTableOffsetsDecreasing = 2,
-  kTableOffsetsOverrun = 3,
+  kTableRange = 1,
   kOffsetsStart = 4,
   kOffsetsDecreasing = 5,
   kOffsetsOverrun = 6,
@@ -46,7 +45,7 @@ enum StatusCode : long long {
 
 constexpr unsigned long long kNoError = ~0ull;
 
-enum class ScalarType : int { kFloat = 0, kHalf = 1, kBFloat16 = 2 };
+enum class ScalarType : int { kFloat = 0, kHalf = 1, kBFloat16 = 2, kDouble = 3 };
 enum class IndexType : int { kInt32 = 0, kInt64 = 1 };
 
 // The packed tables and one jagged batch.
@@ -56,14 +55,18 @@ struct Problem {
   long long rows_total = 0;
   int dim = 0;
   long long ld = 0;
-  const long long* table_row_offsets = nullptr;  // [num_tables + 1]
+  const long long* table_row_offsets = nullptr;  // [num_tables + 1] (packed) or [num_tables, 2] (row ranges)
+  int table_row_stride = 1;                      // 1 for [T+1], 2 for [T, 2]
   int num_tables = 0;
   const void* indices = nullptr;         // [num_indices]
   const void* offsets = nullptr;         // [num_tables * batch_size + 1], same type as indices
   IndexType index_type = IndexType::kInt64;
   long long num_indices = 0;
   long long batch_size = 0;
-  const float* per_sample_weights = nullptr;  // [num_indices] fp32, or nullptr
+  // Accumulation type (kFloat, or kDouble for fp64 weights - or fp64 gradients in the sparse backward, which
+  // has no weights); per_sample_weights [num_indices] come in this type, or nullptr.
+  ScalarType acc_type = ScalarType::kFloat;
+  const void* per_sample_weights = nullptr;
   int pooling = 0;                       // 0 sum, 1 mean
 };
 
@@ -88,17 +91,18 @@ Status backward_sort(const Problem& p, void* workspace, cudaStream_t stream);
 void backward_sparse_write(const Problem& p, const void* grad_output, ScalarType grad_type, long long num_unique,
                            void* workspace, long long* rows, void* row_grads, cudaStream_t stream);
 // Validates, sorts, reduces and applies the optimizer to the weights in place (p.weights is written).
-// grad_type must be weights_type or kFloat; state [rows_total] fp32 for row-wise Adagrad.
+// grad_type must be weights_type or the accumulation type; state [rows_total] fp32 for row-wise Adagrad.
 Status backward_fused(const Problem& p, float* optimizer_state, const void* grad_output, ScalarType grad_type,
                       const OptimizerArgs& opt, void* workspace, cudaStream_t stream);
 
-// grad_psw [num_indices] in grad_type (weights_type or kFloat); positions outside every bag get 0.
+// grad_psw [num_indices] in the accumulation type (fp64 for fp64 weights, else fp32); positions outside every
+// bag get 0. grad_type: weights_type or the accumulation type.
 Status backward_per_sample_weights(const Problem& p, const void* grad_output, ScalarType grad_type, void* grad_psw,
                                    void* workspace, cudaStream_t stream);
 
 size_t rows_step_workspace_bytes(long long num_rows);
 // The optimizer step from reduced row gradients: rows [num_rows] int64 (must be unique and in range),
-// row_grads [num_rows, dim] in grad_type (weights_type or kFloat).
+// row_grads [num_rows, dim] in grad_type (weights_type or the accumulation type).
 Status sparse_rows_step(void* weights, ScalarType weights_type, long long rows_total, int dim, long long ld,
                         float* optimizer_state, const long long* rows, long long num_rows, const void* row_grads,
                         ScalarType grad_type, const OptimizerArgs& opt, void* workspace, cudaStream_t stream);

@@ -7,6 +7,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <cmath>
 #include <optional>
 #include <tuple>
 
@@ -22,7 +23,8 @@ pool::ScalarType scalar_type(const at::Tensor& t, const char* name) {
     case at::kFloat: return pool::ScalarType::kFloat;
     case at::kHalf: return pool::ScalarType::kHalf;
     case at::kBFloat16: return pool::ScalarType::kBFloat16;
-    default: TORCH_CHECK(false, name, " must be float32, float16 or bfloat16, got ", t.scalar_type());
+    case at::kDouble: return pool::ScalarType::kDouble;
+    default: TORCH_CHECK(false, name, " must be float32, bfloat16, float16 or float64, got ", t.scalar_type());
   }
   return pool::ScalarType::kFloat;
 }
@@ -40,32 +42,43 @@ at::Tensor workspace(size_t bytes, const at::Device& device) {
   return at::empty({static_cast<int64_t>(bytes)}, at::TensorOptions().dtype(at::kByte).device(device));
 }
 
+// fp64 for fp64 tensors, fp32 otherwise: the kernels' accumulation type.
+at::ScalarType acc_dtype(const at::Tensor& t) { return t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
+
 // The jagged input (tables, indices, offsets, per-sample weights), validated on the host as far as shapes and
-// dtypes go; contiguous copies are kept alive here.
+// dtypes go; contiguous copies are kept alive here. `acc` is the accumulation dtype (of the weights, or of the
+// gradient for the sparse backward); per_sample_weights are converted to it.
 struct Jagged {
   at::Tensor table_row_offsets, indices, offsets, per_sample_weights;
   pool::Problem p;
 };
 
 Jagged make_jagged(const at::Tensor& table_row_offsets, const at::Tensor& indices, const at::Tensor& offsets,
-                   int64_t pooling, const std::optional<at::Tensor>& per_sample_weights, const at::Device& device,
-                   const char* op) {
+                   int64_t pooling, const std::optional<at::Tensor>& per_sample_weights, at::ScalarType acc,
+                   const at::Device& device, const char* op) {
   TORCH_CHECK(pooling == 0 || pooling == 1, op, ": pooling must be 0 (sum) or 1 (mean), got ", pooling);
   check_cuda(table_row_offsets, "table_row_offsets", device);
   check_cuda(indices, "indices", device);
   check_cuda(offsets, "offsets", device);
-  TORCH_CHECK(table_row_offsets.dim() == 1, "table_row_offsets must be 1-D, got shape ", table_row_offsets.sizes());
   TORCH_CHECK(table_row_offsets.scalar_type() == at::kLong, "table_row_offsets must be int64, got ",
               table_row_offsets.scalar_type());
-  TORCH_CHECK(table_row_offsets.numel() >= 2, "table_row_offsets must have T+1 >= 2 entries, got ",
-              table_row_offsets.numel());
+  int64_t T = 0;
+  if (table_row_offsets.dim() == 1) {
+    TORCH_CHECK(table_row_offsets.numel() >= 2, "table_row_offsets must have T+1 >= 2 entries, got ",
+                table_row_offsets.numel());
+    T = table_row_offsets.numel() - 1;
+  } else {
+    TORCH_CHECK(table_row_offsets.dim() == 2 && table_row_offsets.size(1) == 2 && table_row_offsets.size(0) >= 1,
+                "table_row_offsets must be [T+1] (packed tables) or [T, 2] (row range per table), got shape ",
+                table_row_offsets.sizes());
+    T = table_row_offsets.size(0);
+  }
   TORCH_CHECK(indices.dim() == 1, "indices must be 1-D, got shape ", indices.sizes());
   TORCH_CHECK(indices.scalar_type() == at::kLong || indices.scalar_type() == at::kInt,
               "indices must be int32 or int64, got ", indices.scalar_type());
   TORCH_CHECK(offsets.dim() == 1, "offsets must be 1-D, got shape ", offsets.sizes());
   TORCH_CHECK(offsets.scalar_type() == indices.scalar_type(), "offsets must have the dtype of indices (",
               indices.scalar_type(), "), got ", offsets.scalar_type());
-  const int64_t T = table_row_offsets.numel() - 1;
   TORCH_CHECK(offsets.numel() >= 1 && (offsets.numel() - 1) % T == 0, "offsets must have T*B+1 entries for T = ", T,
               " tables, got ", offsets.numel());
   Jagged j;
@@ -80,16 +93,18 @@ Jagged make_jagged(const at::Tensor& table_row_offsets, const at::Tensor& indice
                 indices.numel(), "] like indices, got ", psw.sizes());
     TORCH_CHECK(at::isFloatingType(psw.scalar_type()), "per_sample_weights must be floating point, got ",
                 psw.scalar_type());
-    j.per_sample_weights = psw.to(at::kFloat).contiguous();
+    j.per_sample_weights = psw.to(acc).contiguous();
   }
   j.p.table_row_offsets = reinterpret_cast<const long long*>(j.table_row_offsets.data_ptr<int64_t>());
+  j.p.table_row_stride = table_row_offsets.dim() == 1 ? 1 : 2;
+  j.p.acc_type = acc == at::kDouble ? pool::ScalarType::kDouble : pool::ScalarType::kFloat;
   j.p.num_tables = static_cast<int>(T);
   j.p.indices = j.indices.data_ptr();
   j.p.offsets = j.offsets.data_ptr();
   j.p.index_type = indices.scalar_type() == at::kInt ? pool::IndexType::kInt32 : pool::IndexType::kInt64;
   j.p.num_indices = indices.numel();
   j.p.batch_size = (offsets.numel() - 1) / T;
-  j.p.per_sample_weights = j.per_sample_weights.defined() ? j.per_sample_weights.data_ptr<float>() : nullptr;
+  j.p.per_sample_weights = j.per_sample_weights.defined() ? j.per_sample_weights.data_ptr() : nullptr;
   j.p.pooling = static_cast<int>(pooling);
   return j;
 }
@@ -116,10 +131,11 @@ void check_grad_output(const at::Tensor& grad_output, const pool::Problem& p, in
               grad_output.sizes());
 }
 
-// The gradient in a dtype the kernels take together with the weights: the weights' own, or float32.
+// The gradient in a dtype the kernels take together with the weights: the weights' own, or their accumulation
+// dtype (fp32; fp64 for fp64 weights).
 at::Tensor grad_for(const at::Tensor& grad, const at::Tensor& weights) {
-  if (grad.scalar_type() == weights.scalar_type() || grad.scalar_type() == at::kFloat) return grad.contiguous();
-  return grad.to(at::kFloat).contiguous();
+  if (grad.scalar_type() == weights.scalar_type() || grad.scalar_type() == acc_dtype(weights)) return grad.contiguous();
+  return grad.to(acc_dtype(weights)).contiguous();
 }
 
 void check_status(const pool::Status& s, const char* op, const pool::Problem& p) {
@@ -130,7 +146,11 @@ pool::OptimizerArgs optimizer_args(const at::Tensor& weights, const at::Tensor& 
                                    double lr, double eps, double weight_decay, const char* op) {
   TORCH_CHECK(optimizer == 0 || optimizer == 1, op, ": optimizer must be 0 (SGD) or 1 (row-wise Adagrad), got ",
               optimizer);
+  TORCH_CHECK(std::isfinite(lr), "learning_rate must be finite, got ", lr);
+  TORCH_CHECK(std::isfinite(weight_decay) && weight_decay >= 0, "weight_decay must be finite and >= 0, got ",
+              weight_decay);
   if (optimizer == 1) {
+    TORCH_CHECK(std::isfinite(eps) && eps > 0, "eps must be finite and > 0 for row-wise Adagrad, got ", eps);
     check_cuda(state, "optimizer_state", weights.device());
     TORCH_CHECK(state.scalar_type() == at::kFloat && state.dim() == 1 && state.numel() == weights.size(0) &&
                     state.is_contiguous(),
@@ -152,7 +172,8 @@ at::Tensor pool_forward_cuda(const at::Tensor& weights, const at::Tensor& table_
   const char* op = "jagged_embedding_pool";
   check_cuda(weights, "weights", weights.device());
   c10::cuda::CUDAGuard guard(weights.device());
-  Jagged j = make_jagged(table_row_offsets, indices, offsets, pooling, per_sample_weights, weights.device(), op);
+  Jagged j = make_jagged(table_row_offsets, indices, offsets, pooling, per_sample_weights, acc_dtype(weights),
+                         weights.device(), op);
   set_weights(j.p, weights);
   at::Tensor out = at::empty({j.p.batch_size, j.p.num_tables, weights.size(1)}, weights.options());
   at::Tensor ws = workspace(pool::forward_workspace_bytes(), weights.device());
@@ -169,11 +190,12 @@ std::tuple<at::Tensor, at::Tensor> pool_backward_sparse_cuda(const at::Tensor& g
   const char* op = "jagged_embedding_pool_backward_sparse";
   check_cuda(grad_output, "grad_output", grad_output.device());
   c10::cuda::CUDAGuard guard(grad_output.device());
-  Jagged j = make_jagged(table_row_offsets, indices, offsets, pooling, per_sample_weights, grad_output.device(), op);
   TORCH_CHECK(grad_output.dim() == 3, "grad_output must be 3-D [B, T, D], got shape ", grad_output.sizes());
+  Jagged j = make_jagged(table_row_offsets, indices, offsets, pooling, per_sample_weights, acc_dtype(grad_output),
+                         grad_output.device(), op);
   check_grad_output(grad_output, j.p, grad_output.size(2), grad_output.device());
-  // No weights here: the rows end at table_row_offsets[-1] (validated as non-decreasing on the device).
-  j.p.rows_total = std::max<int64_t>(0, j.table_row_offsets[-1].item<int64_t>());
+  // No weights here: any row a table names is valid, so the tables bound the rows (as on the CPU).
+  j.p.rows_total = std::max<int64_t>(0, j.table_row_offsets.max().item<int64_t>());
   j.p.dim = static_cast<int>(grad_output.size(2));
   j.p.ld = grad_output.size(2);
   const at::Tensor go = grad_output.contiguous();
@@ -195,17 +217,19 @@ at::Tensor pool_backward_psw_cuda(const at::Tensor& grad_output, const at::Tenso
   const char* op = "jagged_embedding_pool_backward_per_sample_weights";
   check_cuda(weights, "weights", weights.device());
   c10::cuda::CUDAGuard guard(weights.device());
-  Jagged j = make_jagged(table_row_offsets, indices, offsets, 0, std::nullopt, weights.device(), op);
+  Jagged j = make_jagged(table_row_offsets, indices, offsets, 0, std::nullopt, acc_dtype(weights), weights.device(),
+                         op);
   set_weights(j.p, weights);
   check_grad_output(grad_output, j.p, weights.size(1), weights.device());
   const at::Tensor go = grad_for(grad_output, weights);
-  at::Tensor grad = at::empty({j.p.num_indices}, go.options());
+  // In the accumulation dtype, like the CPU op (the Python front end casts it to per_sample_weights' dtype).
+  at::Tensor grad = at::empty({j.p.num_indices}, weights.options().dtype(acc_dtype(weights)));
   at::Tensor ws = workspace(pool::forward_workspace_bytes(), weights.device());
   const pool::Status s = pool::backward_per_sample_weights(j.p, go.data_ptr(), scalar_type(go, "grad_output"),
                                                            grad.data_ptr(), ws.data_ptr(),
                                                            current_stream(weights.device()));
   check_status(s, op, j.p);
-  return grad.scalar_type() == grad_output.scalar_type() ? grad : grad.to(grad_output.scalar_type());
+  return grad;
 }
 
 void pool_backward_fused_cuda(at::Tensor& weights, at::Tensor& optimizer_state, const at::Tensor& grad_output,
@@ -215,7 +239,8 @@ void pool_backward_fused_cuda(at::Tensor& weights, at::Tensor& optimizer_state, 
   const char* op = "jagged_embedding_pool_backward_fused_";
   check_cuda(weights, "weights", weights.device());
   c10::cuda::CUDAGuard guard(weights.device());
-  Jagged j = make_jagged(table_row_offsets, indices, offsets, pooling, per_sample_weights, weights.device(), op);
+  Jagged j = make_jagged(table_row_offsets, indices, offsets, pooling, per_sample_weights, acc_dtype(weights),
+                         weights.device(), op);
   set_weights(j.p, weights);
   check_grad_output(grad_output, j.p, weights.size(1), weights.device());
   const pool::OptimizerArgs opt =

@@ -11,10 +11,14 @@ import emu_harness as h
 
 pytestmark = pytest.mark.skipif(not h.compiler_available(), reason="no C++ compiler for the emulated build")
 
-WTYPE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+WTYPE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}
 ITYPE = {torch.int32: 0, torch.int64: 1}
 TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.float16: dict(rtol=2e-3, atol=2e-3),
-       torch.bfloat16: dict(rtol=1.6e-2, atol=1.6e-2)}
+       torch.bfloat16: dict(rtol=1.6e-2, atol=1.6e-2), torch.float64: dict(rtol=1e-12, atol=1e-12)}
+
+
+def acc_dtype(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 @pytest.fixture(scope="module")
@@ -30,12 +34,21 @@ def lib():
 # ---------------------------------------------------------------------------------------------------------
 class Case:
     def __init__(self, T=3, B=4, D=8, rows=(5, 7, 3), max_len=5, dtype=torch.float32, itype=torch.int64,
-                 psw=False, pooling=0, ld=None, seed=0, trailing=0, lengths=None):
+                 psw=False, pooling=0, ld=None, seed=0, trailing=0, lengths=None, ranges=None):
         g = torch.Generator().manual_seed(seed)
         self.T, self.B, self.D, self.dtype, self.itype, self.pooling = T, B, D, dtype, itype, pooling
         self.ld = ld or D
-        self.tro = torch.tensor([0, *torch.tensor(rows).cumsum(0).tolist()], dtype=torch.int64)
-        self.rows_total = int(self.tro[-1])
+        if ranges is None:  # packed tables: table_row_offsets [T+1]
+            self.tro = torch.tensor([0, *torch.tensor(rows).cumsum(0).tolist()], dtype=torch.int64)
+            self.tro_stride = 1
+            starts = self.tro[:-1]
+            self.rows_total = int(self.tro[-1])
+        else:  # row range per table, [T, 2]: tables may share rows
+            self.tro = torch.tensor(ranges, dtype=torch.int64).view(T, 2)
+            self.tro_stride = 2
+            starts = self.tro[:, 0]
+            rows = (self.tro[:, 1] - self.tro[:, 0]).tolist()
+            self.rows_total = int(self.tro.max()) + 2  # a few rows no table names
         if lengths is None:
             lengths = torch.randint(0, max_len + 1, (T * B,), generator=g)
             lengths[0] = 0  # always at least one empty bag
@@ -51,13 +64,14 @@ class Case:
         self.offsets = self.offsets.to(itype)
         full = torch.randn(self.rows_total, self.ld, generator=g)
         self.weights = full.to(dtype).contiguous()
-        self.psw = torch.rand(self.N, generator=g) + 0.5 if psw else None
+        self.psw = (torch.rand(self.N, generator=g) + 0.5).to(acc_dtype(dtype)) if psw else None
         self.grad_output = torch.randn(B, T, D, generator=g).to(dtype)
         self.bag_of_pos = torch.repeat_interleave(torch.arange(T * B), self.lengths)
-        self.global_rows = self.tro[self.bag_of_pos // B] + self.indices[:n_used].long()
+        self.global_rows = starts[self.bag_of_pos // B] + self.indices[:n_used].long()
 
     def args(self):
-        return (self.tro, self.T, self.indices, self.offsets, ITYPE[self.itype], self.N, self.B, self.psw, self.pooling)
+        return (self.tro, self.tro_stride, self.T, self.indices, self.offsets, ITYPE[self.itype], self.N, self.B,
+                self.psw, self.pooling)
 
     def scale(self):
         n_used = self.bag_of_pos.numel()
@@ -112,6 +126,8 @@ def run_forward(lib, c: Case):
 
 def run_sparse(lib, c: Case, grad_output=None):
     go = c.grad_output if grad_output is None else grad_output
+    if c.psw is not None and c.psw.dtype != acc_dtype(go.dtype):
+        raise ValueError("per_sample_weights must be in the gradient's accumulation dtype here")
     rows = torch.empty(max(c.N, 1), dtype=torch.int64)
     grads = torch.empty(max(c.N, 1), c.D, dtype=go.dtype)
     u = torch.zeros(1, dtype=torch.int64)
@@ -130,9 +146,9 @@ def run_fused(lib, c: Case, optimizer, lr=0.1, eps=1e-3, wd=0.0, grad_output=Non
 
 
 def run_psw(lib, c: Case):
-    out = torch.empty(c.N, dtype=c.dtype)
+    out = torch.empty(c.N, dtype=acc_dtype(c.dtype))  # the accumulation dtype, as the CPU op returns it
     lib.call("emu_pool_backward_psw", c.grad_output, WTYPE[c.dtype], c.weights, WTYPE[c.dtype], c.rows_total, c.D,
-             c.ld, c.tro, c.T, c.indices, c.offsets, ITYPE[c.itype], c.N, c.B, out)
+             c.ld, c.tro, c.tro_stride, c.T, c.indices, c.offsets, ITYPE[c.itype], c.N, c.B, out)
     return out
 
 
@@ -184,17 +200,52 @@ def test_forward_all_empty_and_zero_indices(lib):
 @given(T=st.integers(1, 3), B=st.integers(0, 6), D=st.sampled_from([1, 2, 5, 8, 20, 40]),
        rows=st.lists(st.integers(1, 9), min_size=3, max_size=3), max_len=st.integers(0, 9),
        dtype=st.sampled_from([torch.float32, torch.bfloat16]), itype=st.sampled_from([torch.int32, torch.int64]),
-       mode=st.sampled_from(["sum", "mean", "psw"]), seed=st.integers(0, 2**16))
-def test_forward_and_sparse_backward_property(lib, T, B, D, rows, max_len, dtype, itype, mode, seed):
+       mode=st.sampled_from(["sum", "mean", "psw"]), shared=st.booleans(), seed=st.integers(0, 2**16))
+def test_forward_and_sparse_backward_property(lib, T, B, D, rows, max_len, dtype, itype, mode, shared, seed):
+    # shared: table_row_offsets [T, 2] with every table starting at row 0 (all features share one table).
+    ranges = [[0, r] for r in rows[:T]] if shared else None
     c = Case(T=T, B=B, D=D, rows=rows[:T], max_len=max_len, dtype=dtype, itype=itype, psw=mode == "psw",
-             pooling=1 if mode == "mean" else 0, seed=seed) if B > 0 else None
-    if c is None:  # B = 0: no bags at all
-        c = Case(T=T, B=0, D=D, rows=rows[:T], lengths=[], dtype=dtype, itype=itype)
+             pooling=1 if mode == "mean" else 0, seed=seed, ranges=ranges,
+             lengths=[] if B == 0 else None)
     close(run_forward(lib, c), c.ref_forward(), dtype)
     ref_rows, ref_grads = c.ref_row_grads()
     got_rows, got_grads = run_sparse(lib, c)
     assert torch.equal(got_rows, ref_rows)
     close(got_grads, ref_grads, dtype)
+
+
+@pytest.mark.parametrize("psw, pooling", [(False, 0), (True, 0), (False, 1)])
+def test_shared_tables_row_range_layout(lib, psw, pooling):
+    # table_row_offsets [T, 2]: tables 0 and 2 name the same rows (features sharing a table), table 1 a
+    # sub-range; forward, sparse and fused backward sum the shared rows' gradients across tables.
+    c = Case(T=3, B=5, D=12, ranges=[[0, 6], [4, 9], [0, 6]], psw=psw, pooling=pooling, seed=13, max_len=6)
+    close(run_forward(lib, c), c.ref_forward(), c.dtype)
+    rows, grads = c.ref_row_grads()
+    got_rows, got_grads = run_sparse(lib, c)
+    assert torch.equal(got_rows, rows)
+    close(got_grads, grads, c.dtype)
+    state0 = torch.rand(c.rows_total)
+    ref_w, ref_state = ref_step(c.weights, state0, rows, grads, 1, 0.1, 1e-3, 0.0, c.D)
+    w, st = run_fused(lib, c, 1, state=state0)
+    close(w, ref_w, c.dtype)
+    torch.testing.assert_close(st.double(), ref_state, rtol=1e-5, atol=1e-6)
+
+
+def test_float64_accumulates_in_float64(lib):
+    # fp64 weights (gradcheck's dtype) keep fp64 accumulation, per-sample weights and psw gradients.
+    c = Case(D=6, dtype=torch.float64, psw=True, seed=17, trailing=1)
+    close(run_forward(lib, c), c.ref_forward(), torch.float64)
+    rows, grads = c.ref_row_grads()
+    got_rows, got_grads = run_sparse(lib, c)
+    assert torch.equal(got_rows, rows) and got_grads.dtype == torch.float64
+    close(got_grads, grads, torch.float64)
+    got_psw = run_psw(lib, c)
+    assert got_psw.dtype == torch.float64
+    close(got_psw, c.ref_psw_grad(), torch.float64)
+    # lr / eps / weight_decay are fp32 in the op (as on the CPU): use exactly representable values.
+    ref_w, _ = ref_step(c.weights, None, rows, grads, 0, 0.125, 0.0, 0.0, c.D)
+    w, _ = run_fused(lib, c, 0, lr=0.125)
+    close(w, ref_w, torch.float64)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -345,8 +396,8 @@ def _bad(c: Case, what):
     return c
 
 
-def _first_table(c, pos):
-    return int(torch.searchsorted(c.offsets.long(), torch.tensor(pos), right=True) - 1) // c.B
+def _bag_of(c, pos):
+    return int(torch.searchsorted(c.offsets.long(), torch.tensor(pos), right=True) - 1)
 
 
 @pytest.mark.parametrize("what", ["index_range", "index_negative", "offsets_decreasing", "offsets_start",
@@ -355,19 +406,19 @@ def _first_table(c, pos):
 def test_invalid_inputs_are_reported(lib, what, op):
     c = Case(T=3, B=4, D=4, lengths=[2, 1, 0, 3, 2, 2, 1, 0, 1, 2, 3, 1], rows=(5, 7, 3), seed=1)
     _bad(c, what)
+    b3, b2 = _bag_of(c, 3), _bag_of(c, 2)
     expected = {
-        "index_range": rf"indices\[3\] = 99 is out of range for table {_first_table(c, 3)} \(\d+ rows\)",
-        "index_negative": rf"indices\[2\] = -4 is negative \(table {_first_table(c, 2)}\)",
-        "offsets_decreasing": r"offsets must be non-decreasing: bag 4 \(table 1, sample 0\) has offsets\[4\] = \d+ > "
-                              r"offsets\[5\] = \d+",
+        "index_range": rf"indices\[3\] = 99 is out of range for table {b3 // c.B} with \d+ rows \(sample {b3 % c.B}\)",
+        "index_negative": rf"indices\[2\] = -4 is negative \(table {b2 // c.B}, sample {b2 % c.B}\)",
+        "offsets_decreasing": r"offsets must be non-decreasing: bag 4 has offsets\[4\] = \d+ > offsets\[5\] = \d+",
         "offsets_start": r"offsets\[0\] must be 0, got 1",
         "offsets_overrun": rf"offsets\[-1\] = {c.N + 5} overruns indices \({c.N} entries\)",
-        "tro_overrun": rf"table_row_offsets\[-1\] = {c.rows_total + 1} overruns weights \({c.rows_total} rows\)",
-        "tro_decreasing": r"table_row_offsets must be non-decreasing: table 1 has table_row_offsets\[1\] = 12 > "
-                          r"table_row_offsets\[2\] = 5",
+        "tro_overrun": rf"table_row_offsets: table 2 spans rows \[12, 16\), which is not a valid range of weights' "
+                       rf"{c.rows_total} rows",
+        "tro_decreasing": r"table_row_offsets: table 1 spans rows \[12, 5\), which is not a valid range",
     }[what]
     if op == "sparse" and what == "tro_overrun":
-        pytest.skip("the sparse op takes rows_total from table_row_offsets[-1]")
+        pytest.skip("the sparse op has no weights: the tables themselves bound the rows")
     with pytest.raises(h.EmuError, match=expected):
         if op == "forward":
             run_forward(lib, c)
@@ -390,8 +441,8 @@ def test_invalid_input_leaves_weights_and_state_untouched(lib):
     assert torch.equal(w, c.weights) and torch.equal(st, st0)
 
 
-@pytest.mark.parametrize("rows, message", [([3, 45, 7], r"rows\[1\] = 45 is out of range for weights \(40 rows\)"),
-                                           ([3, 9, 7, 9], r"rows must be unique: rows\[1\] = rows\[3\] = 9")])
+@pytest.mark.parametrize("rows, message", [([3, 45, 7], r"rows\[1\] = 45 is out of range for weights with 40 rows"),
+                                           ([3, 9, 7, 9, 3], r"rows must be unique: rows\[3\] = 9 appears twice")])
 def test_sparse_rows_step_rejects_bad_rows(lib, rows, message):
     w = torch.randn(40, 4)
     w0 = w.clone()

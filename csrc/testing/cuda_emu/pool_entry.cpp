@@ -15,28 +15,34 @@ using lattice_emu::guarded_call;
 
 namespace {
 
-size_t scalar_bytes(long long t) { return t == 0 ? 4 : 2; }
+size_t scalar_bytes(long long t) { return t == 3 ? 8 : t == 0 ? 4 : 2; }
+// Accumulation type of a scalar type code: 3 (fp64) for fp64, else 0 (fp32).
+long long acc_of(long long t) { return t == 3 ? 3 : 0; }
 size_t index_bytes(long long t) { return t == 0 ? 4 : 8; }
 
-// Device copies of one jagged batch and its tables.
+// Device copies of one jagged batch and its tables. tro_stride: 1 for table_row_offsets [T+1], 2 for [T, 2].
+// per_sample_weights come in the accumulation type acc (0 fp32, 3 fp64).
 struct Batch {
   DeviceBuffer tro, indices, offsets, psw;
   Problem p;
 
-  Batch(const long long* tro_h, long long T, const void* idx_h, const void* off_h, long long itype, long long N,
-        long long B, const float* psw_h, long long pooling, long long rows_total, long long dim, long long ld)
-      : tro(tro_h, sizeof(long long) * (T + 1), "table_row_offsets"),
+  Batch(const long long* tro_h, long long tro_stride, long long T, const void* idx_h, const void* off_h,
+        long long itype, long long N, long long B, const void* psw_h, long long acc, long long pooling,
+        long long rows_total, long long dim, long long ld)
+      : tro(tro_h, sizeof(long long) * (tro_stride == 2 ? 2 * T : T + 1), "table_row_offsets"),
         indices(idx_h, index_bytes(itype) * N, "indices"),
         offsets(off_h, index_bytes(itype) * (T * B + 1), "offsets") {
-    if (psw_h) psw = DeviceBuffer(psw_h, sizeof(float) * N, "per_sample_weights");
+    if (psw_h) psw = DeviceBuffer(psw_h, scalar_bytes(acc) * N, "per_sample_weights");
     p.table_row_offsets = tro.get<const long long>();
+    p.table_row_stride = static_cast<int>(tro_stride);
+    p.acc_type = static_cast<ScalarType>(acc);
     p.num_tables = static_cast<int>(T);
     p.indices = indices.get();
     p.offsets = offsets.get();
     p.index_type = itype == 0 ? IndexType::kInt32 : IndexType::kInt64;
     p.num_indices = N;
     p.batch_size = B;
-    p.per_sample_weights = psw_h ? psw.get<const float>() : nullptr;
+    p.per_sample_weights = psw_h ? psw.get() : nullptr;
     p.pooling = static_cast<int>(pooling);
     p.rows_total = rows_total;
     p.dim = static_cast<int>(dim);
@@ -54,11 +60,11 @@ void throw_if_bad(const Status& s, const char* op, const Problem& p) {
 }  // namespace
 
 LATTICE_EMU_EXPORT int emu_pool_forward(const void* w, long long wtype, long long rows_total, long long dim,
-                                        long long ld, const long long* tro, long long T, const void* idx,
-                                        const void* off, long long itype, long long N, long long B, const float* psw,
+                                        long long ld, const long long* tro, long long tro_stride, long long T, const void* idx,
+                                        const void* off, long long itype, long long N, long long B, const void* psw,
                                         long long pooling, void* out, char* err, size_t err_len) {
   return guarded_call(err, err_len, [&] {
-    Batch batch(tro, T, idx, off, itype, N, B, psw, pooling, rows_total, dim, ld);
+    Batch batch(tro, tro_stride, T, idx, off, itype, N, B, psw, acc_of(wtype), pooling, rows_total, dim, ld);
     DeviceBuffer dw(w, scalar_bytes(wtype) * rows_total * ld, "weights");
     DeviceBuffer dout(scalar_bytes(wtype) * B * T * dim, "output");
     DeviceBuffer ws(lattice::cuda::pool::forward_workspace_bytes(), "workspace");
@@ -72,12 +78,12 @@ LATTICE_EMU_EXPORT int emu_pool_forward(const void* w, long long wtype, long lon
 
 // rows_out [N] and grads_out [N, dim] are upper bounds; *num_unique receives U.
 LATTICE_EMU_EXPORT int emu_pool_backward_sparse(const void* grad_output, long long gtype, const long long* tro,
-                                                long long T, const void* idx, const void* off, long long itype,
-                                                long long N, long long B, const float* psw, long long pooling,
+                                                long long tro_stride, long long T, const void* idx, const void* off, long long itype,
+                                                long long N, long long B, const void* psw, long long pooling,
                                                 long long rows_total, long long dim, long long* rows_out,
                                                 void* grads_out, long long* num_unique, char* err, size_t err_len) {
   return guarded_call(err, err_len, [&] {
-    Batch batch(tro, T, idx, off, itype, N, B, psw, pooling, rows_total, dim, dim);
+    Batch batch(tro, tro_stride, T, idx, off, itype, N, B, psw, acc_of(gtype), pooling, rows_total, dim, dim);
     DeviceBuffer dgo(grad_output, scalar_bytes(gtype) * B * T * dim, "grad_output");
     DeviceBuffer ws(lattice::cuda::pool::backward_workspace_bytes(N), "workspace");
     const Status s = lattice::cuda::pool::backward_sort(batch.p, ws.get(), nullptr);
@@ -94,12 +100,12 @@ LATTICE_EMU_EXPORT int emu_pool_backward_sparse(const void* grad_output, long lo
 
 LATTICE_EMU_EXPORT int emu_pool_backward_fused(void* w, long long wtype, long long rows_total, long long dim,
                                                long long ld, float* state, const void* grad_output, long long gtype,
-                                               const long long* tro, long long T, const void* idx, const void* off,
-                                               long long itype, long long N, long long B, const float* psw,
+                                               const long long* tro, long long tro_stride, long long T, const void* idx, const void* off,
+                                               long long itype, long long N, long long B, const void* psw,
                                                long long pooling, long long optimizer, double lr, double eps,
                                                double weight_decay, char* err, size_t err_len) {
   return guarded_call(err, err_len, [&] {
-    Batch batch(tro, T, idx, off, itype, N, B, psw, pooling, rows_total, dim, ld);
+    Batch batch(tro, tro_stride, T, idx, off, itype, N, B, psw, acc_of(wtype), pooling, rows_total, dim, ld);
     DeviceBuffer dw(w, scalar_bytes(wtype) * rows_total * ld, "weights");
     DeviceBuffer dstate;
     if (optimizer == 1) dstate = DeviceBuffer(state, sizeof(float) * rows_total, "optimizer_state");
@@ -123,13 +129,13 @@ LATTICE_EMU_EXPORT int emu_pool_backward_fused(void* w, long long wtype, long lo
 
 LATTICE_EMU_EXPORT int emu_pool_backward_psw(const void* grad_output, long long gtype, const void* w, long long wtype,
                                              long long rows_total, long long dim, long long ld, const long long* tro,
-                                             long long T, const void* idx, const void* off, long long itype,
+                                             long long tro_stride, long long T, const void* idx, const void* off, long long itype,
                                              long long N, long long B, void* grad_psw, char* err, size_t err_len) {
   return guarded_call(err, err_len, [&] {
-    Batch batch(tro, T, idx, off, itype, N, B, nullptr, 0, rows_total, dim, ld);
+    Batch batch(tro, tro_stride, T, idx, off, itype, N, B, nullptr, acc_of(wtype), 0, rows_total, dim, ld);
     DeviceBuffer dw(w, scalar_bytes(wtype) * rows_total * ld, "weights");
     DeviceBuffer dgo(grad_output, scalar_bytes(gtype) * B * T * dim, "grad_output");
-    DeviceBuffer dout(scalar_bytes(gtype) * N, "grad_per_sample_weights");
+    DeviceBuffer dout(scalar_bytes(acc_of(wtype)) * N, "grad_per_sample_weights");
     DeviceBuffer ws(lattice::cuda::pool::forward_workspace_bytes(), "workspace");
     batch.p.weights = dw.get();
     batch.p.weights_type = static_cast<ScalarType>(wtype);
