@@ -912,19 +912,23 @@ void run_kernel(const void* kernel, dim3 grid, dim3 block, size_t dynamic_shared
     g_in_fiber = 0;
     error = g_fault_msg;
   } else {
-    for (b = 0; b < nblocks; ++b) {
-      unsigned long long lb = b;
-      if (g_opt.schedule == 1) lb = nblocks - 1 - b;
-      if (g_opt.schedule == 2) lb = order[b];
-      blockIdx = uint3{static_cast<unsigned>(lb % grid.x), static_cast<unsigned>((lb / grid.x) % grid.y),
-                       static_cast<unsigned>(lb / (1ull * grid.x * grid.y))};
-      ++g_stats.blocks;
-      g_stats.threads += nthreads;
-      run_block();
-      if (!g_run.error.empty()) {
-        error = g_run.error;
-        break;
+    try {
+      for (b = 0; b < nblocks; ++b) {
+        unsigned long long lb = b;
+        if (g_opt.schedule == 1) lb = nblocks - 1 - b;
+        if (g_opt.schedule == 2) lb = order[b];
+        blockIdx = uint3{static_cast<unsigned>(lb % grid.x), static_cast<unsigned>((lb / grid.x) % grid.y),
+                         static_cast<unsigned>(lb / (1ull * grid.x * grid.y))};
+        ++g_stats.blocks;
+        g_stats.threads += nthreads;
+        run_block();
+        if (!g_run.error.empty()) {
+          error = g_run.error;
+          break;
+        }
       }
+    } catch (const std::exception& e) {  // the scheduler's own failure (e.g. out of memory): still clean up
+      error = std::string("kernel ") + name + ": emulator failure: " + e.what();
     }
   }
   remove_handlers();
