@@ -26,26 +26,27 @@ shopt -s nullglob
 cu_files=(csrc/cuda/*.cu)
 cpp_files=(csrc/cuda/*.cpp)
 echo "== nvcc $("$NVCC" --version | sed -n 's/.*release \([0-9.]*\).*/\1/p') : ${#cu_files[@]} .cu file(s), sm_${ARCHS// /, sm_}"
+gencode=()
+for a in $ARCHS; do gencode+=(-gencode "arch=compute_$a,code=sm_$a"); done
 for f in "${cu_files[@]}"; do
-  for a in $ARCHS; do
-    log="$tmp/$(basename "$f").sm_$a.log"
-    if ! "$NVCC" -std=c++17 --expt-relaxed-constexpr -O3 -lineinfo -Xptxas -v -Xcompiler -Wall \
-        -gencode "arch=compute_$a,code=sm_$a" -Icsrc/include -c "$f" -o "$tmp/out.o" >"$log" 2>&1; then
-      echo "FAIL $f (sm_$a)"
-      cat "$log"
-      status=1
-      continue
-    fi
-    if grep -q "warning" "$log"; then grep "warning" "$log" | sort -u | sed 's/^/  /'; fi
-    echo "ok   $f (sm_$a)"
-    [[ "$QUIET" == "--quiet" ]] || python3 - "$log" "$a" <<'PY'
+  log="$tmp/$(basename "$f").log"
+  # One nvcc call per file for all architectures (the host side is compiled once).
+  if ! "$NVCC" -std=c++17 --expt-relaxed-constexpr -O3 -lineinfo -Xptxas -v -Xcompiler -Wall "${gencode[@]}" \
+      -Icsrc/include -c "$f" -o "$tmp/out.o" >"$log" 2>&1; then
+    echo "FAIL $f"
+    cat "$log"
+    status=1
+    continue
+  fi
+  if grep -q "warning" "$log"; then grep "warning" "$log" | sort -u | sed 's/^/  /'; fi
+  echo "ok   $f (sm_${ARCHS// /, sm_})"
+  [[ "$QUIET" == "--quiet" ]] || python3 - "$log" <<'PY'
 import re, subprocess, sys
-log, arch = sys.argv[1], sys.argv[2]
 rows, cur = [], None
-for line in open(log):
-    m = re.search(r"Compiling entry function '(\S+)' for 'sm_\d+'", line)
+for line in open(sys.argv[1]):
+    m = re.search(r"Compiling entry function '(\S+)' for 'sm_(\d+)'", line)
     if m:
-        cur = {"name": m.group(1), "stack": 0, "spill_st": 0, "spill_ld": 0, "regs": 0, "smem": 0}
+        cur = {"name": m.group(1), "arch": m.group(2), "stack": 0, "spill_st": 0, "spill_ld": 0, "regs": 0, "smem": 0}
         rows.append(cur)
         continue
     if cur is None:
@@ -72,11 +73,11 @@ if rows:
                 break
         r["short"] = n[:cut].replace("lattice::cuda::", "").replace("(anonymous namespace)::", "")
     w = max(len(r["short"]) for r in rows)
-    print(f"  {'kernel (sm_' + arch + ')':<{w}}  regs  smem(B)  stack(B)  spill st/ld(B)")
-    for r in sorted(rows, key=lambda r: r["short"]):
-        print(f"  {r['short']:<{w}}  {r['regs']:>4}  {r['smem']:>7}  {r['stack']:>8}  {r['spill_st']:>6}/{r['spill_ld']}")
+    for arch in sorted({r["arch"] for r in rows}):
+        print(f"  {'kernel (sm_' + arch + ')':<{w}}  regs  smem(B)  stack(B)  spill st/ld(B)")
+        for r in sorted((r for r in rows if r["arch"] == arch), key=lambda r: r["short"]):
+            print(f"  {r['short']:<{w}}  {r['regs']:>4}  {r['smem']:>7}  {r['stack']:>8}  {r['spill_st']:>6}/{r['spill_ld']}")
 PY
-  done
 done
 
 torch_inc=$(python3 -c "import os, torch; print(os.path.join(os.path.dirname(torch.__file__), 'include'))" 2>/dev/null || true)
