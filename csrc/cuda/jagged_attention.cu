@@ -159,12 +159,58 @@ void backward_typed(const void* grad_out, const void* q, const void* k, const vo
   }
 }
 
+// ---- generic path ----
+
+dim3 row_grid(int64_t items) {
+  return dim3(static_cast<unsigned>((items + kThreads - 1) / kThreads));
+}
+
+template <typename T, typename Acc>
+void forward_generic_typed(const void* q, const void* k, const void* v, const int64_t* q_offsets,
+                           const int64_t* kv_offsets, int64_t batch, int64_t total_q, int heads, int head_dim,
+                           double scale, bool causal, void* acc, void* out, float* lse, cudaStream_t stream) {
+  launch(attention::attention_generic_fwd_kernel<T, Acc>, row_grid(total_q * heads), dim3(kThreads), 0, stream,
+         static_cast<const T*>(q), static_cast<const T*>(k), static_cast<const T*>(v), q_offsets, kv_offsets,
+         static_cast<int>(batch), total_q, heads, head_dim, static_cast<Acc>(scale), causal, static_cast<Acc*>(acc),
+         static_cast<T*>(out), lse);
+}
+
+template <typename T, typename Acc>
+void backward_generic_typed(const void* grad_out, const void* q, const void* k, const void* v, const void* out,
+                            const int64_t* q_offsets, const int64_t* kv_offsets, int64_t batch, int64_t total_q,
+                            int64_t total_k, int heads, int head_dim, double scale, bool causal, void* row_lse,
+                            void* delta, void* acc_q, void* acc_k, void* acc_v, void* grad_q, void* grad_k,
+                            void* grad_v, cudaStream_t stream) {
+  const T* g = static_cast<const T*>(grad_out);
+  const T* qt = static_cast<const T*>(q);
+  const T* kt = static_cast<const T*>(k);
+  const T* vt = static_cast<const T*>(v);
+  Acc* lse_acc = static_cast<Acc*>(row_lse);
+  Acc* delta_acc = static_cast<Acc*>(delta);
+  const int b = static_cast<int>(batch);
+  const Acc sc = static_cast<Acc>(scale);
+  launch(attention::attention_generic_bwd_prep_kernel<T, Acc>, row_grid(total_q * heads), dim3(kThreads), 0, stream,
+         g, qt, kt, static_cast<const T*>(out), q_offsets, kv_offsets, b, total_q, heads, head_dim, sc, causal,
+         lse_acc, delta_acc);
+  launch(attention::attention_generic_bwd_dq_kernel<T, Acc>, row_grid(total_q * heads), dim3(kThreads), 0, stream, g,
+         qt, kt, vt, static_cast<const Acc*>(lse_acc), static_cast<const Acc*>(delta_acc), q_offsets, kv_offsets, b,
+         total_q, heads, head_dim, sc, causal, static_cast<Acc*>(acc_q), static_cast<T*>(grad_q));
+  launch(attention::attention_generic_bwd_dkdv_kernel<T, Acc>, row_grid(total_k * heads), dim3(kThreads), 0, stream,
+         g, qt, kt, vt, static_cast<const Acc*>(lse_acc), static_cast<const Acc*>(delta_acc), q_offsets, kv_offsets,
+         b, total_k, heads, head_dim, sc, causal, static_cast<Acc*>(acc_k), static_cast<Acc*>(acc_v),
+         static_cast<T*>(grad_k), static_cast<T*>(grad_v));
+}
+
 void check_sizes(int heads, int head_dim) {
   if (head_dim < 1 || head_dim > kAttentionMaxHeadDim) unsupported("head_dim", head_dim);
   if (heads < 1 || heads > 65535) unsupported("heads", heads);
 }
 
 }  // namespace
+
+void check_batch(int64_t batch) {
+  if (batch < 1 || batch > 0x7fffffff) unsupported("batch", static_cast<int>(batch));
+}
 
 void jagged_attention_forward(AttentionDtype dtype, const void* q, const void* k, const void* v,
                               const int64_t* q_offsets, const int64_t* kv_offsets, const int32_t* tiles,
@@ -182,6 +228,8 @@ void jagged_attention_forward(AttentionDtype dtype, const void* q, const void* k
     case AttentionDtype::kBFloat16:
       return forward_typed<__nv_bfloat16>(block_q, q, k, v, q_offsets, kv_offsets, tiles, num_tiles, heads,
                                           head_dim, scale, causal, out, lse, stream);
+    case AttentionDtype::kFloat64:
+      break;
   }
   unsupported("dtype", static_cast<int>(dtype));
 }
@@ -207,6 +255,62 @@ void jagged_attention_backward(AttentionDtype dtype, const void* grad_out, const
       return backward_typed<__nv_bfloat16>(grad_out, q, k, v, out, lse, q_offsets, kv_offsets, total_q, dq_tiles,
                                            num_dq_tiles, block_q, dkdv_tiles, num_dkdv_tiles, block_k, heads,
                                            head_dim, scale, causal, delta, grad_q, grad_k, grad_v, stream);
+    case AttentionDtype::kFloat64:
+      break;
+  }
+  unsupported("dtype", static_cast<int>(dtype));
+}
+
+void jagged_attention_forward_generic(AttentionDtype dtype, const void* q, const void* k, const void* v,
+                                      const int64_t* q_offsets, const int64_t* kv_offsets, int64_t batch,
+                                      int64_t total_q, int heads, int head_dim, double scale, bool causal, void* acc,
+                                      void* out, float* lse, cudaStream_t stream) {
+  if (heads < 1 || head_dim < 1) unsupported(heads < 1 ? "heads" : "head_dim", heads < 1 ? heads : head_dim);
+  if (total_q == 0) return;
+  check_batch(batch);
+  switch (dtype) {
+    case AttentionDtype::kFloat32:
+      return forward_generic_typed<float, float>(q, k, v, q_offsets, kv_offsets, batch, total_q, heads, head_dim,
+                                                 scale, causal, acc, out, lse, stream);
+    case AttentionDtype::kFloat16:
+      return forward_generic_typed<__half, float>(q, k, v, q_offsets, kv_offsets, batch, total_q, heads, head_dim,
+                                                  scale, causal, acc, out, lse, stream);
+    case AttentionDtype::kBFloat16:
+      return forward_generic_typed<__nv_bfloat16, float>(q, k, v, q_offsets, kv_offsets, batch, total_q, heads,
+                                                         head_dim, scale, causal, acc, out, lse, stream);
+    case AttentionDtype::kFloat64:
+      return forward_generic_typed<double, double>(q, k, v, q_offsets, kv_offsets, batch, total_q, heads, head_dim,
+                                                   scale, causal, acc, out, lse, stream);
+  }
+  unsupported("dtype", static_cast<int>(dtype));
+}
+
+void jagged_attention_backward_generic(AttentionDtype dtype, const void* grad_out, const void* q, const void* k,
+                                       const void* v, const void* out, const int64_t* q_offsets,
+                                       const int64_t* kv_offsets, int64_t batch, int64_t total_q, int64_t total_k,
+                                       int heads, int head_dim, double scale, bool causal, void* row_lse, void* delta,
+                                       void* acc_q, void* acc_k, void* acc_v, void* grad_q, void* grad_k,
+                                       void* grad_v, cudaStream_t stream) {
+  if (heads < 1 || head_dim < 1) unsupported(heads < 1 ? "heads" : "head_dim", heads < 1 ? heads : head_dim);
+  if (total_q == 0 && total_k == 0) return;
+  check_batch(batch);
+  switch (dtype) {
+    case AttentionDtype::kFloat32:
+      return backward_generic_typed<float, float>(grad_out, q, k, v, out, q_offsets, kv_offsets, batch, total_q,
+                                                  total_k, heads, head_dim, scale, causal, row_lse, delta, acc_q,
+                                                  acc_k, acc_v, grad_q, grad_k, grad_v, stream);
+    case AttentionDtype::kFloat16:
+      return backward_generic_typed<__half, float>(grad_out, q, k, v, out, q_offsets, kv_offsets, batch, total_q,
+                                                   total_k, heads, head_dim, scale, causal, row_lse, delta, acc_q,
+                                                   acc_k, acc_v, grad_q, grad_k, grad_v, stream);
+    case AttentionDtype::kBFloat16:
+      return backward_generic_typed<__nv_bfloat16, float>(grad_out, q, k, v, out, q_offsets, kv_offsets, batch,
+                                                          total_q, total_k, heads, head_dim, scale, causal, row_lse,
+                                                          delta, acc_q, acc_k, acc_v, grad_q, grad_k, grad_v, stream);
+    case AttentionDtype::kFloat64:
+      return backward_generic_typed<double, double>(grad_out, q, k, v, out, q_offsets, kv_offsets, batch, total_q,
+                                                    total_k, heads, head_dim, scale, causal, row_lse, delta, acc_q,
+                                                    acc_k, acc_v, grad_q, grad_k, grad_v, stream);
   }
   unsupported("dtype", static_cast<int>(dtype));
 }

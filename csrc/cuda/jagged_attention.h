@@ -15,10 +15,16 @@
 namespace lattice {
 namespace cuda {
 
-enum class AttentionDtype : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
+enum class AttentionDtype : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2, kFloat64 = 3 };
 
-// Largest head dim the kernels support (register accumulators are sized at compile time).
+// Largest head dim of the tiled kernels (register accumulators are sized at compile time).
 constexpr int kAttentionMaxHeadDim = 128;
+
+// The tiled kernels take fp32/fp16/bf16 with head_dim <= kAttentionMaxHeadDim; everything else (float64,
+// larger head dims) goes through the generic thread-per-row kernels (the *_generic launchers).
+inline bool attention_uses_generic(AttentionDtype dtype, int head_dim) {
+  return dtype == AttentionDtype::kFloat64 || head_dim > kAttentionMaxHeadDim;
+}
 
 // Rows per block of each kernel for a head dim: the compiled variants (see jagged_attention.cu). The
 // forward and dq kernels come in a small variant (8 queries: a few summary tokens per sample) and a
@@ -142,6 +148,22 @@ void jagged_attention_backward(AttentionDtype dtype, const void* grad_out, const
                                int64_t num_dq_tiles, int block_q, const int32_t* dkdv_tiles, int64_t num_dkdv_tiles,
                                int block_k, int heads, int head_dim, float scale, bool causal, float* delta,
                                void* grad_q, void* grad_k, void* grad_v, cudaStream_t stream);
+
+// Generic path. Workspaces are of the accumulation type (double for kFloat64, float otherwise):
+// acc / acc_q [total_q, heads, head_dim], acc_k, acc_v [total_k, heads, head_dim], row_lse and delta
+// [total_q, heads]. When the dtype is the accumulation type (float32, float64) acc* may be the output
+// tensors themselves. Offsets as above; every row of every sample is written.
+void jagged_attention_forward_generic(AttentionDtype dtype, const void* q, const void* k, const void* v,
+                                      const int64_t* q_offsets, const int64_t* kv_offsets, int64_t batch,
+                                      int64_t total_q, int heads, int head_dim, double scale, bool causal, void* acc,
+                                      void* out, float* lse, cudaStream_t stream);
+
+void jagged_attention_backward_generic(AttentionDtype dtype, const void* grad_out, const void* q, const void* k,
+                                       const void* v, const void* out, const int64_t* q_offsets,
+                                       const int64_t* kv_offsets, int64_t batch, int64_t total_q, int64_t total_k,
+                                       int heads, int head_dim, double scale, bool causal, void* row_lse, void* delta,
+                                       void* acc_q, void* acc_k, void* acc_v, void* grad_q, void* grad_k,
+                                       void* grad_v, cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace lattice

@@ -588,6 +588,191 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
   }
 }
 
+// ---- generic path: any head dim, and float64 --------------------------------------------------------
+// The tiled kernels above keep head_dim / 32 accumulators per lane in registers, so they stop at
+// kAttentionMaxHeadDim, and they compute in fp32. These simple kernels cover the rest (float64, used
+// by gradcheck, and head dims above 128): one thread per (row, head), exact two-pass softmax in the
+// accumulation type Acc (double for float64, float otherwise), accumulators in a global workspace of
+// Acc (the output itself when T == Acc). Slow but exact; the same semantics as the tiled kernels.
+
+__device__ __forceinline__ double load_float(const double* p) { return __ldg(p); }
+__device__ __forceinline__ void store_float(double* p, double x) { *p = x; }
+__device__ __forceinline__ float acc_exp(float x) { return expf(x); }
+__device__ __forceinline__ double acc_exp(double x) { return exp(x); }
+__device__ __forceinline__ float acc_log(float x) { return logf(x); }
+__device__ __forceinline__ double acc_log(double x) { return log(x); }
+
+template <typename Acc, typename T>
+__device__ __forceinline__ Acc load_acc(const T* p) {
+  return static_cast<Acc>(load_float(p));
+}
+
+// Largest b with offsets[b] <= row (offsets non-decreasing, offsets[0] = 0 <= row < offsets[batch]):
+// the sample that owns `row` (empty samples share their offset with the next one and are skipped).
+__device__ __forceinline__ int owning_sample(const int64_t* __restrict__ offsets, int batch, int64_t row) {
+  int lo = 0, hi = batch - 1;
+  while (lo < hi) {
+    const int mid = (lo + hi + 1) / 2;
+    if (offsets[mid] <= row) {
+      lo = mid;
+    } else {
+      hi = mid - 1;
+    }
+  }
+  return lo;
+}
+
+template <typename Acc, typename T>
+__device__ __forceinline__ Acc dot_rows(const T* __restrict__ a, const T* __restrict__ b, int head_dim) {
+  Acc sum = 0;
+  for (int d = 0; d < head_dim; ++d) sum += load_acc<Acc>(a + d) * load_acc<Acc>(b + d);
+  return sum;
+}
+
+// Log-sum-exp of the scaled scores of query row `row` (head h) over its visible keys [0, visible);
+// -inf when visible == 0.
+template <typename Acc, typename T>
+__device__ __forceinline__ Acc generic_row_lse(const T* __restrict__ q_row, const T* __restrict__ k, int64_t kv_begin,
+                                               int visible, int64_t row_stride, int head_dim, Acc scale) {
+  if (visible == 0) return -INFINITY;
+  Acc mx = -INFINITY;
+  for (int j = 0; j < visible; ++j) {
+    const Acc s = dot_rows<Acc>(q_row, k + (kv_begin + j) * row_stride, head_dim) * scale;
+    mx = s > mx ? s : mx;
+  }
+  Acc sum = 0;
+  for (int j = 0; j < visible; ++j) {
+    sum += acc_exp(dot_rows<Acc>(q_row, k + (kv_begin + j) * row_stride, head_dim) * scale - mx);
+  }
+  return mx + acc_log(sum);
+}
+
+// Forward: thread per (query row, head). acc [Nq, H, Dh] workspace (may alias out when T == Acc).
+template <typename T, typename Acc>
+__global__ void __launch_bounds__(kThreads)
+    attention_generic_fwd_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
+                                 const int64_t* __restrict__ q_offsets, const int64_t* __restrict__ kv_offsets,
+                                 int batch, int64_t total_q, int heads, int head_dim, Acc scale, bool causal, Acc* acc,
+                                 T* out, float* __restrict__ lse) {
+  const int64_t item = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (item >= total_q * heads) return;
+  const int64_t row = item / heads;
+  const int h = static_cast<int>(item % heads);
+  const int b = owning_sample(q_offsets, batch, row);
+  const int64_t n = q_offsets[b + 1] - q_offsets[b];
+  const int64_t m = kv_offsets[b + 1] - kv_offsets[b];
+  const int64_t i = row - q_offsets[b];
+  const int visible = static_cast<int>(visible_keys_end(i, 1, n, m, causal));
+  const int64_t row_stride = static_cast<int64_t>(heads) * head_dim;
+  const int64_t offset = row * row_stride + static_cast<int64_t>(h) * head_dim;
+  const T* q_row = q + offset;
+  const T* k_h = k + static_cast<int64_t>(h) * head_dim;
+  const T* v_h = v + static_cast<int64_t>(h) * head_dim;
+  const Acc row_lse = generic_row_lse<Acc>(q_row, k_h, kv_offsets[b], visible, row_stride, head_dim, scale);
+  Acc* a = acc + offset;
+  for (int d = 0; d < head_dim; ++d) a[d] = 0;
+  for (int j = 0; j < visible; ++j) {
+    const int64_t kv_row = (kv_offsets[b] + j) * row_stride;
+    const Acc p = acc_exp(dot_rows<Acc>(q_row, k_h + kv_row, head_dim) * scale - row_lse);
+    for (int d = 0; d < head_dim; ++d) a[d] += p * load_acc<Acc>(v_h + kv_row + d);
+  }
+  for (int d = 0; d < head_dim; ++d) store_float(out + offset + d, a[d]);
+  lse[row * heads + h] = visible > 0 ? static_cast<float>(row_lse) : LATTICE_ATTN_EMPTY_LSE;
+}
+
+// Backward preprocessing: per (query row, head), lse recomputed in Acc (the stored lse is fp32) and
+// delta = rowsum(dO * O).
+template <typename T, typename Acc>
+__global__ void __launch_bounds__(kThreads)
+    attention_generic_bwd_prep_kernel(const T* __restrict__ grad_out, const T* __restrict__ q,
+                                      const T* __restrict__ k, const T* __restrict__ out,
+                                      const int64_t* __restrict__ q_offsets, const int64_t* __restrict__ kv_offsets,
+                                      int batch, int64_t total_q, int heads, int head_dim, Acc scale, bool causal,
+                                      Acc* __restrict__ row_lse, Acc* __restrict__ delta) {
+  const int64_t item = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (item >= total_q * heads) return;
+  const int64_t row = item / heads;
+  const int h = static_cast<int>(item % heads);
+  const int b = owning_sample(q_offsets, batch, row);
+  const int64_t n = q_offsets[b + 1] - q_offsets[b];
+  const int64_t m = kv_offsets[b + 1] - kv_offsets[b];
+  const int visible = static_cast<int>(visible_keys_end(row - q_offsets[b], 1, n, m, causal));
+  const int64_t row_stride = static_cast<int64_t>(heads) * head_dim;
+  const int64_t offset = row * row_stride + static_cast<int64_t>(h) * head_dim;
+  row_lse[item] = generic_row_lse<Acc>(q + offset, k + static_cast<int64_t>(h) * head_dim, kv_offsets[b], visible,
+                                       row_stride, head_dim, scale);
+  delta[item] = dot_rows<Acc>(grad_out + offset, out + offset, head_dim);
+}
+
+// dQ: thread per (query row, head). acc [Nq, H, Dh] workspace (may alias grad_q when T == Acc).
+template <typename T, typename Acc>
+__global__ void __launch_bounds__(kThreads)
+    attention_generic_bwd_dq_kernel(const T* __restrict__ grad_out, const T* __restrict__ q, const T* __restrict__ k,
+                                    const T* __restrict__ v, const Acc* __restrict__ row_lse,
+                                    const Acc* __restrict__ delta, const int64_t* __restrict__ q_offsets,
+                                    const int64_t* __restrict__ kv_offsets, int batch, int64_t total_q, int heads,
+                                    int head_dim, Acc scale, bool causal, Acc* acc, T* grad_q) {
+  const int64_t item = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (item >= total_q * heads) return;
+  const int64_t row = item / heads;
+  const int h = static_cast<int>(item % heads);
+  const int b = owning_sample(q_offsets, batch, row);
+  const int64_t n = q_offsets[b + 1] - q_offsets[b];
+  const int64_t m = kv_offsets[b + 1] - kv_offsets[b];
+  const int visible = static_cast<int>(visible_keys_end(row - q_offsets[b], 1, n, m, causal));
+  const int64_t row_stride = static_cast<int64_t>(heads) * head_dim;
+  const int64_t offset = row * row_stride + static_cast<int64_t>(h) * head_dim;
+  const T* k_h = k + static_cast<int64_t>(h) * head_dim;
+  const T* v_h = v + static_cast<int64_t>(h) * head_dim;
+  Acc* a = acc + offset;
+  for (int d = 0; d < head_dim; ++d) a[d] = 0;
+  for (int j = 0; j < visible; ++j) {
+    const int64_t kv_row = (kv_offsets[b] + j) * row_stride;
+    const Acc p = acc_exp(dot_rows<Acc>(q + offset, k_h + kv_row, head_dim) * scale - row_lse[item]);
+    const Acc ds = p * (dot_rows<Acc>(grad_out + offset, v_h + kv_row, head_dim) - delta[item]) * scale;
+    for (int d = 0; d < head_dim; ++d) a[d] += ds * load_acc<Acc>(k_h + kv_row + d);
+  }
+  for (int d = 0; d < head_dim; ++d) store_float(grad_q + offset + d, a[d]);
+}
+
+// dK, dV: thread per (key row, head). acc_k, acc_v [Nk, H, Dh] workspaces (may alias grad_k, grad_v).
+template <typename T, typename Acc>
+__global__ void __launch_bounds__(kThreads)
+    attention_generic_bwd_dkdv_kernel(const T* __restrict__ grad_out, const T* __restrict__ q,
+                                      const T* __restrict__ k, const T* __restrict__ v,
+                                      const Acc* __restrict__ row_lse, const Acc* __restrict__ delta,
+                                      const int64_t* __restrict__ q_offsets, const int64_t* __restrict__ kv_offsets,
+                                      int batch, int64_t total_k, int heads, int head_dim, Acc scale, bool causal,
+                                      Acc* acc_k, Acc* acc_v, T* grad_k, T* grad_v) {
+  const int64_t item = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (item >= total_k * heads) return;
+  const int64_t key_row = item / heads;
+  const int h = static_cast<int>(item % heads);
+  const int b = owning_sample(kv_offsets, batch, key_row);
+  const int64_t n = q_offsets[b + 1] - q_offsets[b];
+  const int64_t m = kv_offsets[b + 1] - kv_offsets[b];
+  const int64_t first = first_seeing_query(key_row - kv_offsets[b], n, m, causal);
+  const int64_t row_stride = static_cast<int64_t>(heads) * head_dim;
+  const int64_t offset = key_row * row_stride + static_cast<int64_t>(h) * head_dim;
+  Acc* ak = acc_k + offset;
+  Acc* av = acc_v + offset;
+  for (int d = 0; d < head_dim; ++d) ak[d] = av[d] = 0;
+  for (int64_t i = first; i < n; ++i) {
+    const int64_t q_item = (q_offsets[b] + i) * heads + h;
+    const int64_t q_off = q_item * head_dim;
+    const Acc p = acc_exp(dot_rows<Acc>(q + q_off, k + offset, head_dim) * scale - row_lse[q_item]);
+    const Acc ds = p * (dot_rows<Acc>(grad_out + q_off, v + offset, head_dim) - delta[q_item]) * scale;
+    for (int d = 0; d < head_dim; ++d) {
+      av[d] += p * load_acc<Acc>(grad_out + q_off + d);
+      ak[d] += ds * load_acc<Acc>(q + q_off + d);
+    }
+  }
+  for (int d = 0; d < head_dim; ++d) {
+    store_float(grad_k + offset + d, ak[d]);
+    store_float(grad_v + offset + d, av[d]);
+  }
+}
+
 }  // namespace attention
 }  // namespace cuda
 }  // namespace lattice
