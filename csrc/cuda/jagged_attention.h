@@ -8,9 +8,7 @@
 #include <numeric>
 #include <vector>
 
-#ifndef LATTICE_CUDA_EMULATION
 #include <cuda_runtime.h>
-#endif
 
 namespace lattice {
 namespace cuda {

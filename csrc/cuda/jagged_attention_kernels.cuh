@@ -32,11 +32,11 @@
 #include <cmath>
 #include <cstdint>
 
-#ifndef LATTICE_CUDA_EMULATION
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
-#endif
+
+#include "lattice/cuda/device.cuh"
 
 namespace lattice {
 namespace cuda {
@@ -176,8 +176,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
   const int64_t row_stride = static_cast<int64_t>(heads) * head_dim;
   const int64_t head_offset = static_cast<int64_t>(h) * head_dim;
 
-  extern __shared__ float4 smem_f4[];
-  float* q_s = reinterpret_cast<float*>(smem_f4);
+  float* q_s = dynamic_shared<float>();
   float* k_s = q_s + kBlockQ * dp;
   float* v_s = k_s + kKeyTile * ldk;
   float* p_s = v_s + kKeyTile * dp;
@@ -334,8 +333,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
   const int64_t head_offset = static_cast<int64_t>(h) * head_dim;
   const float scale_log2 = scale * kLog2e;
 
-  extern __shared__ float4 smem_f4[];
-  float* k_s = reinterpret_cast<float*>(smem_f4);
+  float* k_s = dynamic_shared<float>();
   float* v_s = k_s + kBlockK * dp;
   float* q_s = v_s + kBlockK * dp;
   float* do_s = q_s + kQueryTile * ldq;
@@ -480,8 +478,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
   const int64_t head_offset = static_cast<int64_t>(h) * head_dim;
   const float scale_log2 = scale * kLog2e;
 
-  extern __shared__ float4 smem_f4[];
-  float* q_s = reinterpret_cast<float*>(smem_f4);
+  float* q_s = dynamic_shared<float>();
   float* do_s = q_s + kBlockQ * dp;
   float* k_s = do_s + kBlockQ * dp;
   float* v_s = k_s + kKeyTile * ldk;
