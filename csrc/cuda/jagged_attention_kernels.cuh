@@ -186,6 +186,12 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
                       dp, scale_log2);
 
   const bool warp_active = warp * kRows < valid_q;
+  // Keys [0, warp_kv_end) are visible to some row of this warp (causal: fewer than the block's): the warp
+  // skips later key tiles, which would only add zeros.
+  const int warp_kv_end =
+      warp_active ? static_cast<int>(visible_keys_end(q_first + warp * kRows, imin(kRows, valid_q - warp * kRows), n,
+                                                      m, causal))
+                  : 0;
   const int causal_shift = m - n;
   float acc[kRows][kChunks];
   float row_max[kRows];  // running max of the base-2 scores, identical in every lane
@@ -206,7 +212,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
     stage_rows<kKeyTile>(v_s, dp, v + kv_row0, row_stride, valid_k, head_dim, dp, 1.f);
     __syncthreads();
 
-    if (warp_active) {
+    if (k0 < warp_kv_end) {
       // Scores: lane j <-> key k0 + j.
       float s[kRows];
 #pragma unroll
@@ -237,7 +243,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
     }
     __syncthreads();  // P visible to the whole warp
 
-    if (warp_active) {
+    if (k0 < warp_kv_end) {
       // acc += P V: lane l <-> columns l + 32 c.
       const int kv_count = (valid_k + 3) & ~3;
       for (int j = 0; j < kv_count; j += 4) {
@@ -345,6 +351,8 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
   stage_rows<kBlockK>(v_s, dp, v + kv_row0, row_stride, valid_k, head_dim, dp, 1.f);
 
   const bool warp_active = warp * kRows < valid_k;
+  // Queries before warp_q_lo see none of this warp's keys (causal): the warp skips tiles made only of them.
+  const int warp_q_lo = warp_active ? static_cast<int>(first_seeing_query(k_first + warp * kRows, n, m, causal)) : n;
   const int causal_shift = m - n;
   float dk[kRows][kChunks];
   float dv[kRows][kChunks];
@@ -369,7 +377,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
     }
     __syncthreads();
 
-    if (warp_active) {
+    if (i0 + valid_q > warp_q_lo) {
       float s[kRows], dpv[kRows];
 #pragma unroll
       for (int r = 0; r < kRows; ++r) s[r] = dpv[r] = 0.f;
@@ -397,7 +405,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
     }
     __syncthreads();
 
-    if (warp_active) {
+    if (i0 + valid_q > warp_q_lo) {
       // dV += P^T dO, dK += dS^T Q (scale applied at the end): lane l <-> columns l + 32 c.
       const int q_count = (valid_q + 3) & ~3;
       for (int i = 0; i < q_count; i += 4) {
@@ -489,6 +497,12 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
   stage_rows<kBlockQ>(do_s, dp, grad_out + q_row0, row_stride, valid_q, head_dim, dp, 1.f);
 
   const bool warp_active = warp * kRows < valid_q;
+  // Keys [0, warp_kv_end) are visible to some row of this warp (causal: fewer than the block's): the warp
+  // skips later key tiles, which would only add zeros.
+  const int warp_kv_end =
+      warp_active ? static_cast<int>(visible_keys_end(q_first + warp * kRows, imin(kRows, valid_q - warp * kRows), n,
+                                                      m, causal))
+                  : 0;
   const int causal_shift = m - n;
   float acc[kRows][kChunks];
   float lse2[kRows], dlt[kRows];
@@ -513,7 +527,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
     stage_rows<kKeyTile>(v_s, ldk, v + kv_row0, row_stride, valid_k, head_dim, dp, 1.f);
     __syncthreads();
 
-    if (warp_active) {
+    if (k0 < warp_kv_end) {
       // Lane j <-> key k0 + j.
       float s[kRows], dpv[kRows];
 #pragma unroll
@@ -542,7 +556,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
     }
     __syncthreads();
 
-    if (warp_active) {
+    if (k0 < warp_kv_end) {
       // acc += dS K: lane l <-> columns l + 32 c.
       const int kv_count = (valid_k + 3) & ~3;
       for (int j = 0; j < kv_count; j += 4) {
