@@ -90,34 +90,40 @@ inline AttentionTilePlan make_tiles(const int64_t* q_offsets, const int64_t* kv_
 }
 
 // Picks the large query tile unless its padding costs more than kLargeTileAdvantage times the small
-// tile's work: a large tile reuses each staged K/V tile for 8x more queries, so it stays the faster
-// choice while its padded work is moderately larger. (An untuned estimate; benchmarks/gpu_check.sh is
-// where to tune it on a GPU.)
+// tile's work (a large tile reuses each staged K/V tile for 8x more queries, so it stays the faster
+// choice while its padded work is moderately larger), or unless it would leave the GPU underfilled:
+// fewer than `min_tiles` tiles while the small tile makes more. (Untuned estimates;
+// benchmarks/gpu_check.sh is where to tune them on a GPU.)
 constexpr double kLargeTileAdvantage = 1.5;
 
 inline AttentionTilePlan plan_query_tiles(const int64_t* q_offsets, const int64_t* kv_offsets, int64_t batch,
-                                          bool causal, int small_block, int large_block) {
+                                          bool causal, int small_block, int large_block, int64_t min_tiles) {
   double small_cost = 0, large_cost = 0;
   AttentionTilePlan small = make_tiles(q_offsets, kv_offsets, batch, small_block, causal, true, &small_cost);
   if (large_block == small_block) return small;
   AttentionTilePlan large = make_tiles(q_offsets, kv_offsets, batch, large_block, causal, true, &large_cost);
+  if (large.num_tiles() < min_tiles && small.num_tiles() > large.num_tiles()) return small;
   return large_cost <= kLargeTileAdvantage * small_cost ? large : small;
 }
 
 }  // namespace plan_detail
 
-// Host copies of q_offsets / kv_offsets [batch + 1] (validated) -> the forward's query tiles.
+// Host copies of q_offsets / kv_offsets [batch + 1] (validated) -> the forward's query tiles. min_tiles:
+// the number of tiles (blocks per head) below which the GPU would be underfilled, e.g.
+// 2 * multiprocessors / heads; 0 ignores occupancy.
 inline AttentionTilePlan plan_attention_forward(const int64_t* q_offsets, const int64_t* kv_offsets, int64_t batch,
-                                                int head_dim, bool causal) {
+                                                int head_dim, bool causal, int64_t min_tiles = 0) {
   const AttentionBlockSizes sizes = attention_block_sizes(head_dim);
-  return plan_detail::plan_query_tiles(q_offsets, kv_offsets, batch, causal, sizes.forward_small, sizes.forward_large);
+  return plan_detail::plan_query_tiles(q_offsets, kv_offsets, batch, causal, sizes.forward_small, sizes.forward_large,
+                                       min_tiles);
 }
 
 // The backward's dQ query tiles.
 inline AttentionTilePlan plan_attention_backward_dq(const int64_t* q_offsets, const int64_t* kv_offsets,
-                                                    int64_t batch, int head_dim, bool causal) {
+                                                    int64_t batch, int head_dim, bool causal, int64_t min_tiles = 0) {
   const AttentionBlockSizes sizes = attention_block_sizes(head_dim);
-  return plan_detail::plan_query_tiles(q_offsets, kv_offsets, batch, causal, sizes.dq_small, sizes.dq_large);
+  return plan_detail::plan_query_tiles(q_offsets, kv_offsets, batch, causal, sizes.dq_small, sizes.dq_large,
+                                       min_tiles);
 }
 
 // The backward's dK/dV key tiles.

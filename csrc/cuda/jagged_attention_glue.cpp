@@ -8,6 +8,7 @@
 // the device-to-host copy.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAStream.h>
+#include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
@@ -117,6 +118,14 @@ at::Tensor tiles_on_device(std::initializer_list<const AttentionTilePlan*> plans
   return host.to(device, /*non_blocking=*/true);
 }
 
+// Tiles per head below which the current GPU would be underfilled: two blocks per multiprocessor.
+int64_t min_tiles_per_head(int64_t heads) {
+  int device = 0, sms = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  return (2 * static_cast<int64_t>(sms) + heads - 1) / heads;
+}
+
 void check_grid(const AttentionTilePlan& plan, const char* what) {
   TORCH_CHECK(plan.num_tiles() <= std::numeric_limits<int32_t>::max(), "jagged_attention (CUDA): ", plan.num_tiles(),
               " ", what, " tiles exceed the grid limit");
@@ -144,8 +153,9 @@ std::tuple<at::Tensor, at::Tensor> jagged_attention_cuda(const at::Tensor& q_in,
                                            stream);
     return {out, lse};
   }
-  const AttentionTilePlan plan = cuda::plan_attention_forward(pb.q_offsets_host.data_ptr<int64_t>(),
-                                                              pb.kv_offsets_host.data_ptr<int64_t>(), pb.B, Dh, causal);
+  const AttentionTilePlan plan =
+      cuda::plan_attention_forward(pb.q_offsets_host.data_ptr<int64_t>(), pb.kv_offsets_host.data_ptr<int64_t>(), pb.B,
+                                   Dh, causal, min_tiles_per_head(pb.H));
   check_grid(plan, "query");
   const at::Tensor tiles = tiles_on_device({&plan}, q.device());
   cuda::jagged_attention_forward(pb.dtype, q.data_ptr(), k.data_ptr(), v.data_ptr(), qo, ko, tiles.data_ptr<int32_t>(),
@@ -201,7 +211,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> jagged_attention_backward_cuda(
   }
   const int64_t* qo_host = pb.q_offsets_host.data_ptr<int64_t>();
   const int64_t* ko_host = pb.kv_offsets_host.data_ptr<int64_t>();
-  const AttentionTilePlan dq_plan = cuda::plan_attention_backward_dq(qo_host, ko_host, pb.B, Dh, causal);
+  const AttentionTilePlan dq_plan =
+      cuda::plan_attention_backward_dq(qo_host, ko_host, pb.B, Dh, causal, min_tiles_per_head(pb.H));
   const AttentionTilePlan dkdv_plan = cuda::plan_attention_backward_dkdv(qo_host, ko_host, pb.B, Dh, causal);
   check_grid(dq_plan, "query");
   check_grid(dkdv_plan, "key");

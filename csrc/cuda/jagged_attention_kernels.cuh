@@ -5,7 +5,7 @@
 // has n = q_offsets[b+1] - q_offsets[b] queries and m = kv_offsets[b+1] - kv_offsets[b] keys. With
 // `causal`, query i (0-based within its sample) sees keys j <= i + (m - n): the mask is aligned
 // bottom-right, so the last query sees every key. A query that sees no key (m == 0, or causal with
-// i + m - n < 0) outputs zeros and lse = kEmptyLse.
+// i + m - n < 0) outputs zeros and lse = -inf (log of an empty sum), as the CPU kernel and the reference do.
 //
 // Every kernel runs kThreads = 128 threads (4 warps) per block and reads its work item from a host-built
 // tile table `tiles` [num_tiles, 2] = (sample, first row of the tile); blockIdx.x picks the tile and
@@ -54,9 +54,9 @@ constexpr int kQueryTile = 32;  // queries per shared-memory tile in the dk/dv k
 constexpr unsigned kFullMask = 0xffffffffu;
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
-// lse of a query that sees no key: log(0). Backward never reads it (masked pairs are skipped
-// explicitly), so any value would be safe there; -inf is what logsumexp over an empty set gives.
-#define LATTICE_ATTN_EMPTY_LSE (-INFINITY)
+// lse of a query that sees no key: log(0), what logsumexp over an empty set gives. The backward never
+// reads it (invisible pairs are skipped explicitly, not through exp(s - lse)), so it cannot make NaN.
+constexpr float kEmptyLse = -INFINITY;
 
 // ---- small helpers ---------------------------------------------------------------------------------
 
@@ -287,7 +287,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
       if (d < head_dim) store_float(o + d, acc[r][c] * inv);
     }
     if (lane == 0) {
-      lse[row * heads + h] = total > 0.f ? (row_max[r] + log2f(total)) * kLn2 : LATTICE_ATTN_EMPTY_LSE;
+      lse[row * heads + h] = total > 0.f ? (row_max[r] + log2f(total)) * kLn2 : kEmptyLse;
     }
   }
 }
@@ -688,7 +688,7 @@ __global__ void __launch_bounds__(kThreads)
     for (int d = 0; d < head_dim; ++d) a[d] += p * load_acc<Acc>(v_h + kv_row + d);
   }
   for (int d = 0; d < head_dim; ++d) store_float(out + offset + d, a[d]);
-  lse[row * heads + h] = visible > 0 ? static_cast<float>(row_lse) : LATTICE_ATTN_EMPTY_LSE;
+  lse[row * heads + h] = visible > 0 ? static_cast<float>(row_lse) : kEmptyLse;
 }
 
 // Backward preprocessing: per (query row, head), lse recomputed in Acc (the stored lse is fp32) and

@@ -206,12 +206,12 @@ def test_schedule_independent_and_deterministic(lib):
 # ---------------------------------------------------------------------------------------------------------
 # The tile planner (the host side of the skew-aware grid)
 # ---------------------------------------------------------------------------------------------------------
-def _plan(lib, lq, lk, head_dim, causal, kind):
+def _plan(lib, lq, lk, head_dim, causal, kind, min_tiles=0):
     qo, ko = _offsets(lq), _offsets(lk)
     rows = lq if kind != 2 else lk
     tiles = torch.empty(2 * (sum(rows) + 1), dtype=torch.int32)
     info = torch.zeros(2, dtype=torch.int64)
-    lib.call("emu_attention_plan", qo, ko, len(lq), head_dim, bool(causal), kind, tiles, sum(rows) + 1, info)
+    lib.call("emu_attention_plan", qo, ko, len(lq), head_dim, bool(causal), kind, min_tiles, tiles, sum(rows) + 1, info)
     return tiles[: 2 * int(info[0])].view(-1, 2).tolist(), int(info[1])
 
 
@@ -239,6 +239,10 @@ def test_planner_picks_tile_size_by_shape(lib):
     # Long query streams: the large one.
     assert _plan(lib, [256] * 4, [256] * 4, 64, True, 0)[1] == 64
     assert _plan(lib, [256] * 4, [256] * 4, 128, True, 0)[1] == 16
+    # Too few large tiles to fill the GPU (one long sample): the small tile, which makes 8x more blocks.
+    assert _plan(lib, [1024], [1024], 64, False, 0, min_tiles=216)[1] == 8
+    assert _plan(lib, [1024], [1024], 64, False, 1, min_tiles=216)[1] == 8
+    assert _plan(lib, [1024], [1024], 64, False, 1, min_tiles=0)[1] == 32
     # Heaviest tiles first: the long sample's tiles lead.
     tiles, _ = _plan(lib, [8, 8, 8], [1, 300, 2], 32, False, 0)
     assert tiles[0][0] == 1

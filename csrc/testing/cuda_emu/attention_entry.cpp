@@ -45,15 +45,21 @@ DeviceBuffer tiles_buffer(const AttentionTilePlan& plan, const char* label) {
 }  // namespace
 
 // Writes the tile table of one planner into tiles_out (capacity 2 * max_tiles int32) and (num_tiles, block)
-// into info. kind: 0 forward, 1 dq, 2 dk/dv.
+// into info. kind: 0 forward, 1 dq, 2 dk/dv; min_tiles as in plan_attention_forward.
 LATTICE_EMU_EXPORT int emu_attention_plan(const int64_t* q_offsets, const int64_t* kv_offsets, long long batch,
-                                          long long head_dim, int causal, long long kind, int32_t* tiles_out,
-                                          long long max_tiles, int64_t* info, char* err, size_t err_len) {
+                                          long long head_dim, int causal, long long kind, long long min_tiles,
+                                          int32_t* tiles_out, long long max_tiles, int64_t* info, char* err,
+                                          size_t err_len) {
   return lattice_emu::guarded_call(err, err_len, [&] {
     const int dh = static_cast<int>(head_dim);
-    const AttentionTilePlan plan =
-        kind == 2 ? lattice::cuda::plan_attention_backward_dkdv(q_offsets, kv_offsets, batch, dh, causal != 0)
-                  : query_plan(q_offsets, kv_offsets, batch, dh, causal != 0, 0, kind == 1);
+    AttentionTilePlan plan;
+    if (kind == 0) {
+      plan = lattice::cuda::plan_attention_forward(q_offsets, kv_offsets, batch, dh, causal != 0, min_tiles);
+    } else if (kind == 1) {
+      plan = lattice::cuda::plan_attention_backward_dq(q_offsets, kv_offsets, batch, dh, causal != 0, min_tiles);
+    } else {
+      plan = lattice::cuda::plan_attention_backward_dkdv(q_offsets, kv_offsets, batch, dh, causal != 0);
+    }
     if (plan.num_tiles() > max_tiles) throw std::runtime_error("emu_attention_plan: tiles_out too small");
     std::copy(plan.tiles.begin(), plan.tiles.end(), tiles_out);
     info[0] = plan.num_tiles();
