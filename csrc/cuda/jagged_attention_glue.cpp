@@ -134,6 +134,7 @@ void check_grid(const AttentionTilePlan& plan, const char* what) {
 std::tuple<at::Tensor, at::Tensor> jagged_attention_cuda(const at::Tensor& q_in, const at::Tensor& q_offsets,
                                                           const at::Tensor& k_in, const at::Tensor& v_in,
                                                           const at::Tensor& kv_offsets, double scale, bool causal) {
+  TORCH_CHECK(q_in.is_cuda(), "jagged_attention (CUDA): q must be a CUDA tensor, got ", q_in.device());
   const c10::cuda::CUDAGuard device_guard(q_in.device());
   const Problem pb = check_inputs(q_in, q_offsets, k_in, v_in, kv_offsets, scale);
   const at::Tensor q = q_in.contiguous(), k = k_in.contiguous(), v = v_in.contiguous();
@@ -168,6 +169,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> jagged_attention_backward_cuda(
     const at::Tensor& grad_out_in, const at::Tensor& q_in, const at::Tensor& q_offsets, const at::Tensor& k_in,
     const at::Tensor& v_in, const at::Tensor& kv_offsets, const at::Tensor& out_in, const at::Tensor& lse_in,
     double scale, bool causal) {
+  TORCH_CHECK(q_in.is_cuda(), "jagged_attention_backward (CUDA): q must be a CUDA tensor, got ", q_in.device());
   const c10::cuda::CUDAGuard device_guard(q_in.device());
   const Problem pb = check_inputs(q_in, q_offsets, k_in, v_in, kv_offsets, scale);
   TORCH_CHECK(grad_out_in.sizes() == q_in.sizes(), "grad_out must have q's shape ", q_in.sizes(), ", got ",
