@@ -6,6 +6,8 @@ import itertools
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import emu_harness as h
 
@@ -168,6 +170,20 @@ def test_forced_tile_sizes(lib, lq, lk, head_dim, block, dq_block, causal):
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 def test_generic_path(lib, dtype, head_dim, mode, causal):
     check_case(lib, [3, 0, 5, 9], [4, 2, 0, 7], 2, head_dim, causal, dtype=dtype, mode=mode, expect_block=-1)
+
+
+@settings(max_examples=10, deadline=None)
+@given(
+    lengths=st.lists(st.tuples(st.integers(0, 45), st.integers(0, 70)), min_size=1, max_size=5),
+    heads=st.integers(1, 3),
+    head_dim=st.sampled_from([1, 3, 8, 31, 33, 64, 65, 127]),
+    causal=st.booleans(),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+    seed=st.integers(0, 2**16),
+)
+def test_random_shapes(lib, lengths, heads, head_dim, causal, dtype, seed):
+    lq, lk = map(list, zip(*lengths))
+    check_case(lib, lq, lk, heads, head_dim, causal, dtype=dtype, seed=seed)
 
 
 def test_empty_samples_give_zeros_and_no_nan(lib):
