@@ -11,6 +11,11 @@ from hypothesis import strategies as st
 
 import emu_harness as h
 
+try:  # the project's reference (pad, mask, softmax); the test's own per-sample reference is checked against it
+    from lattice.ops.reference import jagged_attention_reference as project_reference
+except ImportError:  # lattice._C not built, or the reference not there yet
+    project_reference = None
+
 pytestmark = pytest.mark.skipif(not h.compiler_available(), reason="no C++ compiler for the emulated build")
 
 DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}
@@ -42,8 +47,18 @@ def _inputs(lq, lk, heads, head_dim, dtype, seed=0):
 
 
 def reference(q, q_offsets, k, v, kv_offsets, scale, causal, grad_out):
-    """float64 attention per sample and head with an explicit mask; returns out, lse, (dq, dk, dv)."""
+    """float64 attention per sample and head with an explicit mask; returns out, lse, (dq, dk, dv). Where
+    lattice.ops.reference is importable, its forward must agree (same semantics, lse = -inf included)."""
     q, k, v = (t.detach().double().requires_grad_() for t in (q, k, v))
+    out, lse, grads = _per_sample_reference(q, q_offsets, k, v, kv_offsets, scale, causal, grad_out)
+    if project_reference is not None:
+        p_out, p_lse = project_reference(q.detach(), q_offsets, k.detach(), v.detach(), kv_offsets, scale, causal)
+        torch.testing.assert_close(p_out, out, rtol=1e-9, atol=1e-9)
+        torch.testing.assert_close(p_lse.double(), lse.float().double(), rtol=1e-6, atol=1e-6)
+    return out, lse, grads
+
+
+def _per_sample_reference(q, q_offsets, k, v, kv_offsets, scale, causal, grad_out):
     outs, lses = [], []
     for b in range(q_offsets.numel() - 1):
         q0, q1, k0, k1 = int(q_offsets[b]), int(q_offsets[b + 1]), int(kv_offsets[b]), int(kv_offsets[b + 1])
