@@ -567,13 +567,21 @@ class BatchBuilder:
         return pa.array(np.where(valid, v, 0).astype(np.float32), type=pa.float32(), mask=~valid)
 
     # ---- step 2: prepared table -> Batch ---------------------------------------------------------
-    def build(self, table: pa.Table) -> Batch:
-        """A :class:`Batch` from a prepared table (or any slice/take/concatenation of prepared tables)."""
+    def build(self, table: pa.Table, rows: Optional[np.ndarray] = None) -> Batch:
+        """A :class:`Batch` from a prepared table (or any slice/concatenation of prepared tables).
+
+        ``rows``: optional ``[B]`` int64 row indices into ``table`` (a shuffled batch); the values are
+        gathered straight from the Arrow buffers into the batch tensors, one pass, no intermediate table.
+        """
         s = self.schema
-        B = table.num_rows
+        B = table.num_rows if rows is None else len(rows)
+
+        def pick(x: np.ndarray) -> np.ndarray:
+            return x if rows is None else x[rows]
 
         def ids(name: str) -> torch.Tensor:
-            return torch.from_numpy(np.array(int_values(column(table, name)), dtype=np.int64, copy=True))
+            v = pick(int_values(column(table, name)))
+            return torch.from_numpy(v.copy() if rows is None else v)
 
         domain = ids(_DOMAIN)
         dom_np = domain.numpy()
@@ -585,13 +593,17 @@ class BatchBuilder:
             arr = column(table, "f:" + f.name)
             if pa.types.is_null(arr.type):
                 continue
-            valid = valid_mask(arr)
-            vals = primitive_view(arr)
-            dense[:, j] = np.where(valid, vals, np.float32(0)) if arr.null_count else vals
-            dmask[:, j] = valid
-        sparse = self._kjt(table, self._sparse, "f:", B)
-        sequences = self._kjt(table, self._seq, "f:", B)
-        seq_ts = self._kjt(table, self._seq, "ts:", B) if self._seq_ts else None
+            vals = pick(primitive_view(arr))
+            if arr.null_count:
+                valid = pick(valid_mask(arr))
+                dense[:, j] = np.where(valid, vals, np.float32(0))
+                dmask[:, j] = valid
+            else:
+                dense[:, j] = vals
+                dmask[:, j] = True
+        sparse = self._kjt(table, self._sparse, "f:", B, rows)
+        sequences = self._kjt(table, self._seq, "f:", B, rows)
+        seq_ts = self._kjt(table, self._seq, "ts:", B, rows) if self._seq_ts else None
         # labels
         T = len(s.tasks)
         labels = np.zeros((B, T), dtype=np.float32)
@@ -600,15 +612,15 @@ class BatchBuilder:
         probs = np.zeros((B, T), dtype=np.float32) if self.truth else None
         for j, t in enumerate(s.tasks):
             arr = column(table, "l:" + t.name)
-            lwin[:, j] = int_values(column(table, "w:" + t.name))
+            lwin[:, j] = pick(int_values(column(table, "w:" + t.name)))
             if probs is not None:
                 p = column(table, "p:" + t.name)
                 if not pa.types.is_null(p.type):
-                    probs[:, j] = np.where(valid_mask(p), primitive_view(p), np.float32(0))
+                    probs[:, j] = np.where(pick(valid_mask(p)), pick(primitive_view(p)), np.float32(0))
             if pa.types.is_null(arr.type):
                 continue
-            valid = valid_mask(arr)
-            labels[:, j] = np.where(valid, primitive_view(arr), np.float32(0))
+            valid = pick(valid_mask(arr))
+            labels[:, j] = np.where(valid, pick(primitive_view(arr)), np.float32(0))
             lmask[:, j] = valid
         smask = self._presence["sparse"][dom_np] if B else np.zeros((0, len(self._sparse)), bool)
         return Batch(
@@ -629,23 +641,41 @@ class BatchBuilder:
         )
 
     @staticmethod
-    def _kjt(table: pa.Table, feats: List[FeatureSpec], prefix: str, B: int) -> KeyedJaggedTensor:
+    def _kjt(table: pa.Table, feats: List[FeatureSpec], prefix: str, B: int,
+             rows: Optional[np.ndarray] = None) -> KeyedJaggedTensor:
+        """Key-major KJT of list columns: offsets/lengths from the Arrow offsets, values copied (or
+        gathered, with ``rows``) once into one preallocated buffer."""
         keys = [f.name for f in feats]
-        vals: List[np.ndarray] = []
-        offs: List[np.ndarray] = [np.zeros(1, dtype=np.int64)]
+        F = len(feats)
+        parts = []
+        lengths = np.empty(F * B, dtype=np.int64)
         lpk: List[int] = []
+        for i, f in enumerate(feats):
+            o, child = list_parts(column(table, prefix + f.name))
+            v = int_values(child)
+            if rows is None:
+                starts = None
+                lens = np.diff(o)
+                total = int(o[-1] - o[0])
+            else:
+                starts = o[rows]
+                lens = o[rows + 1] - starts
+                total = int(lens.sum())
+            lengths[i * B:(i + 1) * B] = lens
+            parts.append((o, v, starts, lens, total))
+            lpk.append(total)
+        values = np.empty(sum(lpk), dtype=np.int64)
         base = 0
-        for f in feats:
-            arr = column(table, prefix + f.name)
-            o, child = list_parts(arr)
-            o0, oN = int(o[0]), int(o[-1])
-            vals.append(int_values(child)[o0:oN])
-            offs.append(o[1:] - (o0 - base))
-            lpk.append(oN - o0)
-            base += oN - o0
-        values = np.concatenate(vals) if vals else np.zeros(0, dtype=np.int64)
-        offsets = np.concatenate(offs)
-        lengths = np.diff(offsets)
+        for (o, v, starts, lens, total) in parts:
+            out = values[base: base + total]
+            if starts is None:
+                out[:] = v[int(o[0]): int(o[-1])]
+            elif total:
+                local = np.cumsum(lens) - lens  # output start of each row
+                np.take(v, np.repeat(starts - local, lens) + np.arange(total, dtype=np.int64), out=out)
+            base += total
+        offsets = np.zeros(F * B + 1, dtype=np.int64)
+        np.cumsum(lengths, out=offsets[1:])
         opk = [0] + np.cumsum(lpk, dtype=np.int64).tolist() if lpk else [0]
         return _kjt(keys, torch.from_numpy(values), torch.from_numpy(lengths), torch.from_numpy(offsets), B,
                     lpk, [int(x) for x in opk])

@@ -453,9 +453,11 @@ class ParquetBatchDataset(IterableDataset):
         for j in range(start // C, math.ceil(n_rows / C)):
             lo, hi = j * C, min((j + 1) * C, n_rows)
             table = self._gather(plan, slices, bounds, lo, hi)
+            perm = None
             if self.shuffle:
                 perm = np.random.default_rng([self.seed, epoch, shard, j, 0x5EED]).permutation(hi - lo)
-                table = table.take(pa.array(perm))
+                if table.column(0).num_chunks > 1:
+                    table = table.combine_chunks()
             first = start - lo if j == start // C else 0
             for off in range(first, hi - lo, B):
                 if emitted >= quota:
@@ -463,7 +465,11 @@ class ParquetBatchDataset(IterableDataset):
                 n = min(B, hi - lo - off)
                 if n < B and self.drop_last:
                     return
-                batch = self.builder.build(table.slice(off, n))
+                if perm is None:
+                    batch = self.builder.build(table.slice(off, n))
+                else:
+                    # sorted rows: same batch content, forward memory access
+                    batch = self.builder.build(table, np.sort(perm[off: off + n]))
                 if self.teacher is not None:
                     batch = self.teacher.join(batch)
                 emitted += 1

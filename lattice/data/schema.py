@@ -48,6 +48,13 @@ TaskKind = Literal["binary", "regression"]
 _ID_KINDS = ("sparse", "sequence")
 
 
+def _as_name(value: Any) -> Any:
+    """Column/feature names written as YAML numbers (``301``) are names, not numbers."""
+    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+        return str(value)
+    return value
+
+
 def _check_name(name: Any, what: str) -> None:
     if not isinstance(name, str) or not name:
         raise SchemaError(f"{what} name must be a non-empty string, got {name!r}")
@@ -87,6 +94,8 @@ class FeatureSpec:
     column: Optional[str] = None
 
     def __post_init__(self) -> None:
+        self.name, self.column, self.shared_table, self.timestamps_column = (
+            _as_name(x) for x in (self.name, self.column, self.shared_table, self.timestamps_column))
         _check_name(self.name, "feature")
         where = f"feature {self.name!r}"
         if self.kind not in ("dense", "sparse", "sequence"):
@@ -164,6 +173,7 @@ class TaskSpec:
     delay_column: Optional[str] = None
 
     def __post_init__(self) -> None:
+        self.name, self.column, self.delay_column = (_as_name(x) for x in (self.name, self.column, self.delay_column))
         _check_name(self.name, "task")
         where = f"task {self.name!r}"
         if self.kind not in ("binary", "regression"):
@@ -209,13 +219,12 @@ class DomainSpec:
     tasks: Optional[List[str]] = None
 
     def __post_init__(self) -> None:
-        if isinstance(self.name, (int, np.integer)) and not isinstance(self.name, bool):
-            self.name = str(self.name)
+        self.name = _as_name(self.name)
         _check_name(self.name, "domain")
         if self.features is not None:
-            self.features = list(self.features)
+            self.features = [_as_name(f) for f in self.features]
         if self.tasks is not None:
-            self.tasks = list(self.tasks)
+            self.tasks = [_as_name(t) for t in self.tasks]
 
 
 def _from_mapping(cls, obj: Any, where: str):
@@ -261,6 +270,8 @@ class Schema:
     timestamp_column: Optional[str] = "timestamp"
 
     def __post_init__(self) -> None:
+        for key in ("example_id_column", "domain_column", "user_id_column", "item_id_column", "timestamp_column"):
+            setattr(self, key, _as_name(getattr(self, key)))
         self.features = [_from_mapping(FeatureSpec, f, f"features[{i}]") for i, f in enumerate(self.features)]
         self.tasks = [_from_mapping(TaskSpec, t, f"tasks[{i}]") for i, t in enumerate(self.tasks)]
         self.domains = [_from_mapping(DomainSpec, d, f"domains[{i}]") for i, d in enumerate(self.domains or [])]
