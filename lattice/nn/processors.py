@@ -439,6 +439,14 @@ class FeatureProcessor(nn.Module):
         )
         if self.num_tokens == 0:
             raise ValueError("the schema has no dense or sparse feature and domain_token is off: no tokens")
+        n_sparse = len(sparse) if sparse else 0
+        n_dense = self.dense.num_tokens if self.dense is not None else 0
+        #: where each kind of token sits in ``tokens``: ``{"sparse": slice, "dense": slice, "domain": slice}``
+        self.token_slices = {
+            "sparse": slice(0, n_sparse),
+            "dense": slice(n_sparse, n_sparse + n_dense),
+            "domain": slice(n_sparse + n_dense, self.num_tokens),
+        }
 
     @property
     def has_sequence(self) -> bool:

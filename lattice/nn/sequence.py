@@ -108,8 +108,8 @@ class PersonalizedFFN(nn.Module):
     """A token-wise FFN over a stream whose hidden units are gated per sample by a context vector
     (the non-sequence summary): ``s + W2(act(W1 norm(s)) ⊙ (1 + C ctx_b))``.
 
-    ``C`` starts at zero, so the block starts as a plain FFN and learns how each user's non-sequence
-    features should reshape the processing of their behaviour sequence (InterFormer's PFFN, in a form
+    ``C`` starts small, so the block starts close to a plain FFN and learns how each user's
+    non-sequence features should reshape the processing of their behaviour sequence (InterFormer's PFFN, in a form
     that costs O(hidden) per sample instead of a generated d×d matrix).
 
     Shape: stream ``values [N, d]``, ``context [B, c]`` -> stream with ``values [N, d]``.
@@ -134,7 +134,8 @@ class PersonalizedFFN(nn.Module):
         self.up = DomainLinear(dim, hidden_dim, bias=bias, **untie)
         self.down = DomainLinear(hidden_dim, dim, bias=bias, **untie)
         self.context = DomainLinear(context_dim, hidden_dim, bias=False, **untie)
-        nn.init.zeros_(self.context.weight)
+        with torch.no_grad():  # small, so the block starts close to a plain FFN
+            self.context.weight.mul_(0.1)
         self.act = make_activation(activation)
 
     def forward(self, stream: JaggedTokens, context: Tensor, domain: Tensor | None = None) -> JaggedTokens:
@@ -218,6 +219,7 @@ class SequenceBlock(nn.Module):
         ffn_hidden_dim: hidden width of the FFN. exchange: run step 2.
         rope, qk_norm, bias: attention options. norm: pre-norm kind. activation: FFN activation.
         causal: causal self-attention (each event sees only older events and the CLS tokens before it).
+        ffn_first: run the personalized FFN before the attention (InterFormer's ``MHA(PFFN(X_sum, S))``).
         num_domains, domain_groups: per-domain untying of the FFN.
 
     Shape: ``(stream [N, d], summary [B, k, d]) -> (stream [N, d], summary [B, k, d])``.
@@ -236,11 +238,12 @@ class SequenceBlock(nn.Module):
         norm: str = "rms",
         activation: str = "silu",
         causal: bool = False,
+        ffn_first: bool = False,
         num_domains: int = 1,
         domain_groups: Sequence[int] | None = None,
     ) -> None:
         super().__init__()
-        self.dim, self.context_tokens, self.causal = dim, context_tokens, causal
+        self.dim, self.context_tokens, self.causal, self.ffn_first = dim, context_tokens, causal, ffn_first
         self.attn_norm = make_norm(norm, dim)
         self.attn = JaggedMultiheadAttention(dim, num_heads, bias=bias, qk_norm=qk_norm, rope=rope)
         if exchange:
@@ -257,6 +260,8 @@ class SequenceBlock(nn.Module):
     def forward(
         self, stream: JaggedTokens, summary: Tensor, domain: Tensor | None = None
     ) -> tuple[JaggedTokens, Tensor]:
+        if self.ffn_first:
+            stream = self.ffn(stream, summary.flatten(1), domain)
         x = self.attn_norm(stream.values)
         attn = self.attn(x, stream.offsets, causal=self.causal, query_positions=stream.positions)
         stream = stream.replace(stream.values + attn)
@@ -266,7 +271,8 @@ class SequenceBlock(nn.Module):
             )
             summary = summary + new_sum
             stream = stream.replace(stream.values + new_seq)
-        stream = self.ffn(stream, summary.flatten(1), domain)
+        if not self.ffn_first:
+            stream = self.ffn(stream, summary.flatten(1), domain)
         return stream, summary
 
     def flops(self, tokens: float) -> float:
