@@ -7,6 +7,7 @@ from helpers_models import make_schema, random_batch
 from lattice.models import DLRM, MMoE, PLE, InterFormer, LatticeModel, LatticeNetwork, ModelOutput, SharedBottom, Wukong
 from lattice.nn.heads import MultiTaskHeads
 from lattice.nn.linear import DomainLinear
+from helpers_models import single_thread  # noqa: F401  (autouse fixture)
 
 SMALL = {
     LatticeNetwork: dict(dim=16, num_layers=2, fm_tokens=4, lcb_tokens=4, fm_hidden_dims=[32], representation_dim=32,

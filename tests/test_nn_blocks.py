@@ -7,6 +7,7 @@ from lattice.nn.context import ExtendedContextStore
 from lattice.nn.fusion import CrossNetBlock, DotProductBlock, FMBlock, FusionBlock, LinearCompressBlock
 from lattice.nn.linear import MLP, DomainLinear, resolve_domain_groups
 from lattice.nn.norms import RMSNorm, SwishRMSNorm, make_norm
+from helpers_models import single_thread  # noqa: F401  (autouse fixture)
 
 
 def _all_grads(module):

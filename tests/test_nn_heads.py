@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from lattice.nn.heads import MultiTaskHeads
+from helpers_models import single_thread  # noqa: F401  (autouse fixture)
 
 
 def _tasks():

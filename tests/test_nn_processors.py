@@ -5,6 +5,7 @@ import torch
 from helpers_models import make_schema, random_batch
 from lattice.nn.processors import FeatureProcessor, jagged_positions
 from lattice.sparse import KeyedJaggedTensor
+from helpers_models import single_thread  # noqa: F401  (autouse fixture)
 
 
 def test_jagged_positions():
@@ -56,13 +57,15 @@ def test_sequence_merge_concat_order_and_shared_table():
     assert out.offsets.tolist() == [0, 3, 6]
     assert out.positions.tolist() == [0, 1, 2, 0, 1, 2]
     tables = proc.tables
-    q0 = tables.lookup("q0", torch.tensor([1, 2, 3]))
-    q1 = tables.lookup("q1", torch.tensor([4, 5, 6]))
+    ebc = tables.collections["sequence"]
+    q0 = ebc.embedding_weight(tables.table_of["q0"])[torch.tensor([1, 2, 3])]
+    q1 = ebc.embedding_weight(tables.table_of["q1"])[torch.tensor([4, 5, 6])]
     t = proc.sequence.type_embedding
     expected = torch.stack([q0[0] + t[0], q0[1] + t[0], q1[0] + t[1], q0[2] + t[0], q1[1] + t[1], q1[2] + t[1]])
     torch.testing.assert_close(out.values, expected)
-    # q0 shares the "item" table with the sparse feature s0
-    assert tables.table_of["q0"] == tables.table_of["s0"]
+    # q0 shares the "item" table with the sparse feature s0: one set of rows serves both
+    assert tables.table_of["q0"] == tables.table_of["s0"] == "item"
+    assert "s0" in ebc.feature_names
 
 
 def test_sequence_merge_masknet_needs_parallel_sequences():
@@ -98,3 +101,27 @@ def test_dense_grouped_tokens_and_no_sequence_schema():
     out = proc(batch)
     assert out.sequence is None and not proc.has_sequence
     assert out.tokens.shape == (5, len(schema.sparse_features) + 2, 8)
+
+
+def test_sequence_lookup_with_crossed_shared_tables_and_narrow_tables():
+    from lattice.data.schema import FeatureSpec, Schema, TaskSpec
+
+    feats = [
+        FeatureSpec(name="s0", kind="sparse", num_embeddings=11, shared_table="cat", embedding_dim=4),
+        FeatureSpec(name="s1", kind="sparse", num_embeddings=13, shared_table="item", embedding_dim=4),
+        FeatureSpec(name="q0", kind="sequence", num_embeddings=13, shared_table="item", embedding_dim=4),
+        FeatureSpec(name="q1", kind="sequence", num_embeddings=11, shared_table="cat", embedding_dim=4),
+    ]
+    schema = Schema(features=feats, tasks=[TaskSpec(name="click")])
+    proc = FeatureProcessor(schema, dim=8, max_positions=0, time_buckets=0)
+    ebc = proc.tables.collections["sequence"]
+    seq = KeyedJaggedTensor(["q0", "q1"], torch.tensor([12, 0, 5, 10, 3]), lengths=torch.tensor([1, 2, 0, 2]))
+    emb = proc.tables.sequence_lookup(seq)
+    item, cat = ebc.embedding_weight("item"), ebc.embedding_weight("cat")
+    expected = torch.stack([item[12], item[0], item[5], cat[10], cat[3]])
+    torch.testing.assert_close(emb, expected)
+    # narrow tables are projected to d
+    batch = random_batch(schema, 2)
+    batch.sequences, batch.sequence_timestamps = seq, None
+    out = proc(batch)
+    assert out.tokens.shape == (2, 3, 8) and out.sequence.values.shape == (5, 8)

@@ -26,7 +26,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from lattice.nn.embedding import EmbeddingBagCollection, EmbeddingBagConfig
+from lattice.nn.embedding import EmbeddingBagCollection, EmbeddingTableConfig
 from lattice.nn.linear import MLP
 from lattice.nn.norms import make_norm
 from lattice.sparse import KeyedJaggedTensor
@@ -98,17 +98,23 @@ def _offsets(lengths: Tensor) -> Tensor:
 
 
 class EmbeddingTables(nn.Module):
-    """All embedding tables of a schema, as :class:`EmbeddingBagCollection` s.
+    """All embedding tables of a schema, in :class:`EmbeddingBagCollection` s.
 
     One table per ``shared_table`` name (or per feature without one), sized by the largest
-    ``num_embeddings`` among the features it serves and ``embedding_dim`` (default
-    ``default_embedding_dim``). Tables of equal width live in one collection (one fused kernel call).
+    ``num_embeddings`` among the features it serves, ``embedding_dim`` wide (default
+    ``default_embedding_dim``). Tables serving only sparse features live in one collection per width;
+    tables serving a sequence feature (possibly shared with sparse features, e.g. the target item and the
+    clicked-item history) live in a second collection, so a sequence lookup only touches the tables it
+    needs. Every lookup goes through the collections' fused kernel (and their fused optimizer).
+
+    Sequence events are looked up as bags of one: for ``S`` events in total the sequence collection
+    sees a KeyedJaggedTensor of stride ``S`` where the bag of event r is non-empty only under its own
+    feature's key, so ``[S, F, D]`` comes back and each event keeps its own feature's row (no host sync).
 
     Args:
-        features: the sparse and sequence :class:`~lattice.data.FeatureSpec` s to serve.
+        features: the sparse and sequence feature specs to serve.
         default_embedding_dim: width of tables whose features give no ``embedding_dim``.
-        collection_kwargs: extra keyword arguments for every :class:`EmbeddingBagCollection`
-            (e.g. its fused optimizer settings).
+        collection_kwargs: extra keyword arguments for every :class:`EmbeddingBagCollection`.
     """
 
     def __init__(
@@ -124,61 +130,94 @@ class EmbeddingTables(nn.Module):
                 raise ValueError(f"feature {f.name!r} ({f.kind}) needs num_embeddings for its embedding table")
             name = f.shared_table or f.name
             dim = f.embedding_dim or default_embedding_dim
-            t = tables.setdefault(name, dict(rows=0, dim=dim, features=[], pooling=getattr(f, "pooling", "sum")))
+            t = tables.setdefault(
+                name, dict(rows=0, dim=dim, features=[], pooling=getattr(f, "pooling", "sum"), sequence=False)
+            )
             if t["dim"] != dim:
                 raise ValueError(
                     f"table {name!r} is shared by features with different embedding_dim ({t['dim']} and {dim})"
                 )
             t["rows"] = max(t["rows"], int(f.num_embeddings))
             t["features"].append(f.name)
-        by_dim: dict[int, list[str]] = {}
+            t["sequence"] = t["sequence"] or f.kind == "sequence"
+        self.sequence_features = [f.name for f in features if f.kind == "sequence"]
+        seq_dims = {tables[f.shared_table or f.name]["dim"] for f in features if f.kind == "sequence"}
+        if len(seq_dims) > 1:
+            raise ValueError(f"all sequence features must share one embedding_dim, got {sorted(seq_dims)}")
+        groups: dict[str, list[str]] = {}
         for name, t in tables.items():
-            by_dim.setdefault(t["dim"], []).append(name)
-        self.collections = nn.ModuleList()
+            groups.setdefault("sequence" if t["sequence"] else f"sparse_d{t['dim']}", []).append(name)
+        self.collections = nn.ModuleDict()
         self.feature_dim: dict[str, int] = {}
-        self._collection_of: dict[str, int] = {}
-        for i, (dim, names) in enumerate(sorted(by_dim.items())):
+        self._collection_of: dict[str, str] = {}
+        for key, names in sorted(groups.items()):
             configs = [
-                EmbeddingBagConfig(
+                EmbeddingTableConfig(
                     name=n,
                     num_embeddings=tables[n]["rows"],
-                    embedding_dim=dim,
+                    embedding_dim=tables[n]["dim"],
                     feature_names=list(tables[n]["features"]),
                     pooling=tables[n]["pooling"],
                 )
                 for n in names
             ]
-            self.collections.append(EmbeddingBagCollection(configs, **(collection_kwargs or {})))
+            self.collections[key] = EmbeddingBagCollection(configs, **(collection_kwargs or {}))
             for n in names:
                 for fname in tables[n]["features"]:
-                    self.feature_dim[fname] = dim
-                    self._collection_of[fname] = i
-        self.table_of = {f: (t["dim"], name) for name, t in tables.items() for f in t["features"]}
+                    self.feature_dim[fname] = tables[n]["dim"]
+                    self._collection_of[fname] = key
+        self.table_of = {f: name for name, t in tables.items() for f in t["features"]}
+        self.sequence_dim = seq_dims.pop() if seq_dims else None
+        if "sequence" in self.collections:
+            order = self.collections["sequence"].feature_names
+            # position of each sequence feature among the sequence collection's features
+            self.register_buffer(
+                "_seq_slot", torch.tensor([order.index(f) for f in self.sequence_features]), persistent=False
+            )
+
+    def _empty(self, keys: list[str], stride: int, like: Tensor) -> KeyedJaggedTensor:
+        return KeyedJaggedTensor(
+            keys, like.new_zeros(0), lengths=torch.zeros(len(keys) * stride, dtype=torch.long, device=like.device),
+            stride=stride, validate=False,
+        )
 
     def pooled(self, kjt: KeyedJaggedTensor) -> list[Tensor]:
-        """Pooled embeddings of every key of ``kjt``: a list of ``[B, D_k]``, key order."""
+        """Pooled embeddings of every key of ``kjt`` (sparse features): a list of ``[B, D_k]``, key order."""
         keys = kjt.keys()
-        groups: dict[int, list[int]] = {}
-        for i, k in enumerate(keys):
-            groups.setdefault(self._collection_of[k], []).append(i)
-        if len(groups) == 1:
-            (c,) = groups
-            out = self.collections[c](kjt)  # [B, K, D]
-            return list(out.unbind(1))
-        result: list[Tensor | None] = [None] * len(keys)
-        for c, idx in groups.items():
-            out = self.collections[c](kjt.permute(idx))
-            for j, i in enumerate(idx):
-                result[i] = out[:, j]
-        return result  # type: ignore[return-value]
+        result: dict[str, Tensor] = {}
+        for key in sorted({self._collection_of[k] for k in keys}):
+            ebc = self.collections[key]
+            absent = [f for f in ebc.feature_names if f not in kjt.index_per_key()]
+            feed = kjt if not absent else KeyedJaggedTensor.concat([kjt, self._empty(absent, kjt.stride(), kjt.values())])
+            out = ebc(feed)  # [B, F_ebc, D]
+            for i, f in enumerate(ebc.feature_names):
+                if f in kjt.index_per_key():
+                    result[f] = out[:, i]
+        return [result[k] for k in keys]
 
-    def lookup(self, feature: str, ids: Tensor) -> Tensor:
-        """Unpooled embeddings ``[N, D]`` of ``ids [N]`` in ``feature``'s table (bags of one)."""
-        n = ids.numel()
-        kjt = KeyedJaggedTensor(
-            [feature], ids, lengths=torch.ones(n, dtype=torch.long, device=ids.device), stride=n, validate=False
-        )
-        return self.collections[self._collection_of[feature]](kjt).squeeze(1)
+    def sequence_lookup(self, sequences: KeyedJaggedTensor) -> Tensor:
+        """Unpooled embeddings ``[S, D]`` of every event of ``sequences`` (keys = the sequence features in
+        schema order), in the KeyedJaggedTensor's key-major value order."""
+        ebc = self.collections["sequence"]
+        B, K = sequences.stride(), len(self.sequence_features)
+        ids = sequences.values()
+        S = ids.numel()
+        offsets = sequences.offsets()
+        key_start = offsets[torch.arange(K + 1, device=ids.device) * B].long()  # [K + 1]
+        r = torch.arange(S, device=ids.device)
+        slot_lengths = torch.zeros(len(ebc.feature_names), S, dtype=torch.long, device=ids.device)
+        own = ((r >= key_start[:-1, None]) & (r < key_start[1:, None])).long()  # [K, S]
+        slot_lengths = slot_lengths.index_copy(0, self._seq_slot, own)
+        # values must be key-major in the collection's feature order
+        order = torch.argsort(self._seq_slot)
+        if torch.equal(order, torch.arange(K, device=order.device)) or K == 1:
+            values = ids
+        else:
+            values = torch.cat([ids[key_start[k] : key_start[k + 1]] for k in order.tolist()])
+        kjt = KeyedJaggedTensor(ebc.feature_names, values, lengths=slot_lengths.reshape(-1), stride=S, validate=False)
+        out = ebc(kjt)  # [S, F, D]
+        key_of = torch.bucketize(r, key_start[1:-1], right=True)  # [S] feature index of each event
+        return out[r, self._seq_slot[key_of]]
 
 
 class DenseProcessor(nn.Module):
@@ -287,13 +326,8 @@ class SequenceProcessor(nn.Module):
         self.names = [f.name for f in features]
         self.dim, self.merge = dim, merge
         self.tables = [tables]
-        self.proj = nn.ModuleDict(
-            {
-                str(d): nn.Linear(d, dim, bias=False)
-                for d in sorted({tables.feature_dim[n] for n in self.names})
-                if d != dim
-            }
-        )
+        self.embedding_dim = tables.sequence_dim
+        self.proj = nn.Linear(self.embedding_dim, dim, bias=False) if self.embedding_dim != dim else None
         k = len(self.names)
         if merge == "concat":
             self.type_embedding = nn.Parameter(torch.randn(k, dim) * 0.02) if k > 1 else None
@@ -308,10 +342,6 @@ class SequenceProcessor(nn.Module):
         if self.time is not None:
             nn.init.normal_(self.time.weight, std=0.02)
 
-    def _embed(self, name: str, ids: Tensor) -> Tensor:
-        e = self.tables[0].lookup(name, ids)
-        return e if e.shape[-1] == self.dim else self.proj[str(e.shape[-1])](e)
-
     def forward(self, sequences: KeyedJaggedTensor, timestamps: KeyedJaggedTensor | None = None) -> JaggedTokens:
         if sequences.keys() != self.names:
             raise ValueError(
@@ -319,22 +349,21 @@ class SequenceProcessor(nn.Module):
             )
         B, K = sequences.stride(), len(self.names)
         lengths = sequences.lengths().long().view(K, B)
-        opk = sequences.offset_per_key()
-        values = sequences.values()
-        emb = [self._embed(n, values[opk[i] : opk[i + 1]]) for i, n in enumerate(self.names)]
-        gaps = self._time_gaps(sequences, timestamps, lengths) if self.time is not None else None
+        flat = self.tables[0].sequence_lookup(sequences)  # [S, D] key-major
+        if self.proj is not None:
+            flat = self.proj(flat)
+        total = flat.shape[0]
+        bag = _row_ids(lengths.reshape(-1), total)  # key-major bag id k*B + b of every event
+        gaps = self._time_gaps(sequences, timestamps, bag, B) if self.time is not None else None
         if self.merge == "concat":
             if self.type_embedding is not None:
-                emb = [e + self.type_embedding[i] for i, e in enumerate(emb)]
-            flat = torch.cat(emb, dim=0)  # key-major
+                flat = flat + self.type_embedding[bag // B]
             if gaps is not None:
                 flat = flat + self.time(gaps)
-            total = flat.shape[0]
             row_len = lengths.sum(0)  # [B]
             offsets = _offsets(row_len)
-            # Destination of every key-major value in the sample-major merged stream.
+            # Destination of every key-major event in the sample-major merged stream.
             start = offsets[:-1].unsqueeze(0) + torch.cumsum(lengths, 0) - lengths  # [K, B]
-            bag = _row_ids(lengths.reshape(-1), total)  # key-major bag id k*B + b
             kjt_offsets = _offsets(lengths.reshape(-1))
             dest = start.reshape(-1)[bag] + (torch.arange(total, device=flat.device) - kjt_offsets[bag])
             tokens = torch.zeros_like(flat).index_copy(0, dest, flat)
@@ -345,11 +374,12 @@ class SequenceProcessor(nn.Module):
                         f"sequence merge 'masknet' needs the sequence features {self.names} to have equal "
                         "lengths in every row (parallel attributes of the same events)"
                     )
-            e = torch.cat(emb, dim=-1)  # [N0, K*d]
+            n0 = total // K
+            e = flat.view(K, n0, self.dim).transpose(0, 1).reshape(n0, K * self.dim)  # [N0, K*d]
             mask = self.mask_mlp(e)
             tokens = self.mask_norm(self.mask_out(mask * e))
             if gaps is not None:
-                tokens = tokens + self.time(gaps[: tokens.shape[0]])
+                tokens = tokens + self.time(gaps[:n0])
             offsets = _offsets(lengths[0])
         positions = jagged_positions(offsets, tokens.shape[0])
         if self.positions is not None:
@@ -360,27 +390,26 @@ class SequenceProcessor(nn.Module):
         return JaggedTokens(tokens, offsets, positions)
 
     def _time_gaps(
-        self, sequences: KeyedJaggedTensor, timestamps: KeyedJaggedTensor | None, lengths: Tensor
+        self, sequences: KeyedJaggedTensor, timestamps: KeyedJaggedTensor | None, bag: Tensor, B: int
     ) -> Tensor | None:
-        """log2 bucket of (latest event time of the sample - event time), key-major ``[N]``."""
+        """log2 bucket of (latest event time of the sample - event time), key-major ``[S]``."""
         if timestamps is None:
             return None
-        names = [n for n in self.names if n in timestamps.keys()]
-        if names != self.names:
-            return None  # timestamps only where every sequence has them
-        ts = timestamps.permute([timestamps.keys().index(n) for n in self.names]).values().long()
-        if ts.numel() != sequences.values().numel():
+        if timestamps.keys() != self.names:
+            if sorted(timestamps.keys()) != sorted(self.names):
+                return None  # timestamps only where every sequence has them
+            timestamps = timestamps.permute([timestamps.keys().index(n) for n in self.names])
+        ts = timestamps.values().long()
+        if ts.shape[0] != bag.shape[0]:
             raise ValueError("batch.sequence_timestamps must be parallel to batch.sequences")
-        K, B = lengths.shape
-        sample = _row_ids(lengths.reshape(-1), ts.numel()) % B
+        sample = bag % B
         latest = torch.full((B,), torch.iinfo(torch.int64).min, dtype=torch.long, device=ts.device)
         latest = latest.scatter_reduce(0, sample, ts, reduce="amax", include_self=True)
         gap = (latest[sample] - ts).clamp(min=0).float()
         return torch.floor(torch.log2(gap + 1.0)).long().clamp(max=self.time.num_embeddings - 1)
 
     def flops(self, events: float) -> float:
-        proj = sum(2 * self.tables[0].feature_dim[n] * self.dim for n in self.names
-                   if self.tables[0].feature_dim[n] != self.dim)
+        proj = 2 * self.embedding_dim * self.dim if self.proj is not None else 0
         if self.merge == "masknet":
             k = len(self.names)
             proj += self.mask_mlp.flops() + 2 * k * self.dim * self.dim
