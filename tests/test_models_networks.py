@@ -151,3 +151,16 @@ def test_lattice_network_options():
     assert out.logits.shape == (7, 3)
     with pytest.raises(ValueError, match="untied_layers"):
         build(LatticeNetwork, schema, untied_layers=[5])
+
+
+@pytest.mark.parametrize("cls", NETWORKS, ids=ids)
+def test_bf16_autocast_forward_backward(cls):
+    schema = make_schema()
+    model = build(cls, schema)
+    batch = random_batch(schema, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(batch)
+    assert out.logits.shape == (8, len(schema.tasks))
+    assert torch.isfinite(out.logits.float()).all()
+    out.train_logits.float().sum().backward()
+    assert all(p.grad is None or torch.isfinite(p.grad).all() for p in model.parameters())

@@ -47,8 +47,8 @@ def prepend_tokens(stream: JaggedTokens, tokens: Tensor) -> JaggedTokens:
     dest_events = new_offsets[:-1][rows] + c + (torch.arange(n, device=tokens.device) - stream.offsets[:-1][rows])
     dest_cls = (new_offsets[:-1].unsqueeze(1) + torch.arange(c, device=tokens.device)).reshape(-1)
     total = n + B * c
-    out = tokens.new_zeros(total, d)
-    out = out.index_copy(0, torch.cat([dest_cls, dest_events]), torch.cat([tokens.reshape(B * c, d), stream.values]))
+    src = torch.cat([tokens.reshape(B * c, d).to(stream.values.dtype), stream.values])
+    out = src.new_zeros(total, d).index_copy(0, torch.cat([dest_cls, dest_events]), src)
     return JaggedTokens(out, new_offsets, jagged_positions(new_offsets, total))
 
 
