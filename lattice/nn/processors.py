@@ -171,9 +171,10 @@ class EmbeddingTables(nn.Module):
         if "sequence" in self.collections:
             order = self.collections["sequence"].feature_names
             # position of each sequence feature among the sequence collection's features
-            self.register_buffer(
-                "_seq_slot", torch.tensor([order.index(f) for f in self.sequence_features]), persistent=False
-            )
+            slots = [order.index(f) for f in self.sequence_features]
+            self.register_buffer("_seq_slot", torch.tensor(slots), persistent=False)
+            #: the sequence collection's key order (a permutation of the schema's sequence features)
+            self._seq_key_order = sorted(range(len(slots)), key=lambda k: slots[k])
 
     def _empty(self, keys: list[str], stride: int, like: Tensor) -> KeyedJaggedTensor:
         return KeyedJaggedTensor(
@@ -209,11 +210,11 @@ class EmbeddingTables(nn.Module):
         own = ((r >= key_start[:-1, None]) & (r < key_start[1:, None])).long()  # [K, S]
         slot_lengths = slot_lengths.index_copy(0, self._seq_slot, own)
         # values must be key-major in the collection's feature order
-        order = torch.argsort(self._seq_slot)
-        if torch.equal(order, torch.arange(K, device=order.device)) or K == 1:
+        if self._seq_key_order == sorted(self._seq_key_order):
             values = ids
-        else:
-            values = torch.cat([ids[key_start[k] : key_start[k + 1]] for k in order.tolist()])
+        else:  # rare: shared tables put the sequence keys in another order (one host sync)
+            bounds = key_start.tolist()
+            values = torch.cat([ids[bounds[k] : bounds[k + 1]] for k in self._seq_key_order])
         kjt = KeyedJaggedTensor(ebc.feature_names, values, lengths=slot_lengths.reshape(-1), stride=S, validate=False)
         out = ebc(kjt)  # [S, F, D]
         key_of = torch.bucketize(r, key_start[1:-1], right=True)  # [S] feature index of each event
