@@ -46,6 +46,7 @@ def make_schema(
             TaskSpec(
                 name="conversion",
                 kind="binary",
+                delay_column="conversion_delay",
                 windows=[
                     WindowSpec(name="1h", seconds=3600.0, probability=0.5),
                     WindowSpec(name="1d", seconds=86400.0, probability=0.3),
