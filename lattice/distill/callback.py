@@ -103,7 +103,12 @@ def load_teacher_network(
     weights = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
     if not weights:
         raise ValueError(f"teacher checkpoint {ckpt!r} has no 'network.*' weights (is it a LatticeModule checkpoint?)")
-    missing, unexpected = module.load_state_dict(weights, strict=False)
+    try:
+        missing, unexpected = module.load_state_dict(weights, strict=False)
+    except RuntimeError as err:  # shape mismatches raise even when not strict
+        raise ValueError(
+            f"teacher checkpoint {ckpt!r} does not match the teacher network {type(module).__name__}: {err}"
+        ) from None
     if strict and (missing or unexpected):
         raise ValueError(
             f"teacher checkpoint {ckpt!r} does not match the teacher network {type(module).__name__}: "
