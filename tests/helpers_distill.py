@@ -145,7 +145,8 @@ class TinyNetwork(nn.Module):
         super().__init__()
         self.schema = schema
         self.dim = dim
-        self.processor = TinyProcessor(NUM_DENSE, max(1, len(schema.domains)), dim)
+        num_dense = len(schema.dense_features) if hasattr(schema, "dense_features") else NUM_DENSE
+        self.processor = TinyProcessor(num_dense, max(1, len(schema.domains)), dim)
         self.processor.num_tokens += extra_tokens
         self.trunk = nn.Sequential(nn.Linear(self.processor.num_tokens * dim, hidden), nn.SiLU())
         self.heads = TinyHeads(hidden, len(schema.tasks))
