@@ -114,3 +114,22 @@ def test_hyperparameters_and_argument_errors():
         DistillationModule(net, distill_task_weights={"nope": 1.0})
     with pytest.raises(ValueError, match="cache dim"):
         DistillationModule(net, teacher_embedding_dim=3, cache=cache)
+
+
+@pytest.mark.parametrize("ktap", [False, True])
+def test_serving_model_is_the_serving_head_only(ktap):
+    torch.manual_seed(0)
+    net = TinyNetwork(tiny_schema(), extra_tokens=1 if ktap else 0)
+    module = DistillationModule(net, distillation="aux_head", adapter=True, teacher_embedding_dim=5 if ktap else None)
+    serving = module.serving_model()
+    names = {n for n, _ in serving.named_parameters()}
+    assert not any(n.startswith(("aux_head", "adapter")) for n in names)
+    assert {id(p) for p in serving.parameters()} <= {id(p) for p in module.parameters()}  # shared, not copied
+    rows = planted_rows(6)
+    batch = make_batch(rows)
+    if ktap:
+        batch.teacher_embedding = torch.randn(6, 5)
+        batch.teacher_mask = torch.tensor([True, True, False, True, False, True])
+    module.eval()
+    with torch.no_grad():
+        assert torch.allclose(serving(batch), module.predict_step(batch, 0)["logits"])

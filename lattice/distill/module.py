@@ -17,7 +17,7 @@ from lattice.distill.student import BackboneTap, StudentAdapter
 from lattice.train.losses import masked_multitask_loss
 from lattice.train.module import LatticeModule, NonFiniteLossError, SparseOptimizer
 
-__all__ = ["DistillationModule", "DistillationOutput"]
+__all__ = ["DistillationModule", "DistillationOutput", "ServingStudent"]
 
 DistillationMode = Literal["none", "soft_label", "aux_head"]
 
@@ -40,6 +40,33 @@ class DistillationOutput:
     window_logits: dict[str, Tensor] = field(default_factory=dict)
     distill_logits: Tensor | None = None
     teacher_hit: Tensor | None = None
+
+
+class ServingStudent(nn.Module):
+    """What :meth:`DistillationModule.serving_model` returns: the network (+ the teacher-token
+    projection, with KTAP), sharing the training module's parameters."""
+
+    def __init__(self, network: nn.Module, teacher_token: TeacherTokenProjection | None = None,
+                 tap: BackboneTap | None = None) -> None:
+        super().__init__()
+        self.network = network
+        self.teacher_token = teacher_token
+        self.tap = tap if tap is not None or teacher_token is None else BackboneTap(network)
+
+    def forward(self, batch: Any) -> Tensor:
+        if self.teacher_token is None:
+            return self.network(batch).logits
+        B, E = batch.batch_size, self.teacher_token.embedding_dim
+        emb = getattr(batch, "teacher_embedding", None)
+        mask = getattr(batch, "teacher_mask", None)
+        device = batch.domain.device
+        if emb is None:
+            emb, hit = torch.zeros(B, E, device=device), torch.zeros(B, dtype=torch.bool, device=device)
+        else:
+            hit = torch.ones(B, dtype=torch.bool, device=device) if mask is None else mask.to(torch.bool)
+            hit = hit & torch.isfinite(emb).all(1)
+        output, _ = self.tap(batch, self.teacher_token(emb, hit))
+        return output.logits
 
 
 def _head_in_dim(network: nn.Module) -> int:
@@ -200,10 +227,7 @@ class DistillationModule(LatticeModule):
     def _now(self) -> float:
         if self.cache is not None and self.cache.clock == "wall":
             return time.time()
-        try:
-            return float(self.global_step)
-        except RuntimeError:  # not attached to a trainer
-            return 0.0
+        return float(self.global_step)  # 0 when not attached to a trainer
 
     def _teacher_embedding(self, batch: Any) -> tuple[Tensor, Tensor]:
         """``(embedding [B, E], hit [B])`` for the teacher token: read from the cache (then the batch's
@@ -245,6 +269,13 @@ class DistillationModule(LatticeModule):
             distill_logits=distill_logits,
             teacher_hit=hit,
         )
+
+    def serving_model(self) -> nn.Module:
+        """The student as served: the network's serving heads only — no auxiliary head, no adapter, no
+        cache. ``serving_model()(batch) -> logits [B, T]``; with the KTAP teacher token, the request
+        brings the teacher embedding (``batch.teacher_embedding``, ``batch.teacher_mask`` = found in the
+        store; ``None`` = missing everywhere)."""
+        return ServingStudent(self.network, self.teacher_token, self.tap)
 
     # ---- losses ----------------------------------------------------------------------------------
     def distillation_losses(self, output: DistillationOutput, batch: Any) -> dict[str, Tensor]:
