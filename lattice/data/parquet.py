@@ -551,9 +551,15 @@ class LatticeDataLoader(DataLoader):
             raise ValueError("LatticeDataLoader does not support persistent_workers (the epoch and resume "
                              "position are sent to fresh workers each epoch)")
         kwargs.pop("persistent_workers", None)
-        for bad in ("batch_size", "shuffle", "sampler", "batch_sampler", "collate_fn", "drop_last"):
+        # Lightning re-instantiates loaders (e.g. for predict) passing these back with neutral values;
+        # only a real setting is an error.
+        neutral = {"batch_size": (None,), "shuffle": (None, False), "sampler": (None,), "batch_sampler": (None,),
+                   "collate_fn": (None, identity_collate), "drop_last": (False,)}
+        for bad, allowed in neutral.items():
             if bad in kwargs:
-                raise ValueError(f"LatticeDataLoader: {bad} is set on the dataset, not the loader")
+                value = kwargs.pop(bad)
+                if not any(value is a for a in allowed):
+                    raise ValueError(f"LatticeDataLoader: {bad} is set on the dataset, not the loader (got {value!r})")
         if not isinstance(dataset, ParquetBatchDataset):
             raise TypeError(f"LatticeDataLoader needs a ParquetBatchDataset, got {type(dataset).__name__}")
         dataset.num_workers = num_workers
