@@ -43,6 +43,8 @@ class LatticeDataModule(L.LightningDataModule):
         split: carve val/test out of the training data: ``hash`` (of the example id), ``time`` (the
             latest rows are val, then test) or ``none``.
         val_fraction, test_fraction: split shares.
+        split_seed: seed of the hash split (kept apart from ``seed``, so reshuffling never moves rows
+            between splits).
         batch_size, eval_batch_size: rows per training / evaluation batch.
         num_workers: DataLoader worker processes (each reads its own share of row groups).
         shuffle, shuffle_buffer, seed: training-order shuffle (window of rows) and its seed; every
@@ -74,6 +76,7 @@ class LatticeDataModule(L.LightningDataModule):
         split: Literal["hash", "time", "none"] = "hash",
         val_fraction: float = 0.1,
         test_fraction: float = 0.1,
+        split_seed: int = 0,
         batch_size: int = 1024,
         eval_batch_size: Optional[int] = None,
         num_workers: int = 0,
@@ -104,6 +107,7 @@ class LatticeDataModule(L.LightningDataModule):
         self.split = split
         self.val_fraction = val_fraction
         self.test_fraction = test_fraction
+        self.split_seed = split_seed
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or batch_size
         self.num_workers = num_workers
@@ -215,7 +219,7 @@ class LatticeDataModule(L.LightningDataModule):
         if self.split == "none" or explicit:
             self._filters = {"train": None, "val": None, "test": None}
         elif self.split == "hash":
-            self._filters = hash_split(self.val_fraction, self.test_fraction, seed=self.seed)
+            self._filters = hash_split(self.val_fraction, self.test_fraction, seed=self.split_seed)
         else:
             self._filters = time_split(*self._time_cutoffs())
         return self._filters

@@ -231,12 +231,52 @@ def check_file(info: FileInfo, schema: Schema) -> None:
             raise bad(p, f"true-probability column must be numeric, got {cols[p]}")
 
 
+def check_statistics(info: FileInfo, schema: Schema) -> None:
+    """Catch out-of-range ids (``oov: error``) and binary labels outside {0, 1} from the Parquet row-group
+    statistics, before any row is read. Only columns every domain of the file uses are checked (a
+    domain that lacks a feature may hold anything there)."""
+    if info.format != "parquet":
+        return
+    domains = [info.domain] if info.domain is not None else schema.domain_names
+    ranges: Dict[str, Tuple[float, float, str]] = {}
+    for f in schema.features:
+        if f.kind != "dense" and f.oov == "error" and all(schema.domain_has_feature(d, f.name) for d in domains):
+            ranges[f.source] = (0, f.num_embeddings - 1, f"ids of {f.kind} feature {f.name!r} must lie in "
+                                                        f"[0, {f.num_embeddings})")
+    for t in schema.tasks:
+        if t.kind == "binary" and all(schema.domain_has_task(d, t.name) for d in domains):
+            ranges[t.source] = (0, 1, f"labels of binary task {t.name!r} must be 0 or 1")
+    if not ranges:
+        return
+    import pyarrow.parquet as pq
+
+    md = pq.ParquetFile(info.path).metadata
+    leaf_of = {}
+    for j in range(md.num_columns):
+        path = md.schema.column(j).path
+        top = path.split(".")[0]
+        if top in ranges and (path == top or path.startswith(top + ".list.")):
+            leaf_of[j] = top
+    for rg in range(md.num_row_groups):
+        group = md.row_group(rg)
+        for j, col in leaf_of.items():
+            st = group.column(j).statistics
+            if st is None or not st.has_min_max or not isinstance(st.min, (int, float)):
+                continue
+            lo, hi, what = ranges[col]
+            if st.min < lo or st.max > hi:
+                raise DataError(f"{what}; the row group's statistics say min {st.min}, max {st.max}",
+                                file=info.path, column=col, row_group=rg)
+
+
 def build_plan(sources: Sequence[DataSource], schema: Schema, row_filter: Optional[RowFilter] = None,
                reader: Optional[ChunkReader] = None) -> ReadPlan:
-    """Discover files, check them against the schema, count (filtered) rows per unit."""
+    """Discover files, check them against the schema (columns, types, row-group statistics), count
+    (filtered) rows per unit."""
     files = discover(list(sources))
     for info in files:
         check_file(info, schema)
+        check_statistics(info, schema)
     units: List[Unit] = []
     filtered_out = 0
     reader = reader or ChunkReader()
@@ -442,6 +482,7 @@ class ParquetBatchDataset(IterableDataset):
 
     def _shard_batches(self, plan: ReadPlan, epoch: int, shard: int, num_shards: int, skip: int,
                        quota: int) -> Iterator[Batch]:
+        self._cache.clear()  # units are cached within an epoch only
         slices = plan.shard_slices(epoch, self.shuffle, self.seed, shard, num_shards)
         n_rows = sum(b - a for _, a, b in slices)
         B, C = self.batch_size, self.window
@@ -583,6 +624,7 @@ class LatticeDataLoader(DataLoader):
         self._next_epoch = int(epoch)
 
     def __iter__(self):
+        self.dataset.plan  # noqa: B018  (plan once here, not in every worker)
         epoch, skip = self._next_epoch, self._next_skip
         self.dataset.set_epoch(epoch, skip)
         self._epoch, self._consumed = epoch, skip
