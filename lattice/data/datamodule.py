@@ -7,6 +7,7 @@ from typing import Any, Dict, List, Literal, Optional, Union
 
 import lightning as L
 import numpy as np
+import pyarrow as pa
 
 from lattice.data.batch import Batch
 from lattice.data.cache import ensure_world, world_dir
@@ -230,13 +231,17 @@ class LatticeDataModule(L.LightningDataModule):
             raise ValueError("split='time' needs a timestamp column (schema.timestamp_column is null)")
         files = discover(self.sources)
         reader = ChunkReader()
+        total = sum(info.num_rows for info in files)
+        step = max(1, -(-total // 4_000_000))  # quantiles from at most ~4M timestamps (bounded memory)
         stamps = []
         for info in files:
             if col not in info.columns:
                 raise DataError("missing timestamp column (needed by split='time')", file=info.path, column=col)
             for c in range(len(info.chunk_rows)):
                 arr = reader.read(info, c, [col]).column(col)
-                stamps.append(np.asarray(arr.to_numpy(), dtype=np.int64))
+                if pa.types.is_timestamp(arr.type):
+                    arr = arr.cast(pa.timestamp("s")).cast(pa.int64())
+                stamps.append(np.asarray(arr.to_numpy(zero_copy_only=False), dtype=np.int64)[::step])
         ts = np.concatenate(stamps)
         q = np.quantile(ts, [1 - self.val_fraction - self.test_fraction, 1 - self.test_fraction])
         return float(np.ceil(q[0])), float(np.ceil(q[1]))

@@ -318,6 +318,8 @@ class ParquetBatchDataset(IterableDataset):
         even_batches: make every rank yield the same number of batches (DDP) by stopping each rank at the
             smallest rank's count; the rows this leaves out are logged.
         rank, world_size: override the ``torch.distributed`` ones (tests, custom launchers).
+        readahead: units (row groups / CSV blocks) read and prepared ahead in a background thread, so
+            Parquet decoding overlaps batch building (0: read in the consuming thread).
     """
 
     def __init__(
@@ -338,6 +340,7 @@ class ParquetBatchDataset(IterableDataset):
         even_batches: bool = False,
         rank: Optional[int] = None,
         world_size: Optional[int] = None,
+        readahead: int = 2,
     ) -> None:
         super().__init__()
         if batch_size <= 0:
@@ -359,6 +362,7 @@ class ParquetBatchDataset(IterableDataset):
         self.even_batches = even_batches
         self.rank = rank
         self.world_size = world_size
+        self.readahead = int(readahead)
         self.num_workers = 0  # set by LatticeDataLoader
         self._plan: Optional[ReadPlan] = None
         self._builder: Optional[BatchBuilder] = None
@@ -366,12 +370,10 @@ class ParquetBatchDataset(IterableDataset):
         self._epoch = 0
         self._resume_batches = 0
         self._reader: Optional[ChunkReader] = None
-        self._cache: "OrderedDict[int, pa.Table]" = OrderedDict()
 
     def __getstate__(self):
         state = dict(self.__dict__)
         state["_reader"] = None
-        state["_cache"] = OrderedDict()
         return state
 
     # ---- plan -----------------------------------------------------------------------------------
@@ -482,7 +484,6 @@ class ParquetBatchDataset(IterableDataset):
 
     def _shard_batches(self, plan: ReadPlan, epoch: int, shard: int, num_shards: int, skip: int,
                        quota: int) -> Iterator[Batch]:
-        self._cache.clear()  # units are cached within an epoch only
         slices = plan.shard_slices(epoch, self.shuffle, self.seed, shard, num_shards)
         n_rows = sum(b - a for _, a, b in slices)
         B, C = self.batch_size, self.window
@@ -491,32 +492,38 @@ class ParquetBatchDataset(IterableDataset):
         bounds = np.concatenate([[0], np.cumsum([b - a for _, a, b in slices])]).astype(np.int64)
         emitted = skip
         start = skip * B
-        for j in range(start // C, math.ceil(n_rows / C)):
-            lo, hi = j * C, min((j + 1) * C, n_rows)
-            table = self._gather(plan, slices, bounds, lo, hi)
-            perm = None
-            if self.shuffle:
-                perm = np.random.default_rng([self.seed, epoch, shard, j, 0x5EED]).permutation(hi - lo)
-                if table.column(0).num_chunks > 1:
-                    table = table.combine_chunks()
-            first = start - lo if j == start // C else 0
-            for off in range(first, hi - lo, B):
-                if emitted >= quota:
-                    return
-                n = min(B, hi - lo - off)
-                if n < B and self.drop_last:
-                    return
-                if perm is None:
-                    batch = self.builder.build(table.slice(off, n))
-                else:
-                    # sorted rows: same batch content, forward memory access
-                    batch = self.builder.build(table, np.sort(perm[off: off + n]))
-                if self.teacher is not None:
-                    batch = self.teacher.join(batch)
-                emitted += 1
-                yield batch
+        first_slice = int(np.searchsorted(bounds, (start // C) * C, side="right") - 1)
+        units = _UnitLoader(self, plan, [u for u, _, _ in slices[first_slice:]], self.readahead)
+        try:
+            for j in range(start // C, math.ceil(n_rows / C)):
+                lo, hi = j * C, min((j + 1) * C, n_rows)
+                table = self._gather(units, slices, bounds, lo, hi)
+                perm = None
+                if self.shuffle:
+                    perm = np.random.default_rng([self.seed, epoch, shard, j, 0x5EED]).permutation(hi - lo)
+                    if table.column(0).num_chunks > 1:
+                        table = table.combine_chunks()
+                first = start - lo if j == start // C else 0
+                for off in range(first, hi - lo, B):
+                    if emitted >= quota:
+                        return
+                    n = min(B, hi - lo - off)
+                    if n < B and self.drop_last:
+                        return
+                    if perm is None:
+                        batch = self.builder.build(table.slice(off, n))
+                    else:
+                        # sorted rows: same batch content, forward memory access
+                        batch = self.builder.build(table, np.sort(perm[off: off + n]))
+                    if self.teacher is not None:
+                        batch = self.teacher.join(batch)
+                    emitted += 1
+                    yield batch
+        finally:
+            units.close()
 
-    def _gather(self, plan: ReadPlan, slices, bounds: np.ndarray, lo: int, hi: int) -> pa.Table:
+    @staticmethod
+    def _gather(units: "_UnitLoader", slices, bounds: np.ndarray, lo: int, hi: int) -> pa.Table:
         parts = []
         k = int(np.searchsorted(bounds, lo, side="right") - 1)
         while k < len(slices) and bounds[k] < hi:
@@ -524,16 +531,12 @@ class ParquetBatchDataset(IterableDataset):
             s0 = int(bounds[k])
             a2 = a + max(0, lo - s0)
             b2 = a + min(hi, int(bounds[k + 1])) - s0
-            parts.append(self._unit_table(plan, unit).slice(a2, b2 - a2))
+            parts.append(units.get(unit).slice(a2, b2 - a2))
             k += 1
         return pa.concat_tables(parts) if len(parts) > 1 else parts[0]
 
-    def _unit_table(self, plan: ReadPlan, unit_index: int) -> pa.Table:
-        """A unit's prepared (validated, canonical, filtered) table; the last few are cached."""
-        cached = self._cache.get(unit_index)
-        if cached is not None:
-            self._cache.move_to_end(unit_index)
-            return cached
+    def load_unit(self, plan: ReadPlan, unit_index: int) -> pa.Table:
+        """A unit's prepared (validated, canonical, filtered) table."""
         unit = plan.units[unit_index]
         info = plan.files[unit.file]
         builder = self.builder
@@ -552,20 +555,62 @@ class ParquetBatchDataset(IterableDataset):
                 raw = raw.filter(pa.array(keep))
                 rows = rows[keep]
         ctx = ChunkContext(info.path, info.chunk_label(unit.chunk), start, info.file_index, info.domain)
-        table = builder.prepare(raw, ctx, rows=rows)
-        self._cache[unit_index] = table
-        while len(self._cache) > 2:
-            self._cache.popitem(last=False)
-        return table
+        return builder.prepare(raw, ctx, rows=rows)
 
     def validate(self) -> int:
         """Read and check every unit now (before training); returns the number of rows checked."""
         plan = self.plan
         total = 0
         for i in range(len(plan.units)):
-            total += self._unit_table(plan, i).num_rows
-        self._cache.clear()
+            total += self.load_unit(plan, i).num_rows
         return total
+
+
+class _UnitLoader:
+    """The prepared units of one shard pass, in stream order: the next ``ahead`` units are read and
+    prepared by one background thread (pyarrow and numpy release the GIL, so decoding overlaps batch
+    building); the last two are kept for windows that straddle them."""
+
+    def __init__(self, dataset: ParquetBatchDataset, plan: ReadPlan, order: List[int], ahead: int) -> None:
+        self.dataset, self.plan, self.ahead = dataset, plan, ahead
+        self.order = list(dict.fromkeys(order))  # consecutive slices of one unit: read once
+        self.pos = {u: i for i, u in enumerate(self.order)}
+        self.cache: "OrderedDict[int, pa.Table]" = OrderedDict()
+        self.pending: Dict[int, Any] = {}
+        self.pool = None
+        if ahead > 0:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lattice-readahead")
+
+    def get(self, unit: int) -> pa.Table:
+        table = self.cache.get(unit)
+        if table is None:
+            future = self.pending.pop(unit, None)
+            table = future.result() if future is not None else self._load(unit)
+            self.cache[unit] = table
+            while len(self.cache) > 2:
+                self.cache.popitem(last=False)
+        if self.pool is not None:  # keep the next units coming
+            i = self.pos.get(unit, -1)
+            for nxt in self.order[i + 1: i + 1 + self.ahead]:
+                if nxt not in self.cache and nxt not in self.pending:
+                    self.pending[nxt] = self.pool.submit(self.dataset.load_unit, self.plan, nxt)
+        return table
+
+    def _load(self, unit: int) -> pa.Table:
+        if self.pool is None:
+            return self.dataset.load_unit(self.plan, unit)
+        return self.pool.submit(self.dataset.load_unit, self.plan, unit).result()  # one reader thread
+
+    def close(self) -> None:
+        for future in self.pending.values():
+            future.cancel()
+        self.pending.clear()
+        self.cache.clear()
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+            self.pool = None
 
 
 # ------------------------------------------------------------------------------------------------
