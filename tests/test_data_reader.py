@@ -1,8 +1,6 @@
 """The streaming reader: exactly-once sharding, shuffling, epochs, resume, CSV."""
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pacsv
