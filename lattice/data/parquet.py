@@ -11,8 +11,13 @@ How an epoch is read:
    work. A unit on a shard boundary is read by both neighbours, each keeping its own rows.
 3. **Shuffle**: each shard's stream is cut into windows of ``shuffle_buffer`` rows (bounded memory);
    the rows of a window are permuted by ``(seed, epoch, shard, window)`` and cut into batches.
-4. **Build**: every chunk is validated and canonicalized once (:meth:`BatchBuilder.prepare`) and every
-   batch built straight from Arrow buffers (:meth:`BatchBuilder.build`).
+4. **Build**: every chunk is validated and canonicalized once (:meth:`BatchBuilder.prepare`, in a
+   read-ahead thread so Parquet decoding overlaps batch building) and every batch built straight from
+   the Arrow buffers (:meth:`BatchBuilder.build`); in a DataLoader worker the batch lands in two
+   shared-memory blocks, handed to the main process without a copy per tensor.
+
+Parquet row-group statistics are checked at plan time too (ids outside ``[0, num_embeddings)`` under
+``oov: error``, binary labels outside {0, 1}), so such files fail before training starts.
 
 Resuming: the position is ``(epoch, batches consumed by this rank)``; since the shards, windows and
 permutations are pure functions of the plan and the seed, a resumed reader recomputes where each
