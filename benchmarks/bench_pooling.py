@@ -47,6 +47,7 @@ sys.path.insert(0, os.path.dirname(HERE))
 import lattice  # noqa: E402
 from lattice.ops import jagged_embedding_pool, jagged_embedding_pool_fused  # noqa: E402
 from lattice.ops import reference as lattice_reference  # noqa: E402
+from lattice.ops._memory import empty_huge_pages  # noqa: E402
 
 try:  # optional baseline
     from fbgemm_gpu.split_embedding_configs import EmbOptimType, SparseType
@@ -109,7 +110,8 @@ class Workload:
         self.N = int(self.offsets[-1])
         self.indices = torch.randint(0, rows, (self.N,), generator=g)
         self.tro = torch.arange(T + 1, dtype=torch.int64) * rows
-        self.weights = torch.empty(T * rows, D).uniform_(-0.01, 0.01, generator=g)
+        # allocated as lattice's EmbeddingBagCollection does (huge pages); every baseline shares them
+        self.weights = empty_huge_pages(T * rows, D).uniform_(-0.01, 0.01, generator=g)
         per_table = lengths.view(T, B).sum(1)
         table_of_pos = torch.repeat_interleave(torch.arange(T), per_table)
         self.global_indices = self.indices + table_of_pos * rows
@@ -144,7 +146,7 @@ def bench_lattice(w: Workload, modes: List[str], repeats: int, warmup: int) -> D
         res.setdefault("lattice", {})["fwd+bwd"] = timeit(fwd_bwd, repeats, warmup)
         P.grad = None
     if "step" in modes:
-        state = torch.zeros(W.shape[0])
+        state = empty_huge_pages(W.shape[0]).zero_()
         for name, opt in (("lattice", "rowwise_adagrad"), ("lattice fused SGD", "sgd")):
             def step(opt=opt):
                 jagged_embedding_pool_fused(W, state, w.tro, w.indices, w.offsets, "sum", optimizer=opt,

@@ -35,6 +35,16 @@
 #include "lattice/cpu/row_update.h"
 #include "lattice/cpu/workspace.h"
 
+#ifdef LATTICE_POOL_PROFILE  // phase times (thread CPU time) to stderr, for tuning
+#include <time.h>
+#include <cstdio>
+#define PROF_NOW(v) timespec v##_ts; clock_gettime(CLOCK_THREAD_CPUTIME_ID, &v##_ts); const double v = v##_ts.tv_sec * 1e3 + v##_ts.tv_nsec * 1e-6
+#define PROF_PRINT(...) std::fprintf(stderr, __VA_ARGS__)
+#else
+#define PROF_NOW(v)
+#define PROF_PRINT(...)
+#endif
+
 namespace lattice {
 namespace cpu {
 namespace {
@@ -63,12 +73,77 @@ struct SortedRows {
   bool mean = false;
 };
 
-// Stable sort of one run of items whose keys lie in [base, base + count), by (key - base): an LSD radix
-// sort with up to 11-bit digits (a table's run usually fits in L2, so its scatters stay in cache), or
-// insertion sort for tiny runs. `tmp` is scratch of the same size; the result ends in x.
-inline void sort_run(uint64_t* x, uint64_t* tmp, int64_t m, uint32_t base, uint64_t count, int64_t* hist) {
-  if (m <= 1 || count <= 1) return;
-  if (m <= 32) {
+// Items of one bag range: (global row << 32) | payload for every position, range-checked. Calls
+// on_item(position, item) for each; returns false if an index was out of its table's range (it is
+// kept as the table's first row; the caller reports the error).
+template <typename index_t, typename F>
+bool fill_items(const PoolGeometry& g, const index_t* indices, const index_t* offsets, int64_t bag_lo, int64_t bag_hi,
+                bool weighted, bool mean, uint32_t* grow_of_pos, double* inv_len, F&& on_item) {
+  bool ok = true;
+  int64_t t = bag_lo / std::max<int64_t>(g.B, 1);
+  int64_t b = bag_lo - t * g.B;
+  int64_t begin = bag_lo < bag_hi ? static_cast<int64_t>(offsets[bag_lo]) : 0;
+  for (int64_t bag = bag_lo; bag < bag_hi; ++bag) {
+    const int64_t end = offsets[bag + 1];
+    const uint32_t grow = static_cast<uint32_t>(b * g.T + t);
+    if (mean) inv_len[grow] = end > begin ? 1.0 / static_cast<double>(end - begin) : 1.0;
+    const uint64_t nrows = static_cast<uint64_t>(g.row_count[t]);
+    const uint32_t base = static_cast<uint32_t>(g.row_start[t]);
+    for (int64_t j = begin; j < end; ++j) {
+      const uint64_t idx = static_cast<uint64_t>(static_cast<int64_t>(indices[j]));
+      uint32_t key = base;
+      if (C10_UNLIKELY(idx >= nrows)) {
+        ok = false;
+      } else {
+        key = base + static_cast<uint32_t>(idx);
+      }
+      uint32_t payload = grow;
+      if (weighted) {
+        payload = static_cast<uint32_t>(j);
+        grow_of_pos[j] = grow;
+      }
+      on_item(j, (static_cast<uint64_t>(key) << 32) | payload);
+    }
+    begin = end;
+    if (++b == g.B) {
+      b = 0;
+      ++t;
+    }
+  }
+  return ok;
+}
+
+// Fills and sorts the positions of table t on their own (its keys lie in [row_start, row_start +
+// row_count)): an LSD radix sort by local row with digits of up to 11 bits whose histograms are all
+// taken while filling; a table's run usually fits in L2, so the scatters stay in cache. The result
+// ends in a. `hist` has room for 3 * 2048 counts.
+template <typename index_t>
+bool fill_and_sort_table(const PoolGeometry& g, int64_t t, const index_t* indices, const index_t* offsets,
+                         bool weighted, bool mean, uint32_t* grow_of_pos, double* inv_len, uint64_t* a, uint64_t* b,
+                         int64_t* hist) {
+  const int64_t p0 = t == 0 ? 0 : g.pos_end[t - 1];
+  const int64_t m = g.pos_end[t] - p0;
+  const uint64_t count = static_cast<uint64_t>(g.row_count[t]);
+  const uint32_t base = static_cast<uint32_t>(g.row_start[t]);
+  int key_bits = 0;
+  while (key_bits < 32 && count > 0 && ((count - 1) >> key_bits) != 0) ++key_bits;
+  const int passes = m <= 32 ? 0 : (key_bits + 10) / 11;
+  const int bits = passes > 0 ? (key_bits + passes - 1) / passes : 0;
+  const int64_t R = int64_t{1} << bits;
+  const uint32_t mask = static_cast<uint32_t>(R - 1);
+  // Fill into the buffer from which `passes` scatters end in a.
+  uint64_t* src = (passes & 1) ? b : a;
+  uint64_t* dst = (passes & 1) ? a : b;
+  std::fill(hist, hist + passes * R, int64_t{0});
+  const bool ok = fill_items(g, indices, offsets, t * g.B, (t + 1) * g.B, weighted, mean, grow_of_pos, inv_len,
+                             [&](int64_t j, uint64_t item) {
+                               src[j] = item;
+                               const uint32_t local = key_of(item) - base;
+                               for (int pass = 0; pass < passes; ++pass) ++hist[pass * R + ((local >> (pass * bits)) & mask)];
+                             });
+  if (!ok || m <= 1) return ok;
+  if (passes == 0) {  // tiny run (or a one-row table): insertion sort, stable
+    uint64_t* x = a + p0;
     for (int64_t i = 1; i < m; ++i) {
       const uint64_t v = x[i];
       int64_t j = i;
@@ -78,33 +153,24 @@ inline void sort_run(uint64_t* x, uint64_t* tmp, int64_t m, uint32_t base, uint6
       }
       x[j] = v;
     }
-    return;
+    return ok;
   }
-  int key_bits = 0;
-  while (key_bits < 32 && ((count - 1) >> key_bits) != 0) ++key_bits;
-  const int passes = (key_bits + 10) / 11;
-  const int bits = (key_bits + passes - 1) / passes;
-  const int64_t R = int64_t{1} << bits;
-  const uint32_t mask = static_cast<uint32_t>(R - 1);
-  uint64_t* src = x;
-  uint64_t* dst = tmp;
   for (int pass = 0; pass < passes; ++pass) {
-    const int shift = pass * bits;
-    std::fill(hist, hist + R, int64_t{0});
-    for (int64_t i = 0; i < m; ++i) ++hist[((key_of(src[i]) - base) >> shift) & mask];
-    int64_t running = 0;
+    int64_t* h = hist + pass * R;
+    int64_t running = p0;
     for (int64_t k = 0; k < R; ++k) {
-      const int64_t c = hist[k];
-      hist[k] = running;
+      const int64_t c = h[k];
+      h[k] = running;
       running += c;
     }
-    for (int64_t i = 0; i < m; ++i) {
+    const int shift = pass * bits;
+    for (int64_t i = p0; i < p0 + m; ++i) {
       const uint64_t v = src[i];
-      dst[hist[((key_of(v) - base) >> shift) & mask]++] = v;
+      dst[h[((key_of(v) - base) >> shift) & mask]++] = v;
     }
     std::swap(src, dst);
   }
-  if (src != x) std::memcpy(x, src, static_cast<size_t>(m) * sizeof(uint64_t));
+  return ok;
 }
 
 template <typename index_t>
@@ -118,24 +184,28 @@ SortedRows sort_rows(Workspace& ws, const PoolGeometry& g, const index_t* indice
   out.weighted = weighted;
   out.mean = mean;
   uint64_t max_key = 0;
+  int64_t largest_run = 0;
   for (int64_t t = 0; t < g.T; ++t) {
     if (g.row_count[t] > 0) max_key = std::max<uint64_t>(max_key, g.row_start[t] + g.row_count[t] - 1);
+    largest_run = std::max<int64_t>(largest_run, g.pos_end[t] - (t == 0 ? 0 : g.pos_end[t - 1]));
   }
+  const int P = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(nthreads, n / 16384 + 1)));
   // When tables own ascending, disjoint row ranges (always so for the packed [T+1] layout), positions
-  // are already ordered by table: each table's run is sorted on its own, in cache, by local row.
-  bool by_table = true;
+  // are already ordered by table, so each table is filled and sorted on its own, in cache. Otherwise
+  // (shared row ranges), or when one table holds most positions (no parallelism across tables), one
+  // global parallel sort.
+  bool by_table = P == 1 || largest_run * P <= n;
   for (int64_t t = 1; t < g.T; ++t) {
     if (g.row_start[t] < g.row_start[t - 1] + g.row_count[t - 1]) by_table = false;
   }
   const RadixPlan plan = by_table ? RadixPlan() : RadixPlan::for_max_key(max_key);
   const int64_t R = plan.buckets();
-  const int P = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(nthreads, n / 16384 + 1)));
   const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(n, P * kChunksPerThread));
   out.chunks = chunks;
 
   uint64_t* a = ws.get<uint64_t>(kItems, n);
   uint64_t* b = ws.get<uint64_t>(kItemsTmp, n);
-  int64_t* hist = ws.get<int64_t>(kHist, radix_hist_entries(plan, P));
+  int64_t* hist = ws.get<int64_t>(kHist, by_table ? P * 3 * 2048 : radix_hist_entries(plan, P));
   uint32_t* grow_of_pos = weighted ? ws.get<uint32_t>(kRowOfPos, n) : nullptr;
   double* inv_len = mean ? ws.get<double>(kInvLen, g.nbags) : nullptr;
   int64_t* ranges = ws.get<int64_t>(kRanges, 2 * (P + 1));  // bag ranges, then position ranges
@@ -147,74 +217,45 @@ SortedRows sort_rows(Workspace& ws, const PoolGeometry& g, const index_t* indice
   {
     const int nt = omp_get_num_threads();
     const int tid = omp_get_thread_num();
-    int64_t* bag_range = ranges;
-    int64_t* pos_range = ranges + (P + 1);
+    PROF_NOW(t_start);
+    uint64_t* s = a;
+    if (by_table) {
+      int64_t* my_hist = hist + static_cast<int64_t>(tid) * 3 * 2048;
+#pragma omp for schedule(dynamic, 1)
+      for (int64_t t = 0; t < g.T; ++t) {
+        if (!fill_and_sort_table(g, t, indices, offsets, weighted, mean, grow_of_pos, inv_len, a, b, my_hist)) {
+          bad.store(true, std::memory_order_relaxed);
+        }
+      }
+    } else {
+      int64_t* bag_range = ranges;
+      int64_t* pos_range = ranges + (P + 1);
 #pragma omp single
-    {
-      for (int k = 0; k <= nt; ++k) {
-        bag_range[k] = g.chunk_begin(offsets, k, nt);
-        pos_range[k] = static_cast<int64_t>(offsets[bag_range[k]]);
-      }
-    }
-    // (1) items, range check, first-digit histogram.
-    int64_t* my_hist = hist + static_cast<int64_t>(tid) * R;
-    const bool hist0 = plan.passes > 0;
-    if (hist0) std::fill(my_hist, my_hist + R, int64_t{0});
-    const uint32_t mask0 = static_cast<uint32_t>(R - 1);
-    bool ok = true;
-    {
-      const int64_t lo = bag_range[tid];
-      const int64_t hi = bag_range[tid + 1];
-      int64_t t = lo / std::max<int64_t>(g.B, 1);
-      int64_t bb = lo - t * g.B;
-      int64_t begin = lo < hi ? static_cast<int64_t>(offsets[lo]) : 0;
-      for (int64_t bag = lo; bag < hi; ++bag) {
-        const int64_t end = offsets[bag + 1];
-        const uint32_t grow = static_cast<uint32_t>(bb * g.T + t);
-        if (mean) inv_len[grow] = end > begin ? 1.0 / static_cast<double>(end - begin) : 1.0;
-        const uint64_t nrows = static_cast<uint64_t>(g.row_count[t]);
-        const uint32_t base = static_cast<uint32_t>(g.row_start[t]);
-        for (int64_t j = begin; j < end; ++j) {
-          const uint64_t idx = static_cast<uint64_t>(static_cast<int64_t>(indices[j]));
-          uint32_t key = base;
-          if (C10_UNLIKELY(idx >= nrows)) {
-            ok = false;
-          } else {
-            key = base + static_cast<uint32_t>(idx);
-          }
-          uint32_t payload = grow;
-          if (weighted) {
-            payload = static_cast<uint32_t>(j);
-            grow_of_pos[j] = grow;
-          }
-          a[j] = (static_cast<uint64_t>(key) << 32) | payload;
-          if (hist0) ++my_hist[(key >> 0) & mask0];
-        }
-        begin = end;
-        if (++bb == g.B) {
-          bb = 0;
-          ++t;
+      {
+        for (int k = 0; k <= nt; ++k) {
+          bag_range[k] = g.chunk_begin(offsets, k, nt);
+          pos_range[k] = static_cast<int64_t>(offsets[bag_range[k]]);
         }
       }
+      // Items, range check and first-digit histogram in one pass, then the global sort.
+      int64_t* my_hist = hist + static_cast<int64_t>(tid) * R;
+      const bool hist0 = plan.passes > 0;
+      if (hist0) std::fill(my_hist, my_hist + R, int64_t{0});
+      const uint32_t mask0 = static_cast<uint32_t>(R - 1);
+      const bool ok = fill_items(g, indices, offsets, bag_range[tid], bag_range[tid + 1], weighted, mean, grow_of_pos,
+                                 inv_len, [&](int64_t j, uint64_t item) {
+                                   a[j] = item;
+                                   if (hist0) ++my_hist[key_of(item) & mask0];
+                                 });
+      if (!ok) bad.store(true, std::memory_order_relaxed);
+#pragma omp barrier
+      if (!bad.load(std::memory_order_relaxed)) s = radix_sort_in_team(plan, a, b, hist, pos_range, nt, tid, true);
     }
-    if (!ok) bad.store(true, std::memory_order_relaxed);
+    PROF_NOW(t_sorted);
 #pragma omp barrier
     if (!bad.load(std::memory_order_relaxed)) {
-      // (2) sort by row.
-      uint64_t* s = a;
-      if (by_table) {
-        std::vector<int64_t> run_hist(2048);
-#pragma omp for schedule(dynamic, 1)
-        for (int64_t t = 0; t < g.T; ++t) {
-          const int64_t p0 = t == 0 ? 0 : g.pos_end[t - 1];
-          sort_run(a + p0, b + p0, g.pos_end[t] - p0, static_cast<uint32_t>(g.row_start[t]),
-                   static_cast<uint64_t>(g.row_count[t]), run_hist.data());
-        }
-      } else {
-        s = radix_sort_in_team(plan, a, b, hist, pos_range, nt, tid, true);
-      }
       if (tid == 0) sorted = s;
-      // (3) chunk starts on row boundaries.
+      // Chunk starts on row boundaries.
 #pragma omp for schedule(static)
       for (int64_t c = 0; c <= chunks; ++c) {
         int64_t i = n * c / chunks;
@@ -222,6 +263,9 @@ SortedRows sort_rows(Workspace& ws, const PoolGeometry& g, const index_t* indice
         chunk_start[c] = i;
       }
     }
+    PROF_NOW(t_end);
+    PROF_PRINT("[%d] fill+sort %.2f ms, chunks %.2f ms (%s)\n", tid, t_sorted - t_start, t_end - t_sorted,
+               by_table ? "by table" : "global");
   }
   if (bad.load()) report_bad_index<index_t>(g, indices, offsets);
   out.items = sorted;
@@ -521,7 +565,10 @@ void jagged_embedding_pool_backward_fused_cpu(const at::Tensor& weights, const a
                                                          ? optimizer_state.data_ptr<float>()
                                                          : nullptr;
                                         sink.opt = opt;
+                                        PROF_NOW(t0);
                                         reduce_rows<W, G>(s, g.D, gp, pw, sink, nthreads);
+                                        PROF_NOW(t1);
+                                        PROF_PRINT("reduce+update %.2f ms\n", t1 - t0);
                                       };
                                       if (go.scalar_type() == weights.scalar_type()) {
                                         run(go.data_ptr<W>());
