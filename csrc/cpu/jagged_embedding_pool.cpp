@@ -2,9 +2,12 @@
 //
 // One OpenMP pass over all T*B bags of all tables: bags are cut into chunks of about equal cost
 // (indices + bags) that threads take dynamically; each bag is accumulated in fp32 registers (AVX-512,
-// up to 128 lanes per column block) and written straight into out[b, t, :]. Rows are software-
-// prefetched a few positions ahead, across bag and table boundaries. Indices are range-checked inside
-// the same pass; a bad one is skipped, flagged, and reported (table, position, value) after the pass.
+// D <= 128: up to 8 zmm held across the bag; bf16/fp16 converted in registers; a portable loop for
+// wider rows, float64 and non-AVX-512 builds) and written straight into out[b, t, :]. The row of the
+// position `dist` ahead in the same table is software-prefetched. Indices are range-checked inside the
+// same pass; a bad one is skipped and flagged, and after the pass the first bad one is reported with
+// its table, position and value. The hot loops make no calls: a call would make the compiler spill
+// every zmm accumulator around it.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <omp.h>
