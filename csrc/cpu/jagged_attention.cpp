@@ -196,21 +196,28 @@ constexpr int64_t kQChunk = 256;
 
 inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
-// Rows (keys) of the S^T = K Q^T micro-kernel for NV query vectors.
+// Rows (keys) of the S^T = K Q^T micro-kernel for NV query vectors. Each row is read through its own
+// pointer (the K rows stay where they are), so MR is kept to what fits the general registers.
 template <int NV>
 constexpr int score_mr() {
-  return kWide ? (NV == 1 ? 16 : NV == 2 ? 12 : 6) : (NV == 1 ? 8 : NV == 2 ? 6 : 3);
+  return kWide ? 8 : (NV == 1 ? 8 : 4);
 }
+
 // Rows of the C [rows, DV*W] += A B micro-kernel.
 template <int DV>
 constexpr int acc_mr() {
   return kWide ? (DV == 1 ? 12 : DV == 2 ? 12 : DV == 3 ? 8 : 6) : (DV == 1 ? 8 : DV == 2 ? 6 : DV == 3 ? 4 : 3);
 }
 
-// C[r, 0:NV*W] = sum_d A[d*MR + r] * BT[d*NV*W + 0:NV*W] for a packed MR-row panel A [Dh, MR] and a
-// packed block BT [Dh, NV*W]. C has row stride NV*W.
+// C[r, 0:NV*W] = sum_d A[r*lda + d] * BT[d*NV*W + 0:NV*W] for r < MR: MR rows of A (keys, read in
+// place; rows past `rows` repeat the last one) against a packed block BT [Dh, NV*W] (queries along the
+// lanes). C has row stride NV*W.
 template <int NV, int MR>
-inline void score_panel(const float* __restrict a, const float* __restrict bt, int64_t dh, float* __restrict c) {
+inline void score_block(const float* __restrict a, int64_t lda, int64_t rows, const float* __restrict bt, int64_t dh,
+                        float* __restrict c) {
+  const float* ar[MR];
+#pragma GCC unroll 16
+  for (int r = 0; r < MR; ++r) ar[r] = a + std::min<int64_t>(r, rows - 1) * lda;
   Vec acc[MR][NV];
 #pragma GCC unroll 16
   for (int r = 0; r < MR; ++r)
@@ -220,12 +227,11 @@ inline void score_panel(const float* __restrict a, const float* __restrict bt, i
     Vec b[NV];
 #pragma GCC unroll 4
     for (int j = 0; j < NV; ++j) b[j] = Vec::load(bt + d * NV * W + j * W);
-    const float* ad = a + d * MR;
 #pragma GCC unroll 16
     for (int r = 0; r < MR; ++r) {
-      const Vec ar = Vec::set1(ad[r]);
+      const Vec x = Vec::set1(ar[r][d]);
 #pragma GCC unroll 4
-      for (int j = 0; j < NV; ++j) acc[r][j] = fmadd(ar, b[j], acc[r][j]);
+      for (int j = 0; j < NV; ++j) acc[r][j] = fmadd(x, b[j], acc[r][j]);
     }
   }
 #pragma GCC unroll 16
@@ -234,23 +240,42 @@ inline void score_panel(const float* __restrict a, const float* __restrict bt, i
     for (int j = 0; j < NV; ++j) acc[r][j].store(c + r * NV * W + j * W);
 }
 
-// S^T [round_up(rows, MR), NV*W] for `rows` keys packed as panels (see pack_panels).
+// S^T [round_up(rows, MR), NV*W] = A[0:rows] BT.
 template <int NV>
-inline void score_tile(const float* panels, const float* bt, int64_t dh, int64_t rows, float* st) {
+inline void score_tile(const float* a, int64_t lda, int64_t rows, const float* bt, int64_t dh, float* st) {
   constexpr int MR = score_mr<NV>();
-  for (int64_t p = 0; p * MR < rows; ++p) score_panel<NV, MR>(panels + p * dh * MR, bt, dh, st + p * MR * NV * W);
+  for (int64_t r = 0; r < rows; r += MR) score_block<NV, MR>(a + r * lda, lda, rows - r, bt, dh, st + r * NV * W);
 }
 
-// C[r, 0:DV*W] = alpha[r] * C[r, :] (or C when alpha is null) + sum_{i<K} A[r*RS + i*IS] * B[i*ldb + :].
+// What a C += A B product starts from.
+enum AccMode : int {
+  kOverwrite = 0,   // C = A B
+  kAccumulate = 1,  // C += A B
+  kRescale = 2,     // C = alpha[r] * C + A B
+};
+
+// C[r, 0:DV*W] = (see AccMode) + sum_{i<K} A[r*RS + i*IS] * B[i*ldb + :].
 template <int MR, int DV, int RS, int IS>
 inline void acc_block(const float* __restrict a, const float* __restrict b, int64_t ldb, int64_t K,
-                      float* __restrict c, int64_t ldc, const float* __restrict alpha) {
+                      float* __restrict c, int64_t ldc, int mode, const float* __restrict alpha) {
   Vec acc[MR][DV];
+  if (mode == kOverwrite) {
 #pragma GCC unroll 16
-  for (int r = 0; r < MR; ++r) {
-    const Vec s = alpha ? Vec::set1(alpha[r]) : Vec::set1(1.f);
+    for (int r = 0; r < MR; ++r)
 #pragma GCC unroll 4
-    for (int j = 0; j < DV; ++j) acc[r][j] = Vec::load(c + r * ldc + j * W) * s;
+      for (int j = 0; j < DV; ++j) acc[r][j] = Vec::zero();
+  } else if (mode == kAccumulate) {
+#pragma GCC unroll 16
+    for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 4
+      for (int j = 0; j < DV; ++j) acc[r][j] = Vec::load(c + r * ldc + j * W);
+  } else {
+#pragma GCC unroll 16
+    for (int r = 0; r < MR; ++r) {
+      const Vec s = Vec::set1(alpha[r]);
+#pragma GCC unroll 4
+      for (int j = 0; j < DV; ++j) acc[r][j] = Vec::load(c + r * ldc + j * W) * s;
+    }
   }
   for (int64_t i = 0; i < K; ++i) {
     Vec bv[DV];
@@ -273,40 +298,41 @@ inline void acc_block(const float* __restrict a, const float* __restrict b, int6
 // The tail rows (fewer than a full micro-tile) dispatched to a block of exactly that height.
 template <int M, int DV, int RS, int IS>
 inline void acc_tail(int64_t rows, const float* a, const float* b, int64_t ldb, int64_t K, float* c, int64_t ldc,
-                     const float* alpha) {
+                     int mode, const float* alpha) {
   if constexpr (M >= 1) {
     if (rows == M) {
-      acc_block<M, DV, RS, IS>(a, b, ldb, K, c, ldc, alpha);
+      acc_block<M, DV, RS, IS>(a, b, ldb, K, c, ldc, mode, alpha);
     } else {
-      acc_tail<M - 1, DV, RS, IS>(rows, a, b, ldb, K, c, ldc, alpha);
+      acc_tail<M - 1, DV, RS, IS>(rows, a, b, ldb, K, c, ldc, mode, alpha);
     }
   }
 }
 
 template <int DV, int RS, int IS>
-inline void acc_rows(const float* a, const float* b, int64_t ldb, int64_t K, float* c, int64_t ldc,
+inline void acc_rows(const float* a, const float* b, int64_t ldb, int64_t K, float* c, int64_t ldc, int mode,
                      const float* alpha, int64_t rows) {
   constexpr int MR = acc_mr<DV>();
   int64_t r = 0;
   for (; r + MR <= rows; r += MR) {
-    acc_block<MR, DV, RS, IS>(a + r * RS, b, ldb, K, c + r * ldc, ldc, alpha ? alpha + r : nullptr);
+    acc_block<MR, DV, RS, IS>(a + r * RS, b, ldb, K, c + r * ldc, ldc, mode, alpha ? alpha + r : nullptr);
   }
   if (r < rows) {
-    acc_tail<MR - 1, DV, RS, IS>(rows - r, a + r * RS, b, ldb, K, c + r * ldc, ldc, alpha ? alpha + r : nullptr);
+    acc_tail<MR - 1, DV, RS, IS>(rows - r, a + r * RS, b, ldb, K, c + r * ldc, ldc, mode,
+                                 alpha ? alpha + r : nullptr);
   }
 }
 
-// C [rows, nvec*W] (row stride ldc) = alpha * C + A B, where A is rows x K with element (r, i) at
+// C [rows, nvec*W] (row stride ldc) = (see AccMode) + A B, where A is rows x K with element (r, i) at
 // a[r*RS + i*IS] and B is K x nvec*W with row stride ldb.
 template <int RS, int IS>
-inline void acc_gemm(const float* a, const float* b, int64_t ldb, int64_t K, float* c, int64_t ldc,
+inline void acc_gemm(const float* a, const float* b, int64_t ldb, int64_t K, float* c, int64_t ldc, int mode,
                      const float* alpha, int64_t rows, int64_t nvec) {
   int64_t v = 0;
-  for (; v + 4 <= nvec; v += 4) acc_rows<4, RS, IS>(a, b + v * W, ldb, K, c + v * W, ldc, alpha, rows);
+  for (; v + 4 <= nvec; v += 4) acc_rows<4, RS, IS>(a, b + v * W, ldb, K, c + v * W, ldc, mode, alpha, rows);
   switch (nvec - v) {
-    case 3: acc_rows<3, RS, IS>(a, b + v * W, ldb, K, c + v * W, ldc, alpha, rows); break;
-    case 2: acc_rows<2, RS, IS>(a, b + v * W, ldb, K, c + v * W, ldc, alpha, rows); break;
-    case 1: acc_rows<1, RS, IS>(a, b + v * W, ldb, K, c + v * W, ldc, alpha, rows); break;
+    case 3: acc_rows<3, RS, IS>(a, b + v * W, ldb, K, c + v * W, ldc, mode, alpha, rows); break;
+    case 2: acc_rows<2, RS, IS>(a, b + v * W, ldb, K, c + v * W, ldc, mode, alpha, rows); break;
+    case 1: acc_rows<1, RS, IS>(a, b + v * W, ldb, K, c + v * W, ldc, mode, alpha, rows); break;
     default: break;
   }
 }
@@ -315,26 +341,64 @@ inline void acc_gemm(const float* a, const float* b, int64_t ldb, int64_t K, flo
 // Packing (with conversion to fp32). `src` rows are tokens with stride `ld` elements.
 // ---------------------------------------------------------------------------------------------------
 
-// Rows [0, rows) of src into MR-row panels: out[(p*dh + d)*MR + r] = src[(p*MR + r)*ld + d], zero-padded
-// to a whole panel.
-template <typename scalar_t, int MR>
-void pack_panels(const scalar_t* src, int64_t ld, int64_t rows, int64_t dh, float* out) {
-  for (int64_t p = 0; p * MR < rows; ++p) {
-    float* dst = out + p * dh * MR;
-    const int64_t r_end = std::min<int64_t>(MR, rows - p * MR);
-    for (int64_t r = 0; r < r_end; ++r) {
-      const scalar_t* s = src + (p * MR + r) * ld;
-      for (int64_t d = 0; d < dh; ++d) dst[d * MR + r] = static_cast<float>(s[d]);
-    }
-    for (int64_t r = r_end; r < MR; ++r)
-      for (int64_t d = 0; d < dh; ++d) dst[d * MR + r] = 0.f;
+#if defined(__AVX512F__)
+// In-register transpose of 16 rows of 16 floats: on return r[j] holds column j.
+inline void transpose16(__m512 r[16]) {
+  __m512 t[16];
+#pragma GCC unroll 8
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+  // u[g][c]: rows 4g..4g+3 of columns c, c+4, c+8, c+12 (one per 128-bit lane).
+  __m512 u[4][4];
+#pragma GCC unroll 4
+  for (int g = 0; g < 4; ++g) {
+    const __m512d a = _mm512_castps_pd(t[4 * g]), b = _mm512_castps_pd(t[4 * g + 1]);
+    const __m512d c = _mm512_castps_pd(t[4 * g + 2]), d = _mm512_castps_pd(t[4 * g + 3]);
+    u[g][0] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, c));
+    u[g][1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, c));
+    u[g][2] = _mm512_castpd_ps(_mm512_unpacklo_pd(b, d));
+    u[g][3] = _mm512_castpd_ps(_mm512_unpackhi_pd(b, d));
+  }
+#pragma GCC unroll 4
+  for (int c = 0; c < 4; ++c) {
+    const __m512 v0 = _mm512_shuffle_f32x4(u[0][c], u[1][c], 0x88), v1 = _mm512_shuffle_f32x4(u[0][c], u[1][c], 0xdd);
+    const __m512 v2 = _mm512_shuffle_f32x4(u[2][c], u[3][c], 0x88), v3 = _mm512_shuffle_f32x4(u[2][c], u[3][c], 0xdd);
+    r[c] = _mm512_shuffle_f32x4(v0, v2, 0x88);
+    r[c + 8] = _mm512_shuffle_f32x4(v0, v2, 0xdd);
+    r[c + 4] = _mm512_shuffle_f32x4(v1, v3, 0x88);
+    r[c + 12] = _mm512_shuffle_f32x4(v1, v3, 0xdd);
   }
 }
+#endif
 
-// Transposed query block: out[d*BQP + i] = mult * src[i*ld + d] for i < rows, 0 up to BQP.
+// Transposed query block: out[d*bqp + i] = mult * src[i*ld + d] for i < rows, 0 for rows <= i < bqp.
 template <typename scalar_t>
 void pack_transposed(const scalar_t* src, int64_t ld, int64_t rows, int64_t dh, int64_t bqp, float mult,
                      float* out) {
+#if defined(__AVX512F__)
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    if (bqp % 16 == 0) {
+      const __m512 m = _mm512_set1_ps(mult);
+      for (int64_t i0 = 0; i0 < bqp; i0 += 16) {
+        const int64_t nr = std::max<int64_t>(0, std::min<int64_t>(16, rows - i0));
+        for (int64_t d0 = 0; d0 < dh; d0 += 16) {
+          const int64_t nc = std::min<int64_t>(16, dh - d0);
+          const __mmask16 cm = static_cast<__mmask16>((1u << nc) - 1u);
+          __m512 r[16];
+#pragma GCC unroll 16
+          for (int i = 0; i < 16; ++i) {
+            r[i] = i < nr ? _mm512_maskz_loadu_ps(cm, src + (i0 + i) * ld + d0) : _mm512_setzero_ps();
+          }
+          transpose16(r);
+          for (int64_t j = 0; j < nc; ++j) _mm512_storeu_ps(out + (d0 + j) * bqp + i0, _mm512_mul_ps(r[j], m));
+        }
+      }
+      return;
+    }
+  }
+#endif
   for (int64_t i = 0; i < rows; ++i) {
     const scalar_t* s = src + i * ld;
     for (int64_t d = 0; d < dh; ++d) out[d * bqp + i] = mult * static_cast<float>(s[d]);
@@ -358,9 +422,9 @@ void pack_rows(const scalar_t* src, int64_t ld, int64_t rows, int64_t dh, int64_
 // packed fp32 copy. Returns the row stride.
 template <typename scalar_t>
 const float* rows_operand(const scalar_t* src, int64_t ld, int64_t rows, int64_t dh, int64_t dhp,
-                          std::vector<float>& buf, int64_t* ldb) {
+                          std::vector<float>& buf, int64_t* ldb, bool allow_in_place = false) {
   if constexpr (std::is_same_v<scalar_t, float>) {
-    if (dh == dhp) {
+    if (allow_in_place && dh == dhp) {
       *ldb = ld;
       return src;
     }
@@ -477,20 +541,18 @@ void forward_item(const scalar_t* q, const scalar_t* k, const scalar_t* v, scala
   ensure(s.mx, nblk * BQP);
   ensure(s.l, nblk * BQP);
   ensure(s.alpha, BQP);
-  ensure(s.kp, round_up(kBK, SMR) * Dh);
   ensure(s.st, round_up(kBK, SMR) * BQP);
   for (int64_t blk = 0; blk < nblk; ++blk) {
     const int64_t i0 = it.q0 + blk * BQP;
     pack_transposed(qb + i0 * ld, ld, std::min<int64_t>(BQP, it.q1 - i0), Dh, BQP, scale, s.qt.data() + blk * Dh * BQP);
   }
-  std::fill_n(s.o.data(), nblk * BQP * dhp, 0.f);
   std::fill_n(s.mx.data(), nblk * BQP, kNegInf);
   std::fill_n(s.l.data(), nblk * BQP, 0.f);
 
   for (int64_t k0 = 0; k0 < kend; k0 += kBK) {
     const int64_t kc = std::min<int64_t>(kBK, kend - k0);
-    pack_panels<scalar_t, SMR>(kb + k0 * ld, ld, kc, Dh, s.kp.data());
-    int64_t ldv = 0;
+    int64_t ldk = 0, ldv = 0;
+    const float* kt = rows_operand(kb + k0 * ld, ld, kc, Dh, dhp, s.kp, &ldk);
     const float* vt = rows_operand(vb + k0 * ld, ld, kc, Dh, dhp, s.vp, &ldv);
     for (int64_t blk = 0; blk < nblk; ++blk) {
       const int64_t i0 = it.q0 + blk * BQP, nb = std::min<int64_t>(BQP, it.q1 - i0);
@@ -499,7 +561,7 @@ void forward_item(const scalar_t* q, const scalar_t* k, const scalar_t* v, scala
       if (causal) kcb = std::min<int64_t>(kc, i0 + nb - 1 + off + 1 - k0);
       if (kcb <= 0) continue;
       float* st = s.st.data();
-      score_tile<NV>(s.kp.data(), s.qt.data() + blk * Dh * BQP, Dh, kcb, st);
+      score_tile<NV>(kt, ldk, kcb, s.qt.data() + blk * Dh * BQP, Dh, st);
       // Causal mask: key j is hidden from query i when j > i + off, i.e. lane index < j - off - i0.
       if (causal && k0 + kcb - 1 > i0 + off) {
         for (int64_t r = std::max<int64_t>(0, i0 + off + 1 - k0); r < kcb; ++r) {
@@ -532,8 +594,8 @@ void forward_item(const scalar_t* q, const scalar_t* k, const scalar_t* v, scala
         m_new.store(mx + j * W);
         alpha.store(s.alpha.data() + j * W);
       }
-      acc_gemm<1, BQP>(st, vt, ldv, kcb, s.o.data() + blk * BQP * dhp, dhp, first ? nullptr : s.alpha.data(), nb,
-                       nvec);
+      acc_gemm<1, BQP>(st, vt, ldv, kcb, s.o.data() + blk * BQP * dhp, dhp, first ? kOverwrite : kRescale,
+                       s.alpha.data(), nb, nvec);
     }
   }
 
@@ -575,7 +637,7 @@ void backward_item(const scalar_t* go, const scalar_t* q, const scalar_t* k, con
 
   // Keys nobody sees (causal with more keys than queries never hides keys at the start, but a
   // sample may have no queries) get zero gradients.
-  const int64_t kend = causal ? std::max<int64_t>(0, std::min<int64_t>(m, n - 1 + off + 1)) : (n > 0 ? m : 0);
+  const int64_t kend = n == 0 ? 0 : causal ? std::max<int64_t>(0, std::min<int64_t>(m, n - 1 + off + 1)) : m;
 
   ensure(s.qt, nblk * Dh * BQP);
   ensure(s.dot, nblk * Dh * BQP);
@@ -608,18 +670,15 @@ void backward_item(const scalar_t* go, const scalar_t* q, const scalar_t* k, con
   const float* qrows = rows_operand(q + qbase, ld, n, Dh, dhp, s.qrows, &ldq);
   const float* dorows = rows_operand(go + qbase, ld, n, Dh, dhp, s.dorows, &lddo);
 
-  ensure(s.kp, round_up(kBK, SMR) * Dh);
-  ensure(s.vp, round_up(kBK, SMR) * Dh);
   ensure(s.st, round_up(kBK, SMR) * BQP);
   ensure(s.dpt, round_up(kBK, SMR) * BQP);
   ensure(s.dk, kBK * dhp);
   ensure(s.dv, kBK * dhp);
   for (int64_t k0 = 0; k0 < kend; k0 += kBK) {
     const int64_t kc = std::min<int64_t>(kBK, kend - k0);
-    pack_panels<scalar_t, SMR>(k + kbase + k0 * ld, ld, kc, Dh, s.kp.data());
-    pack_panels<scalar_t, SMR>(v + kbase + k0 * ld, ld, kc, Dh, s.vp.data());
-    int64_t ldk = 0;
+    int64_t ldk = 0, ldv = 0;
     const float* krows = rows_operand(k + kbase + k0 * ld, ld, kc, Dh, dhp, s.krows, &ldk);
+    const float* vrows = rows_operand(v + kbase + k0 * ld, ld, kc, Dh, dhp, s.vp, &ldv);
     std::fill_n(s.dk.data(), kc * dhp, 0.f);
     std::fill_n(s.dv.data(), kc * dhp, 0.f);
     // The first query that sees key k0 is k0 - off.
@@ -631,8 +690,8 @@ void backward_item(const scalar_t* go, const scalar_t* q, const scalar_t* k, con
       if (kcb <= 0) continue;
       float* st = s.st.data();
       float* dpt = s.dpt.data();
-      score_tile<NV>(s.kp.data(), s.qt.data() + blk * Dh * BQP, Dh, kcb, st);
-      score_tile<NV>(s.vp.data(), s.dot.data() + blk * Dh * BQP, Dh, kcb, dpt);
+      score_tile<NV>(krows, ldk, kcb, s.qt.data() + blk * Dh * BQP, Dh, st);
+      score_tile<NV>(vrows, ldv, kcb, s.dot.data() + blk * Dh * BQP, Dh, dpt);
       const bool masked = causal && k0 + kcb - 1 > i0 + off;
       for (int j = 0; j < NV; ++j) {
         const Vec lse_j = Vec::load(s.lse.data() + i0 + j * W);
@@ -646,9 +705,9 @@ void backward_item(const scalar_t* go, const scalar_t* q, const scalar_t* k, con
         }
       }
       // dV += P^T dO ; dK += dS^T Q (scaled at the end) ; dQ += dS K (scaled at the end).
-      acc_gemm<BQP, 1>(st, dorows + i0 * lddo, lddo, nb, s.dv.data(), dhp, nullptr, kcb, nvec);
-      acc_gemm<BQP, 1>(dpt, qrows + i0 * ldq, ldq, nb, s.dk.data(), dhp, nullptr, kcb, nvec);
-      acc_gemm<1, BQP>(dpt, krows, ldk, kcb, s.dq.data() + i0 * dhp, dhp, nullptr, nb, nvec);
+      acc_gemm<BQP, 1>(st, dorows + i0 * lddo, lddo, nb, s.dv.data(), dhp, kAccumulate, nullptr, kcb, nvec);
+      acc_gemm<BQP, 1>(dpt, qrows + i0 * ldq, ldq, nb, s.dk.data(), dhp, kAccumulate, nullptr, kcb, nvec);
+      acc_gemm<1, BQP>(dpt, krows, ldk, kcb, s.dq.data() + i0 * dhp, dhp, kAccumulate, nullptr, nb, nvec);
     }
     for (int64_t r = 0; r < kc; ++r) {
       scalar_t* gkr = gk + kbase + (k0 + r) * ld;
@@ -775,7 +834,8 @@ void run_items(const std::vector<Item>& items, F&& body) {
   const int nt = static_cast<int>(std::min<int64_t>(num_threads(), std::max<int64_t>(1, count)));
 #pragma omp parallel num_threads(nt) if (nt > 1)
   {
-    typename std::decay_t<F>::Scratch scratch;
+    // Kept per thread across calls: no allocation or first-touch page faults on the hot path.
+    static thread_local typename std::decay_t<F>::Scratch scratch;
 #pragma omp for schedule(dynamic, 1)
     for (int64_t t = 0; t < count; ++t) body(items[t], scratch);
   }
@@ -867,8 +927,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> jagged_attention_backward_cpu(
   const at::Tensor q = q_in.contiguous(), k = k_in.contiguous(), v = v_in.contiguous();
   const at::Tensor go = grad_out_in.contiguous(), out = out_in.contiguous(), lse = lse_in.contiguous();
   at::Tensor gq = at::empty_like(q, at::MemoryFormat::Contiguous);
-  at::Tensor gk = at::zeros_like(k, at::MemoryFormat::Contiguous);
-  at::Tensor gv = at::zeros_like(v, at::MemoryFormat::Contiguous);
+  // Every row of grad_k/grad_v is written by the item of its sample (zeros for keys no query sees).
+  at::Tensor gk = at::empty_like(k, at::MemoryFormat::Contiguous);
+  at::Tensor gv = at::empty_like(v, at::MemoryFormat::Contiguous);
   if (pb.H == 0) return {gq, gk, gv};
   const int64_t* qo = pb.q_offsets.data_ptr<int64_t>();
   const int64_t* ko = pb.kv_offsets.data_ptr<int64_t>();
@@ -878,7 +939,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> jagged_attention_backward_cpu(
   items.reserve(pb.B * H);
   for (int64_t b = 0; b < pb.B; ++b) {
     const int64_t n = qo[b + 1] - qo[b], m = ko[b + 1] - ko[b];
-    if (n == 0) continue;  // grad_k, grad_v stay zero
     const double keys = causal ? 0.5 * (visible_keys(0, n, m, true) + visible_keys(n - 1, n, m, true)) : m;
     const double cost = static_cast<double>(n) * (keys + 8) + static_cast<double>(m) * 8;
     for (int64_t h = 0; h < H; ++h) items.push_back({b, h, 0, n, cost});
@@ -912,8 +972,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> jagged_attention_backward_cpu(
                 }));
     }
   });
-  // Rows of samples without queries were never visited: gq rows for them do not exist (n == 0), and
-  // gk/gv were zero-initialized.
   return {gq, gk, gv};
 }
 
