@@ -1,0 +1,72 @@
+"""The ``lattice`` command.
+
+``lattice fit|validate|test|predict --config ...`` is a LightningCLI over :class:`LatticeModule` and
+:class:`LatticeDataModule` (the network chosen by ``class_path``; the data's schema linked into it).
+lattice's own commands: ``lattice data generate|consolidate``, ``lattice filter``, ``lattice partition``.
+"""
+from __future__ import annotations
+
+import sys
+from typing import Sequence
+
+from lightning.pytorch.cli import LightningCLI
+
+from lattice.data.datamodule import LatticeDataModule
+from lattice.train.callbacks import MetricsTable
+from lattice.train.module import LatticeModule
+from lattice.train.writer import ParquetPredictionWriter
+
+_LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
+
+
+class LatticeCLI(LightningCLI):
+    """LightningCLI with the schema link, the metrics table and the Parquet prediction writer wired in."""
+
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.link_arguments("data.schema", "model.network.init_args.schema", apply_on="instantiate")
+        parser.add_lightning_class_args(MetricsTable, "metrics_table")
+        parser.add_lightning_class_args(ParquetPredictionWriter, "prediction_writer")
+
+    def _prepare_subcommand_parser(self, klass, subcommand, **kwargs):
+        parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
+        if subcommand == "predict":
+            # `lattice predict` streams to Parquet; keeping every batch's output in memory too would not scale.
+            parser.set_defaults(return_predictions=False)
+        return parser
+
+    def _instantiate_trainer(self, config, callbacks):
+        if self.subcommand != "predict":  # the prediction writer only belongs to `lattice predict`
+            callbacks = [c for c in callbacks if not isinstance(c, ParquetPredictionWriter)]
+        return super()._instantiate_trainer(config, callbacks)
+
+
+def run_lightning(args: Sequence[str] | None = None, run: bool = True) -> LatticeCLI:
+    """Runs the LightningCLI part (fit/validate/test/predict) on ``args`` (default ``sys.argv[1:]``)."""
+    return LatticeCLI(
+        LatticeModule,
+        LatticeDataModule,
+        args=list(args) if args is not None else None,
+        run=run,
+        save_config_kwargs={"overwrite": True},
+        parser_kwargs={"default_env": False},
+        auto_configure_optimizers=False,
+    )
+
+
+def main(args: Sequence[str] | None = None) -> None:
+    """Entry point of the ``lattice`` console script."""
+    argv = list(sys.argv[1:] if args is None else args)
+    if argv and argv[0] in ("data", "filter", "partition"):
+        from lattice.commands import run_command
+
+        run_command(argv)
+        return
+    if argv and argv[0] not in _LIGHTNING_COMMANDS and not argv[0].startswith("-"):
+        print(f"lattice: unknown command {argv[0]!r}; expected one of "
+              f"{', '.join(_LIGHTNING_COMMANDS + ('data', 'filter', 'partition'))}", file=sys.stderr)
+        raise SystemExit(2)
+    run_lightning(argv)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,90 @@
+"""The :class:`Batch` every lattice model consumes."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from lattice.sparse import KeyedJaggedTensor
+
+__all__ = ["Batch"]
+
+
+@dataclass
+class Batch:
+    """One batch of ``B`` impressions.
+
+    Shapes (``Fd``/``Fs``/``Fq``: dense/sparse/sequence features of the schema, ``T``: tasks):
+
+    - ``dense [B, Fd]`` float32, 0 where absent; ``dense_mask [B, Fd]`` bool, True = present.
+    - ``sparse``: KeyedJaggedTensor, keys = ``schema.sparse_features`` names in order, stride ``B``,
+      int64 ids; ``sparse_mask [B, Fs]`` bool, False = the feature is absent in this row's domain
+      (its bag is then empty).
+    - ``sequences``: KeyedJaggedTensor, keys = ``schema.sequence_features`` names, stride ``B``, oldest
+      first; ``sequence_timestamps``: parallel int64 timestamps (same keys, same offsets) where every
+      sequence feature has a timestamps column, else ``None``.
+    - ``domain [B]`` int64 index into ``schema.domains``.
+    - ``labels [B, T]`` float32, 0 where masked; ``label_mask [B, T]`` bool, True = label present.
+    - ``label_window [B, T]`` int64: the Lattice Zipper window index whose label ``labels[:, t]`` is
+      (-1 for tasks without windows).
+    - ``example_id``, ``user_id``, ``item_id``: ``[B]`` int64.
+    - ``true_probs [B, T]`` float32: the planted world's true label probabilities (``p_<task>``
+      columns; never a feature), 0 where unknown; ``None`` for real data.
+    - ``teacher_logits [B, T]`` float32 and ``teacher_mask [B]`` bool (rows the teacher scored),
+      ``teacher_embedding [B, E]``: teacher outputs joined by ``example_id`` (distillation); else ``None``.
+    """
+
+    dense: Tensor
+    dense_mask: Tensor
+    sparse: KeyedJaggedTensor
+    sparse_mask: Tensor
+    sequences: KeyedJaggedTensor
+    sequence_timestamps: Optional[KeyedJaggedTensor]
+    domain: Tensor
+    labels: Tensor
+    label_mask: Tensor
+    label_window: Tensor
+    example_id: Tensor
+    user_id: Tensor
+    item_id: Tensor
+    true_probs: Optional[Tensor] = None
+    teacher_logits: Optional[Tensor] = None
+    teacher_mask: Optional[Tensor] = None
+    teacher_embedding: Optional[Tensor] = None
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.domain.shape[0])
+
+    def __len__(self) -> int:
+        return self.batch_size
+
+    def _map(self, fn_tensor, fn_kjt) -> "Batch":
+        out = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if value is None:
+                out[f.name] = None
+            elif isinstance(value, KeyedJaggedTensor):
+                out[f.name] = fn_kjt(value)
+            else:
+                out[f.name] = fn_tensor(value)
+        return Batch(**out)
+
+    def to(self, device, non_blocking: bool = False) -> "Batch":
+        """Every tensor moved to ``device`` (Lightning calls this to transfer a batch)."""
+        return self._map(
+            lambda t: t.to(device, non_blocking=non_blocking),
+            lambda k: k.to(device, non_blocking=non_blocking),
+        )
+
+    def pin_memory(self) -> "Batch":
+        """Every tensor in pinned memory (the DataLoader calls this with ``pin_memory=True``)."""
+        return self._map(lambda t: t.pin_memory(), lambda k: k.pin_memory())
+
+    @property
+    def device(self) -> torch.device:
+        return self.domain.device

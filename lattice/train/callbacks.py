@@ -1,0 +1,94 @@
+"""Callbacks: the end-of-run per-domain × per-task metrics table."""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+from typing import Any
+
+import lightning.pytorch as pl
+from lightning.pytorch.utilities import rank_zero_only
+
+_COLUMNS = ("auc", "oracle_auc", "gauc", "logloss", "ne", "calibration", "mse", "mae", "count")
+
+
+def metrics_table_rows(results: dict[str, float], domain_names: list[str], task_names: list[str]) -> list[dict[str, Any]]:
+    """Turns ``{"<domain>/<task>/<metric>": v, "<task>/<metric>": v}`` into one row per (domain, task), then
+    one ``ALL`` row per task."""
+    rows = []
+    for scope in [*domain_names, None]:
+        for task in task_names:
+            prefix = f"{scope}/{task}" if scope is not None else task
+            row = {"domain": scope if scope is not None else "ALL", "task": task}
+            for metric in _COLUMNS:
+                key = f"{prefix}/{metric}"
+                if key in results:
+                    row[metric] = results[key]
+            if len(row) > 2:
+                rows.append(row)
+    return rows
+
+
+def format_metrics_table(rows: list[dict[str, Any]], title: str) -> str:
+    columns = [c for c in _COLUMNS if any(c in r for r in rows)]
+    header = ["domain", "task", *columns]
+
+    def cell(v):
+        if isinstance(v, float):
+            if math.isnan(v):
+                return "-"
+            return f"{int(v)}" if v.is_integer() and v > 10 else f"{v:.4f}"
+        return str(v)
+
+    table = [header] + [[cell(r.get(c, float("nan"))) for c in header] for r in rows]
+    widths = [max(len(line[i]) for line in table) for i in range(len(header))]
+    lines = [title, "  ".join(h.ljust(w) for h, w in zip(header, widths)), "  ".join("-" * w for w in widths)]
+    for line in table[1:]:
+        lines.append("  ".join(v.ljust(w) for v, w in zip(line, widths)))
+    return "\n".join(lines)
+
+
+class MetricsTable(pl.Callback):
+    """Prints the per-domain × per-task table at the end of fit / validate / test and writes it as
+    ``metrics_<stage>.csv`` and ``.json`` into ``output_dir`` (default: the trainer's log directory)."""
+
+    def __init__(self, output_dir: str | None = None, print_table: bool = True) -> None:
+        self.output_dir = output_dir
+        self.print_table = print_table
+        self.written: dict[str, str] = {}
+
+    def _directory(self, trainer: pl.Trainer) -> str:
+        if self.output_dir:
+            return self.output_dir
+        return trainer.log_dir or trainer.default_root_dir
+
+    @rank_zero_only
+    def _emit(self, trainer: pl.Trainer, module: pl.LightningModule, stage: str) -> None:
+        results = getattr(module, "eval_results", {}).get(stage)
+        if not results:
+            return
+        rows = metrics_table_rows(results, list(module.domain_names), list(module.task_names))
+        if self.print_table:
+            print("\n" + format_metrics_table(rows, f"{stage} metrics (per domain x task; ALL = every domain)"))
+        directory = self._directory(trainer)
+        os.makedirs(directory, exist_ok=True)
+        base = os.path.join(directory, f"metrics_{stage}")
+        columns = ["domain", "task", *[c for c in _COLUMNS if any(c in r for r in rows)]]
+        with open(base + ".csv", "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=columns)
+            writer.writeheader()
+            writer.writerows(rows)
+        with open(base + ".json", "w") as f:
+            json.dump({"stage": stage, "rows": rows, "metrics": results}, f, indent=2, default=float)
+        self.written[stage] = base
+
+    def on_fit_end(self, trainer, pl_module):
+        self._emit(trainer, pl_module, "val")
+
+    def on_validation_end(self, trainer, pl_module):
+        if trainer.state.fn == "validate":
+            self._emit(trainer, pl_module, "val")
+
+    def on_test_end(self, trainer, pl_module):
+        self._emit(trainer, pl_module, "test")

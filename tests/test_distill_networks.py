@@ -1,0 +1,99 @@
+"""The student pieces on the real lattice networks (skipped until lattice.models is merged): the KTAP teacher
+token through :class:`TeacherTokenNetwork` / :func:`with_token_slots`, and the serving (Zipper) heads
+untouched by the distillation path."""
+import pytest
+import torch
+
+models = pytest.importorskip("lattice.models")
+if not hasattr(models, "LatticeNetwork"):
+    pytest.skip("lattice.models has no networks on this branch yet", allow_module_level=True)
+
+from lattice.data import LatticeDataModule  # noqa: E402
+from lattice.data.synthetic import SyntheticConfig, SyntheticDomain  # noqa: E402
+from lattice.distill import (  # noqa: E402
+    DistillationModule,
+    TeacherEmbeddingCache,
+    TeacherTokenNetwork,
+    with_token_slots,
+)
+
+NETWORKS = ["LatticeNetwork", "InterFormer", "DLRM", "MMoE"]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    cfg = SyntheticConfig(
+        seed=5, num_users=120, num_items=90, num_clusters=4, max_sequence_length=6, mean_sequence_length=3.0,
+        domains=[SyntheticDomain("a", 300), SyntheticDomain("b", 200, tasks=["click", "like"])], row_group_size=128,
+    )
+    dm = LatticeDataModule(synthetic=cfg, cache_dir=str(tmp_path_factory.mktemp("world")), batch_size=48)
+    dm.prepare_data()
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+    return dm.schema, batch
+
+
+def _with_teacher(batch, schema, dim=None):
+    B, T = batch.batch_size, len(schema.tasks)
+    batch.teacher_logits = torch.randn(B, T)
+    batch.teacher_mask = torch.ones(B, dtype=torch.bool)
+    batch.teacher_mask[:3] = False
+    if dim:
+        batch.teacher_embedding = torch.randn(B, dim)
+    return batch
+
+
+@pytest.mark.parametrize("name", NETWORKS)
+def test_teacher_token_network_trains_with_the_token(world, name):
+    schema, batch = world
+    torch.manual_seed(0)
+    net = TeacherTokenNetwork(schema, network_class=f"lattice.models.{name}", network_args={"dim": 8})
+    plain = getattr(models, name)(schema, dim=8)
+    assert net.processor.num_tokens == plain.processor.num_tokens + 1
+    assert set(net.network.state_dict()) == set(plain.state_dict())  # same parameter names, a wider first layer
+    module = DistillationModule(net, distillation="aux_head", adapter=True, teacher_embedding_dim=6,
+                                cache=TeacherEmbeddingCache(6, ttl=5), sparse_optimizer="none",
+                                optimizer=torch.optim.Adagrad)
+    module.train()
+    batch = _with_teacher(batch, schema, dim=6)
+    module(batch)  # fills the cache
+    out = module(batch)
+    assert out.teacher_hit.sum() == batch.batch_size - 3  # rows the teacher scored are now cached
+    loss = module.training_step(batch, 0)
+    assert torch.isfinite(loss)
+    loss.backward()
+    assert module.teacher_token.proj.weight.grad.abs().sum() > 0
+    assert module.aux_head.weights[0].grad.abs().sum() > 0
+    module.eval()
+    with torch.no_grad():
+        pred = module.predict_step(batch, 0)
+    assert pred["logits"].shape == (batch.batch_size, len(schema.tasks))
+
+
+def test_with_token_slots_is_cached_and_checks_its_input():
+    cls = with_token_slots(models.LatticeNetwork, 2)
+    assert cls is with_token_slots(models.LatticeNetwork, 2)
+    assert issubclass(cls, models.LatticeNetwork) and cls.extra_token_slots == 2
+    assert with_token_slots(models.LatticeNetwork, 0) is models.LatticeNetwork
+    with pytest.raises(TypeError):
+        with_token_slots(torch.nn.Linear, 1)
+
+
+@pytest.mark.parametrize("name", ["LatticeNetwork", "MMoE"])
+def test_zipper_serving_heads_untouched_by_the_distillation_path(world, name):
+    schema, batch = world
+    torch.manual_seed(0)
+    batch = _with_teacher(batch, schema)
+    for scale in (0.0, 1.0):
+        module = DistillationModule(getattr(models, name)(schema, dim=8), distillation="aux_head", grad_scale=scale,
+                                    sparse_optimizer="none", optimizer=torch.optim.Adagrad)
+        module.train()
+        out = module(batch)
+        module.zero_grad(set_to_none=True)
+        module.distillation_losses(out, batch)["distill"].backward()
+        heads = [p.grad for n, p in module.named_parameters() if n.startswith("network.heads.")]
+        assert heads and all(g is None or bool((g == 0).all()) for g in heads)
+        trunk = [p.grad for n, p in module.named_parameters()
+                 if n.startswith("network.") and not n.startswith("network.heads.")]
+        touched = any(g is not None and bool(((g.to_dense() if g.is_sparse else g) != 0).any()) for g in trunk)
+        assert touched == (scale > 0)
