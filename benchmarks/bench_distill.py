@@ -33,6 +33,7 @@ Writes JSON to ``--out`` (default ``benchmarks/results/bench_distill.json``).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -183,7 +184,7 @@ def network(schema, name: str, role: str, quick: bool):
 
 
 def optimizer(lr: float):
-    return lambda params: torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    return functools.partial(torch.optim.AdamW, lr=lr, weight_decay=0.0)
 
 
 def train_teacher(schema, train_dir: str, test_dir: str, args, seed: int) -> Dict[str, Any]:
