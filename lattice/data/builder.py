@@ -364,6 +364,11 @@ class BatchBuilder:
             return empty, (empty if f.timestamps_column else None)
         arr = _decode(column(table, col))
         t = arr.type
+        if pa.types.is_null(t):  # an all-null column (e.g. an empty CSV column)
+            if f.kind == "sequence" and present.any():
+                raise err(f"null list in sequence feature {f.name!r}", col, first_true(present))
+            empty = pa.LargeListArray.from_arrays(pa.array(np.zeros(n + 1, np.int64)), pa.array([], pa.int64()))
+            return empty, (empty if f.kind == "sequence" and self._seq_ts else None)
         if is_listlike(t):
             offsets, child = list_parts(arr)
             child = _decode(child)

@@ -118,7 +118,8 @@ def consolidate(
     Every row is kept (its domain in a string ``domain`` column); union columns are null where a
     source lacks them; with ``validate`` each chunk is checked against the schema first (a bad row is
     a :class:`DataError` naming file, column and row group; nothing is written then). Writes
-    ``part-NNNNN.parquet`` files (row groups of ``row_group_size`` rows) and ``schema.yaml``; returns
+    ``part-NNNNN.parquet`` files (row groups of ``row_group_size`` rows) and ``_schema.yaml`` (the leading
+    underscore keeps dataset readers from taking it for data); returns
     ``{"path", "rows", "rows_per_domain", "files", "schema"}``.
     """
     srcs = as_sources(sources)
@@ -201,7 +202,7 @@ def consolidate(
         flush(final=True)
         if state["writer"] is not None:
             state["writer"].close()
-        with open(os.path.join(tmp, "schema.yaml"), "w") as fh:
+        with open(os.path.join(tmp, "_schema.yaml"), "w") as fh:
             fh.write(schema_yaml)
         if os.path.exists(out_dir):
             shutil.rmtree(out_dir)

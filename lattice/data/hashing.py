@@ -77,6 +77,8 @@ def hash_strings(arr: pa.Array, seed: int = 0) -> np.ndarray:
     """
     if isinstance(arr, pa.ChunkedArray):
         arr = arr.combine_chunks()
+    if pa.types.is_null(arr.type):
+        arr = pa.array([""] * len(arr), type=pa.string())
     if pa.types.is_dictionary(arr.type):
         dict_hash = hash_strings(arr.dictionary, seed)
         idx = np.asarray(arr.indices.fill_null(0).to_numpy(zero_copy_only=False), dtype=np.int64)

@@ -230,8 +230,8 @@ class DomainSpec:
 def _from_mapping(cls, obj: Any, where: str):
     if isinstance(obj, cls):
         return obj
-    if isinstance(obj, str) and cls is DomainSpec:
-        return DomainSpec(obj)
+    if cls is DomainSpec and isinstance(_as_name(obj), str):
+        return DomainSpec(_as_name(obj))
     if not isinstance(obj, Mapping):
         raise SchemaError(f"{where}: expected a mapping, got {obj!r}")
     known = {f.name for f in dataclasses.fields(cls)}

@@ -485,7 +485,7 @@ class SyntheticWorld:
             tp = p["tasks"][ti]
             aff = (ud * (v @ tp["P"].T)).sum(1) / math.sqrt(k)
             zt = (t.affinity * aff + t.user_bias * b_u + t.popularity * b_i + t.seq * seq_share
-                  + t.repeat * repeat + t.position * (1 - position) / 3.0 + t.brand * p["brand_effect"][p["brand"][items]]
+                  + t.repeat * repeat + t.position * (1 - position) + t.brand * p["brand_effect"][p["brand"][items]]
                   + t.hour * np.sin(2 * np.pi * hour / 24) + t.device * dp["device"][device])
             if "price" in has:
                 zt = zt + t.price * (log_price - p["mean_log_price"])

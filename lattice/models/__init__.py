@@ -1,1 +1,20 @@
+"""Whole networks: :class:`LatticeNetwork` (the default), :class:`InterFormer`, and the baselines
+:class:`SharedBottom`, :class:`MMoE`, :class:`PLE`, :class:`DLRM`, :class:`Wukong` — all
+:class:`LatticeModel` s: ``forward(batch) -> ModelOutput``, ``flops_per_sample()``, ``num_parameters()``.
+"""
+from lattice.models.base import LatticeModel, ModelOutput
+from lattice.models.baselines import DLRM, MMoE, PLE, SharedBottom, Wukong
+from lattice.models.interformer import InterFormer
+from lattice.models.lattice_network import LatticeNetwork
 
+__all__ = [
+    "LatticeModel",
+    "ModelOutput",
+    "LatticeNetwork",
+    "InterFormer",
+    "SharedBottom",
+    "MMoE",
+    "PLE",
+    "DLRM",
+    "Wukong",
+]

@@ -1,1 +1,51 @@
+"""Building blocks: norms, (per-domain) linears, fusion blocks (Wukong/DHEN), the extended context store,
+the fused embedding-bag collection, multi-task Zipper heads, feature processors and sequence blocks."""
+from lattice.nn.embedding import EmbeddingBagCollection, EmbeddingTableConfig, NormalInit, UniformInit
+from lattice.nn.context import ExtendedContextStore
+from lattice.nn.fusion import DWFB, CrossNetBlock, DotProductBlock, FMBlock, FusionBlock, LinearCompressBlock
+from lattice.nn.heads import HeadOutput, MultiTaskHeads
+from lattice.nn.linear import MLP, DomainLinear, make_activation
+from lattice.nn.norms import RMSNorm, SwishRMSNorm, make_norm
+from lattice.nn.processors import (
+    DenseProcessor,
+    EmbeddingTables,
+    FeatureProcessor,
+    JaggedTokens,
+    ProcessedFeatures,
+    SequenceProcessor,
+    SparseProcessor,
+)
+from lattice.nn.sequence import PersonalizedFFN, SelfGate, SequenceBlock, SequenceSummary
 
+__all__ = [
+    "EmbeddingBagCollection",
+    "EmbeddingTableConfig",
+    "NormalInit",
+    "UniformInit",
+    "RMSNorm",
+    "SwishRMSNorm",
+    "make_norm",
+    "DomainLinear",
+    "MLP",
+    "make_activation",
+    "FMBlock",
+    "LinearCompressBlock",
+    "DotProductBlock",
+    "CrossNetBlock",
+    "FusionBlock",
+    "DWFB",
+    "ExtendedContextStore",
+    "HeadOutput",
+    "MultiTaskHeads",
+    "JaggedTokens",
+    "ProcessedFeatures",
+    "EmbeddingTables",
+    "DenseProcessor",
+    "SparseProcessor",
+    "SequenceProcessor",
+    "FeatureProcessor",
+    "SelfGate",
+    "PersonalizedFFN",
+    "SequenceSummary",
+    "SequenceBlock",
+]

@@ -1,0 +1,926 @@
+// Jagged (varlen) multi-head attention on the CPU: forward and backward, flash-style.
+//
+// q [Nq, H, Dh] + q_offsets [B+1]; k, v [Nk, H, Dh] + kv_offsets [B+1]. Sample b's queries attend only
+// to sample b's keys; with `causal`, query i of n attends keys j <= i + (m - n) (the last query is
+// aligned with the last key). Returns out [Nq, H, Dh] and lse [Nq, H] (fp32, natural log of the sum of
+// exp(scaled scores)).
+//
+// A query that sees no key (a sample without keys, or a causal query before the first key) gets
+// out = 0 and lse = -inf: log of an empty sum, which is also what torch.logsumexp gives and what makes
+// partial results merge correctly with logaddexp. The backward treats such rows as contributing
+// nothing (grad_q = 0 for them), so neither direction produces NaN.
+//
+// Layout of the fast (fp32/bf16/fp16, fp32 accumulation) path. Work is split into (sample, head,
+// query chunk) items in the forward and (sample, head) items in the backward, ordered largest first
+// and scheduled dynamically, so skewed lengths balance across threads. Scores are computed transposed,
+// S^T [keys, queries], with the queries along the SIMD lanes:
+//   * S^T = K Q^T is a register-blocked micro-kernel over (MR keys) x (NV vectors of queries): K is
+//     packed into MR-row panels, Q^T into [Dh, NV*W] per query block.
+//   * the softmax statistics (max, sum, lse, D = rowsum(dO*O)) are per query, i.e. per lane, so the
+//     online softmax is purely element-wise: no horizontal reductions.
+//   * every product with Dh as the output width (P V, P^T dO, dS^T Q, dS K) is a second micro-kernel
+//     over (MR rows) x (DV vectors of Dh), broadcasting the P/dS entries.
+// No [B, H, Lmax, Lmax] (or even [Lq, Lk]) tensor is ever formed: a score tile is BK x NV*W floats.
+// float64 inputs take a plain scalar path (used by gradcheck).
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <numeric>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
+#include <immintrin.h>
+#endif
+
+#include <lattice/checks.h>
+
+namespace lattice {
+namespace {
+
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+constexpr float kPosInf = std::numeric_limits<float>::infinity();
+
+// ---------------------------------------------------------------------------------------------------
+// A minimal SIMD vector of floats: AVX-512 (16 lanes), AVX2+FMA (8 lanes) or portable (8 lanes,
+// element loops the compiler may vectorize). Only what the kernels below need.
+// ---------------------------------------------------------------------------------------------------
+#if defined(__AVX512F__)
+struct Vec {
+  static constexpr int W = 16;
+  __m512 v;
+  static Vec load(const float* p) { return {_mm512_loadu_ps(p)}; }
+  void store(float* p) const { _mm512_storeu_ps(p, v); }
+  static Vec zero() { return {_mm512_setzero_ps()}; }
+  static Vec set1(float x) { return {_mm512_set1_ps(x)}; }
+  // Lane l holds `base + l`.
+  static Vec iota(float base) {
+    return {_mm512_add_ps(_mm512_set1_ps(base),
+                          _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15))};
+  }
+  friend Vec fmadd(Vec a, Vec b, Vec c) { return {_mm512_fmadd_ps(a.v, b.v, c.v)}; }
+  friend Vec operator+(Vec a, Vec b) { return {_mm512_add_ps(a.v, b.v)}; }
+  friend Vec operator-(Vec a, Vec b) { return {_mm512_sub_ps(a.v, b.v)}; }
+  friend Vec operator*(Vec a, Vec b) { return {_mm512_mul_ps(a.v, b.v)}; }
+  friend Vec vmax(Vec a, Vec b) { return {_mm512_max_ps(a.v, b.v)}; }
+  // where(a >= b, x, y)
+  friend Vec select_ge(Vec a, Vec b, Vec x, Vec y) {
+    return {_mm512_mask_blend_ps(_mm512_cmp_ps_mask(a.v, b.v, _CMP_GE_OQ), y.v, x.v)};
+  }
+  // where(a == b, x, y)
+  friend Vec select_eq(Vec a, Vec b, Vec x, Vec y) {
+    return {_mm512_mask_blend_ps(_mm512_cmp_ps_mask(a.v, b.v, _CMP_EQ_OQ), y.v, x.v)};
+  }
+  // exp(x): Cephes' polynomial on the reduced argument, 2^n applied with scalef. Exactly 0 below
+  // -87.3 (so exp(-inf) = 0); NaN propagates.
+  Vec exp() const {
+    const __m512 x0 = v;
+    const __m512 x = _mm512_min_ps(_mm512_set1_ps(88.37626f), _mm512_max_ps(_mm512_set1_ps(-88.0f), x0));
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 p = _mm512_set1_ps(1.9875691500E-4f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507E-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073E-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894E-2f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459E-1f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201E-1f));
+    p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+    // Keep lanes with x0 >= -87.3 or NaN (unordered compare is true).
+    const __mmask16 keep = _mm512_cmp_ps_mask(x0, _mm512_set1_ps(-87.3f), _CMP_NLT_UQ);
+    return {_mm512_maskz_scalef_ps(keep, p, n)};
+  }
+};
+#elif defined(__AVX2__) && defined(__FMA__)
+struct Vec {
+  static constexpr int W = 8;
+  __m256 v;
+  static Vec load(const float* p) { return {_mm256_loadu_ps(p)}; }
+  void store(float* p) const { _mm256_storeu_ps(p, v); }
+  static Vec zero() { return {_mm256_setzero_ps()}; }
+  static Vec set1(float x) { return {_mm256_set1_ps(x)}; }
+  static Vec iota(float base) {
+    return {_mm256_add_ps(_mm256_set1_ps(base), _mm256_setr_ps(0, 1, 2, 3, 4, 5, 6, 7))};
+  }
+  friend Vec fmadd(Vec a, Vec b, Vec c) { return {_mm256_fmadd_ps(a.v, b.v, c.v)}; }
+  friend Vec operator+(Vec a, Vec b) { return {_mm256_add_ps(a.v, b.v)}; }
+  friend Vec operator-(Vec a, Vec b) { return {_mm256_sub_ps(a.v, b.v)}; }
+  friend Vec operator*(Vec a, Vec b) { return {_mm256_mul_ps(a.v, b.v)}; }
+  friend Vec vmax(Vec a, Vec b) { return {_mm256_max_ps(a.v, b.v)}; }
+  friend Vec select_ge(Vec a, Vec b, Vec x, Vec y) {
+    return {_mm256_blendv_ps(y.v, x.v, _mm256_cmp_ps(a.v, b.v, _CMP_GE_OQ))};
+  }
+  friend Vec select_eq(Vec a, Vec b, Vec x, Vec y) {
+    return {_mm256_blendv_ps(y.v, x.v, _mm256_cmp_ps(a.v, b.v, _CMP_EQ_OQ))};
+  }
+  Vec exp() const {
+    const __m256 x0 = v;
+    const __m256 x = _mm256_min_ps(_mm256_set1_ps(88.37626f), _mm256_max_ps(_mm256_set1_ps(-88.0f), x0));
+    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 p = _mm256_set1_ps(1.9875691500E-4f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507E-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073E-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894E-2f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459E-1f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201E-1f));
+    p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+    // 2^n through the exponent bits; n >= -127 here, and lanes below -87.3 are zeroed.
+    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    const __m256 y = _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+    const __m256 keep = _mm256_cmp_ps(x0, _mm256_set1_ps(-87.3f), _CMP_NLT_UQ);
+    const __m256 nan = _mm256_cmp_ps(x0, x0, _CMP_UNORD_Q);
+    return {_mm256_blendv_ps(_mm256_and_ps(y, keep), x0, nan)};
+  }
+};
+#else
+struct Vec {
+  static constexpr int W = 8;
+  float v[W];
+  static Vec load(const float* p) {
+    Vec r;
+    for (int i = 0; i < W; ++i) r.v[i] = p[i];
+    return r;
+  }
+  void store(float* p) const {
+    for (int i = 0; i < W; ++i) p[i] = v[i];
+  }
+  static Vec zero() { return set1(0.f); }
+  static Vec set1(float x) {
+    Vec r;
+    for (int i = 0; i < W; ++i) r.v[i] = x;
+    return r;
+  }
+  static Vec iota(float base) {
+    Vec r;
+    for (int i = 0; i < W; ++i) r.v[i] = base + static_cast<float>(i);
+    return r;
+  }
+#define LATTICE_VEC_BINOP(expr)       \
+  Vec r;                              \
+  for (int i = 0; i < W; ++i) r.v[i] = expr; \
+  return r;
+  friend Vec fmadd(Vec a, Vec b, Vec c) { LATTICE_VEC_BINOP(a.v[i] * b.v[i] + c.v[i]) }
+  friend Vec operator+(Vec a, Vec b) { LATTICE_VEC_BINOP(a.v[i] + b.v[i]) }
+  friend Vec operator-(Vec a, Vec b) { LATTICE_VEC_BINOP(a.v[i] - b.v[i]) }
+  friend Vec operator*(Vec a, Vec b) { LATTICE_VEC_BINOP(a.v[i] * b.v[i]) }
+  friend Vec vmax(Vec a, Vec b) { LATTICE_VEC_BINOP(a.v[i] > b.v[i] ? a.v[i] : b.v[i]) }
+  friend Vec select_ge(Vec a, Vec b, Vec x, Vec y) { LATTICE_VEC_BINOP(a.v[i] >= b.v[i] ? x.v[i] : y.v[i]) }
+  friend Vec select_eq(Vec a, Vec b, Vec x, Vec y) { LATTICE_VEC_BINOP(a.v[i] == b.v[i] ? x.v[i] : y.v[i]) }
+  Vec exp() const { LATTICE_VEC_BINOP(std::exp(v[i])) }
+#undef LATTICE_VEC_BINOP
+};
+#endif
+
+constexpr int W = Vec::W;
+constexpr bool kWide = W == 16;  // 32 vector registers (AVX-512) vs 16
+
+// Keys per tile (the online-softmax step) and queries per forward work item.
+constexpr int64_t kBK = 256;
+constexpr int64_t kQChunk = 256;
+
+inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
+// Rows (keys) of the S^T = K Q^T micro-kernel for NV query vectors.
+template <int NV>
+constexpr int score_mr() {
+  return kWide ? (NV == 1 ? 16 : NV == 2 ? 12 : 6) : (NV == 1 ? 8 : NV == 2 ? 6 : 3);
+}
+// Rows of the C [rows, DV*W] += A B micro-kernel.
+template <int DV>
+constexpr int acc_mr() {
+  return kWide ? (DV == 1 ? 12 : DV == 2 ? 12 : DV == 3 ? 8 : 6) : (DV == 1 ? 8 : DV == 2 ? 6 : DV == 3 ? 4 : 3);
+}
+
+// C[r, 0:NV*W] = sum_d A[d*MR + r] * BT[d*NV*W + 0:NV*W] for a packed MR-row panel A [Dh, MR] and a
+// packed block BT [Dh, NV*W]. C has row stride NV*W.
+template <int NV, int MR>
+inline void score_panel(const float* __restrict a, const float* __restrict bt, int64_t dh, float* __restrict c) {
+  Vec acc[MR][NV];
+#pragma GCC unroll 16
+  for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 4
+    for (int j = 0; j < NV; ++j) acc[r][j] = Vec::zero();
+  for (int64_t d = 0; d < dh; ++d) {
+    Vec b[NV];
+#pragma GCC unroll 4
+    for (int j = 0; j < NV; ++j) b[j] = Vec::load(bt + d * NV * W + j * W);
+    const float* ad = a + d * MR;
+#pragma GCC unroll 16
+    for (int r = 0; r < MR; ++r) {
+      const Vec ar = Vec::set1(ad[r]);
+#pragma GCC unroll 4
+      for (int j = 0; j < NV; ++j) acc[r][j] = fmadd(ar, b[j], acc[r][j]);
+    }
+  }
+#pragma GCC unroll 16
+  for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 4
+    for (int j = 0; j < NV; ++j) acc[r][j].store(c + r * NV * W + j * W);
+}
+
+// S^T [round_up(rows, MR), NV*W] for `rows` keys packed as panels (see pack_panels).
+template <int NV>
+inline void score_tile(const float* panels, const float* bt, int64_t dh, int64_t rows, float* st) {
+  constexpr int MR = score_mr<NV>();
+  for (int64_t p = 0; p * MR < rows; ++p) score_panel<NV, MR>(panels + p * dh * MR, bt, dh, st + p * MR * NV * W);
+}
+
+// C[r, 0:DV*W] = alpha[r] * C[r, :] (or C when alpha is null) + sum_{i<K} A[r*RS + i*IS] * B[i*ldb + :].
+template <int MR, int DV, int RS, int IS>
+inline void acc_block(const float* __restrict a, const float* __restrict b, int64_t ldb, int64_t K,
+                      float* __restrict c, int64_t ldc, const float* __restrict alpha) {
+  Vec acc[MR][DV];
+#pragma GCC unroll 16
+  for (int r = 0; r < MR; ++r) {
+    const Vec s = alpha ? Vec::set1(alpha[r]) : Vec::set1(1.f);
+#pragma GCC unroll 4
+    for (int j = 0; j < DV; ++j) acc[r][j] = Vec::load(c + r * ldc + j * W) * s;
+  }
+  for (int64_t i = 0; i < K; ++i) {
+    Vec bv[DV];
+#pragma GCC unroll 4
+    for (int j = 0; j < DV; ++j) bv[j] = Vec::load(b + i * ldb + j * W);
+    const float* ai = a + i * IS;
+#pragma GCC unroll 16
+    for (int r = 0; r < MR; ++r) {
+      const Vec ar = Vec::set1(ai[r * RS]);
+#pragma GCC unroll 4
+      for (int j = 0; j < DV; ++j) acc[r][j] = fmadd(ar, bv[j], acc[r][j]);
+    }
+  }
+#pragma GCC unroll 16
+  for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 4
+    for (int j = 0; j < DV; ++j) acc[r][j].store(c + r * ldc + j * W);
+}
+
+// The tail rows (fewer than a full micro-tile) dispatched to a block of exactly that height.
+template <int M, int DV, int RS, int IS>
+inline void acc_tail(int64_t rows, const float* a, const float* b, int64_t ldb, int64_t K, float* c, int64_t ldc,
+                     const float* alpha) {
+  if constexpr (M >= 1) {
+    if (rows == M) {
+      acc_block<M, DV, RS, IS>(a, b, ldb, K, c, ldc, alpha);
+    } else {
+      acc_tail<M - 1, DV, RS, IS>(rows, a, b, ldb, K, c, ldc, alpha);
+    }
+  }
+}
+
+template <int DV, int RS, int IS>
+inline void acc_rows(const float* a, const float* b, int64_t ldb, int64_t K, float* c, int64_t ldc,
+                     const float* alpha, int64_t rows) {
+  constexpr int MR = acc_mr<DV>();
+  int64_t r = 0;
+  for (; r + MR <= rows; r += MR) {
+    acc_block<MR, DV, RS, IS>(a + r * RS, b, ldb, K, c + r * ldc, ldc, alpha ? alpha + r : nullptr);
+  }
+  if (r < rows) {
+    acc_tail<MR - 1, DV, RS, IS>(rows - r, a + r * RS, b, ldb, K, c + r * ldc, ldc, alpha ? alpha + r : nullptr);
+  }
+}
+
+// C [rows, nvec*W] (row stride ldc) = alpha * C + A B, where A is rows x K with element (r, i) at
+// a[r*RS + i*IS] and B is K x nvec*W with row stride ldb.
+template <int RS, int IS>
+inline void acc_gemm(const float* a, const float* b, int64_t ldb, int64_t K, float* c, int64_t ldc,
+                     const float* alpha, int64_t rows, int64_t nvec) {
+  int64_t v = 0;
+  for (; v + 4 <= nvec; v += 4) acc_rows<4, RS, IS>(a, b + v * W, ldb, K, c + v * W, ldc, alpha, rows);
+  switch (nvec - v) {
+    case 3: acc_rows<3, RS, IS>(a, b + v * W, ldb, K, c + v * W, ldc, alpha, rows); break;
+    case 2: acc_rows<2, RS, IS>(a, b + v * W, ldb, K, c + v * W, ldc, alpha, rows); break;
+    case 1: acc_rows<1, RS, IS>(a, b + v * W, ldb, K, c + v * W, ldc, alpha, rows); break;
+    default: break;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Packing (with conversion to fp32). `src` rows are tokens with stride `ld` elements.
+// ---------------------------------------------------------------------------------------------------
+
+// Rows [0, rows) of src into MR-row panels: out[(p*dh + d)*MR + r] = src[(p*MR + r)*ld + d], zero-padded
+// to a whole panel.
+template <typename scalar_t, int MR>
+void pack_panels(const scalar_t* src, int64_t ld, int64_t rows, int64_t dh, float* out) {
+  for (int64_t p = 0; p * MR < rows; ++p) {
+    float* dst = out + p * dh * MR;
+    const int64_t r_end = std::min<int64_t>(MR, rows - p * MR);
+    for (int64_t r = 0; r < r_end; ++r) {
+      const scalar_t* s = src + (p * MR + r) * ld;
+      for (int64_t d = 0; d < dh; ++d) dst[d * MR + r] = static_cast<float>(s[d]);
+    }
+    for (int64_t r = r_end; r < MR; ++r)
+      for (int64_t d = 0; d < dh; ++d) dst[d * MR + r] = 0.f;
+  }
+}
+
+// Transposed query block: out[d*BQP + i] = mult * src[i*ld + d] for i < rows, 0 up to BQP.
+template <typename scalar_t>
+void pack_transposed(const scalar_t* src, int64_t ld, int64_t rows, int64_t dh, int64_t bqp, float mult,
+                     float* out) {
+  for (int64_t i = 0; i < rows; ++i) {
+    const scalar_t* s = src + i * ld;
+    for (int64_t d = 0; d < dh; ++d) out[d * bqp + i] = mult * static_cast<float>(s[d]);
+  }
+  for (int64_t d = 0; d < dh; ++d)
+    for (int64_t i = rows; i < bqp; ++i) out[d * bqp + i] = 0.f;
+}
+
+// Rows as fp32 with row stride dhp (zero-padded columns).
+template <typename scalar_t>
+void pack_rows(const scalar_t* src, int64_t ld, int64_t rows, int64_t dh, int64_t dhp, float* out) {
+  for (int64_t i = 0; i < rows; ++i) {
+    const scalar_t* s = src + i * ld;
+    float* o = out + i * dhp;
+    for (int64_t d = 0; d < dh; ++d) o[d] = static_cast<float>(s[d]);
+    for (int64_t d = dh; d < dhp; ++d) o[d] = 0.f;
+  }
+}
+
+// B operand rows for acc_gemm: the tensor itself when it is fp32 with whole vectors per row, else a
+// packed fp32 copy. Returns the row stride.
+template <typename scalar_t>
+const float* rows_operand(const scalar_t* src, int64_t ld, int64_t rows, int64_t dh, int64_t dhp,
+                          std::vector<float>& buf, int64_t* ldb) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    if (dh == dhp) {
+      *ldb = ld;
+      return src;
+    }
+  }
+  if (static_cast<int64_t>(buf.size()) < rows * dhp) buf.resize(rows * dhp);
+  pack_rows(src, ld, rows, dh, dhp, buf.data());
+  *ldb = dhp;
+  return buf.data();
+}
+
+inline void ensure(std::vector<float>& buf, int64_t n) {
+  if (static_cast<int64_t>(buf.size()) < n) buf.resize(n);
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Validation
+// ---------------------------------------------------------------------------------------------------
+struct Problem {
+  int64_t B, H, Dh, Nq, Nk;
+  at::Tensor q_offsets, kv_offsets;  // contiguous int64 on CPU
+};
+
+void check_offsets(const at::Tensor& offsets, const char* name, int64_t total, const char* values_name) {
+  TORCH_CHECK(offsets.device().is_cpu(), name, " must be on the CPU (like q), got ", offsets.device());
+  TORCH_CHECK(offsets.scalar_type() == at::kLong, name, " must be int64, got ", offsets.scalar_type());
+  check_dim(offsets, 1, name);
+  TORCH_CHECK(offsets.numel() >= 1, name, " must have B+1 >= 1 entries, got 0");
+  check_offsets_cpu<int64_t>(offsets, name, -1, total, values_name, "sample");
+  const int64_t last = offsets.contiguous().data_ptr<int64_t>()[offsets.numel() - 1];
+  TORCH_CHECK(last == total, name, "[-1] must equal the number of rows of ", values_name, " (", total, "), got ",
+              last);
+}
+
+Problem check_inputs(const at::Tensor& q, const at::Tensor& q_offsets, const at::Tensor& k, const at::Tensor& v,
+                     const at::Tensor& kv_offsets, double scale) {
+  check_dim(q, 3, "q");
+  check_dim(k, 3, "k");
+  check_dim(v, 3, "v");
+  TORCH_CHECK(q.device().is_cpu() && k.device().is_cpu() && v.device().is_cpu(),
+              "jagged_attention (CPU): q, k, v must be on the CPU, got ", q.device(), ", ", k.device(), ", ",
+              v.device());
+  const auto dt = q.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kDouble || dt == at::kBFloat16 || dt == at::kHalf,
+              "q must be float32, float64, bfloat16 or float16, got ", dt);
+  TORCH_CHECK(k.scalar_type() == dt, "k must have q's dtype ", dt, ", got ", k.scalar_type());
+  TORCH_CHECK(v.scalar_type() == dt, "v must have q's dtype ", dt, ", got ", v.scalar_type());
+  TORCH_CHECK(k.sizes() == v.sizes(), "k and v must have the same shape, got k ", k.sizes(), " and v ", v.sizes());
+  TORCH_CHECK(k.size(1) == q.size(1), "k must have q's number of heads ", q.size(1), ", got ", k.size(1),
+              " (k shape ", k.sizes(), ")");
+  TORCH_CHECK(k.size(2) == q.size(2), "k must have q's head dim ", q.size(2), ", got ", k.size(2), " (k shape ",
+              k.sizes(), ")");
+  TORCH_CHECK(q.size(2) >= 1, "q must have a head dim >= 1, got shape ", q.sizes());
+  TORCH_CHECK(std::isfinite(scale), "scale must be finite, got ", scale);
+  check_offsets(q_offsets, "q_offsets", q.size(0), "q");
+  check_offsets(kv_offsets, "kv_offsets", k.size(0), "k");
+  TORCH_CHECK(q_offsets.numel() == kv_offsets.numel(),
+              "q_offsets and kv_offsets must describe the same number of samples: q_offsets has ",
+              q_offsets.numel() - 1, " samples (", q_offsets.numel(), " entries), kv_offsets has ",
+              kv_offsets.numel() - 1, " (", kv_offsets.numel(), " entries)");
+  return Problem{q_offsets.numel() - 1, q.size(1), q.size(2), q.size(0), k.size(0), q_offsets.contiguous(),
+                 kv_offsets.contiguous()};
+}
+
+int num_threads() {
+#ifdef _OPENMP
+  // Nested inside another parallel region (e.g. an inter-op thread), run serially.
+  return omp_in_parallel() ? 1 : at::get_num_threads();
+#else
+  return 1;
+#endif
+}
+
+struct Item {
+  int64_t b, h, q0, q1;  // q0, q1: query range within the sample
+  double cost;
+};
+
+// Largest first, so dynamic scheduling leaves no long item for the end.
+void sort_items(std::vector<Item>& items) {
+  std::stable_sort(items.begin(), items.end(), [](const Item& x, const Item& y) { return x.cost > y.cost; });
+}
+
+// Number of keys visible to query i (local) of a sample with n queries and m keys.
+inline int64_t visible_keys(int64_t i, int64_t n, int64_t m, bool causal) {
+  if (!causal) return m;
+  return std::max<int64_t>(0, std::min<int64_t>(m, i + (m - n) + 1));
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Forward, fast path
+// ---------------------------------------------------------------------------------------------------
+struct FwdScratch {
+  std::vector<float> qt, kp, vp, st, o, mx, l, alpha;
+};
+
+template <typename scalar_t, int NV>
+void forward_item(const scalar_t* q, const scalar_t* k, const scalar_t* v, scalar_t* out, float* lse,
+                  const int64_t* qo, const int64_t* ko, int64_t H, int64_t Dh, float scale, bool causal,
+                  const Item& it, FwdScratch& s) {
+  constexpr int BQP = NV * W;
+  constexpr int SMR = score_mr<NV>();
+  const int64_t b = it.b, h = it.h;
+  const int64_t n = qo[b + 1] - qo[b], m = ko[b + 1] - ko[b], off = m - n;
+  const int64_t ld = H * Dh;
+  const int64_t dhp = round_up(Dh, W), nvec = dhp / W;
+  const int64_t nq = it.q1 - it.q0, nblk = (nq + BQP - 1) / BQP;
+  const scalar_t* qb = q + (qo[b] * H + h) * Dh;
+  const scalar_t* kb = k + (ko[b] * H + h) * Dh;
+  const scalar_t* vb = v + (ko[b] * H + h) * Dh;
+  const int64_t kend = causal ? std::max<int64_t>(0, std::min<int64_t>(m, it.q1 - 1 + off + 1)) : m;
+
+  ensure(s.qt, nblk * Dh * BQP);
+  ensure(s.o, nblk * BQP * dhp);
+  ensure(s.mx, nblk * BQP);
+  ensure(s.l, nblk * BQP);
+  ensure(s.alpha, BQP);
+  ensure(s.kp, round_up(kBK, SMR) * Dh);
+  ensure(s.st, round_up(kBK, SMR) * BQP);
+  for (int64_t blk = 0; blk < nblk; ++blk) {
+    const int64_t i0 = it.q0 + blk * BQP;
+    pack_transposed(qb + i0 * ld, ld, std::min<int64_t>(BQP, it.q1 - i0), Dh, BQP, scale, s.qt.data() + blk * Dh * BQP);
+  }
+  std::fill_n(s.o.data(), nblk * BQP * dhp, 0.f);
+  std::fill_n(s.mx.data(), nblk * BQP, kNegInf);
+  std::fill_n(s.l.data(), nblk * BQP, 0.f);
+
+  for (int64_t k0 = 0; k0 < kend; k0 += kBK) {
+    const int64_t kc = std::min<int64_t>(kBK, kend - k0);
+    pack_panels<scalar_t, SMR>(kb + k0 * ld, ld, kc, Dh, s.kp.data());
+    int64_t ldv = 0;
+    const float* vt = rows_operand(vb + k0 * ld, ld, kc, Dh, dhp, s.vp, &ldv);
+    for (int64_t blk = 0; blk < nblk; ++blk) {
+      const int64_t i0 = it.q0 + blk * BQP, nb = std::min<int64_t>(BQP, it.q1 - i0);
+      // Keys of this tile that some query of the block can see.
+      int64_t kcb = kc;
+      if (causal) kcb = std::min<int64_t>(kc, i0 + nb - 1 + off + 1 - k0);
+      if (kcb <= 0) continue;
+      float* st = s.st.data();
+      score_tile<NV>(s.kp.data(), s.qt.data() + blk * Dh * BQP, Dh, kcb, st);
+      // Causal mask: key j is hidden from query i when j > i + off, i.e. lane index < j - off - i0.
+      if (causal && k0 + kcb - 1 > i0 + off) {
+        for (int64_t r = std::max<int64_t>(0, i0 + off + 1 - k0); r < kcb; ++r) {
+          const float first_visible_lane = static_cast<float>(k0 + r - off - i0);
+          for (int j = 0; j < NV; ++j) {
+            Vec x = Vec::load(st + r * BQP + j * W);
+            x = select_ge(Vec::iota(static_cast<float>(j * W)), Vec::set1(first_visible_lane), x, Vec::set1(kNegInf));
+            x.store(st + r * BQP + j * W);
+          }
+        }
+      }
+      float* mx = s.mx.data() + blk * BQP;
+      float* l = s.l.data() + blk * BQP;
+      const bool first = k0 == 0;
+      for (int j = 0; j < NV; ++j) {
+        Vec tmax = Vec::set1(kNegInf);
+        for (int64_t r = 0; r < kcb; ++r) tmax = vmax(tmax, Vec::load(st + r * BQP + j * W));
+        const Vec m_old = Vec::load(mx + j * W);
+        const Vec m_new = vmax(m_old, tmax);
+        // A lane that has seen no visible key keeps max -inf; subtract 0 there so exp gives 0, not NaN.
+        const Vec m_use = select_eq(m_new, Vec::set1(kNegInf), Vec::zero(), m_new);
+        Vec sum = Vec::zero();
+        for (int64_t r = 0; r < kcb; ++r) {
+          const Vec p = (Vec::load(st + r * BQP + j * W) - m_use).exp();
+          p.store(st + r * BQP + j * W);
+          sum = sum + p;
+        }
+        const Vec alpha = (m_old - m_use).exp();
+        (fmadd(Vec::load(l + j * W), alpha, sum)).store(l + j * W);
+        m_new.store(mx + j * W);
+        alpha.store(s.alpha.data() + j * W);
+      }
+      acc_gemm<1, BQP>(st, vt, ldv, kcb, s.o.data() + blk * BQP * dhp, dhp, first ? nullptr : s.alpha.data(), nb,
+                       nvec);
+    }
+  }
+
+  for (int64_t i = 0; i < nq; ++i) {
+    const int64_t row = qo[b] + it.q0 + i;
+    const float li = s.l[i], mi = s.mx[i];
+    scalar_t* o = out + (row * H + h) * Dh;
+    const float* oi = s.o.data() + i * dhp;  // blocks are contiguous: block blk row r is row blk*BQP + r
+    if (li > 0.f) {
+      const float inv = 1.f / li;
+      for (int64_t d = 0; d < Dh; ++d) o[d] = static_cast<scalar_t>(oi[d] * inv);
+      lse[row * H + h] = mi + std::log(li);
+    } else {
+      for (int64_t d = 0; d < Dh; ++d) o[d] = static_cast<scalar_t>(0.f);
+      lse[row * H + h] = kNegInf;
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Backward, fast path: one item per (sample, head) so grad_k/grad_v rows are owned by one thread.
+// ---------------------------------------------------------------------------------------------------
+struct BwdScratch {
+  std::vector<float> qt, dot, lse, dd, qrows, dorows, dq, kp, vp, krows, st, dpt, dk, dv;
+};
+
+template <typename scalar_t, int NV>
+void backward_item(const scalar_t* go, const scalar_t* q, const scalar_t* k, const scalar_t* v, const scalar_t* out,
+                   const float* lse, scalar_t* gq, scalar_t* gk, scalar_t* gv, const int64_t* qo, const int64_t* ko,
+                   int64_t H, int64_t Dh, float scale, bool causal, const Item& it, BwdScratch& s) {
+  constexpr int BQP = NV * W;
+  constexpr int SMR = score_mr<NV>();
+  const int64_t b = it.b, h = it.h;
+  const int64_t n = qo[b + 1] - qo[b], m = ko[b + 1] - ko[b], off = m - n;
+  const int64_t ld = H * Dh;
+  const int64_t dhp = round_up(Dh, W), nvec = dhp / W;
+  const int64_t nblk = (n + BQP - 1) / BQP;
+  const int64_t qbase = (qo[b] * H + h) * Dh, kbase = (ko[b] * H + h) * Dh;
+
+  // Keys nobody sees (causal with more keys than queries never hides keys at the start, but a
+  // sample may have no queries) get zero gradients.
+  const int64_t kend = causal ? std::max<int64_t>(0, std::min<int64_t>(m, n - 1 + off + 1)) : (n > 0 ? m : 0);
+
+  ensure(s.qt, nblk * Dh * BQP);
+  ensure(s.dot, nblk * Dh * BQP);
+  ensure(s.lse, nblk * BQP);
+  ensure(s.dd, nblk * BQP);
+  ensure(s.dq, n * dhp);
+  for (int64_t blk = 0; blk < nblk; ++blk) {
+    const int64_t i0 = blk * BQP, nb = std::min<int64_t>(BQP, n - i0);
+    pack_transposed(q + qbase + i0 * ld, ld, nb, Dh, BQP, scale, s.qt.data() + blk * Dh * BQP);
+    pack_transposed(go + qbase + i0 * ld, ld, nb, Dh, BQP, 1.f, s.dot.data() + blk * Dh * BQP);
+  }
+  for (int64_t i = 0; i < nblk * BQP; ++i) {
+    if (i < n) {
+      const int64_t row = qo[b] + i;
+      const float li = lse[row * H + h];
+      // -inf: the query saw no key; +inf makes exp(s - lse) exactly 0 for it (and for padding lanes).
+      s.lse[i] = li == kNegInf ? kPosInf : li;
+      const scalar_t* goi = go + qbase + i * ld;
+      const scalar_t* oi = out + qbase + i * ld;
+      float acc = 0.f;
+      for (int64_t d = 0; d < Dh; ++d) acc += static_cast<float>(goi[d]) * static_cast<float>(oi[d]);
+      s.dd[i] = acc;
+    } else {
+      s.lse[i] = kPosInf;
+      s.dd[i] = 0.f;
+    }
+  }
+  std::fill_n(s.dq.data(), n * dhp, 0.f);
+  int64_t ldq = 0, lddo = 0;
+  const float* qrows = rows_operand(q + qbase, ld, n, Dh, dhp, s.qrows, &ldq);
+  const float* dorows = rows_operand(go + qbase, ld, n, Dh, dhp, s.dorows, &lddo);
+
+  ensure(s.kp, round_up(kBK, SMR) * Dh);
+  ensure(s.vp, round_up(kBK, SMR) * Dh);
+  ensure(s.st, round_up(kBK, SMR) * BQP);
+  ensure(s.dpt, round_up(kBK, SMR) * BQP);
+  ensure(s.dk, kBK * dhp);
+  ensure(s.dv, kBK * dhp);
+  for (int64_t k0 = 0; k0 < kend; k0 += kBK) {
+    const int64_t kc = std::min<int64_t>(kBK, kend - k0);
+    pack_panels<scalar_t, SMR>(k + kbase + k0 * ld, ld, kc, Dh, s.kp.data());
+    pack_panels<scalar_t, SMR>(v + kbase + k0 * ld, ld, kc, Dh, s.vp.data());
+    int64_t ldk = 0;
+    const float* krows = rows_operand(k + kbase + k0 * ld, ld, kc, Dh, dhp, s.krows, &ldk);
+    std::fill_n(s.dk.data(), kc * dhp, 0.f);
+    std::fill_n(s.dv.data(), kc * dhp, 0.f);
+    // The first query that sees key k0 is k0 - off.
+    const int64_t blk_begin = causal ? std::max<int64_t>(0, k0 - off) / BQP : 0;
+    for (int64_t blk = blk_begin; blk < nblk; ++blk) {
+      const int64_t i0 = blk * BQP, nb = std::min<int64_t>(BQP, n - i0);
+      int64_t kcb = kc;
+      if (causal) kcb = std::min<int64_t>(kc, i0 + nb - 1 + off + 1 - k0);
+      if (kcb <= 0) continue;
+      float* st = s.st.data();
+      float* dpt = s.dpt.data();
+      score_tile<NV>(s.kp.data(), s.qt.data() + blk * Dh * BQP, Dh, kcb, st);
+      score_tile<NV>(s.vp.data(), s.dot.data() + blk * Dh * BQP, Dh, kcb, dpt);
+      const bool masked = causal && k0 + kcb - 1 > i0 + off;
+      for (int j = 0; j < NV; ++j) {
+        const Vec lse_j = Vec::load(s.lse.data() + i0 + j * W);
+        const Vec d_j = Vec::load(s.dd.data() + i0 + j * W);
+        const Vec lane = Vec::iota(static_cast<float>(j * W));
+        for (int64_t r = 0; r < kcb; ++r) {
+          Vec p = (Vec::load(st + r * BQP + j * W) - lse_j).exp();
+          if (masked) p = select_ge(lane, Vec::set1(static_cast<float>(k0 + r - off - i0)), p, Vec::zero());
+          p.store(st + r * BQP + j * W);
+          (p * (Vec::load(dpt + r * BQP + j * W) - d_j)).store(dpt + r * BQP + j * W);
+        }
+      }
+      // dV += P^T dO ; dK += dS^T Q (scaled at the end) ; dQ += dS K (scaled at the end).
+      acc_gemm<BQP, 1>(st, dorows + i0 * lddo, lddo, nb, s.dv.data(), dhp, nullptr, kcb, nvec);
+      acc_gemm<BQP, 1>(dpt, qrows + i0 * ldq, ldq, nb, s.dk.data(), dhp, nullptr, kcb, nvec);
+      acc_gemm<1, BQP>(dpt, krows, ldk, kcb, s.dq.data() + i0 * dhp, dhp, nullptr, nb, nvec);
+    }
+    for (int64_t r = 0; r < kc; ++r) {
+      scalar_t* gkr = gk + kbase + (k0 + r) * ld;
+      scalar_t* gvr = gv + kbase + (k0 + r) * ld;
+      const float* dkr = s.dk.data() + r * dhp;
+      const float* dvr = s.dv.data() + r * dhp;
+      for (int64_t d = 0; d < Dh; ++d) {
+        gkr[d] = static_cast<scalar_t>(dkr[d] * scale);
+        gvr[d] = static_cast<scalar_t>(dvr[d]);
+      }
+    }
+  }
+  for (int64_t r = kend; r < m; ++r) {
+    std::fill_n(gk + kbase + r * ld, Dh, static_cast<scalar_t>(0.f));
+    std::fill_n(gv + kbase + r * ld, Dh, static_cast<scalar_t>(0.f));
+  }
+  for (int64_t i = 0; i < n; ++i) {
+    scalar_t* gqi = gq + qbase + i * ld;
+    const float* dqi = s.dq.data() + i * dhp;
+    for (int64_t d = 0; d < Dh; ++d) gqi[d] = static_cast<scalar_t>(dqi[d] * scale);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------
+// float64: plain scalar loops (gradcheck and exactness), same semantics.
+// ---------------------------------------------------------------------------------------------------
+void forward_double(const double* q, const double* k, const double* v, double* out, float* lse, const int64_t* qo,
+                    const int64_t* ko, int64_t H, int64_t Dh, double scale, bool causal, const Item& it,
+                    std::vector<double>& sc) {
+  const int64_t b = it.b, h = it.h, n = qo[b + 1] - qo[b], m = ko[b + 1] - ko[b];
+  const int64_t ld = H * Dh;
+  if (static_cast<int64_t>(sc.size()) < m) sc.resize(m);
+  for (int64_t i = it.q0; i < it.q1; ++i) {
+    const int64_t row = qo[b] + i;
+    const double* qi = q + (row * H + h) * Dh;
+    double* oi = out + (row * H + h) * Dh;
+    const int64_t vis = visible_keys(i, n, m, causal);
+    std::fill_n(oi, Dh, 0.0);
+    if (vis == 0) {
+      lse[row * H + h] = kNegInf;
+      continue;
+    }
+    double mx = -std::numeric_limits<double>::infinity();
+    for (int64_t j = 0; j < vis; ++j) {
+      const double* kj = k + ((ko[b] + j) * H + h) * Dh;
+      double acc = 0;
+      for (int64_t d = 0; d < Dh; ++d) acc += qi[d] * kj[d];
+      sc[j] = acc * scale;
+      mx = std::max(mx, sc[j]);
+    }
+    double sum = 0;
+    for (int64_t j = 0; j < vis; ++j) {
+      const double p = std::exp(sc[j] - mx);
+      sum += p;
+      const double* vj = v + ((ko[b] + j) * H + h) * Dh;
+      for (int64_t d = 0; d < Dh; ++d) oi[d] += p * vj[d];
+    }
+    for (int64_t d = 0; d < Dh; ++d) oi[d] /= sum;
+    lse[row * H + h] = static_cast<float>(mx + std::log(sum));
+  }
+  (void)ld;
+}
+
+void backward_double(const double* go, const double* q, const double* k, const double* v, const double* out,
+                     const float* lse, double* gq, double* gk, double* gv, const int64_t* qo, const int64_t* ko,
+                     int64_t H, int64_t Dh, double scale, bool causal, const Item& it) {
+  const int64_t b = it.b, h = it.h, n = qo[b + 1] - qo[b], m = ko[b + 1] - ko[b];
+  for (int64_t j = 0; j < m; ++j) {
+    std::fill_n(gk + ((ko[b] + j) * H + h) * Dh, Dh, 0.0);
+    std::fill_n(gv + ((ko[b] + j) * H + h) * Dh, Dh, 0.0);
+  }
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t row = qo[b] + i;
+    const double* qi = q + (row * H + h) * Dh;
+    const double* goi = go + (row * H + h) * Dh;
+    const double* oi = out + (row * H + h) * Dh;
+    double* gqi = gq + (row * H + h) * Dh;
+    std::fill_n(gqi, Dh, 0.0);
+    const int64_t vis = visible_keys(i, n, m, causal);
+    if (vis == 0) continue;
+    // lse is stored in fp32; recompute it in double so the float64 path stays exact.
+    double mx = -std::numeric_limits<double>::infinity();
+    for (int64_t j = 0; j < vis; ++j) {
+      const double* kj = k + ((ko[b] + j) * H + h) * Dh;
+      double acc = 0;
+      for (int64_t d = 0; d < Dh; ++d) acc += qi[d] * kj[d];
+      mx = std::max(mx, acc * scale);
+    }
+    double sum = 0;
+    for (int64_t j = 0; j < vis; ++j) {
+      const double* kj = k + ((ko[b] + j) * H + h) * Dh;
+      double acc = 0;
+      for (int64_t d = 0; d < Dh; ++d) acc += qi[d] * kj[d];
+      sum += std::exp(acc * scale - mx);
+    }
+    const double lse_i = mx + std::log(sum);
+    double dd = 0;
+    for (int64_t d = 0; d < Dh; ++d) dd += goi[d] * oi[d];
+    for (int64_t j = 0; j < vis; ++j) {
+      const double* kj = k + ((ko[b] + j) * H + h) * Dh;
+      const double* vj = v + ((ko[b] + j) * H + h) * Dh;
+      double* gkj = gk + ((ko[b] + j) * H + h) * Dh;
+      double* gvj = gv + ((ko[b] + j) * H + h) * Dh;
+      double s = 0, dp = 0;
+      for (int64_t d = 0; d < Dh; ++d) {
+        s += qi[d] * kj[d];
+        dp += goi[d] * vj[d];
+      }
+      const double p = std::exp(s * scale - lse_i);
+      const double ds = p * (dp - dd) * scale;
+      for (int64_t d = 0; d < Dh; ++d) {
+        gvj[d] += p * goi[d];
+        gqi[d] += ds * kj[d];
+        gkj[d] += ds * qi[d];
+      }
+    }
+  }
+  (void)lse;
+}
+
+template <typename F>
+void run_items(const std::vector<Item>& items, F&& body) {
+  const int64_t count = static_cast<int64_t>(items.size());
+  const int nt = static_cast<int>(std::min<int64_t>(num_threads(), std::max<int64_t>(1, count)));
+#pragma omp parallel num_threads(nt) if (nt > 1)
+  {
+    typename std::decay_t<F>::Scratch scratch;
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t t = 0; t < count; ++t) body(items[t], scratch);
+  }
+}
+
+template <typename S, typename F>
+struct WithScratch {
+  using Scratch = S;
+  F f;
+  void operator()(const Item& it, S& s) const { f(it, s); }
+};
+template <typename S, typename F>
+WithScratch<S, F> with_scratch(F f) {
+  return WithScratch<S, F>{std::move(f)};
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Entry points
+// ---------------------------------------------------------------------------------------------------
+std::tuple<at::Tensor, at::Tensor> jagged_attention_cpu(const at::Tensor& q_in, const at::Tensor& q_offsets,
+                                                         const at::Tensor& k_in, const at::Tensor& v_in,
+                                                         const at::Tensor& kv_offsets, double scale, bool causal) {
+  const Problem pb = check_inputs(q_in, q_offsets, k_in, v_in, kv_offsets, scale);
+  const at::Tensor q = q_in.contiguous(), k = k_in.contiguous(), v = v_in.contiguous();
+  at::Tensor out = at::empty_like(q, at::MemoryFormat::Contiguous);
+  at::Tensor lse = at::empty({pb.Nq, pb.H}, q.options().dtype(at::kFloat));
+  if (pb.Nq == 0 || pb.H == 0) return {out, lse};
+  const int64_t* qo = pb.q_offsets.data_ptr<int64_t>();
+  const int64_t* ko = pb.kv_offsets.data_ptr<int64_t>();
+  const int64_t H = pb.H, Dh = pb.Dh;
+
+  std::vector<Item> items;
+  items.reserve(pb.B * H);
+  for (int64_t b = 0; b < pb.B; ++b) {
+    const int64_t n = qo[b + 1] - qo[b], m = ko[b + 1] - ko[b];
+    for (int64_t q0 = 0; q0 < n; q0 += kQChunk) {
+      const int64_t q1 = std::min<int64_t>(n, q0 + kQChunk);
+      const int64_t keys = causal ? (visible_keys(q0, n, m, true) + visible_keys(q1 - 1, n, m, true)) / 2 : m;
+      // Per-query overhead (packing, finalizing) counts as a few keys.
+      const double cost = static_cast<double>(q1 - q0) * static_cast<double>(keys + 8);
+      for (int64_t h = 0; h < H; ++h) items.push_back({b, h, q0, q1, cost});
+    }
+  }
+  sort_items(items);
+  float* lse_p = lse.data_ptr<float>();
+
+  if (q.scalar_type() == at::kDouble) {
+    const double *qp = q.data_ptr<double>(), *kp = k.data_ptr<double>(), *vp = v.data_ptr<double>();
+    double* op = out.data_ptr<double>();
+    run_items(items, with_scratch<std::vector<double>>([&](const Item& it, std::vector<double>& sc) {
+                forward_double(qp, kp, vp, op, lse_p, qo, ko, H, Dh, scale, causal, it, sc);
+              }));
+    return {out, lse};
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "jagged_attention_cpu", [&] {
+    if constexpr (!std::is_same_v<scalar_t, double>) {
+      const scalar_t *qp = q.data_ptr<scalar_t>(), *kp = k.data_ptr<scalar_t>(), *vp = v.data_ptr<scalar_t>();
+      scalar_t* op = out.data_ptr<scalar_t>();
+      const float sc = static_cast<float>(scale);
+      run_items(items, with_scratch<FwdScratch>([&](const Item& it, FwdScratch& s) {
+                  if (it.q1 - it.q0 <= W) {
+                    forward_item<scalar_t, 1>(qp, kp, vp, op, lse_p, qo, ko, H, Dh, sc, causal, it, s);
+                  } else {
+                    forward_item<scalar_t, 2>(qp, kp, vp, op, lse_p, qo, ko, H, Dh, sc, causal, it, s);
+                  }
+                }));
+    }
+  });
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> jagged_attention_backward_cpu(
+    const at::Tensor& grad_out_in, const at::Tensor& q_in, const at::Tensor& q_offsets, const at::Tensor& k_in,
+    const at::Tensor& v_in, const at::Tensor& kv_offsets, const at::Tensor& out_in, const at::Tensor& lse_in,
+    double scale, bool causal) {
+  const Problem pb = check_inputs(q_in, q_offsets, k_in, v_in, kv_offsets, scale);
+  TORCH_CHECK(grad_out_in.sizes() == q_in.sizes(), "grad_out must have q's shape ", q_in.sizes(), ", got ",
+              grad_out_in.sizes());
+  TORCH_CHECK(out_in.sizes() == q_in.sizes(), "out must have q's shape ", q_in.sizes(), ", got ", out_in.sizes());
+  TORCH_CHECK(grad_out_in.scalar_type() == q_in.scalar_type(), "grad_out must have q's dtype ", q_in.scalar_type(),
+              ", got ", grad_out_in.scalar_type());
+  TORCH_CHECK(out_in.scalar_type() == q_in.scalar_type(), "out must have q's dtype ", q_in.scalar_type(), ", got ",
+              out_in.scalar_type());
+  TORCH_CHECK(lse_in.dim() == 2 && lse_in.size(0) == pb.Nq && lse_in.size(1) == pb.H, "lse must have shape [",
+              pb.Nq, ", ", pb.H, "], got ", lse_in.sizes());
+  TORCH_CHECK(lse_in.scalar_type() == at::kFloat, "lse must be float32, got ", lse_in.scalar_type());
+  TORCH_CHECK(grad_out_in.device().is_cpu() && out_in.device().is_cpu() && lse_in.device().is_cpu(),
+              "jagged_attention_backward (CPU): grad_out, out and lse must be on the CPU");
+  const at::Tensor q = q_in.contiguous(), k = k_in.contiguous(), v = v_in.contiguous();
+  const at::Tensor go = grad_out_in.contiguous(), out = out_in.contiguous(), lse = lse_in.contiguous();
+  at::Tensor gq = at::empty_like(q, at::MemoryFormat::Contiguous);
+  at::Tensor gk = at::zeros_like(k, at::MemoryFormat::Contiguous);
+  at::Tensor gv = at::zeros_like(v, at::MemoryFormat::Contiguous);
+  if (pb.H == 0) return {gq, gk, gv};
+  const int64_t* qo = pb.q_offsets.data_ptr<int64_t>();
+  const int64_t* ko = pb.kv_offsets.data_ptr<int64_t>();
+  const int64_t H = pb.H, Dh = pb.Dh;
+
+  std::vector<Item> items;
+  items.reserve(pb.B * H);
+  for (int64_t b = 0; b < pb.B; ++b) {
+    const int64_t n = qo[b + 1] - qo[b], m = ko[b + 1] - ko[b];
+    if (n == 0) continue;  // grad_k, grad_v stay zero
+    const double keys = causal ? 0.5 * (visible_keys(0, n, m, true) + visible_keys(n - 1, n, m, true)) : m;
+    const double cost = static_cast<double>(n) * (keys + 8) + static_cast<double>(m) * 8;
+    for (int64_t h = 0; h < H; ++h) items.push_back({b, h, 0, n, cost});
+  }
+  sort_items(items);
+  const float* lse_p = lse.data_ptr<float>();
+
+  if (q.scalar_type() == at::kDouble) {
+    const double *gop = go.data_ptr<double>(), *qp = q.data_ptr<double>(), *kp = k.data_ptr<double>(),
+                 *vp = v.data_ptr<double>(), *op = out.data_ptr<double>();
+    double *gqp = gq.data_ptr<double>(), *gkp = gk.data_ptr<double>(), *gvp = gv.data_ptr<double>();
+    run_items(items, with_scratch<int>([&](const Item& it, int&) {
+                backward_double(gop, qp, kp, vp, op, lse_p, gqp, gkp, gvp, qo, ko, H, Dh, scale, causal, it);
+              }));
+    return {gq, gk, gv};
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "jagged_attention_backward_cpu", [&] {
+    if constexpr (!std::is_same_v<scalar_t, double>) {
+      const scalar_t *gop = go.data_ptr<scalar_t>(), *qp = q.data_ptr<scalar_t>(), *kp = k.data_ptr<scalar_t>(),
+                     *vp = v.data_ptr<scalar_t>(), *op = out.data_ptr<scalar_t>();
+      scalar_t *gqp = gq.data_ptr<scalar_t>(), *gkp = gk.data_ptr<scalar_t>(), *gvp = gv.data_ptr<scalar_t>();
+      const float sc = static_cast<float>(scale);
+      run_items(items, with_scratch<BwdScratch>([&](const Item& it, BwdScratch& s) {
+                  if (it.q1 - it.q0 <= W) {
+                    backward_item<scalar_t, 1>(gop, qp, kp, vp, op, lse_p, gqp, gkp, gvp, qo, ko, H, Dh, sc, causal,
+                                               it, s);
+                  } else {
+                    backward_item<scalar_t, 2>(gop, qp, kp, vp, op, lse_p, gqp, gkp, gvp, qo, ko, H, Dh, sc, causal,
+                                               it, s);
+                  }
+                }));
+    }
+  });
+  // Rows of samples without queries were never visited: gq rows for them do not exist (n == 0), and
+  // gk/gv were zero-initialized.
+  return {gq, gk, gv};
+}
+
+}  // namespace
+}  // namespace lattice
+
+TORCH_LIBRARY_IMPL(lattice, CPU, m) {
+  m.impl("jagged_attention", &lattice::jagged_attention_cpu);
+  m.impl("jagged_attention_backward", &lattice::jagged_attention_backward_cpu);
+}

@@ -1,0 +1,3 @@
+// Shadow of the CUDA header <cuda_runtime.h> for emulated builds: everything lives in cuda_emu.h.
+#pragma once
+#include "../cuda_emu.h"

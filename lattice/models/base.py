@@ -1,0 +1,178 @@
+"""The shared base of every lattice network: :class:`LatticeModel` and its output, :class:`ModelOutput`.
+
+A network = :class:`~lattice.nn.FeatureProcessor` (Batch -> tokens) + its own trunk (``encode``) +
+:class:`~lattice.nn.MultiTaskHeads` (per-task logits with Zipper windows). Every comparison between
+networks is therefore like for like: same inputs, same heads, same outputs.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from lattice.data.schema import Schema
+from lattice.nn.embedding import EmbeddingBagCollection
+from lattice.nn.heads import MultiTaskHeads
+from lattice.nn.processors import FeatureProcessor, ProcessedFeatures
+
+__all__ = ["ModelOutput", "LatticeModel"]
+
+
+@dataclass
+class ModelOutput:
+    """What every lattice network returns from ``forward(batch)``.
+
+    Attributes:
+        logits: ``[B, T]`` serving logits in the schema's task order (a windowed task's longest-window
+            head; a regression task's raw prediction). Use these for eval, predict and serving.
+        train_logits: ``[B, T]`` logits routed for the training loss: a windowed task's
+            ``batch.label_window[b, t]`` head, so each sample's loss reaches only its assigned window.
+        representation: ``[B, R]`` the final shared representation the heads read (for distillation
+            and KTAP teacher embeddings), or ``None``.
+        window_logits: task name -> ``[B, W]`` every window head of a windowed task.
+    """
+
+    logits: Tensor
+    train_logits: Tensor
+    representation: Tensor | None = None
+    window_logits: dict[str, Tensor] = field(default_factory=dict)
+
+
+class LatticeModel(nn.Module):
+    """Base class: processor + ``encode`` + heads.
+
+    Args:
+        schema: the data :class:`~lattice.data.Schema` (the CLI links it in from the data module).
+        dim: d, the token width.
+        embedding_dim: width of embedding tables whose features give none (default ``dim``).
+        dense_tokens: ``None`` = one token per dense feature; k = all dense features into k tokens.
+        domain_token: add a learned token for the sample's domain.
+        sequence_merge: how several sequence features merge (``"concat"`` or ``"masknet"``).
+        max_positions: learned recency-position table size of sequence events (0 = none).
+        time_buckets: log2 time-gap buckets of sequence events (0 = none).
+        head_hidden_dims: hidden sizes of every task/window head MLP.
+        head_activation: their activation.
+        untie_heads: one copy of the heads per domain (group).
+        domain_groups: group id of every domain for per-domain untying (default one group per domain).
+        embedding_kwargs: extra keyword arguments of every :class:`~lattice.nn.EmbeddingBagCollection`.
+
+    Subclasses build their trunk in ``__init__``, call :meth:`_build_heads` with its output width, and
+    implement :meth:`encode` and :meth:`trunk_flops`.
+    """
+
+    def __init__(
+        self,
+        schema: Schema,
+        dim: int = 32,
+        embedding_dim: int | None = None,
+        dense_tokens: int | None = None,
+        domain_token: bool = True,
+        sequence_merge: Literal["concat", "masknet"] = "concat",
+        max_positions: int = 256,
+        time_buckets: int = 32,
+        head_hidden_dims: Sequence[int] = (64,),
+        head_activation: str = "silu",
+        untie_heads: bool = False,
+        domain_groups: Sequence[int] | None = None,
+        embedding_kwargs: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        if not schema.tasks:
+            raise ValueError("the schema has no tasks")
+        self.schema = schema
+        self.dim = dim
+        self.num_domains = max(1, len(schema.domains))
+        self.domain_groups = None if domain_groups is None else list(domain_groups)
+        self.processor = FeatureProcessor(
+            schema,
+            dim,
+            embedding_dim=embedding_dim,
+            dense_tokens=dense_tokens,
+            domain_token=domain_token,
+            sequence_merge=sequence_merge,
+            max_positions=max_positions,
+            time_buckets=time_buckets,
+            collection_kwargs=embedding_kwargs,
+        )
+        self._head_args = dict(
+            hidden_dims=list(head_hidden_dims),
+            activation=head_activation,
+            num_domains=self.num_domains if untie_heads else 1,
+            domain_groups=self.domain_groups if untie_heads else None,
+        )
+        self.heads: MultiTaskHeads | None = None
+
+    # ------------------------------------------------------------------------------ subclass API
+    def _build_heads(self, in_dim: int) -> None:
+        self.heads = MultiTaskHeads(in_dim, self.schema.tasks, **self._head_args)
+
+    def _untie(self, untied: bool) -> dict[str, Any]:
+        """``num_domains``/``domain_groups`` kwargs for a block that is (or is not) untied per domain."""
+        if not untied:
+            return dict(num_domains=1, domain_groups=None)
+        return dict(num_domains=self.num_domains, domain_groups=self.domain_groups)
+
+    def encode(self, features: ProcessedFeatures, batch: Any) -> tuple[Tensor, Tensor]:
+        """Returns ``(head_input, representation)``: head input ``[B, R]`` (or ``[B, T, R]``, one per
+        task) and the shared representation ``[B, R']``."""
+        raise NotImplementedError
+
+    def trunk_flops(self, events: float) -> float:
+        """FLOPs per sample of everything between the processor and the heads, for ``events``
+        sequence events per sample."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------------------ public API
+    @property
+    def task_names(self) -> list[str]:
+        return [t.name for t in self.schema.tasks]
+
+    @property
+    def domain_names(self) -> list[str]:
+        return [d.name for d in self.schema.domains]
+
+    def forward(self, batch: Any) -> ModelOutput:
+        features = self.processor(batch)
+        head_input, representation = self.encode(features, batch)
+        out = self.heads(head_input, getattr(batch, "label_window", None), batch.domain)
+        return ModelOutput(out.logits, out.train_logits, representation, out.window_logits)
+
+    def default_sequence_length(self) -> float:
+        """Events per sample assumed by :meth:`flops_per_sample`: the sum of the sequence features'
+        ``max_length`` (0 without sequences; 50 per feature without a max_length)."""
+        return float(sum(f.max_length or 50 for f in self.schema.sequence_features))
+
+    def flops_per_sample(self, sequence_length: float | None = None) -> float:
+        """Analytic forward FLOPs per sample (2 per multiply-add).
+
+        Counted: every matmul/linear of the processor (projections), the trunk (fusion blocks,
+        attention projections, attention scores and weighted sums, FFNs, gates) and the heads (every
+        window head). Not counted: embedding-table lookups and pooling (memory-bound gathers),
+        norms, activations, element-wise products, softmax, and the extra work of the ``"dense"``
+        dispatch of per-domain layers. ``sequence_length`` is the number of events per sample
+        (default :meth:`default_sequence_length`, the worst case). Backward costs about twice this.
+        """
+        events = self.default_sequence_length() if sequence_length is None else float(sequence_length)
+        if not self.processor.has_sequence:
+            events = 0.0
+        return float(self.processor.flops(events) + self.trunk_flops(events) + self.heads.flops())
+
+    def num_parameters(self, trainable_only: bool = False, include_embeddings: bool = True) -> int:
+        """Number of parameters; ``include_embeddings=False`` leaves out the embedding tables."""
+        skip: set[int] = set()
+        if not include_embeddings:
+            for m in self.modules():
+                if isinstance(m, EmbeddingBagCollection):
+                    skip.update(id(p) for p in m.parameters())
+        return sum(
+            p.numel()
+            for p in self.parameters()
+            if id(p) not in skip and (p.requires_grad or not trainable_only)
+        )
+
+    def embedding_collections(self) -> list[EmbeddingBagCollection]:
+        """The model's embedding collections (e.g. for the fused sparse optimizer)."""
+        return [m for m in self.modules() if isinstance(m, EmbeddingBagCollection)]

@@ -1,0 +1,507 @@
+"""Feature processors: turn a :class:`~lattice.data.Batch` into tokens of width d.
+
+- sparse features -> one token each, pooled by :class:`~lattice.nn.EmbeddingBagCollection` (the fused
+  kernel); features naming the same ``shared_table`` share one table;
+- dense features -> one token each (a per-feature affine map of the value), or a few tokens for all of
+  them together;
+- sequence features -> one jagged token stream per sample (an embedding per event, a learned recency
+  position and an optional time-gap bucket); several sequences are merged by concatenation per sample
+  (each event tagged with its feature) or, when they are parallel attributes of the same events, by
+  InterFormer's MaskNet option;
+- the sample's domain -> one token.
+
+A feature that is absent in a row (``dense_mask``/``sparse_mask`` False, e.g. not collected in that
+row's domain) becomes a learned per-feature "missing" token, never a faked zero. An empty bag of a
+present sparse feature pools to zero, and an empty sequence is a sample with no events.
+
+Sequence features draw their event embeddings from the same tables as the sparse features (a
+``shared_table`` links e.g. a clicked-item history to the target item's table), looked up as bags of one.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from lattice.nn.embedding import EmbeddingBagCollection, EmbeddingTableConfig
+from lattice.nn.linear import MLP
+from lattice.nn.norms import make_norm
+from lattice.sparse import KeyedJaggedTensor
+
+__all__ = [
+    "JaggedTokens",
+    "ProcessedFeatures",
+    "EmbeddingTables",
+    "DenseProcessor",
+    "SparseProcessor",
+    "SequenceProcessor",
+    "FeatureProcessor",
+    "jagged_positions",
+]
+
+
+@dataclass
+class JaggedTokens:
+    """A jagged stream of d-wide tokens: sample b owns ``values[offsets[b]:offsets[b+1]]``.
+
+    Attributes:
+        values: ``[N, d]`` tokens, each sample's tokens oldest first.
+        offsets: ``[B + 1]`` int64 row starts.
+        positions: ``[N]`` int64 position of each token in its sample (0 = oldest).
+    """
+
+    values: Tensor
+    offsets: Tensor
+    positions: Tensor
+
+    @property
+    def lengths(self) -> Tensor:
+        return self.offsets[1:] - self.offsets[:-1]
+
+    @property
+    def batch_size(self) -> int:
+        return self.offsets.numel() - 1
+
+    def replace(self, values: Tensor) -> "JaggedTokens":
+        return JaggedTokens(values, self.offsets, self.positions)
+
+
+@dataclass
+class ProcessedFeatures:
+    """What :class:`FeatureProcessor` returns.
+
+    Attributes:
+        tokens: ``[B, n, d]`` non-sequence tokens: sparse features, then dense, then the domain token.
+        sequence: the merged sequence stream, or ``None`` when the schema has no sequence features.
+    """
+
+    tokens: Tensor
+    sequence: JaggedTokens | None
+
+
+def jagged_positions(offsets: Tensor, total: int) -> Tensor:
+    """``[total]`` position of every value within its row, for row starts ``offsets [R + 1]``."""
+    lengths = offsets[1:] - offsets[:-1]
+    starts = torch.repeat_interleave(offsets[:-1], lengths, output_size=total)
+    return torch.arange(total, device=offsets.device) - starts
+
+
+def _row_ids(lengths: Tensor, total: int) -> Tensor:
+    return torch.repeat_interleave(torch.arange(lengths.numel(), device=lengths.device), lengths, output_size=total)
+
+
+def _offsets(lengths: Tensor) -> Tensor:
+    return torch.cat([lengths.new_zeros(1), torch.cumsum(lengths, 0)])
+
+
+class EmbeddingTables(nn.Module):
+    """All embedding tables of a schema, in :class:`EmbeddingBagCollection` s.
+
+    One table per ``shared_table`` name (or per feature without one), sized by the largest
+    ``num_embeddings`` among the features it serves, ``embedding_dim`` wide (default
+    ``default_embedding_dim``). Tables serving only sparse features live in one collection per width;
+    tables serving a sequence feature (possibly shared with sparse features, e.g. the target item and the
+    clicked-item history) live in a second collection, so a sequence lookup only touches the tables it
+    needs. Every lookup goes through the collections' fused kernel (and their fused optimizer).
+
+    Sequence events are looked up as bags of one: for ``S`` events in total the sequence collection
+    sees a KeyedJaggedTensor of stride ``S`` where the bag of event r is non-empty only under its own
+    feature's key, so ``[S, F, D]`` comes back and each event keeps its own feature's row (no host sync).
+
+    Args:
+        features: the sparse and sequence feature specs to serve.
+        default_embedding_dim: width of tables whose features give no ``embedding_dim``.
+        collection_kwargs: extra keyword arguments for every :class:`EmbeddingBagCollection`.
+    """
+
+    def __init__(
+        self,
+        features: Sequence[Any],
+        default_embedding_dim: int,
+        collection_kwargs: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        tables: dict[str, dict[str, Any]] = {}
+        for f in features:
+            if not f.num_embeddings:
+                raise ValueError(f"feature {f.name!r} ({f.kind}) needs num_embeddings for its embedding table")
+            name = f.shared_table or f.name
+            dim = f.embedding_dim or default_embedding_dim
+            t = tables.setdefault(
+                name, dict(rows=0, dim=dim, features=[], pooling=getattr(f, "pooling", "sum"), sequence=False)
+            )
+            if t["dim"] != dim:
+                raise ValueError(
+                    f"table {name!r} is shared by features with different embedding_dim ({t['dim']} and {dim})"
+                )
+            t["rows"] = max(t["rows"], int(f.num_embeddings))
+            t["features"].append(f.name)
+            t["sequence"] = t["sequence"] or f.kind == "sequence"
+        self.sequence_features = [f.name for f in features if f.kind == "sequence"]
+        seq_dims = {tables[f.shared_table or f.name]["dim"] for f in features if f.kind == "sequence"}
+        if len(seq_dims) > 1:
+            raise ValueError(f"all sequence features must share one embedding_dim, got {sorted(seq_dims)}")
+        groups: dict[str, list[str]] = {}
+        for name, t in tables.items():
+            groups.setdefault("sequence" if t["sequence"] else f"sparse_d{t['dim']}", []).append(name)
+        self.collections = nn.ModuleDict()
+        self.feature_dim: dict[str, int] = {}
+        self._collection_of: dict[str, str] = {}
+        for key, names in sorted(groups.items()):
+            configs = [
+                EmbeddingTableConfig(
+                    name=n,
+                    num_embeddings=tables[n]["rows"],
+                    embedding_dim=tables[n]["dim"],
+                    feature_names=list(tables[n]["features"]),
+                    pooling=tables[n]["pooling"],
+                )
+                for n in names
+            ]
+            self.collections[key] = EmbeddingBagCollection(configs, **(collection_kwargs or {}))
+            for n in names:
+                for fname in tables[n]["features"]:
+                    self.feature_dim[fname] = tables[n]["dim"]
+                    self._collection_of[fname] = key
+        self.table_of = {f: name for name, t in tables.items() for f in t["features"]}
+        self.sequence_dim = seq_dims.pop() if seq_dims else None
+        if "sequence" in self.collections:
+            order = self.collections["sequence"].feature_names
+            # position of each sequence feature among the sequence collection's features
+            slots = [order.index(f) for f in self.sequence_features]
+            self.register_buffer("_seq_slot", torch.tensor(slots), persistent=False)
+            #: the sequence collection's key order (a permutation of the schema's sequence features)
+            self._seq_key_order = sorted(range(len(slots)), key=lambda k: slots[k])
+
+    def _empty(self, keys: list[str], stride: int, like: Tensor) -> KeyedJaggedTensor:
+        return KeyedJaggedTensor(
+            keys, like.new_zeros(0), lengths=torch.zeros(len(keys) * stride, dtype=torch.long, device=like.device),
+            stride=stride, validate=False,
+        )
+
+    def pooled(self, kjt: KeyedJaggedTensor) -> list[Tensor]:
+        """Pooled embeddings of every key of ``kjt`` (sparse features): a list of ``[B, D_k]``, key order."""
+        keys = kjt.keys()
+        result: dict[str, Tensor] = {}
+        for key in sorted({self._collection_of[k] for k in keys}):
+            ebc = self.collections[key]
+            absent = [f for f in ebc.feature_names if f not in kjt.index_per_key()]
+            feed = kjt if not absent else KeyedJaggedTensor.concat([kjt, self._empty(absent, kjt.stride(), kjt.values())])
+            out = ebc(feed)  # [B, F_ebc, D]
+            for i, f in enumerate(ebc.feature_names):
+                if f in kjt.index_per_key():
+                    result[f] = out[:, i]
+        return [result[k] for k in keys]
+
+    def sequence_lookup(self, sequences: KeyedJaggedTensor) -> Tensor:
+        """Unpooled embeddings ``[S, D]`` of every event of ``sequences`` (keys = the sequence features in
+        schema order), in the KeyedJaggedTensor's key-major value order."""
+        ebc = self.collections["sequence"]
+        B, K = sequences.stride(), len(self.sequence_features)
+        ids = sequences.values()
+        S = ids.numel()
+        offsets = sequences.offsets()
+        key_start = offsets[torch.arange(K + 1, device=ids.device) * B].long()  # [K + 1]
+        r = torch.arange(S, device=ids.device)
+        slot_lengths = torch.zeros(len(ebc.feature_names), S, dtype=torch.long, device=ids.device)
+        own = ((r >= key_start[:-1, None]) & (r < key_start[1:, None])).long()  # [K, S]
+        slot_lengths = slot_lengths.index_copy(0, self._seq_slot, own)
+        # values must be key-major in the collection's feature order
+        if self._seq_key_order == sorted(self._seq_key_order):
+            values = ids
+        else:  # rare: shared tables put the sequence keys in another order (one host sync)
+            bounds = key_start.tolist()
+            values = torch.cat([ids[bounds[k] : bounds[k + 1]] for k in self._seq_key_order])
+        kjt = KeyedJaggedTensor(ebc.feature_names, values, lengths=slot_lengths.reshape(-1), stride=S, validate=False)
+        out = ebc(kjt)  # [S, F, D]
+        key_of = torch.bucketize(r, key_start[1:-1], right=True)  # [S] feature index of each event
+        return out[r, self._seq_slot[key_of]]
+
+
+class DenseProcessor(nn.Module):
+    """Dense features -> tokens.
+
+    ``num_tokens=None``: one token per feature, ``value * w_f + b_f``; an absent value gives the
+    feature's learned missing token ``m_f``. ``num_tokens=k``: all values and presence bits together
+    through one linear map to k tokens (for schemas with many dense features).
+
+    Shape: ``dense [B, F], dense_mask [B, F] -> [B, F or k, d]``.
+    """
+
+    def __init__(self, num_features: int, dim: int, num_tokens: int | None = None, bias: bool = True) -> None:
+        super().__init__()
+        self.num_features, self.dim, self.grouped = num_features, dim, num_tokens is not None
+        if num_tokens is None:
+            self.num_tokens = num_features
+            self.weight = nn.Parameter(torch.randn(num_features, dim) / dim**0.5)
+            self.bias = nn.Parameter(torch.zeros(num_features, dim)) if bias else None
+            self.missing = nn.Parameter(torch.randn(num_features, dim) * 0.02)
+        else:
+            self.num_tokens = num_tokens
+            self.proj = MLP(2 * num_features, (), num_tokens * dim, bias=bias)
+
+    def forward(self, dense: Tensor, dense_mask: Tensor) -> Tensor:
+        if self.grouped:
+            present = dense_mask.to(dense.dtype)
+            x = torch.cat([dense * present, present], dim=1)
+            return self.proj(x).view(dense.shape[0], self.num_tokens, self.dim)
+        tokens = dense.unsqueeze(-1) * self.weight
+        if self.bias is not None:
+            tokens = tokens + self.bias
+        return torch.where(dense_mask.unsqueeze(-1), tokens, self.missing.to(tokens.dtype))
+
+    def flops(self) -> float:
+        return self.proj.flops() if self.grouped else 2.0 * self.num_features * self.dim
+
+
+class SparseProcessor(nn.Module):
+    """Sparse features -> one pooled token each (projected to d where the table is narrower/wider);
+    an absent feature gives its learned missing token.
+
+    Shape: ``sparse`` KJT (keys = the features, stride B), ``sparse_mask [B, F]`` -> ``[B, F, d]``.
+    """
+
+    def __init__(self, features: Sequence[Any], tables: EmbeddingTables, dim: int) -> None:
+        super().__init__()
+        self.names = [f.name for f in features]
+        self.dim = dim
+        self.tables = [tables]  # not registered here: the FeatureProcessor owns the tables
+        self.proj = nn.ModuleDict(
+            {
+                str(d): nn.Linear(d, dim, bias=False)
+                for d in sorted({tables.feature_dim[n] for n in self.names})
+                if d != dim
+            }
+        )
+        self.missing = nn.Parameter(torch.randn(len(self.names), dim) * 0.02)
+
+    def forward(self, sparse: KeyedJaggedTensor, sparse_mask: Tensor) -> Tensor:
+        if sparse.keys() != self.names:
+            raise ValueError(f"batch.sparse keys {sparse.keys()} differ from the schema's sparse features {self.names}")
+        pooled = self.tables[0].pooled(sparse)
+        tokens = torch.stack(
+            [p if p.shape[-1] == self.dim else self.proj[str(p.shape[-1])](p) for p in pooled], dim=1
+        )
+        return torch.where(sparse_mask.unsqueeze(-1), tokens, self.missing.to(tokens.dtype))
+
+    def flops(self) -> float:
+        return float(sum(2 * self.tables[0].feature_dim[n] * self.dim for n in self.names
+                         if self.tables[0].feature_dim[n] != self.dim))
+
+
+class SequenceProcessor(nn.Module):
+    """Sequence features -> one merged jagged token stream per sample.
+
+    Args:
+        features: the sequence feature specs (keys of ``batch.sequences``, in order).
+        tables: the shared :class:`EmbeddingTables`.
+        dim: d.
+        merge: ``"concat"`` — per sample, the events of feature 0, then feature 1, ... (each event also
+            gets its feature's learned type embedding); ``"masknet"`` — the features are parallel
+            attributes of the same events (equal lengths in every row) and are fused per event by a
+            MaskNet block (instance-guided mask ``W2 relu(W1 e)`` times the concatenated embeddings,
+            projected to d and normalized).
+        max_positions: size of the learned recency-position table (position 0 = the most recent event;
+            older events share the last slot); 0 disables positions (e.g. when attention uses RoPE only).
+        time_buckets: number of log2 time-gap buckets (gap to the sample's latest event, from
+            ``batch.sequence_timestamps``); 0 disables them.
+
+    Shape: ``sequences`` KJT (stride B) -> :class:`JaggedTokens` with ``values [N, d]``.
+    """
+
+    def __init__(
+        self,
+        features: Sequence[Any],
+        tables: EmbeddingTables,
+        dim: int,
+        merge: Literal["concat", "masknet"] = "concat",
+        max_positions: int = 256,
+        time_buckets: int = 32,
+    ) -> None:
+        super().__init__()
+        if merge not in ("concat", "masknet"):
+            raise ValueError(f"unknown sequence merge {merge!r}; expected 'concat' or 'masknet'")
+        self.names = [f.name for f in features]
+        self.dim, self.merge = dim, merge
+        self.tables = [tables]
+        self.embedding_dim = tables.sequence_dim
+        self.proj = nn.Linear(self.embedding_dim, dim, bias=False) if self.embedding_dim != dim else None
+        k = len(self.names)
+        if merge == "concat":
+            self.type_embedding = nn.Parameter(torch.randn(k, dim) * 0.02) if k > 1 else None
+        else:
+            self.mask_mlp = MLP(k * dim, [k * dim], k * dim, activation="relu", bias=True)
+            self.mask_out = nn.Linear(k * dim, dim, bias=False)
+            self.mask_norm = make_norm("layer", dim)
+        self.positions = nn.Embedding(max_positions, dim) if max_positions > 0 else None
+        if self.positions is not None:
+            nn.init.normal_(self.positions.weight, std=0.02)
+        self.time = nn.Embedding(time_buckets, dim) if time_buckets > 0 else None
+        if self.time is not None:
+            nn.init.normal_(self.time.weight, std=0.02)
+
+    def forward(self, sequences: KeyedJaggedTensor, timestamps: KeyedJaggedTensor | None = None) -> JaggedTokens:
+        if sequences.keys() != self.names:
+            raise ValueError(
+                f"batch.sequences keys {sequences.keys()} differ from the schema's sequence features {self.names}"
+            )
+        B, K = sequences.stride(), len(self.names)
+        lengths = sequences.lengths().long().view(K, B)
+        flat = self.tables[0].sequence_lookup(sequences)  # [S, D] key-major
+        if self.proj is not None:
+            flat = self.proj(flat)
+        total = flat.shape[0]
+        bag = _row_ids(lengths.reshape(-1), total)  # key-major bag id k*B + b of every event
+        gaps = self._time_gaps(sequences, timestamps, bag, B) if self.time is not None else None
+        if self.merge == "concat":
+            if self.type_embedding is not None:
+                flat = flat + self.type_embedding[bag // B]
+            if gaps is not None:
+                flat = flat + self.time(gaps)
+            row_len = lengths.sum(0)  # [B]
+            offsets = _offsets(row_len)
+            # Destination of every key-major event in the sample-major merged stream.
+            start = offsets[:-1].unsqueeze(0) + torch.cumsum(lengths, 0) - lengths  # [K, B]
+            kjt_offsets = _offsets(lengths.reshape(-1))
+            dest = start.reshape(-1)[bag] + (torch.arange(total, device=flat.device) - kjt_offsets[bag])
+            tokens = torch.zeros_like(flat).index_copy(0, dest, flat)
+        else:
+            if K > 1 and not torch.compiler.is_compiling():
+                if not bool((lengths == lengths[0:1]).all()):
+                    raise ValueError(
+                        f"sequence merge 'masknet' needs the sequence features {self.names} to have equal "
+                        "lengths in every row (parallel attributes of the same events)"
+                    )
+            n0 = total // K
+            e = flat.view(K, n0, self.dim).transpose(0, 1).reshape(n0, K * self.dim)  # [N0, K*d]
+            mask = self.mask_mlp(e)
+            tokens = self.mask_norm(self.mask_out(mask * e))
+            if gaps is not None:
+                tokens = tokens + self.time(gaps[:n0])
+            offsets = _offsets(lengths[0])
+        positions = jagged_positions(offsets, tokens.shape[0])
+        if self.positions is not None:
+            row_len = offsets[1:] - offsets[:-1]
+            recency = torch.repeat_interleave(row_len, row_len, output_size=tokens.shape[0]) - 1 - positions
+            recency = recency.clamp(max=self.positions.num_embeddings - 1)
+            tokens = tokens + self.positions(recency)
+        return JaggedTokens(tokens, offsets, positions)
+
+    def _time_gaps(
+        self, sequences: KeyedJaggedTensor, timestamps: KeyedJaggedTensor | None, bag: Tensor, B: int
+    ) -> Tensor | None:
+        """log2 bucket of (latest event time of the sample - event time), key-major ``[S]``."""
+        if timestamps is None:
+            return None
+        if timestamps.keys() != self.names:
+            if sorted(timestamps.keys()) != sorted(self.names):
+                return None  # timestamps only where every sequence has them
+            timestamps = timestamps.permute([timestamps.keys().index(n) for n in self.names])
+        ts = timestamps.values().long()
+        if ts.shape[0] != bag.shape[0]:
+            raise ValueError("batch.sequence_timestamps must be parallel to batch.sequences")
+        sample = bag % B
+        latest = torch.full((B,), torch.iinfo(torch.int64).min, dtype=torch.long, device=ts.device)
+        latest = latest.scatter_reduce(0, sample, ts, reduce="amax", include_self=True)
+        gap = (latest[sample] - ts).clamp(min=0).float()
+        return torch.floor(torch.log2(gap + 1.0)).long().clamp(max=self.time.num_embeddings - 1)
+
+    def flops(self, events: float) -> float:
+        proj = 2 * self.embedding_dim * self.dim if self.proj is not None else 0
+        if self.merge == "masknet":
+            k = len(self.names)
+            proj += self.mask_mlp.flops() + 2 * k * self.dim * self.dim
+        return float(proj * events)
+
+
+class FeatureProcessor(nn.Module):
+    """The whole input side of a network: a :class:`~lattice.data.Batch` -> :class:`ProcessedFeatures`.
+
+    Args:
+        schema: the data :class:`~lattice.data.Schema`.
+        dim: d, the token width.
+        embedding_dim: width of tables whose features give none (default ``dim``).
+        dense_tokens: ``None`` = one token per dense feature; k = all dense features into k tokens.
+        domain_token: add a learned token for the sample's domain.
+        sequence_merge, max_positions, time_buckets: see :class:`SequenceProcessor`.
+        bias: bias of the dense per-feature map.
+        collection_kwargs: passed to every :class:`EmbeddingBagCollection`.
+
+    ``num_tokens`` is n, the number of non-sequence tokens; ``has_sequence`` tells whether a sequence
+    stream is produced.
+    """
+
+    def __init__(
+        self,
+        schema: Any,
+        dim: int,
+        embedding_dim: int | None = None,
+        dense_tokens: int | None = None,
+        domain_token: bool = True,
+        sequence_merge: Literal["concat", "masknet"] = "concat",
+        max_positions: int = 256,
+        time_buckets: int = 32,
+        bias: bool = True,
+        collection_kwargs: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        self.dim = dim
+        sparse, seq, dense = schema.sparse_features, schema.sequence_features, schema.dense_features
+        self.tables = (
+            EmbeddingTables([*sparse, *seq], embedding_dim or dim, collection_kwargs) if (sparse or seq) else None
+        )
+        self.sparse = SparseProcessor(sparse, self.tables, dim) if sparse else None
+        self.dense = DenseProcessor(len(dense), dim, dense_tokens, bias) if dense else None
+        self.sequence = (
+            SequenceProcessor(seq, self.tables, dim, sequence_merge, max_positions, time_buckets) if seq else None
+        )
+        num_domains = max(1, len(schema.domains))
+        self.domain = nn.Embedding(num_domains, dim) if domain_token else None
+        if self.domain is not None:
+            nn.init.normal_(self.domain.weight, std=0.02)
+        self.num_tokens = (
+            (len(sparse) if sparse else 0)
+            + (self.dense.num_tokens if self.dense is not None else 0)
+            + (1 if domain_token else 0)
+        )
+        if self.num_tokens == 0:
+            raise ValueError("the schema has no dense or sparse feature and domain_token is off: no tokens")
+        n_sparse = len(sparse) if sparse else 0
+        n_dense = self.dense.num_tokens if self.dense is not None else 0
+        #: where each kind of token sits in ``tokens``: ``{"sparse": slice, "dense": slice, "domain": slice}``
+        self.token_slices = {
+            "sparse": slice(0, n_sparse),
+            "dense": slice(n_sparse, n_sparse + n_dense),
+            "domain": slice(n_sparse + n_dense, self.num_tokens),
+        }
+
+    @property
+    def has_sequence(self) -> bool:
+        return self.sequence is not None
+
+    def forward(self, batch: Any) -> ProcessedFeatures:
+        parts = []
+        if self.sparse is not None:
+            parts.append(self.sparse(batch.sparse, batch.sparse_mask))
+        if self.dense is not None:
+            parts.append(self.dense(batch.dense, batch.dense_mask))
+        if self.domain is not None:
+            parts.append(self.domain(batch.domain).unsqueeze(1))
+        tokens = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+        seq = None
+        if self.sequence is not None:
+            seq = self.sequence(batch.sequences, batch.sequence_timestamps)
+        return ProcessedFeatures(tokens, seq)
+
+    def flops(self, events: float = 0.0) -> float:
+        total = 0.0
+        if self.sparse is not None:
+            total += self.sparse.flops()
+        if self.dense is not None:
+            total += self.dense.flops()
+        if self.sequence is not None:
+            total += self.sequence.flops(events)
+        return total

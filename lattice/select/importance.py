@@ -1,0 +1,541 @@
+"""Per-task permutation importance of every input feature (the first half of Lattice Filter).
+
+For a trained model exposed as ``predict(batch) -> logits [B, T]`` and a validation set (an iterable of
+:class:`lattice.data.Batch`), the importance of feature ``f`` for task ``t`` is how much task ``t``'s
+LogLoss rises (and its AUC drops) when ``f``'s values are shuffled across the evaluation rows, averaged
+over several seeded repeats. Losses are masked by ``label_mask``: a row without a label for ``t`` does
+not count for ``t``.
+
+How "across the evaluation rows" is done
+----------------------------------------
+Batches arrive as a stream, but a permutation must draw from every row. The evaluation set is
+therefore **gathered into (CPU) memory up to ``max_rows`` rows** (default 200 000; the stream is cut
+there and the result records how many rows were used). The gathered batches are kept as they came
+(they are the chunks the model runs on); only the feature being permuted is materialized over all rows
+(one dense column, or one key's whole jagged lists), so the extra memory is one feature at a time.
+
+For each (feature, repeat) one permutation ``π`` of the ``N`` rows is drawn from
+``numpy.random.default_rng([seed, repeat, feature_index])`` and row ``r`` of every chunk receives row
+``π[r]``'s value of that feature; the model then runs once over all chunks. So the model runs
+``1 + F × repeats`` times over the set, never per row.
+
+- dense feature ``j``: column ``j`` of ``dense`` *and* of ``dense_mask`` are gathered by ``π`` together.
+- sparse key: whole lists move (ids, and per-id weights where present) with one jagged row gather of
+  that key only; column of ``sparse_mask`` moves with them.
+- sequence key: whole lists move; ``sequence_timestamps`` of the same key move with them.
+
+``within_domain=True`` (the default) draws ``π`` inside each domain (a stratified permutation: rows of
+domain ``d`` only receive values from rows of domain ``d``). In a multi-domain set a feature that only
+some domains have would otherwise land, with its presence bit, in rows of domains that never have it —
+inputs the model never saw in training — and its importance would mix information loss with that
+distribution shift. ``within_domain=False`` permutes over all rows.
+
+Regression tasks (``task_kinds[t] == "regression"``) report the rise of the mean squared error in the
+``delta_logloss`` slot and NaN for AUC.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from lattice.sparse import JaggedTensor, KeyedJaggedTensor
+
+__all__ = [
+    "FeatureRef",
+    "ImportanceResult",
+    "EvalSet",
+    "gather_eval_set",
+    "permutation_importance",
+    "feature_refs",
+    "permutation_indices",
+    "masked_logloss",
+    "masked_auc",
+]
+
+log = logging.getLogger(__name__)
+
+Predict = Callable[[Any], Tensor]
+
+
+# --------------------------------------------------------------------------------------------------
+# features
+# --------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class FeatureRef:
+    """Where a feature lives in a :class:`Batch`: ``kind`` dense (column ``index`` of ``dense``),
+    sparse (key ``index`` of ``sparse``) or sequence (key ``index`` of ``sequences``)."""
+
+    name: str
+    kind: str
+    index: int
+
+
+def feature_refs(
+    batch,
+    schema=None,
+    dense_names: Optional[Sequence[str]] = None,
+    features: Optional[Sequence[str]] = None,
+) -> List[FeatureRef]:
+    """The features of ``batch`` in schema order (or dense, sparse, sequence order without a schema).
+
+    Dense columns are named by ``schema.dense_features`` or ``dense_names`` (default ``dense_<j>``);
+    sparse/sequence features by their KeyedJaggedTensor keys. ``features`` restricts to those names.
+    """
+    n_dense = int(batch.dense.shape[1])
+    if schema is not None:
+        dense_names = [f.name for f in schema.dense_features]
+    elif dense_names is None:
+        dense_names = [f"dense_{j}" for j in range(n_dense)]
+    dense_names = list(dense_names)
+    if len(dense_names) != n_dense:
+        raise ValueError(f"batch has {n_dense} dense columns but {len(dense_names)} dense names were given")
+    refs = [FeatureRef(n, "dense", j) for j, n in enumerate(dense_names)]
+    refs += [FeatureRef(k, "sparse", i) for i, k in enumerate(batch.sparse.keys())]
+    refs += [FeatureRef(k, "sequence", i) for i, k in enumerate(batch.sequences.keys())]
+    by_name = {r.name: r for r in refs}
+    if len(by_name) != len(refs):
+        raise ValueError(f"feature names are not unique: {[r.name for r in refs]}")
+    if schema is not None:
+        order = [f.name for f in schema.features if f.name in by_name]
+        refs = [by_name[n] for n in order] + [r for r in refs if r.name not in set(order)]
+    if features is not None:
+        missing = [n for n in features if n not in by_name]
+        if missing:
+            raise KeyError(f"unknown feature(s) {missing}; the batch has {sorted(by_name)}")
+        keep = set(features)
+        refs = [r for r in refs if r.name in keep]
+    return refs
+
+
+# --------------------------------------------------------------------------------------------------
+# metrics (masked, per task)
+# --------------------------------------------------------------------------------------------------
+def masked_logloss(logits: Tensor, labels: Tensor, mask: Tensor, regression: Optional[Tensor] = None) -> Tensor:
+    """Per-task mean loss over labelled rows.  logits, labels, mask: ``[N, T]`` -> ``[T]`` float64.
+
+    Binary tasks: binary cross-entropy with logits. Tasks flagged in ``regression [T]`` (bool): squared
+    error. A task without labelled rows gives NaN.
+    """
+    x = logits.to(torch.float64)
+    y = labels.to(torch.float64)
+    m = mask.to(torch.float64)
+    per = F.binary_cross_entropy_with_logits(x, y, reduction="none")
+    if regression is not None and bool(regression.any()):
+        per = torch.where(regression.to(per.device).unsqueeze(0), (x - y) ** 2, per)
+    n = m.sum(0)
+    return torch.where(n > 0, (per * m).sum(0) / n.clamp_min(1), torch.full_like(n, math.nan))
+
+
+def _auc_1d(scores: Tensor, positive: Tensor) -> float:
+    n_pos = int(positive.sum())
+    n_neg = positive.numel() - n_pos
+    if n_pos == 0 or n_neg == 0:
+        return math.nan
+    order = torch.argsort(scores, stable=True)
+    s = scores[order]
+    _, inverse, counts = torch.unique_consecutive(s, return_inverse=True, return_counts=True)
+    ends = torch.cumsum(counts, 0).to(torch.float64)
+    ranks = ((ends - counts.to(torch.float64) + 1.0 + ends) / 2.0)[inverse]  # ties: average rank
+    rank_sum = float(ranks[positive[order]].sum())
+    return (rank_sum - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg)
+
+
+def masked_auc(scores: Tensor, labels: Tensor, mask: Tensor, regression: Optional[Tensor] = None) -> Tensor:
+    """Per-task ROC AUC over labelled rows (ties count half).  ``[N, T]`` -> ``[T]`` float64.
+
+    NaN for a task with one class only, no labelled rows, or flagged as regression.
+    """
+    T = scores.shape[1]
+    out = torch.full((T,), math.nan, dtype=torch.float64)
+    for t in range(T):  # over tasks
+        if regression is not None and bool(regression[t]):
+            continue
+        m = mask[:, t]
+        out[t] = _auc_1d(scores[m, t].to(torch.float64), labels[m, t] > 0.5)
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# the in-memory evaluation set
+# --------------------------------------------------------------------------------------------------
+def _slice_batch(batch, n: int):
+    """The first ``n`` rows of a Batch (any dataclass whose tensors are ``[B, ...]`` and KJTs stride B)."""
+    idx = torch.arange(n, device=batch.domain.device)
+    out = {}
+    for f in dataclasses.fields(batch):
+        v = getattr(batch, f.name)
+        if isinstance(v, KeyedJaggedTensor):
+            out[f.name] = v.select_samples(idx)
+        elif isinstance(v, Tensor):
+            out[f.name] = v[:n]
+        else:
+            out[f.name] = v
+    return dataclasses.replace(batch, **out)
+
+
+def _key_jagged(chunks: Sequence[Any], field_name: str, key: str) -> JaggedTensor:
+    """One key's lists over every row of ``chunks`` (concatenated in row order)."""
+    jts = [getattr(c, field_name)[key] for c in chunks]  # over chunks, not rows
+    weights = [jt.weights_or_none() for jt in jts]
+    w = None if any(x is None for x in weights) else torch.cat(weights)
+    return JaggedTensor(
+        torch.cat([jt.values() for jt in jts]),
+        lengths=torch.cat([jt.lengths().to(torch.int64) for jt in jts]),
+        weights=w,
+        validate=False,
+    )
+
+
+def _replace_key(kjt: KeyedJaggedTensor, i: int, jt: JaggedTensor) -> KeyedJaggedTensor:
+    """``kjt`` with key ``i``'s lists replaced by ``jt``'s rows (same stride)."""
+    K, B = len(kjt.keys()), kjt.stride()
+    lengths = kjt.lengths().view(K, B).clone()
+    lengths[i] = jt.lengths().to(lengths.dtype)
+    opk = kjt.offset_per_key()
+    v = kjt.values()
+    values = torch.cat([v[: opk[i]], jt.values().to(v.dtype), v[opk[i + 1] :]])
+    weights = None
+    if kjt.weights_or_none() is not None:
+        w = kjt.weights()
+        jw = jt.weights_or_none()
+        if jw is None:
+            jw = torch.ones(jt.values().shape[0], dtype=w.dtype, device=w.device)
+        weights = torch.cat([w[: opk[i]], jw.to(w.dtype), w[opk[i + 1] :]])
+    return KeyedJaggedTensor(kjt.keys(), values, weights=weights, lengths=lengths.reshape(-1), stride=B,
+                             validate=False)
+
+
+@dataclass
+class EvalSet:
+    """Evaluation rows gathered into memory: the chunks (batches as they came, cut at ``max_rows``)
+    and the row-aligned columns importance needs.  ``N`` = :attr:`num_rows`."""
+
+    chunks: List[Any]
+    starts: List[int]            # chunk c holds rows [starts[c], starts[c + 1])
+    dense: Tensor                # [N, Fd]
+    dense_mask: Tensor           # [N, Fd]
+    sparse_mask: Tensor          # [N, Fs]
+    domain: Tensor               # [N]
+    labels: Tensor               # [N, T]
+    label_mask: Tensor           # [N, T]
+    truncated: bool = False      # True when the stream had more rows than max_rows
+
+    @property
+    def num_rows(self) -> int:
+        return self.starts[-1]
+
+
+def gather_eval_set(batches: Iterable[Any], max_rows: Optional[int] = 200_000) -> EvalSet:
+    """Read ``batches`` (on CPU) until ``max_rows`` rows (``None``: all) and index them by row."""
+    chunks: List[Any] = []
+    starts = [0]
+    truncated = False
+    for batch in batches:
+        if max_rows is not None and starts[-1] >= max_rows:
+            truncated = True
+            break
+        b = batch.to("cpu") if batch.domain.device.type != "cpu" else batch
+        n = b.batch_size
+        if max_rows is not None and starts[-1] + n > max_rows:
+            b = _slice_batch(b, max_rows - starts[-1])
+            n = b.batch_size
+            truncated = True
+        if n == 0:
+            continue
+        chunks.append(b)
+        starts.append(starts[-1] + n)
+        if truncated:
+            break
+    if not chunks:
+        raise ValueError("permutation importance needs at least one evaluation row; the batches were empty")
+
+    def cat(name: str) -> Tensor:
+        return torch.cat([getattr(c, name) for c in chunks])
+
+    return EvalSet(
+        chunks=chunks, starts=starts, dense=cat("dense"), dense_mask=cat("dense_mask"),
+        sparse_mask=cat("sparse_mask"), domain=cat("domain"), labels=cat("labels"),
+        label_mask=cat("label_mask"), truncated=truncated,
+    )
+
+
+def permutation_indices(domain: np.ndarray, rng: np.random.Generator, within_domain: bool = True) -> np.ndarray:
+    """A permutation ``π [N]`` of the rows; with ``within_domain`` each row maps to a row of its domain.
+
+    Vectorized: rows sorted by (domain, random key) are matched to rows sorted by (domain, index).
+    """
+    n = domain.shape[0]
+    if not within_domain:
+        return rng.permutation(n)
+    by_domain = np.argsort(domain, kind="stable")
+    shuffled = np.lexsort((rng.random(n), domain))
+    perm = np.empty(n, dtype=np.int64)
+    perm[by_domain] = shuffled
+    return perm
+
+
+# --------------------------------------------------------------------------------------------------
+# result
+# --------------------------------------------------------------------------------------------------
+def _nanmean(x: np.ndarray) -> np.ndarray:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # an all-NaN entry (e.g. a one-class task) stays NaN
+        return np.nanmean(x, axis=0)
+
+
+def _nanstd(x: np.ndarray) -> np.ndarray:
+    if x.shape[0] < 2:
+        return np.where(np.isnan(x[0]), np.nan, 0.0) if x.shape[0] else np.zeros(x.shape[1:])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return np.nanstd(x, axis=0, ddof=1)
+
+
+# --------------------------------------------------------------------------------------------------
+@dataclass
+class ImportanceResult:
+    """Permutation importance of ``F`` features for ``T`` tasks over ``R`` repeats.
+
+    ``delta_logloss[r, f, t]`` = LogLoss(permuted f) - LogLoss(baseline) (a rise: > 0 = important);
+    ``delta_auc[r, f, t]`` = AUC(baseline) - AUC(permuted f) (a drop: > 0 = important).
+    ``*_mean``/``*_std`` are over repeats (std with ddof=1; 0 for one repeat).
+    """
+
+    features: List[str]
+    kinds: List[str]
+    tasks: List[str]
+    baseline_logloss: np.ndarray   # [T]
+    baseline_auc: np.ndarray       # [T]
+    delta_logloss: np.ndarray      # [R, F, T]
+    delta_auc: np.ndarray          # [R, F, T]
+    num_rows: int
+    truncated: bool = False
+    seed: int = 0
+    within_domain: bool = True
+    seconds: float = 0.0
+    labelled_rows: Optional[np.ndarray] = None  # [T]
+
+    @property
+    def repeats(self) -> int:
+        return int(self.delta_logloss.shape[0])
+
+    @property
+    def delta_logloss_mean(self) -> np.ndarray:
+        return _nanmean(self.delta_logloss)
+
+    @property
+    def delta_logloss_std(self) -> np.ndarray:
+        return _nanstd(self.delta_logloss)
+
+    @property
+    def delta_auc_mean(self) -> np.ndarray:
+        return _nanmean(self.delta_auc)
+
+    @property
+    def delta_auc_std(self) -> np.ndarray:
+        return _nanstd(self.delta_auc)
+
+    def matrix(self, metric: str = "logloss") -> np.ndarray:
+        """The ``[F, T]`` mean importance by ``metric`` (``logloss`` rise or ``auc`` drop)."""
+        if metric == "logloss":
+            return self.delta_logloss_mean
+        if metric == "auc":
+            return self.delta_auc_mean
+        raise ValueError(f"metric must be 'logloss' or 'auc', got {metric!r}")
+
+    def significant(self, metric: str = "logloss", z: float = 2.0) -> np.ndarray:
+        """The ``[F, T]`` mean importance with entries within ``z`` standard errors of zero set to 0.
+
+        The standard error is ``std / sqrt(repeats)`` over the permutation repeats, so this removes
+        the jitter a feature the model barely uses gets from one shuffle to the next (a pure-noise
+        feature then scores exactly 0 on every task and is dominated by any feature that matters
+        somewhere). With one repeat there is no spread to judge by and the mean is returned as is.
+        """
+        mean = self.matrix(metric)
+        if self.repeats < 2 or z <= 0:
+            return mean
+        raw = self.delta_logloss if metric == "logloss" else self.delta_auc
+        sem = _nanstd(raw) / math.sqrt(self.repeats)
+        return np.where(np.abs(mean) > z * sem, mean, np.where(np.isnan(mean), np.nan, 0.0))
+
+    def feature_index(self, name: str) -> int:
+        return self.features.index(name)
+
+    def task_index(self, name: str) -> int:
+        return self.tasks.index(name)
+
+
+# --------------------------------------------------------------------------------------------------
+# the computation
+# --------------------------------------------------------------------------------------------------
+def _permuted_chunk(chunk, ref: FeatureRef, src: Tensor, ev: EvalSet, full: Optional[Tuple[JaggedTensor, ...]]):
+    if ref.kind == "dense":
+        dense = chunk.dense.clone()
+        dmask = chunk.dense_mask.clone()
+        dense[:, ref.index] = ev.dense[src, ref.index]
+        dmask[:, ref.index] = ev.dense_mask[src, ref.index]
+        return dataclasses.replace(chunk, dense=dense, dense_mask=dmask)
+    if ref.kind == "sparse":
+        smask = chunk.sparse_mask.clone()
+        smask[:, ref.index] = ev.sparse_mask[src, ref.index]
+        return dataclasses.replace(
+            chunk, sparse=_replace_key(chunk.sparse, ref.index, full[0].select_samples(src)), sparse_mask=smask
+        )
+    seq = _replace_key(chunk.sequences, ref.index, full[0].select_samples(src))
+    ts = chunk.sequence_timestamps
+    if ts is not None and full[1] is not None:
+        ts = _replace_key(ts, ts.keys().index(ref.name), full[1].select_samples(src))
+    return dataclasses.replace(chunk, sequences=seq, sequence_timestamps=ts)
+
+
+def _full_columns(ev: EvalSet, ref: FeatureRef) -> Optional[Tuple[Optional[JaggedTensor], ...]]:
+    if ref.kind == "dense":
+        return None
+    if ref.kind == "sparse":
+        return (_key_jagged(ev.chunks, "sparse", ref.name), None)
+    ts = None
+    first_ts = ev.chunks[0].sequence_timestamps
+    if first_ts is not None and ref.name in first_ts.keys():
+        ts = _key_jagged(ev.chunks, "sequence_timestamps", ref.name)
+    return (_key_jagged(ev.chunks, "sequences", ref.name), ts)
+
+
+def _logits_of(out) -> Tensor:
+    """``[B, T]`` logits from what ``predict`` returned: a tensor, an object with ``.logits`` (a lattice
+    network's output), a mapping with ``"logits"``, or a tuple/list whose first item is the logits."""
+    if isinstance(out, Tensor):
+        return out
+    if hasattr(out, "logits"):
+        return out.logits
+    if isinstance(out, dict) and "logits" in out:
+        return out["logits"]
+    if isinstance(out, (tuple, list)) and out:
+        return _logits_of(out[0])
+    raise TypeError(f"predict must return logits [B, T] (or an output with .logits), got {type(out).__name__}")
+
+
+@torch.no_grad()
+def _predict_all(predict: Predict, chunks: Iterable[Any], device) -> Tensor:
+    outs = []
+    for c in chunks:
+        if device is not None:
+            c = c.to(device)
+        out = _logits_of(predict(c))
+        outs.append(out.detach().to("cpu", torch.float64))
+    return torch.cat(outs)
+
+
+def permutation_importance(
+    predict: Predict,
+    batches: Iterable[Any],
+    *,
+    schema=None,
+    dense_names: Optional[Sequence[str]] = None,
+    task_names: Optional[Sequence[str]] = None,
+    task_kinds: Optional[Sequence[str]] = None,
+    features: Optional[Sequence[str]] = None,
+    repeats: int = 3,
+    seed: int = 0,
+    max_rows: Optional[int] = 200_000,
+    within_domain: bool = True,
+    device=None,
+    eval_set: Optional[EvalSet] = None,
+    progress: Optional[Callable[[int, int, str], None]] = None,
+) -> ImportanceResult:
+    """Per-task permutation importance of every feature.
+
+    Args:
+        predict: ``predict(batch) -> logits [B, T]`` (a tensor, an output with ``.logits`` such as a
+            lattice network's or ``LatticeModule``'s, a mapping with ``"logits"``, or a tuple whose first
+            item is one); it is called under ``torch.no_grad()`` and should be in eval mode.
+        batches: the evaluation set (an iterable of ``Batch``, e.g. a validation DataLoader); read once,
+            up to ``max_rows`` rows, into CPU memory (see the module docstring).
+        schema: a ``lattice.data.Schema`` (feature order, dense names, task names and kinds); optional.
+        dense_names / task_names / task_kinds: used when no schema is given (defaults ``dense_<j>``,
+            ``task_<t>``, all binary).
+        features: only these features (default all).
+        repeats: permutations per feature (each with its own seed).
+        seed: base seed; permutation ``(r, f)`` uses ``default_rng([seed, r, f])``.
+        max_rows: cap on evaluation rows held in memory (``None``: no cap).
+        within_domain: permute inside each domain (default) or over all rows.
+        device: move each chunk there before ``predict`` (default: leave it where ``batches`` put it,
+            gathered on CPU).
+        eval_set: reuse an :class:`EvalSet` from :func:`gather_eval_set` instead of reading ``batches``.
+        progress: called as ``progress(done, total, feature_name)`` after each (feature, repeat).
+
+    Returns:
+        :class:`ImportanceResult`.
+    """
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
+    t0 = time.perf_counter()
+    ev = eval_set if eval_set is not None else gather_eval_set(batches, max_rows=max_rows)
+    refs = feature_refs(ev.chunks[0], schema=schema, dense_names=dense_names, features=features)
+    all_refs = feature_refs(ev.chunks[0], schema=schema, dense_names=dense_names)
+    seed_index = {r.name: i for i, r in enumerate(all_refs)}  # stable seeds whatever subset is asked
+    T = int(ev.labels.shape[1])
+    if schema is not None:
+        task_names = list(schema.task_names)
+        task_kinds = [t.kind for t in schema.tasks]
+    task_names = list(task_names) if task_names is not None else [f"task_{t}" for t in range(T)]
+    task_kinds = list(task_kinds) if task_kinds is not None else ["binary"] * T
+    if len(task_names) != T or len(task_kinds) != T:
+        raise ValueError(f"labels have {T} tasks but got {len(task_names)} task names / {len(task_kinds)} kinds")
+    regression = torch.tensor([k == "regression" for k in task_kinds], dtype=torch.bool)
+    labels, lmask = ev.labels.to(torch.float64), ev.label_mask.to(torch.bool)
+
+    def evaluate(logits: Tensor) -> Tuple[np.ndarray, np.ndarray]:
+        if logits.shape != labels.shape:
+            raise ValueError(f"predict returned logits of shape {tuple(logits.shape)}; expected {tuple(labels.shape)}")
+        return (masked_logloss(logits, labels, lmask, regression).numpy(),
+                masked_auc(logits, labels, lmask, regression).numpy())
+
+    base_ll, base_auc = evaluate(_predict_all(predict, ev.chunks, device))
+    n_f = len(refs)
+    d_ll = np.zeros((repeats, n_f, T))
+    d_auc = np.zeros((repeats, n_f, T))
+    domain_np = ev.domain.numpy()
+    starts = ev.starts
+    done, total = 0, n_f * repeats
+    for fi, ref in enumerate(refs):  # over features
+        full = _full_columns(ev, ref)
+        for r in range(repeats):  # over repeats
+            rng = np.random.default_rng([seed, r, seed_index[ref.name]])
+            perm = torch.from_numpy(permutation_indices(domain_np, rng, within_domain))
+
+            def permuted():
+                for c, chunk in enumerate(ev.chunks):  # over chunks, not rows
+                    yield _permuted_chunk(chunk, ref, perm[starts[c] : starts[c + 1]], ev, full)
+
+            ll, auc = evaluate(_predict_all(predict, permuted(), device))
+            d_ll[r, fi] = ll - base_ll
+            d_auc[r, fi] = base_auc - auc
+            done += 1
+            if progress is not None:
+                progress(done, total, ref.name)
+        del full
+    return ImportanceResult(
+        features=[r.name for r in refs],
+        kinds=[r.kind for r in refs],
+        tasks=task_names,
+        baseline_logloss=base_ll,
+        baseline_auc=base_auc,
+        delta_logloss=d_ll,
+        delta_auc=d_auc,
+        num_rows=ev.num_rows,
+        truncated=ev.truncated,
+        seed=seed,
+        within_domain=within_domain,
+        seconds=time.perf_counter() - t0,
+        labelled_rows=lmask.sum(0).numpy(),
+    )

@@ -1,0 +1,144 @@
+"""The planted synthetic world: determinism, structure, truth columns, known noise."""
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from lattice.data import ParquetBatchDataset, Schema, SyntheticConfig, SyntheticDomain, SyntheticWorld
+from lattice.data.synthetic import auc
+
+from _data_utils import collect_ids
+
+
+def tiny(seed: int = 0, **kw) -> SyntheticConfig:
+    base = dict(
+        seed=seed, num_users=600, num_items=400,
+        domains=[SyntheticDomain("feed", 6000, shift=0.3, absent_features=["query_cluster"]),
+                 SyntheticDomain("search", 3000, absent_features=["item_tags"]),
+                 SyntheticDomain("video", 2000, tasks=["click", "like"], absent_features=["query_cluster", "price"]),
+                 SyntheticDomain("shop", 400, absent_features=["query_cluster"], delay_scale=2.0)],
+        row_group_size=1024,
+    )
+    base.update(kw)
+    return SyntheticConfig(**base)
+
+
+@pytest.fixture(scope="module")
+def world_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("world") / "w"
+    SyntheticWorld(tiny()).write(str(out))
+    return str(out)
+
+
+def _domain(world_dir, name) -> pa.Table:
+    return pq.read_table(os.path.join(world_dir, name))
+
+
+def test_deterministic_and_seeded():
+    a = pa.concat_tables(SyntheticWorld(tiny()).domain_tables("shop"))
+    b = pa.concat_tables(SyntheticWorld(tiny()).domain_tables("shop"))
+    c = pa.concat_tables(SyntheticWorld(tiny(seed=1)).domain_tables("shop"))
+    assert a.equals(b)
+    assert not a.column("click").equals(c.column("click"))
+    assert tiny().fingerprint() == tiny().fingerprint() != tiny(seed=1).fingerprint()
+    assert tiny().fingerprint() != tiny(drift=0.0).fingerprint()
+
+
+def test_written_world_matches_its_schema(world_dir):
+    world = SyntheticWorld(tiny())
+    schema = Schema.from_yaml(os.path.join(world_dir, "schema.yaml"))
+    assert schema.to_dict() == world.schema().to_dict()
+    manifest = json.load(open(os.path.join(world_dir, "world.json")))
+    assert manifest["rows"] == {"feed": 6000, "search": 3000, "video": 2000, "shop": 400}
+    assert set(manifest["feature_roles"]["noise"]) == {"noise_s0", "noise_s1", "noise_d0", "noise_d1"}
+    video = _domain(world_dir, "video")
+    assert "query_cluster" not in video.column_names and "price" not in video.column_names
+    assert "conversion" not in video.column_names and "p_conversion" not in video.column_names
+    assert "item_tags" not in _domain(world_dir, "search").column_names
+    # the whole world streams through the reader with its schema; absent features are masked
+    ds = ParquetBatchDataset(world.sources(world_dir), schema, batch_size=4096, shuffle=True)
+    ids, seen = [], 0
+    for batch in ds.iter_shard(0, 0, 1, 0, 1):
+        ids.append(batch.example_id.numpy())
+        seen += batch.batch_size
+        video_rows = batch.domain == 2
+        conv = schema.task_names.index("conversion")
+        assert not batch.label_mask[video_rows, conv].any() and batch.label_mask[~video_rows, conv].all()
+        q = [f.name for f in schema.sparse_features].index("query_cluster")
+        assert batch.sparse_mask[:, q].eq(batch.domain == 1).all()
+        assert batch.true_probs is not None
+    assert seen == 11400 and len(np.unique(np.concatenate(ids))) == 11400
+
+
+def test_truth_is_calibrated_and_informative(world_dir):
+    feed = _domain(world_dir, "feed")
+    for task in ("click", "like", "conversion"):
+        y = feed[task].to_numpy().astype(float)
+        p = feed["p_" + task].to_numpy()
+        assert abs(p.mean() - y.mean()) < 0.02, task
+        assert auc(y, p) > 0.75, task
+    click = feed["click"].to_numpy()
+    # tasks are nested: like and conversion only after a click
+    assert (feed["conversion"].to_numpy() <= click).all() and (feed["like"].to_numpy() <= click).all()
+    assert (feed["p_conversion"].to_numpy() <= feed["p_click"].to_numpy() + 1e-6).all()
+
+
+def test_delays_sequences_and_noise(world_dir):
+    shop = _domain(world_dir, "shop")
+    conv = shop["conversion"].to_numpy()
+    delay = shop["conversion_delay"]
+    assert delay.null_count == int((conv == 0).sum())
+    d = delay.to_numpy(zero_copy_only=False)[conv == 1]
+    assert (d >= 0).all() and (d <= 7 * 86400).all()
+    feed = _domain(world_dir, "feed")
+    items = feed["hist_items"].combine_chunks()
+    clusters = feed["hist_clusters"].combine_chunks()
+    ts = feed["hist_ts"].combine_chunks()
+    lens = np.diff(items.offsets.to_numpy())
+    assert lens.max() <= 32 and lens.mean() > 4
+    assert np.array_equal(np.diff(ts.offsets.to_numpy()), lens)
+    world = SyntheticWorld(tiny())
+    item_cluster = world.params()["item_cluster"]
+    assert np.array_equal(item_cluster[items.values.to_numpy()], clusters.values.to_numpy())
+    # oldest first, all before the impression
+    tv = ts.values.to_numpy()
+    row = np.repeat(np.arange(len(lens)), lens)
+    assert (tv < feed["timestamp"].to_numpy()[row]).all()
+    inner = np.diff(tv)[(row[1:] == row[:-1])]
+    assert (inner >= 0).all()
+    # noise is noise; an informative feature is not
+    click = feed["click"].to_numpy()
+    for name in ("noise_d0", "noise_d1"):
+        assert abs(auc(click, feed[name].to_numpy()) - 0.5) < 0.04, name
+    assert auc(click, -feed["position"].to_numpy()) > 0.55
+
+
+def test_domains_share_user_structure(world_dir):
+    """The same users behave alike across domains (shared factors), so one domain informs another."""
+    feed, search = _domain(world_dir, "feed"), _domain(world_dir, "search")
+
+    def per_user(t):
+        u = t["user_id"].to_numpy()
+        p = t["p_click"].to_numpy()
+        return np.bincount(u, weights=p, minlength=600) / np.maximum(np.bincount(u, minlength=600), 1), \
+            np.bincount(u, minlength=600)
+
+    a, na = per_user(feed)
+    b, nb = per_user(search)
+    both = (na >= 5) & (nb >= 3)
+    assert both.sum() > 50
+    assert np.corrcoef(a[both], b[both])[0, 1] > 0.3
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="parent"):
+        SyntheticConfig(tasks=[dict(name="conversion", parent="click")])
+    with pytest.raises(ValueError, match="unknown task"):
+        SyntheticConfig(domains=[dict(name="d", rows=10, tasks=["nope"])])
+    with pytest.raises(ValueError, match="absent_features"):
+        SyntheticWorld(SyntheticConfig(domains=[dict(name="d", rows=10, absent_features=["nope"])])).schema()
