@@ -19,7 +19,10 @@ def test_overfits_planted_data(cls):
     batches = planted_batches(schema, num_batches=2, batch_size=48)
     model = cls(schema, **SMALL[cls])
     kinds = [t.kind for t in schema.tasks]
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for module in model.modules():  # embeddings train through the fused row-wise Adagrad, as in LatticeModule
+        if hasattr(module, "set_fused_optimizer"):
+            module.set_fused_optimizer("rowwise_adagrad", lr=0.1)
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     baseline = label_entropy(batches, schema)
     for step in range(STEPS):
         batch = batches[step % len(batches)]

@@ -233,6 +233,28 @@ class EmbeddingBagCollection(nn.Module):
         n = next(t.num_embeddings for t in g.tables if t.name == table)
         return state[start : start + n]
 
+    def set_fused_optimizer(self, fused_optimizer: Optional[str], lr: Optional[float] = None,
+                            eps: Optional[float] = None, weight_decay: Optional[float] = None) -> None:
+        """Switch between sparse autograd gradients (``None``) and an optimizer fused into the backward
+        (``"sgd"``, ``"rowwise_adagrad"``), e.g. when a trainer configures it. Weights are kept; row-wise
+        Adagrad state is allocated (zeros) when newly needed and dropped when no longer used."""
+        if fused_optimizer is not None:
+            optimizer_mode(fused_optimizer)  # validates
+        self.fused_optimizer = fused_optimizer
+        if lr is not None:
+            self.lr = float(lr)
+        if eps is not None:
+            self.eps = float(eps)
+        if weight_decay is not None:
+            self.weight_decay = float(weight_decay)
+        for g in self._groups:
+            w = self.weights[g.key]
+            w.requires_grad_(fused_optimizer is None)
+            state = getattr(self.optimizer_state, g.key)
+            rows = g.rows if fused_optimizer == "rowwise_adagrad" else 0
+            if state.numel() != rows:
+                self.optimizer_state.register_buffer(g.key, torch.zeros(rows, dtype=torch.float32, device=w.device))
+
     def set_learning_rate(self, lr: float) -> None:
         """Learning rate of the fused optimizer from the next backward on (e.g. from a scheduler)."""
         self.lr = float(lr)
