@@ -19,13 +19,18 @@ from torch import Tensor, nn
 from lattice.nn.norms import RMSNorm
 from lattice.ops.attention import jagged_attention
 
-__all__ = ["apply_rope", "JaggedMultiheadAttention", "PMA", "InterleavedCrossAttention"]
+__all__ = ["apply_rope", "RotaryEmbedding", "positions_from_offsets", "JaggedMultiheadAttention", "PMA", "InterleavedCrossAttention"]
 
 
 def _positions(offsets: Tensor, total: int) -> Tensor:
     lengths = offsets[1:] - offsets[:-1]
     starts = torch.repeat_interleave(offsets[:-1], lengths, output_size=total)
     return torch.arange(total, device=offsets.device) - starts
+
+
+def positions_from_offsets(offsets: Tensor, total: int) -> Tensor:
+    """``[total]`` int64 position of every row within its sample (0 = oldest)."""
+    return _positions(offsets, total)
 
 
 def apply_rope(x: Tensor, positions: Tensor, base: float = 10000.0) -> Tensor:
@@ -44,6 +49,17 @@ def apply_rope(x: Tensor, positions: Tensor, base: float = 10000.0) -> Tensor:
     x1, x2 = xf[..., :half], xf[..., half : 2 * half]
     rotated = torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos, xf[..., 2 * half :]], dim=-1)
     return rotated.to(x.dtype)
+
+
+class RotaryEmbedding(nn.Module):
+    """:func:`apply_rope` as a module: ``forward(x [N, H, Dh], positions [N]) -> [N, H, Dh]``."""
+
+    def __init__(self, head_dim: int, base: float = 10000.0) -> None:
+        super().__init__()
+        self.head_dim, self.base = head_dim, base
+
+    def forward(self, x: Tensor, positions: Tensor) -> Tensor:
+        return apply_rope(x, positions, self.base)
 
 
 class JaggedMultiheadAttention(nn.Module):
@@ -87,6 +103,7 @@ class JaggedMultiheadAttention(nn.Module):
         self.k_norm = RMSNorm(self.head_dim) if qk_norm else None
         self.rope = rope
         self.rope_base = rope_base
+        self.rotary = RotaryEmbedding(self.head_dim, rope_base) if rope else None
 
     def _heads(self, x: Tensor) -> Tensor:
         return x.view(x.shape[0], self.num_heads, self.head_dim)
@@ -106,7 +123,12 @@ class JaggedMultiheadAttention(nn.Module):
             if key_positions is None:
                 key_positions = query_positions
         elif key_offsets is None:
-            raise ValueError("cross-attention needs key_offsets")
+            raise ValueError("key_offsets are required when a separate key stream is given (cross-attention)")
+        if query_offsets.numel() != key_offsets.numel():
+            raise ValueError(
+                f"query_offsets ({query_offsets.numel() - 1} samples) and key_offsets "
+                f"({key_offsets.numel() - 1} samples) disagree"
+            )
         q = self._heads(self.q_proj(query))
         k = self._heads(self.k_proj(key))
         v = self._heads(self.v_proj(key))
@@ -117,8 +139,8 @@ class JaggedMultiheadAttention(nn.Module):
                 query_positions = _positions(query_offsets, q.shape[0])
             if key_positions is None:
                 key_positions = _positions(key_offsets, k.shape[0])
-            q = apply_rope(q, query_positions, self.rope_base)
-            k = apply_rope(k, key_positions, self.rope_base)
+            q = self.rotary(q, query_positions)
+            k = self.rotary(k, key_positions)
         v = v.to(q.dtype)
         k = k.to(q.dtype)
         out, _ = jagged_attention(
@@ -136,7 +158,8 @@ class JaggedMultiheadAttention(nn.Module):
 class PMA(nn.Module):
     """Pooling by multi-head attention: ``num_seeds`` learned queries attend to each sample's tokens.
 
-    Shape: ``x [N, d]``, ``offsets [B + 1]`` -> ``[B, num_seeds, d]`` (zeros for a sample without tokens).
+    Shape: ``x [N, d]``, ``offsets [B + 1]`` -> ``[B, num_seeds, d]``. The seeds are a residual (as in the Set
+    Transformer's PMA), so a sample without tokens pools to the learned seeds themselves, never NaN.
     """
 
     def __init__(self, embed_dim: int, num_heads: int, num_seeds: int, bias: bool = False, qk_norm: bool = False) -> None:
@@ -149,7 +172,7 @@ class PMA(nn.Module):
         B = offsets.numel() - 1
         queries = self.seeds.to(x.dtype).repeat(B, 1)
         q_offsets = torch.arange(B + 1, device=x.device, dtype=torch.long) * self.num_seeds
-        return self.attn(queries, q_offsets, x, offsets).view(B, self.num_seeds, -1)
+        return (queries + self.attn(queries, q_offsets, x, offsets)).view(B, self.num_seeds, -1)
 
     def flops(self, tokens: float) -> float:
         return self.attn.flops(self.num_seeds, tokens)
