@@ -36,8 +36,8 @@ class LatticeDataModule(L.LightningDataModule):
             generated into the cache on first use and read from there.
         sources: per-domain datasets instead (each :class:`DataSource` names its domain; their
             columns may differ -- consolidated lazily, absent features masked).
-        schema: a :class:`Schema`, a mapping, or a YAML path; default: the synthetic world's, the one
-            lattice embedded in the files, or inferred (with ``tasks``).
+        schema: a :class:`Schema` (in YAML: the schema mapping, or a path to a schema YAML); default: the
+            synthetic world's, the one lattice embedded in the files, or inferred (with ``tasks``).
         synthetic: the planted world's configuration (default :class:`SyntheticConfig`).
         cache_dir: where generated data lives (default ``$LATTICE_CACHE`` or ``~/.cache/lattice``).
         val_paths, test_paths, predict_paths: explicit evaluation/prediction data (no split then).
@@ -68,7 +68,7 @@ class LatticeDataModule(L.LightningDataModule):
         self,
         paths: Optional[Paths] = None,
         sources: Optional[List[DataSource]] = None,
-        schema: Optional[Union[str, Dict[str, Any]]] = None,
+        schema: Optional[Schema] = None,
         synthetic: Optional[SyntheticConfig] = None,
         cache_dir: Optional[str] = None,
         val_paths: Optional[Paths] = None,

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import logging
 import math
+import warnings
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
@@ -47,6 +48,10 @@ from lattice.data.splits import RowFilter
 __all__ = ["ReadPlan", "ParquetBatchDataset", "LatticeDataLoader", "round_robin_take", "identity_collate"]
 
 log = logging.getLogger(__name__)
+
+# Lightning warns that an IterableDataset with __len__ may be inaccurate under several workers; ours
+# shards by worker and reports each rank's exact batch count, so the warning does not apply.
+warnings.filterwarnings("ignore", message=r"Your `IterableDataset` has `__len__` defined")
 
 
 def identity_collate(batch: Batch) -> Batch:
