@@ -7,7 +7,6 @@ import os
 import warnings
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.csv as pacsv
 import pytest
 import yaml

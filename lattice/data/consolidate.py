@@ -26,7 +26,7 @@ from lattice.data.errors import DataError
 from lattice.data.infer import SCHEMA_METADATA_KEY, embedded_schema, infer_schema
 from lattice.data.parquet import check_file
 from lattice.data.schema import DomainSpec, Schema
-from lattice.data.sources import ChunkReader, DataSource, FileInfo, as_sources, discover
+from lattice.data.sources import ChunkReader, FileInfo, as_sources, discover
 
 __all__ = ["union_schema", "consolidate"]
 

@@ -34,7 +34,7 @@ import json
 import math
 import os
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Literal, Mapping, Optional, Sequence, Union
+from typing import Any, Dict, List, Literal, Mapping, Optional, Union
 
 import numpy as np
 
@@ -546,3 +546,7 @@ def _find_schema(doc: Any) -> Any:
             if found is not None:
                 return found
     return None
+
+
+# What a model or command accepts for a schema: a Schema, a mapping, or a YAML path / YAML text.
+SchemaLike = Union[Schema, str, Dict[str, Any]]
