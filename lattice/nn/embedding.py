@@ -253,7 +253,7 @@ class EmbeddingBagCollection(nn.Module):
             state = getattr(self.optimizer_state, g.key)
             rows = g.rows if fused_optimizer == "rowwise_adagrad" else 0
             if state.numel() != rows:
-                self.optimizer_state.register_buffer(g.key, torch.zeros(rows, dtype=torch.float32, device=w.device))
+                self.optimizer_state.register_buffer(g.key, empty_huge_pages(rows, device=w.device).zero_())
 
     def set_learning_rate(self, lr: float) -> None:
         """Learning rate of the fused optimizer from the next backward on (e.g. from a scheduler)."""
