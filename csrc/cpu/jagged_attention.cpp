@@ -774,8 +774,9 @@ void backward_item(const scalar_t* go, const scalar_t* q, const scalar_t* k, con
       pack_heads(k_tile, ld, kc, nh, Dh, dhp, kv_hs, s.kp.data());
       pack_heads(v_tile, ld, kc, nh, Dh, dhp, kv_hs, s.vp.data());
     }
-    std::fill_n(s.dk.data(), nh * kv_hs, 0.f);
-    std::fill_n(s.dv.data(), nh * kv_hs, 0.f);
+    // dK/dV rows of the tile are overwritten by the first block that reaches them (blocks reach a
+    // non-decreasing number of keys), so the tile needs no zero fill; rows no block reaches stay zero.
+    int64_t kinit = 0;
     // The first query that sees key k0 is k0 - off.
     const int64_t blk_begin = causal ? std::max<int64_t>(0, k0 - off) / BQP : 0;
     for (int64_t hh = 0; hh < nh; ++hh) {
@@ -786,6 +787,7 @@ void backward_item(const scalar_t* go, const scalar_t* q, const scalar_t* k, con
       float* dk = s.dk.data() + hh * kv_hs;
       float* dv = s.dv.data() + hh * kv_hs;
       float* dq = s.dq.data() + hh * r_hs;
+      kinit = 0;
       for (int64_t blk = blk_begin; blk < nblk; ++blk) {
         const int64_t i0 = blk * BQP, nb = std::min<int64_t>(BQP, n - i0);
         int64_t kcb = kc;
@@ -808,13 +810,28 @@ void backward_item(const scalar_t* go, const scalar_t* q, const scalar_t* k, con
           }
         }
         // dV += P^T dO ; dK += dS^T Q (scaled at the end) ; dQ += dS K (scaled at the end).
-        acc_gemm<BQP, 1>(st, dorows + i0 * dhp, dhp, nb, dv, dhp, kAccumulate, nullptr, kcb, nvec);
-        acc_gemm<BQP, 1>(dpt, qrows + i0 * dhp, dhp, nb, dk, dhp, kAccumulate, nullptr, kcb, nvec);
+        const int64_t acc_rows = std::min(kinit, kcb);
+        if (acc_rows > 0) {
+          acc_gemm<BQP, 1>(st, dorows + i0 * dhp, dhp, nb, dv, dhp, kAccumulate, nullptr, acc_rows, nvec);
+          acc_gemm<BQP, 1>(dpt, qrows + i0 * dhp, dhp, nb, dk, dhp, kAccumulate, nullptr, acc_rows, nvec);
+        }
+        if (kcb > acc_rows) {
+          acc_gemm<BQP, 1>(st + acc_rows * BQP, dorows + i0 * dhp, dhp, nb, dv + acc_rows * dhp, dhp, kOverwrite,
+                           nullptr, kcb - acc_rows, nvec);
+          acc_gemm<BQP, 1>(dpt + acc_rows * BQP, qrows + i0 * dhp, dhp, nb, dk + acc_rows * dhp, dhp, kOverwrite,
+                           nullptr, kcb - acc_rows, nvec);
+        }
+        kinit = std::max(kinit, kcb);
         acc_gemm<1, BQP>(dpt, krows, ldkv, kcb, dq + i0 * dhp, dhp, kAccumulate, nullptr, nb, nvec);
       }
     }
     for (int64_t r = 0; r < kc; ++r) {
       const int64_t row = ko[b] + k0 + r;
+      if (r >= kinit) {
+        std::fill_n(gk + (row * H + h0) * Dh, nh * Dh, static_cast<scalar_t>(0.f));
+        std::fill_n(gv + (row * H + h0) * Dh, nh * Dh, static_cast<scalar_t>(0.f));
+        continue;
+      }
       for (int64_t hh = 0; hh < nh; ++hh) {
         store_row(s.dk.data() + hh * kv_hs + r * dhp, Dh, scale, gk + (row * H + h0 + hh) * Dh);
         store_row(s.dv.data() + hh * kv_hs + r * dhp, Dh, 1.f, gv + (row * H + h0 + hh) * Dh);
