@@ -591,9 +591,10 @@ void forward_item(const scalar_t* q, const scalar_t* k, const scalar_t* v, scala
   const int64_t ktile = std::min<int64_t>(kBK, std::max<int64_t>(kend, 1));
   // Per-head strides of the scratch arrays.
   const int64_t qt_hs = nblk * Dh * BQP, o_hs = nblk * BQP * dhp, st_hs = nblk * BQP, kv_hs = ktile * dhp;
-  // fp32 K/V rows with whole vectors are read where they are (row stride H*Dh); others are packed.
+  // With few queries, each K/V row is used once: fp32 rows with whole vectors are read where they are
+  // (row stride H*Dh). With many, rows are reused by every query block, so they are packed contiguously.
   constexpr bool kFloat = std::is_same_v<scalar_t, float>;
-  const bool in_place = kFloat && Dh == dhp;
+  const bool in_place = kFloat && Dh == dhp && nq <= kGroupHeadsMaxQueries;
   const int64_t ldkv = in_place ? ld : dhp;
 
   ensure(s.qt, nh * qt_hs);
@@ -717,7 +718,7 @@ void backward_item(const scalar_t* go, const scalar_t* q, const scalar_t* k, con
   const int64_t qt_hs = nblk * Dh * BQP, v_hs = nblk * BQP, r_hs = std::max<int64_t>(n, 1) * dhp,
                 kv_hs = ktile * dhp;
   constexpr bool kFloat = std::is_same_v<scalar_t, float>;
-  const bool in_place = kFloat && Dh == dhp;
+  const bool in_place = kFloat && Dh == dhp && n <= kGroupHeadsMaxQueries;  // as in the forward
   const int64_t ldkv = in_place ? ld : dhp;
 
   ensure(s.qt, nh * qt_hs);
