@@ -17,6 +17,8 @@ from lattice.distill import (  # noqa: E402
     with_token_slots,
 )
 
+pytestmark = pytest.mark.filterwarnings("ignore:You are trying to `self.log\\(\\)`")
+
 NETWORKS = ["LatticeNetwork", "InterFormer", "DLRM", "MMoE"]
 
 

@@ -1,7 +1,7 @@
 """Building blocks: norms, (per-domain) linears, fusion blocks (Wukong/DHEN), the extended context store,
 the fused embedding-bag collection, multi-task Zipper heads, feature processors and sequence blocks."""
 from lattice.nn.embedding import EmbeddingBagCollection, EmbeddingTableConfig, NormalInit, UniformInit
-from lattice.nn.attention import PMA, InterleavedCrossAttention, JaggedMultiheadAttention, RotaryEmbedding
+from lattice.nn.attention import PMA, InterleavedCrossAttention, JaggedMultiheadAttention, apply_rope
 from lattice.nn.context import ExtendedContextStore
 from lattice.nn.fusion import DWFB, CrossNetBlock, DotProductBlock, FMBlock, FusionBlock, LinearCompressBlock
 from lattice.nn.heads import HeadOutput, MultiTaskHeads
@@ -26,7 +26,7 @@ __all__ = [
     "JaggedMultiheadAttention",
     "InterleavedCrossAttention",
     "PMA",
-    "RotaryEmbedding",
+    "apply_rope",
     "RMSNorm",
     "SwishRMSNorm",
     "make_norm",
