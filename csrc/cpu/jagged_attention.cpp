@@ -31,7 +31,6 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <cstring>
 #include <limits>
 #include <numeric>
 #include <type_traits>
@@ -245,7 +244,13 @@ inline void score_block(const float* __restrict a, int64_t lda, int64_t rows, co
 template <int NV>
 inline void score_tile(const float* a, int64_t lda, int64_t rows, const float* bt, int64_t dh, float* st) {
   constexpr int MR = score_mr<NV>();
-  for (int64_t r = 0; r < rows; r += MR) score_block<NV, MR>(a + r * lda, lda, rows - r, bt, dh, st + r * NV * W);
+  for (int64_t r = 0; r < rows; r += MR) {
+    // Rows may be H*Dh apart in the input tensor: fetch the next block's rows while this one computes.
+    for (int64_t p = r + MR; p < std::min<int64_t>(rows, r + 2 * MR); ++p) {
+      for (int64_t off = 0; off < dh; off += 16) __builtin_prefetch(a + p * lda + off, 0, 3);
+    }
+    score_block<NV, MR>(a + r * lda, lda, rows - r, bt, dh, st + r * NV * W);
+  }
 }
 
 // What a C += A B product starts from.
@@ -513,25 +518,39 @@ void pack_heads(const scalar_t* src, int64_t ld, int64_t rows, int64_t nh, int64
     for (int64_t hh = 0; hh < nh; ++hh) {
       const scalar_t* sr = src + r * ld + hh * dh;
       float* o = out + hh * hs + r * dhp;
+      int64_t d = 0;
       if constexpr (std::is_same_v<scalar_t, float>) {
-        std::memcpy(o, sr, dh * sizeof(float));
-      } else {
-        for (int64_t d = 0; d < dh; ++d) o[d] = static_cast<float>(sr[d]);
+        for (; d + W <= dh; d += W) Vec::load(sr + d).store(o + d);
       }
-      for (int64_t d = dh; d < dhp; ++d) o[d] = 0.f;
+      for (; d < dh; ++d) o[d] = static_cast<float>(sr[d]);
+      for (; d < dhp; ++d) o[d] = 0.f;
     }
   }
 }
 
-// dst[0:dh] = mult * src[0:dh] (converted to scalar_t).
+// dst[0:dh] = mult * src[0:dh] (converted to scalar_t). Whole 64-byte lines of fp32 output go out with
+// streaming stores: the outputs are large, written once and not read back here, so fetching their lines
+// first (read-for-ownership) would only add memory traffic. run_items issues store_fence() at the end.
 template <typename scalar_t>
 inline void store_row(const float* src, int64_t dh, float mult, scalar_t* dst) {
   int64_t d = 0;
   if constexpr (std::is_same_v<scalar_t, float>) {
+#if defined(__AVX512F__)
+    if ((reinterpret_cast<uintptr_t>(dst) & 63) == 0) {
+      const __m512 m = _mm512_set1_ps(mult);
+      for (; d + 16 <= dh; d += 16) _mm512_stream_ps(dst + d, _mm512_mul_ps(_mm512_loadu_ps(src + d), m));
+    }
+#endif
     const Vec m = Vec::set1(mult);
     for (; d + W <= dh; d += W) (Vec::load(src + d) * m).store(dst + d);
   }
   for (; d < dh; ++d) dst[d] = static_cast<scalar_t>(src[d] * mult);
+}
+
+inline void store_fence() {
+#if defined(__AVX512F__)
+  _mm_sfence();
+#endif
 }
 
 // sum_d a[d] * b[d] in fp32.
@@ -572,14 +591,21 @@ void forward_item(const scalar_t* q, const scalar_t* k, const scalar_t* v, scala
   const int64_t ktile = std::min<int64_t>(kBK, std::max<int64_t>(kend, 1));
   // Per-head strides of the scratch arrays.
   const int64_t qt_hs = nblk * Dh * BQP, o_hs = nblk * BQP * dhp, st_hs = nblk * BQP, kv_hs = ktile * dhp;
+  // With few queries, each K/V row is used once: fp32 rows with whole vectors are read where they are
+  // (row stride H*Dh). With many, rows are reused by every query block, so they are packed contiguously.
+  constexpr bool kFloat = std::is_same_v<scalar_t, float>;
+  const bool in_place = kFloat && Dh == dhp && nq <= kGroupHeadsMaxQueries;
+  const int64_t ldkv = in_place ? ld : dhp;
 
   ensure(s.qt, nh * qt_hs);
   ensure(s.o, nh * o_hs);
   ensure(s.mx, nh * st_hs);
   ensure(s.l, nh * st_hs);
   ensure(s.alpha, BQP);
-  ensure(s.kp, nh * kv_hs);
-  ensure(s.vp, nh * kv_hs);
+  if (!in_place) {
+    ensure(s.kp, nh * kv_hs);
+    ensure(s.vp, nh * kv_hs);
+  }
   ensure(s.st, round_up(kBK, SMR) * BQP);
   for (int64_t hh = 0; hh < nh; ++hh) {
     const scalar_t* qh = q + (qo[b] * H + h0 + hh) * Dh;
@@ -594,11 +620,15 @@ void forward_item(const scalar_t* q, const scalar_t* k, const scalar_t* v, scala
 
   for (int64_t k0 = 0; k0 < kend; k0 += kBK) {
     const int64_t kc = std::min<int64_t>(kBK, kend - k0);
-    pack_heads(k + ((ko[b] + k0) * H + h0) * Dh, ld, kc, nh, Dh, dhp, kv_hs, s.kp.data());
-    pack_heads(v + ((ko[b] + k0) * H + h0) * Dh, ld, kc, nh, Dh, dhp, kv_hs, s.vp.data());
+    const scalar_t* k_tile = k + ((ko[b] + k0) * H + h0) * Dh;
+    const scalar_t* v_tile = v + ((ko[b] + k0) * H + h0) * Dh;
+    if (!in_place) {
+      pack_heads(k_tile, ld, kc, nh, Dh, dhp, kv_hs, s.kp.data());
+      pack_heads(v_tile, ld, kc, nh, Dh, dhp, kv_hs, s.vp.data());
+    }
     for (int64_t hh = 0; hh < nh; ++hh) {
-      const float* kt = s.kp.data() + hh * kv_hs;
-      const float* vt = s.vp.data() + hh * kv_hs;
+      const float* kt = in_place ? reinterpret_cast<const float*>(k_tile) + hh * Dh : s.kp.data() + hh * kv_hs;
+      const float* vt = in_place ? reinterpret_cast<const float*>(v_tile) + hh * Dh : s.vp.data() + hh * kv_hs;
       for (int64_t blk = 0; blk < nblk; ++blk) {
         const int64_t i0 = it.q0 + blk * BQP, nb = std::min<int64_t>(BQP, it.q1 - i0);
         // Keys of this tile that some query of the block can see.
@@ -606,7 +636,7 @@ void forward_item(const scalar_t* q, const scalar_t* k, const scalar_t* v, scala
         if (causal) kcb = std::min<int64_t>(kc, i0 + nb - 1 + off + 1 - k0);
         if (kcb <= 0) continue;
         float* st = s.st.data();
-        score_tile<NV>(kt, dhp, kcb, s.qt.data() + hh * qt_hs + blk * Dh * BQP, Dh, st);
+        score_tile<NV>(kt, ldkv, kcb, s.qt.data() + hh * qt_hs + blk * Dh * BQP, Dh, st);
         // Causal mask: key j is hidden from query i when j > i + off, i.e. lane index < j - off - i0.
         if (causal && k0 + kcb - 1 > i0 + off) {
           for (int64_t r = std::max<int64_t>(0, i0 + off + 1 - k0); r < kcb; ++r) {
@@ -639,7 +669,7 @@ void forward_item(const scalar_t* q, const scalar_t* k, const scalar_t* v, scala
           alpha.store(s.alpha.data() + j * W);
         }
         // A block is first touched by the first tile (visibility only shrinks with k0).
-        acc_gemm<1, BQP>(st, vt, dhp, kcb, s.o.data() + hh * o_hs + blk * BQP * dhp, dhp,
+        acc_gemm<1, BQP>(st, vt, ldkv, kcb, s.o.data() + hh * o_hs + blk * BQP * dhp, dhp,
                          k0 == 0 ? kOverwrite : kRescale, s.alpha.data(), nb, nvec);
       }
     }
@@ -687,6 +717,9 @@ void backward_item(const scalar_t* go, const scalar_t* q, const scalar_t* k, con
   const int64_t ktile = std::min<int64_t>(kBK, std::max<int64_t>(kend, 1));
   const int64_t qt_hs = nblk * Dh * BQP, v_hs = nblk * BQP, r_hs = std::max<int64_t>(n, 1) * dhp,
                 kv_hs = ktile * dhp;
+  constexpr bool kFloat = std::is_same_v<scalar_t, float>;
+  const bool in_place = kFloat && Dh == dhp && n <= kGroupHeadsMaxQueries;  // as in the forward
+  const int64_t ldkv = in_place ? ld : dhp;
 
   ensure(s.qt, nh * qt_hs);
   ensure(s.dot, nh * qt_hs);
@@ -736,20 +769,26 @@ void backward_item(const scalar_t* go, const scalar_t* q, const scalar_t* k, con
 
   for (int64_t k0 = 0; k0 < kend; k0 += kBK) {
     const int64_t kc = std::min<int64_t>(kBK, kend - k0);
-    pack_heads(k + ((ko[b] + k0) * H + h0) * Dh, ld, kc, nh, Dh, dhp, kv_hs, s.kp.data());
-    pack_heads(v + ((ko[b] + k0) * H + h0) * Dh, ld, kc, nh, Dh, dhp, kv_hs, s.vp.data());
-    std::fill_n(s.dk.data(), nh * kv_hs, 0.f);
-    std::fill_n(s.dv.data(), nh * kv_hs, 0.f);
+    const scalar_t* k_tile = k + ((ko[b] + k0) * H + h0) * Dh;
+    const scalar_t* v_tile = v + ((ko[b] + k0) * H + h0) * Dh;
+    if (!in_place) {
+      pack_heads(k_tile, ld, kc, nh, Dh, dhp, kv_hs, s.kp.data());
+      pack_heads(v_tile, ld, kc, nh, Dh, dhp, kv_hs, s.vp.data());
+    }
+    // dK/dV rows of the tile are overwritten by the first block that reaches them (blocks reach a
+    // non-decreasing number of keys), so the tile needs no zero fill; rows no block reaches stay zero.
+    int64_t kinit = 0;
     // The first query that sees key k0 is k0 - off.
     const int64_t blk_begin = causal ? std::max<int64_t>(0, k0 - off) / BQP : 0;
     for (int64_t hh = 0; hh < nh; ++hh) {
-      const float* krows = s.kp.data() + hh * kv_hs;
-      const float* vrows = s.vp.data() + hh * kv_hs;
+      const float* krows = in_place ? reinterpret_cast<const float*>(k_tile) + hh * Dh : s.kp.data() + hh * kv_hs;
+      const float* vrows = in_place ? reinterpret_cast<const float*>(v_tile) + hh * Dh : s.vp.data() + hh * kv_hs;
       const float* qrows = s.qrows.data() + hh * r_hs;
       const float* dorows = s.dorows.data() + hh * r_hs;
       float* dk = s.dk.data() + hh * kv_hs;
       float* dv = s.dv.data() + hh * kv_hs;
       float* dq = s.dq.data() + hh * r_hs;
+      kinit = 0;
       for (int64_t blk = blk_begin; blk < nblk; ++blk) {
         const int64_t i0 = blk * BQP, nb = std::min<int64_t>(BQP, n - i0);
         int64_t kcb = kc;
@@ -757,8 +796,8 @@ void backward_item(const scalar_t* go, const scalar_t* q, const scalar_t* k, con
         if (kcb <= 0) continue;
         float* st = s.st.data();
         float* dpt = s.dpt.data();
-        score_tile<NV>(krows, dhp, kcb, s.qt.data() + hh * qt_hs + blk * Dh * BQP, Dh, st);
-        score_tile<NV>(vrows, dhp, kcb, s.dot.data() + hh * qt_hs + blk * Dh * BQP, Dh, dpt);
+        score_tile<NV>(krows, ldkv, kcb, s.qt.data() + hh * qt_hs + blk * Dh * BQP, Dh, st);
+        score_tile<NV>(vrows, ldkv, kcb, s.dot.data() + hh * qt_hs + blk * Dh * BQP, Dh, dpt);
         const bool masked = causal && k0 + kcb - 1 > i0 + off;
         for (int j = 0; j < NV; ++j) {
           const Vec lse_j = Vec::load(s.lse.data() + hh * v_hs + i0 + j * W);
@@ -772,13 +811,28 @@ void backward_item(const scalar_t* go, const scalar_t* q, const scalar_t* k, con
           }
         }
         // dV += P^T dO ; dK += dS^T Q (scaled at the end) ; dQ += dS K (scaled at the end).
-        acc_gemm<BQP, 1>(st, dorows + i0 * dhp, dhp, nb, dv, dhp, kAccumulate, nullptr, kcb, nvec);
-        acc_gemm<BQP, 1>(dpt, qrows + i0 * dhp, dhp, nb, dk, dhp, kAccumulate, nullptr, kcb, nvec);
-        acc_gemm<1, BQP>(dpt, krows, dhp, kcb, dq + i0 * dhp, dhp, kAccumulate, nullptr, nb, nvec);
+        const int64_t acc_rows = std::min(kinit, kcb);
+        if (acc_rows > 0) {
+          acc_gemm<BQP, 1>(st, dorows + i0 * dhp, dhp, nb, dv, dhp, kAccumulate, nullptr, acc_rows, nvec);
+          acc_gemm<BQP, 1>(dpt, qrows + i0 * dhp, dhp, nb, dk, dhp, kAccumulate, nullptr, acc_rows, nvec);
+        }
+        if (kcb > acc_rows) {
+          acc_gemm<BQP, 1>(st + acc_rows * BQP, dorows + i0 * dhp, dhp, nb, dv + acc_rows * dhp, dhp, kOverwrite,
+                           nullptr, kcb - acc_rows, nvec);
+          acc_gemm<BQP, 1>(dpt + acc_rows * BQP, qrows + i0 * dhp, dhp, nb, dk + acc_rows * dhp, dhp, kOverwrite,
+                           nullptr, kcb - acc_rows, nvec);
+        }
+        kinit = std::max(kinit, kcb);
+        acc_gemm<1, BQP>(dpt, krows, ldkv, kcb, dq + i0 * dhp, dhp, kAccumulate, nullptr, nb, nvec);
       }
     }
     for (int64_t r = 0; r < kc; ++r) {
       const int64_t row = ko[b] + k0 + r;
+      if (r >= kinit) {
+        std::fill_n(gk + (row * H + h0) * Dh, nh * Dh, static_cast<scalar_t>(0.f));
+        std::fill_n(gv + (row * H + h0) * Dh, nh * Dh, static_cast<scalar_t>(0.f));
+        continue;
+      }
       for (int64_t hh = 0; hh < nh; ++hh) {
         store_row(s.dk.data() + hh * kv_hs + r * dhp, Dh, scale, gk + (row * H + h0 + hh) * Dh);
         store_row(s.dv.data() + hh * kv_hs + r * dhp, Dh, 1.f, gv + (row * H + h0 + hh) * Dh);
@@ -905,6 +959,7 @@ void run_items(const std::vector<Item>& items, F&& body) {
     static thread_local typename std::decay_t<F>::Scratch scratch;
 #pragma omp for schedule(dynamic, 1)
     for (int64_t t = 0; t < count; ++t) body(items[t], scratch);
+    store_fence();  // streaming stores are visible before the region (and the op) ends
   }
 }
 
