@@ -50,7 +50,8 @@ class LatticeModel(nn.Module):
         embedding_dim: width of embedding tables whose features give none (default ``dim``).
         dense_tokens: ``None`` = one token per dense feature; k = all dense features into k tokens.
         domain_token: add a learned token for the sample's domain.
-        sequence_merge: how several sequence features merge (``"concat"`` or ``"masknet"``).
+        sequence_merge: how several sequence features merge: ``"concat"``, ``"masknet"`` (parallel
+            attributes of the same events), or ``"auto"`` (masknet when they share a timestamps column).
         max_positions: learned recency-position table size of sequence events (0 = none).
         time_buckets: log2 time-gap buckets of sequence events (0 = none).
         head_hidden_dims: hidden sizes of every task/window head MLP.
@@ -70,7 +71,7 @@ class LatticeModel(nn.Module):
         embedding_dim: int | None = None,
         dense_tokens: int | None = None,
         domain_token: bool = True,
-        sequence_merge: Literal["concat", "masknet"] = "concat",
+        sequence_merge: Literal["auto", "concat", "masknet"] = "auto",
         max_positions: int = 256,
         time_buckets: int = 32,
         head_hidden_dims: Sequence[int] = (64,),
