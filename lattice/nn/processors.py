@@ -420,12 +420,14 @@ class SequenceProcessor(nn.Module):
         gap = (latest[sample] - ts).clamp(min=0).float()
         return torch.floor(torch.log2(gap + 1.0)).long().clamp(max=self.time.num_embeddings - 1)
 
-    def flops(self, events: float) -> float:
-        proj = 2 * self.embedding_dim * self.dim if self.proj is not None else 0
+    def flops(self, tokens: float) -> float:
+        """FLOPs for ``tokens`` merged tokens per sample (concat: one per event of any feature; masknet:
+        one per event, from K lookups)."""
+        lookups = tokens * (len(self.names) if self.merge == "masknet" else 1)
+        total = 2.0 * self.embedding_dim * self.dim * lookups if self.proj is not None else 0.0
         if self.merge == "masknet":
-            k = len(self.names)
-            proj += self.mask_mlp.flops() + 2 * k * self.dim * self.dim
-        return float(proj * events)
+            total += (self.mask_mlp.flops() + 2.0 * len(self.names) * self.dim * self.dim) * tokens
+        return total
 
 
 class FeatureProcessor(nn.Module):
