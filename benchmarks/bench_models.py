@@ -55,6 +55,13 @@ def _batches(batch_size: int, count: int, cache_dir: str | None, rows_scale: flo
     return dm.schema, out
 
 
+def _mean_tokens(model, batch) -> float:
+    """Mean merged sequence tokens per sample of ``batch`` as ``model`` sees them."""
+    with torch.no_grad():
+        seq = model.processor(batch).sequence
+    return 0.0 if seq is None else float(seq.lengths.float().mean())
+
+
 def _median_ms(fn, warmup: int, steps: int) -> float:
     for _ in range(warmup):
         fn()
@@ -111,9 +118,7 @@ def main(argv=None) -> int:
                 params=model.num_parameters(),
                 dense_params=model.num_parameters(include_embeddings=False),
                 mflops_per_sample=model.flops_per_sample() / 1e6,
-                mflops_per_sample_mean_len=model.flops_per_sample(
-                    sequence_length=float(batches[0].sequences.lengths().sum()) / args.batch_size
-                ) / 1e6,
+                mflops_per_sample_mean_len=model.flops_per_sample(sequence_length=_mean_tokens(model, batches[0])) / 1e6,
                 forward_ms=fwd,
                 train_step_ms=step,
                 train_samples_per_s=args.batch_size / (step / 1e3),

@@ -125,3 +125,15 @@ def test_sequence_lookup_with_crossed_shared_tables_and_narrow_tables():
     batch.sequences, batch.sequence_timestamps = seq, None
     out = proc(batch)
     assert out.tokens.shape == (2, 3, 8) and out.sequence.values.shape == (5, 8)
+
+
+def test_auto_merge_uses_masknet_for_parallel_sequences():
+    from lattice.nn.processors import parallel_sequences
+
+    schema = make_schema()
+    assert not parallel_sequences(schema.sequence_features)  # q0_ts vs q1_ts
+    assert FeatureProcessor(schema, dim=8).sequence.merge == "concat"
+    for f in schema.sequence_features:
+        f.timestamps_column = "hist_ts"
+    assert parallel_sequences(schema.sequence_features)
+    assert FeatureProcessor(schema, dim=8).sequence.merge == "masknet"

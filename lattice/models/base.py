@@ -50,7 +50,8 @@ class LatticeModel(nn.Module):
         embedding_dim: width of embedding tables whose features give none (default ``dim``).
         dense_tokens: ``None`` = one token per dense feature; k = all dense features into k tokens.
         domain_token: add a learned token for the sample's domain.
-        sequence_merge: how several sequence features merge (``"concat"`` or ``"masknet"``).
+        sequence_merge: how several sequence features merge: ``"concat"``, ``"masknet"`` (parallel
+            attributes of the same events), or ``"auto"`` (masknet when they share a timestamps column).
         max_positions: learned recency-position table size of sequence events (0 = none).
         time_buckets: log2 time-gap buckets of sequence events (0 = none).
         head_hidden_dims: hidden sizes of every task/window head MLP.
@@ -70,7 +71,7 @@ class LatticeModel(nn.Module):
         embedding_dim: int | None = None,
         dense_tokens: int | None = None,
         domain_token: bool = True,
-        sequence_merge: Literal["concat", "masknet"] = "concat",
+        sequence_merge: Literal["auto", "concat", "masknet"] = "auto",
         max_positions: int = 256,
         time_buckets: int = 32,
         head_hidden_dims: Sequence[int] = (64,),
@@ -142,9 +143,14 @@ class LatticeModel(nn.Module):
         return ModelOutput(out.logits, out.train_logits, representation, out.window_logits)
 
     def default_sequence_length(self) -> float:
-        """Events per sample assumed by :meth:`flops_per_sample`: the sum of the sequence features'
-        ``max_length`` (0 without sequences; 50 per feature without a max_length)."""
-        return float(sum(f.max_length or 50 for f in self.schema.sequence_features))
+        """Sequence tokens per sample assumed by :meth:`flops_per_sample`, at every feature's
+        ``max_length`` (50 where none is given): their sum when sequences are concatenated, their
+        maximum when they are merged per event (MaskNet); 0 without sequences."""
+        lengths = [f.max_length or 50 for f in self.schema.sequence_features]
+        if not lengths:
+            return 0.0
+        merged = self.processor.sequence is not None and self.processor.sequence.merge == "masknet"
+        return float(max(lengths) if merged else sum(lengths))
 
     def flops_per_sample(self, sequence_length: float | None = None) -> float:
         """Analytic forward FLOPs per sample (2 per multiply-add).
@@ -153,8 +159,9 @@ class LatticeModel(nn.Module):
         attention projections, attention scores and weighted sums, FFNs, gates) and the heads (every
         window head). Not counted: embedding-table lookups and pooling (memory-bound gathers),
         norms, activations, element-wise products, softmax, and the extra work of the ``"dense"``
-        dispatch of per-domain layers. ``sequence_length`` is the number of events per sample
-        (default :meth:`default_sequence_length`, the worst case). Backward costs about twice this.
+        dispatch of per-domain layers. ``sequence_length`` is the number of merged sequence tokens
+        per sample (default :meth:`default_sequence_length`, the worst case). Backward costs about twice
+        this.
         """
         events = self.default_sequence_length() if sequence_length is None else float(sequence_length)
         if not self.processor.has_sequence:

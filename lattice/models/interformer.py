@@ -74,7 +74,7 @@ class InterFormer(LatticeModel):
         embedding_dim: int | None = None,
         dense_tokens: int | None = None,
         domain_token: bool = True,
-        sequence_merge: Literal["concat", "masknet"] = "concat",
+        sequence_merge: Literal["auto", "concat", "masknet"] = "auto",
         max_positions: int = 256,
         time_buckets: int = 32,
         head_hidden_dims: Sequence[int] = (64,),

@@ -27,6 +27,7 @@ from torch import Tensor, nn
 
 from lattice.data.schema import Schema, SchemaLike
 from lattice.models.base import LatticeModel
+from lattice.nn.attention import rope_table
 from lattice.nn.context import ExtendedContextStore
 from lattice.nn.fusion import FusionBlock
 from lattice.nn.linear import MLP, DomainLinear
@@ -49,6 +50,7 @@ class LatticeNetwork(LatticeModel):
         num_cls, num_pma, num_recent: the sequence summary's CLS, PMA and most-recent tokens.
         ffn_multiplier: hidden width of the personalized FFN = ``ffn_multiplier * dim``.
         exchange: two-way exchange through InterleavedCrossAttention in every sequence block.
+        exchange_scale: initial LayerScale of the sequence side of the exchange (``None``: unscaled).
         rope, qk_norm, causal: attention options of the sequence self-attention.
         ecs: use the extended context store.
         norm: DWFB output norm (default ``"swish_rms"``); the sequence blocks use RMSNorm pre-norms.
@@ -76,6 +78,7 @@ class LatticeNetwork(LatticeModel):
         num_recent: int = 2,
         ffn_multiplier: int = 2,
         exchange: bool = True,
+        exchange_scale: float | None = 0.1,
         rope: bool = True,
         qk_norm: bool = True,
         causal: bool = False,
@@ -87,7 +90,7 @@ class LatticeNetwork(LatticeModel):
         embedding_dim: int | None = None,
         dense_tokens: int | None = None,
         domain_token: bool = True,
-        sequence_merge: Literal["concat", "masknet"] = "concat",
+        sequence_merge: Literal["auto", "concat", "masknet"] = "auto",
         max_positions: int = 256,
         time_buckets: int = 32,
         head_hidden_dims: Sequence[int] = (64,),
@@ -107,6 +110,8 @@ class LatticeNetwork(LatticeModel):
             raise ValueError(f"untied_layers {list(untied_layers)} must lie in [0, {num_layers})")
         self.num_layers = num_layers
         self.num_cls = num_cls
+        self.rope = rope
+        self.head_dim = dim // num_heads
         self.untied_layers = sorted(set(untied_layers))
         has_seq = self.processor.has_sequence
         n0 = self.processor.num_tokens
@@ -129,7 +134,7 @@ class LatticeNetwork(LatticeModel):
                 self.seq_blocks.append(
                     SequenceBlock(
                         dim, num_heads, summary_tokens, ffn_multiplier * dim, exchange=exchange, rope=rope,
-                        qk_norm=qk_norm, bias=bias, causal=causal, **untie,
+                        qk_norm=qk_norm, bias=bias, causal=causal, exchange_scale=exchange_scale, **untie,
                     )
                 )
                 summary = SequenceSummary(
@@ -157,6 +162,7 @@ class LatticeNetwork(LatticeModel):
         stream = features.sequence
         if stream is not None and self.cls is not None:
             stream = prepend_tokens(stream, self.cls.unsqueeze(0).expand(x.shape[0], -1, -1).to(x.dtype))
+        rotary = rope_table(stream.positions, self.head_dim) if stream is not None and self.rope else None
         context = [x]
         for layer in range(self.num_layers):
             if self.ecs is not None and layer > 0:
@@ -166,7 +172,7 @@ class LatticeNetwork(LatticeModel):
                 x_sum = self.summary_gate[layer](
                     self.summary_proj[layer](x.transpose(1, 2), domain).transpose(1, 2), domain
                 )
-                stream, x_sum = self.seq_blocks[layer](stream, x_sum, domain)
+                stream, x_sum = self.seq_blocks[layer](stream, x_sum, domain, rotary)
                 parts += [self.seq_summaries[layer](stream, domain), x_sum]
             x = self.fusions[layer](torch.cat(parts, dim=1) if len(parts) > 1 else x, domain)
             context.append(x)

@@ -19,7 +19,15 @@ from torch import Tensor, nn
 from lattice.nn.norms import RMSNorm
 from lattice.ops.attention import jagged_attention
 
-__all__ = ["apply_rope", "RotaryEmbedding", "positions_from_offsets", "JaggedMultiheadAttention", "PMA", "InterleavedCrossAttention"]
+__all__ = [
+    "rope_table",
+    "apply_rope",
+    "RotaryEmbedding",
+    "positions_from_offsets",
+    "JaggedMultiheadAttention",
+    "PMA",
+    "InterleavedCrossAttention",
+]
 
 
 def _positions(offsets: Tensor, total: int) -> Tensor:
@@ -33,22 +41,31 @@ def positions_from_offsets(offsets: Tensor, total: int) -> Tensor:
     return _positions(offsets, total)
 
 
-def apply_rope(x: Tensor, positions: Tensor, base: float = 10000.0) -> Tensor:
+def rope_table(positions: Tensor, head_dim: int, base: float = 10000.0) -> tuple[Tensor, Tensor]:
+    """``(cos, sin)``, each ``[N, 1, head_dim // 2]`` float32, for :func:`apply_rope`. Compute it once per
+    stream and pass it to every attention call over that stream (``rotary=``)."""
+    half = head_dim // 2
+    inv_freq = base ** (-torch.arange(half, device=positions.device, dtype=torch.float32) / max(half, 1))
+    angle = positions.to(torch.float32).unsqueeze(-1) * inv_freq  # [N, half]
+    return angle.cos().unsqueeze(1), angle.sin().unsqueeze(1)
+
+
+def apply_rope(
+    x: Tensor, positions: Tensor | None = None, base: float = 10000.0, table: tuple[Tensor, Tensor] | None = None
+) -> Tensor:
     """Rotary position embedding: rotates channel pairs ``(i, i + Dh/2)`` of ``x [N, H, Dh]`` by
-    ``positions[n] * base**(-2i/Dh)``. Scores of rotated q and k then depend on positions only through
-    their difference. An odd last channel is left as is."""
+    ``positions[n] * base**(-2i/Dh)`` (or by a precomputed :func:`rope_table`). Scores of rotated q and
+    k then depend on positions only through their difference. An odd last channel is left as is."""
     dh = x.shape[-1]
     half = dh // 2
     if half == 0:
         return x
-    inv_freq = base ** (-torch.arange(half, device=x.device, dtype=torch.float32) / half)
-    angle = positions.to(torch.float32).unsqueeze(-1) * inv_freq  # [N, half]
-    cos = angle.cos().unsqueeze(1)
-    sin = angle.sin().unsqueeze(1)
-    xf = x.float()
-    x1, x2 = xf[..., :half], xf[..., half : 2 * half]
-    rotated = torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos, xf[..., 2 * half :]], dim=-1)
-    return rotated.to(x.dtype)
+    cos, sin = table if table is not None else rope_table(positions, dh, base)
+    x1, x2 = x[..., :half].float(), x[..., half : 2 * half].float()
+    parts = [x1 * cos - x2 * sin, x1 * sin + x2 * cos]
+    if dh % 2:
+        parts.append(x[..., 2 * half :].float())
+    return torch.cat(parts, dim=-1).to(x.dtype)
 
 
 class RotaryEmbedding(nn.Module):
@@ -75,8 +92,10 @@ class JaggedMultiheadAttention(nn.Module):
         rope_base: RoPE's base.
 
     ``forward(query [Nq, d], query_offsets [B+1], key=None, key_offsets=None, causal=False,
-    query_positions=None, key_positions=None) -> [Nq, d]``. Without ``key`` it is self-attention
-    (``key = query``). Positions default to the index within the sample (0 = first token).
+    query_positions=None, key_positions=None, rotary=None) -> [Nq, d]``. Without ``key`` it is
+    self-attention (``key = query``). Positions default to the index within the sample (0 = first
+    token); ``rotary`` is a precomputed :func:`rope_table` of the stream's positions (self-attention),
+    which saves recomputing it in every layer.
     ``causal`` aligns each sample's last query with its last key.
     """
 
@@ -103,6 +122,7 @@ class JaggedMultiheadAttention(nn.Module):
         self.k_norm = RMSNorm(self.head_dim) if qk_norm else None
         self.rope = rope
         self.rope_base = rope_base
+        # The rotation forward() applies, as a module (for callers that rotate their own q/k).
         self.rotary = RotaryEmbedding(self.head_dim, rope_base) if rope else None
 
     def _heads(self, x: Tensor) -> Tensor:
@@ -117,8 +137,10 @@ class JaggedMultiheadAttention(nn.Module):
         causal: bool = False,
         query_positions: Tensor | None = None,
         key_positions: Tensor | None = None,
+        rotary: tuple[Tensor, Tensor] | None = None,
     ) -> Tensor:
-        if key is None:
+        self_attention = key is None
+        if self_attention:
             key, key_offsets = query, query_offsets
             if key_positions is None:
                 key_positions = query_positions
@@ -135,12 +157,20 @@ class JaggedMultiheadAttention(nn.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         if self.rope:
-            if query_positions is None:
-                query_positions = _positions(query_offsets, q.shape[0])
-            if key_positions is None:
-                key_positions = _positions(key_offsets, k.shape[0])
-            q = self.rotary(q, query_positions)
-            k = self.rotary(k, key_positions)
+            if self_attention and (rotary is not None or key_positions is query_positions):
+                table = rotary
+                if table is None:
+                    if query_positions is None:
+                        query_positions = _positions(query_offsets, q.shape[0])
+                    table = rope_table(query_positions, self.head_dim, self.rope_base)
+                q, k = apply_rope(q, table=table), apply_rope(k, table=table)
+            else:
+                if query_positions is None:
+                    query_positions = _positions(query_offsets, q.shape[0])
+                if key_positions is None:
+                    key_positions = _positions(key_offsets, k.shape[0])
+                q = apply_rope(q, query_positions, self.rope_base)
+                k = apply_rope(k, key_positions, self.rope_base)
         v = v.to(q.dtype)
         k = k.to(q.dtype)
         out, _ = jagged_attention(

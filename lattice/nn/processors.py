@@ -40,6 +40,7 @@ __all__ = [
     "SequenceProcessor",
     "FeatureProcessor",
     "jagged_positions",
+    "parallel_sequences",
 ]
 
 
@@ -80,6 +81,13 @@ class ProcessedFeatures:
 
     tokens: Tensor
     sequence: JaggedTokens | None
+
+
+def parallel_sequences(features: Sequence[Any]) -> bool:
+    """True when several sequence features are attributes of the same events: they all name one
+    ``timestamps_column`` (e.g. ``hist_items`` and ``hist_clusters`` both timed by ``hist_ts``)."""
+    columns = {getattr(f, "timestamps_column", None) for f in features}
+    return len(features) > 1 and len(columns) == 1 and None not in columns
 
 
 def jagged_positions(offsets: Tensor, total: int) -> Tensor:
@@ -303,7 +311,8 @@ class SequenceProcessor(nn.Module):
             gets its feature's learned type embedding); ``"masknet"`` — the features are parallel
             attributes of the same events (equal lengths in every row) and are fused per event by a
             MaskNet block (instance-guided mask ``W2 relu(W1 e)`` times the concatenated embeddings,
-            projected to d and normalized).
+            projected to d and normalized); ``"auto"`` — ``masknet`` when the features are parallel
+            (:func:`parallel_sequences`), else ``concat``.
         max_positions: size of the learned recency-position table (position 0 = the most recent event;
             older events share the last slot); 0 disables positions (e.g. when attention uses RoPE only).
         time_buckets: number of log2 time-gap buckets (gap to the sample's latest event, from
@@ -317,13 +326,15 @@ class SequenceProcessor(nn.Module):
         features: Sequence[Any],
         tables: EmbeddingTables,
         dim: int,
-        merge: Literal["concat", "masknet"] = "concat",
+        merge: Literal["auto", "concat", "masknet"] = "auto",
         max_positions: int = 256,
         time_buckets: int = 32,
     ) -> None:
         super().__init__()
-        if merge not in ("concat", "masknet"):
-            raise ValueError(f"unknown sequence merge {merge!r}; expected 'concat' or 'masknet'")
+        if merge not in ("auto", "concat", "masknet"):
+            raise ValueError(f"unknown sequence merge {merge!r}; expected 'auto', 'concat' or 'masknet'")
+        if merge == "auto":
+            merge = "masknet" if parallel_sequences(features) else "concat"
         self.names = [f.name for f in features]
         self.dim, self.merge = dim, merge
         self.tables = [tables]
@@ -409,12 +420,14 @@ class SequenceProcessor(nn.Module):
         gap = (latest[sample] - ts).clamp(min=0).float()
         return torch.floor(torch.log2(gap + 1.0)).long().clamp(max=self.time.num_embeddings - 1)
 
-    def flops(self, events: float) -> float:
-        proj = 2 * self.embedding_dim * self.dim if self.proj is not None else 0
+    def flops(self, tokens: float) -> float:
+        """FLOPs for ``tokens`` merged tokens per sample (concat: one per event of any feature; masknet:
+        one per event, from K lookups)."""
+        lookups = tokens * (len(self.names) if self.merge == "masknet" else 1)
+        total = 2.0 * self.embedding_dim * self.dim * lookups if self.proj is not None else 0.0
         if self.merge == "masknet":
-            k = len(self.names)
-            proj += self.mask_mlp.flops() + 2 * k * self.dim * self.dim
-        return float(proj * events)
+            total += (self.mask_mlp.flops() + 2.0 * len(self.names) * self.dim * self.dim) * tokens
+        return total
 
 
 class FeatureProcessor(nn.Module):
@@ -441,7 +454,7 @@ class FeatureProcessor(nn.Module):
         embedding_dim: int | None = None,
         dense_tokens: int | None = None,
         domain_token: bool = True,
-        sequence_merge: Literal["concat", "masknet"] = "concat",
+        sequence_merge: Literal["auto", "concat", "masknet"] = "auto",
         max_positions: int = 256,
         time_buckets: int = 32,
         bias: bool = True,

@@ -220,9 +220,12 @@ class SequenceBlock(nn.Module):
         rope, qk_norm, bias: attention options. norm: pre-norm kind. activation: FFN activation.
         causal: causal self-attention (each event sees only older events and the CLS tokens before it).
         ffn_first: run the personalized FFN before the attention (InterFormer's ``MHA(PFFN(X_sum, S))``).
+        exchange_scale: initial value of a learned per-channel scale (LayerScale) on the stream's update
+            from the exchange; ``None`` for an unscaled update.
         num_domains, domain_groups: per-domain untying of the FFN.
 
-    Shape: ``(stream [N, d], summary [B, k, d]) -> (stream [N, d], summary [B, k, d])``.
+    Shape: ``(stream [N, d], summary [B, k, d]) -> (stream [N, d], summary [B, k, d])``; ``rotary``: a
+    precomputed :func:`~lattice.nn.attention.rope_table` of the stream's positions.
     """
 
     def __init__(
@@ -239,6 +242,7 @@ class SequenceBlock(nn.Module):
         activation: str = "silu",
         causal: bool = False,
         ffn_first: bool = False,
+        exchange_scale: float | None = 0.1,
         num_domains: int = 1,
         domain_groups: Sequence[int] | None = None,
     ) -> None:
@@ -250,6 +254,11 @@ class SequenceBlock(nn.Module):
             self.exchange_norm_seq = make_norm(norm, dim)
             self.exchange_norm_sum = make_norm(norm, dim)
             self.exchange = InterleavedCrossAttention(dim, num_heads, bias=bias, qk_norm=qk_norm)
+            # LayerScale on the sequence side of the exchange: every token of a sample reads the same few
+            # summary tokens, so a full-strength update at init washes out what tells the events apart.
+            self.exchange_scale = (
+                nn.Parameter(torch.full((dim,), float(exchange_scale))) if exchange_scale is not None else None
+            )
         else:
             self.exchange = None
         self.ffn = PersonalizedFFN(
@@ -258,18 +267,24 @@ class SequenceBlock(nn.Module):
         )
 
     def forward(
-        self, stream: JaggedTokens, summary: Tensor, domain: Tensor | None = None
+        self,
+        stream: JaggedTokens,
+        summary: Tensor,
+        domain: Tensor | None = None,
+        rotary: tuple[Tensor, Tensor] | None = None,
     ) -> tuple[JaggedTokens, Tensor]:
         if self.ffn_first:
             stream = self.ffn(stream, summary.flatten(1), domain)
         x = self.attn_norm(stream.values)
-        attn = self.attn(x, stream.offsets, causal=self.causal, query_positions=stream.positions)
+        attn = self.attn(x, stream.offsets, causal=self.causal, query_positions=stream.positions, rotary=rotary)
         stream = stream.replace(stream.values + attn)
         if self.exchange is not None:
             new_sum, new_seq = self.exchange(
                 self.exchange_norm_sum(summary), self.exchange_norm_seq(stream.values), stream.offsets
             )
             summary = summary + new_sum
+            if self.exchange_scale is not None:
+                new_seq = new_seq * self.exchange_scale.to(new_seq.dtype)
             stream = stream.replace(stream.values + new_seq)
         if not self.ffn_first:
             stream = self.ffn(stream, summary.flatten(1), domain)
