@@ -25,21 +25,26 @@ def _class(path):
         raise
 
 
-def _check(section, where):
-    cls = _class(section["class_path"])
+def _check(section, where, default=None):
+    """``section`` is ``{class_path, init_args}`` or, for the CLI's own model/data classes, the init
+    arguments themselves (``default`` names the class then)."""
+    if "class_path" in section:
+        cls, args = _class(section["class_path"]), section.get("init_args") or {}
+    else:
+        cls, args = _class(default), section
     params = inspect.signature(cls).parameters
-    unknown = sorted(set(section.get("init_args") or {}) - set(params))
+    unknown = sorted(set(args) - set(params))
     assert not unknown, f"{where}: {cls.__name__} has no argument(s) {unknown}"
-    return cls, section.get("init_args") or {}
+    return cls, args
 
 
 @pytest.mark.parametrize("name", ["teacher.yaml", "student.yaml"])
 def test_config_arguments_exist(name):
     config = _load(name)
-    _check(config["data"], f"{name} data")
+    _check(config["data"], f"{name} data", "lattice.data.LatticeDataModule")
     for i, cb in enumerate((config.get("trainer") or {}).get("callbacks") or []):
         _check(cb, f"{name} trainer.callbacks[{i}]")
-    _, model_args = _check(config["model"], f"{name} model")
+    _, model_args = _check(config["model"], f"{name} model", "lattice.train.module.LatticeModule")
     _check(model_args["optimizer"], f"{name} model.optimizer")
     _check(model_args["network"], f"{name} model.network")
     if "prediction_writer" in config:
@@ -51,9 +56,9 @@ def test_config_arguments_exist(name):
 
 def test_student_reads_the_teachers_logged_outputs():
     teacher, student = _load("teacher.yaml"), _load("student.yaml")
-    assert student["data"]["init_args"]["teacher_paths"] == teacher["prediction_writer"]["output_dir"]
+    assert student["data"]["teacher_paths"] == teacher["prediction_writer"]["output_dir"]
     assert teacher["prediction_writer"]["write_embedding"] is True
     assert student["model"]["class_path"] == "lattice.distill.DistillationModule"
     # same schema and split seed: domain indices line up, the teacher's validation rows stay unseen
-    assert student["data"]["init_args"]["schema"] == teacher["data"]["init_args"]["schema"]
-    assert student["data"]["init_args"].get("seed", 0) == teacher["data"]["init_args"].get("seed", 0)
+    assert student["data"]["schema"] == teacher["data"]["schema"]
+    assert student["data"].get("seed", 0) == teacher["data"].get("seed", 0)

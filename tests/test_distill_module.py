@@ -135,3 +135,19 @@ def test_serving_model_is_the_serving_head_only(ktap):
     module.eval()
     with torch.no_grad():
         assert torch.allclose(serving(batch), module.predict_step(batch, 0)["logits"])
+
+
+def test_adapter_learning_rate_gets_its_own_parameter_group():
+    net = TinyNetwork(tiny_schema())
+    module = DistillationModule(net, adapter=True, adapter_lr=0.05,
+                                optimizer=lambda params: torch.optim.SGD(params, lr=0.001))
+    opt = module.configure_optimizers()
+    assert [g["lr"] for g in opt.param_groups] == [0.001, 0.05]
+    assert {id(p) for p in opt.param_groups[1]["params"]} == {id(p) for p in module.adapter.parameters()}
+    n_all = sum(len(g["params"]) for g in opt.param_groups)
+    assert n_all == len([p for p in module.parameters() if p.requires_grad])
+    plain = DistillationModule(TinyNetwork(tiny_schema()), adapter=True,
+                               optimizer=lambda params: torch.optim.SGD(params, lr=0.001))
+    assert len(plain.configure_optimizers().param_groups) == 1
+    with pytest.raises(ValueError, match="adapter_lr"):
+        DistillationModule(TinyNetwork(tiny_schema()), adapter=True, adapter_lr=0.0)

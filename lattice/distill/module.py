@@ -134,6 +134,8 @@ class DistillationModule(LatticeModule):
         aux_hidden_dims: hidden sizes of the auxiliary head's per-task MLPs.
         aux_in_dim: width of the backbone output (default: the network's ``heads.in_dim``).
         adapter, adapter_hidden_dims, adapter_weight: the student adapter.
+        adapter_lr: the adapter's own learning rate (``None``: the optimizer's); it starts as the identity
+            and must track a drifting teacher, so it may warrant a faster rate than the student.
         teacher_embedding_dim: E; enables the KTAP teacher token.
         normalize_teacher_embedding: layer-normalize the teacher embedding before projecting it.
         cache: the teacher-embedding cache (``None``: embeddings come straight from the batch).
@@ -163,6 +165,7 @@ class DistillationModule(LatticeModule):
         adapter: bool = False,
         adapter_hidden_dims: Sequence[int] = (16,),
         adapter_weight: float = 1.0,
+        adapter_lr: float | None = None,
         teacher_embedding_dim: int | None = None,
         normalize_teacher_embedding: bool = True,
         cache: TeacherEmbeddingCache | None = None,
@@ -198,6 +201,9 @@ class DistillationModule(LatticeModule):
         self.label_scale = float(label_scale)
         self.distill_labeled_only = distill_labeled_only
         self.adapter_weight = float(adapter_weight)
+        if adapter_lr is not None and not (math.isfinite(adapter_lr) and adapter_lr > 0):
+            raise ValueError(f"adapter_lr must be > 0, got {adapter_lr}")
+        self.adapter_lr = adapter_lr
 
         schema = network.schema
         weights = dict(zip(self.task_names, self.task_weights.tolist()))
@@ -277,6 +283,21 @@ class DistillationModule(LatticeModule):
         brings the teacher embedding (``batch.teacher_embedding``, ``batch.teacher_mask`` = found in the
         store; ``None`` = missing everywhere)."""
         return ServingStudent(self.network, self.teacher_token, self.tap)
+
+    def configure_optimizers(self):
+        if self.adapter is None or self.adapter_lr is None:
+            return super().configure_optimizers()
+        adapter = {id(p) for p in self.adapter.parameters()}
+        params = self._dense_parameters()
+        groups = [
+            {"params": [p for p in params if id(p) not in adapter]},
+            {"params": [p for p in params if id(p) in adapter], "lr": self.adapter_lr},
+        ]
+        optimizer = self.optimizer_factory(groups)
+        if self.lr_scheduler_factory is None:
+            return optimizer
+        scheduler = self.lr_scheduler_factory(optimizer)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # ---- losses ----------------------------------------------------------------------------------
     def distillation_losses(self, output: DistillationOutput, batch: Any) -> dict[str, Tensor]:
