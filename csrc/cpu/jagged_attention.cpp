@@ -367,7 +367,7 @@ inline void acc_gemm(const float* a, const float* b, int64_t ldb, int64_t K, flo
 
 // Token rows of one head are H*Dh apart, so a sequence's rows cross a page every few rows and the
 // hardware prefetchers lose the stream; fetch a few rows ahead explicitly.
-constexpr int64_t kPrefetchRows = 6;
+constexpr int64_t kPrefetchRows = 16;
 
 template <typename scalar_t>
 inline void prefetch_row(const scalar_t* p, int64_t dh) {
