@@ -209,12 +209,20 @@ constexpr int acc_mr() {
   return kWide ? (DV == 1 ? 12 : DV == 2 ? 12 : DV == 3 ? 8 : 6) : (DV == 1 ? 8 : DV == 2 ? 6 : DV == 3 ? 4 : 3);
 }
 
+// The causal mask of a score tile S^T [keys, queries]: row r (a key) hides lanes (queries) below
+// r + shift, for rows r >= from. `from` past the last row means no mask.
+struct TileMask {
+  int64_t from;
+  int64_t shift;
+};
+
 // C[r, 0:NV*W] = sum_d A[r*lda + d] * BT[d*NV*W + 0:NV*W] for r < MR: MR rows of A (keys, read in
 // place; rows past `rows` repeat the last one) against a packed block BT [Dh, NV*W] (queries along the
-// lanes). C has row stride NV*W.
+// lanes). C has row stride NV*W. Hidden entries (mask, `row0` = this block's first row in the tile)
+// are stored as -inf, and `tmax` (when given) takes the lane-wise max over the real rows.
 template <int NV, int MR>
 inline void score_block(const float* __restrict a, int64_t lda, int64_t rows, const float* __restrict bt, int64_t dh,
-                        float* __restrict c) {
+                        float* __restrict c, int64_t row0, TileMask mask, Vec* tmax) {
   const float* ar[MR];
 #pragma GCC unroll 16
   for (int r = 0; r < MR; ++r) ar[r] = a + std::min<int64_t>(r, rows - 1) * lda;
@@ -234,22 +242,32 @@ inline void score_block(const float* __restrict a, int64_t lda, int64_t rows, co
       for (int j = 0; j < NV; ++j) acc[r][j] = fmadd(x, b[j], acc[r][j]);
     }
   }
+  const Vec neg_inf = Vec::set1(kNegInf);
 #pragma GCC unroll 16
-  for (int r = 0; r < MR; ++r)
+  for (int r = 0; r < MR; ++r) {
+    const bool hide = row0 + r >= mask.from;
+    const Vec first_visible = Vec::set1(static_cast<float>(row0 + r + mask.shift));
 #pragma GCC unroll 4
-    for (int j = 0; j < NV; ++j) acc[r][j].store(c + r * NV * W + j * W);
+    for (int j = 0; j < NV; ++j) {
+      Vec x = acc[r][j];
+      if (hide) x = select_ge(Vec::iota(static_cast<float>(j * W)), first_visible, x, neg_inf);
+      x.store(c + r * NV * W + j * W);
+      if (tmax != nullptr && r < rows) tmax[j] = vmax(tmax[j], x);
+    }
+  }
 }
 
-// S^T [round_up(rows, MR), NV*W] = A[0:rows] BT.
+// S^T [round_up(rows, MR), NV*W] = A[0:rows] BT, masked; tmax (NV vectors, optional) takes the max.
 template <int NV>
-inline void score_tile(const float* a, int64_t lda, int64_t rows, const float* bt, int64_t dh, float* st) {
+inline void score_tile(const float* a, int64_t lda, int64_t rows, const float* bt, int64_t dh, float* st,
+                       TileMask mask, Vec* tmax) {
   constexpr int MR = score_mr<NV>();
   for (int64_t r = 0; r < rows; r += MR) {
     // Rows may be H*Dh apart in the input tensor: fetch the next block's rows while this one computes.
     for (int64_t p = r + MR; p < std::min<int64_t>(rows, r + 2 * MR); ++p) {
       for (int64_t off = 0; off < dh; off += 16) __builtin_prefetch(a + p * lda + off, 0, 3);
     }
-    score_block<NV, MR>(a + r * lda, lda, rows - r, bt, dh, st + r * NV * W);
+    score_block<NV, MR>(a + r * lda, lda, rows - r, bt, dh, st + r * NV * W, r, mask, tmax);
   }
 }
 
@@ -349,7 +367,7 @@ inline void acc_gemm(const float* a, const float* b, int64_t ldb, int64_t K, flo
 
 // Token rows of one head are H*Dh apart, so a sequence's rows cross a page every few rows and the
 // hardware prefetchers lose the stream; fetch a few rows ahead explicitly.
-constexpr int64_t kPrefetchRows = 6;
+constexpr int64_t kPrefetchRows = 16;
 
 template <typename scalar_t>
 inline void prefetch_row(const scalar_t* p, int64_t dh) {
@@ -569,6 +587,13 @@ inline float dot_row(const scalar_t* a, const scalar_t* b, int64_t dh) {
   return acc;
 }
 
+// Key (row) r of the tile starting at k0 is hidden from the block's lane l (query i0 + l) when
+// k0 + r > i0 + l + off, i.e. l < r + (k0 - off - i0); rows below i0 + off + 1 - k0 hide nothing.
+inline TileMask causal_mask(bool causal, int64_t k0, int64_t i0, int64_t off) {
+  if (!causal) return TileMask{std::numeric_limits<int64_t>::max(), 0};
+  return TileMask{std::max<int64_t>(0, i0 + off + 1 - k0), k0 - off - i0};
+}
+
 // ---------------------------------------------------------------------------------------------------
 // Forward, fast path
 // ---------------------------------------------------------------------------------------------------
@@ -636,25 +661,15 @@ void forward_item(const scalar_t* q, const scalar_t* k, const scalar_t* v, scala
         if (causal) kcb = std::min<int64_t>(kc, i0 + nb - 1 + off + 1 - k0);
         if (kcb <= 0) continue;
         float* st = s.st.data();
-        score_tile<NV>(kt, ldkv, kcb, s.qt.data() + hh * qt_hs + blk * Dh * BQP, Dh, st);
-        // Causal mask: key j is hidden from query i when j > i + off, i.e. lane index < j - off - i0.
-        if (causal && k0 + kcb - 1 > i0 + off) {
-          for (int64_t r = std::max<int64_t>(0, i0 + off + 1 - k0); r < kcb; ++r) {
-            const Vec first_visible_lane = Vec::set1(static_cast<float>(k0 + r - off - i0));
-            for (int j = 0; j < NV; ++j) {
-              Vec x = Vec::load(st + r * BQP + j * W);
-              x = select_ge(Vec::iota(static_cast<float>(j * W)), first_visible_lane, x, Vec::set1(kNegInf));
-              x.store(st + r * BQP + j * W);
-            }
-          }
-        }
+        Vec tmax[NV];
+        for (int j = 0; j < NV; ++j) tmax[j] = Vec::set1(kNegInf);
+        score_tile<NV>(kt, ldkv, kcb, s.qt.data() + hh * qt_hs + blk * Dh * BQP, Dh, st,
+                       causal_mask(causal, k0, i0, off), tmax);
         float* mx = s.mx.data() + hh * st_hs + blk * BQP;
         float* l = s.l.data() + hh * st_hs + blk * BQP;
         for (int j = 0; j < NV; ++j) {
-          Vec tmax = Vec::set1(kNegInf);
-          for (int64_t r = 0; r < kcb; ++r) tmax = vmax(tmax, Vec::load(st + r * BQP + j * W));
           const Vec m_old = Vec::load(mx + j * W);
-          const Vec m_new = vmax(m_old, tmax);
+          const Vec m_new = vmax(m_old, tmax[j]);
           // A lane that has seen no visible key keeps max -inf; subtract 0 there so exp gives 0, not NaN.
           const Vec m_use = select_eq(m_new, Vec::set1(kNegInf), Vec::zero(), m_new);
           Vec sum = Vec::zero();
@@ -796,16 +811,16 @@ void backward_item(const scalar_t* go, const scalar_t* q, const scalar_t* k, con
         if (kcb <= 0) continue;
         float* st = s.st.data();
         float* dpt = s.dpt.data();
-        score_tile<NV>(krows, ldkv, kcb, s.qt.data() + hh * qt_hs + blk * Dh * BQP, Dh, st);
-        score_tile<NV>(vrows, ldkv, kcb, s.dot.data() + hh * qt_hs + blk * Dh * BQP, Dh, dpt);
-        const bool masked = causal && k0 + kcb - 1 > i0 + off;
+        // Hidden scores are -inf, so their probabilities come out 0.
+        score_tile<NV>(krows, ldkv, kcb, s.qt.data() + hh * qt_hs + blk * Dh * BQP, Dh, st,
+                       causal_mask(causal, k0, i0, off), nullptr);
+        score_tile<NV>(vrows, ldkv, kcb, s.dot.data() + hh * qt_hs + blk * Dh * BQP, Dh, dpt, causal_mask(false, 0, 0, 0),
+                       nullptr);
         for (int j = 0; j < NV; ++j) {
           const Vec lse_j = Vec::load(s.lse.data() + hh * v_hs + i0 + j * W);
           const Vec d_j = Vec::load(s.dd.data() + hh * v_hs + i0 + j * W);
-          const Vec lane = Vec::iota(static_cast<float>(j * W));
           for (int64_t r = 0; r < kcb; ++r) {
-            Vec p = (Vec::load(st + r * BQP + j * W) - lse_j).exp();
-            if (masked) p = select_ge(lane, Vec::set1(static_cast<float>(k0 + r - off - i0)), p, Vec::zero());
+            const Vec p = (Vec::load(st + r * BQP + j * W) - lse_j).exp();
             p.store(st + r * BQP + j * W);
             (p * (Vec::load(dpt + r * BQP + j * W) - d_j)).store(dpt + r * BQP + j * W);
           }
