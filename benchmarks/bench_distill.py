@@ -33,6 +33,7 @@ Writes JSON to ``--out`` (default ``benchmarks/results/bench_distill.json``).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -56,7 +57,6 @@ import lattice  # noqa: E402,F401
 from lattice.data import LatticeDataModule  # noqa: E402
 from lattice.data.synthetic import SyntheticConfig, SyntheticDomain, SyntheticWorld  # noqa: E402
 from lattice.distill import DistillationModule  # noqa: E402
-from lattice.models import LatticeNetwork  # noqa: E402
 from lattice.train.module import LatticeModule  # noqa: E402
 from lattice.train.writer import ParquetPredictionWriter  # noqa: E402
 
@@ -167,27 +167,29 @@ def log_teacher(module, schema, paths: str, out_dir: str) -> str:
     return out_dir
 
 
-def teacher_network(schema, quick: bool):
-    return LatticeNetwork(
-        schema, dim=16 if quick else 32, num_layers=2, num_heads=2, fm_tokens=8, lcb_tokens=8,
-        representation_dim=64, head_hidden_dims=[64],
-    )
+def network(schema, name: str, role: str, quick: bool):
+    """The teacher (big) or student (small) network; LatticeNetwork sizes are spelled out, other
+    ``lattice.models`` classes get the same width with their defaults."""
+    import lattice.models as models
 
-
-def student_network(schema, quick: bool):
-    return LatticeNetwork(
-        schema, dim=8, num_layers=1, num_heads=2, fm_tokens=4, lcb_tokens=4, representation_dim=16,
-        head_hidden_dims=[16], fm_hidden_dims=[32],
-    )
+    cls = getattr(models, name)
+    if role == "teacher":
+        dim = 16 if quick else 32
+        sizes = dict(num_layers=2, num_heads=2, fm_tokens=8, lcb_tokens=8, representation_dim=64, head_hidden_dims=[64])
+    else:
+        dim = 8
+        sizes = dict(num_layers=1, num_heads=2, fm_tokens=4, lcb_tokens=4, representation_dim=16,
+                     head_hidden_dims=[16], fm_hidden_dims=[32])
+    return cls(schema, dim=dim, **(sizes if cls is models.LatticeNetwork else {}))
 
 
 def optimizer(lr: float):
-    return lambda params: torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    return functools.partial(torch.optim.AdamW, lr=lr, weight_decay=0.0)
 
 
 def train_teacher(schema, train_dir: str, test_dir: str, args, seed: int) -> Dict[str, Any]:
     torch.manual_seed(seed)
-    module = LatticeModule(teacher_network(schema, args.quick), optimizer=optimizer(args.teacher_lr),
+    module = LatticeModule(network(schema, args.teacher_network, "teacher", args.quick), optimizer=optimizer(args.teacher_lr),
                            sparse_optimizer=args.sparse_optimizer)
     t0 = time.perf_counter()
     trainer(args.teacher_epochs).fit(module, datamodule=data_module(schema, train_dir, args.batch_size, seed=seed))
@@ -199,7 +201,7 @@ def train_student(schema, name: str, kwargs: Dict[str, Any], teacher_outputs: Op
                   args, seed: int) -> Dict[str, Any]:
     torch.manual_seed(seed)
     module = DistillationModule(
-        student_network(schema, args.quick), optimizer=optimizer(args.student_lr),
+        network(schema, args.student_network, "student", args.quick), optimizer=optimizer(args.student_lr),
         sparse_optimizer=args.sparse_optimizer, distill_weight=args.distill_weight, **kwargs,
     )
     dm = data_module(schema, train_dir, args.student_batch_size, teacher_paths=teacher_outputs, seed=seed)
@@ -249,10 +251,12 @@ def main(argv=None) -> Dict[str, Any]:
     p.add_argument("--teacher-epochs", type=int, default=None)
     p.add_argument("--student-epochs", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=512)
-    p.add_argument("--student-batch-size", type=int, default=256)
+    p.add_argument("--student-batch-size", type=int, default=64)
     p.add_argument("--teacher-lr", type=float, default=3e-3)
     p.add_argument("--student-lr", type=float, default=3e-3)
     p.add_argument("--distill-weight", type=float, default=1.0)
+    p.add_argument("--teacher-network", default="LatticeNetwork", help="a lattice.models class")
+    p.add_argument("--student-network", default="LatticeNetwork", help="a lattice.models class")
     p.add_argument("--sparse-optimizer", default="rowwise_adagrad", choices=["rowwise_adagrad", "sgd", "none"])
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--work", default=None, help="scratch folder (default: benchmarks/results/distill_work)")

@@ -26,6 +26,8 @@ class LatticeCLI(LightningCLI):
         parser.link_arguments("data.schema", "model.network.init_args.schema", apply_on="instantiate")
         parser.add_lightning_class_args(MetricsTable, "metrics_table")
         parser.add_lightning_class_args(ParquetPredictionWriter, "prediction_writer")
+        # The Parquet reader shards row groups across ranks and workers itself (exactly-once reads).
+        parser.set_defaults({"trainer.use_distributed_sampler": False})
 
     def _prepare_subcommand_parser(self, klass, subcommand, **kwargs):
         parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)

@@ -73,8 +73,10 @@ def expect(path, match, column=None, row_group=None, row=None, sch=None):
 
 @pytest.fixture
 def put(tmp_path):
-    def _put(table: pa.Table, name: str = "data.parquet") -> str:
-        return write_parquet(table, str(tmp_path / name), row_group_size=10)
+    def _put(table: pa.Table, name: str = "data.parquet", statistics: bool = True) -> str:
+        path = str(tmp_path / name)
+        pq.write_table(table, path, row_group_size=10, write_statistics=statistics)
+        return path
     return _put
 
 
@@ -113,11 +115,15 @@ def test_null_list_allowed_where_the_domain_lacks_the_feature(put):
 def test_negative_and_out_of_range_ids(put):
     rows = [[1]] * 40
     rows[BAD_ROW] = [3, -3]
-    path = put(with_bad("ids", pa.array(rows)))
+    # caught from the row-group statistics before any row is read ...
+    expect(put(with_bad("ids", pa.array(rows))), r"must lie in \[0, 100\).*min -3", column="ids", row_group=2)
+    # ... and row by row where the file has no statistics
+    path = put(with_bad("ids", pa.array(rows)), "nostats.parquet", statistics=False)
     expect(path, "negative id -3", column="ids", row_group=2, row=BAD_ROW)
     rows[BAD_ROW] = [100]
-    path = put(with_bad("ids", pa.array(rows)), "oob.parquet")
+    path = put(with_bad("ids", pa.array(rows)), "oob.parquet", statistics=False)
     expect(path, r"id 100 is out of range \[0, 100\)", column="ids", row_group=2, row=BAD_ROW)
+    expect(put(with_bad("ids", pa.array(rows)), "oob_stats.parquet"), "max 100", column="ids", row_group=2)
     # with oov: hash the same ids are mixed into range instead
     sch = schema()
     sch.features[0].oov = "hash"
@@ -138,14 +144,19 @@ def test_non_finite_dense(put, bad):
 def test_non_finite_label(put, bad):
     y = (np.arange(40) % 2).astype(np.float64)
     y[BAD_ROW] = bad
-    expect(put(with_bad("click", pa.array(y))), "not finite", column="click", row_group=2, row=BAD_ROW)
+    expect(put(with_bad("click", pa.array(y)), statistics=False), "not finite", column="click", row_group=2,
+           row=BAD_ROW)
+    expect(put(with_bad("click", pa.array(y)), "stats.parquet"), "not finite|must be 0 or 1", column="click",
+           row_group=2)
 
 
 def test_binary_label_outside_0_1(put):
     y = (np.arange(40) % 2).astype(np.float64)
     y[BAD_ROW] = 2.0
-    expect(put(with_bad("click", pa.array(y))), "not 0 or 1", column="click", row_group=2, row=BAD_ROW)
-    y[BAD_ROW] = 0.5
+    expect(put(with_bad("click", pa.array(y))), "must be 0 or 1.*max 2", column="click", row_group=2)
+    expect(put(with_bad("click", pa.array(y)), "nostats.parquet", statistics=False), "not 0 or 1", column="click",
+           row_group=2, row=BAD_ROW)
+    y[BAD_ROW] = 0.5  # inside [0, 1]: only the row check can tell
     expect(put(with_bad("click", pa.array(y)), "half.parquet"), "not 0 or 1", column="click", row=BAD_ROW)
 
 

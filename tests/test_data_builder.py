@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import numpy as np
 import pyarrow as pa
-import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -145,6 +144,13 @@ def test_gathered_rows_match_reference(world, seed):
     got = builder.build(prepared, rows)
     want = reference_batch(table.take(pa.array(rows)), schema)
     assert_batch_equal(got, want)
+    # the shared-memory layout DataLoader workers use: same content, two shared blocks (rows, jagged)
+    shared = builder.build(prepared, rows, shared=True)
+    assert_batch_equal(shared, want)
+    assert shared.dense.is_shared() and shared.sparse.values().is_shared()
+    ptr = lambda t: t.untyped_storage().data_ptr()  # noqa: E731
+    assert ptr(shared.dense) == ptr(shared.labels) == ptr(shared.example_id)
+    assert ptr(shared.sparse.values()) == ptr(shared.sequences.offsets()) == ptr(shared.sparse.lengths())
     # a slice of the prepared table (offsets into shared buffers) builds the same as the raw slice
     a = int(rng.integers(0, table.num_rows))
     b = int(rng.integers(a, table.num_rows + 1))

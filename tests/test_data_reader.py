@@ -1,8 +1,6 @@
 """The streaming reader: exactly-once sharding, shuffling, epochs, resume, CSV."""
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pacsv
@@ -186,7 +184,7 @@ def test_csv_input(tmp_path):
     batches = list(ds.iter_shard(0, 0, 1, 0, 1))
     assert_batch_equal(
         __import__("lattice.data.builder", fromlist=["x"]).BatchBuilder(schema).build(
-            pa.concat_tables([ds._unit_table(ds.plan, i) for i in range(len(ds.plan.units))])),
+            pa.concat_tables([ds.load_unit(ds.plan, i) for i in range(len(ds.plan.units))])),
         reference_batch(pacsv.read_csv(str(path)), schema))
     assert sum(b.batch_size for b in batches) == 120
     # CSV blocks are units: a small block size still reads every row exactly once across shards

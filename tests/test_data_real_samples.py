@@ -7,7 +7,6 @@ import os
 import warnings
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.csv as pacsv
 import pytest
 import yaml
@@ -34,22 +33,33 @@ def _resolve(p):
 
 
 def load(config: str, **overrides) -> LatticeDataModule:
-    """The DataModule a config describes, through jsonargparse as the CLI parses it."""
+    """The DataModule a config describes (the ``data:`` section of a fit config, LatticeDataModule's
+    arguments), parsed by jsonargparse as the CLI parses it."""
     from jsonargparse import ArgumentParser
 
     with open(config) as fh:
-        doc = yaml.safe_load(fh)
-    args = doc["init_args"]
+        args = yaml.safe_load(fh)
     for key in ("paths", "val_paths", "test_paths"):
         if key in args:
             args[key] = _resolve(args[key])
     args.update(overrides)
     parser = ArgumentParser()
-    parser.add_subclass_arguments(LatticeDataModule, "data")
-    cfg = parser.parse_object({"data": doc})
+    parser.add_class_arguments(LatticeDataModule, "data")
+    cfg = parser.parse_object({"data": args})
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return parser.instantiate_classes(cfg).data
+
+
+def test_configs_parse_as_the_cli_reads_them():
+    """``--data configs/data/<sample>.yaml`` on the command line (paths relative to the repo root)."""
+    from jsonargparse import ArgumentParser
+
+    parser = ArgumentParser()
+    parser.add_class_arguments(LatticeDataModule, "data")
+    for config in CONFIGS:
+        cfg = parser.parse_args(["--data", config])
+        assert cfg.data.schema.tasks, config
 
 
 def test_every_named_sample_has_a_config():

@@ -1,15 +1,12 @@
 """Schema: YAML round trip, validation, presence, inference; the generate command."""
 from __future__ import annotations
 
-import json
 import os
 
-import numpy as np
 import pyarrow as pa
 import pytest
 
-from lattice.data import (DataSource, FeatureSpec, Schema, SchemaError, SyntheticConfig, SyntheticDomain,
-                          TaskSpec, infer_schema)
+from lattice.data import DataSource, Schema, SchemaError, SyntheticConfig, TaskSpec, infer_schema
 from lattice.data.commands import format_summary, generate, load_synthetic_config
 
 from _data_utils import simple_schema, simple_table, write_parquet

@@ -12,7 +12,6 @@ import pytest
 from lattice.data import ParquetBatchDataset, Schema, SyntheticConfig, SyntheticDomain, SyntheticWorld
 from lattice.data.synthetic import auc
 
-from _data_utils import collect_ids
 
 
 def tiny(seed: int = 0, **kw) -> SyntheticConfig:

@@ -4,12 +4,11 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 import pytest
-import torch
 
 from lattice.data import BatchBuilder, ChunkContext, LatticeDataLoader, ParquetBatchDataset, Schema
 from lattice.data.zipper import assign_windows, window_labels
 
-from _data_utils import collect_ids, write_parquet
+from _data_utils import write_parquet
 
 PROBS = [0.2, 0.3, 0.5]
 SECONDS = np.array([5400.0, 86400.0, 604800.0])

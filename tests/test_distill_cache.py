@@ -15,6 +15,8 @@ from lattice.distill import (
     TeacherTokenProjection,
 )
 
+pytestmark = pytest.mark.filterwarnings("ignore:You are trying to `self.log\\(\\)`")
+
 
 def _emb(keys, dim=3):
     return torch.stack([torch.full((dim,), float(k)) for k in keys]) if keys else torch.zeros(0, dim)

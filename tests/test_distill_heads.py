@@ -5,6 +5,8 @@ import torch
 from helpers_distill import TinyNetwork, make_batch, planted_rows, tiny_schema
 from lattice.distill import DistillationHead, DistillationModule, GradScale, StudentAdapter, grad_scale
 
+pytestmark = pytest.mark.filterwarnings("ignore:You are trying to `self.log\\(\\)`")
+
 
 def test_grad_scale_forward_identity_backward_scaled():
     x = torch.randn(4, 3, requires_grad=True)

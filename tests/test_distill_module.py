@@ -10,6 +10,8 @@ from torch.utils.data import DataLoader
 from helpers_distill import TinyNetwork, batches, make_batch, planted_rows, tiny_schema
 from lattice.distill import DistillationModule, TeacherEmbeddingCache
 
+pytestmark = pytest.mark.filterwarnings("ignore:You are trying to `self.log\\(\\)`")
+
 warnings.filterwarnings("ignore", ".*does not have many workers.*")
 
 

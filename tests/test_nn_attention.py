@@ -81,7 +81,7 @@ def test_pma_and_interleaved_cross_attention():
     pooled = pma(x, off)
     assert pooled.shape == (3, 3, 8)
     # the sample without tokens pools to the output projection of zeros (its bias; none here)
-    assert pooled[1].abs().sum() == 0
+    torch.testing.assert_close(pooled[1], pma.seeds)  # empty sample: the seeds (residual), no NaN
     ica = InterleavedCrossAttention(8, 2, qk_norm=True)
     summary = torch.randn(3, 2, 8, requires_grad=True)
     new_summary, new_seq = ica(summary, x, off)

@@ -56,6 +56,24 @@ def test_sparse_backward_many_rows_multi_pass_sort():
     torch.testing.assert_close(rg, ref_grads)
 
 
+def test_backward_global_sort_path_shared_ranges():
+    # Overlapping [T, 2] row ranges: one global parallel radix sort (three 8-bit passes for 23-bit rows).
+    g = torch.Generator().manual_seed(22)
+    B = 4000
+    tro = torch.tensor([[2_000_000, 5_000_000], [0, 3_000_000], [2_000_000, 5_000_000]])
+    counts = (tro[:, 1] - tro[:, 0]).tolist()
+    lengths = torch.randint(0, 10, (3 * B,), generator=g)
+    offsets = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])
+    idx = torch.cat([torch.randint(0, counts[i // B], (int(n),), generator=g) for i, n in enumerate(lengths)])
+    idx[5] = idx[7] = 1234  # duplicates across bags
+    grad = torch.randn(B, 3, 4, generator=g)
+    for pooling in (0, 1):
+        rows, rg = ops.jagged_embedding_pool_backward_sparse(grad, tro, idx, offsets, pooling, None)
+        ref_rows, ref_rg = reference.jagged_embedding_pool_backward_sparse(grad, tro, idx, offsets, pooling, None)
+        assert torch.equal(rows, ref_rows)
+        torch.testing.assert_close(rg, ref_rg)
+
+
 def test_backward_deterministic_across_thread_counts():
     case = make_case(8, T=3, B=2000, D=32, rows=[50, 5000, 70000], max_len=20)
     grad = grad_like(case).float()

@@ -196,21 +196,28 @@ constexpr int64_t kQChunk = 256;
 
 inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
-// Rows (keys) of the S^T = K Q^T micro-kernel for NV query vectors.
+// Rows (keys) of the S^T = K Q^T micro-kernel for NV query vectors. Each row is read through its own
+// pointer (the K rows stay where they are), so MR is kept to what fits the general registers.
 template <int NV>
 constexpr int score_mr() {
-  return kWide ? (NV == 1 ? 16 : NV == 2 ? 12 : 6) : (NV == 1 ? 8 : NV == 2 ? 6 : 3);
+  return kWide ? 8 : (NV == 1 ? 8 : 4);
 }
+
 // Rows of the C [rows, DV*W] += A B micro-kernel.
 template <int DV>
 constexpr int acc_mr() {
   return kWide ? (DV == 1 ? 12 : DV == 2 ? 12 : DV == 3 ? 8 : 6) : (DV == 1 ? 8 : DV == 2 ? 6 : DV == 3 ? 4 : 3);
 }
 
-// C[r, 0:NV*W] = sum_d A[d*MR + r] * BT[d*NV*W + 0:NV*W] for a packed MR-row panel A [Dh, MR] and a
-// packed block BT [Dh, NV*W]. C has row stride NV*W.
+// C[r, 0:NV*W] = sum_d A[r*lda + d] * BT[d*NV*W + 0:NV*W] for r < MR: MR rows of A (keys, read in
+// place; rows past `rows` repeat the last one) against a packed block BT [Dh, NV*W] (queries along the
+// lanes). C has row stride NV*W.
 template <int NV, int MR>
-inline void score_panel(const float* __restrict a, const float* __restrict bt, int64_t dh, float* __restrict c) {
+inline void score_block(const float* __restrict a, int64_t lda, int64_t rows, const float* __restrict bt, int64_t dh,
+                        float* __restrict c) {
+  const float* ar[MR];
+#pragma GCC unroll 16
+  for (int r = 0; r < MR; ++r) ar[r] = a + std::min<int64_t>(r, rows - 1) * lda;
   Vec acc[MR][NV];
 #pragma GCC unroll 16
   for (int r = 0; r < MR; ++r)
@@ -220,12 +227,11 @@ inline void score_panel(const float* __restrict a, const float* __restrict bt, i
     Vec b[NV];
 #pragma GCC unroll 4
     for (int j = 0; j < NV; ++j) b[j] = Vec::load(bt + d * NV * W + j * W);
-    const float* ad = a + d * MR;
 #pragma GCC unroll 16
     for (int r = 0; r < MR; ++r) {
-      const Vec ar = Vec::set1(ad[r]);
+      const Vec x = Vec::set1(ar[r][d]);
 #pragma GCC unroll 4
-      for (int j = 0; j < NV; ++j) acc[r][j] = fmadd(ar, b[j], acc[r][j]);
+      for (int j = 0; j < NV; ++j) acc[r][j] = fmadd(x, b[j], acc[r][j]);
     }
   }
 #pragma GCC unroll 16
@@ -234,23 +240,48 @@ inline void score_panel(const float* __restrict a, const float* __restrict bt, i
     for (int j = 0; j < NV; ++j) acc[r][j].store(c + r * NV * W + j * W);
 }
 
-// S^T [round_up(rows, MR), NV*W] for `rows` keys packed as panels (see pack_panels).
+// S^T [round_up(rows, MR), NV*W] = A[0:rows] BT.
 template <int NV>
-inline void score_tile(const float* panels, const float* bt, int64_t dh, int64_t rows, float* st) {
+inline void score_tile(const float* a, int64_t lda, int64_t rows, const float* bt, int64_t dh, float* st) {
   constexpr int MR = score_mr<NV>();
-  for (int64_t p = 0; p * MR < rows; ++p) score_panel<NV, MR>(panels + p * dh * MR, bt, dh, st + p * MR * NV * W);
+  for (int64_t r = 0; r < rows; r += MR) {
+    // Rows may be H*Dh apart in the input tensor: fetch the next block's rows while this one computes.
+    for (int64_t p = r + MR; p < std::min<int64_t>(rows, r + 2 * MR); ++p) {
+      for (int64_t off = 0; off < dh; off += 16) __builtin_prefetch(a + p * lda + off, 0, 3);
+    }
+    score_block<NV, MR>(a + r * lda, lda, rows - r, bt, dh, st + r * NV * W);
+  }
 }
 
-// C[r, 0:DV*W] = alpha[r] * C[r, :] (or C when alpha is null) + sum_{i<K} A[r*RS + i*IS] * B[i*ldb + :].
+// What a C += A B product starts from.
+enum AccMode : int {
+  kOverwrite = 0,   // C = A B
+  kAccumulate = 1,  // C += A B
+  kRescale = 2,     // C = alpha[r] * C + A B
+};
+
+// C[r, 0:DV*W] = (see AccMode) + sum_{i<K} A[r*RS + i*IS] * B[i*ldb + :].
 template <int MR, int DV, int RS, int IS>
 inline void acc_block(const float* __restrict a, const float* __restrict b, int64_t ldb, int64_t K,
-                      float* __restrict c, int64_t ldc, const float* __restrict alpha) {
+                      float* __restrict c, int64_t ldc, int mode, const float* __restrict alpha) {
   Vec acc[MR][DV];
+  if (mode == kOverwrite) {
 #pragma GCC unroll 16
-  for (int r = 0; r < MR; ++r) {
-    const Vec s = alpha ? Vec::set1(alpha[r]) : Vec::set1(1.f);
+    for (int r = 0; r < MR; ++r)
 #pragma GCC unroll 4
-    for (int j = 0; j < DV; ++j) acc[r][j] = Vec::load(c + r * ldc + j * W) * s;
+      for (int j = 0; j < DV; ++j) acc[r][j] = Vec::zero();
+  } else if (mode == kAccumulate) {
+#pragma GCC unroll 16
+    for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 4
+      for (int j = 0; j < DV; ++j) acc[r][j] = Vec::load(c + r * ldc + j * W);
+  } else {
+#pragma GCC unroll 16
+    for (int r = 0; r < MR; ++r) {
+      const Vec s = Vec::set1(alpha[r]);
+#pragma GCC unroll 4
+      for (int j = 0; j < DV; ++j) acc[r][j] = Vec::load(c + r * ldc + j * W) * s;
+    }
   }
   for (int64_t i = 0; i < K; ++i) {
     Vec bv[DV];
@@ -273,40 +304,41 @@ inline void acc_block(const float* __restrict a, const float* __restrict b, int6
 // The tail rows (fewer than a full micro-tile) dispatched to a block of exactly that height.
 template <int M, int DV, int RS, int IS>
 inline void acc_tail(int64_t rows, const float* a, const float* b, int64_t ldb, int64_t K, float* c, int64_t ldc,
-                     const float* alpha) {
+                     int mode, const float* alpha) {
   if constexpr (M >= 1) {
     if (rows == M) {
-      acc_block<M, DV, RS, IS>(a, b, ldb, K, c, ldc, alpha);
+      acc_block<M, DV, RS, IS>(a, b, ldb, K, c, ldc, mode, alpha);
     } else {
-      acc_tail<M - 1, DV, RS, IS>(rows, a, b, ldb, K, c, ldc, alpha);
+      acc_tail<M - 1, DV, RS, IS>(rows, a, b, ldb, K, c, ldc, mode, alpha);
     }
   }
 }
 
 template <int DV, int RS, int IS>
-inline void acc_rows(const float* a, const float* b, int64_t ldb, int64_t K, float* c, int64_t ldc,
+inline void acc_rows(const float* a, const float* b, int64_t ldb, int64_t K, float* c, int64_t ldc, int mode,
                      const float* alpha, int64_t rows) {
   constexpr int MR = acc_mr<DV>();
   int64_t r = 0;
   for (; r + MR <= rows; r += MR) {
-    acc_block<MR, DV, RS, IS>(a + r * RS, b, ldb, K, c + r * ldc, ldc, alpha ? alpha + r : nullptr);
+    acc_block<MR, DV, RS, IS>(a + r * RS, b, ldb, K, c + r * ldc, ldc, mode, alpha ? alpha + r : nullptr);
   }
   if (r < rows) {
-    acc_tail<MR - 1, DV, RS, IS>(rows - r, a + r * RS, b, ldb, K, c + r * ldc, ldc, alpha ? alpha + r : nullptr);
+    acc_tail<MR - 1, DV, RS, IS>(rows - r, a + r * RS, b, ldb, K, c + r * ldc, ldc, mode,
+                                 alpha ? alpha + r : nullptr);
   }
 }
 
-// C [rows, nvec*W] (row stride ldc) = alpha * C + A B, where A is rows x K with element (r, i) at
+// C [rows, nvec*W] (row stride ldc) = (see AccMode) + A B, where A is rows x K with element (r, i) at
 // a[r*RS + i*IS] and B is K x nvec*W with row stride ldb.
 template <int RS, int IS>
-inline void acc_gemm(const float* a, const float* b, int64_t ldb, int64_t K, float* c, int64_t ldc,
+inline void acc_gemm(const float* a, const float* b, int64_t ldb, int64_t K, float* c, int64_t ldc, int mode,
                      const float* alpha, int64_t rows, int64_t nvec) {
   int64_t v = 0;
-  for (; v + 4 <= nvec; v += 4) acc_rows<4, RS, IS>(a, b + v * W, ldb, K, c + v * W, ldc, alpha, rows);
+  for (; v + 4 <= nvec; v += 4) acc_rows<4, RS, IS>(a, b + v * W, ldb, K, c + v * W, ldc, mode, alpha, rows);
   switch (nvec - v) {
-    case 3: acc_rows<3, RS, IS>(a, b + v * W, ldb, K, c + v * W, ldc, alpha, rows); break;
-    case 2: acc_rows<2, RS, IS>(a, b + v * W, ldb, K, c + v * W, ldc, alpha, rows); break;
-    case 1: acc_rows<1, RS, IS>(a, b + v * W, ldb, K, c + v * W, ldc, alpha, rows); break;
+    case 3: acc_rows<3, RS, IS>(a, b + v * W, ldb, K, c + v * W, ldc, mode, alpha, rows); break;
+    case 2: acc_rows<2, RS, IS>(a, b + v * W, ldb, K, c + v * W, ldc, mode, alpha, rows); break;
+    case 1: acc_rows<1, RS, IS>(a, b + v * W, ldb, K, c + v * W, ldc, mode, alpha, rows); break;
     default: break;
   }
 }
@@ -315,60 +347,81 @@ inline void acc_gemm(const float* a, const float* b, int64_t ldb, int64_t K, flo
 // Packing (with conversion to fp32). `src` rows are tokens with stride `ld` elements.
 // ---------------------------------------------------------------------------------------------------
 
-// Rows [0, rows) of src into MR-row panels: out[(p*dh + d)*MR + r] = src[(p*MR + r)*ld + d], zero-padded
-// to a whole panel.
-template <typename scalar_t, int MR>
-void pack_panels(const scalar_t* src, int64_t ld, int64_t rows, int64_t dh, float* out) {
-  for (int64_t p = 0; p * MR < rows; ++p) {
-    float* dst = out + p * dh * MR;
-    const int64_t r_end = std::min<int64_t>(MR, rows - p * MR);
-    for (int64_t r = 0; r < r_end; ++r) {
-      const scalar_t* s = src + (p * MR + r) * ld;
-      for (int64_t d = 0; d < dh; ++d) dst[d * MR + r] = static_cast<float>(s[d]);
-    }
-    for (int64_t r = r_end; r < MR; ++r)
-      for (int64_t d = 0; d < dh; ++d) dst[d * MR + r] = 0.f;
-  }
+// Token rows of one head are H*Dh apart, so a sequence's rows cross a page every few rows and the
+// hardware prefetchers lose the stream; fetch a few rows ahead explicitly.
+constexpr int64_t kPrefetchRows = 6;
+
+template <typename scalar_t>
+inline void prefetch_row(const scalar_t* p, int64_t dh) {
+  const char* c = reinterpret_cast<const char*>(p);
+  for (int64_t off = 0; off < dh * static_cast<int64_t>(sizeof(scalar_t)); off += 64) __builtin_prefetch(c + off, 0, 3);
 }
 
-// Transposed query block: out[d*BQP + i] = mult * src[i*ld + d] for i < rows, 0 up to BQP.
+#if defined(__AVX512F__)
+// In-register transpose of 16 rows of 16 floats: on return r[j] holds column j.
+inline void transpose16(__m512 r[16]) {
+  __m512 t[16];
+#pragma GCC unroll 8
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+  // u[g][c]: rows 4g..4g+3 of columns c, c+4, c+8, c+12 (one per 128-bit lane).
+  __m512 u[4][4];
+#pragma GCC unroll 4
+  for (int g = 0; g < 4; ++g) {
+    const __m512d a = _mm512_castps_pd(t[4 * g]), b = _mm512_castps_pd(t[4 * g + 1]);
+    const __m512d c = _mm512_castps_pd(t[4 * g + 2]), d = _mm512_castps_pd(t[4 * g + 3]);
+    u[g][0] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, c));
+    u[g][1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, c));
+    u[g][2] = _mm512_castpd_ps(_mm512_unpacklo_pd(b, d));
+    u[g][3] = _mm512_castpd_ps(_mm512_unpackhi_pd(b, d));
+  }
+#pragma GCC unroll 4
+  for (int c = 0; c < 4; ++c) {
+    const __m512 v0 = _mm512_shuffle_f32x4(u[0][c], u[1][c], 0x88), v1 = _mm512_shuffle_f32x4(u[0][c], u[1][c], 0xdd);
+    const __m512 v2 = _mm512_shuffle_f32x4(u[2][c], u[3][c], 0x88), v3 = _mm512_shuffle_f32x4(u[2][c], u[3][c], 0xdd);
+    r[c] = _mm512_shuffle_f32x4(v0, v2, 0x88);
+    r[c + 8] = _mm512_shuffle_f32x4(v0, v2, 0xdd);
+    r[c + 4] = _mm512_shuffle_f32x4(v1, v3, 0x88);
+    r[c + 12] = _mm512_shuffle_f32x4(v1, v3, 0xdd);
+  }
+}
+#endif
+
+// Transposed query block: out[d*bqp + i] = mult * src[i*ld + d] for i < rows, 0 for rows <= i < bqp.
 template <typename scalar_t>
 void pack_transposed(const scalar_t* src, int64_t ld, int64_t rows, int64_t dh, int64_t bqp, float mult,
                      float* out) {
+#if defined(__AVX512F__)
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    if (bqp % 16 == 0) {
+      const __m512 m = _mm512_set1_ps(mult);
+      for (int64_t i = 0; i < rows; ++i) prefetch_row(src + i * ld, dh);
+      for (int64_t i0 = 0; i0 < bqp; i0 += 16) {
+        const int64_t nr = std::max<int64_t>(0, std::min<int64_t>(16, rows - i0));
+        for (int64_t d0 = 0; d0 < dh; d0 += 16) {
+          const int64_t nc = std::min<int64_t>(16, dh - d0);
+          const __mmask16 cm = static_cast<__mmask16>((1u << nc) - 1u);
+          __m512 r[16];
+#pragma GCC unroll 16
+          for (int i = 0; i < 16; ++i) {
+            r[i] = i < nr ? _mm512_maskz_loadu_ps(cm, src + (i0 + i) * ld + d0) : _mm512_setzero_ps();
+          }
+          transpose16(r);
+          for (int64_t j = 0; j < nc; ++j) _mm512_storeu_ps(out + (d0 + j) * bqp + i0, _mm512_mul_ps(r[j], m));
+        }
+      }
+      return;
+    }
+  }
+#endif
   for (int64_t i = 0; i < rows; ++i) {
     const scalar_t* s = src + i * ld;
     for (int64_t d = 0; d < dh; ++d) out[d * bqp + i] = mult * static_cast<float>(s[d]);
   }
   for (int64_t d = 0; d < dh; ++d)
     for (int64_t i = rows; i < bqp; ++i) out[d * bqp + i] = 0.f;
-}
-
-// Rows as fp32 with row stride dhp (zero-padded columns).
-template <typename scalar_t>
-void pack_rows(const scalar_t* src, int64_t ld, int64_t rows, int64_t dh, int64_t dhp, float* out) {
-  for (int64_t i = 0; i < rows; ++i) {
-    const scalar_t* s = src + i * ld;
-    float* o = out + i * dhp;
-    for (int64_t d = 0; d < dh; ++d) o[d] = static_cast<float>(s[d]);
-    for (int64_t d = dh; d < dhp; ++d) o[d] = 0.f;
-  }
-}
-
-// B operand rows for acc_gemm: the tensor itself when it is fp32 with whole vectors per row, else a
-// packed fp32 copy. Returns the row stride.
-template <typename scalar_t>
-const float* rows_operand(const scalar_t* src, int64_t ld, int64_t rows, int64_t dh, int64_t dhp,
-                          std::vector<float>& buf, int64_t* ldb) {
-  if constexpr (std::is_same_v<scalar_t, float>) {
-    if (dh == dhp) {
-      *ldb = ld;
-      return src;
-    }
-  }
-  if (static_cast<int64_t>(buf.size()) < rows * dhp) buf.resize(rows * dhp);
-  pack_rows(src, ld, rows, dh, dhp, buf.data());
-  *ldb = dhp;
-  return buf.data();
 }
 
 inline void ensure(std::vector<float>& buf, int64_t n) {
@@ -433,10 +486,14 @@ int num_threads() {
 #endif
 }
 
+// A work item: sample b, heads [h0, h1), queries [q0, q1) of the sample. Samples with few queries
+// (the summary-token direction) take all their heads in one item, so their K/V rows stream from memory
+// in order; long ones are split per head (and per query chunk in the forward) for balance.
 struct Item {
-  int64_t b, h, q0, q1;  // q0, q1: query range within the sample
+  int64_t b, h0, h1, q0, q1;
   double cost;
 };
+constexpr int64_t kGroupHeadsMaxQueries = 32;
 
 // Largest first, so dynamic scheduling leaves no long item for the end.
 void sort_items(std::vector<Item>& items) {
@@ -447,6 +504,69 @@ void sort_items(std::vector<Item>& items) {
 inline int64_t visible_keys(int64_t i, int64_t n, int64_t m, bool causal) {
   if (!causal) return m;
   return std::max<int64_t>(0, std::min<int64_t>(m, i + (m - n) + 1));
+}
+
+// Rows [0, rows) of nh consecutive heads as fp32: out[hh*hs + r*dhp + d] = src[r*ld + hh*dh + d], zero
+// columns up to dhp. Reads each token's heads in order (one contiguous span per token).
+template <typename scalar_t>
+void pack_heads(const scalar_t* src, int64_t ld, int64_t rows, int64_t nh, int64_t dh, int64_t dhp, int64_t hs,
+                float* out) {
+  const int64_t span = nh * dh;
+  for (int64_t r = 0; r < std::min(rows, kPrefetchRows); ++r) prefetch_row(src + r * ld, span);
+  for (int64_t r = 0; r < rows; ++r) {
+    if (r + kPrefetchRows < rows) prefetch_row(src + (r + kPrefetchRows) * ld, span);
+    for (int64_t hh = 0; hh < nh; ++hh) {
+      const scalar_t* sr = src + r * ld + hh * dh;
+      float* o = out + hh * hs + r * dhp;
+      int64_t d = 0;
+      if constexpr (std::is_same_v<scalar_t, float>) {
+        for (; d + W <= dh; d += W) Vec::load(sr + d).store(o + d);
+      }
+      for (; d < dh; ++d) o[d] = static_cast<float>(sr[d]);
+      for (; d < dhp; ++d) o[d] = 0.f;
+    }
+  }
+}
+
+// dst[0:dh] = mult * src[0:dh] (converted to scalar_t). Whole 64-byte lines of fp32 output go out with
+// streaming stores: the outputs are large, written once and not read back here, so fetching their lines
+// first (read-for-ownership) would only add memory traffic. run_items issues store_fence() at the end.
+template <typename scalar_t>
+inline void store_row(const float* src, int64_t dh, float mult, scalar_t* dst) {
+  int64_t d = 0;
+  if constexpr (std::is_same_v<scalar_t, float>) {
+#if defined(__AVX512F__)
+    if ((reinterpret_cast<uintptr_t>(dst) & 63) == 0) {
+      const __m512 m = _mm512_set1_ps(mult);
+      for (; d + 16 <= dh; d += 16) _mm512_stream_ps(dst + d, _mm512_mul_ps(_mm512_loadu_ps(src + d), m));
+    }
+#endif
+    const Vec m = Vec::set1(mult);
+    for (; d + W <= dh; d += W) (Vec::load(src + d) * m).store(dst + d);
+  }
+  for (; d < dh; ++d) dst[d] = static_cast<scalar_t>(src[d] * mult);
+}
+
+inline void store_fence() {
+#if defined(__AVX512F__)
+  _mm_sfence();
+#endif
+}
+
+// sum_d a[d] * b[d] in fp32.
+template <typename scalar_t>
+inline float dot_row(const scalar_t* a, const scalar_t* b, int64_t dh) {
+  int64_t d = 0;
+  float acc = 0.f;
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    Vec v = Vec::zero();
+    for (; d + W <= dh; d += W) v = fmadd(Vec::load(a + d), Vec::load(b + d), v);
+    float lanes[W];
+    v.store(lanes);
+    for (int l = 0; l < W; ++l) acc += lanes[l];
+  }
+  for (; d < dh; ++d) acc += static_cast<float>(a[d]) * static_cast<float>(b[d]);
+  return acc;
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -462,102 +582,122 @@ void forward_item(const scalar_t* q, const scalar_t* k, const scalar_t* v, scala
                   const Item& it, FwdScratch& s) {
   constexpr int BQP = NV * W;
   constexpr int SMR = score_mr<NV>();
-  const int64_t b = it.b, h = it.h;
+  const int64_t b = it.b, h0 = it.h0, nh = it.h1 - it.h0;
   const int64_t n = qo[b + 1] - qo[b], m = ko[b + 1] - ko[b], off = m - n;
   const int64_t ld = H * Dh;
   const int64_t dhp = round_up(Dh, W), nvec = dhp / W;
   const int64_t nq = it.q1 - it.q0, nblk = (nq + BQP - 1) / BQP;
-  const scalar_t* qb = q + (qo[b] * H + h) * Dh;
-  const scalar_t* kb = k + (ko[b] * H + h) * Dh;
-  const scalar_t* vb = v + (ko[b] * H + h) * Dh;
   const int64_t kend = causal ? std::max<int64_t>(0, std::min<int64_t>(m, it.q1 - 1 + off + 1)) : m;
+  const int64_t ktile = std::min<int64_t>(kBK, std::max<int64_t>(kend, 1));
+  // Per-head strides of the scratch arrays.
+  const int64_t qt_hs = nblk * Dh * BQP, o_hs = nblk * BQP * dhp, st_hs = nblk * BQP, kv_hs = ktile * dhp;
+  // With few queries, each K/V row is used once: fp32 rows with whole vectors are read where they are
+  // (row stride H*Dh). With many, rows are reused by every query block, so they are packed contiguously.
+  constexpr bool kFloat = std::is_same_v<scalar_t, float>;
+  const bool in_place = kFloat && Dh == dhp && nq <= kGroupHeadsMaxQueries;
+  const int64_t ldkv = in_place ? ld : dhp;
 
-  ensure(s.qt, nblk * Dh * BQP);
-  ensure(s.o, nblk * BQP * dhp);
-  ensure(s.mx, nblk * BQP);
-  ensure(s.l, nblk * BQP);
+  ensure(s.qt, nh * qt_hs);
+  ensure(s.o, nh * o_hs);
+  ensure(s.mx, nh * st_hs);
+  ensure(s.l, nh * st_hs);
   ensure(s.alpha, BQP);
-  ensure(s.kp, round_up(kBK, SMR) * Dh);
-  ensure(s.st, round_up(kBK, SMR) * BQP);
-  for (int64_t blk = 0; blk < nblk; ++blk) {
-    const int64_t i0 = it.q0 + blk * BQP;
-    pack_transposed(qb + i0 * ld, ld, std::min<int64_t>(BQP, it.q1 - i0), Dh, BQP, scale, s.qt.data() + blk * Dh * BQP);
+  if (!in_place) {
+    ensure(s.kp, nh * kv_hs);
+    ensure(s.vp, nh * kv_hs);
   }
-  std::fill_n(s.o.data(), nblk * BQP * dhp, 0.f);
-  std::fill_n(s.mx.data(), nblk * BQP, kNegInf);
-  std::fill_n(s.l.data(), nblk * BQP, 0.f);
+  ensure(s.st, round_up(kBK, SMR) * BQP);
+  for (int64_t hh = 0; hh < nh; ++hh) {
+    const scalar_t* qh = q + (qo[b] * H + h0 + hh) * Dh;
+    for (int64_t blk = 0; blk < nblk; ++blk) {
+      const int64_t i0 = it.q0 + blk * BQP;
+      pack_transposed(qh + i0 * ld, ld, std::min<int64_t>(BQP, it.q1 - i0), Dh, BQP, scale,
+                      s.qt.data() + hh * qt_hs + blk * Dh * BQP);
+    }
+  }
+  std::fill_n(s.mx.data(), nh * st_hs, kNegInf);
+  std::fill_n(s.l.data(), nh * st_hs, 0.f);
 
   for (int64_t k0 = 0; k0 < kend; k0 += kBK) {
     const int64_t kc = std::min<int64_t>(kBK, kend - k0);
-    pack_panels<scalar_t, SMR>(kb + k0 * ld, ld, kc, Dh, s.kp.data());
-    int64_t ldv = 0;
-    const float* vt = rows_operand(vb + k0 * ld, ld, kc, Dh, dhp, s.vp, &ldv);
-    for (int64_t blk = 0; blk < nblk; ++blk) {
-      const int64_t i0 = it.q0 + blk * BQP, nb = std::min<int64_t>(BQP, it.q1 - i0);
-      // Keys of this tile that some query of the block can see.
-      int64_t kcb = kc;
-      if (causal) kcb = std::min<int64_t>(kc, i0 + nb - 1 + off + 1 - k0);
-      if (kcb <= 0) continue;
-      float* st = s.st.data();
-      score_tile<NV>(s.kp.data(), s.qt.data() + blk * Dh * BQP, Dh, kcb, st);
-      // Causal mask: key j is hidden from query i when j > i + off, i.e. lane index < j - off - i0.
-      if (causal && k0 + kcb - 1 > i0 + off) {
-        for (int64_t r = std::max<int64_t>(0, i0 + off + 1 - k0); r < kcb; ++r) {
-          const float first_visible_lane = static_cast<float>(k0 + r - off - i0);
-          for (int j = 0; j < NV; ++j) {
-            Vec x = Vec::load(st + r * BQP + j * W);
-            x = select_ge(Vec::iota(static_cast<float>(j * W)), Vec::set1(first_visible_lane), x, Vec::set1(kNegInf));
-            x.store(st + r * BQP + j * W);
+    const scalar_t* k_tile = k + ((ko[b] + k0) * H + h0) * Dh;
+    const scalar_t* v_tile = v + ((ko[b] + k0) * H + h0) * Dh;
+    if (!in_place) {
+      pack_heads(k_tile, ld, kc, nh, Dh, dhp, kv_hs, s.kp.data());
+      pack_heads(v_tile, ld, kc, nh, Dh, dhp, kv_hs, s.vp.data());
+    }
+    for (int64_t hh = 0; hh < nh; ++hh) {
+      const float* kt = in_place ? reinterpret_cast<const float*>(k_tile) + hh * Dh : s.kp.data() + hh * kv_hs;
+      const float* vt = in_place ? reinterpret_cast<const float*>(v_tile) + hh * Dh : s.vp.data() + hh * kv_hs;
+      for (int64_t blk = 0; blk < nblk; ++blk) {
+        const int64_t i0 = it.q0 + blk * BQP, nb = std::min<int64_t>(BQP, it.q1 - i0);
+        // Keys of this tile that some query of the block can see.
+        int64_t kcb = kc;
+        if (causal) kcb = std::min<int64_t>(kc, i0 + nb - 1 + off + 1 - k0);
+        if (kcb <= 0) continue;
+        float* st = s.st.data();
+        score_tile<NV>(kt, ldkv, kcb, s.qt.data() + hh * qt_hs + blk * Dh * BQP, Dh, st);
+        // Causal mask: key j is hidden from query i when j > i + off, i.e. lane index < j - off - i0.
+        if (causal && k0 + kcb - 1 > i0 + off) {
+          for (int64_t r = std::max<int64_t>(0, i0 + off + 1 - k0); r < kcb; ++r) {
+            const Vec first_visible_lane = Vec::set1(static_cast<float>(k0 + r - off - i0));
+            for (int j = 0; j < NV; ++j) {
+              Vec x = Vec::load(st + r * BQP + j * W);
+              x = select_ge(Vec::iota(static_cast<float>(j * W)), first_visible_lane, x, Vec::set1(kNegInf));
+              x.store(st + r * BQP + j * W);
+            }
           }
         }
-      }
-      float* mx = s.mx.data() + blk * BQP;
-      float* l = s.l.data() + blk * BQP;
-      const bool first = k0 == 0;
-      for (int j = 0; j < NV; ++j) {
-        Vec tmax = Vec::set1(kNegInf);
-        for (int64_t r = 0; r < kcb; ++r) tmax = vmax(tmax, Vec::load(st + r * BQP + j * W));
-        const Vec m_old = Vec::load(mx + j * W);
-        const Vec m_new = vmax(m_old, tmax);
-        // A lane that has seen no visible key keeps max -inf; subtract 0 there so exp gives 0, not NaN.
-        const Vec m_use = select_eq(m_new, Vec::set1(kNegInf), Vec::zero(), m_new);
-        Vec sum = Vec::zero();
-        for (int64_t r = 0; r < kcb; ++r) {
-          const Vec p = (Vec::load(st + r * BQP + j * W) - m_use).exp();
-          p.store(st + r * BQP + j * W);
-          sum = sum + p;
+        float* mx = s.mx.data() + hh * st_hs + blk * BQP;
+        float* l = s.l.data() + hh * st_hs + blk * BQP;
+        for (int j = 0; j < NV; ++j) {
+          Vec tmax = Vec::set1(kNegInf);
+          for (int64_t r = 0; r < kcb; ++r) tmax = vmax(tmax, Vec::load(st + r * BQP + j * W));
+          const Vec m_old = Vec::load(mx + j * W);
+          const Vec m_new = vmax(m_old, tmax);
+          // A lane that has seen no visible key keeps max -inf; subtract 0 there so exp gives 0, not NaN.
+          const Vec m_use = select_eq(m_new, Vec::set1(kNegInf), Vec::zero(), m_new);
+          Vec sum = Vec::zero();
+          for (int64_t r = 0; r < kcb; ++r) {
+            const Vec p = (Vec::load(st + r * BQP + j * W) - m_use).exp();
+            p.store(st + r * BQP + j * W);
+            sum = sum + p;
+          }
+          const Vec alpha = (m_old - m_use).exp();
+          (fmadd(Vec::load(l + j * W), alpha, sum)).store(l + j * W);
+          m_new.store(mx + j * W);
+          alpha.store(s.alpha.data() + j * W);
         }
-        const Vec alpha = (m_old - m_use).exp();
-        (fmadd(Vec::load(l + j * W), alpha, sum)).store(l + j * W);
-        m_new.store(mx + j * W);
-        alpha.store(s.alpha.data() + j * W);
+        // A block is first touched by the first tile (visibility only shrinks with k0).
+        acc_gemm<1, BQP>(st, vt, ldkv, kcb, s.o.data() + hh * o_hs + blk * BQP * dhp, dhp,
+                         k0 == 0 ? kOverwrite : kRescale, s.alpha.data(), nb, nvec);
       }
-      acc_gemm<1, BQP>(st, vt, ldv, kcb, s.o.data() + blk * BQP * dhp, dhp, first ? nullptr : s.alpha.data(), nb,
-                       nvec);
     }
   }
 
   for (int64_t i = 0; i < nq; ++i) {
     const int64_t row = qo[b] + it.q0 + i;
-    const float li = s.l[i], mi = s.mx[i];
-    scalar_t* o = out + (row * H + h) * Dh;
-    const float* oi = s.o.data() + i * dhp;  // blocks are contiguous: block blk row r is row blk*BQP + r
-    if (li > 0.f) {
-      const float inv = 1.f / li;
-      for (int64_t d = 0; d < Dh; ++d) o[d] = static_cast<scalar_t>(oi[d] * inv);
-      lse[row * H + h] = mi + std::log(li);
-    } else {
-      for (int64_t d = 0; d < Dh; ++d) o[d] = static_cast<scalar_t>(0.f);
-      lse[row * H + h] = kNegInf;
+    for (int64_t hh = 0; hh < nh; ++hh) {
+      const int64_t h = h0 + hh;
+      const float li = s.l[hh * st_hs + i], mi = s.mx[hh * st_hs + i];
+      scalar_t* o = out + (row * H + h) * Dh;
+      if (li > 0.f) {
+        store_row(s.o.data() + hh * o_hs + i * dhp, Dh, 1.f / li, o);
+        lse[row * H + h] = mi + std::log(li);
+      } else {
+        std::fill_n(o, Dh, static_cast<scalar_t>(0.f));
+        lse[row * H + h] = kNegInf;
+      }
     }
   }
 }
 
 // ---------------------------------------------------------------------------------------------------
-// Backward, fast path: one item per (sample, head) so grad_k/grad_v rows are owned by one thread.
+// Backward, fast path: an item owns all queries and keys of its (sample, heads), so grad_k/grad_v rows
+// are written by exactly one thread and nothing needs a reduction.
 // ---------------------------------------------------------------------------------------------------
 struct BwdScratch {
-  std::vector<float> qt, dot, lse, dd, qrows, dorows, dq, kp, vp, krows, st, dpt, dk, dv;
+  std::vector<float> qt, dot, lse, dd, qrows, dorows, dq, kp, vp, st, dpt, dk, dv;
 };
 
 template <typename scalar_t, int NV>
@@ -566,109 +706,149 @@ void backward_item(const scalar_t* go, const scalar_t* q, const scalar_t* k, con
                    int64_t H, int64_t Dh, float scale, bool causal, const Item& it, BwdScratch& s) {
   constexpr int BQP = NV * W;
   constexpr int SMR = score_mr<NV>();
-  const int64_t b = it.b, h = it.h;
+  const int64_t b = it.b, h0 = it.h0, nh = it.h1 - it.h0;
   const int64_t n = qo[b + 1] - qo[b], m = ko[b + 1] - ko[b], off = m - n;
   const int64_t ld = H * Dh;
   const int64_t dhp = round_up(Dh, W), nvec = dhp / W;
   const int64_t nblk = (n + BQP - 1) / BQP;
-  const int64_t qbase = (qo[b] * H + h) * Dh, kbase = (ko[b] * H + h) * Dh;
+  // Keys no query sees get zero gradients (a sample without queries; causal never hides the last key
+  // from the last query).
+  const int64_t kend = n == 0 ? 0 : causal ? std::max<int64_t>(0, std::min<int64_t>(m, n - 1 + off + 1)) : m;
+  const int64_t ktile = std::min<int64_t>(kBK, std::max<int64_t>(kend, 1));
+  const int64_t qt_hs = nblk * Dh * BQP, v_hs = nblk * BQP, r_hs = std::max<int64_t>(n, 1) * dhp,
+                kv_hs = ktile * dhp;
+  constexpr bool kFloat = std::is_same_v<scalar_t, float>;
+  const bool in_place = kFloat && Dh == dhp && n <= kGroupHeadsMaxQueries;  // as in the forward
+  const int64_t ldkv = in_place ? ld : dhp;
 
-  // Keys nobody sees (causal with more keys than queries never hides keys at the start, but a
-  // sample may have no queries) get zero gradients.
-  const int64_t kend = causal ? std::max<int64_t>(0, std::min<int64_t>(m, n - 1 + off + 1)) : (n > 0 ? m : 0);
-
-  ensure(s.qt, nblk * Dh * BQP);
-  ensure(s.dot, nblk * Dh * BQP);
-  ensure(s.lse, nblk * BQP);
-  ensure(s.dd, nblk * BQP);
-  ensure(s.dq, n * dhp);
-  for (int64_t blk = 0; blk < nblk; ++blk) {
-    const int64_t i0 = blk * BQP, nb = std::min<int64_t>(BQP, n - i0);
-    pack_transposed(q + qbase + i0 * ld, ld, nb, Dh, BQP, scale, s.qt.data() + blk * Dh * BQP);
-    pack_transposed(go + qbase + i0 * ld, ld, nb, Dh, BQP, 1.f, s.dot.data() + blk * Dh * BQP);
-  }
-  for (int64_t i = 0; i < nblk * BQP; ++i) {
-    if (i < n) {
-      const int64_t row = qo[b] + i;
-      const float li = lse[row * H + h];
-      // -inf: the query saw no key; +inf makes exp(s - lse) exactly 0 for it (and for padding lanes).
-      s.lse[i] = li == kNegInf ? kPosInf : li;
-      const scalar_t* goi = go + qbase + i * ld;
-      const scalar_t* oi = out + qbase + i * ld;
-      float acc = 0.f;
-      for (int64_t d = 0; d < Dh; ++d) acc += static_cast<float>(goi[d]) * static_cast<float>(oi[d]);
-      s.dd[i] = acc;
-    } else {
-      s.lse[i] = kPosInf;
-      s.dd[i] = 0.f;
-    }
-  }
-  std::fill_n(s.dq.data(), n * dhp, 0.f);
-  int64_t ldq = 0, lddo = 0;
-  const float* qrows = rows_operand(q + qbase, ld, n, Dh, dhp, s.qrows, &ldq);
-  const float* dorows = rows_operand(go + qbase, ld, n, Dh, dhp, s.dorows, &lddo);
-
-  ensure(s.kp, round_up(kBK, SMR) * Dh);
-  ensure(s.vp, round_up(kBK, SMR) * Dh);
+  ensure(s.qt, nh * qt_hs);
+  ensure(s.dot, nh * qt_hs);
+  ensure(s.lse, nh * v_hs);
+  ensure(s.dd, nh * v_hs);
+  ensure(s.qrows, nh * r_hs);
+  ensure(s.dorows, nh * r_hs);
+  ensure(s.dq, nh * r_hs);
+  ensure(s.kp, nh * kv_hs);
+  ensure(s.vp, nh * kv_hs);
+  ensure(s.dk, nh * kv_hs);
+  ensure(s.dv, nh * kv_hs);
   ensure(s.st, round_up(kBK, SMR) * BQP);
   ensure(s.dpt, round_up(kBK, SMR) * BQP);
-  ensure(s.dk, kBK * dhp);
-  ensure(s.dv, kBK * dhp);
-  for (int64_t k0 = 0; k0 < kend; k0 += kBK) {
-    const int64_t kc = std::min<int64_t>(kBK, kend - k0);
-    pack_panels<scalar_t, SMR>(k + kbase + k0 * ld, ld, kc, Dh, s.kp.data());
-    pack_panels<scalar_t, SMR>(v + kbase + k0 * ld, ld, kc, Dh, s.vp.data());
-    int64_t ldk = 0;
-    const float* krows = rows_operand(k + kbase + k0 * ld, ld, kc, Dh, dhp, s.krows, &ldk);
-    std::fill_n(s.dk.data(), kc * dhp, 0.f);
-    std::fill_n(s.dv.data(), kc * dhp, 0.f);
-    // The first query that sees key k0 is k0 - off.
-    const int64_t blk_begin = causal ? std::max<int64_t>(0, k0 - off) / BQP : 0;
-    for (int64_t blk = blk_begin; blk < nblk; ++blk) {
-      const int64_t i0 = blk * BQP, nb = std::min<int64_t>(BQP, n - i0);
-      int64_t kcb = kc;
-      if (causal) kcb = std::min<int64_t>(kc, i0 + nb - 1 + off + 1 - k0);
-      if (kcb <= 0) continue;
-      float* st = s.st.data();
-      float* dpt = s.dpt.data();
-      score_tile<NV>(s.kp.data(), s.qt.data() + blk * Dh * BQP, Dh, kcb, st);
-      score_tile<NV>(s.vp.data(), s.dot.data() + blk * Dh * BQP, Dh, kcb, dpt);
-      const bool masked = causal && k0 + kcb - 1 > i0 + off;
-      for (int j = 0; j < NV; ++j) {
-        const Vec lse_j = Vec::load(s.lse.data() + i0 + j * W);
-        const Vec d_j = Vec::load(s.dd.data() + i0 + j * W);
-        const Vec lane = Vec::iota(static_cast<float>(j * W));
-        for (int64_t r = 0; r < kcb; ++r) {
-          Vec p = (Vec::load(st + r * BQP + j * W) - lse_j).exp();
-          if (masked) p = select_ge(lane, Vec::set1(static_cast<float>(k0 + r - off - i0)), p, Vec::zero());
-          p.store(st + r * BQP + j * W);
-          (p * (Vec::load(dpt + r * BQP + j * W) - d_j)).store(dpt + r * BQP + j * W);
+
+  if (n > 0) {
+    const scalar_t* qb = q + (qo[b] * H + h0) * Dh;
+    const scalar_t* gob = go + (qo[b] * H + h0) * Dh;
+    pack_heads(qb, ld, n, nh, Dh, dhp, r_hs, s.qrows.data());
+    pack_heads(gob, ld, n, nh, Dh, dhp, r_hs, s.dorows.data());
+    for (int64_t hh = 0; hh < nh; ++hh) {
+      for (int64_t blk = 0; blk < nblk; ++blk) {
+        const int64_t i0 = blk * BQP, nb = std::min<int64_t>(BQP, n - i0);
+        // From the packed fp32 rows (row stride dhp): the transposes read cache-resident data.
+        pack_transposed(s.qrows.data() + hh * r_hs + i0 * dhp, dhp, nb, Dh, BQP, scale,
+                        s.qt.data() + hh * qt_hs + blk * Dh * BQP);
+        pack_transposed(s.dorows.data() + hh * r_hs + i0 * dhp, dhp, nb, Dh, BQP, 1.f,
+                        s.dot.data() + hh * qt_hs + blk * Dh * BQP);
+      }
+      float* lse_h = s.lse.data() + hh * v_hs;
+      float* dd_h = s.dd.data() + hh * v_hs;
+      for (int64_t i = 0; i < nblk * BQP; ++i) {
+        if (i < n) {
+          const int64_t row = qo[b] + i, h = h0 + hh;
+          const float li = lse[row * H + h];
+          // -inf: the query saw no key; +inf makes exp(s - lse) exactly 0 for it (and for padding lanes).
+          lse_h[i] = li == kNegInf ? kPosInf : li;
+          dd_h[i] = dot_row(go + (row * H + h) * Dh, out + (row * H + h) * Dh, Dh);
+        } else {
+          lse_h[i] = kPosInf;
+          dd_h[i] = 0.f;
         }
       }
-      // dV += P^T dO ; dK += dS^T Q (scaled at the end) ; dQ += dS K (scaled at the end).
-      acc_gemm<BQP, 1>(st, dorows + i0 * lddo, lddo, nb, s.dv.data(), dhp, nullptr, kcb, nvec);
-      acc_gemm<BQP, 1>(dpt, qrows + i0 * ldq, ldq, nb, s.dk.data(), dhp, nullptr, kcb, nvec);
-      acc_gemm<1, BQP>(dpt, krows, ldk, kcb, s.dq.data() + i0 * dhp, dhp, nullptr, nb, nvec);
+    }
+    std::fill_n(s.dq.data(), nh * r_hs, 0.f);
+  }
+
+  for (int64_t k0 = 0; k0 < kend; k0 += kBK) {
+    const int64_t kc = std::min<int64_t>(kBK, kend - k0);
+    const scalar_t* k_tile = k + ((ko[b] + k0) * H + h0) * Dh;
+    const scalar_t* v_tile = v + ((ko[b] + k0) * H + h0) * Dh;
+    if (!in_place) {
+      pack_heads(k_tile, ld, kc, nh, Dh, dhp, kv_hs, s.kp.data());
+      pack_heads(v_tile, ld, kc, nh, Dh, dhp, kv_hs, s.vp.data());
+    }
+    // dK/dV rows of the tile are overwritten by the first block that reaches them (blocks reach a
+    // non-decreasing number of keys), so the tile needs no zero fill; rows no block reaches stay zero.
+    int64_t kinit = 0;
+    // The first query that sees key k0 is k0 - off.
+    const int64_t blk_begin = causal ? std::max<int64_t>(0, k0 - off) / BQP : 0;
+    for (int64_t hh = 0; hh < nh; ++hh) {
+      const float* krows = in_place ? reinterpret_cast<const float*>(k_tile) + hh * Dh : s.kp.data() + hh * kv_hs;
+      const float* vrows = in_place ? reinterpret_cast<const float*>(v_tile) + hh * Dh : s.vp.data() + hh * kv_hs;
+      const float* qrows = s.qrows.data() + hh * r_hs;
+      const float* dorows = s.dorows.data() + hh * r_hs;
+      float* dk = s.dk.data() + hh * kv_hs;
+      float* dv = s.dv.data() + hh * kv_hs;
+      float* dq = s.dq.data() + hh * r_hs;
+      kinit = 0;
+      for (int64_t blk = blk_begin; blk < nblk; ++blk) {
+        const int64_t i0 = blk * BQP, nb = std::min<int64_t>(BQP, n - i0);
+        int64_t kcb = kc;
+        if (causal) kcb = std::min<int64_t>(kc, i0 + nb - 1 + off + 1 - k0);
+        if (kcb <= 0) continue;
+        float* st = s.st.data();
+        float* dpt = s.dpt.data();
+        score_tile<NV>(krows, ldkv, kcb, s.qt.data() + hh * qt_hs + blk * Dh * BQP, Dh, st);
+        score_tile<NV>(vrows, ldkv, kcb, s.dot.data() + hh * qt_hs + blk * Dh * BQP, Dh, dpt);
+        const bool masked = causal && k0 + kcb - 1 > i0 + off;
+        for (int j = 0; j < NV; ++j) {
+          const Vec lse_j = Vec::load(s.lse.data() + hh * v_hs + i0 + j * W);
+          const Vec d_j = Vec::load(s.dd.data() + hh * v_hs + i0 + j * W);
+          const Vec lane = Vec::iota(static_cast<float>(j * W));
+          for (int64_t r = 0; r < kcb; ++r) {
+            Vec p = (Vec::load(st + r * BQP + j * W) - lse_j).exp();
+            if (masked) p = select_ge(lane, Vec::set1(static_cast<float>(k0 + r - off - i0)), p, Vec::zero());
+            p.store(st + r * BQP + j * W);
+            (p * (Vec::load(dpt + r * BQP + j * W) - d_j)).store(dpt + r * BQP + j * W);
+          }
+        }
+        // dV += P^T dO ; dK += dS^T Q (scaled at the end) ; dQ += dS K (scaled at the end).
+        const int64_t acc_rows = std::min(kinit, kcb);
+        if (acc_rows > 0) {
+          acc_gemm<BQP, 1>(st, dorows + i0 * dhp, dhp, nb, dv, dhp, kAccumulate, nullptr, acc_rows, nvec);
+          acc_gemm<BQP, 1>(dpt, qrows + i0 * dhp, dhp, nb, dk, dhp, kAccumulate, nullptr, acc_rows, nvec);
+        }
+        if (kcb > acc_rows) {
+          acc_gemm<BQP, 1>(st + acc_rows * BQP, dorows + i0 * dhp, dhp, nb, dv + acc_rows * dhp, dhp, kOverwrite,
+                           nullptr, kcb - acc_rows, nvec);
+          acc_gemm<BQP, 1>(dpt + acc_rows * BQP, qrows + i0 * dhp, dhp, nb, dk + acc_rows * dhp, dhp, kOverwrite,
+                           nullptr, kcb - acc_rows, nvec);
+        }
+        kinit = std::max(kinit, kcb);
+        acc_gemm<1, BQP>(dpt, krows, ldkv, kcb, dq + i0 * dhp, dhp, kAccumulate, nullptr, nb, nvec);
+      }
     }
     for (int64_t r = 0; r < kc; ++r) {
-      scalar_t* gkr = gk + kbase + (k0 + r) * ld;
-      scalar_t* gvr = gv + kbase + (k0 + r) * ld;
-      const float* dkr = s.dk.data() + r * dhp;
-      const float* dvr = s.dv.data() + r * dhp;
-      for (int64_t d = 0; d < Dh; ++d) {
-        gkr[d] = static_cast<scalar_t>(dkr[d] * scale);
-        gvr[d] = static_cast<scalar_t>(dvr[d]);
+      const int64_t row = ko[b] + k0 + r;
+      if (r >= kinit) {
+        std::fill_n(gk + (row * H + h0) * Dh, nh * Dh, static_cast<scalar_t>(0.f));
+        std::fill_n(gv + (row * H + h0) * Dh, nh * Dh, static_cast<scalar_t>(0.f));
+        continue;
+      }
+      for (int64_t hh = 0; hh < nh; ++hh) {
+        store_row(s.dk.data() + hh * kv_hs + r * dhp, Dh, scale, gk + (row * H + h0 + hh) * Dh);
+        store_row(s.dv.data() + hh * kv_hs + r * dhp, Dh, 1.f, gv + (row * H + h0 + hh) * Dh);
       }
     }
   }
   for (int64_t r = kend; r < m; ++r) {
-    std::fill_n(gk + kbase + r * ld, Dh, static_cast<scalar_t>(0.f));
-    std::fill_n(gv + kbase + r * ld, Dh, static_cast<scalar_t>(0.f));
+    const int64_t row = ko[b] + r;
+    std::fill_n(gk + (row * H + h0) * Dh, nh * Dh, static_cast<scalar_t>(0.f));
+    std::fill_n(gv + (row * H + h0) * Dh, nh * Dh, static_cast<scalar_t>(0.f));
   }
   for (int64_t i = 0; i < n; ++i) {
-    scalar_t* gqi = gq + qbase + i * ld;
-    const float* dqi = s.dq.data() + i * dhp;
-    for (int64_t d = 0; d < Dh; ++d) gqi[d] = static_cast<scalar_t>(dqi[d] * scale);
+    const int64_t row = qo[b] + i;
+    for (int64_t hh = 0; hh < nh; ++hh) {
+      store_row(s.dq.data() + hh * r_hs + i * dhp, Dh, scale, gq + (row * H + h0 + hh) * Dh);
+    }
   }
 }
 
@@ -676,9 +856,9 @@ void backward_item(const scalar_t* go, const scalar_t* q, const scalar_t* k, con
 // float64: plain scalar loops (gradcheck and exactness), same semantics.
 // ---------------------------------------------------------------------------------------------------
 void forward_double(const double* q, const double* k, const double* v, double* out, float* lse, const int64_t* qo,
-                    const int64_t* ko, int64_t H, int64_t Dh, double scale, bool causal, const Item& it,
+                    const int64_t* ko, int64_t H, int64_t Dh, double scale, bool causal, const Item& it, int64_t h,
                     std::vector<double>& sc) {
-  const int64_t b = it.b, h = it.h, n = qo[b + 1] - qo[b], m = ko[b + 1] - ko[b];
+  const int64_t b = it.b, n = qo[b + 1] - qo[b], m = ko[b + 1] - ko[b];
   const int64_t ld = H * Dh;
   if (static_cast<int64_t>(sc.size()) < m) sc.resize(m);
   for (int64_t i = it.q0; i < it.q1; ++i) {
@@ -714,8 +894,8 @@ void forward_double(const double* q, const double* k, const double* v, double* o
 
 void backward_double(const double* go, const double* q, const double* k, const double* v, const double* out,
                      const float* lse, double* gq, double* gk, double* gv, const int64_t* qo, const int64_t* ko,
-                     int64_t H, int64_t Dh, double scale, bool causal, const Item& it) {
-  const int64_t b = it.b, h = it.h, n = qo[b + 1] - qo[b], m = ko[b + 1] - ko[b];
+                     int64_t H, int64_t Dh, double scale, bool causal, const Item& it, int64_t h) {
+  const int64_t b = it.b, n = qo[b + 1] - qo[b], m = ko[b + 1] - ko[b];
   for (int64_t j = 0; j < m; ++j) {
     std::fill_n(gk + ((ko[b] + j) * H + h) * Dh, Dh, 0.0);
     std::fill_n(gv + ((ko[b] + j) * H + h) * Dh, Dh, 0.0);
@@ -775,9 +955,11 @@ void run_items(const std::vector<Item>& items, F&& body) {
   const int nt = static_cast<int>(std::min<int64_t>(num_threads(), std::max<int64_t>(1, count)));
 #pragma omp parallel num_threads(nt) if (nt > 1)
   {
-    typename std::decay_t<F>::Scratch scratch;
+    // Kept per thread across calls: no allocation or first-touch page faults on the hot path.
+    static thread_local typename std::decay_t<F>::Scratch scratch;
 #pragma omp for schedule(dynamic, 1)
     for (int64_t t = 0; t < count; ++t) body(items[t], scratch);
+    store_fence();  // streaming stores are visible before the region (and the op) ends
   }
 }
 
@@ -811,12 +993,18 @@ std::tuple<at::Tensor, at::Tensor> jagged_attention_cpu(const at::Tensor& q_in, 
   items.reserve(pb.B * H);
   for (int64_t b = 0; b < pb.B; ++b) {
     const int64_t n = qo[b + 1] - qo[b], m = ko[b + 1] - ko[b];
+    if (n == 0) continue;
+    if (n <= kGroupHeadsMaxQueries) {
+      const double keys = causal ? 0.5 * (visible_keys(0, n, m, true) + visible_keys(n - 1, n, m, true)) : m;
+      items.push_back({b, 0, H, 0, n, static_cast<double>(H) * (n * (keys + 8) + 2.0 * m)});
+      continue;
+    }
     for (int64_t q0 = 0; q0 < n; q0 += kQChunk) {
       const int64_t q1 = std::min<int64_t>(n, q0 + kQChunk);
-      const int64_t keys = causal ? (visible_keys(q0, n, m, true) + visible_keys(q1 - 1, n, m, true)) / 2 : m;
-      // Per-query overhead (packing, finalizing) counts as a few keys.
-      const double cost = static_cast<double>(q1 - q0) * static_cast<double>(keys + 8);
-      for (int64_t h = 0; h < H; ++h) items.push_back({b, h, q0, q1, cost});
+      const double keys = causal ? 0.5 * (visible_keys(q0, n, m, true) + visible_keys(q1 - 1, n, m, true)) : m;
+      // Per-query and per-key overheads (packing, finalizing) count as a few keys.
+      const double cost = static_cast<double>(q1 - q0) * (keys + 8) + 2.0 * m;
+      for (int64_t h = 0; h < H; ++h) items.push_back({b, h, h + 1, q0, q1, cost});
     }
   }
   sort_items(items);
@@ -826,7 +1014,9 @@ std::tuple<at::Tensor, at::Tensor> jagged_attention_cpu(const at::Tensor& q_in, 
     const double *qp = q.data_ptr<double>(), *kp = k.data_ptr<double>(), *vp = v.data_ptr<double>();
     double* op = out.data_ptr<double>();
     run_items(items, with_scratch<std::vector<double>>([&](const Item& it, std::vector<double>& sc) {
-                forward_double(qp, kp, vp, op, lse_p, qo, ko, H, Dh, scale, causal, it, sc);
+                for (int64_t h = it.h0; h < it.h1; ++h) {
+                  forward_double(qp, kp, vp, op, lse_p, qo, ko, H, Dh, scale, causal, it, h, sc);
+                }
               }));
     return {out, lse};
   }
@@ -867,8 +1057,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> jagged_attention_backward_cpu(
   const at::Tensor q = q_in.contiguous(), k = k_in.contiguous(), v = v_in.contiguous();
   const at::Tensor go = grad_out_in.contiguous(), out = out_in.contiguous(), lse = lse_in.contiguous();
   at::Tensor gq = at::empty_like(q, at::MemoryFormat::Contiguous);
-  at::Tensor gk = at::zeros_like(k, at::MemoryFormat::Contiguous);
-  at::Tensor gv = at::zeros_like(v, at::MemoryFormat::Contiguous);
+  // Every row of grad_k/grad_v is written by the item of its sample (zeros for keys no query sees).
+  at::Tensor gk = at::empty_like(k, at::MemoryFormat::Contiguous);
+  at::Tensor gv = at::empty_like(v, at::MemoryFormat::Contiguous);
   if (pb.H == 0) return {gq, gk, gv};
   const int64_t* qo = pb.q_offsets.data_ptr<int64_t>();
   const int64_t* ko = pb.kv_offsets.data_ptr<int64_t>();
@@ -878,10 +1069,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> jagged_attention_backward_cpu(
   items.reserve(pb.B * H);
   for (int64_t b = 0; b < pb.B; ++b) {
     const int64_t n = qo[b + 1] - qo[b], m = ko[b + 1] - ko[b];
-    if (n == 0) continue;  // grad_k, grad_v stay zero
-    const double keys = causal ? 0.5 * (visible_keys(0, n, m, true) + visible_keys(n - 1, n, m, true)) : m;
+    const double keys =
+        n == 0 ? 0.0 : causal ? 0.5 * (visible_keys(0, n, m, true) + visible_keys(n - 1, n, m, true)) : m;
     const double cost = static_cast<double>(n) * (keys + 8) + static_cast<double>(m) * 8;
-    for (int64_t h = 0; h < H; ++h) items.push_back({b, h, 0, n, cost});
+    if (n <= kGroupHeadsMaxQueries) {
+      items.push_back({b, 0, H, 0, n, cost * static_cast<double>(H)});
+    } else {
+      for (int64_t h = 0; h < H; ++h) items.push_back({b, h, h + 1, 0, n, cost});
+    }
   }
   sort_items(items);
   const float* lse_p = lse.data_ptr<float>();
@@ -891,7 +1086,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> jagged_attention_backward_cpu(
                  *vp = v.data_ptr<double>(), *op = out.data_ptr<double>();
     double *gqp = gq.data_ptr<double>(), *gkp = gk.data_ptr<double>(), *gvp = gv.data_ptr<double>();
     run_items(items, with_scratch<int>([&](const Item& it, int&) {
-                backward_double(gop, qp, kp, vp, op, lse_p, gqp, gkp, gvp, qo, ko, H, Dh, scale, causal, it);
+                for (int64_t h = it.h0; h < it.h1; ++h) {
+                  backward_double(gop, qp, kp, vp, op, lse_p, gqp, gkp, gvp, qo, ko, H, Dh, scale, causal, it, h);
+                }
               }));
     return {gq, gk, gv};
   }
@@ -912,8 +1109,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> jagged_attention_backward_cpu(
                 }));
     }
   });
-  // Rows of samples without queries were never visited: gq rows for them do not exist (n == 0), and
-  // gk/gv were zero-initialized.
   return {gq, gk, gv};
 }
 

@@ -2,9 +2,12 @@
 //
 // One OpenMP pass over all T*B bags of all tables: bags are cut into chunks of about equal cost
 // (indices + bags) that threads take dynamically; each bag is accumulated in fp32 registers (AVX-512,
-// up to 128 lanes per column block) and written straight into out[b, t, :]. Rows are software-
-// prefetched a few positions ahead, across bag and table boundaries. Indices are range-checked inside
-// the same pass; a bad one is skipped, flagged, and reported (table, position, value) after the pass.
+// D <= 128: up to 8 zmm held across the bag; bf16/fp16 converted in registers; a portable loop for
+// wider rows, float64 and non-AVX-512 builds) and written straight into out[b, t, :]. The row of the
+// position `dist` ahead in the same table is software-prefetched. Indices are range-checked inside the
+// same pass; a bad one is skipped and flagged, and after the pass the first bad one is reported with
+// its table, position and value. The hot loops make no calls: a call would make the compiler spill
+// every zmm accumulator around it.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <omp.h>
@@ -12,6 +15,7 @@
 
 #include <atomic>
 #include <cstdlib>
+#include <limits>
 
 #include "lattice/cpu/pool_common.h"
 #include "lattice/cpu/row_simd.h"
@@ -20,142 +24,168 @@ namespace lattice {
 namespace cpu {
 namespace {
 
-// Rows prefetched ahead of the one being accumulated: enough bytes in flight to cover DRAM latency,
-// without evicting them from L1 before use. LATTICE_POOL_PREFETCH overrides (0 disables).
-int64_t prefetch_distance(int64_t row_bytes) {
-  static const int64_t env = [] {
-    const char* s = std::getenv("LATTICE_POOL_PREFETCH");
-    return s != nullptr ? std::atoll(s) : int64_t{-1};
-  }();
-  if (env >= 0) return env;
-  const int64_t d = 4096 / std::max<int64_t>(row_bytes, 1);
-  return std::min<int64_t>(std::max<int64_t>(d, 4), 32);
-}
-
-// Walks positions ahead of the accumulation, tracking their table, and prefetches their rows.
-template <typename W, typename index_t>
-struct RowPrefetcher {
-  const W* weights;
-  const index_t* indices;
-  const PoolGeometry* g;
-  int64_t row_bytes;
-  int64_t dist;
-  int64_t p = 0;  // next position to prefetch
-  int64_t t = 0;  // table of position p
-
-  inline void start(int64_t pos, int64_t table) {
-    p = pos;
-    t = table;
-  }
-  // Prefetch every position up to (and including) j + dist.
-  inline void advance(int64_t j) {
-    const int64_t stop = std::min(j + dist + 1, g->used);
-    for (; p < stop; ++p) {
-      while (p >= g->pos_end[t]) ++t;
-      const uint64_t idx = static_cast<uint64_t>(static_cast<int64_t>(indices[p]));
-      if (idx < static_cast<uint64_t>(g->row_count[t])) {
-        prefetch_bytes(weights + (g->row_start[t] + static_cast<int64_t>(idx)) * g->D, row_bytes);
-      }
-    }
-  }
+// Software prefetch of upcoming rows: while accumulating index position j, the row of position
+// j + dist is prefetched. Resolved once per call; LATTICE_POOL_PREFETCH (distance in rows, 0 = off),
+// LATTICE_POOL_PF_LINES (cache lines per row, 0 = the whole row) and LATTICE_POOL_PF_HINT (3 = T0,
+// 2 = T1) override the defaults, for tuning on a given machine.
+struct PrefetchPlan {
+  int64_t dist = 0;
+  int64_t lines = 0;
+  int hint = 2;
 };
 
-// Pools bags [bag_lo, bag_hi): out[b, t, :] = scale * sum_j psw[j] * weights[row(j), :].
-// Returns false if a bad index was met (it is skipped).
-template <typename W, typename index_t, bool kWeighted>
-bool pool_chunk_avx512(const W* weights, const index_t* indices, const index_t* offsets, const float* psw,
-                       bool mean, const PoolGeometry& g, int64_t bag_lo, int64_t bag_hi, W* out,
-                       int64_t dist) {
-#if LATTICE_HAVE_AVX512
-  bool ok = true;
-  const int64_t D = g.D;
-  RowPrefetcher<W, index_t> pf{weights, indices, &g, D * static_cast<int64_t>(sizeof(W)), dist};
-  int64_t t = bag_lo / g.B;
-  int64_t b = bag_lo % g.B;
-  pf.start(offsets[bag_lo], t);
-  for (int64_t bag = bag_lo; bag < bag_hi; ++bag) {
-    const int64_t begin = offsets[bag];
-    const int64_t end = offsets[bag + 1];
-    const W* table = weights + g.row_start[t] * D;
-    const uint64_t nrows = static_cast<uint64_t>(g.row_count[t]);
-    W* dst = out + (b * g.T + t) * D;
-    const __m512 scale = _mm512_set1_ps(mean && end > begin ? 1.0f / static_cast<float>(end - begin) : 1.0f);
-    for (int64_t c0 = 0; c0 < D; c0 += kBlock) {
-      const int64_t width = std::min(kBlock, D - c0);
-      const __mmask16 tail = tail_mask(width);
-      dispatch_nv(static_cast<int>((width + 15) / 16), [&](auto nv_tag) {
-        constexpr int NV = decltype(nv_tag)::value;
-        Vecs<NV, W> acc;
-        acc.zero();
-        for (int64_t j = begin; j < end; ++j) {
-          if (c0 == 0 && dist > 0) pf.advance(j);
-          const uint64_t idx = static_cast<uint64_t>(static_cast<int64_t>(indices[j]));
-          if (C10_UNLIKELY(idx >= nrows)) {
-            ok = false;
-            continue;
-          }
-          const W* row = table + static_cast<int64_t>(idx) * D + c0;
-          if constexpr (kWeighted) {
-            acc.fmadd(_mm512_set1_ps(psw[j]), row, tail);
-          } else {
-            acc.add(row, tail);
-          }
-        }
-        acc.scale(scale);
-        acc.store(dst + c0, tail);
-      });
-    }
+int64_t env_int(const char* name, int64_t fallback) {
+  const char* s = std::getenv(name);
+  return s != nullptr && *s != '\0' ? std::atoll(s) : fallback;
+}
+
+PrefetchPlan prefetch_plan(int64_t row_bytes) {
+  PrefetchPlan p;
+  const int64_t all = (row_bytes + 63) / 64;
+  // About 4 KB of rows ahead: far enough to cover DRAM latency, near enough to still be in L2.
+  const int64_t dflt = std::min<int64_t>(std::max<int64_t>(4096 / std::max<int64_t>(row_bytes, 1), 4), 32);
+  p.dist = std::max<int64_t>(0, env_int("LATTICE_POOL_PREFETCH", dflt));
+  const int64_t lines = env_int("LATTICE_POOL_PF_LINES", 0);
+  p.lines = lines > 0 ? std::min(lines, all) : all;
+  p.hint = env_int("LATTICE_POOL_PF_HINT", 2) == 3 ? 3 : 2;
+  return p;
+}
+
+template <int kHint>
+inline void prefetch_row(const void* row, int64_t lines) {
+  const char* p = static_cast<const char*>(row);
+  for (int64_t l = 0; l < lines; ++l) __builtin_prefetch(p + 64 * l, 0, kHint);
+}
+
+// Runs f(bag_lo, bag_hi) -> bool over chunks of about equal cost, dynamically scheduled; false if any
+// chunk returned false (a bad index).
+template <typename index_t, typename F>
+bool for_each_chunk(const PoolGeometry& g, const index_t* offsets, F&& f) {
+  const int nthreads = pool_num_threads();
+  const int64_t chunks = std::min<int64_t>(g.nbags, static_cast<int64_t>(nthreads) * 16);
+  std::atomic<bool> bad{false};
+#pragma omp parallel for num_threads(nthreads) schedule(dynamic, 1)
+  for (int64_t c = 0; c < chunks; ++c) {
+    const int64_t lo = g.chunk_begin(offsets, c, chunks);
+    const int64_t hi = g.chunk_begin(offsets, c + 1, chunks);
+    if (lo < hi && !f(lo, hi)) bad.store(true, std::memory_order_relaxed);
+  }
+  return !bad.load();
+}
+
+// Walks bags [bag_lo, bag_hi) in order, tracking table t and sample b, and the table's base row,
+// row count and prefetch limit (j + dist must stay inside the table's positions).
+template <typename W>
+struct BagCursor {
+  const PoolGeometry& g;
+  const W* weights;
+  int64_t dist;
+  int64_t t, b;
+  const W* table = nullptr;
+  uint64_t nrows = 0;
+  int64_t pf_limit = 0;
+
+  BagCursor(const PoolGeometry& geom, const W* w, int64_t bag, int64_t distance)
+      : g(geom), weights(w), dist(distance), t(bag / geom.B), b(bag % geom.B) {
+    enter_table();
+  }
+  inline void enter_table() {
+    table = weights + g.row_start[t] * g.D;
+    nrows = static_cast<uint64_t>(g.row_count[t]);
+    pf_limit = dist > 0 ? g.pos_end[t] - dist : std::numeric_limits<int64_t>::min();
+  }
+  inline void next(bool more) {
     if (++b == g.B) {
       b = 0;
       ++t;
+      if (more) enter_table();
     }
   }
-  return ok;
-#else
-  (void)weights, (void)indices, (void)offsets, (void)psw, (void)mean, (void)g, (void)bag_lo, (void)bag_hi,
-      (void)out, (void)dist;
-  TORCH_CHECK(false, "lattice was built without AVX-512 kernels");
-#endif
-}
+  inline int64_t out_row() const { return b * g.T + t; }
+};
 
-// Portable version of pool_chunk_avx512 (any -march; float64 storage accumulates in float64).
-template <typename W, typename index_t, bool kWeighted>
-bool pool_chunk_generic(const W* weights, const index_t* indices, const index_t* offsets, const acc_t<W>* psw,
-                        bool mean, const PoolGeometry& g, int64_t bag_lo, int64_t bag_hi, W* out, int64_t dist,
-                        acc_t<W>* acc) {
-  using A = acc_t<W>;
-  bool ok = true;
+#if LATTICE_HAVE_AVX512
+// AVX-512, D <= 128: each bag's sum lives in NV registers. No calls inside the loops (a call would make
+// the compiler spill every zmm accumulator around it).
+template <typename W, typename index_t, bool kWeighted, int NV, int kHint>
+bool pool_bags_avx512(const W* weights, const index_t* indices, const index_t* offsets, const float* psw,
+                      bool mean, const PoolGeometry& g, int64_t bag_lo, int64_t bag_hi, W* out,
+                      const PrefetchPlan& pf) {
   const int64_t D = g.D;
-  RowPrefetcher<W, index_t> pf{weights, indices, &g, D * static_cast<int64_t>(sizeof(W)), dist};
-  int64_t t = bag_lo / g.B;
-  int64_t b = bag_lo % g.B;
-  pf.start(offsets[bag_lo], t);
+  const int64_t dist = pf.dist;
+  const int64_t lines = pf.lines;
+  const __mmask16 tail = tail_mask(D);
+  bool ok = true;
+  BagCursor<W> cur(g, weights, bag_lo, dist);
+  int64_t begin = offsets[bag_lo];
   for (int64_t bag = bag_lo; bag < bag_hi; ++bag) {
-    const int64_t begin = offsets[bag];
     const int64_t end = offsets[bag + 1];
-    const W* table = weights + g.row_start[t] * D;
-    const uint64_t nrows = static_cast<uint64_t>(g.row_count[t]);
-    for (int64_t c = 0; c < D; ++c) acc[c] = A(0);
+    const W* table = cur.table;
+    const uint64_t nrows = cur.nrows;
+    const int64_t pf_limit = cur.pf_limit;
+    Vecs<NV, W> acc;
+    acc.zero();
     for (int64_t j = begin; j < end; ++j) {
-      if (dist > 0) pf.advance(j);
+      if (j < pf_limit) {
+        const uint64_t pi = static_cast<uint64_t>(static_cast<int64_t>(indices[j + dist]));
+        if (pi < nrows) prefetch_row<kHint>(table + static_cast<int64_t>(pi) * D, lines);
+      }
       const uint64_t idx = static_cast<uint64_t>(static_cast<int64_t>(indices[j]));
       if (C10_UNLIKELY(idx >= nrows)) {
         ok = false;
         continue;
       }
       const W* row = table + static_cast<int64_t>(idx) * D;
+      if constexpr (kWeighted) {
+        acc.fmadd(_mm512_set1_ps(psw[j]), row, tail);
+      } else {
+        acc.add(row, tail);
+      }
+    }
+    if (mean && end > begin) acc.scale(_mm512_set1_ps(1.0f / static_cast<float>(end - begin)));
+    acc.store(out + cur.out_row() * D, tail);
+    begin = end;
+    cur.next(bag + 1 < bag_hi);
+  }
+  return ok;
+}
+#endif
+
+// Portable (any -march; any D; float64 storage accumulates in float64), `acc` holds D values.
+template <typename W, typename index_t, bool kWeighted>
+bool pool_bags_generic(const W* weights, const index_t* indices, const index_t* offsets, const acc_t<W>* psw,
+                       bool mean, const PoolGeometry& g, int64_t bag_lo, int64_t bag_hi, W* out,
+                       const PrefetchPlan& pf, acc_t<W>* acc) {
+  using A = acc_t<W>;
+  const int64_t D = g.D;
+  const int64_t dist = pf.dist;
+  bool ok = true;
+  BagCursor<W> cur(g, weights, bag_lo, dist);
+  int64_t begin = offsets[bag_lo];
+  for (int64_t bag = bag_lo; bag < bag_hi; ++bag) {
+    const int64_t end = offsets[bag + 1];
+    for (int64_t c = 0; c < D; ++c) acc[c] = A(0);
+    for (int64_t j = begin; j < end; ++j) {
+      if (j < cur.pf_limit) {
+        const uint64_t pi = static_cast<uint64_t>(static_cast<int64_t>(indices[j + dist]));
+        if (pi < cur.nrows) prefetch_row<2>(cur.table + static_cast<int64_t>(pi) * D, pf.lines);
+      }
+      const uint64_t idx = static_cast<uint64_t>(static_cast<int64_t>(indices[j]));
+      if (C10_UNLIKELY(idx >= cur.nrows)) {
+        ok = false;
+        continue;
+      }
+      const W* row = cur.table + static_cast<int64_t>(idx) * D;
       const A s = kWeighted ? psw[j] : A(1);
 #pragma omp simd
       for (int64_t c = 0; c < D; ++c) acc[c] += s * to_acc<A>(row[c]);
     }
     const A scale = mean && end > begin ? A(1) / static_cast<A>(end - begin) : A(1);
-    W* dst = out + (b * g.T + t) * D;
+    W* dst = out + cur.out_row() * D;
 #pragma omp simd
     for (int64_t c = 0; c < D; ++c) dst[c] = from_acc<W>(acc[c] * scale);
-    if (++b == g.B) {
-      b = 0;
-      ++t;
-    }
+    begin = end;
+    cur.next(bag + 1 < bag_hi);
   }
   return ok;
 }
@@ -169,34 +199,46 @@ void pool_forward(const at::Tensor& weights, const at::Tensor& indices, const at
   const index_t* off = offsets.data_ptr<index_t>();
   const A* pw = psw.defined() ? psw.data_ptr<A>() : nullptr;
   W* o = out.data_ptr<W>();
-  const int nthreads = pool_num_threads();
-  const int64_t chunks = std::min<int64_t>(g.nbags, static_cast<int64_t>(nthreads) * 16);
-  const int64_t dist = prefetch_distance(g.D * static_cast<int64_t>(sizeof(W)));
-  const bool avx512 = use_avx512() && !std::is_same_v<W, double>;
-  std::atomic<bool> bad{false};
-#pragma omp parallel num_threads(nthreads)
-  {
-    std::vector<A> acc(avx512 ? 0 : g.D);
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t c = 0; c < chunks; ++c) {
-      const int64_t lo = g.chunk_begin(off, c, chunks);
-      const int64_t hi = g.chunk_begin(off, c + 1, chunks);
-      if (lo >= hi) continue;
-      bool ok;
-      if constexpr (std::is_same_v<W, double>) {
-        ok = pw ? pool_chunk_generic<W, index_t, true>(w, idx, off, pw, mean, g, lo, hi, o, dist, acc.data())
-                : pool_chunk_generic<W, index_t, false>(w, idx, off, pw, mean, g, lo, hi, o, dist, acc.data());
-      } else if (avx512) {
-        ok = pw ? pool_chunk_avx512<W, index_t, true>(w, idx, off, pw, mean, g, lo, hi, o, dist)
-                : pool_chunk_avx512<W, index_t, false>(w, idx, off, pw, mean, g, lo, hi, o, dist);
-      } else {
-        ok = pw ? pool_chunk_generic<W, index_t, true>(w, idx, off, pw, mean, g, lo, hi, o, dist, acc.data())
-                : pool_chunk_generic<W, index_t, false>(w, idx, off, pw, mean, g, lo, hi, o, dist, acc.data());
-      }
-      if (!ok) bad.store(true, std::memory_order_relaxed);
+  const PrefetchPlan pf = prefetch_plan(g.D * static_cast<int64_t>(sizeof(W)));
+  bool ok = true;
+#if LATTICE_HAVE_AVX512
+  if constexpr (std::is_same_v<A, float>) {
+    if (use_avx512() && g.D <= kBlock) {
+      dispatch_nv(static_cast<int>((g.D + 15) / 16), [&](auto nv_tag) {
+        constexpr int NV = decltype(nv_tag)::value;
+        auto run = [&](auto weighted_tag, auto hint_tag) {
+          constexpr bool kW = decltype(weighted_tag)::value;
+          constexpr int kH = decltype(hint_tag)::value;
+          ok = for_each_chunk(g, off, [&](int64_t lo, int64_t hi) {
+            return pool_bags_avx512<W, index_t, kW, NV, kH>(w, idx, off, pw, mean, g, lo, hi, o, pf);
+          });
+        };
+        using T0 = std::integral_constant<int, 3>;
+        using T1 = std::integral_constant<int, 2>;
+        if (pw) {
+          pf.hint == 3 ? run(std::true_type(), T0()) : run(std::true_type(), T1());
+        } else {
+          pf.hint == 3 ? run(std::false_type(), T0()) : run(std::false_type(), T1());
+        }
+      });
+      if (!ok) report_bad_index<index_t>(g, idx, off);
+      return;
     }
   }
-  if (bad.load()) report_bad_index<index_t>(g, idx, off);
+#endif
+  auto run_generic = [&](auto weighted_tag) {
+    constexpr bool kW = decltype(weighted_tag)::value;
+    ok = for_each_chunk(g, off, [&](int64_t lo, int64_t hi) {
+      std::vector<A> acc(g.D);
+      return pool_bags_generic<W, index_t, kW>(w, idx, off, pw, mean, g, lo, hi, o, pf, acc.data());
+    });
+  };
+  if (pw) {
+    run_generic(std::true_type());
+  } else {
+    run_generic(std::false_type());
+  }
+  if (!ok) report_bad_index<index_t>(g, idx, off);
 }
 
 at::Tensor jagged_embedding_pool_cpu(const at::Tensor& weights, const at::Tensor& table_row_offsets,
@@ -227,30 +269,28 @@ at::Tensor jagged_embedding_pool_cpu(const at::Tensor& weights, const at::Tensor
 
 // ---- gradient of per_sample_weights: grad[j] = <grad_output[b, t], weights[row(j)]> ----------------
 template <typename W, typename G, typename index_t>
-void psw_grad_chunk(const W* weights, const G* grad, const index_t* indices, const index_t* offsets,
-                    const PoolGeometry& g, int64_t bag_lo, int64_t bag_hi, acc_t<W>* out, bool& ok) {
+bool psw_grad_bags(const W* weights, const G* grad, const index_t* indices, const index_t* offsets,
+                   const PoolGeometry& g, int64_t bag_lo, int64_t bag_hi, acc_t<W>* out, const PrefetchPlan& pf) {
   using A = acc_t<W>;
   const int64_t D = g.D;
-  const int64_t dist = prefetch_distance(D * static_cast<int64_t>(sizeof(W)));
-  RowPrefetcher<W, index_t> pf{weights, indices, &g, D * static_cast<int64_t>(sizeof(W)), dist};
-  int64_t t = bag_lo / g.B;
-  int64_t b = bag_lo % g.B;
-  pf.start(offsets[bag_lo], t);
+  bool ok = true;
+  BagCursor<W> cur(g, weights, bag_lo, pf.dist);
+  int64_t begin = offsets[bag_lo];
   for (int64_t bag = bag_lo; bag < bag_hi; ++bag) {
-    const int64_t begin = offsets[bag];
     const int64_t end = offsets[bag + 1];
-    const W* table = weights + g.row_start[t] * D;
-    const uint64_t nrows = static_cast<uint64_t>(g.row_count[t]);
-    const G* gr = grad + (b * g.T + t) * D;
+    const G* gr = grad + cur.out_row() * D;
     for (int64_t j = begin; j < end; ++j) {
-      if (dist > 0) pf.advance(j);
+      if (j < cur.pf_limit) {
+        const uint64_t pi = static_cast<uint64_t>(static_cast<int64_t>(indices[j + pf.dist]));
+        if (pi < cur.nrows) prefetch_row<2>(cur.table + static_cast<int64_t>(pi) * D, pf.lines);
+      }
       const uint64_t idx = static_cast<uint64_t>(static_cast<int64_t>(indices[j]));
-      if (C10_UNLIKELY(idx >= nrows)) {
+      if (C10_UNLIKELY(idx >= cur.nrows)) {
         ok = false;
         out[j] = A(0);
         continue;
       }
-      const W* row = table + static_cast<int64_t>(idx) * D;
+      const W* row = cur.table + static_cast<int64_t>(idx) * D;
       A s = A(0);
 #if LATTICE_HAVE_AVX512
       if constexpr (std::is_same_v<A, float>) {
@@ -274,11 +314,10 @@ void psw_grad_chunk(const W* weights, const G* grad, const index_t* indices, con
       for (int64_t c = 0; c < D; ++c) s += to_acc<A>(row[c]) * to_acc<A>(gr[c]);
       out[j] = s;
     }
-    if (++b == g.B) {
-      b = 0;
-      ++t;
-    }
+    begin = end;
+    cur.next(bag + 1 < bag_hi);
   }
+  return ok;
 }
 
 template <typename W, typename G, typename index_t>
@@ -290,19 +329,11 @@ void psw_grad(const at::Tensor& w, const at::Tensor& go, const at::Tensor& idx, 
   const W* wp = w.data_ptr<W>();
   const G* gp = go.data_ptr<G>();
   A* outp = out.data_ptr<A>();
-  const int nthreads = pool_num_threads();
-  const int64_t chunks = std::min<int64_t>(g.nbags, static_cast<int64_t>(nthreads) * 16);
-  std::atomic<bool> bad{false};
-#pragma omp parallel for num_threads(nthreads) schedule(dynamic, 1)
-  for (int64_t c = 0; c < chunks; ++c) {
-    const int64_t lo = g.chunk_begin(op, c, chunks);
-    const int64_t hi = g.chunk_begin(op, c + 1, chunks);
-    if (lo >= hi) continue;
-    bool ok = true;
-    psw_grad_chunk<W, G, index_t>(wp, gp, ip, op, g, lo, hi, outp, ok);
-    if (!ok) bad.store(true, std::memory_order_relaxed);
-  }
-  if (bad.load()) report_bad_index<index_t>(g, ip, op);
+  const PrefetchPlan pf = prefetch_plan(g.D * static_cast<int64_t>(sizeof(W)));
+  const bool ok = for_each_chunk(g, op, [&](int64_t lo, int64_t hi) {
+    return psw_grad_bags<W, G, index_t>(wp, gp, ip, op, g, lo, hi, outp, pf);
+  });
+  if (!ok) report_bad_index<index_t>(g, ip, op);
 }
 
 at::Tensor jagged_embedding_pool_backward_per_sample_weights_cpu(const at::Tensor& grad_output,

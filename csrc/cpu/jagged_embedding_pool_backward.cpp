@@ -7,14 +7,16 @@
 //
 // plus sparse_rows_optimizer_step_, the same update from already-reduced rows.
 //
-// Both backward ops share one plan: (1) one parallel pass over the bags writes, for every index
-// position, the key global_row and a payload (the grad_output row it reads, or its position when
-// per-sample weights scale it), range-checks the index and histograms the first radix digit;
-// (2) a parallel LSD radix sort of the pairs by row, as few passes as the largest row needs;
-// (3) segment starts of equal rows; (4) a parallel pass over segments that sums each row's gradient in
-// fp32 registers and either writes it out or updates the row (and its state) in place. Rows of a
-// segment belong to one thread only, so no atomics; the stable sort fixes the summation order, so
-// results are deterministic. All scratch lives in a cached workspace reused across steps.
+// Both backward ops share one plan: (1) one parallel pass over the bags packs, for every index
+// position, (global row << 32 | payload) where the payload is the grad_output row it reads (or its
+// position when per-sample weights scale it), range-checks the index and histograms the first radix
+// digit; (2) a parallel, stable LSD radix sort of the items by row, as few passes as the largest row
+// needs; (3) the sorted items are cut into chunks that start on a row boundary, and threads take chunks
+// dynamically, summing each row's gradient in fp32 registers and either writing it out or updating
+// the row (and its state) in place. A row belongs to one chunk, so no atomics; the stable sort fixes
+// the summation order, so results do not depend on the thread count. Sorted order also turns the
+// weight read-modify-writes into an ascending, prefetch-friendly sweep. All scratch lives in a cached
+// workspace reused across steps.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <omp.h>
@@ -23,6 +25,7 @@
 #include <atomic>
 #include <cmath>
 #include <cstdlib>
+#include <cstring>
 #include <mutex>
 #include <vector>
 
@@ -32,6 +35,16 @@
 #include "lattice/cpu/row_update.h"
 #include "lattice/cpu/workspace.h"
 
+#ifdef LATTICE_POOL_PROFILE  // phase times (thread CPU time) to stderr, for tuning
+#include <time.h>
+#include <cstdio>
+#define PROF_NOW(v) timespec v##_ts; clock_gettime(CLOCK_THREAD_CPUTIME_ID, &v##_ts); const double v = v##_ts.tv_sec * 1e3 + v##_ts.tv_nsec * 1e-6
+#define PROF_PRINT(...) std::fprintf(stderr, __VA_ARGS__)
+#else
+#define PROF_NOW(v)
+#define PROF_PRINT(...)
+#endif
+
 namespace lattice {
 namespace cpu {
 namespace {
@@ -39,18 +52,126 @@ namespace {
 std::mutex g_workspace_mutex;
 Workspace g_workspace;
 
-enum Slot : size_t { kKeys, kVals, kKeysTmp, kValsTmp, kHist, kSegs, kRowOfPos, kInvLen, kRanges, kCounts };
+enum Slot : size_t { kItems, kItemsTmp, kHist, kRowOfPos, kInvLen, kRanges, kChunks, kCounts };
 
-// Index positions sorted by global row, cut into segments of equal rows.
+constexpr int64_t kChunksPerThread = 32;
+constexpr int64_t kPrefetchGrad = 6;     // items ahead whose grad_output row is prefetched
+constexpr int64_t kPrefetchWeight = 10;  // items ahead whose weight row (and state) is prefetched for write
+
+inline uint32_t key_of(uint64_t item) { return static_cast<uint32_t>(item >> 32); }
+inline uint32_t payload_of(uint64_t item) { return static_cast<uint32_t>(item); }
+
+// Index positions sorted by global row, in chunks that start on a row boundary.
 struct SortedRows {
-  const uint32_t* keys = nullptr;  // [n] global row of each sorted position
-  const uint32_t* vals = nullptr;  // [n] grad_output row (b*T + t), or the index position if weighted
-  const uint32_t* segs = nullptr;  // [U + 1] segment starts into keys/vals
-  const uint32_t* grow_of_pos = nullptr;  // [N] grad_output row of each position (weighted only)
-  const double* inv_len = nullptr;        // [B*T] by grad_output row: 1/len for mean pooling, else 1
+  const uint64_t* items = nullptr;        // [n] (row << 32) | payload, sorted by row, stable
+  const uint32_t* grow_of_pos = nullptr;  // [N] grad_output row (b*T + t) of each position (weighted)
+  const double* inv_len = nullptr;        // [B*T] by grad_output row: 1/len (mean pooling)
+  const int64_t* chunk_start = nullptr;   // [chunks + 1]
   int64_t n = 0;
-  int64_t U = 0;
+  int64_t chunks = 0;
+  bool weighted = false;
+  bool mean = false;
 };
+
+// Items of one bag range: (global row << 32) | payload for every position, range-checked. Calls
+// on_item(position, item) for each; returns false if an index was out of its table's range (it is
+// kept as the table's first row; the caller reports the error).
+template <typename index_t, typename F>
+bool fill_items(const PoolGeometry& g, const index_t* indices, const index_t* offsets, int64_t bag_lo, int64_t bag_hi,
+                bool weighted, bool mean, uint32_t* grow_of_pos, double* inv_len, F&& on_item) {
+  bool ok = true;
+  int64_t t = bag_lo / std::max<int64_t>(g.B, 1);
+  int64_t b = bag_lo - t * g.B;
+  int64_t begin = bag_lo < bag_hi ? static_cast<int64_t>(offsets[bag_lo]) : 0;
+  for (int64_t bag = bag_lo; bag < bag_hi; ++bag) {
+    const int64_t end = offsets[bag + 1];
+    const uint32_t grow = static_cast<uint32_t>(b * g.T + t);
+    if (mean) inv_len[grow] = end > begin ? 1.0 / static_cast<double>(end - begin) : 1.0;
+    const uint64_t nrows = static_cast<uint64_t>(g.row_count[t]);
+    const uint32_t base = static_cast<uint32_t>(g.row_start[t]);
+    for (int64_t j = begin; j < end; ++j) {
+      const uint64_t idx = static_cast<uint64_t>(static_cast<int64_t>(indices[j]));
+      uint32_t key = base;
+      if (C10_UNLIKELY(idx >= nrows)) {
+        ok = false;
+      } else {
+        key = base + static_cast<uint32_t>(idx);
+      }
+      uint32_t payload = grow;
+      if (weighted) {
+        payload = static_cast<uint32_t>(j);
+        grow_of_pos[j] = grow;
+      }
+      on_item(j, (static_cast<uint64_t>(key) << 32) | payload);
+    }
+    begin = end;
+    if (++b == g.B) {
+      b = 0;
+      ++t;
+    }
+  }
+  return ok;
+}
+
+// Fills and sorts the positions of table t on their own (its keys lie in [row_start, row_start +
+// row_count)): an LSD radix sort by local row with digits of up to 11 bits whose histograms are all
+// taken while filling; a table's run usually fits in L2, so the scatters stay in cache. The result
+// ends in a. `hist` has room for 3 * 2048 counts.
+template <typename index_t>
+bool fill_and_sort_table(const PoolGeometry& g, int64_t t, const index_t* indices, const index_t* offsets,
+                         bool weighted, bool mean, uint32_t* grow_of_pos, double* inv_len, uint64_t* a, uint64_t* b,
+                         int64_t* hist) {
+  const int64_t p0 = t == 0 ? 0 : g.pos_end[t - 1];
+  const int64_t m = g.pos_end[t] - p0;
+  const uint64_t count = static_cast<uint64_t>(g.row_count[t]);
+  const uint32_t base = static_cast<uint32_t>(g.row_start[t]);
+  int key_bits = 0;
+  while (key_bits < 32 && count > 0 && ((count - 1) >> key_bits) != 0) ++key_bits;
+  const int passes = m <= 32 ? 0 : (key_bits + 10) / 11;
+  const int bits = passes > 0 ? (key_bits + passes - 1) / passes : 0;
+  const int64_t R = int64_t{1} << bits;
+  const uint32_t mask = static_cast<uint32_t>(R - 1);
+  // Fill into the buffer from which `passes` scatters end in a.
+  uint64_t* src = (passes & 1) ? b : a;
+  uint64_t* dst = (passes & 1) ? a : b;
+  std::fill(hist, hist + passes * R, int64_t{0});
+  const bool ok = fill_items(g, indices, offsets, t * g.B, (t + 1) * g.B, weighted, mean, grow_of_pos, inv_len,
+                             [&](int64_t j, uint64_t item) {
+                               src[j] = item;
+                               const uint32_t local = key_of(item) - base;
+                               for (int pass = 0; pass < passes; ++pass) ++hist[pass * R + ((local >> (pass * bits)) & mask)];
+                             });
+  if (!ok || m <= 1) return ok;
+  if (passes == 0) {  // tiny run (or a one-row table): insertion sort, stable
+    uint64_t* x = a + p0;
+    for (int64_t i = 1; i < m; ++i) {
+      const uint64_t v = x[i];
+      int64_t j = i;
+      while (j > 0 && key_of(x[j - 1]) > key_of(v)) {
+        x[j] = x[j - 1];
+        --j;
+      }
+      x[j] = v;
+    }
+    return ok;
+  }
+  for (int pass = 0; pass < passes; ++pass) {
+    int64_t* h = hist + pass * R;
+    int64_t running = p0;
+    for (int64_t k = 0; k < R; ++k) {
+      const int64_t c = h[k];
+      h[k] = running;
+      running += c;
+    }
+    const int shift = pass * bits;
+    for (int64_t i = p0; i < p0 + m; ++i) {
+      const uint64_t v = src[i];
+      dst[h[((key_of(v) - base) >> shift) & mask]++] = v;
+    }
+    std::swap(src, dst);
+  }
+  return ok;
+}
 
 template <typename index_t>
 SortedRows sort_rows(Workspace& ws, const PoolGeometry& g, const index_t* indices, const index_t* offsets,
@@ -60,222 +181,262 @@ SortedRows sort_rows(Workspace& ws, const PoolGeometry& g, const index_t* indice
   SortedRows out;
   const int64_t n = g.used;
   out.n = n;
+  out.weighted = weighted;
+  out.mean = mean;
   uint64_t max_key = 0;
+  int64_t largest_run = 0;
   for (int64_t t = 0; t < g.T; ++t) {
     if (g.row_count[t] > 0) max_key = std::max<uint64_t>(max_key, g.row_start[t] + g.row_count[t] - 1);
+    largest_run = std::max<int64_t>(largest_run, g.pos_end[t] - (t == 0 ? 0 : g.pos_end[t - 1]));
   }
-  const RadixPlan plan = RadixPlan::for_max_key(max_key);
+  const int P = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(nthreads, n / 16384 + 1)));
+  // When tables own ascending, disjoint row ranges (always so for the packed [T+1] layout), positions
+  // are already ordered by table, so each table is filled and sorted on its own, in cache. Otherwise
+  // (shared row ranges), or when one table holds most positions (no parallelism across tables), one
+  // global parallel sort.
+  bool by_table = P == 1 || largest_run * P <= n;
+  for (int64_t t = 1; t < g.T; ++t) {
+    if (g.row_start[t] < g.row_start[t - 1] + g.row_count[t - 1]) by_table = false;
+  }
+  const RadixPlan plan = by_table ? RadixPlan() : RadixPlan::for_max_key(max_key);
   const int64_t R = plan.buckets();
-  const int P = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(nthreads, n / 8192 + 1)));
+  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(n, P * kChunksPerThread));
+  out.chunks = chunks;
 
-  uint32_t* k0 = ws.get<uint32_t>(kKeys, n);
-  uint32_t* v0 = ws.get<uint32_t>(kVals, n);
-  uint32_t* k1 = ws.get<uint32_t>(kKeysTmp, n);
-  uint32_t* v1 = ws.get<uint32_t>(kValsTmp, n);
-  int64_t* hist = ws.get<int64_t>(kHist, radix_hist_entries(plan, P));
+  uint64_t* a = ws.get<uint64_t>(kItems, n);
+  uint64_t* b = ws.get<uint64_t>(kItemsTmp, n);
+  int64_t* hist = ws.get<int64_t>(kHist, by_table ? P * 3 * 2048 : radix_hist_entries(plan, P));
   uint32_t* grow_of_pos = weighted ? ws.get<uint32_t>(kRowOfPos, n) : nullptr;
-  double* inv_len = ws.get<double>(kInvLen, g.nbags);
+  double* inv_len = mean ? ws.get<double>(kInvLen, g.nbags) : nullptr;
   int64_t* ranges = ws.get<int64_t>(kRanges, 2 * (P + 1));  // bag ranges, then position ranges
-  int64_t* counts = ws.get<int64_t>(kCounts, P + 1);
-  uint32_t* segs = nullptr;  // allocated once n is known to be sorted (same size as n + 1)
-  segs = ws.get<uint32_t>(kSegs, n + 1);
+  int64_t* chunk_start = ws.get<int64_t>(kChunks, chunks + 1);
   std::atomic<bool> bad{false};
-  bool in_tmp = false;
+  uint64_t* sorted = a;
 
 #pragma omp parallel num_threads(P)
   {
     const int nt = omp_get_num_threads();
     const int tid = omp_get_thread_num();
-    int64_t* bag_range = ranges;
-    int64_t* pos_range = ranges + (P + 1);
+    PROF_NOW(t_start);
+    uint64_t* s = a;
+    if (by_table) {
+      int64_t* my_hist = hist + static_cast<int64_t>(tid) * 3 * 2048;
+#pragma omp for schedule(dynamic, 1)
+      for (int64_t t = 0; t < g.T; ++t) {
+        if (!fill_and_sort_table(g, t, indices, offsets, weighted, mean, grow_of_pos, inv_len, a, b, my_hist)) {
+          bad.store(true, std::memory_order_relaxed);
+        }
+      }
+    } else {
+      int64_t* bag_range = ranges;
+      int64_t* pos_range = ranges + (P + 1);
 #pragma omp single
-    {
-      for (int k = 0; k <= nt; ++k) {
-        bag_range[k] = g.chunk_begin(offsets, k, nt);
-        pos_range[k] = static_cast<int64_t>(offsets[bag_range[k]]);
-      }
-    }
-    // (1) keys, payloads, range check, first-digit histogram.
-    int64_t* my_hist = hist + static_cast<int64_t>(tid) * R;
-    const uint32_t mask0 = static_cast<uint32_t>(R - 1);
-    const bool hist0 = plan.passes > 0;
-    if (hist0) std::fill(my_hist, my_hist + R, int64_t{0});
-    bool ok = true;
-    {
-      const int64_t lo = bag_range[tid];
-      const int64_t hi = bag_range[tid + 1];
-      int64_t t = lo / std::max<int64_t>(g.B, 1);
-      int64_t b = lo - t * g.B;
-      for (int64_t bag = lo; bag < hi; ++bag) {
-        const int64_t begin = offsets[bag];
-        const int64_t end = offsets[bag + 1];
-        const uint32_t grow = static_cast<uint32_t>(b * g.T + t);
-        inv_len[grow] = mean && end > begin ? 1.0 / static_cast<double>(end - begin) : 1.0;
-        const uint64_t nrows = static_cast<uint64_t>(g.row_count[t]);
-        const uint32_t base = static_cast<uint32_t>(g.row_start[t]);
-        for (int64_t j = begin; j < end; ++j) {
-          const uint64_t idx = static_cast<uint64_t>(static_cast<int64_t>(indices[j]));
-          uint32_t key = base;
-          if (C10_UNLIKELY(idx >= nrows)) {
-            ok = false;
-          } else {
-            key = base + static_cast<uint32_t>(idx);
-          }
-          k0[j] = key;
-          if (weighted) {
-            v0[j] = static_cast<uint32_t>(j);
-            grow_of_pos[j] = grow;
-          } else {
-            v0[j] = grow;
-          }
-          if (hist0) ++my_hist[key & mask0];
-        }
-        if (++b == g.B) {
-          b = 0;
-          ++t;
+      {
+        for (int k = 0; k <= nt; ++k) {
+          bag_range[k] = g.chunk_begin(offsets, k, nt);
+          pos_range[k] = static_cast<int64_t>(offsets[bag_range[k]]);
         }
       }
+      // Items, range check and first-digit histogram in one pass, then the global sort.
+      int64_t* my_hist = hist + static_cast<int64_t>(tid) * R;
+      const bool hist0 = plan.passes > 0;
+      if (hist0) std::fill(my_hist, my_hist + R, int64_t{0});
+      const uint32_t mask0 = static_cast<uint32_t>(R - 1);
+      const bool ok = fill_items(g, indices, offsets, bag_range[tid], bag_range[tid + 1], weighted, mean, grow_of_pos,
+                                 inv_len, [&](int64_t j, uint64_t item) {
+                                   a[j] = item;
+                                   if (hist0) ++my_hist[key_of(item) & mask0];
+                                 });
+      if (!ok) bad.store(true, std::memory_order_relaxed);
+#pragma omp barrier
+      if (!bad.load(std::memory_order_relaxed)) s = radix_sort_in_team(plan, a, b, hist, pos_range, nt, tid, true);
     }
-    if (!ok) bad.store(true, std::memory_order_relaxed);
+    PROF_NOW(t_sorted);
 #pragma omp barrier
     if (!bad.load(std::memory_order_relaxed)) {
-      // (2) sort by row.
-      const bool odd = radix_sort_pairs_in_team(plan, k0, v0, k1, v1, hist, pos_range, nt, tid, true);
-      const uint32_t* sk = odd ? k1 : k0;
-      // (3) segment starts.
-      const int64_t lo = pos_range[tid];
-      const int64_t hi = pos_range[tid + 1];
-      int64_t cnt = 0;
-      for (int64_t i = lo; i < hi; ++i) cnt += (i == 0 || sk[i] != sk[i - 1]) ? 1 : 0;
-      counts[tid] = cnt;
-#pragma omp barrier
-      int64_t base = 0;
-      for (int k = 0; k < tid; ++k) base += counts[k];
-      for (int64_t i = lo; i < hi; ++i) {
-        if (i == 0 || sk[i] != sk[i - 1]) segs[base++] = static_cast<uint32_t>(i);
-      }
-      if (tid == nt - 1) {
-        in_tmp = odd;
-        counts[P] = base;  // U
-        segs[base] = static_cast<uint32_t>(n);
+      if (tid == 0) sorted = s;
+      // Chunk starts on row boundaries.
+#pragma omp for schedule(static)
+      for (int64_t c = 0; c <= chunks; ++c) {
+        int64_t i = n * c / chunks;
+        while (i > 0 && i < n && key_of(s[i]) == key_of(s[i - 1])) ++i;
+        chunk_start[c] = i;
       }
     }
+    PROF_NOW(t_end);
+    PROF_PRINT("[%d] fill+sort %.2f ms, chunks %.2f ms (%s)\n", tid, t_sorted - t_start, t_end - t_sorted,
+               by_table ? "by table" : "global");
   }
   if (bad.load()) report_bad_index<index_t>(g, indices, offsets);
-  out.keys = in_tmp ? k1 : k0;
-  out.vals = in_tmp ? v1 : v0;
-  out.segs = segs;
-  out.U = n == 0 ? 0 : counts[P];
+  out.items = sorted;
   out.grow_of_pos = grow_of_pos;
   out.inv_len = inv_len;
+  out.chunk_start = chunk_start;
   return out;
 }
 
-// What to do with each reduced row.
+// What to do with each reduced row: write it out (sparse) or update the weights in place (fused).
 template <typename W, typename G>
 struct RowSink {
-  // sparse: write rows / row_grads; fused: update weights (+ state) in place.
   bool fused = false;
-  int64_t* rows = nullptr;
-  G* row_grads = nullptr;
-  W* weights = nullptr;
-  float* state = nullptr;
+  int64_t* rows = nullptr;        // sparse: [U]
+  G* row_grads = nullptr;         // sparse: [U, D]
+  const int64_t* chunk_ord = nullptr;  // sparse: first output row of each chunk
+  W* weights = nullptr;           // fused
+  float* state = nullptr;         // fused, row-wise Adagrad
   OptimizerParams opt{};
 };
 
-template <typename W, typename G>
-void reduce_segments(const SortedRows& s, const PoolGeometry& g, const G* go, const acc_t<W>* psw,
-                     const RowSink<W, G>& sink, int nthreads) {
-  using A = acc_t<W>;
-  const int64_t D = g.D;
-  const int64_t U = s.U;
-  if (U == 0) return;
-  const bool weighted = psw != nullptr;
-  const int64_t chunks = std::min<int64_t>(U, static_cast<int64_t>(nthreads) * 32);
+#if LATTICE_HAVE_AVX512
+// One chunk of sorted items, D <= 128: each row's gradient is summed in NV registers.
+template <typename W, typename G, int NV, bool kWeighted>
+void reduce_chunk_avx512(const SortedRows& s, int64_t e_lo, int64_t e_hi, const G* go, const float* psw, int64_t D,
+                         const RowSink<W, G>& sink, int64_t ord) {
+  const uint64_t* items = s.items;
+  const uint32_t* grow_of_pos = s.grow_of_pos;
+  const double* inv_len = s.inv_len;
+  const bool mean = s.mean;
+  const int64_t n = s.n;
+  const __mmask16 tail = tail_mask(D);
   const int64_t gbytes = D * static_cast<int64_t>(sizeof(G));
   const int64_t wbytes = D * static_cast<int64_t>(sizeof(W));
-  constexpr int64_t kPfElems = 8;  // grad_output rows prefetched ahead
-  constexpr int64_t kPfRows = 4;   // weight rows (for write) prefetched ahead
-  const bool avx512 = use_avx512() && std::is_same_v<A, float> && D <= kBlock && D > 0;
-  auto grow_of = [&](uint32_t v) -> int64_t { return weighted ? s.grow_of_pos[v] : v; };
-  auto scale_of = [&](uint32_t v) -> A { return weighted ? psw[v] : static_cast<A>(s.inv_len[v]); };
-  auto prefetch_ahead = [&](int64_t seg, int64_t e) {
-    if (e + kPfElems < s.n) prefetch_bytes(go + grow_of(s.vals[e + kPfElems]) * D, gbytes);
-    if (sink.fused && seg + kPfRows < U) {
-      const int64_t row = s.keys[s.segs[seg + kPfRows]];
-      prefetch_bytes<true>(sink.weights + row * D, wbytes);
-      if (sink.state) __builtin_prefetch(sink.state + row, 1, 3);
+  const bool fused = sink.fused;
+  W* const weights = sink.weights;
+  float* const state = sink.state;
+  const OptimizerParams opt = sink.opt;
+  int64_t e = e_lo;
+  while (e < e_hi) {
+    const uint32_t row = key_of(items[e]);
+    if (fused && e + kPrefetchWeight < n) {
+      const uint32_t ahead = key_of(items[e + kPrefetchWeight]);
+      prefetch_bytes<true>(weights + static_cast<int64_t>(ahead) * D, wbytes);
+      if (state) __builtin_prefetch(state + ahead, 1, 3);
     }
-  };
-
-#pragma omp parallel num_threads(nthreads)
-  {
-    std::vector<A> acc(avx512 ? 0 : D);
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t c = 0; c < chunks; ++c) {
-      const int64_t s_lo = U * c / chunks;
-      const int64_t s_hi = U * (c + 1) / chunks;
-#if LATTICE_HAVE_AVX512
-      if constexpr (std::is_same_v<A, float>) {
-        if (avx512) {
-          const __mmask16 tail = tail_mask(D);
-          dispatch_nv(static_cast<int>((D + 15) / 16), [&](auto nv_tag) {
-            constexpr int NV = decltype(nv_tag)::value;
-            for (int64_t seg = s_lo; seg < s_hi; ++seg) {
-              const int64_t e0 = s.segs[seg];
-              const int64_t e1 = s.segs[seg + 1];
-              Vecs<NV, W> a;
-              a.zero();
-              for (int64_t e = e0; e < e1; ++e) {
-                prefetch_ahead(seg, e);
-                const uint32_t v = s.vals[e];
-                const G* gr = go + grow_of(v) * D;
-                const A sc = scale_of(v);
-                if (sc == A(1)) {
-                  a.add(gr, tail);
-                } else {
-                  a.fmadd(_mm512_set1_ps(sc), gr, tail);
-                }
-              }
-              const int64_t row = s.keys[e0];
-              if (sink.fused) {
-                update_row_avx512<NV>(sink.weights + row * D, a, D, tail, sink.opt,
-                                      sink.state ? sink.state + row : nullptr);
-              } else {
-                sink.rows[seg] = row;
-                a.store(sink.row_grads + seg * D, tail);
-              }
-            }
-          });
-          continue;
-        }
+    Vecs<NV, W> acc;
+    acc.zero();
+    do {
+      if (e + kPrefetchGrad < n) {
+        const uint32_t pv = payload_of(items[e + kPrefetchGrad]);
+        const int64_t pg = kWeighted ? grow_of_pos[pv] : pv;
+        prefetch_bytes(go + pg * D, gbytes);
       }
-#endif
-      for (int64_t seg = s_lo; seg < s_hi; ++seg) {
-        const int64_t e0 = s.segs[seg];
-        const int64_t e1 = s.segs[seg + 1];
-        A* a = acc.data();
-        for (int64_t c2 = 0; c2 < D; ++c2) a[c2] = A(0);
-        for (int64_t e = e0; e < e1; ++e) {
-          prefetch_ahead(seg, e);
-          const uint32_t v = s.vals[e];
-          const G* gr = go + grow_of(v) * D;
-          const A sc = scale_of(v);
-#pragma omp simd
-          for (int64_t c2 = 0; c2 < D; ++c2) a[c2] += sc * to_acc<A>(gr[c2]);
-        }
-        const int64_t row = s.keys[e0];
-        if (sink.fused) {
-          update_row_generic<W, A>(sink.weights + row * D, a, D, sink.opt, sink.state ? sink.state + row : nullptr);
+      const uint32_t v = payload_of(items[e]);
+      if constexpr (kWeighted) {
+        acc.fmadd(_mm512_set1_ps(psw[v]), go + static_cast<int64_t>(grow_of_pos[v]) * D, tail);
+      } else {
+        if (mean) {
+          acc.fmadd(_mm512_set1_ps(static_cast<float>(inv_len[v])), go + static_cast<int64_t>(v) * D, tail);
         } else {
-          sink.rows[seg] = row;
-          G* dst = sink.row_grads + seg * D;
-#pragma omp simd
-          for (int64_t c2 = 0; c2 < D; ++c2) dst[c2] = from_acc<G>(a[c2]);
+          acc.add(go + static_cast<int64_t>(v) * D, tail);
         }
       }
+      ++e;
+    } while (e < n && key_of(items[e]) == row);
+    if (fused) {
+      update_row_avx512<NV>(weights + static_cast<int64_t>(row) * D, acc, D, tail, opt, state ? state + row : nullptr);
+    } else {
+      sink.rows[ord] = row;
+      acc.store(sink.row_grads + ord * D, tail);
+    }
+    ++ord;
+  }
+}
+#endif
+
+// Portable version (any D, float64 in float64); `acc` holds D values.
+template <typename W, typename G>
+void reduce_chunk_generic(const SortedRows& s, int64_t e_lo, int64_t e_hi, const G* go, const acc_t<W>* psw,
+                          int64_t D, const RowSink<W, G>& sink, int64_t ord, acc_t<W>* acc) {
+  using A = acc_t<W>;
+  const uint64_t* items = s.items;
+  int64_t e = e_lo;
+  while (e < e_hi) {
+    const uint32_t row = key_of(items[e]);
+    if (sink.fused && e + kPrefetchWeight < s.n) {
+      prefetch_bytes<true>(sink.weights + static_cast<int64_t>(key_of(items[e + kPrefetchWeight])) * D,
+                           D * static_cast<int64_t>(sizeof(W)));
+    }
+    for (int64_t c = 0; c < D; ++c) acc[c] = A(0);
+    do {
+      const uint32_t v = payload_of(items[e]);
+      const int64_t grow = s.weighted ? s.grow_of_pos[v] : v;
+      const A sc = s.weighted ? psw[v] : (s.mean ? static_cast<A>(s.inv_len[v]) : A(1));
+      const G* gr = go + grow * D;
+#pragma omp simd
+      for (int64_t c = 0; c < D; ++c) acc[c] += sc * to_acc<A>(gr[c]);
+      ++e;
+    } while (e < s.n && key_of(items[e]) == row);
+    if (sink.fused) {
+      update_row_generic<W, A>(sink.weights + static_cast<int64_t>(row) * D, acc, D, sink.opt,
+                               sink.state ? sink.state + row : nullptr);
+    } else {
+      sink.rows[ord] = row;
+      G* dst = sink.row_grads + ord * D;
+#pragma omp simd
+      for (int64_t c = 0; c < D; ++c) dst[c] = from_acc<G>(acc[c]);
+    }
+    ++ord;
+  }
+}
+
+template <typename W, typename G>
+void reduce_rows(const SortedRows& s, int64_t D, const G* go, const acc_t<W>* psw, const RowSink<W, G>& sink,
+                 int nthreads) {
+  using A = acc_t<W>;
+  if (s.n == 0 || D == 0) return;
+  const int64_t chunks = s.chunks;
+  const int64_t* cs = s.chunk_start;
+  auto ord_of = [&](int64_t c) -> int64_t { return sink.chunk_ord ? sink.chunk_ord[c] : 0; };
+#if LATTICE_HAVE_AVX512
+  if constexpr (std::is_same_v<A, float>) {
+    if (use_avx512() && D <= kBlock) {
+      dispatch_nv(static_cast<int>((D + 15) / 16), [&](auto nv_tag) {
+        constexpr int NV = decltype(nv_tag)::value;
+        auto run = [&](auto weighted_tag) {
+          constexpr bool kW = decltype(weighted_tag)::value;
+#pragma omp parallel for num_threads(nthreads) schedule(dynamic, 1)
+          for (int64_t c = 0; c < chunks; ++c) {
+            if (cs[c] < cs[c + 1]) reduce_chunk_avx512<W, G, NV, kW>(s, cs[c], cs[c + 1], go, psw, D, sink, ord_of(c));
+          }
+        };
+        if (s.weighted) {
+          run(std::true_type());
+        } else {
+          run(std::false_type());
+        }
+      });
+      return;
     }
   }
+#endif
+#pragma omp parallel num_threads(nthreads)
+  {
+    std::vector<A> acc(D);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t c = 0; c < chunks; ++c) {
+      if (cs[c] < cs[c + 1]) reduce_chunk_generic<W, G>(s, cs[c], cs[c + 1], go, psw, D, sink, ord_of(c), acc.data());
+    }
+  }
+}
+
+// Rows (segments) per chunk, and the first output row of each chunk; returns U.
+int64_t count_rows(const SortedRows& s, int64_t* chunk_ord, int nthreads) {
+  const int64_t chunks = s.chunks;
+  const int64_t* cs = s.chunk_start;
+  const uint64_t* items = s.items;
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+  for (int64_t c = 0; c < chunks; ++c) {
+    int64_t cnt = 0;
+    for (int64_t i = cs[c]; i < cs[c + 1]; ++i) cnt += (i == cs[c] || key_of(items[i]) != key_of(items[i - 1])) ? 1 : 0;
+    chunk_ord[c] = cnt;
+  }
+  int64_t total = 0;
+  for (int64_t c = 0; c < chunks; ++c) {
+    const int64_t cnt = chunk_ord[c];
+    chunk_ord[c] = total;
+    total += cnt;
+  }
+  return total;
 }
 
 void check_grad_output(const at::Tensor& grad_output, const PoolGeometry& g) {
@@ -314,26 +475,29 @@ std::tuple<at::Tensor, at::Tensor> jagged_embedding_pool_backward_sparse_cpu(
   WorkspaceLease ws(g_workspace_mutex, g_workspace);
   at::Tensor rows, row_grads;
   AT_DISPATCH_INDEX_TYPES(idx.scalar_type(), "jagged_pool_backward_sparse_index", [&] {
-    const SortedRows s =
-        sort_rows<index_t>(*ws, g, idx.data_ptr<index_t>(), off.data_ptr<index_t>(), psw.defined(), pooling == 1,
-                           nthreads);
-    rows = at::empty({s.U}, idx.options().dtype(at::kLong));
-    row_grads = at::empty({s.U, g.D}, go.options());
-    if (s.U == 0 || g.D == 0) {
-      if (g.D == 0) {
-        // rows still need filling when D == 0.
-        int64_t* r = rows.data_ptr<int64_t>();
-        for (int64_t u = 0; u < s.U; ++u) r[u] = s.keys[s.segs[u]];
+    const SortedRows s = sort_rows<index_t>(*ws, g, idx.data_ptr<index_t>(), off.data_ptr<index_t>(), psw.defined(),
+                                            pooling == 1, nthreads);
+    int64_t* chunk_ord = ws->get<int64_t>(kCounts, s.chunks + 1);
+    const int64_t U = s.n == 0 ? 0 : count_rows(s, chunk_ord, nthreads);
+    rows = at::empty({U}, idx.options().dtype(at::kLong));
+    row_grads = at::empty({U, g.D}, go.options());
+    if (U == 0) return;
+    if (g.D == 0) {
+      int64_t* r = rows.data_ptr<int64_t>();
+      int64_t u = 0;
+      for (int64_t i = 0; i < s.n; ++i) {
+        if (i == 0 || key_of(s.items[i]) != key_of(s.items[i - 1])) r[u++] = key_of(s.items[i]);
       }
       return;
     }
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, st, "jagged_pool_backward_sparse", [&] {
-      using W = scalar_t;  // grad dtype doubles as the "storage" type
+      using W = scalar_t;  // the gradient's dtype doubles as the "storage" type
       RowSink<W, W> sink;
       sink.rows = rows.data_ptr<int64_t>();
       sink.row_grads = row_grads.data_ptr<W>();
-      reduce_segments<W, W>(s, g, go.data_ptr<W>(), psw.defined() ? psw.data_ptr<acc_t<W>>() : nullptr, sink,
-                            nthreads);
+      sink.chunk_ord = chunk_ord;
+      reduce_rows<W, W>(s, g.D, go.data_ptr<W>(), psw.defined() ? psw.data_ptr<acc_t<W>>() : nullptr, sink,
+                        nthreads);
     });
   });
   return {rows, row_grads};
@@ -401,7 +565,10 @@ void jagged_embedding_pool_backward_fused_cpu(const at::Tensor& weights, const a
                                                          ? optimizer_state.data_ptr<float>()
                                                          : nullptr;
                                         sink.opt = opt;
-                                        reduce_segments<W, G>(s, g, gp, pw, sink, nthreads);
+                                        PROF_NOW(t0);
+                                        reduce_rows<W, G>(s, g.D, gp, pw, sink, nthreads);
+                                        PROF_NOW(t1);
+                                        PROF_PRINT("reduce+update %.2f ms\n", t1 - t0);
                                       };
                                       if (go.scalar_type() == weights.scalar_type()) {
                                         run(go.data_ptr<W>());

@@ -22,6 +22,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import torch
+from torch.utils.data import get_worker_info
 
 from lattice.data.batch import Batch
 from lattice.data.errors import DataError
@@ -43,10 +44,13 @@ _KJT_PARAMS = set(inspect.signature(KeyedJaggedTensor.__init__).parameters)
 
 
 def _kjt(keys: List[str], values: torch.Tensor, lengths: torch.Tensor, offsets: torch.Tensor, stride: int,
-         length_per_key: List[int], offset_per_key: List[int]) -> KeyedJaggedTensor:
+         length_per_key: List[int]) -> KeyedJaggedTensor:
     kwargs = dict(lengths=lengths, offsets=offsets, stride=stride)
     if "length_per_key" in _KJT_PARAMS:
-        kwargs.update(length_per_key=length_per_key, offset_per_key=offset_per_key)
+        offset_per_key = [0]
+        for n in length_per_key:
+            offset_per_key.append(offset_per_key[-1] + int(n))
+        kwargs.update(length_per_key=[int(n) for n in length_per_key], offset_per_key=offset_per_key)
     if "validate" in _KJT_PARAMS:
         kwargs["validate"] = False  # the builder guarantees the invariants
     return KeyedJaggedTensor(keys, values, **kwargs)
@@ -395,6 +399,9 @@ class BatchBuilder:
         child = child.slice(start, end - start)
         rel = offsets - start
         lengths = np.diff(rel)
+        fast = self._fast_path(table, f, arr, child, rel, lengths, present, names)
+        if fast is not None:
+            return fast
         # which values survive: rows present in this domain; for scalar columns also non-null values
         if scalar:
             val_keep = present & valid_mask(child) if child.null_count else present
@@ -439,11 +446,43 @@ class BatchBuilder:
             ts_arr = pa.LargeListArray.from_arrays(off_arr, pa.array(ts_vals, type=pa.int64()))
         return bag, ts_arr
 
+    def _fast_path(self, table, f: FeatureSpec, arr, child, rel, lengths, present, names):
+        """Zero-copy ``(bag, timestamps)`` when a column needs no change: every row present, no nulls,
+        int64 ids in range, nothing to truncate. ``None`` when the general path must run."""
+        if child.type != pa.int64() or child.null_count or arr.null_count or not present.all():
+            return None
+        v = primitive_view(child)
+        if len(v) and (int(v.min()) < 0 or int(v.max()) >= f.num_embeddings):
+            return None
+        if f.max_length is not None and len(lengths) and int(lengths.max()) > f.max_length:
+            return None
+        offsets = pa.array(rel, type=pa.int64())
+        bag = pa.LargeListArray.from_arrays(offsets, child)
+        if not (f.kind == "sequence" and self._seq_ts):
+            return bag, None
+        if not f.timestamps_column:
+            return bag, pa.LargeListArray.from_arrays(offsets, pa.array(np.zeros(len(v), np.int64)))
+        col = f.timestamps_column
+        if col not in names:
+            return None
+        ts = _decode(column(table, col))
+        if not is_listlike(ts.type) or ts.null_count:
+            return None
+        t_off, t_child = list_parts(ts)
+        if t_child.type != pa.int64() or not np.array_equal(t_off - t_off[0], rel):
+            return None
+        t_child = t_child.slice(int(t_off[0]), int(t_off[-1] - t_off[0]))
+        if t_child.null_count:
+            return None
+        return bag, pa.LargeListArray.from_arrays(offsets, t_child)
+
     @staticmethod
     def _check_range(ids, f: FeatureSpec, col, err, rel, val_keep) -> np.ndarray:
         if len(ids) == 0:
             return ids
         n_emb = f.num_embeddings
+        if val_keep is None and int(ids.min()) >= 0 and int(ids.max()) < n_emb:
+            return ids
         oob = (ids < 0) | (ids >= n_emb)
         if val_keep is not None:
             oob &= val_keep
@@ -572,118 +611,182 @@ class BatchBuilder:
         return pa.array(np.where(valid, v, 0).astype(np.float32), type=pa.float32(), mask=~valid)
 
     # ---- step 2: prepared table -> Batch ---------------------------------------------------------
-    def build(self, table: pa.Table, rows: Optional[np.ndarray] = None) -> Batch:
+    def build(self, table: pa.Table, rows: Optional[np.ndarray] = None, shared: Optional[bool] = None) -> Batch:
         """A :class:`Batch` from a prepared table (or any slice/concatenation of prepared tables).
 
-        ``rows``: optional ``[B]`` int64 row indices into ``table`` (a shuffled batch); the values are
-        gathered straight from the Arrow buffers into the batch tensors, one pass, no intermediate table.
+        Args:
+            table: prepared rows.
+            rows: optional ``[B]`` int64 row indices into ``table`` (a shuffled batch); values are gathered
+                straight from the Arrow buffers into the batch tensors, one pass, no intermediate table.
+            shared: put every tensor of the batch in one shared-memory block, so a DataLoader worker hands
+                it to the main process without copying each tensor (default: inside a DataLoader worker).
+
+        The per-row tensors are views of one buffer and the jagged parts views of another (two
+        allocations per batch); ``.clone()`` a tensor kept long after the step to let its batch go.
         """
         s = self.schema
         B = table.num_rows if rows is None else len(rows)
+        if shared is None:
+            shared = get_worker_info() is not None
+        position = {name: i for i, name in enumerate(table.schema.names)}
+
+        def column(name: str) -> pa.Array:  # by position: name lookups are slow in pyarrow
+            col = table.column(position[name])
+            return col.chunk(0) if col.num_chunks == 1 else col.combine_chunks()
 
         def pick(x: np.ndarray) -> np.ndarray:
             return x if rows is None else x[rows]
 
-        def ids(name: str) -> torch.Tensor:
-            v = pick(int_values(column(table, name)))
-            return torch.from_numpy(v.copy() if rows is None else v)
-
-        domain = ids(_DOMAIN)
-        dom_np = domain.numpy()
+        lists = {
+            "s": _list_info([column("f:" + f.name) for f in self._sparse], rows),
+            "q": _list_info([column("f:" + f.name) for f in self._seq], rows),
+        }
+        if self._seq_ts:
+            lists["t"] = _list_info([column("ts:" + f.name) for f in self._seq], rows)
+        Fd, Fs, Fq, T = len(self._dense), len(self._sparse), len(self._seq), len(s.tasks)
+        specs = {
+            "dense": ((B, Fd), np.float32), "dense_mask": ((B, Fd), np.bool_), "sparse_mask": ((B, Fs), np.bool_),
+            "domain": ((B,), np.int64), "labels": ((B, T), np.float32), "label_mask": ((B, T), np.bool_),
+            "label_window": ((B, T), np.int64), "example_id": ((B,), np.int64), "user_id": ((B,), np.int64),
+            "item_id": ((B,), np.int64),
+            "s_offsets": ((Fs * B + 1,), np.int64), "s_lengths": ((Fs * B,), np.int64),
+            "s_values": ((sum(x[4] for x in lists["s"]),), np.int64),
+            "q_offsets": ((Fq * B + 1,), np.int64), "q_lengths": ((Fq * B,), np.int64),
+            "q_values": ((sum(x[4] for x in lists["q"]),), np.int64),
+        }
+        if self.truth:
+            specs["true_probs"] = ((B, T), np.float32)
+        if self._seq_ts:
+            specs["t_values"] = ((sum(x[4] for x in lists["t"]),), np.int64)
+        # two blocks: per-row tensors (small; metrics may keep ids/labels) and the jagged parts (large)
+        jagged = {k: v for k, v in specs.items() if k[:2] in ("s_", "q_", "t_")}
+        rowwise = _Arena({k: v for k, v in specs.items() if k not in jagged}, shared)
+        out = _Arena(jagged, shared)
+        out.np.update(rowwise.np)
+        out.torch.update(rowwise.torch)
+        n = out.np
+        n["domain"][:] = pick(int_values(column(_DOMAIN)))
+        for key, name in (("example_id", _EXAMPLE_ID), ("user_id", _USER), ("item_id", _ITEM)):
+            n[key][:] = pick(int_values(column(name)))
         # dense
-        Fd = len(self._dense)
-        dense = np.zeros((B, Fd), dtype=np.float32)
-        dmask = np.zeros((B, Fd), dtype=bool)
         for j, f in enumerate(self._dense):
-            arr = column(table, "f:" + f.name)
+            arr = column("f:" + f.name)
             if pa.types.is_null(arr.type):
+                n["dense"][:, j] = 0
+                n["dense_mask"][:, j] = False
                 continue
             vals = pick(primitive_view(arr))
             if arr.null_count:
                 valid = pick(valid_mask(arr))
-                dense[:, j] = np.where(valid, vals, np.float32(0))
-                dmask[:, j] = valid
+                n["dense"][:, j] = np.where(valid, vals, np.float32(0))
+                n["dense_mask"][:, j] = valid
             else:
-                dense[:, j] = vals
-                dmask[:, j] = True
-        sparse = self._kjt(table, self._sparse, "f:", B, rows)
-        sequences = self._kjt(table, self._seq, "f:", B, rows)
-        seq_ts = self._kjt(table, self._seq, "ts:", B, rows) if self._seq_ts else None
+                n["dense"][:, j] = vals
+                n["dense_mask"][:, j] = True
         # labels
-        T = len(s.tasks)
-        labels = np.zeros((B, T), dtype=np.float32)
-        lmask = np.zeros((B, T), dtype=bool)
-        lwin = np.empty((B, T), dtype=np.int64)
-        probs = np.zeros((B, T), dtype=np.float32) if self.truth else None
         for j, t in enumerate(s.tasks):
-            arr = column(table, "l:" + t.name)
-            lwin[:, j] = pick(int_values(column(table, "w:" + t.name)))
-            if probs is not None:
-                p = column(table, "p:" + t.name)
-                if not pa.types.is_null(p.type):
-                    probs[:, j] = np.where(pick(valid_mask(p)), pick(primitive_view(p)), np.float32(0))
+            arr = column("l:" + t.name)
+            n["label_window"][:, j] = pick(int_values(column("w:" + t.name)))
+            if self.truth:
+                p = column("p:" + t.name)
+                n["true_probs"][:, j] = 0 if pa.types.is_null(p.type) else \
+                    np.where(pick(valid_mask(p)), pick(primitive_view(p)), np.float32(0))
             if pa.types.is_null(arr.type):
+                n["labels"][:, j] = 0
+                n["label_mask"][:, j] = False
                 continue
             valid = pick(valid_mask(arr))
-            labels[:, j] = np.where(valid, pick(primitive_view(arr)), np.float32(0))
-            lmask[:, j] = valid
-        smask = self._presence["sparse"][dom_np] if B else np.zeros((0, len(self._sparse)), bool)
+            n["labels"][:, j] = np.where(valid, pick(primitive_view(arr)), np.float32(0))
+            n["label_mask"][:, j] = valid
+        if B:
+            n["sparse_mask"][:] = self._presence["sparse"][n["domain"]]
+        # key-major jagged parts
+        _fill_jagged(lists["s"], B, n["s_offsets"], n["s_lengths"], n["s_values"])
+        _fill_jagged(lists["q"], B, n["q_offsets"], n["q_lengths"], n["q_values"])
+        t = out.torch
+        sparse = _kjt([f.name for f in self._sparse], t["s_values"], t["s_lengths"], t["s_offsets"], B,
+                      [x[4] for x in lists["s"]])
+        seq_keys = [f.name for f in self._seq]
+        sequences = _kjt(seq_keys, t["q_values"], t["q_lengths"], t["q_offsets"], B, [x[4] for x in lists["q"]])
+        seq_ts = None
+        if self._seq_ts:  # same layout as the sequences: shares their lengths and offsets
+            _fill_values(lists["t"], B, n["q_offsets"], n["t_values"])
+            seq_ts = _kjt(seq_keys, t["t_values"], t["q_lengths"], t["q_offsets"], B, [x[4] for x in lists["t"]])
         return Batch(
-            dense=torch.from_numpy(dense),
-            dense_mask=torch.from_numpy(dmask),
-            sparse=sparse,
-            sparse_mask=torch.from_numpy(np.ascontiguousarray(smask)),
-            sequences=sequences,
-            sequence_timestamps=seq_ts,
-            domain=domain,
-            labels=torch.from_numpy(labels),
-            label_mask=torch.from_numpy(lmask),
-            label_window=torch.from_numpy(lwin),
-            example_id=ids(_EXAMPLE_ID),
-            user_id=ids(_USER),
-            item_id=ids(_ITEM),
-            true_probs=None if probs is None else torch.from_numpy(probs),
+            dense=t["dense"], dense_mask=t["dense_mask"], sparse=sparse, sparse_mask=t["sparse_mask"],
+            sequences=sequences, sequence_timestamps=seq_ts, domain=t["domain"], labels=t["labels"],
+            label_mask=t["label_mask"], label_window=t["label_window"], example_id=t["example_id"],
+            user_id=t["user_id"], item_id=t["item_id"], true_probs=t.get("true_probs"),
         )
 
-    @staticmethod
-    def _kjt(table: pa.Table, feats: List[FeatureSpec], prefix: str, B: int,
-             rows: Optional[np.ndarray] = None) -> KeyedJaggedTensor:
-        """Key-major KJT of list columns: offsets/lengths from the Arrow offsets, values copied (or
-        gathered, with ``rows``) once into one preallocated buffer."""
-        keys = [f.name for f in feats]
-        F = len(feats)
-        parts = []
-        lengths = np.empty(F * B, dtype=np.int64)
-        lpk: List[int] = []
-        for i, f in enumerate(feats):
-            o, child = list_parts(column(table, prefix + f.name))
-            v = int_values(child)
-            if rows is None:
-                starts = None
-                lens = np.diff(o)
-                total = int(o[-1] - o[0])
-            else:
-                starts = o[rows]
-                lens = o[rows + 1] - starts
-                total = int(lens.sum())
-            lengths[i * B:(i + 1) * B] = lens
-            parts.append((o, v, starts, lens, total))
-            lpk.append(total)
-        values = np.empty(sum(lpk), dtype=np.int64)
-        base = 0
-        for (o, v, starts, lens, total) in parts:
-            out = values[base: base + total]
-            if starts is None:
-                out[:] = v[int(o[0]): int(o[-1])]
-            elif total:
-                local = np.cumsum(lens) - lens  # output start of each row
-                np.take(v, np.repeat(starts - local, lens) + np.arange(total, dtype=np.int64), out=out)
-            base += total
-        offsets = np.zeros(F * B + 1, dtype=np.int64)
-        np.cumsum(lengths, out=offsets[1:])
-        opk = [0] + np.cumsum(lpk, dtype=np.int64).tolist() if lpk else [0]
-        return _kjt(keys, torch.from_numpy(values), torch.from_numpy(lengths), torch.from_numpy(offsets), B,
-                    lpk, [int(x) for x in opk])
+
+class _Arena:
+    """Output buffers carved out of a single allocation (64-byte aligned views); in shared memory when
+    ``shared``, so a DataLoader worker passes them as one block instead of one per tensor."""
+
+    def __init__(self, specs: Dict[str, Tuple[Tuple[int, ...], type]], shared: bool) -> None:
+        layout, total = {}, 0
+        for key, (shape, dtype) in specs.items():
+            nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+            layout[key] = (total, nbytes, shape, dtype)
+            total += (nbytes + 63) // 64 * 64
+        total = max(total, 64)
+        if shared:
+            base = torch.empty(0, dtype=torch.uint8).set_(torch.UntypedStorage._new_shared(total))
+        else:  # numpy's allocator reuses freed blocks (fresh pages are expensive on some hosts)
+            base = torch.from_numpy(np.empty(total, dtype=np.uint8))
+        self.torch: Dict[str, torch.Tensor] = {}
+        self.np: Dict[str, np.ndarray] = {}
+        for key, (off, nbytes, shape, dtype) in layout.items():
+            view = base[off: off + nbytes].view(_TORCH_DTYPE[np.dtype(dtype)]).view(shape)
+            self.torch[key] = view
+            self.np[key] = view.numpy()
+
+
+_TORCH_DTYPE = {np.dtype(np.int64): torch.int64, np.dtype(np.float32): torch.float32, np.dtype(np.bool_): torch.bool}
+
+
+def _list_info(arrays: List[pa.Array], rows: Optional[np.ndarray]):
+    """Per list array: ``(offsets, values, row starts or None, row lengths or None, total values)``."""
+    info = []
+    for arr in arrays:
+        o, child = list_parts(arr)
+        v = int_values(child)
+        if rows is None:
+            info.append((o, v, None, None, int(o[-1] - o[0])))
+        else:
+            starts = o[rows]
+            lens = o[rows + 1] - starts
+            info.append((o, v, starts, lens, int(lens.sum())))
+    return info
+
+
+def _fill_jagged(info, B: int, offsets: np.ndarray, lengths: np.ndarray, values: np.ndarray) -> None:
+    """Key-major offsets ``[F*B+1]``, lengths ``[F*B]`` and values of several list arrays."""
+    offsets[0] = 0
+    base = 0
+    for i, (o, v, starts, lens, total) in enumerate(info):
+        seg = offsets[1 + i * B: 1 + (i + 1) * B]
+        if starts is None:
+            np.subtract(o[1:], o[0] - base, out=seg)
+        else:
+            np.cumsum(lens, out=seg)
+            seg += base
+        base += total
+    np.subtract(offsets[1:], offsets[:-1], out=lengths)
+    _fill_values(info, B, offsets, values)
+
+
+def _fill_values(info, B: int, offsets: np.ndarray, values: np.ndarray) -> None:
+    """Copy (or gather) each list array's values into its key's slice of ``values``."""
+    for i, (o, v, starts, lens, total) in enumerate(info):
+        at = int(offsets[i * B])
+        out = values[at: at + total]
+        if starts is None:
+            out[:] = v[int(o[0]): int(o[-1])]
+        elif total:
+            out_starts = offsets[i * B: (i + 1) * B] - at  # where each row lands in this key's values
+            np.take(v, np.repeat(starts - out_starts, lens) + np.arange(total, dtype=np.int64), out=out)
 
 
 def _ragged_arange(lengths: np.ndarray) -> np.ndarray:

@@ -11,7 +11,6 @@ reader masks it), never a zero; a label a domain lacks is masked. Two ways to us
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import shutil
@@ -26,7 +25,7 @@ from lattice.data.errors import DataError
 from lattice.data.infer import SCHEMA_METADATA_KEY, embedded_schema, infer_schema
 from lattice.data.parquet import check_file
 from lattice.data.schema import DomainSpec, Schema
-from lattice.data.sources import ChunkReader, DataSource, FileInfo, as_sources, discover
+from lattice.data.sources import ChunkReader, FileInfo, as_sources, discover
 
 __all__ = ["union_schema", "consolidate"]
 
@@ -67,7 +66,7 @@ def union_schema(sources, schema: Optional[Schema] = None, tasks: Optional[Seque
         tks = [t.name for t in schema.tasks if t.source in have and (d.tasks is None or t.name in d.tasks)]
         out.append(DomainSpec(name, None if len(feats) == len(schema.features) else feats,
                               None if len(tks) == len(schema.tasks) else tks))
-    return dataclasses.replace(schema, domains=out)
+    return schema.replace(domains=out)
 
 
 def _merge_embedded(schemas: List[Schema]) -> Schema:
@@ -78,8 +77,7 @@ def _merge_embedded(schemas: List[Schema]) -> Schema:
     for s in schemas:
         for d in s.domains:
             doms.setdefault(d.name, d)
-    return dataclasses.replace(first, features=list(feats.values()), tasks=list(tasks.values()),
-                               domains=list(doms.values()))
+    return first.replace(features=list(feats.values()), tasks=list(tasks.values()), domains=list(doms.values()))
 
 
 def _target_schema(files: List[FileInfo], schema: Schema) -> pa.Schema:
@@ -125,7 +123,7 @@ def consolidate(
     srcs = as_sources(sources)
     schema = union_schema(srcs, schema, tasks)
     if schema.domain_column is None:
-        schema = dataclasses.replace(schema, domain_column="domain")
+        schema = schema.replace(domain_column="domain")
     files = discover(srcs)
     for info in files:
         check_file(info, schema)

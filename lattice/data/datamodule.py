@@ -7,6 +7,7 @@ from typing import Any, Dict, List, Literal, Optional, Union
 
 import lightning as L
 import numpy as np
+import pyarrow as pa
 
 from lattice.data.batch import Batch
 from lattice.data.cache import ensure_world, world_dir
@@ -35,14 +36,16 @@ class LatticeDataModule(L.LightningDataModule):
             generated into the cache on first use and read from there.
         sources: per-domain datasets instead (each :class:`DataSource` names its domain; their
             columns may differ -- consolidated lazily, absent features masked).
-        schema: a :class:`Schema`, a mapping, or a YAML path; default: the synthetic world's, the one
-            lattice embedded in the files, or inferred (with ``tasks``).
+        schema: a :class:`Schema` (in YAML: the schema mapping, or a path to a schema YAML); default: the
+            synthetic world's, the one lattice embedded in the files, or inferred (with ``tasks``).
         synthetic: the planted world's configuration (default :class:`SyntheticConfig`).
         cache_dir: where generated data lives (default ``$LATTICE_CACHE`` or ``~/.cache/lattice``).
         val_paths, test_paths, predict_paths: explicit evaluation/prediction data (no split then).
         split: carve val/test out of the training data: ``hash`` (of the example id), ``time`` (the
             latest rows are val, then test) or ``none``.
         val_fraction, test_fraction: split shares.
+        split_seed: seed of the hash split (kept apart from ``seed``, so reshuffling never moves rows
+            between splits).
         batch_size, eval_batch_size: rows per training / evaluation batch.
         num_workers: DataLoader worker processes (each reads its own share of row groups).
         shuffle, shuffle_buffer, seed: training-order shuffle (window of rows) and its seed; every
@@ -65,7 +68,7 @@ class LatticeDataModule(L.LightningDataModule):
         self,
         paths: Optional[Paths] = None,
         sources: Optional[List[DataSource]] = None,
-        schema: Optional[Union[str, Dict[str, Any]]] = None,
+        schema: Optional[Schema] = None,
         synthetic: Optional[SyntheticConfig] = None,
         cache_dir: Optional[str] = None,
         val_paths: Optional[Paths] = None,
@@ -74,6 +77,7 @@ class LatticeDataModule(L.LightningDataModule):
         split: Literal["hash", "time", "none"] = "hash",
         val_fraction: float = 0.1,
         test_fraction: float = 0.1,
+        split_seed: int = 0,
         batch_size: int = 1024,
         eval_batch_size: Optional[int] = None,
         num_workers: int = 0,
@@ -104,6 +108,7 @@ class LatticeDataModule(L.LightningDataModule):
         self.split = split
         self.val_fraction = val_fraction
         self.test_fraction = test_fraction
+        self.split_seed = split_seed
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or batch_size
         self.num_workers = num_workers
@@ -215,7 +220,7 @@ class LatticeDataModule(L.LightningDataModule):
         if self.split == "none" or explicit:
             self._filters = {"train": None, "val": None, "test": None}
         elif self.split == "hash":
-            self._filters = hash_split(self.val_fraction, self.test_fraction, seed=self.seed)
+            self._filters = hash_split(self.val_fraction, self.test_fraction, seed=self.split_seed)
         else:
             self._filters = time_split(*self._time_cutoffs())
         return self._filters
@@ -226,13 +231,17 @@ class LatticeDataModule(L.LightningDataModule):
             raise ValueError("split='time' needs a timestamp column (schema.timestamp_column is null)")
         files = discover(self.sources)
         reader = ChunkReader()
+        total = sum(info.num_rows for info in files)
+        step = max(1, -(-total // 4_000_000))  # quantiles from at most ~4M timestamps (bounded memory)
         stamps = []
         for info in files:
             if col not in info.columns:
                 raise DataError("missing timestamp column (needed by split='time')", file=info.path, column=col)
             for c in range(len(info.chunk_rows)):
                 arr = reader.read(info, c, [col]).column(col)
-                stamps.append(np.asarray(arr.to_numpy(), dtype=np.int64))
+                if pa.types.is_timestamp(arr.type):
+                    arr = arr.cast(pa.timestamp("s")).cast(pa.int64())
+                stamps.append(np.asarray(arr.to_numpy(zero_copy_only=False), dtype=np.int64)[::step])
         ts = np.concatenate(stamps)
         q = np.quantile(ts, [1 - self.val_fraction - self.test_fraction, 1 - self.test_fraction])
         return float(np.ceil(q[0])), float(np.ceil(q[1]))

@@ -9,7 +9,7 @@ every value is 0/1); ``p_<task>`` columns are truth, never features. Id ranges c
 """
 from __future__ import annotations
 
-from typing import Dict, Iterable, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -18,7 +18,7 @@ import pyarrow.compute as pc
 from lattice.data.builder import TRUTH_PREFIX, is_int, is_listlike, is_stringlike
 from lattice.data.errors import DataError
 from lattice.data.schema import DomainSpec, FeatureSpec, Schema, TaskSpec
-from lattice.data.sources import ChunkReader, DataSource, FileInfo, as_sources, discover
+from lattice.data.sources import ChunkReader, FileInfo, as_sources, discover
 
 __all__ = ["infer_schema", "embedded_schema"]
 

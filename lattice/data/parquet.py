@@ -11,8 +11,13 @@ How an epoch is read:
    work. A unit on a shard boundary is read by both neighbours, each keeping its own rows.
 3. **Shuffle**: each shard's stream is cut into windows of ``shuffle_buffer`` rows (bounded memory);
    the rows of a window are permuted by ``(seed, epoch, shard, window)`` and cut into batches.
-4. **Build**: every chunk is validated and canonicalized once (:meth:`BatchBuilder.prepare`) and every
-   batch built straight from Arrow buffers (:meth:`BatchBuilder.build`).
+4. **Build**: every chunk is validated and canonicalized once (:meth:`BatchBuilder.prepare`, in a
+   read-ahead thread so Parquet decoding overlaps batch building) and every batch built straight from
+   the Arrow buffers (:meth:`BatchBuilder.build`); in a DataLoader worker the batch lands in two
+   shared-memory blocks, handed to the main process without a copy per tensor.
+
+Parquet row-group statistics are checked at plan time too (ids outside ``[0, num_embeddings)`` under
+``oov: error``, binary labels outside {0, 1}), so such files fail before training starts.
 
 Resuming: the position is ``(epoch, batches consumed by this rank)``; since the shards, windows and
 permutations are pure functions of the plan and the seed, a resumed reader recomputes where each
@@ -23,13 +28,13 @@ from __future__ import annotations
 
 import logging
 import math
+import warnings
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import pyarrow as pa
-import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
@@ -43,6 +48,10 @@ from lattice.data.splits import RowFilter
 __all__ = ["ReadPlan", "ParquetBatchDataset", "LatticeDataLoader", "round_robin_take", "identity_collate"]
 
 log = logging.getLogger(__name__)
+
+# Lightning warns that an IterableDataset with __len__ may be inaccurate under several workers; ours
+# shards by worker and reports each rank's exact batch count, so the warning does not apply.
+warnings.filterwarnings("ignore", message=r"Your `IterableDataset` has `__len__` defined")
 
 
 def identity_collate(batch: Batch) -> Batch:
@@ -231,12 +240,52 @@ def check_file(info: FileInfo, schema: Schema) -> None:
             raise bad(p, f"true-probability column must be numeric, got {cols[p]}")
 
 
+def check_statistics(info: FileInfo, schema: Schema) -> None:
+    """Catch out-of-range ids (``oov: error``) and binary labels outside {0, 1} from the Parquet row-group
+    statistics, before any row is read. Only columns every domain of the file uses are checked (a
+    domain that lacks a feature may hold anything there)."""
+    if info.format != "parquet":
+        return
+    domains = [info.domain] if info.domain is not None else schema.domain_names
+    ranges: Dict[str, Tuple[float, float, str]] = {}
+    for f in schema.features:
+        if f.kind != "dense" and f.oov == "error" and all(schema.domain_has_feature(d, f.name) for d in domains):
+            ranges[f.source] = (0, f.num_embeddings - 1, f"ids of {f.kind} feature {f.name!r} must lie in "
+                                                        f"[0, {f.num_embeddings})")
+    for t in schema.tasks:
+        if t.kind == "binary" and all(schema.domain_has_task(d, t.name) for d in domains):
+            ranges[t.source] = (0, 1, f"labels of binary task {t.name!r} must be 0 or 1")
+    if not ranges:
+        return
+    import pyarrow.parquet as pq
+
+    md = pq.ParquetFile(info.path).metadata
+    leaf_of = {}
+    for j in range(md.num_columns):
+        path = md.schema.column(j).path
+        top = path.split(".")[0]
+        if top in ranges and (path == top or path.startswith(top + ".list.")):
+            leaf_of[j] = top
+    for rg in range(md.num_row_groups):
+        group = md.row_group(rg)
+        for j, col in leaf_of.items():
+            st = group.column(j).statistics
+            if st is None or not st.has_min_max or not isinstance(st.min, (int, float)):
+                continue
+            lo, hi, what = ranges[col]
+            if st.min < lo or st.max > hi:
+                raise DataError(f"{what}; the row group's statistics say min {st.min}, max {st.max}",
+                                file=info.path, column=col, row_group=rg)
+
+
 def build_plan(sources: Sequence[DataSource], schema: Schema, row_filter: Optional[RowFilter] = None,
                reader: Optional[ChunkReader] = None) -> ReadPlan:
-    """Discover files, check them against the schema, count (filtered) rows per unit."""
+    """Discover files, check them against the schema (columns, types, row-group statistics), count
+    (filtered) rows per unit."""
     files = discover(list(sources))
     for info in files:
         check_file(info, schema)
+        check_statistics(info, schema)
     units: List[Unit] = []
     filtered_out = 0
     reader = reader or ChunkReader()
@@ -278,6 +327,8 @@ class ParquetBatchDataset(IterableDataset):
         even_batches: make every rank yield the same number of batches (DDP) by stopping each rank at the
             smallest rank's count; the rows this leaves out are logged.
         rank, world_size: override the ``torch.distributed`` ones (tests, custom launchers).
+        readahead: units (row groups / CSV blocks) read and prepared ahead in a background thread, so
+            Parquet decoding overlaps batch building (0: read in the consuming thread).
     """
 
     def __init__(
@@ -298,6 +349,7 @@ class ParquetBatchDataset(IterableDataset):
         even_batches: bool = False,
         rank: Optional[int] = None,
         world_size: Optional[int] = None,
+        readahead: int = 2,
     ) -> None:
         super().__init__()
         if batch_size <= 0:
@@ -319,6 +371,7 @@ class ParquetBatchDataset(IterableDataset):
         self.even_batches = even_batches
         self.rank = rank
         self.world_size = world_size
+        self.readahead = int(readahead)
         self.num_workers = 0  # set by LatticeDataLoader
         self._plan: Optional[ReadPlan] = None
         self._builder: Optional[BatchBuilder] = None
@@ -326,12 +379,10 @@ class ParquetBatchDataset(IterableDataset):
         self._epoch = 0
         self._resume_batches = 0
         self._reader: Optional[ChunkReader] = None
-        self._cache: "OrderedDict[int, pa.Table]" = OrderedDict()
 
     def __getstate__(self):
         state = dict(self.__dict__)
         state["_reader"] = None
-        state["_cache"] = OrderedDict()
         return state
 
     # ---- plan -----------------------------------------------------------------------------------
@@ -450,32 +501,38 @@ class ParquetBatchDataset(IterableDataset):
         bounds = np.concatenate([[0], np.cumsum([b - a for _, a, b in slices])]).astype(np.int64)
         emitted = skip
         start = skip * B
-        for j in range(start // C, math.ceil(n_rows / C)):
-            lo, hi = j * C, min((j + 1) * C, n_rows)
-            table = self._gather(plan, slices, bounds, lo, hi)
-            perm = None
-            if self.shuffle:
-                perm = np.random.default_rng([self.seed, epoch, shard, j, 0x5EED]).permutation(hi - lo)
-                if table.column(0).num_chunks > 1:
-                    table = table.combine_chunks()
-            first = start - lo if j == start // C else 0
-            for off in range(first, hi - lo, B):
-                if emitted >= quota:
-                    return
-                n = min(B, hi - lo - off)
-                if n < B and self.drop_last:
-                    return
-                if perm is None:
-                    batch = self.builder.build(table.slice(off, n))
-                else:
-                    # sorted rows: same batch content, forward memory access
-                    batch = self.builder.build(table, np.sort(perm[off: off + n]))
-                if self.teacher is not None:
-                    batch = self.teacher.join(batch)
-                emitted += 1
-                yield batch
+        first_slice = int(np.searchsorted(bounds, (start // C) * C, side="right") - 1)
+        units = _UnitLoader(self, plan, [u for u, _, _ in slices[first_slice:]], self.readahead)
+        try:
+            for j in range(start // C, math.ceil(n_rows / C)):
+                lo, hi = j * C, min((j + 1) * C, n_rows)
+                table = self._gather(units, slices, bounds, lo, hi)
+                perm = None
+                if self.shuffle:
+                    perm = np.random.default_rng([self.seed, epoch, shard, j, 0x5EED]).permutation(hi - lo)
+                    if table.column(0).num_chunks > 1:
+                        table = table.combine_chunks()
+                first = start - lo if j == start // C else 0
+                for off in range(first, hi - lo, B):
+                    if emitted >= quota:
+                        return
+                    n = min(B, hi - lo - off)
+                    if n < B and self.drop_last:
+                        return
+                    if perm is None:
+                        batch = self.builder.build(table.slice(off, n))
+                    else:
+                        # sorted rows: same batch content, forward memory access
+                        batch = self.builder.build(table, np.sort(perm[off: off + n]))
+                    if self.teacher is not None:
+                        batch = self.teacher.join(batch)
+                    emitted += 1
+                    yield batch
+        finally:
+            units.close()
 
-    def _gather(self, plan: ReadPlan, slices, bounds: np.ndarray, lo: int, hi: int) -> pa.Table:
+    @staticmethod
+    def _gather(units: "_UnitLoader", slices, bounds: np.ndarray, lo: int, hi: int) -> pa.Table:
         parts = []
         k = int(np.searchsorted(bounds, lo, side="right") - 1)
         while k < len(slices) and bounds[k] < hi:
@@ -483,16 +540,12 @@ class ParquetBatchDataset(IterableDataset):
             s0 = int(bounds[k])
             a2 = a + max(0, lo - s0)
             b2 = a + min(hi, int(bounds[k + 1])) - s0
-            parts.append(self._unit_table(plan, unit).slice(a2, b2 - a2))
+            parts.append(units.get(unit).slice(a2, b2 - a2))
             k += 1
         return pa.concat_tables(parts) if len(parts) > 1 else parts[0]
 
-    def _unit_table(self, plan: ReadPlan, unit_index: int) -> pa.Table:
-        """A unit's prepared (validated, canonical, filtered) table; the last few are cached."""
-        cached = self._cache.get(unit_index)
-        if cached is not None:
-            self._cache.move_to_end(unit_index)
-            return cached
+    def load_unit(self, plan: ReadPlan, unit_index: int) -> pa.Table:
+        """A unit's prepared (validated, canonical, filtered) table."""
         unit = plan.units[unit_index]
         info = plan.files[unit.file]
         builder = self.builder
@@ -511,20 +564,62 @@ class ParquetBatchDataset(IterableDataset):
                 raw = raw.filter(pa.array(keep))
                 rows = rows[keep]
         ctx = ChunkContext(info.path, info.chunk_label(unit.chunk), start, info.file_index, info.domain)
-        table = builder.prepare(raw, ctx, rows=rows)
-        self._cache[unit_index] = table
-        while len(self._cache) > 2:
-            self._cache.popitem(last=False)
-        return table
+        return builder.prepare(raw, ctx, rows=rows)
 
     def validate(self) -> int:
         """Read and check every unit now (before training); returns the number of rows checked."""
         plan = self.plan
         total = 0
         for i in range(len(plan.units)):
-            total += self._unit_table(plan, i).num_rows
-        self._cache.clear()
+            total += self.load_unit(plan, i).num_rows
         return total
+
+
+class _UnitLoader:
+    """The prepared units of one shard pass, in stream order: the next ``ahead`` units are read and
+    prepared by one background thread (pyarrow and numpy release the GIL, so decoding overlaps batch
+    building); the last two are kept for windows that straddle them."""
+
+    def __init__(self, dataset: ParquetBatchDataset, plan: ReadPlan, order: List[int], ahead: int) -> None:
+        self.dataset, self.plan, self.ahead = dataset, plan, ahead
+        self.order = list(dict.fromkeys(order))  # consecutive slices of one unit: read once
+        self.pos = {u: i for i, u in enumerate(self.order)}
+        self.cache: "OrderedDict[int, pa.Table]" = OrderedDict()
+        self.pending: Dict[int, Any] = {}
+        self.pool = None
+        if ahead > 0:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lattice-readahead")
+
+    def get(self, unit: int) -> pa.Table:
+        table = self.cache.get(unit)
+        if table is None:
+            future = self.pending.pop(unit, None)
+            table = future.result() if future is not None else self._load(unit)
+            self.cache[unit] = table
+            while len(self.cache) > 2:
+                self.cache.popitem(last=False)
+        if self.pool is not None:  # keep the next units coming
+            i = self.pos.get(unit, -1)
+            for nxt in self.order[i + 1: i + 1 + self.ahead]:
+                if nxt not in self.cache and nxt not in self.pending:
+                    self.pending[nxt] = self.pool.submit(self.dataset.load_unit, self.plan, nxt)
+        return table
+
+    def _load(self, unit: int) -> pa.Table:
+        if self.pool is None:
+            return self.dataset.load_unit(self.plan, unit)
+        return self.pool.submit(self.dataset.load_unit, self.plan, unit).result()  # one reader thread
+
+    def close(self) -> None:
+        for future in self.pending.values():
+            future.cancel()
+        self.pending.clear()
+        self.cache.clear()
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+            self.pool = None
 
 
 # ------------------------------------------------------------------------------------------------
@@ -551,9 +646,15 @@ class LatticeDataLoader(DataLoader):
             raise ValueError("LatticeDataLoader does not support persistent_workers (the epoch and resume "
                              "position are sent to fresh workers each epoch)")
         kwargs.pop("persistent_workers", None)
-        for bad in ("batch_size", "shuffle", "sampler", "batch_sampler", "collate_fn", "drop_last"):
+        # Lightning re-instantiates loaders (e.g. for predict) passing these back with neutral values;
+        # only a real setting is an error.
+        neutral = {"batch_size": (None,), "shuffle": (None, False), "sampler": (None,), "batch_sampler": (None,),
+                   "collate_fn": (None, identity_collate), "drop_last": (False,)}
+        for bad, allowed in neutral.items():
             if bad in kwargs:
-                raise ValueError(f"LatticeDataLoader: {bad} is set on the dataset, not the loader")
+                value = kwargs.pop(bad)
+                if not any(value is a for a in allowed):
+                    raise ValueError(f"LatticeDataLoader: {bad} is set on the dataset, not the loader (got {value!r})")
         if not isinstance(dataset, ParquetBatchDataset):
             raise TypeError(f"LatticeDataLoader needs a ParquetBatchDataset, got {type(dataset).__name__}")
         dataset.num_workers = num_workers
@@ -583,6 +684,7 @@ class LatticeDataLoader(DataLoader):
         self._next_epoch = int(epoch)
 
     def __iter__(self):
+        self.dataset.plan  # noqa: B018  (plan once here, not in every worker)
         epoch, skip = self._next_epoch, self._next_skip
         self.dataset.set_epoch(epoch, skip)
         self._epoch, self._consumed = epoch, skip

@@ -244,7 +244,10 @@ def _from_mapping(cls, obj: Any, where: str):
         raise SchemaError(f"{where}: {err}") from None
 
 
-@dataclass
+_SCHEMA_FIELDS = ("features", "tasks", "domains", "example_id_column", "domain_column", "user_id_column",
+                  "item_id_column", "timestamp_column")
+
+
 class Schema:
     """The union schema of a (multi-domain) dataset.
 
@@ -258,26 +261,56 @@ class Schema:
             names its domain.
         user_id_column / item_id_column: int or string ids (strings are hashed); ``None``: zeros.
         timestamp_column: int seconds; ``None``: zeros.
+
+    Specs may be given as mappings. A plain class (not a dataclass) on purpose: jsonargparse then takes a
+    ``schema: Schema`` parameter as one value (a YAML mapping, a YAML path, or a linked Schema object --
+    the CLI links the data's schema into the model), see the ``register_type`` call below.
     """
 
-    features: List[FeatureSpec] = field(default_factory=list)
-    tasks: List[TaskSpec] = field(default_factory=list)
-    domains: List[DomainSpec] = field(default_factory=list)
-    example_id_column: Optional[str] = "example_id"
-    domain_column: Optional[str] = "domain"
-    user_id_column: Optional[str] = "user_id"
-    item_id_column: Optional[str] = "item_id"
-    timestamp_column: Optional[str] = "timestamp"
-
-    def __post_init__(self) -> None:
-        for key in ("example_id_column", "domain_column", "user_id_column", "item_id_column", "timestamp_column"):
-            setattr(self, key, _as_name(getattr(self, key)))
-        self.features = [_from_mapping(FeatureSpec, f, f"features[{i}]") for i, f in enumerate(self.features)]
-        self.tasks = [_from_mapping(TaskSpec, t, f"tasks[{i}]") for i, t in enumerate(self.tasks)]
-        self.domains = [_from_mapping(DomainSpec, d, f"domains[{i}]") for i, d in enumerate(self.domains or [])]
+    def __init__(
+        self,
+        features: Sequence[Union[FeatureSpec, Mapping[str, Any]]] = (),
+        tasks: Sequence[Union[TaskSpec, Mapping[str, Any]]] = (),
+        domains: Sequence[Union[DomainSpec, Mapping[str, Any], str]] = (),
+        example_id_column: Optional[str] = "example_id",
+        domain_column: Optional[str] = "domain",
+        user_id_column: Optional[str] = "user_id",
+        item_id_column: Optional[str] = "item_id",
+        timestamp_column: Optional[str] = "timestamp",
+    ) -> None:
+        self.example_id_column = _as_name(example_id_column)
+        self.domain_column = _as_name(domain_column)
+        self.user_id_column = _as_name(user_id_column)
+        self.item_id_column = _as_name(item_id_column)
+        self.timestamp_column = _as_name(timestamp_column)
+        self.features: List[FeatureSpec] = [_from_mapping(FeatureSpec, f, f"features[{i}]")
+                                            for i, f in enumerate(features or [])]
+        self.tasks: List[TaskSpec] = [_from_mapping(TaskSpec, t, f"tasks[{i}]") for i, t in enumerate(tasks or [])]
+        self.domains: List[DomainSpec] = [_from_mapping(DomainSpec, d, f"domains[{i}]")
+                                          for i, d in enumerate(domains or [])]
         if not self.domains:
             self.domains = [DomainSpec("default")]
         self._validate()
+
+    def replace(self, **changes: Any) -> "Schema":
+        """A copy with some fields changed (validated again)."""
+        unknown = sorted(set(changes) - set(_SCHEMA_FIELDS))
+        if unknown:
+            raise SchemaError(f"schema: unknown field(s) {unknown}")
+        values = {k: getattr(self, k) for k in _SCHEMA_FIELDS}
+        values.update(changes)
+        return Schema(**values)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Schema):
+            return NotImplemented
+        return all(getattr(self, k) == getattr(other, k) for k in _SCHEMA_FIELDS)
+
+    __hash__ = None  # mutable
+
+    def __repr__(self) -> str:
+        return (f"Schema(features={self.feature_names}, tasks={self.task_names}, domains={self.domain_names}, "
+                + ", ".join(f"{k}={getattr(self, k)!r}" for k in _SCHEMA_FIELDS[3:]) + ")")
 
     # ---- validation ---------------------------------------------------------------------------
     def _validate(self) -> None:
@@ -460,7 +493,7 @@ class Schema:
             return obj
         if not isinstance(obj, Mapping):
             raise SchemaError(f"a schema must be a mapping, got {type(obj).__name__}")
-        known = {f.name for f in dataclasses.fields(cls)}
+        known = set(_SCHEMA_FIELDS)
         unknown = sorted(set(obj) - known)
         if unknown:
             raise SchemaError(f"schema: unknown key(s) {unknown}; known keys are {sorted(known)}")
@@ -546,3 +579,23 @@ def _find_schema(doc: Any) -> Any:
             if found is not None:
                 return found
     return None
+
+
+# What a model or command accepts for a schema: a Schema, a mapping, or a YAML path / YAML text.
+SchemaLike = Union[Schema, str, Dict[str, Any]]
+
+
+def _register_with_jsonargparse() -> None:
+    """Let jsonargparse read a ``Schema``-typed argument from a YAML mapping or path (and pass a linked
+    Schema object through as it is)."""
+    try:
+        from jsonargparse.typing import register_type
+    except ImportError:  # pragma: no cover - jsonargparse is a dependency, but the data layer does not need it
+        return
+    try:
+        register_type(Schema, serializer=Schema.to_dict, deserializer=Schema.coerce)
+    except ValueError:  # already registered (module reloaded)
+        pass
+
+
+_register_with_jsonargparse()

@@ -56,17 +56,25 @@ class ServingStudent(nn.Module):
     def forward(self, batch: Any) -> Tensor:
         if self.teacher_token is None:
             return self.network(batch).logits
-        B, E = batch.batch_size, self.teacher_token.embedding_dim
-        emb = getattr(batch, "teacher_embedding", None)
-        mask = getattr(batch, "teacher_mask", None)
-        device = batch.domain.device
-        if emb is None:
-            emb, hit = torch.zeros(B, E, device=device), torch.zeros(B, dtype=torch.bool, device=device)
-        else:
-            hit = torch.ones(B, dtype=torch.bool, device=device) if mask is None else mask.to(torch.bool)
-            hit = hit & torch.isfinite(emb).all(1)
+        emb, hit = batch_teacher_embedding(batch, self.teacher_token.embedding_dim)
         output, _ = self.tap(batch, self.teacher_token(emb, hit))
         return output.logits
+
+
+def batch_teacher_embedding(batch: Any, dim: int) -> tuple[Tensor, Tensor]:
+    """``(embedding [B, E], hit [B] bool)`` straight from the batch: ``teacher_embedding`` where
+    ``teacher_mask`` (default: every row) says the teacher scored the row and the values are finite;
+    zeros and ``hit = False`` everywhere when the batch carries no embedding."""
+    B = batch.batch_size
+    device = batch.domain.device
+    emb = getattr(batch, "teacher_embedding", None)
+    if emb is None:
+        return torch.zeros(B, dim, device=device), torch.zeros(B, dtype=torch.bool, device=device)
+    if emb.shape != (B, dim):
+        raise ValueError(f"batch.teacher_embedding must be [B={B}, E={dim}], got {tuple(emb.shape)}")
+    mask = getattr(batch, "teacher_mask", None)
+    hit = torch.ones(B, dtype=torch.bool, device=device) if mask is None else mask.to(torch.bool)
+    return emb, hit & torch.isfinite(emb).all(1)
 
 
 def _head_in_dim(network: nn.Module) -> int:
@@ -232,21 +240,14 @@ class DistillationModule(LatticeModule):
     def _teacher_embedding(self, batch: Any) -> tuple[Tensor, Tensor]:
         """``(embedding [B, E], hit [B])`` for the teacher token: read from the cache (then the batch's
         own teacher embeddings written to it), or straight from the batch without a cache."""
-        B, E = batch.batch_size, self.teacher_token.embedding_dim
-        emb = getattr(batch, "teacher_embedding", None)
-        mask = getattr(batch, "teacher_mask", None)
-        if emb is not None and emb.shape != (B, E):
-            raise ValueError(f"batch.teacher_embedding must be [B={B}, E={E}], got {tuple(emb.shape)}")
+        emb, fresh = batch_teacher_embedding(batch, self.teacher_token.embedding_dim)
         if self.cache is None:
-            if emb is None:
-                return torch.zeros(B, E, device=self.device), torch.zeros(B, dtype=torch.bool, device=self.device)
-            hit = torch.ones(B, dtype=torch.bool, device=emb.device) if mask is None else mask.to(torch.bool)
-            return emb, hit & torch.isfinite(emb).all(1)
+            return emb, fresh
         keys = self.cache.keys_of(batch)
         now = self._now()
         cached, hit = self.cache.lookup(keys, now)
-        if emb is not None:
-            self.cache.update(keys, emb, now, mask)
+        if getattr(batch, "teacher_embedding", None) is not None:
+            self.cache.update(keys, emb, now, fresh)
         return cached, hit
 
     def forward(self, batch: Any) -> DistillationOutput:

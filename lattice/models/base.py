@@ -13,7 +13,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from lattice.data.schema import Schema
+from lattice.data.schema import Schema, SchemaLike
 from lattice.nn.embedding import EmbeddingBagCollection
 from lattice.nn.heads import MultiTaskHeads
 from lattice.nn.processors import FeatureProcessor, ProcessedFeatures
@@ -66,7 +66,7 @@ class LatticeModel(nn.Module):
 
     def __init__(
         self,
-        schema: Schema,
+        schema: SchemaLike,
         dim: int = 32,
         embedding_dim: int | None = None,
         dense_tokens: int | None = None,
@@ -81,6 +81,7 @@ class LatticeModel(nn.Module):
         embedding_kwargs: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
+        schema = Schema.coerce(schema)
         if not schema.tasks:
             raise ValueError("the schema has no tasks")
         self.schema = schema

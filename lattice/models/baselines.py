@@ -18,7 +18,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from lattice.data.schema import Schema
+from lattice.data.schema import Schema, SchemaLike
 from lattice.models.base import LatticeModel
 from lattice.nn.fusion import FusionBlock
 from lattice.nn.linear import MLP, DomainLinear
@@ -58,7 +58,7 @@ class SharedBottom(_FlatInputModel):
 
     def __init__(
         self,
-        schema: Schema,
+        schema: SchemaLike,
         dim: int = 16,
         bottom_dims: Sequence[int] = (256, 128),
         activation: str = "relu",
@@ -127,7 +127,7 @@ class MMoE(_FlatInputModel):
 
     def __init__(
         self,
-        schema: Schema,
+        schema: SchemaLike,
         dim: int = 16,
         num_experts: int = 4,
         expert_dims: Sequence[int] = (128, 64),
@@ -153,7 +153,7 @@ class MMoE(_FlatInputModel):
         if not expert_dims or num_experts < 1:
             raise ValueError("MMoE needs num_experts >= 1 and at least one expert layer")
         in_dim = self._flat_dim()
-        self.num_tasks = len(schema.tasks)
+        self.num_tasks = len(self.schema.tasks)
         self.experts = _Experts(num_experts, in_dim, expert_dims, activation, bias)
         self.gates = DomainLinear(in_dim, self.num_tasks * num_experts, bias=True, **self._untie(untie_gates))
         self.num_experts = num_experts
@@ -185,7 +185,7 @@ class PLE(_FlatInputModel):
 
     def __init__(
         self,
-        schema: Schema,
+        schema: SchemaLike,
         dim: int = 16,
         num_levels: int = 2,
         shared_experts: int = 2,
@@ -213,7 +213,7 @@ class PLE(_FlatInputModel):
             raise ValueError("PLE needs num_levels >= 1 and at least one expert per gate")
         if not expert_dims:
             raise ValueError("PLE needs at least one expert layer")
-        self.num_tasks = T = len(schema.tasks)
+        self.num_tasks = T = len(self.schema.tasks)
         self.num_levels = num_levels
         self.shared_count, self.task_count = shared_experts, task_experts
         e = expert_dims[-1]
@@ -293,7 +293,7 @@ class DLRM(LatticeModel):
 
     def __init__(
         self,
-        schema: Schema,
+        schema: SchemaLike,
         dim: int = 16,
         bottom_dims: Sequence[int] = (64,),
         top_dims: Sequence[int] = (256, 128),
@@ -374,7 +374,7 @@ class Wukong(LatticeModel):
 
     def __init__(
         self,
-        schema: Schema,
+        schema: SchemaLike,
         dim: int = 32,
         num_layers: int = 2,
         fm_tokens: int = 8,

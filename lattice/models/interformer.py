@@ -21,7 +21,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from lattice.data.schema import Schema
+from lattice.data.schema import Schema, SchemaLike
 from lattice.models.base import LatticeModel
 from lattice.nn.fusion import FusionBlock
 from lattice.nn.linear import MLP
@@ -49,7 +49,7 @@ class InterFormer(LatticeModel):
 
     def __init__(
         self,
-        schema: Schema,
+        schema: SchemaLike,
         dim: int = 32,
         num_layers: int = 2,
         num_heads: int = 2,

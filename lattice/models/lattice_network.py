@@ -25,7 +25,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from lattice.data.schema import Schema
+from lattice.data.schema import Schema, SchemaLike
 from lattice.models.base import LatticeModel
 from lattice.nn.attention import rope_table
 from lattice.nn.context import ExtendedContextStore
@@ -62,7 +62,7 @@ class LatticeNetwork(LatticeModel):
 
     def __init__(
         self,
-        schema: Schema,
+        schema: SchemaLike,
         dim: int = 32,
         num_layers: int = 2,
         num_heads: int = 2,

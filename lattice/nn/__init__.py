@@ -1,6 +1,7 @@
 """Building blocks: norms, (per-domain) linears, fusion blocks (Wukong/DHEN), the extended context store,
 the fused embedding-bag collection, multi-task Zipper heads, feature processors and sequence blocks."""
 from lattice.nn.embedding import EmbeddingBagCollection, EmbeddingTableConfig, NormalInit, UniformInit
+from lattice.nn.attention import PMA, InterleavedCrossAttention, JaggedMultiheadAttention, apply_rope
 from lattice.nn.context import ExtendedContextStore
 from lattice.nn.fusion import DWFB, CrossNetBlock, DotProductBlock, FMBlock, FusionBlock, LinearCompressBlock
 from lattice.nn.heads import HeadOutput, MultiTaskHeads
@@ -22,6 +23,10 @@ __all__ = [
     "EmbeddingTableConfig",
     "NormalInit",
     "UniformInit",
+    "JaggedMultiheadAttention",
+    "InterleavedCrossAttention",
+    "PMA",
+    "apply_rope",
     "RMSNorm",
     "SwishRMSNorm",
     "make_norm",

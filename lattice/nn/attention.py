@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from lattice.nn.norms import RMSNorm
 from lattice.ops.attention import jagged_attention
 
-__all__ = ["rope_table", "apply_rope", "JaggedMultiheadAttention", "PMA", "InterleavedCrossAttention"]
+__all__ = ["rope_table", "apply_rope", "RotaryEmbedding", "positions_from_offsets", "JaggedMultiheadAttention", "PMA", "InterleavedCrossAttention"]
 
 
 def _positions(offsets: Tensor, total: int) -> Tensor:
@@ -28,9 +28,14 @@ def _positions(offsets: Tensor, total: int) -> Tensor:
     return torch.arange(total, device=offsets.device) - starts
 
 
+def positions_from_offsets(offsets: Tensor, total: int) -> Tensor:
+    """``[total]`` int64 position of every row within its sample (0 = oldest)."""
+    return _positions(offsets, total)
+
+
 def rope_table(positions: Tensor, head_dim: int, base: float = 10000.0) -> tuple[Tensor, Tensor]:
-    """``(cos, sin)``, each ``[N, 1, head_dim // 2]`` float32, for :func:`apply_rope`. Compute it once per
-    stream and pass it to every attention call over that stream (``rotary=``)."""
+    """``(cos, sin)``, each ``[N, 1, head_dim // 2]`` float32, for :func:`apply_rope`. A model computes it
+    once per stream and passes it to every self-attention over that stream (``rotary=``)."""
     half = head_dim // 2
     inv_freq = base ** (-torch.arange(half, device=positions.device, dtype=torch.float32) / max(half, 1))
     angle = positions.to(torch.float32).unsqueeze(-1) * inv_freq  # [N, half]
@@ -55,6 +60,17 @@ def apply_rope(
     return torch.cat(parts, dim=-1).to(x.dtype)
 
 
+class RotaryEmbedding(nn.Module):
+    """:func:`apply_rope` as a module: ``forward(x [N, H, Dh], positions [N], table=None) -> [N, H, Dh]``."""
+
+    def __init__(self, head_dim: int, base: float = 10000.0) -> None:
+        super().__init__()
+        self.head_dim, self.base = head_dim, base
+
+    def forward(self, x: Tensor, positions: Tensor | None = None, table: tuple[Tensor, Tensor] | None = None) -> Tensor:
+        return apply_rope(x, positions, self.base, table)
+
+
 class JaggedMultiheadAttention(nn.Module):
     """Multi-head attention over jagged streams.
 
@@ -71,7 +87,7 @@ class JaggedMultiheadAttention(nn.Module):
     query_positions=None, key_positions=None, rotary=None) -> [Nq, d]``. Without ``key`` it is
     self-attention (``key = query``). Positions default to the index within the sample (0 = first
     token); ``rotary`` is a precomputed :func:`rope_table` of the stream's positions (self-attention),
-    which saves recomputing it in every layer.
+    which a model computes once for all its layers.
     ``causal`` aligns each sample's last query with its last key.
     """
 
@@ -98,6 +114,7 @@ class JaggedMultiheadAttention(nn.Module):
         self.k_norm = RMSNorm(self.head_dim) if qk_norm else None
         self.rope = rope
         self.rope_base = rope_base
+        self.rotary = RotaryEmbedding(self.head_dim, rope_base) if rope else None
 
     def _heads(self, x: Tensor) -> Tensor:
         return x.view(x.shape[0], self.num_heads, self.head_dim)
@@ -119,7 +136,12 @@ class JaggedMultiheadAttention(nn.Module):
             if key_positions is None:
                 key_positions = query_positions
         elif key_offsets is None:
-            raise ValueError("cross-attention needs key_offsets")
+            raise ValueError("key_offsets are required when a separate key stream is given (cross-attention)")
+        if query_offsets.numel() != key_offsets.numel():
+            raise ValueError(
+                f"query_offsets ({query_offsets.numel() - 1} samples) and key_offsets "
+                f"({key_offsets.numel() - 1} samples) disagree"
+            )
         q = self._heads(self.q_proj(query))
         k = self._heads(self.k_proj(key))
         v = self._heads(self.v_proj(key))
@@ -127,19 +149,18 @@ class JaggedMultiheadAttention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         if self.rope:
             if self_attention and (rotary is not None or key_positions is query_positions):
-                table = rotary
-                if table is None:
+                if rotary is None:  # one table for q and k
                     if query_positions is None:
                         query_positions = _positions(query_offsets, q.shape[0])
-                    table = rope_table(query_positions, self.head_dim, self.rope_base)
-                q, k = apply_rope(q, table=table), apply_rope(k, table=table)
+                    rotary = rope_table(query_positions, self.head_dim, self.rope_base)
+                q, k = self.rotary(q, table=rotary), self.rotary(k, table=rotary)
             else:
                 if query_positions is None:
                     query_positions = _positions(query_offsets, q.shape[0])
                 if key_positions is None:
                     key_positions = _positions(key_offsets, k.shape[0])
-                q = apply_rope(q, query_positions, self.rope_base)
-                k = apply_rope(k, key_positions, self.rope_base)
+                q = self.rotary(q, query_positions)
+                k = self.rotary(k, key_positions)
         v = v.to(q.dtype)
         k = k.to(q.dtype)
         out, _ = jagged_attention(
@@ -157,7 +178,8 @@ class JaggedMultiheadAttention(nn.Module):
 class PMA(nn.Module):
     """Pooling by multi-head attention: ``num_seeds`` learned queries attend to each sample's tokens.
 
-    Shape: ``x [N, d]``, ``offsets [B + 1]`` -> ``[B, num_seeds, d]`` (zeros for a sample without tokens).
+    Shape: ``x [N, d]``, ``offsets [B + 1]`` -> ``[B, num_seeds, d]``. The seeds are a residual (as in the Set
+    Transformer's PMA), so a sample without tokens pools to the learned seeds themselves, never NaN.
     """
 
     def __init__(self, embed_dim: int, num_heads: int, num_seeds: int, bias: bool = False, qk_norm: bool = False) -> None:
@@ -170,7 +192,7 @@ class PMA(nn.Module):
         B = offsets.numel() - 1
         queries = self.seeds.to(x.dtype).repeat(B, 1)
         q_offsets = torch.arange(B + 1, device=x.device, dtype=torch.long) * self.num_seeds
-        return self.attn(queries, q_offsets, x, offsets).view(B, self.num_seeds, -1)
+        return (queries + self.attn(queries, q_offsets, x, offsets)).view(B, self.num_seeds, -1)
 
     def flops(self, tokens: float) -> float:
         return self.attn.flops(self.num_seeds, tokens)

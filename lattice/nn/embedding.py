@@ -20,6 +20,7 @@ from typing import Dict, List, Optional, Sequence, Union
 import torch
 from torch import Tensor, nn
 
+from lattice.ops._memory import empty_huge_pages
 from lattice.ops.pooling import (
     jagged_embedding_pool,
     jagged_embedding_pool_fused,
@@ -174,10 +175,9 @@ class EmbeddingBagCollection(nn.Module):
         self.weights = nn.ParameterDict()
         self.optimizer_state = nn.Module()  # holds one buffer per group (row-wise Adagrad)
         for g in self._groups:
-            w = torch.empty(g.rows, g.dim, dtype=dtype, device=device)
+            w = empty_huge_pages(g.rows, g.dim, dtype=dtype, device=device)
             self.weights[g.key] = nn.Parameter(w, requires_grad=fused_optimizer is None)
-            state = torch.zeros(g.rows if fused_optimizer == "rowwise_adagrad" else 0, dtype=torch.float32,
-                                device=device)
+            state = empty_huge_pages(g.rows if fused_optimizer == "rowwise_adagrad" else 0, device=device).zero_()
             self.optimizer_state.register_buffer(g.key, state)
             # Per-feature row ranges [F_g, 2]: features that share a table name the same rows. When every
             # table serves one feature in packing order, the packed [T+1] form says the same.
@@ -232,6 +232,28 @@ class EmbeddingBagCollection(nn.Module):
         start = g.table_start[table]
         n = next(t.num_embeddings for t in g.tables if t.name == table)
         return state[start : start + n]
+
+    def set_fused_optimizer(self, fused_optimizer: Optional[str], lr: Optional[float] = None,
+                            eps: Optional[float] = None, weight_decay: Optional[float] = None) -> None:
+        """Switch between sparse autograd gradients (``None``) and an optimizer fused into the backward
+        (``"sgd"``, ``"rowwise_adagrad"``), e.g. when a trainer configures it. Weights are kept; row-wise
+        Adagrad state is allocated (zeros) when newly needed and dropped when no longer used."""
+        if fused_optimizer is not None:
+            optimizer_mode(fused_optimizer)  # validates
+        self.fused_optimizer = fused_optimizer
+        if lr is not None:
+            self.lr = float(lr)
+        if eps is not None:
+            self.eps = float(eps)
+        if weight_decay is not None:
+            self.weight_decay = float(weight_decay)
+        for g in self._groups:
+            w = self.weights[g.key]
+            w.requires_grad_(fused_optimizer is None)
+            state = getattr(self.optimizer_state, g.key)
+            rows = g.rows if fused_optimizer == "rowwise_adagrad" else 0
+            if state.numel() != rows:
+                self.optimizer_state.register_buffer(g.key, empty_huge_pages(rows, device=w.device).zero_())
 
     def set_learning_rate(self, lr: float) -> None:
         """Learning rate of the fused optimizer from the next backward on (e.g. from a scheduler)."""

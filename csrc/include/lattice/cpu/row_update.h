@@ -68,7 +68,7 @@ inline void update_row_avx512(W* w, Vecs<NV, W>& g, int64_t D, __mmask16 tail, c
   }
   float mult = p.lr;
   if (p.kind == Optimizer::kRowwiseAdagrad) {
-    const float s = *state + g.sum_squares() / static_cast<float>(D);
+    const float s = *state + g.sum_squares() * (1.0f / static_cast<float>(D));
     *state = s;
     mult = p.lr / (std::sqrt(s) + p.eps);
   }

@@ -1,0 +1,161 @@
+"""Data-loading throughput: lattice's streaming reader vs a naive ``to_pylist`` + Python-collate loader.
+
+Both build the same :class:`lattice.data.Batch` es from the same Parquet file: a planted-world dataset
+with 20 sparse, 10 dense and 2 sequence features (1M rows by default). The naive loader (the row-by-row
+reference :func:`lattice.data.reference.reference_batch`, i.e. ``to_pylist`` + a Python loop per row +
+Python collate) is measured on the first ``--naive-rows`` rows and reported as rows/s.
+
+    python benchmarks/bench_data.py            # 1M rows
+    python benchmarks/bench_data.py --quick    # 100k rows, a smoke run
+
+Prints a table of medians and ratios and writes JSON (``--out``, default
+``benchmarks/results/bench_data.json``). Never asserts on time. Targets (issue 4): >= 20x the naive
+loader and >= 300k rows/s on 2 cores.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+import pyarrow.parquet as pq
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
+
+from lattice.data import LatticeDataLoader, ParquetBatchDataset, Schema, SyntheticConfig, SyntheticDomain, SyntheticWorld
+from lattice.data.cache import cache_root
+from lattice.data.reference import reference_batch
+
+
+def world_config(rows: int) -> SyntheticConfig:
+    """8 + 12 noise = 20 sparse, 5 + 5 noise = 10 dense, 2 sequence features; one domain with all of them."""
+    return SyntheticConfig(
+        seed=0, num_users=100_000, num_items=50_000, num_clusters=32,
+        domains=[SyntheticDomain("all", rows)],
+        num_noise_sparse=12, num_noise_dense=5, max_sequence_length=32, mean_sequence_length=12.0,
+        dense_missing_rate=0.02, row_group_size=65536,
+    )
+
+
+def ensure_dataset(rows: int, cache_dir: str | None):
+    cfg = world_config(rows)
+    world = SyntheticWorld(cfg)
+    out = os.path.join(cache_root(cache_dir), "bench_data", cfg.fingerprint())
+    gen = None
+    if not os.path.exists(os.path.join(out, "world.json")):
+        t0 = time.perf_counter()
+        world.write(out, overwrite=True)
+        gen = time.perf_counter() - t0
+    schema = world.schema()
+    assert len(schema.sparse_features) == 20 and len(schema.dense_features) == 10
+    assert len(schema.sequence_features) == 2
+    return world, schema, out, gen
+
+
+def time_epochs(make_iter, repeats: int):
+    """Median seconds and rows of a full pass (warm-up pass excluded)."""
+    times, rows = [], 0
+    for r in range(repeats + 1):
+        t0 = time.perf_counter()
+        rows = 0
+        for batch in make_iter(r):
+            rows += batch.batch_size
+        if r:  # the first pass warms the page cache and the allocator
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times), rows
+
+
+def naive_rate(path: str, schema: Schema, batch_size: int, max_rows: int, repeats: int):
+    """rows/s of reading the same row groups + to_pylist + per-row Python + Python collate."""
+    def run():
+        pf = pq.ParquetFile(path)
+        done = 0
+        t0 = time.perf_counter()
+        for rg in range(pf.metadata.num_row_groups):
+            table = pf.read_row_group(rg)
+            for off in range(0, table.num_rows, batch_size):
+                chunk = table.slice(off, min(batch_size, max_rows - done))
+                reference_batch(chunk, schema, domain="all", truth=True)
+                done += chunk.num_rows
+                if done >= max_rows:
+                    return done, time.perf_counter() - t0
+        return done, time.perf_counter() - t0
+
+    results = [run() for _ in range(repeats)]
+    rows = results[0][0]
+    return rows / statistics.median(t for _, t in results), rows
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--rows", type=int, default=1_000_000)
+    ap.add_argument("--quick", action="store_true", help="100k rows, fewer repeats")
+    ap.add_argument("--batch-size", type=int, default=4096)
+    ap.add_argument("--naive-rows", type=int, default=20_000)
+    ap.add_argument("--workers", type=int, nargs="*", default=[0, 2])
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--cache-dir", default=None)
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "bench_data.json"))
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.rows, args.repeats, args.naive_rows = 100_000, 1, min(args.naive_rows, 8192)
+    torch.set_num_threads(1)
+
+    world, schema, data_dir, gen_seconds = ensure_dataset(args.rows, args.cache_dir)
+    sources = world.sources(data_dir)
+    path = os.path.join(data_dir, "all", "part-00000.parquet")
+    results = []
+
+    def ours(name, shuffle, workers):
+        ds = ParquetBatchDataset(sources, schema, batch_size=args.batch_size, shuffle=shuffle, shuffle_buffer=65536)
+        if workers == 0:
+            make = lambda r: ds.iter_shard(r, 0, 1, 0, 1)  # noqa: E731
+        else:
+            loader = LatticeDataLoader(ds, num_workers=workers)
+            make = lambda r: loader  # noqa: E731  (each pass is the next epoch)
+        secs, rows = time_epochs(make, args.repeats)
+        assert rows == args.rows, (rows, args.rows)
+        results.append({"name": name, "rows": rows, "seconds": secs, "rows_per_s": rows / secs,
+                        "shuffle": shuffle, "workers": workers})
+
+    for w in args.workers:
+        ours(f"lattice reader, {w} workers, in order", False, w)
+        ours(f"lattice reader, {w} workers, shuffled", True, w)
+    naive, naive_rows = naive_rate(path, schema, args.batch_size, args.naive_rows, max(1, min(args.repeats, 2)))
+    results.append({"name": "naive to_pylist + Python collate", "rows": naive_rows, "seconds": naive_rows / naive,
+                    "rows_per_s": naive})
+    for r in results:
+        r["x_naive"] = r["rows_per_s"] / naive
+
+    best = max(r["rows_per_s"] for r in results[:-1])
+    print(f"\nbench_data: {args.rows:,} rows, 20 sparse / 10 dense / 2 sequence features, batch {args.batch_size}, "
+          f"{os.cpu_count()} CPUs")
+    if gen_seconds is not None:
+        print(f"planted world generated in {gen_seconds:.1f} s ({args.rows / gen_seconds:,.0f} rows/s)")
+    print(f"{'loader':<44}{'rows':>11}{'median s':>11}{'rows/s':>13}{'x naive':>10}")
+    for r in results:
+        print(f"{r['name']:<44}{r['rows']:>11,}{r['seconds']:>11.3f}{r['rows_per_s']:>13,.0f}{r['x_naive']:>10.1f}")
+    print(f"best: {best:,.0f} rows/s = {best / naive:.1f}x naive (targets: >= 300,000 rows/s, >= 20x)")
+    report = {
+        "benchmark": "bench_data",
+        "rows": args.rows, "batch_size": args.batch_size, "features": {"sparse": 20, "dense": 10, "sequence": 2},
+        "generation_seconds": gen_seconds,
+        "results": results,
+        "best_rows_per_s": best, "best_x_naive": best / naive,
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": sys.version.split()[0],
+                    "torch": torch.__version__},
+    }
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as fh:
+        json.dump(report, fh, indent=2)
+    print(f"wrote {args.out}")
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,460 @@
+"""Benchmark of lattice's fused jagged embedding pooling on CPU against torch and FBGEMM baselines.
+
+Workload (the issue's): T=26 tables of 100k and 1M rows, D=64 and 128, B=2048, bag lengths uniform in
+[1, 40], uniformly random ids, fp32. Modes:
+
+- ``forward``: pooled [B, T, D] output, no autograd;
+- ``fwd+bwd``: forward + backward to a weight gradient (sparse rows where the implementation has them);
+- ``step``: a full training step of the embeddings: forward + backward + optimizer update.
+
+Implementations measured in the same run:
+
+- ``lattice`` — ``torch.ops.lattice.jagged_embedding_pool`` (sparse COO gradient for fwd+bwd), and
+  the fused backward (row-wise Adagrad, SGD) for the step;
+- ``lattice reference`` — the pure-torch reference (``lattice.ops.reference``);
+- ``F.embedding_bag`` — one call over the concatenated table with global ids (computed outside the
+  timed region, which favours the baseline), ``sparse=True``, + ``torch.optim.SGD`` / ``Adagrad``;
+- ``nn.EmbeddingBag loop`` — one ``nn.EmbeddingBag(sparse=True)`` per table, outputs stacked;
+- ``fbgemm TBE`` — FBGEMM's CPU ``SplitTableBatchedEmbeddingBagsCodegen`` (exact row-wise Adagrad and
+  SGD) when ``fbgemm_gpu`` imports (``pip install fbgemm-gpu-cpu==1.8.0`` for torch 2.13).
+
+Printed per configuration: medians, ratios, effective GB/s (= row bytes gathered / time) and the
+machine's streaming read bandwidth (a large ``torch.sum``, measured in the same run), the 1- vs
+2-thread times of lattice's forward and fused step, and the issue's targets with pass/fail. The JSON
+goes to ``--out``. Times only; this script asserts nothing.
+
+    python benchmarks/bench_pooling.py                # full run (needs ~15 GB free for 1M x 128)
+    python benchmarks/bench_pooling.py --quick        # small smoke run
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from typing import Callable, Dict, List, Optional
+
+import torch
+import torch.nn.functional as F
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+
+import lattice  # noqa: E402
+from lattice.ops import jagged_embedding_pool, jagged_embedding_pool_fused  # noqa: E402
+from lattice.ops import reference as lattice_reference  # noqa: E402
+from lattice.ops._memory import empty_huge_pages  # noqa: E402
+
+try:  # optional baseline
+    from fbgemm_gpu.split_embedding_configs import EmbOptimType, SparseType
+    from fbgemm_gpu.split_table_batched_embeddings_ops_common import EmbeddingLocation, PoolingMode
+    from fbgemm_gpu.split_table_batched_embeddings_ops_training import (
+        ComputeDevice,
+        SplitTableBatchedEmbeddingBagsCodegen,
+    )
+
+    HAVE_FBGEMM = True
+except Exception:  # noqa: BLE001 - any import failure just drops the baseline
+    HAVE_FBGEMM = False
+
+LR, EPS = 0.01, 1e-8
+
+
+# ---- helpers -----------------------------------------------------------------------------------------
+def timeit(fn: Callable[[], object], repeats: int, warmup: int) -> Dict[str, object]:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return {"median_s": statistics.median(times), "min_s": min(times), "times_s": times}
+
+
+def mem_available_bytes() -> Optional[int]:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def stream_read_bandwidth(gib: float, repeats: int) -> Dict[str, float]:
+    """GB/s of a streaming read: torch.sum over a buffer far larger than the caches."""
+    n = int(gib * (1 << 30)) // 4
+    x = torch.ones(n, dtype=torch.float32)
+    r = timeit(lambda: x.sum(), repeats, 2)
+    out = {"bytes": n * 4, "median_s": r["median_s"], "gbps": n * 4 / r["median_s"] / 1e9,
+           "best_gbps": n * 4 / r["min_s"] / 1e9}
+    del x
+    return out
+
+
+class Workload:
+    """T tables x rows, packed; KJT-style local indices + key-major offsets; per-table views."""
+
+    def __init__(self, T: int, rows: int, D: int, B: int, max_len: int, seed: int = 0):
+        g = torch.Generator().manual_seed(seed)
+        self.T, self.rows, self.D, self.B = T, rows, D, B
+        lengths = torch.randint(1, max_len + 1, (T * B,), generator=g)
+        self.offsets = torch.zeros(T * B + 1, dtype=torch.int64)
+        self.offsets[1:] = lengths.cumsum(0)
+        self.N = int(self.offsets[-1])
+        self.indices = torch.randint(0, rows, (self.N,), generator=g)
+        self.tro = torch.arange(T + 1, dtype=torch.int64) * rows
+        # allocated as lattice's EmbeddingBagCollection does (huge pages); every baseline shares them
+        self.weights = empty_huge_pages(T * rows, D).uniform_(-0.01, 0.01, generator=g)
+        per_table = lengths.view(T, B).sum(1)
+        table_of_pos = torch.repeat_interleave(torch.arange(T), per_table)
+        self.global_indices = self.indices + table_of_pos * rows
+        self.grad = torch.randn(B, T, D, generator=g)
+        # per-table inputs for the nn.EmbeddingBag loop
+        starts = torch.cat([torch.zeros(1, dtype=torch.int64), per_table.cumsum(0)])
+        self.table_inputs = []
+        for t in range(T):
+            o = self.offsets[t * B : (t + 1) * B + 1]
+            self.table_inputs.append((self.indices[starts[t] : starts[t + 1]], (o - o[0])[:-1]))
+
+    @property
+    def gathered_bytes(self) -> int:
+        return self.N * self.D * self.weights.element_size()
+
+
+# ---- implementations -----------------------------------------------------------------------------------
+def bench_lattice(w: Workload, modes: List[str], repeats: int, warmup: int) -> Dict[str, Dict]:
+    res: Dict[str, Dict] = {}
+    W = w.weights
+    if "forward" in modes:
+        def fwd():
+            with torch.no_grad():
+                return jagged_embedding_pool(W, w.tro, w.indices, w.offsets, "sum")
+        res["lattice"] = {"forward": timeit(fwd, repeats, warmup)}
+    if "fwd+bwd" in modes:
+        P = W.detach().requires_grad_(True)
+
+        def fwd_bwd():
+            P.grad = None
+            jagged_embedding_pool(P, w.tro, w.indices, w.offsets, "sum").backward(w.grad)
+        res.setdefault("lattice", {})["fwd+bwd"] = timeit(fwd_bwd, repeats, warmup)
+        P.grad = None
+    if "step" in modes:
+        state = empty_huge_pages(W.shape[0]).zero_()
+        for name, opt in (("lattice", "rowwise_adagrad"), ("lattice fused SGD", "sgd")):
+            def step(opt=opt):
+                jagged_embedding_pool_fused(W, state, w.tro, w.indices, w.offsets, "sum", optimizer=opt,
+                                            learning_rate=LR, eps=EPS).backward(w.grad)
+            res.setdefault(name, {})["step"] = timeit(step, repeats, warmup)
+    return res
+
+
+def bench_reference(w: Workload, modes: List[str], repeats: int, warmup: int) -> Dict[str, Dict]:
+    res: Dict[str, Dict] = {}
+    W = w.weights
+    ref = lattice_reference
+    if "forward" in modes:
+        def fwd():
+            with torch.no_grad():
+                return ref.jagged_embedding_pool(W, w.tro, w.indices, w.offsets, 0)
+        res["forward"] = timeit(fwd, repeats, warmup)
+    if "fwd+bwd" in modes:
+        def fwd_bwd():
+            # the reference's own backward: unique rows + summed gradients
+            out = ref.jagged_embedding_pool(W, w.tro, w.indices, w.offsets, 0)
+            return out, ref.jagged_embedding_pool_backward_sparse(w.grad, w.tro, w.indices, w.offsets, 0)
+        res["fwd+bwd"] = timeit(fwd_bwd, repeats, warmup)
+    if "step" in modes:
+        state = torch.zeros(W.shape[0])
+
+        def step():
+            ref.jagged_embedding_pool(W, w.tro, w.indices, w.offsets, 0)
+            ref.jagged_embedding_pool_backward_fused_(W, state, w.grad, w.tro, w.indices, w.offsets, 0, None, 1,
+                                                      LR, EPS, 0.0)
+        res["step"] = timeit(step, repeats, warmup)
+    return {"lattice reference": res}
+
+
+def bench_embedding_bag(w: Workload, modes: List[str], repeats: int, warmup: int, adagrad: bool) -> Dict[str, Dict]:
+    res: Dict[str, Dict] = {}
+    T, B, D = w.T, w.B, w.D
+    bag_offsets = w.offsets[:-1]
+    P = torch.nn.Parameter(w.weights)  # shares storage
+
+    def run():
+        return F.embedding_bag(w.global_indices, P, bag_offsets, mode="sum", sparse=True).view(T, B, D).transpose(0, 1)
+
+    if "forward" in modes:
+        def fwd():
+            with torch.no_grad():
+                return run()
+        res.setdefault("F.embedding_bag", {})["forward"] = timeit(fwd, repeats, warmup)
+    if "fwd+bwd" in modes:
+        def fwd_bwd():
+            P.grad = None
+            run().backward(w.grad)
+        res.setdefault("F.embedding_bag", {})["fwd+bwd"] = timeit(fwd_bwd, repeats, warmup)
+    if "step" in modes:
+        optims = [("F.embedding_bag + SGD", torch.optim.SGD([P], lr=LR))]
+        if adagrad:
+            optims.append(("F.embedding_bag + Adagrad", torch.optim.Adagrad([P], lr=LR, eps=EPS)))
+        for name, opt in optims:
+            def step(opt=opt):
+                opt.zero_grad(set_to_none=True)
+                run().backward(w.grad)
+                opt.step()
+            res.setdefault(name, {})["step"] = timeit(step, repeats, warmup)
+            opt.zero_grad(set_to_none=True)
+            del opt
+            gc.collect()
+    P.grad = None
+    return res
+
+
+def bench_embedding_bag_loop(w: Workload, modes: List[str], repeats: int, warmup: int) -> Dict[str, Dict]:
+    res: Dict[str, Dict] = {}
+    bags = torch.nn.ModuleList(
+        torch.nn.EmbeddingBag(w.rows, w.D, mode="sum", sparse=True, _weight=w.weights[t * w.rows : (t + 1) * w.rows])
+        for t in range(w.T)
+    )
+
+    def run():
+        return torch.stack([bag(idx, off) for bag, (idx, off) in zip(bags, w.table_inputs)], dim=1)
+
+    if "forward" in modes:
+        def fwd():
+            with torch.no_grad():
+                return run()
+        res["forward"] = timeit(fwd, repeats, warmup)
+    if "fwd+bwd" in modes:
+        def fwd_bwd():
+            for p in bags.parameters():
+                p.grad = None
+            run().backward(w.grad)
+        res["fwd+bwd"] = timeit(fwd_bwd, repeats, warmup)
+    out = {"nn.EmbeddingBag loop": res}
+    if "step" in modes:
+        opt = torch.optim.SGD(bags.parameters(), lr=LR)
+
+        def step():
+            opt.zero_grad(set_to_none=True)
+            run().backward(w.grad)
+            opt.step()
+        out["nn.EmbeddingBag loop + SGD"] = {"step": timeit(step, repeats, warmup)}
+        opt.zero_grad(set_to_none=True)
+    return out
+
+
+def bench_fbgemm(w: Workload, modes: List[str], repeats: int, warmup: int) -> Dict[str, Dict]:
+    res: Dict[str, Dict] = {}
+    specs = [(w.rows, w.D, EmbeddingLocation.HOST, ComputeDevice.CPU)] * w.T
+    for name, optim in (("fbgemm TBE", EmbOptimType.EXACT_ROWWISE_ADAGRAD), ("fbgemm TBE SGD", EmbOptimType.EXACT_SGD)):
+        if name == "fbgemm TBE SGD" and "step" not in modes:
+            continue
+        tbe = SplitTableBatchedEmbeddingBagsCodegen(
+            specs, optimizer=optim, learning_rate=LR, eps=EPS, pooling_mode=PoolingMode.SUM,
+            weights_precision=SparseType.FP32,
+        )
+        with torch.no_grad():
+            tbe.split_embedding_weights()  # materialize
+        grad = w.grad.reshape(w.B, w.T * w.D)
+        if name == "fbgemm TBE" and "forward" in modes:
+            def fwd():
+                with torch.no_grad():
+                    return tbe(w.indices, w.offsets)
+            res.setdefault(name, {})["forward"] = timeit(fwd, repeats, warmup)
+        if "step" in modes:
+            def step():
+                tbe(w.indices, w.offsets).backward(grad)
+            res.setdefault(name, {})["step"] = timeit(step, repeats, warmup)
+        del tbe
+        gc.collect()
+    return res
+
+
+def thread_scaling(w: Workload, repeats: int, warmup: int, threads: int) -> Dict[str, Dict[str, float]]:
+    """lattice's forward and fused row-wise Adagrad step at 1 thread and at `threads`."""
+    state = torch.zeros(w.weights.shape[0])
+
+    def fwd():
+        with torch.no_grad():
+            return jagged_embedding_pool(w.weights, w.tro, w.indices, w.offsets, "sum")
+
+    def step():
+        jagged_embedding_pool_fused(w.weights, state, w.tro, w.indices, w.offsets, "sum",
+                                    learning_rate=LR, eps=EPS).backward(w.grad)
+
+    out: Dict[str, Dict[str, float]] = {}
+    previous = torch.get_num_threads()
+    try:
+        for n in sorted({1, threads}):
+            torch.set_num_threads(n)
+            out[f"{n}"] = {"forward_s": timeit(fwd, repeats, warmup)["median_s"],
+                           "step_s": timeit(step, repeats, warmup)["median_s"]}
+    finally:
+        torch.set_num_threads(previous)
+    return out
+
+
+# ---- report ---------------------------------------------------------------------------------------
+def median(res: Dict[str, Dict], impl: str, mode: str) -> Optional[float]:
+    r = res.get(impl, {}).get(mode)
+    return None if r is None else r["median_s"]
+
+
+def summarize(w: Workload, res: Dict[str, Dict], stream_gbps: float, scaling: Dict) -> Dict[str, object]:
+    s: Dict[str, object] = {}
+    ours_fwd = median(res, "lattice", "forward")
+    torch_fwd = [t for t in (median(res, "F.embedding_bag", "forward"), median(res, "nn.EmbeddingBag loop", "forward"))
+                 if t is not None]
+    if ours_fwd:
+        gbps = w.gathered_bytes / ours_fwd / 1e9
+        s["forward_effective_gbps"] = gbps
+        s["forward_fraction_of_stream_bw"] = gbps / stream_gbps
+        if torch_fwd:
+            s["forward_speedup_vs_best_torch"] = min(torch_fwd) / ours_fwd
+        if median(res, "fbgemm TBE", "forward"):
+            s["forward_speedup_vs_fbgemm"] = median(res, "fbgemm TBE", "forward") / ours_fwd
+    ours_step = median(res, "lattice", "step")
+    if ours_step and ours_fwd:
+        s["step_over_forward"] = ours_step / ours_fwd
+    if ours_step:
+        if median(res, "fbgemm TBE", "step"):
+            s["step_speedup_vs_fbgemm_rowwise_adagrad"] = median(res, "fbgemm TBE", "step") / ours_step
+        torch_steps = {k: median(res, k, "step") for k in res if k.startswith(("F.embedding_bag +", "nn.EmbeddingBag"))}
+        torch_steps = {k: v for k, v in torch_steps.items() if v}
+        if torch_steps:
+            best = min(torch_steps, key=torch_steps.get)
+            s["step_best_torch_sparse_optimizer"] = best
+            s["step_speedup_vs_best_torch_sparse_optimizer"] = torch_steps[best] / ours_step
+    if len(scaling) == 2:
+        one, many = scaling["1"], scaling[max(scaling, key=int)]
+        s["thread_speedup_forward"] = one["forward_s"] / many["forward_s"]
+        s["thread_speedup_step"] = one["step_s"] / many["step_s"]
+    targets = {}
+    if "forward_speedup_vs_best_torch" in s:
+        targets["forward >= 1.3x best torch baseline"] = s["forward_speedup_vs_best_torch"] >= 1.3
+    if "forward_fraction_of_stream_bw" in s:
+        targets["forward >= 60% of streaming read bandwidth"] = s["forward_fraction_of_stream_bw"] >= 0.6
+    if "step_over_forward" in s:
+        targets["fused row-wise Adagrad step <= 2.5x forward"] = s["step_over_forward"] <= 2.5
+    if "step_speedup_vs_fbgemm_rowwise_adagrad" in s:
+        targets["step >= 2x faster than FBGEMM TBE row-wise Adagrad"] = s["step_speedup_vs_fbgemm_rowwise_adagrad"] >= 2
+    if "step_speedup_vs_best_torch_sparse_optimizer" in s:
+        targets["step >= 3x faster than F.embedding_bag + torch sparse optimizer"] = (
+            s["step_speedup_vs_best_torch_sparse_optimizer"] >= 3)
+    s["targets"] = targets
+    return s
+
+
+def print_config(w: Workload, res: Dict[str, Dict], summary: Dict[str, object], scaling: Dict) -> None:
+    print(f"\n=== T={w.T} rows/table={w.rows:,} D={w.D} B={w.B}  N={w.N:,} ids, "
+          f"{w.gathered_bytes / 1e6:.1f} MB of rows gathered per forward ===")
+    ours = {m: median(res, "lattice", m) for m in ("forward", "fwd+bwd", "step")}
+    header = f"{'implementation':34s} {'forward ms':>11s} {'fwd+bwd ms':>11s} {'step ms':>9s} {'fwd GB/s':>9s}  vs lattice (f / fb / step)"
+    print(header)
+    print("-" * len(header))
+    for impl, modes in res.items():
+        cells, ratios = [], []
+        for m in ("forward", "fwd+bwd", "step"):
+            t = median(res, impl, m)
+            cells.append(f"{t * 1e3:11.2f}" if t else f"{'-':>11s}")
+            ratios.append(f"{t / ours[m]:.2f}x" if t and ours.get(m) else "-")
+        t_f = median(res, impl, "forward")
+        gbps = f"{w.gathered_bytes / t_f / 1e9:9.2f}" if t_f else f"{'-':>9s}"
+        print(f"{impl:34s} {cells[0]} {cells[1]} {cells[2][2:]} {gbps}  {' / '.join(ratios)}")
+    if scaling:
+        parts = [f"{n} thread(s): forward {v['forward_s'] * 1e3:.2f} ms, fused step {v['step_s'] * 1e3:.2f} ms"
+                 for n, v in scaling.items()]
+        print("thread scaling (lattice): " + "; ".join(parts))
+    for k, v in summary.items():
+        if k != "targets":
+            print(f"  {k}: {v:.3f}" if isinstance(v, float) else f"  {k}: {v}")
+    for k, ok in summary["targets"].items():
+        print(f"  target {'PASS' if ok else 'MISS'}: {k}")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tables", type=int, default=26)
+    p.add_argument("--rows", type=int, nargs="+", default=[100_000, 1_000_000])
+    p.add_argument("--dims", type=int, nargs="+", default=[64, 128])
+    p.add_argument("--batch", type=int, default=2048)
+    p.add_argument("--max-len", type=int, default=40)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--modes", nargs="+", default=["forward", "fwd+bwd", "step"],
+                   choices=["forward", "fwd+bwd", "step"])
+    p.add_argument("--no-reference", action="store_true", help="skip the (slow) pure-torch reference")
+    p.add_argument("--no-loop", action="store_true", help="skip the nn.EmbeddingBag loop")
+    p.add_argument("--no-scaling", action="store_true", help="skip the 1- vs N-thread measurement")
+    p.add_argument("--stream-gib", type=float, default=1.0, help="buffer size of the bandwidth probe")
+    p.add_argument("--memory-fraction", type=float, default=0.7,
+                   help="skip a configuration (or its extra-copy baselines) above this share of MemAvailable")
+    p.add_argument("--quick", action="store_true", help="small smoke run (seconds)")
+    p.add_argument("--out", default=os.path.join(HERE, "results", "bench_pooling.json"))
+    args = p.parse_args(argv)
+    if args.quick:
+        args.rows, args.dims, args.batch, args.repeats, args.warmup = [20_000], [64], 256, 3, 1
+        args.stream_gib = min(args.stream_gib, 0.25)
+
+    torch.set_num_threads(args.threads)
+    print(f"lattice {lattice.__version__}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"fbgemm_gpu {'available' if HAVE_FBGEMM else 'not importable (baseline skipped)'}")
+    stream = stream_read_bandwidth(args.stream_gib, max(3, args.repeats))
+    print(f"streaming read bandwidth (torch.sum over {stream['bytes'] / 2**30:.2f} GiB): {stream['gbps']:.2f} GB/s "
+          f"(best {stream['best_gbps']:.2f})")
+    report = {
+        "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpu_count": os.cpu_count(),
+                    "threads": args.threads, "torch": torch.__version__, "fbgemm": HAVE_FBGEMM},
+        "args": vars(args),
+        "stream_read": stream,
+        "configs": [],
+    }
+    for rows in args.rows:
+        for D in args.dims:
+            table_bytes = args.tables * rows * D * 4
+            avail = mem_available_bytes()
+            entry = {"tables": args.tables, "rows": rows, "dim": D, "batch": args.batch, "max_len": args.max_len}
+            # the weights once, plus ~1 GB of inputs, gradients and temporaries
+            if avail is not None and table_bytes + (1 << 30) > args.memory_fraction * avail:
+                print(f"\n=== rows={rows:,} D={D}: skipped, needs ~{(table_bytes + (1 << 30)) / 1e9:.1f} GB, "
+                      f"{avail / 1e9:.1f} GB available ===")
+                entry["skipped"] = "memory"
+                report["configs"].append(entry)
+                continue
+            w = Workload(args.tables, rows, D, args.batch, args.max_len)
+            extra_copy_ok = avail is None or 2 * table_bytes + (1 << 30) <= args.memory_fraction * avail
+            res: Dict[str, Dict] = {}
+            res.update(bench_lattice(w, args.modes, args.repeats, args.warmup))
+            res.update(bench_embedding_bag(w, args.modes, args.repeats, args.warmup, adagrad=extra_copy_ok))
+            if not args.no_loop:
+                res.update(bench_embedding_bag_loop(w, args.modes, args.repeats, args.warmup))
+            if HAVE_FBGEMM and extra_copy_ok:
+                res.update(bench_fbgemm(w, args.modes, args.repeats, args.warmup))
+            if not args.no_reference:
+                res.update(bench_reference(w, args.modes, max(1, args.repeats // 2), 1))
+            scaling = {} if args.no_scaling else thread_scaling(w, args.repeats, args.warmup, args.threads)
+            summary = summarize(w, res, stream["gbps"], scaling)
+            print_config(w, res, summary, scaling)
+            entry.update({"N": w.N, "gathered_bytes": w.gathered_bytes, "results": res, "thread_scaling": scaling,
+                          "summary": summary, "fbgemm_skipped": HAVE_FBGEMM and not extra_copy_ok})
+            report["configs"].append(entry)
+            del w, res
+            gc.collect()
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(report, f, indent=1)
+    print(f"\nwrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

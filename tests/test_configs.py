@@ -1,0 +1,35 @@
+"""Every shipped config parses into a LatticeModule + LatticeDataModule (no training)."""
+import glob
+import os
+
+import pytest
+
+from lattice.cli import run_lightning
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STACKED = sorted(
+    os.path.basename(p)
+    for p in glob.glob(os.path.join(ROOT, "configs", "*.yaml"))
+    if os.path.basename(p) in {"interformer.yaml", "shared_bottom.yaml", "mmoe.yaml", "ple.yaml", "dlrm.yaml", "wukong.yaml"}
+)
+
+
+def _parse(*configs):
+    args = []
+    for c in configs:
+        args += ["--config", os.path.join(ROOT, "configs", c)]
+    return run_lightning(args, run=False)
+
+
+@pytest.mark.parametrize("name", ["quickstart.yaml", "mdmo.yaml"])
+def test_main_configs_instantiate(name):
+    cli = _parse(name)
+    assert cli.model.network.schema.task_names == cli.datamodule.schema.task_names
+
+
+@pytest.mark.parametrize("name", STACKED)
+def test_network_configs_stack_onto_mdmo(name):
+    cli = _parse("mdmo.yaml", name)
+    expected = {"interformer.yaml": "InterFormer", "shared_bottom.yaml": "SharedBottom", "mmoe.yaml": "MMoE",
+                "ple.yaml": "PLE", "dlrm.yaml": "DLRM", "wukong.yaml": "Wukong"}[name]
+    assert type(cli.model.network).__name__ == expected
