@@ -19,15 +19,7 @@ from torch import Tensor, nn
 from lattice.nn.norms import RMSNorm
 from lattice.ops.attention import jagged_attention
 
-__all__ = [
-    "rope_table",
-    "apply_rope",
-    "RotaryEmbedding",
-    "positions_from_offsets",
-    "JaggedMultiheadAttention",
-    "PMA",
-    "InterleavedCrossAttention",
-]
+__all__ = ["rope_table", "apply_rope", "RotaryEmbedding", "positions_from_offsets", "JaggedMultiheadAttention", "PMA", "InterleavedCrossAttention"]
 
 
 def _positions(offsets: Tensor, total: int) -> Tensor:
@@ -42,8 +34,8 @@ def positions_from_offsets(offsets: Tensor, total: int) -> Tensor:
 
 
 def rope_table(positions: Tensor, head_dim: int, base: float = 10000.0) -> tuple[Tensor, Tensor]:
-    """``(cos, sin)``, each ``[N, 1, head_dim // 2]`` float32, for :func:`apply_rope`. Compute it once per
-    stream and pass it to every attention call over that stream (``rotary=``)."""
+    """``(cos, sin)``, each ``[N, 1, head_dim // 2]`` float32, for :func:`apply_rope`. A model computes it
+    once per stream and passes it to every self-attention over that stream (``rotary=``)."""
     half = head_dim // 2
     inv_freq = base ** (-torch.arange(half, device=positions.device, dtype=torch.float32) / max(half, 1))
     angle = positions.to(torch.float32).unsqueeze(-1) * inv_freq  # [N, half]
@@ -69,14 +61,14 @@ def apply_rope(
 
 
 class RotaryEmbedding(nn.Module):
-    """:func:`apply_rope` as a module: ``forward(x [N, H, Dh], positions [N]) -> [N, H, Dh]``."""
+    """:func:`apply_rope` as a module: ``forward(x [N, H, Dh], positions [N], table=None) -> [N, H, Dh]``."""
 
     def __init__(self, head_dim: int, base: float = 10000.0) -> None:
         super().__init__()
         self.head_dim, self.base = head_dim, base
 
-    def forward(self, x: Tensor, positions: Tensor) -> Tensor:
-        return apply_rope(x, positions, self.base)
+    def forward(self, x: Tensor, positions: Tensor | None = None, table: tuple[Tensor, Tensor] | None = None) -> Tensor:
+        return apply_rope(x, positions, self.base, table)
 
 
 class JaggedMultiheadAttention(nn.Module):
@@ -95,7 +87,7 @@ class JaggedMultiheadAttention(nn.Module):
     query_positions=None, key_positions=None, rotary=None) -> [Nq, d]``. Without ``key`` it is
     self-attention (``key = query``). Positions default to the index within the sample (0 = first
     token); ``rotary`` is a precomputed :func:`rope_table` of the stream's positions (self-attention),
-    which saves recomputing it in every layer.
+    which a model computes once for all its layers.
     ``causal`` aligns each sample's last query with its last key.
     """
 
@@ -122,7 +114,6 @@ class JaggedMultiheadAttention(nn.Module):
         self.k_norm = RMSNorm(self.head_dim) if qk_norm else None
         self.rope = rope
         self.rope_base = rope_base
-        # The rotation forward() applies, as a module (for callers that rotate their own q/k).
         self.rotary = RotaryEmbedding(self.head_dim, rope_base) if rope else None
 
     def _heads(self, x: Tensor) -> Tensor:
@@ -158,19 +149,18 @@ class JaggedMultiheadAttention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         if self.rope:
             if self_attention and (rotary is not None or key_positions is query_positions):
-                table = rotary
-                if table is None:
+                if rotary is None:  # one table for q and k
                     if query_positions is None:
                         query_positions = _positions(query_offsets, q.shape[0])
-                    table = rope_table(query_positions, self.head_dim, self.rope_base)
-                q, k = apply_rope(q, table=table), apply_rope(k, table=table)
+                    rotary = rope_table(query_positions, self.head_dim, self.rope_base)
+                q, k = self.rotary(q, table=rotary), self.rotary(k, table=rotary)
             else:
                 if query_positions is None:
                     query_positions = _positions(query_offsets, q.shape[0])
                 if key_positions is None:
                     key_positions = _positions(key_offsets, k.shape[0])
-                q = apply_rope(q, query_positions, self.rope_base)
-                k = apply_rope(k, key_positions, self.rope_base)
+                q = self.rotary(q, query_positions)
+                k = self.rotary(k, key_positions)
         v = v.to(q.dtype)
         k = k.to(q.dtype)
         out, _ = jagged_attention(
