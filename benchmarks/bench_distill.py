@@ -45,6 +45,7 @@ import os
 import platform
 import shutil
 import sys
+import tempfile
 import time
 import warnings
 from typing import Any, Dict, List, Optional
@@ -282,7 +283,7 @@ def main(argv=None) -> Dict[str, Any]:
     p.add_argument("--student-network", default="LatticeNetwork", help="a lattice.models class")
     p.add_argument("--sparse-optimizer", default="rowwise_adagrad", choices=["rowwise_adagrad", "sgd", "none"])
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    p.add_argument("--work", default=None, help="scratch folder (default: benchmarks/results/distill_work)")
+    p.add_argument("--work", default=None, help="scratch folder (default: a temporary folder, removed at the end)")
     p.add_argument("--out", default=os.path.join(HERE, "results", "bench_distill.json"))
     args = p.parse_args(argv)
     args.teacher_epochs = args.teacher_epochs or (3 if args.quick else 5)
@@ -295,7 +296,7 @@ def main(argv=None) -> Dict[str, Any]:
 
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
 
-    work = args.work or os.path.join(HERE, "results", "distill_work")
+    work = args.work or tempfile.mkdtemp(prefix="bench_distill-")
     shutil.rmtree(work, ignore_errors=True)
     os.makedirs(work)
     t_start = time.perf_counter()
@@ -376,6 +377,8 @@ def main(argv=None) -> Dict[str, Any]:
     with open(args.out, "w") as f:
         json.dump(report, f, indent=1, default=float)
     print(f"wrote {args.out}")
+    if args.work is None:
+        shutil.rmtree(work, ignore_errors=True)
     return report
 
 

@@ -99,3 +99,19 @@ def test_zipper_serving_heads_untouched_by_the_distillation_path(world, name):
                  if n.startswith("network.") and not n.startswith("network.heads.")]
         touched = any(g is not None and bool(((g.to_dense() if g.is_sparse else g) != 0).any()) for g in trunk)
         assert touched == (scale > 0)
+
+
+def test_token_slot_networks_pickle(world):
+    import pickle
+
+    schema, batch = world
+    net = TeacherTokenNetwork(schema, network_args={"dim": 8})
+    clone = pickle.loads(pickle.dumps(net))
+    assert type(clone.network) is type(net.network)
+    for a, b in zip(net.state_dict().values(), clone.state_dict().values()):
+        assert torch.equal(a, b)
+    import lattice.distill.student as student
+
+    assert student.LatticeNetworkWith3TokenSlots.extra_token_slots == 3  # resolvable by name alone
+    with pytest.raises(AttributeError):
+        student.NoSuchNetworkWith1TokenSlots

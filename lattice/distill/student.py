@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import re
 from typing import Any, Sequence
 
 import torch
@@ -143,12 +144,26 @@ def with_token_slots(network_class: type, num_tokens: int) -> type:
                 super().__init__(*args, **kwargs)
                 self.processor.num_tokens += num_tokens
 
+        name = f"{network_class.__name__}With{num_tokens}TokenSlots"
+        # Named in this module so instances pickle (e.g. for spawned processes); see __getattr__ below.
         _SLOT_CLASSES[key] = type(
-            f"{network_class.__name__}With{num_tokens}TokenSlots",
-            (network_class, _TokenSlots),
-            {"__module__": network_class.__module__, "extra_token_slots": num_tokens},
+            name, (network_class, _TokenSlots),
+            {"__module__": __name__, "__qualname__": name, "extra_token_slots": num_tokens},
         )
     return _SLOT_CLASSES[key]
+
+
+def __getattr__(name: str):
+    """Resolves ``<Network>With<k>TokenSlots`` (a :func:`with_token_slots` class of a
+    ``lattice.models`` network) by name, so pickles of such networks load in a fresh process."""
+    match = re.fullmatch(r"(\w+)With(\d+)TokenSlots", name)
+    if match:
+        import lattice.models as models
+
+        base = getattr(models, match.group(1), None)
+        if isinstance(base, type):
+            return with_token_slots(base, int(match.group(2)))
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _import(path: str) -> type:
