@@ -446,6 +446,23 @@ inline void ensure(std::vector<float>& buf, int64_t n) {
   if (static_cast<int64_t>(buf.size()) < n) buf.resize(n);
 }
 
+// Per-thread scratch outlives the call (see run_items); one very long sequence must not pin its
+// buffers for the life of the process, so anything above this is released after the call.
+constexpr size_t kKeepScratchBytes = size_t{32} << 20;
+
+template <typename... Buffers>
+void trim_buffers(Buffers&... buffers) {
+  const size_t bytes = (... + (buffers.capacity() * sizeof(typename Buffers::value_type)));
+  if (bytes > kKeepScratchBytes) (..., std::decay_t<Buffers>().swap(buffers));
+}
+
+// Scratch of the float64 path and of paths without scratch.
+template <typename T>
+struct PlainScratch {
+  std::vector<T> buf;
+  void trim() { trim_buffers(buf); }
+};
+
 // ---------------------------------------------------------------------------------------------------
 // Validation
 // ---------------------------------------------------------------------------------------------------
@@ -599,6 +616,7 @@ inline TileMask causal_mask(bool causal, int64_t k0, int64_t i0, int64_t off) {
 // ---------------------------------------------------------------------------------------------------
 struct FwdScratch {
   std::vector<float> qt, kp, vp, st, o, mx, l, alpha;
+  void trim() { trim_buffers(qt, kp, vp, st, o, mx, l, alpha); }
 };
 
 template <typename scalar_t, int NV>
@@ -713,6 +731,7 @@ void forward_item(const scalar_t* q, const scalar_t* k, const scalar_t* v, scala
 // ---------------------------------------------------------------------------------------------------
 struct BwdScratch {
   std::vector<float> qt, dot, lse, dd, qrows, dorows, dq, kp, vp, st, dpt, dk, dv;
+  void trim() { trim_buffers(qt, dot, lse, dd, qrows, dorows, dq, kp, vp, st, dpt, dk, dv); }
 };
 
 template <typename scalar_t, int NV>
@@ -975,6 +994,7 @@ void run_items(const std::vector<Item>& items, F&& body) {
 #pragma omp for schedule(dynamic, 1)
     for (int64_t t = 0; t < count; ++t) body(items[t], scratch);
     store_fence();  // streaming stores are visible before the region (and the op) ends
+    scratch.trim();
   }
 }
 
@@ -1028,9 +1048,9 @@ std::tuple<at::Tensor, at::Tensor> jagged_attention_cpu(const at::Tensor& q_in, 
   if (q.scalar_type() == at::kDouble) {
     const double *qp = q.data_ptr<double>(), *kp = k.data_ptr<double>(), *vp = v.data_ptr<double>();
     double* op = out.data_ptr<double>();
-    run_items(items, with_scratch<std::vector<double>>([&](const Item& it, std::vector<double>& sc) {
+    run_items(items, with_scratch<PlainScratch<double>>([&](const Item& it, PlainScratch<double>& sc) {
                 for (int64_t h = it.h0; h < it.h1; ++h) {
-                  forward_double(qp, kp, vp, op, lse_p, qo, ko, H, Dh, scale, causal, it, h, sc);
+                  forward_double(qp, kp, vp, op, lse_p, qo, ko, H, Dh, scale, causal, it, h, sc.buf);
                 }
               }));
     return {out, lse};
@@ -1100,7 +1120,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> jagged_attention_backward_cpu(
     const double *gop = go.data_ptr<double>(), *qp = q.data_ptr<double>(), *kp = k.data_ptr<double>(),
                  *vp = v.data_ptr<double>(), *op = out.data_ptr<double>();
     double *gqp = gq.data_ptr<double>(), *gkp = gk.data_ptr<double>(), *gvp = gv.data_ptr<double>();
-    run_items(items, with_scratch<int>([&](const Item& it, int&) {
+    run_items(items, with_scratch<PlainScratch<double>>([&](const Item& it, PlainScratch<double>&) {
                 for (int64_t h = it.h0; h < it.h1; ++h) {
                   backward_double(gop, qp, kp, vp, op, lse_p, gqp, gkp, gvp, qo, ko, H, Dh, scale, causal, it, h);
                 }
