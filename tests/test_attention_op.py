@@ -193,6 +193,19 @@ def test_deterministic_across_thread_counts():
             assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("causal", [False, True])
+def test_backward_splits_long_samples_over_threads(causal):
+    """With more threads than (sample, head) pairs, the backward splits a sample's keys over several work
+    items and reduces their partial grad_q; the result must not depend on that."""
+    previous = torch.get_num_threads()
+    try:
+        for threads in (1, 4):
+            torch.set_num_threads(threads)
+            check_against_reference([900, 5], [1100, 7], 1, 24, causal, seed=threads)
+    finally:
+        torch.set_num_threads(previous)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Empty samples: zeros, lse = -inf, no NaN anywhere, zero gradients
 # ---------------------------------------------------------------------------------------------------------

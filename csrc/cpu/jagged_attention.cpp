@@ -527,6 +527,10 @@ int num_threads() {
 struct Item {
   int64_t b, h0, h1, q0, q1;
   double cost;
+  // Backward only: the item's keys [k0, k1), and where its partial grad_q goes when the sample's keys
+  // are split over several items (-1: the item has all keys and writes grad_q itself).
+  int64_t k0 = 0, k1 = std::numeric_limits<int64_t>::max();
+  int64_t dq_slot = -1;
 };
 constexpr int64_t kGroupHeadsMaxQueries = 32;
 
@@ -736,8 +740,9 @@ struct BwdScratch {
 
 template <typename scalar_t, int NV>
 void backward_item(const scalar_t* go, const scalar_t* q, const scalar_t* k, const scalar_t* v, const scalar_t* out,
-                   const float* lse, scalar_t* gq, scalar_t* gk, scalar_t* gv, const int64_t* qo, const int64_t* ko,
-                   int64_t H, int64_t Dh, float scale, bool causal, const Item& it, BwdScratch& s) {
+                   const float* lse, scalar_t* gq, scalar_t* gk, scalar_t* gv, float* dq_partial, const int64_t* qo,
+                   const int64_t* ko, int64_t H, int64_t Dh, float scale, bool causal, const Item& it,
+                   BwdScratch& s) {
   constexpr int BQP = NV * W;
   constexpr int SMR = score_mr<NV>();
   const int64_t b = it.b, h0 = it.h0, nh = it.h1 - it.h0;
@@ -801,8 +806,9 @@ void backward_item(const scalar_t* go, const scalar_t* q, const scalar_t* k, con
     std::fill_n(s.dq.data(), nh * r_hs, 0.f);
   }
 
-  for (int64_t k0 = 0; k0 < kend; k0 += kBK) {
-    const int64_t kc = std::min<int64_t>(kBK, kend - k0);
+  const int64_t kstop = std::min(kend, it.k1);
+  for (int64_t k0 = it.k0; k0 < kstop; k0 += kBK) {
+    const int64_t kc = std::min<int64_t>(kBK, kstop - k0);
     const scalar_t* k_tile = k + ((ko[b] + k0) * H + h0) * Dh;
     const scalar_t* v_tile = v + ((ko[b] + k0) * H + h0) * Dh;
     if (!in_place) {
@@ -873,15 +879,93 @@ void backward_item(const scalar_t* go, const scalar_t* q, const scalar_t* k, con
       }
     }
   }
-  for (int64_t r = kend; r < m; ++r) {
-    const int64_t row = ko[b] + r;
-    std::fill_n(gk + (row * H + h0) * Dh, nh * Dh, static_cast<scalar_t>(0.f));
-    std::fill_n(gv + (row * H + h0) * Dh, nh * Dh, static_cast<scalar_t>(0.f));
+  if (it.k0 == 0) {  // the first key chunk also clears the keys nobody sees
+    for (int64_t r = kend; r < m; ++r) {
+      const int64_t row = ko[b] + r;
+      std::fill_n(gk + (row * H + h0) * Dh, nh * Dh, static_cast<scalar_t>(0.f));
+      std::fill_n(gv + (row * H + h0) * Dh, nh * Dh, static_cast<scalar_t>(0.f));
+    }
+  }
+  if (it.dq_slot >= 0) {  // a key chunk: its share of grad_q, unscaled, [nh, n, Dh]
+    float* part = dq_partial + it.dq_slot;
+    for (int64_t hh = 0; hh < nh; ++hh)
+      for (int64_t i = 0; i < n; ++i) std::copy_n(s.dq.data() + hh * r_hs + i * dhp, Dh, part + (hh * n + i) * Dh);
+    return;
   }
   for (int64_t i = 0; i < n; ++i) {
     const int64_t row = qo[b] + i;
     for (int64_t hh = 0; hh < nh; ++hh) {
       store_row(s.dq.data() + hh * r_hs + i * dhp, Dh, scale, gq + (row * H + h0 + hh) * Dh);
+    }
+  }
+}
+
+// Splits backward items whose cost is far above the average share of a thread into key chunks (whole
+// tiles). Returns the number of floats the chunks' partial grad_q need; sets their k0, k1, dq_slot.
+int64_t split_backward_items(std::vector<Item>& items, const int64_t* qo, const int64_t* ko, int64_t Dh,
+                             int threads) {
+  if (threads <= 1 || items.empty()) return 0;
+  double total = 0;
+  for (const Item& it : items) total += it.cost;
+  const double target = total / (4.0 * threads);
+  std::vector<Item> out;
+  out.reserve(items.size());
+  int64_t slots = 0;
+  for (const Item& it : items) {
+    const int64_t n = qo[it.b + 1] - qo[it.b], m = ko[it.b + 1] - ko[it.b];
+    const int64_t tiles = (m + kBK - 1) / kBK;
+    const int64_t chunks = std::min<int64_t>(tiles, static_cast<int64_t>(it.cost / target));
+    if (chunks < 2 || n == 0) {
+      out.push_back(it);
+      continue;
+    }
+    const int64_t tiles_per_chunk = (tiles + chunks - 1) / chunks;
+    for (int64_t t0 = 0; t0 < tiles; t0 += tiles_per_chunk) {
+      Item part = it;
+      part.k0 = t0 * kBK;
+      part.k1 = std::min<int64_t>(m, (t0 + tiles_per_chunk) * kBK);
+      part.cost = it.cost * static_cast<double>(part.k1 - part.k0) / static_cast<double>(m);
+      part.dq_slot = slots;
+      slots += (it.h1 - it.h0) * n * Dh;
+      out.push_back(part);
+    }
+  }
+  items.swap(out);
+  return slots;
+}
+
+// grad_q = scale * (sum of the key chunks' partial grad_q) for every split (sample, heads).
+template <typename scalar_t>
+void reduce_dq_partials(const std::vector<Item>& items, const float* dq_partial, scalar_t* gq, const int64_t* qo,
+                        int64_t H, int64_t Dh, float scale) {
+  // Group the chunks of each (sample, first head): they are consecutive in slot order.
+  std::vector<const Item*> split;
+  for (const Item& it : items)
+    if (it.dq_slot >= 0) split.push_back(&it);
+  std::sort(split.begin(), split.end(), [](const Item* a, const Item* b) { return a->dq_slot < b->dq_slot; });
+  std::vector<std::pair<size_t, size_t>> groups;  // [first, last) in `split`
+  for (size_t i = 0; i < split.size();) {
+    size_t j = i + 1;
+    while (j < split.size() && split[j]->b == split[i]->b && split[j]->h0 == split[i]->h0) ++j;
+    groups.emplace_back(i, j);
+    i = j;
+  }
+  const int64_t count = static_cast<int64_t>(groups.size());
+#pragma omp parallel for schedule(dynamic, 1) num_threads(num_threads()) if (count > 1)
+  for (int64_t g = 0; g < count; ++g) {
+    const Item& first = *split[groups[g].first];
+    const int64_t n = qo[first.b + 1] - qo[first.b], nh = first.h1 - first.h0;
+    std::vector<float> acc(static_cast<size_t>(n * Dh));
+    for (int64_t hh = 0; hh < nh; ++hh) {
+      std::fill(acc.begin(), acc.end(), 0.f);
+      for (size_t c = groups[g].first; c < groups[g].second; ++c) {
+        const float* part = dq_partial + split[c]->dq_slot + hh * n * Dh;
+        for (int64_t x = 0; x < n * Dh; ++x) acc[x] += part[x];
+      }
+      for (int64_t i = 0; i < n; ++i) {
+        scalar_t* dst = gq + ((qo[first.b] + i) * H + first.h0 + hh) * Dh;
+        for (int64_t d = 0; d < Dh; ++d) dst[d] = static_cast<scalar_t>(acc[i * Dh + d] * scale);
+      }
     }
   }
 }
@@ -1031,7 +1115,7 @@ std::tuple<at::Tensor, at::Tensor> jagged_attention_cpu(const at::Tensor& q_in, 
     if (n == 0) continue;
     if (n <= kGroupHeadsMaxQueries) {
       const double keys = causal ? 0.5 * (visible_keys(0, n, m, true) + visible_keys(n - 1, n, m, true)) : m;
-      items.push_back({b, 0, H, 0, n, static_cast<double>(H) * (n * (keys + 8) + 2.0 * m)});
+      items.push_back(Item{b, 0, H, 0, n, static_cast<double>(H) * (n * (keys + 8) + 2.0 * m)});
       continue;
     }
     for (int64_t q0 = 0; q0 < n; q0 += kQChunk) {
@@ -1039,7 +1123,7 @@ std::tuple<at::Tensor, at::Tensor> jagged_attention_cpu(const at::Tensor& q_in, 
       const double keys = causal ? 0.5 * (visible_keys(q0, n, m, true) + visible_keys(q1 - 1, n, m, true)) : m;
       // Per-query and per-key overheads (packing, finalizing) count as a few keys.
       const double cost = static_cast<double>(q1 - q0) * (keys + 8) + 2.0 * m;
-      for (int64_t h = 0; h < H; ++h) items.push_back({b, h, h + 1, q0, q1, cost});
+      for (int64_t h = 0; h < H; ++h) items.push_back(Item{b, h, h + 1, q0, q1, cost});
     }
   }
   sort_items(items);
@@ -1108,9 +1192,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> jagged_attention_backward_cpu(
         n == 0 ? 0.0 : causal ? 0.5 * (visible_keys(0, n, m, true) + visible_keys(n - 1, n, m, true)) : m;
     const double cost = static_cast<double>(n) * (keys + 8) + static_cast<double>(m) * 8;
     if (n <= kGroupHeadsMaxQueries) {
-      items.push_back({b, 0, H, 0, n, cost * static_cast<double>(H)});
+      items.push_back(Item{b, 0, H, 0, n, cost * static_cast<double>(H)});
     } else {
-      for (int64_t h = 0; h < H; ++h) items.push_back({b, h, h + 1, 0, n, cost});
+      for (int64_t h = 0; h < H; ++h) items.push_back(Item{b, h, h + 1, 0, n, cost});
     }
   }
   sort_items(items);
@@ -1133,15 +1217,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> jagged_attention_backward_cpu(
                      *vp = v.data_ptr<scalar_t>(), *op = out.data_ptr<scalar_t>();
       scalar_t *gqp = gq.data_ptr<scalar_t>(), *gkp = gk.data_ptr<scalar_t>(), *gvp = gv.data_ptr<scalar_t>();
       const float sc = static_cast<float>(scale);
+      // A few long samples would leave threads idle: split their keys over several items, each with its
+      // own partial grad_q (fp32, reduced below). grad_k/grad_v rows still have exactly one writer.
+      const int64_t dq_floats = split_backward_items(items, qo, ko, Dh, num_threads());
+      sort_items(items);
+      std::vector<float> dq_partial(static_cast<size_t>(dq_floats));
       run_items(items, with_scratch<BwdScratch>([&](const Item& it, BwdScratch& s) {
                   if (it.q1 - it.q0 <= W) {
-                    backward_item<scalar_t, 1>(gop, qp, kp, vp, op, lse_p, gqp, gkp, gvp, qo, ko, H, Dh, sc, causal,
-                                               it, s);
+                    backward_item<scalar_t, 1>(gop, qp, kp, vp, op, lse_p, gqp, gkp, gvp, dq_partial.data(), qo, ko, H,
+                                               Dh, sc, causal, it, s);
                   } else {
-                    backward_item<scalar_t, 2>(gop, qp, kp, vp, op, lse_p, gqp, gkp, gvp, qo, ko, H, Dh, sc, causal,
-                                               it, s);
+                    backward_item<scalar_t, 2>(gop, qp, kp, vp, op, lse_p, gqp, gkp, gvp, dq_partial.data(), qo, ko, H,
+                                               Dh, sc, causal, it, s);
                   }
                 }));
+      if (dq_floats > 0) reduce_dq_partials(items, dq_partial.data(), gqp, qo, H, Dh, sc);
     }
   });
   return {gq, gk, gv};
