@@ -10,18 +10,25 @@
 // partial results merge correctly with logaddexp. The backward treats such rows as contributing
 // nothing (grad_q = 0 for them), so neither direction produces NaN.
 //
-// Layout of the fast (fp32/bf16/fp16, fp32 accumulation) path. Work is split into (sample, head,
-// query chunk) items in the forward and (sample, head) items in the backward, ordered largest first
-// and scheduled dynamically, so skewed lengths balance across threads. Scores are computed transposed,
-// S^T [keys, queries], with the queries along the SIMD lanes:
-//   * S^T = K Q^T is a register-blocked micro-kernel over (MR keys) x (NV vectors of queries): K is
-//     packed into MR-row panels, Q^T into [Dh, NV*W] per query block.
-//   * the softmax statistics (max, sum, lse, D = rowsum(dO*O)) are per query, i.e. per lane, so the
-//     online softmax is purely element-wise: no horizontal reductions.
-//   * every product with Dh as the output width (P V, P^T dO, dS^T Q, dS K) is a second micro-kernel
-//     over (MR rows) x (DV vectors of Dh), broadcasting the P/dS entries.
-// No [B, H, Lmax, Lmax] (or even [Lq, Lk]) tensor is ever formed: a score tile is BK x NV*W floats.
-// float64 inputs take a plain scalar path (used by gradcheck).
+// The fast path (fp32/bf16/fp16 inputs, fp32 accumulation):
+//   * Work items. Forward: (sample, head, chunk of <= 256 queries); backward: (sample, head), whose
+//     keys are split into chunks (with a partial grad_q each, reduced afterwards) only when a few long
+//     samples would leave threads idle. Samples with <= 32 queries (the summary-token direction) take
+//     all heads in one item so their K/V rows are read in memory order. Items run largest first under
+//     dynamic OpenMP scheduling, so skewed lengths balance. grad_k/grad_v rows have exactly one writer.
+//   * Scores are computed transposed, S^T [keys, queries], queries along the SIMD lanes. S^T = K Q^T is
+//     a register-blocked micro-kernel over (MR keys, read through row pointers) x (NV vectors of
+//     queries, Q^T packed per block of NV*W queries); its store applies the causal mask and takes the
+//     tile's max. The softmax statistics (max, sum, lse, D = rowsum(dO*O)) are per query, i.e. per
+//     lane: the online softmax over key tiles is element-wise, with no horizontal reductions.
+//   * Every product with Dh as the output width (P V, P^T dO, dS^T Q, dS K) is a second micro-kernel
+//     over (MR rows) x (DV vectors of Dh) broadcasting the P/dS entries.
+//   * K/V rows are packed to fp32 per key tile when rows are reused by many query blocks (or need
+//     conversion / padding to whole vectors); items with few queries read fp32 rows in place with
+//     software prefetch. Large outputs leave with streaming stores.
+// No [B, H, Lmax, Lmax] (or even [Lq, Lk]) tensor is ever formed: a score tile is at most 256 x NV*W.
+// float64 inputs take a plain scalar path (gradcheck); results for a given thread count are
+// deterministic (a split backward sums its partial grad_q in a fixed order).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
