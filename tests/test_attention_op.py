@@ -388,3 +388,21 @@ def test_bad_backward_inputs():
         OP_BWD(go, q, qo, k, v, ko, out, lse.double(), 0.5, False)
     with pytest.raises(RuntimeError, match=r"kv_offsets\[0\] must be 0"):
         OP_BWD(go, q, qo, k, v, torch.tensor([1, 4, 5]), out, lse, 0.5, False)
+
+
+def test_torch_compile_fullgraph():
+    q, qo, k, v, ko, go = make_inputs([4, 6], [5, 7], 2, 16)
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+
+    def f(q, k, v):
+        out, lse = jagged_attention(q, qo, k, v, ko, causal=True)
+        return (out * go).sum() + lse.sum()
+
+    compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
+    got = compiled(q, k, v)
+    got_grads = torch.autograd.grad(got, (q, k, v))
+    want = f(q, k, v)
+    want_grads = torch.autograd.grad(want, (q, k, v))
+    torch.testing.assert_close(got, want)
+    for a, b in zip(got_grads, want_grads):
+        torch.testing.assert_close(a, b)
