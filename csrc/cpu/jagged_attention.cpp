@@ -25,7 +25,7 @@
 //     over (MR rows) x (DV vectors of Dh) broadcasting the P/dS entries.
 //   * K/V rows are packed to fp32 per key tile when rows are reused by many query blocks (or need
 //     conversion / padding to whole vectors); items with few queries read fp32 rows in place with
-//     software prefetch. Large outputs leave with streaming stores.
+//     software prefetch.
 // No [B, H, Lmax, Lmax] (or even [Lq, Lk]) tensor is ever formed: a score tile is at most 256 x NV*W.
 // float64 inputs take a plain scalar path (gradcheck); results for a given thread count are
 // deterministic (a split backward sums its partial grad_q in a fixed order).
@@ -574,30 +574,19 @@ void pack_heads(const scalar_t* src, int64_t ld, int64_t rows, int64_t nh, int64
   }
 }
 
-// dst[0:dh] = mult * src[0:dh] (converted to scalar_t). Whole 64-byte lines of fp32 output go out with
-// streaming stores: the outputs are large, written once and not read back here, so fetching their lines
-// first (read-for-ownership) would only add memory traffic. run_items issues store_fence() at the end.
+// dst[0:dh] = mult * src[0:dh] (converted to scalar_t). (Plain stores: the outputs are fresh tensors
+// whose pages the kernel zeroes on first touch, which leaves their lines cached; streaming stores
+// measured slower.)
 template <typename scalar_t>
 inline void store_row(const float* src, int64_t dh, float mult, scalar_t* dst) {
   int64_t d = 0;
   if constexpr (std::is_same_v<scalar_t, float>) {
-#if defined(__AVX512F__)
-    if ((reinterpret_cast<uintptr_t>(dst) & 63) == 0) {
-      const __m512 m = _mm512_set1_ps(mult);
-      for (; d + 16 <= dh; d += 16) _mm512_stream_ps(dst + d, _mm512_mul_ps(_mm512_loadu_ps(src + d), m));
-    }
-#endif
     const Vec m = Vec::set1(mult);
     for (; d + W <= dh; d += W) (Vec::load(src + d) * m).store(dst + d);
   }
   for (; d < dh; ++d) dst[d] = static_cast<scalar_t>(src[d] * mult);
 }
 
-inline void store_fence() {
-#if defined(__AVX512F__)
-  _mm_sfence();
-#endif
-}
 
 // sum_d a[d] * b[d] in fp32.
 template <typename scalar_t>
@@ -1084,7 +1073,6 @@ void run_items(const std::vector<Item>& items, F&& body) {
     static thread_local typename std::decay_t<F>::Scratch scratch;
 #pragma omp for schedule(dynamic, 1)
     for (int64_t t = 0; t < count; ++t) body(items[t], scratch);
-    store_fence();  // streaming stores are visible before the region (and the op) ends
     scratch.trim();
   }
 }
