@@ -270,9 +270,10 @@ inline void score_tile(const float* a, int64_t lda, int64_t rows, const float* b
                        TileMask mask, Vec* tmax) {
   constexpr int MR = score_mr<NV>();
   for (int64_t r = 0; r < rows; r += MR) {
-    // Rows may be H*Dh apart in the input tensor: fetch the next block's rows while this one computes.
+    // Rows may be H*Dh apart in the input tensor: fetch the next block's rows while this one computes
+    // (one prefetch per 128 bytes: the adjacent-line prefetcher brings the other half of each pair).
     for (int64_t p = r + MR; p < std::min<int64_t>(rows, r + 2 * MR); ++p) {
-      for (int64_t off = 0; off < dh; off += 16) __builtin_prefetch(a + p * lda + off, 0, 3);
+      for (int64_t off = 0; off < dh; off += 32) __builtin_prefetch(a + p * lda + off, 0, 3);
     }
     score_block<NV, MR>(a + r * lda, lda, rows - r, bt, dh, st + r * NV * W, r, mask, tmax);
   }
