@@ -193,6 +193,19 @@ def test_deterministic_across_thread_counts():
             assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("causal", [False, True])
+def test_backward_splits_long_samples_over_threads(causal):
+    """With more threads than (sample, head) pairs, the backward splits a sample's keys over several work
+    items and reduces their partial grad_q; the result must not depend on that."""
+    previous = torch.get_num_threads()
+    try:
+        for threads in (1, 4):
+            torch.set_num_threads(threads)
+            check_against_reference([900, 5], [1100, 7], 1, 24, causal, seed=threads)
+    finally:
+        torch.set_num_threads(previous)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Empty samples: zeros, lse = -inf, no NaN anywhere, zero gradients
 # ---------------------------------------------------------------------------------------------------------
@@ -375,3 +388,21 @@ def test_bad_backward_inputs():
         OP_BWD(go, q, qo, k, v, ko, out, lse.double(), 0.5, False)
     with pytest.raises(RuntimeError, match=r"kv_offsets\[0\] must be 0"):
         OP_BWD(go, q, qo, k, v, torch.tensor([1, 4, 5]), out, lse, 0.5, False)
+
+
+def test_torch_compile_fullgraph():
+    q, qo, k, v, ko, go = make_inputs([4, 6], [5, 7], 2, 16)
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+
+    def f(q, k, v):
+        out, lse = jagged_attention(q, qo, k, v, ko, causal=True)
+        return (out * go).sum() + lse.sum()
+
+    compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
+    got = compiled(q, k, v)
+    got_grads = torch.autograd.grad(got, (q, k, v))
+    want = f(q, k, v)
+    want_grads = torch.autograd.grad(want, (q, k, v))
+    torch.testing.assert_close(got, want)
+    for a, b in zip(got_grads, want_grads):
+        torch.testing.assert_close(a, b)

@@ -10,18 +10,25 @@
 // partial results merge correctly with logaddexp. The backward treats such rows as contributing
 // nothing (grad_q = 0 for them), so neither direction produces NaN.
 //
-// Layout of the fast (fp32/bf16/fp16, fp32 accumulation) path. Work is split into (sample, head,
-// query chunk) items in the forward and (sample, head) items in the backward, ordered largest first
-// and scheduled dynamically, so skewed lengths balance across threads. Scores are computed transposed,
-// S^T [keys, queries], with the queries along the SIMD lanes:
-//   * S^T = K Q^T is a register-blocked micro-kernel over (MR keys) x (NV vectors of queries): K is
-//     packed into MR-row panels, Q^T into [Dh, NV*W] per query block.
-//   * the softmax statistics (max, sum, lse, D = rowsum(dO*O)) are per query, i.e. per lane, so the
-//     online softmax is purely element-wise: no horizontal reductions.
-//   * every product with Dh as the output width (P V, P^T dO, dS^T Q, dS K) is a second micro-kernel
-//     over (MR rows) x (DV vectors of Dh), broadcasting the P/dS entries.
-// No [B, H, Lmax, Lmax] (or even [Lq, Lk]) tensor is ever formed: a score tile is BK x NV*W floats.
-// float64 inputs take a plain scalar path (used by gradcheck).
+// The fast path (fp32/bf16/fp16 inputs, fp32 accumulation):
+//   * Work items. Forward: (sample, head, chunk of <= 256 queries); backward: (sample, head), whose
+//     keys are split into chunks (with a partial grad_q each, reduced afterwards) only when a few long
+//     samples would leave threads idle. Samples with <= 32 queries (the summary-token direction) take
+//     all heads in one item so their K/V rows are read in memory order. Items run largest first under
+//     dynamic OpenMP scheduling, so skewed lengths balance. grad_k/grad_v rows have exactly one writer.
+//   * Scores are computed transposed, S^T [keys, queries], queries along the SIMD lanes. S^T = K Q^T is
+//     a register-blocked micro-kernel over (MR keys, read through row pointers) x (NV vectors of
+//     queries, Q^T packed per block of NV*W queries); its store applies the causal mask and takes the
+//     tile's max. The softmax statistics (max, sum, lse, D = rowsum(dO*O)) are per query, i.e. per
+//     lane: the online softmax over key tiles is element-wise, with no horizontal reductions.
+//   * Every product with Dh as the output width (P V, P^T dO, dS^T Q, dS K) is a second micro-kernel
+//     over (MR rows) x (DV vectors of Dh) broadcasting the P/dS entries.
+//   * K/V rows are packed to fp32 per key tile when rows are reused by many query blocks (or need
+//     conversion / padding to whole vectors); items with few queries read fp32 rows in place with
+//     software prefetch.
+// No [B, H, Lmax, Lmax] (or even [Lq, Lk]) tensor is ever formed: a score tile is at most 256 x NV*W.
+// float64 inputs take a plain scalar path (gradcheck); results for a given thread count are
+// deterministic (a split backward sums its partial grad_q in a fixed order).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
@@ -263,9 +270,10 @@ inline void score_tile(const float* a, int64_t lda, int64_t rows, const float* b
                        TileMask mask, Vec* tmax) {
   constexpr int MR = score_mr<NV>();
   for (int64_t r = 0; r < rows; r += MR) {
-    // Rows may be H*Dh apart in the input tensor: fetch the next block's rows while this one computes.
+    // Rows may be H*Dh apart in the input tensor: fetch the next block's rows while this one computes
+    // (one prefetch per 128 bytes: the adjacent-line prefetcher brings the other half of each pair).
     for (int64_t p = r + MR; p < std::min<int64_t>(rows, r + 2 * MR); ++p) {
-      for (int64_t off = 0; off < dh; off += 16) __builtin_prefetch(a + p * lda + off, 0, 3);
+      for (int64_t off = 0; off < dh; off += 32) __builtin_prefetch(a + p * lda + off, 0, 3);
     }
     score_block<NV, MR>(a + r * lda, lda, rows - r, bt, dh, st + r * NV * W, r, mask, tmax);
   }
@@ -446,6 +454,23 @@ inline void ensure(std::vector<float>& buf, int64_t n) {
   if (static_cast<int64_t>(buf.size()) < n) buf.resize(n);
 }
 
+// Per-thread scratch outlives the call (see run_items); one very long sequence must not pin its
+// buffers for the life of the process, so anything above this is released after the call.
+constexpr size_t kKeepScratchBytes = size_t{32} << 20;
+
+template <typename... Buffers>
+void trim_buffers(Buffers&... buffers) {
+  const size_t bytes = (... + (buffers.capacity() * sizeof(typename Buffers::value_type)));
+  if (bytes > kKeepScratchBytes) (..., std::decay_t<Buffers>().swap(buffers));
+}
+
+// Scratch of the float64 path and of paths without scratch.
+template <typename T>
+struct PlainScratch {
+  std::vector<T> buf;
+  void trim() { trim_buffers(buf); }
+};
+
 // ---------------------------------------------------------------------------------------------------
 // Validation
 // ---------------------------------------------------------------------------------------------------
@@ -510,6 +535,10 @@ int num_threads() {
 struct Item {
   int64_t b, h0, h1, q0, q1;
   double cost;
+  // Backward only: the item's keys [k0, k1), and where its partial grad_q goes when the sample's keys
+  // are split over several items (-1: the item has all keys and writes grad_q itself).
+  int64_t k0 = 0, k1 = std::numeric_limits<int64_t>::max();
+  int64_t dq_slot = -1;
 };
 constexpr int64_t kGroupHeadsMaxQueries = 32;
 
@@ -546,30 +575,19 @@ void pack_heads(const scalar_t* src, int64_t ld, int64_t rows, int64_t nh, int64
   }
 }
 
-// dst[0:dh] = mult * src[0:dh] (converted to scalar_t). Whole 64-byte lines of fp32 output go out with
-// streaming stores: the outputs are large, written once and not read back here, so fetching their lines
-// first (read-for-ownership) would only add memory traffic. run_items issues store_fence() at the end.
+// dst[0:dh] = mult * src[0:dh] (converted to scalar_t). (Plain stores: the outputs are fresh tensors
+// whose pages the kernel zeroes on first touch, which leaves their lines cached; streaming stores
+// measured slower.)
 template <typename scalar_t>
 inline void store_row(const float* src, int64_t dh, float mult, scalar_t* dst) {
   int64_t d = 0;
   if constexpr (std::is_same_v<scalar_t, float>) {
-#if defined(__AVX512F__)
-    if ((reinterpret_cast<uintptr_t>(dst) & 63) == 0) {
-      const __m512 m = _mm512_set1_ps(mult);
-      for (; d + 16 <= dh; d += 16) _mm512_stream_ps(dst + d, _mm512_mul_ps(_mm512_loadu_ps(src + d), m));
-    }
-#endif
     const Vec m = Vec::set1(mult);
     for (; d + W <= dh; d += W) (Vec::load(src + d) * m).store(dst + d);
   }
   for (; d < dh; ++d) dst[d] = static_cast<scalar_t>(src[d] * mult);
 }
 
-inline void store_fence() {
-#if defined(__AVX512F__)
-  _mm_sfence();
-#endif
-}
 
 // sum_d a[d] * b[d] in fp32.
 template <typename scalar_t>
@@ -599,6 +617,7 @@ inline TileMask causal_mask(bool causal, int64_t k0, int64_t i0, int64_t off) {
 // ---------------------------------------------------------------------------------------------------
 struct FwdScratch {
   std::vector<float> qt, kp, vp, st, o, mx, l, alpha;
+  void trim() { trim_buffers(qt, kp, vp, st, o, mx, l, alpha); }
 };
 
 template <typename scalar_t, int NV>
@@ -713,12 +732,14 @@ void forward_item(const scalar_t* q, const scalar_t* k, const scalar_t* v, scala
 // ---------------------------------------------------------------------------------------------------
 struct BwdScratch {
   std::vector<float> qt, dot, lse, dd, qrows, dorows, dq, kp, vp, st, dpt, dk, dv;
+  void trim() { trim_buffers(qt, dot, lse, dd, qrows, dorows, dq, kp, vp, st, dpt, dk, dv); }
 };
 
 template <typename scalar_t, int NV>
 void backward_item(const scalar_t* go, const scalar_t* q, const scalar_t* k, const scalar_t* v, const scalar_t* out,
-                   const float* lse, scalar_t* gq, scalar_t* gk, scalar_t* gv, const int64_t* qo, const int64_t* ko,
-                   int64_t H, int64_t Dh, float scale, bool causal, const Item& it, BwdScratch& s) {
+                   const float* lse, scalar_t* gq, scalar_t* gk, scalar_t* gv, float* dq_partial, const int64_t* qo,
+                   const int64_t* ko, int64_t H, int64_t Dh, float scale, bool causal, const Item& it,
+                   BwdScratch& s) {
   constexpr int BQP = NV * W;
   constexpr int SMR = score_mr<NV>();
   const int64_t b = it.b, h0 = it.h0, nh = it.h1 - it.h0;
@@ -782,8 +803,9 @@ void backward_item(const scalar_t* go, const scalar_t* q, const scalar_t* k, con
     std::fill_n(s.dq.data(), nh * r_hs, 0.f);
   }
 
-  for (int64_t k0 = 0; k0 < kend; k0 += kBK) {
-    const int64_t kc = std::min<int64_t>(kBK, kend - k0);
+  const int64_t kstop = std::min(kend, it.k1);
+  for (int64_t k0 = it.k0; k0 < kstop; k0 += kBK) {
+    const int64_t kc = std::min<int64_t>(kBK, kstop - k0);
     const scalar_t* k_tile = k + ((ko[b] + k0) * H + h0) * Dh;
     const scalar_t* v_tile = v + ((ko[b] + k0) * H + h0) * Dh;
     if (!in_place) {
@@ -854,15 +876,93 @@ void backward_item(const scalar_t* go, const scalar_t* q, const scalar_t* k, con
       }
     }
   }
-  for (int64_t r = kend; r < m; ++r) {
-    const int64_t row = ko[b] + r;
-    std::fill_n(gk + (row * H + h0) * Dh, nh * Dh, static_cast<scalar_t>(0.f));
-    std::fill_n(gv + (row * H + h0) * Dh, nh * Dh, static_cast<scalar_t>(0.f));
+  if (it.k0 == 0) {  // the first key chunk also clears the keys nobody sees
+    for (int64_t r = kend; r < m; ++r) {
+      const int64_t row = ko[b] + r;
+      std::fill_n(gk + (row * H + h0) * Dh, nh * Dh, static_cast<scalar_t>(0.f));
+      std::fill_n(gv + (row * H + h0) * Dh, nh * Dh, static_cast<scalar_t>(0.f));
+    }
+  }
+  if (it.dq_slot >= 0) {  // a key chunk: its share of grad_q, unscaled, [nh, n, Dh]
+    float* part = dq_partial + it.dq_slot;
+    for (int64_t hh = 0; hh < nh; ++hh)
+      for (int64_t i = 0; i < n; ++i) std::copy_n(s.dq.data() + hh * r_hs + i * dhp, Dh, part + (hh * n + i) * Dh);
+    return;
   }
   for (int64_t i = 0; i < n; ++i) {
     const int64_t row = qo[b] + i;
     for (int64_t hh = 0; hh < nh; ++hh) {
       store_row(s.dq.data() + hh * r_hs + i * dhp, Dh, scale, gq + (row * H + h0 + hh) * Dh);
+    }
+  }
+}
+
+// Splits backward items whose cost is far above the average share of a thread into key chunks (whole
+// tiles). Returns the number of floats the chunks' partial grad_q need; sets their k0, k1, dq_slot.
+int64_t split_backward_items(std::vector<Item>& items, const int64_t* qo, const int64_t* ko, int64_t Dh,
+                             int threads) {
+  if (threads <= 1 || items.empty()) return 0;
+  double total = 0;
+  for (const Item& it : items) total += it.cost;
+  const double target = total / (4.0 * threads);
+  std::vector<Item> out;
+  out.reserve(items.size());
+  int64_t slots = 0;
+  for (const Item& it : items) {
+    const int64_t n = qo[it.b + 1] - qo[it.b], m = ko[it.b + 1] - ko[it.b];
+    const int64_t tiles = (m + kBK - 1) / kBK;
+    const int64_t chunks = std::min<int64_t>(tiles, static_cast<int64_t>(it.cost / target));
+    if (chunks < 2 || n == 0) {
+      out.push_back(it);
+      continue;
+    }
+    const int64_t tiles_per_chunk = (tiles + chunks - 1) / chunks;
+    for (int64_t t0 = 0; t0 < tiles; t0 += tiles_per_chunk) {
+      Item part = it;
+      part.k0 = t0 * kBK;
+      part.k1 = std::min<int64_t>(m, (t0 + tiles_per_chunk) * kBK);
+      part.cost = it.cost * static_cast<double>(part.k1 - part.k0) / static_cast<double>(m);
+      part.dq_slot = slots;
+      slots += (it.h1 - it.h0) * n * Dh;
+      out.push_back(part);
+    }
+  }
+  items.swap(out);
+  return slots;
+}
+
+// grad_q = scale * (sum of the key chunks' partial grad_q) for every split (sample, heads).
+template <typename scalar_t>
+void reduce_dq_partials(const std::vector<Item>& items, const float* dq_partial, scalar_t* gq, const int64_t* qo,
+                        int64_t H, int64_t Dh, float scale) {
+  // Group the chunks of each (sample, first head): they are consecutive in slot order.
+  std::vector<const Item*> split;
+  for (const Item& it : items)
+    if (it.dq_slot >= 0) split.push_back(&it);
+  std::sort(split.begin(), split.end(), [](const Item* a, const Item* b) { return a->dq_slot < b->dq_slot; });
+  std::vector<std::pair<size_t, size_t>> groups;  // [first, last) in `split`
+  for (size_t i = 0; i < split.size();) {
+    size_t j = i + 1;
+    while (j < split.size() && split[j]->b == split[i]->b && split[j]->h0 == split[i]->h0) ++j;
+    groups.emplace_back(i, j);
+    i = j;
+  }
+  const int64_t count = static_cast<int64_t>(groups.size());
+#pragma omp parallel for schedule(dynamic, 1) num_threads(num_threads()) if (count > 1)
+  for (int64_t g = 0; g < count; ++g) {
+    const Item& first = *split[groups[g].first];
+    const int64_t n = qo[first.b + 1] - qo[first.b], nh = first.h1 - first.h0;
+    std::vector<float> acc(static_cast<size_t>(n * Dh));
+    for (int64_t hh = 0; hh < nh; ++hh) {
+      std::fill(acc.begin(), acc.end(), 0.f);
+      for (size_t c = groups[g].first; c < groups[g].second; ++c) {
+        const float* part = dq_partial + split[c]->dq_slot + hh * n * Dh;
+        for (int64_t x = 0; x < n * Dh; ++x) acc[x] += part[x];
+      }
+      for (int64_t i = 0; i < n; ++i) {
+        scalar_t* dst = gq + ((qo[first.b] + i) * H + first.h0 + hh) * Dh;
+        for (int64_t d = 0; d < Dh; ++d) dst[d] = static_cast<scalar_t>(acc[i * Dh + d] * scale);
+      }
     }
   }
 }
@@ -974,7 +1074,7 @@ void run_items(const std::vector<Item>& items, F&& body) {
     static thread_local typename std::decay_t<F>::Scratch scratch;
 #pragma omp for schedule(dynamic, 1)
     for (int64_t t = 0; t < count; ++t) body(items[t], scratch);
-    store_fence();  // streaming stores are visible before the region (and the op) ends
+    scratch.trim();
   }
 }
 
@@ -1011,7 +1111,7 @@ std::tuple<at::Tensor, at::Tensor> jagged_attention_cpu(const at::Tensor& q_in, 
     if (n == 0) continue;
     if (n <= kGroupHeadsMaxQueries) {
       const double keys = causal ? 0.5 * (visible_keys(0, n, m, true) + visible_keys(n - 1, n, m, true)) : m;
-      items.push_back({b, 0, H, 0, n, static_cast<double>(H) * (n * (keys + 8) + 2.0 * m)});
+      items.push_back(Item{b, 0, H, 0, n, static_cast<double>(H) * (n * (keys + 8) + 2.0 * m)});
       continue;
     }
     for (int64_t q0 = 0; q0 < n; q0 += kQChunk) {
@@ -1019,7 +1119,7 @@ std::tuple<at::Tensor, at::Tensor> jagged_attention_cpu(const at::Tensor& q_in, 
       const double keys = causal ? 0.5 * (visible_keys(q0, n, m, true) + visible_keys(q1 - 1, n, m, true)) : m;
       // Per-query and per-key overheads (packing, finalizing) count as a few keys.
       const double cost = static_cast<double>(q1 - q0) * (keys + 8) + 2.0 * m;
-      for (int64_t h = 0; h < H; ++h) items.push_back({b, h, h + 1, q0, q1, cost});
+      for (int64_t h = 0; h < H; ++h) items.push_back(Item{b, h, h + 1, q0, q1, cost});
     }
   }
   sort_items(items);
@@ -1028,9 +1128,9 @@ std::tuple<at::Tensor, at::Tensor> jagged_attention_cpu(const at::Tensor& q_in, 
   if (q.scalar_type() == at::kDouble) {
     const double *qp = q.data_ptr<double>(), *kp = k.data_ptr<double>(), *vp = v.data_ptr<double>();
     double* op = out.data_ptr<double>();
-    run_items(items, with_scratch<std::vector<double>>([&](const Item& it, std::vector<double>& sc) {
+    run_items(items, with_scratch<PlainScratch<double>>([&](const Item& it, PlainScratch<double>& sc) {
                 for (int64_t h = it.h0; h < it.h1; ++h) {
-                  forward_double(qp, kp, vp, op, lse_p, qo, ko, H, Dh, scale, causal, it, h, sc);
+                  forward_double(qp, kp, vp, op, lse_p, qo, ko, H, Dh, scale, causal, it, h, sc.buf);
                 }
               }));
     return {out, lse};
@@ -1088,9 +1188,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> jagged_attention_backward_cpu(
         n == 0 ? 0.0 : causal ? 0.5 * (visible_keys(0, n, m, true) + visible_keys(n - 1, n, m, true)) : m;
     const double cost = static_cast<double>(n) * (keys + 8) + static_cast<double>(m) * 8;
     if (n <= kGroupHeadsMaxQueries) {
-      items.push_back({b, 0, H, 0, n, cost * static_cast<double>(H)});
+      items.push_back(Item{b, 0, H, 0, n, cost * static_cast<double>(H)});
     } else {
-      for (int64_t h = 0; h < H; ++h) items.push_back({b, h, h + 1, 0, n, cost});
+      for (int64_t h = 0; h < H; ++h) items.push_back(Item{b, h, h + 1, 0, n, cost});
     }
   }
   sort_items(items);
@@ -1100,7 +1200,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> jagged_attention_backward_cpu(
     const double *gop = go.data_ptr<double>(), *qp = q.data_ptr<double>(), *kp = k.data_ptr<double>(),
                  *vp = v.data_ptr<double>(), *op = out.data_ptr<double>();
     double *gqp = gq.data_ptr<double>(), *gkp = gk.data_ptr<double>(), *gvp = gv.data_ptr<double>();
-    run_items(items, with_scratch<int>([&](const Item& it, int&) {
+    run_items(items, with_scratch<PlainScratch<double>>([&](const Item& it, PlainScratch<double>&) {
                 for (int64_t h = it.h0; h < it.h1; ++h) {
                   backward_double(gop, qp, kp, vp, op, lse_p, gqp, gkp, gvp, qo, ko, H, Dh, scale, causal, it, h);
                 }
@@ -1113,15 +1213,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> jagged_attention_backward_cpu(
                      *vp = v.data_ptr<scalar_t>(), *op = out.data_ptr<scalar_t>();
       scalar_t *gqp = gq.data_ptr<scalar_t>(), *gkp = gk.data_ptr<scalar_t>(), *gvp = gv.data_ptr<scalar_t>();
       const float sc = static_cast<float>(scale);
+      // A few long samples would leave threads idle: split their keys over several items, each with its
+      // own partial grad_q (fp32, reduced below). grad_k/grad_v rows still have exactly one writer.
+      const int64_t dq_floats = split_backward_items(items, qo, ko, Dh, num_threads());
+      sort_items(items);
+      std::vector<float> dq_partial(static_cast<size_t>(dq_floats));
       run_items(items, with_scratch<BwdScratch>([&](const Item& it, BwdScratch& s) {
                   if (it.q1 - it.q0 <= W) {
-                    backward_item<scalar_t, 1>(gop, qp, kp, vp, op, lse_p, gqp, gkp, gvp, qo, ko, H, Dh, sc, causal,
-                                               it, s);
+                    backward_item<scalar_t, 1>(gop, qp, kp, vp, op, lse_p, gqp, gkp, gvp, dq_partial.data(), qo, ko, H,
+                                               Dh, sc, causal, it, s);
                   } else {
-                    backward_item<scalar_t, 2>(gop, qp, kp, vp, op, lse_p, gqp, gkp, gvp, qo, ko, H, Dh, sc, causal,
-                                               it, s);
+                    backward_item<scalar_t, 2>(gop, qp, kp, vp, op, lse_p, gqp, gkp, gvp, dq_partial.data(), qo, ko, H,
+                                               Dh, sc, causal, it, s);
                   }
                 }));
+      if (dq_floats > 0) reduce_dq_partials(items, dq_partial.data(), gqp, qo, H, Dh, sc);
     }
   });
   return {gq, gk, gv};
