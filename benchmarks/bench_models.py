@@ -1,8 +1,12 @@
 """Cost of every lattice network at a given size: parameters, analytic FLOPs per sample, and measured
 forward / training-step time on batches of the planted synthetic world.
 
-    python benchmarks/bench_models.py                      # quickstart sizes, batch 512
-    python benchmarks/bench_models.py --networks LatticeNetwork InterFormer --batch-size 1024 --threads 2
+    python benchmarks/bench_models.py                      # the sizes of configs/*.yaml, batch 1024
+    python benchmarks/bench_models.py --networks LatticeNetwork InterFormer --threads 2
+
+Sizes come from the shipped configs (``model.network.init_args``): ``LatticeNetwork`` from
+configs/quickstart.yaml, ``LatticeNetwork-mdmo`` from configs/mdmo.yaml, every other network from its
+own config (configs/interformer.yaml, ...); ``--builtin`` uses the sizes in :data:`QUICKSTART` instead.
 
 Prints a table (medians over ``--steps`` timed steps after ``--warmup``) and writes JSON to ``--out``.
 Timings on a shared machine are noisy; the parameter and FLOP counts are exact.
@@ -40,6 +44,31 @@ QUICKSTART = {
 }
 
 
+#: network -> the config whose ``model.network`` it benchmarks
+CONFIGS = {
+    "LatticeNetwork": "quickstart.yaml",
+    "LatticeNetwork-mdmo": "mdmo.yaml",
+    "InterFormer": "interformer.yaml",
+    "SharedBottom": "shared_bottom.yaml",
+    "MMoE": "mmoe.yaml",
+    "PLE": "ple.yaml",
+    "DLRM": "dlrm.yaml",
+    "Wukong": "wukong.yaml",
+}
+
+
+def _from_config(name: str, config_dir: str):
+    """``(class, init_args)`` of ``model.network`` in the network's config file."""
+    import importlib
+
+    import yaml
+
+    with open(os.path.join(config_dir, CONFIGS[name])) as f:
+        network = yaml.safe_load(f)["model"]["network"]
+    module, _, cls_name = network["class_path"].rpartition(".")
+    return getattr(importlib.import_module(module), cls_name), dict(network.get("init_args") or {})
+
+
 def _batches(batch_size: int, count: int, cache_dir: str | None, rows_scale: float):
     cfg = SyntheticConfig()
     for d in cfg.domains:
@@ -75,8 +104,10 @@ def _median_ms(fn, warmup: int, steps: int) -> float:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--networks", nargs="+", default=list(QUICKSTART), choices=list(QUICKSTART))
-    p.add_argument("--batch-size", type=int, default=512)
+    p.add_argument("--networks", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    p.add_argument("--builtin", action="store_true", help="use the built-in QUICKSTART sizes, not configs/")
+    p.add_argument("--config-dir", default="configs")
+    p.add_argument("--batch-size", type=int, default=1024)
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
@@ -92,9 +123,14 @@ def main(argv=None) -> int:
 
     rows = []
     for name in args.networks:
-        cls, kwargs = QUICKSTART[name]
+        if args.builtin:
+            cls, kwargs = QUICKSTART[name.split("-")[0]]
+        else:
+            cls, kwargs = _from_config(name, args.config_dir)
+        kwargs = {**kwargs, "embedding_kwargs": dict(fused_optimizer="rowwise_adagrad", lr=0.05)}
         model = cls(schema, **kwargs)
-        opt = torch.optim.Adam([q for q in model.parameters() if q.requires_grad], lr=1e-3)
+        # as LatticeModule trains: fused row-wise Adagrad for the embeddings, AdamW for the rest
+        opt = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=1e-3)
         it = iter(range(10**9))
 
         def forward():
@@ -125,12 +161,12 @@ def main(argv=None) -> int:
                 config=kwargs,
             )
         )
-    header = f"{'network':<15}{'params':>10}{'dense':>10}{'MFLOP@maxlen':>13}{'MFLOP@meanlen':>14}{'fwd ms':>9}{'step ms':>9}{'samples/s':>11}"
+    header = f"{'network':<20}{'params':>10}{'dense':>10}{'MFLOP@maxlen':>13}{'MFLOP@meanlen':>14}{'fwd ms':>9}{'step ms':>9}{'samples/s':>11}"
     print(f"batch {args.batch_size}, {args.threads} threads, median of {args.steps} (FLOPs per sample)")
     print(header)
     for r in rows:
         print(
-            f"{r['network']:<15}{r['params']:>10,}{r['dense_params']:>10,}{r['mflops_per_sample']:>13.3f}"
+            f"{r['network']:<20}{r['params']:>10,}{r['dense_params']:>10,}{r['mflops_per_sample']:>13.3f}"
             f"{r['mflops_per_sample_mean_len']:>14.3f}{r['forward_ms']:>9.1f}{r['train_step_ms']:>9.1f}"
             f"{r['train_samples_per_s']:>11.0f}"
         )

@@ -137,3 +137,24 @@ def test_auto_merge_uses_masknet_for_parallel_sequences():
         f.timestamps_column = "hist_ts"
     assert parallel_sequences(schema.sequence_features)
     assert FeatureProcessor(schema, dim=8).sequence.merge == "masknet"
+
+
+def test_one_collection_call_per_step_and_consistent_lookups():
+    schema = make_schema()
+    proc = FeatureProcessor(schema, dim=8)
+    calls = {}
+    for name, ebc in proc.tables.collections.items():
+        ebc.register_forward_hook(lambda m, i, o, name=name: calls.__setitem__(name, calls.get(name, 0) + 1))
+    batch = random_batch(schema, 6)
+    proc(batch)
+    assert calls and all(n == 1 for n in calls.values()), calls
+    # the combined call returns what separate pooled / unpooled lookups return
+    pooled, events = proc.tables(batch.sparse, batch.sequences)
+    alone = proc.tables.pooled(batch.sparse)
+    for k, p in zip(batch.sparse.keys(), alone):
+        torch.testing.assert_close(pooled[k], p)
+    torch.testing.assert_close(events, proc.tables.sequence_lookup(batch.sequences))
+    ebc = proc.tables.collections["sequence"]
+    ids = batch.sequences.values()
+    n0 = int(batch.sequences.lengths()[: batch.batch_size].sum())
+    torch.testing.assert_close(events[:n0], ebc.embedding_weight("item")[ids[:n0]])

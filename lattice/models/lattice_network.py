@@ -57,6 +57,7 @@ class LatticeNetwork(LatticeModel):
         untied_layers: indices of layers whose DWFB, summary gates and FFN get one weight copy per
             domain (group).
         representation_dim: width of the final representation (heads' input).
+        dropout: dropout on the input tokens, every DWFB output and the final representation.
         bias: biases in the trunk's linears.
     """
 
@@ -86,6 +87,7 @@ class LatticeNetwork(LatticeModel):
         norm: str = "swish_rms",
         untied_layers: Sequence[int] = (),
         representation_dim: int = 128,
+        dropout: float = 0.0,
         bias: bool = False,
         embedding_dim: int | None = None,
         dense_tokens: int | None = None,
@@ -154,11 +156,12 @@ class LatticeNetwork(LatticeModel):
             else None
         )
         self.final = MLP(m * dim, (), representation_dim, bias=bias, final_activation=True)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self._build_heads(representation_dim)
 
     def encode(self, features: ProcessedFeatures, batch: Any) -> tuple[Tensor, Tensor]:
         domain = batch.domain
-        x = features.tokens
+        x = self.dropout(features.tokens)
         stream = features.sequence
         if stream is not None and self.cls is not None:
             stream = prepend_tokens(stream, self.cls.unsqueeze(0).expand(x.shape[0], -1, -1).to(x.dtype))
@@ -174,10 +177,10 @@ class LatticeNetwork(LatticeModel):
                 )
                 stream, x_sum = self.seq_blocks[layer](stream, x_sum, domain, rotary)
                 parts += [self.seq_summaries[layer](stream, domain), x_sum]
-            x = self.fusions[layer](torch.cat(parts, dim=1) if len(parts) > 1 else x, domain)
+            x = self.dropout(self.fusions[layer](torch.cat(parts, dim=1) if len(parts) > 1 else x, domain))
             context.append(x)
         rep = self.final(x.flatten(1))
-        return rep, rep
+        return self.dropout(rep), rep
 
     def trunk_flops(self, events: float) -> float:
         total = 0.0

@@ -112,12 +112,14 @@ class EmbeddingTables(nn.Module):
     ``num_embeddings`` among the features it serves, ``embedding_dim`` wide (default
     ``default_embedding_dim``). Tables serving only sparse features live in one collection per width;
     tables serving a sequence feature (possibly shared with sparse features, e.g. the target item and the
-    clicked-item history) live in a second collection, so a sequence lookup only touches the tables it
-    needs. Every lookup goes through the collections' fused kernel (and their fused optimizer).
+    clicked-item history) live in the ``"sequence"`` collection. Every lookup goes through the
+    collections' fused kernel (and their fused optimizer), one call per collection per step.
 
-    Sequence events are looked up as bags of one: for ``S`` events in total the sequence collection
-    sees a KeyedJaggedTensor of stride ``S`` where the bag of event r is non-empty only under its own
-    feature's key, so ``[S, F, D]`` comes back and each event keeps its own feature's row (no host sync).
+    The ``"sequence"`` collection pools the batch's sparse bags and looks up every sequence event in the
+    same call: a KeyedJaggedTensor of stride ``B + S`` (S events in all) whose first B rows are the
+    sparse features' bags and whose row ``B + r`` is a bag of one, under event r's own feature only. So
+    ``[B + S, F, D]`` comes back, a shared table gets one fused update per step, and no host sync is
+    needed.
 
     Args:
         features: the sparse and sequence feature specs to serve.
@@ -178,55 +180,85 @@ class EmbeddingTables(nn.Module):
         self.sequence_dim = seq_dims.pop() if seq_dims else None
         if "sequence" in self.collections:
             order = self.collections["sequence"].feature_names
-            # position of each sequence feature among the sequence collection's features
             slots = [order.index(f) for f in self.sequence_features]
+            # position of each sequence feature among the sequence collection's features
             self.register_buffer("_seq_slot", torch.tensor(slots), persistent=False)
-            #: the sequence collection's key order (a permutation of the schema's sequence features)
-            self._seq_key_order = sorted(range(len(slots)), key=lambda k: slots[k])
 
-    def _empty(self, keys: list[str], stride: int, like: Tensor) -> KeyedJaggedTensor:
-        return KeyedJaggedTensor(
-            keys, like.new_zeros(0), lengths=torch.zeros(len(keys) * stride, dtype=torch.long, device=like.device),
-            stride=stride, validate=False,
-        )
+    def forward(
+        self, sparse: KeyedJaggedTensor | None, sequences: KeyedJaggedTensor | None = None
+    ) -> tuple[dict[str, Tensor], Tensor | None]:
+        """Pooled embeddings ``{feature: [B, D]}`` of every key of ``sparse``, and the unpooled
+        embeddings ``[S, D]`` of every event of ``sequences`` (keys = the schema's sequence features, in
+        order), in its key-major value order (``None`` without sequences)."""
+        pooled: dict[str, Tensor] = {}
+        events = None
+        sparse_keys = sparse.keys() if sparse is not None else []
+        in_seq = {k for k in sparse_keys if self._collection_of[k] == "sequence"}
+        for key in sorted({self._collection_of[k] for k in sparse_keys if k not in in_seq}):
+            ebc = self.collections[key]
+            out = ebc(sparse)  # [B, F_ebc, D]; the collection picks its own keys
+            for i, f in enumerate(ebc.feature_names):
+                pooled[f] = out[:, i]
+        if "sequence" in self.collections and (in_seq or sequences is not None):
+            pooled.update(self._sequence_collection(sparse, in_seq, sequences))
+            events = pooled.pop("__events__", None)
+        return pooled, events
+
+    def _sequence_collection(
+        self, sparse: KeyedJaggedTensor | None, in_seq: set[str], sequences: KeyedJaggedTensor | None
+    ) -> dict[str, Tensor]:
+        ebc = self.collections["sequence"]
+        names = ebc.feature_names
+        seq_names = set(self.sequence_features)
+        sparse_names = [f for f in names if f not in seq_names]
+        if sparse is not None and sparse_names and not in_seq.issuperset(sparse_names):
+            missing = sorted(set(sparse_names) - in_seq)
+            raise ValueError(f"batch.sparse lacks features {missing}")
+        device = sparse.values().device if sparse is not None else sequences.values().device
+        B = sparse.stride() if sparse is not None else sequences.stride()
+        S = sequences.values().numel() if sequences is not None else 0
+        parts = []
+        if sparse_names:
+            if sparse is not None:
+                part = sparse.permute([sparse.index_per_key()[f] for f in sparse_names])
+                values, lengths = part.values(), part.lengths().long().view(len(sparse_names), B)
+            else:  # sequences only: the sparse features of these tables get empty bags
+                values = torch.zeros(0, dtype=torch.long, device=device)
+                lengths = torch.zeros(len(sparse_names), B, dtype=torch.long, device=device)
+            lengths = torch.cat([lengths, lengths.new_zeros(len(sparse_names), S)], dim=1)
+            parts.append(KeyedJaggedTensor(sparse_names, values, lengths=lengths.reshape(-1),
+                                           stride=B + S, validate=False))
+        K = len(self.sequence_features)
+        r = torch.arange(S, device=device)
+        if sequences is not None:
+            if sequences.keys() != self.sequence_features:
+                raise ValueError(
+                    f"batch.sequences keys {sequences.keys()} differ from the sequence features {self.sequence_features}"
+                )
+            key_start = sequences.offsets()[torch.arange(K + 1, device=device) * B].long()  # [K + 1]
+            own = ((r >= key_start[:-1, None]) & (r < key_start[1:, None])).long()  # [K, S]
+            lengths = torch.cat([own.new_zeros(K, B), own], dim=1)
+            ids = sequences.values().to(parts[0].values().dtype) if parts else sequences.values()
+        else:
+            lengths = torch.zeros(K, B, dtype=torch.long, device=device)
+            ids = torch.zeros(0, dtype=torch.long, device=device)
+        parts.append(KeyedJaggedTensor(self.sequence_features, ids, lengths=lengths.reshape(-1),
+                                       stride=B + S, validate=False))
+        out = ebc(KeyedJaggedTensor.concat(parts))  # [B + S, F, D]
+        result = {f: out[:B, i] for i, f in enumerate(names) if f in in_seq}
+        if sequences is not None:
+            key_of = torch.bucketize(r, key_start[1:-1], right=True)  # feature index of every event
+            result["__events__"] = out[B + r, self._seq_slot[key_of]]
+        return result
 
     def pooled(self, kjt: KeyedJaggedTensor) -> list[Tensor]:
         """Pooled embeddings of every key of ``kjt`` (sparse features): a list of ``[B, D_k]``, key order."""
-        keys = kjt.keys()
-        result: dict[str, Tensor] = {}
-        for key in sorted({self._collection_of[k] for k in keys}):
-            ebc = self.collections[key]
-            absent = [f for f in ebc.feature_names if f not in kjt.index_per_key()]
-            feed = kjt if not absent else KeyedJaggedTensor.concat([kjt, self._empty(absent, kjt.stride(), kjt.values())])
-            out = ebc(feed)  # [B, F_ebc, D]
-            for i, f in enumerate(ebc.feature_names):
-                if f in kjt.index_per_key():
-                    result[f] = out[:, i]
-        return [result[k] for k in keys]
+        pooled, _ = self(kjt, None)
+        return [pooled[k] for k in kjt.keys()]
 
     def sequence_lookup(self, sequences: KeyedJaggedTensor) -> Tensor:
-        """Unpooled embeddings ``[S, D]`` of every event of ``sequences`` (keys = the sequence features in
-        schema order), in the KeyedJaggedTensor's key-major value order."""
-        ebc = self.collections["sequence"]
-        B, K = sequences.stride(), len(self.sequence_features)
-        ids = sequences.values()
-        S = ids.numel()
-        offsets = sequences.offsets()
-        key_start = offsets[torch.arange(K + 1, device=ids.device) * B].long()  # [K + 1]
-        r = torch.arange(S, device=ids.device)
-        slot_lengths = torch.zeros(len(ebc.feature_names), S, dtype=torch.long, device=ids.device)
-        own = ((r >= key_start[:-1, None]) & (r < key_start[1:, None])).long()  # [K, S]
-        slot_lengths = slot_lengths.index_copy(0, self._seq_slot, own)
-        # values must be key-major in the collection's feature order
-        if self._seq_key_order == sorted(self._seq_key_order):
-            values = ids
-        else:  # rare: shared tables put the sequence keys in another order (one host sync)
-            bounds = key_start.tolist()
-            values = torch.cat([ids[bounds[k] : bounds[k + 1]] for k in self._seq_key_order])
-        kjt = KeyedJaggedTensor(ebc.feature_names, values, lengths=slot_lengths.reshape(-1), stride=S, validate=False)
-        out = ebc(kjt)  # [S, F, D]
-        key_of = torch.bucketize(r, key_start[1:-1], right=True)  # [S] feature index of each event
-        return out[r, self._seq_slot[key_of]]
+        """Unpooled embeddings ``[S, D]`` of every event of ``sequences``, key-major value order."""
+        return self(None, sequences)[1]
 
 
 class DenseProcessor(nn.Module):
@@ -269,7 +301,7 @@ class SparseProcessor(nn.Module):
     """Sparse features -> one pooled token each (projected to d where the table is narrower/wider);
     an absent feature gives its learned missing token.
 
-    Shape: ``sparse`` KJT (keys = the features, stride B), ``sparse_mask [B, F]`` -> ``[B, F, d]``.
+    Shape: pooled ``{feature: [B, D_f]}``, ``sparse_mask [B, F]`` -> ``[B, F, d]``.
     """
 
     def __init__(self, features: Sequence[Any], tables: EmbeddingTables, dim: int) -> None:
@@ -286,12 +318,11 @@ class SparseProcessor(nn.Module):
         )
         self.missing = nn.Parameter(torch.randn(len(self.names), dim) * 0.02)
 
-    def forward(self, sparse: KeyedJaggedTensor, sparse_mask: Tensor) -> Tensor:
-        if sparse.keys() != self.names:
-            raise ValueError(f"batch.sparse keys {sparse.keys()} differ from the schema's sparse features {self.names}")
-        pooled = self.tables[0].pooled(sparse)
+    def forward(self, pooled: dict[str, Tensor], sparse_mask: Tensor) -> Tensor:
+        """``pooled``: ``{feature: [B, D_f]}`` from :class:`EmbeddingTables`."""
         tokens = torch.stack(
-            [p if p.shape[-1] == self.dim else self.proj[str(p.shape[-1])](p) for p in pooled], dim=1
+            [p if p.shape[-1] == self.dim else self.proj[str(p.shape[-1])](p) for p in (pooled[n] for n in self.names)],
+            dim=1,
         )
         return torch.where(sparse_mask.unsqueeze(-1), tokens, self.missing.to(tokens.dtype))
 
@@ -354,14 +385,18 @@ class SequenceProcessor(nn.Module):
         if self.time is not None:
             nn.init.normal_(self.time.weight, std=0.02)
 
-    def forward(self, sequences: KeyedJaggedTensor, timestamps: KeyedJaggedTensor | None = None) -> JaggedTokens:
+    def forward(
+        self, sequences: KeyedJaggedTensor, timestamps: KeyedJaggedTensor | None = None, events: Tensor | None = None
+    ) -> JaggedTokens:
+        """``events``: the ``[S, D]`` event embeddings from :class:`EmbeddingTables` (looked up here when
+        not given)."""
         if sequences.keys() != self.names:
             raise ValueError(
                 f"batch.sequences keys {sequences.keys()} differ from the schema's sequence features {self.names}"
             )
         B, K = sequences.stride(), len(self.names)
         lengths = sequences.lengths().long().view(K, B)
-        flat = self.tables[0].sequence_lookup(sequences)  # [S, D] key-major
+        flat = events if events is not None else self.tables[0].sequence_lookup(sequences)  # [S, D] key-major
         if self.proj is not None:
             flat = self.proj(flat)
         total = flat.shape[0]
@@ -497,8 +532,18 @@ class FeatureProcessor(nn.Module):
 
     def forward(self, batch: Any) -> ProcessedFeatures:
         parts = []
+        pooled, events = {}, None
+        if self.tables is not None:
+            if self.sparse is not None and batch.sparse.keys() != self.sparse.names:
+                raise ValueError(
+                    f"batch.sparse keys {batch.sparse.keys()} differ from the schema's sparse features {self.sparse.names}"
+                )
+            pooled, events = self.tables(
+                batch.sparse if self.sparse is not None else None,
+                batch.sequences if self.sequence is not None else None,
+            )
         if self.sparse is not None:
-            parts.append(self.sparse(batch.sparse, batch.sparse_mask))
+            parts.append(self.sparse(pooled, batch.sparse_mask))
         if self.dense is not None:
             parts.append(self.dense(batch.dense, batch.dense_mask))
         if self.domain is not None:
@@ -506,7 +551,7 @@ class FeatureProcessor(nn.Module):
         tokens = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
         seq = None
         if self.sequence is not None:
-            seq = self.sequence(batch.sequences, batch.sequence_timestamps)
+            seq = self.sequence(batch.sequences, batch.sequence_timestamps, events)
         return ProcessedFeatures(tokens, seq)
 
     def flops(self, events: float = 0.0) -> float:
