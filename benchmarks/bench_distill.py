@@ -286,8 +286,8 @@ def main(argv=None) -> Dict[str, Any]:
     p.add_argument("--work", default=None, help="scratch folder (default: a temporary folder, removed at the end)")
     p.add_argument("--out", default=os.path.join(HERE, "results", "bench_distill.json"))
     args = p.parse_args(argv)
-    args.teacher_epochs = args.teacher_epochs or (3 if args.quick else 5)
-    args.student_epochs = args.student_epochs or (8 if args.quick else 12)
+    args.teacher_epochs = args.teacher_epochs or 3
+    args.student_epochs = args.student_epochs or 8
     if args.threads:
         torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore", ".*does not have many workers.*")

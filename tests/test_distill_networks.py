@@ -115,3 +115,28 @@ def test_token_slot_networks_pickle(world):
     assert student.LatticeNetworkWith3TokenSlots.extra_token_slots == 3  # resolvable by name alone
     with pytest.raises(AttributeError):
         student.NoSuchNetworkWith1TokenSlots
+
+
+def test_online_teacher_from_a_lattice_network_checkpoint_with_fused_optimizer_state(world, tmp_path):
+    """The teacher trained with the fused row-wise Adagrad: its checkpoint carries optimizer buffers a
+    frozen teacher neither needs nor has."""
+    import lightning.pytorch as pl
+    from torch.utils.data import DataLoader
+
+    from lattice.distill import load_teacher_network
+    from lattice.train.module import LatticeModule
+
+    schema, batch = world
+    torch.manual_seed(0)
+    spec = {"class_path": "lattice.models.LatticeNetwork", "init_args": {"dim": 8, "num_layers": 1}}
+    teacher = LatticeModule(models.LatticeNetwork(schema, dim=8, num_layers=1), sparse_optimizer="rowwise_adagrad")
+    trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=2, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(teacher, DataLoader([batch, batch], batch_size=None))
+    path = str(tmp_path / "teacher.ckpt")
+    trainer.save_checkpoint(path)
+    assert any("optimizer_state" in k for k in torch.load(path, weights_only=False)["state_dict"])
+    loaded = load_teacher_network(path, schema, spec).eval()
+    teacher.eval()
+    with torch.no_grad():
+        assert torch.allclose(loaded(batch).logits, teacher.network(batch).logits, atol=1e-6)

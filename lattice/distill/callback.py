@@ -52,6 +52,10 @@ def _network_spec_from_config(path: str) -> dict[str, Any]:
     return network
 
 
+def _is_optimizer_state(key: str) -> bool:
+    return "optimizer_state." in key or key.startswith("optimizer_state")
+
+
 def _default_config_path(ckpt: str) -> str | None:
     """LightningCLI writes ``<log_dir>/config.yaml`` and checkpoints to ``<log_dir>/checkpoints/``."""
     here = os.path.dirname(os.path.abspath(ckpt))
@@ -103,12 +107,16 @@ def load_teacher_network(
     weights = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
     if not weights:
         raise ValueError(f"teacher checkpoint {ckpt!r} has no 'network.*' weights (is it a LatticeModule checkpoint?)")
+    # A frozen teacher needs no optimizer state: the fused embedding optimizer's buffers (sized by the
+    # optimizer the teacher trained with, empty in a fresh network) are left out on both sides.
+    weights = {k: v for k, v in weights.items() if not _is_optimizer_state(k)}
     try:
         missing, unexpected = module.load_state_dict(weights, strict=False)
     except RuntimeError as err:  # shape mismatches raise even when not strict
         raise ValueError(
             f"teacher checkpoint {ckpt!r} does not match the teacher network {type(module).__name__}: {err}"
         ) from None
+    missing = [k for k in missing if not _is_optimizer_state(k)]
     if strict and (missing or unexpected):
         raise ValueError(
             f"teacher checkpoint {ckpt!r} does not match the teacher network {type(module).__name__}: "
