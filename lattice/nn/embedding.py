@@ -151,6 +151,8 @@ class EmbeddingBagCollection(nn.Module):
         self.fused_optimizer = fused_optimizer
         self.lr, self.eps, self.weight_decay = float(lr), float(eps), float(weight_decay)
         self.is_weighted = is_weighted
+        self.process_group = None
+        self.gradient_divisor: Optional[float] = None
         self._table_of_feature: Dict[str, EmbeddingTableConfig] = {}
         self.feature_names: List[str] = []
         for t in tables:
@@ -255,6 +257,27 @@ class EmbeddingBagCollection(nn.Module):
             if state.numel() != rows:
                 self.optimizer_state.register_buffer(g.key, empty_huge_pages(rows, device=w.device).zero_())
 
+    def set_process_group(self, process_group, gradient_divisor: Optional[float] = None) -> None:
+        """Keep this replica identical to the other data-parallel ranks' replicas.
+
+        With a process group of several ranks, the fused optimizer's backward exchanges the touched
+        rows' gradients with the other ranks and applies the global batch's update (see
+        :mod:`lattice.ops.row_exchange`); ``gradient_divisor`` (default: the group size) matches the
+        dense gradients' averaging. ``None`` turns the exchange off. Has no effect with sparse autograd
+        gradients (``fused_optimizer=None``), which the dense data-parallel machinery reduces.
+        """
+        self.process_group = process_group
+        self.gradient_divisor = gradient_divisor
+
+    def fused_state_names(self, prefix: str = "") -> List[str]:
+        """Names (``state_dict`` keys, with ``prefix``) of the weights and optimizer state that the fused
+        optimizer owns, for data-parallel wrappers to leave alone."""
+        if self.fused_optimizer is None:
+            return []
+        names = [f"{prefix}weights.{g.key}" for g in self._groups]
+        names += [f"{prefix}optimizer_state.{g.key}" for g in self._groups]
+        return names
+
     def set_learning_rate(self, lr: float) -> None:
         """Learning rate of the fused optimizer from the next backward on (e.g. from a scheduler)."""
         self.lr = float(lr)
@@ -283,6 +306,7 @@ class EmbeddingBagCollection(nn.Module):
             return jagged_embedding_pool_fused(
                 weights, getattr(self.optimizer_state, g.key), tro, indices, offsets, g.pooling, psw,
                 optimizer=self.fused_optimizer, learning_rate=self.lr, eps=self.eps, weight_decay=self.weight_decay,
+                process_group=self.process_group, gradient_divisor=self.gradient_divisor,
             )
         if self.fused_optimizer is not None:
             weights = weights.detach()

@@ -31,6 +31,7 @@ from torch import Tensor
 from lattice.ops import _library  # noqa: F401  (registers the schemas)
 from lattice.ops._backend import use_reference
 from lattice.ops.reference import pooling as _ref
+from lattice.ops.row_exchange import allgather_sparse_rows, world_size_of
 
 __all__ = [
     "SUM",
@@ -195,13 +196,14 @@ class _FusedPool(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, dummy, weights, state, table_row_offsets, indices, offsets, pooling, per_sample_weights,
-                optimizer, learning_rate, eps, weight_decay, reference):
+                optimizer, learning_rate, eps, weight_decay, reference, process_group, gradient_divisor):
         impl = _ref if reference else _ops
         out = impl.jagged_embedding_pool(weights, table_row_offsets, indices, offsets, pooling, per_sample_weights)
         # Plain attributes, not save_for_backward: the weights are updated in place by design.
         ctx.args = (weights, state, table_row_offsets, indices, offsets, pooling, per_sample_weights)
         ctx.hyper = (optimizer, learning_rate, eps, weight_decay)
         ctx.reference = reference
+        ctx.exchange = (process_group, gradient_divisor)
         return out
 
     @staticmethod
@@ -216,13 +218,23 @@ class _FusedPool(torch.autograd.Function):
             grad_psw = impl.jagged_embedding_pool_backward_per_sample_weights(
                 grad, weights, table_row_offsets, indices, offsets
             ).to(per_sample_weights.dtype)
+        psw = None if per_sample_weights is None else per_sample_weights.detach()
+        process_group, divisor = ctx.exchange
         with torch.no_grad():
-            impl.jagged_embedding_pool_backward_fused_(
-                weights, state, grad, table_row_offsets, indices, offsets, pooling,
-                None if per_sample_weights is None else per_sample_weights.detach(), *ctx.hyper,
-            )
-        ctx.args = None
-        return None, None, None, None, None, None, None, grad_psw, None, None, None, None, None
+            if process_group is None or world_size_of(process_group) == 1:
+                impl.jagged_embedding_pool_backward_fused_(
+                    weights, state, grad, table_row_offsets, indices, offsets, pooling, psw, *ctx.hyper,
+                )
+            else:
+                rows, row_grads = impl.jagged_embedding_pool_backward_sparse(
+                    grad, table_row_offsets, indices, offsets, pooling, psw
+                )
+                rows, row_grads = allgather_sparse_rows(rows, row_grads, process_group)
+                if divisor != 1.0:
+                    row_grads = row_grads / divisor
+                impl.sparse_rows_optimizer_step_(weights, state, rows, row_grads, *ctx.hyper)
+        ctx.args = ctx.exchange = None
+        return (None, None, None, None, None, None, None, grad_psw, None, None, None, None, None, None, None)
 
 
 @torch.compiler.disable
@@ -239,6 +251,8 @@ def jagged_embedding_pool_fused(
     learning_rate: float = 0.01,
     eps: float = 1e-8,
     weight_decay: float = 0.0,
+    process_group: Optional["torch.distributed.ProcessGroup"] = None,
+    gradient_divisor: Optional[float] = None,
 ) -> Tensor:
     """:func:`jagged_embedding_pool` whose backward is a fused in-place optimizer step.
 
@@ -247,6 +261,11 @@ def jagged_embedding_pool_fused(
     autograd runs this op's backward; ``weights`` must not require grad. Under ``torch.compile`` this
     function is a graph break (its backward mutates module state, which the compiled graph must not
     see), and the rest of the model still compiles.
+
+    Data parallel: with ``process_group`` spanning several ranks that each hold a replica of the
+    weights, the backward all-gathers every rank's unique rows and summed gradients, divides them by
+    ``gradient_divisor`` (default: the group's size, the averaging DDP applies to dense gradients) and
+    applies the update of the global batch on every rank (see :mod:`lattice.ops.row_exchange`).
     """
     mode = pooling_mode(pooling)
     opt = optimizer_mode(optimizer)
@@ -257,10 +276,14 @@ def jagged_embedding_pool_fused(
         return impl.jagged_embedding_pool(weights, table_row_offsets, indices, offsets, mode, per_sample_weights)
     if weights.requires_grad:
         raise ValueError("jagged_embedding_pool_fused updates weights in its backward; they must not require grad")
+    if gradient_divisor is None:
+        gradient_divisor = float(world_size_of(process_group)) if process_group is not None else 1.0
+    if not gradient_divisor > 0:
+        raise ValueError(f"jagged_embedding_pool_fused: gradient_divisor must be > 0, got {gradient_divisor}")
     dummy = torch.empty(0, device=weights.device, requires_grad=True)
     return _FusedPool.apply(
         dummy, weights, optimizer_state, table_row_offsets, indices, offsets, mode, per_sample_weights, opt,
-        float(learning_rate), float(eps), float(weight_decay), reference,
+        float(learning_rate), float(eps), float(weight_decay), reference, process_group, float(gradient_divisor),
     )
 
 
