@@ -10,9 +10,11 @@ import sys
 from typing import Sequence
 
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.plugins.io import CheckpointIO
 
 from lattice.data.datamodule import LatticeDataModule
 from lattice.train.callbacks import MetricsTable
+from lattice.train.checkpoint import AtomicCheckpointIO
 from lattice.train.module import LatticeModule
 from lattice.train.writer import ParquetPredictionWriter
 
@@ -39,7 +41,21 @@ class LatticeCLI(LightningCLI):
     def _instantiate_trainer(self, config, callbacks):
         if self.subcommand != "predict":  # the prediction writer only belongs to `lattice predict`
             callbacks = [c for c in callbacks if not isinstance(c, ParquetPredictionWriter)]
+        config = dict(config)
+        config["plugins"] = with_atomic_checkpoint_io(config.get("plugins"))
         return super()._instantiate_trainer(config, callbacks)
+
+
+def with_atomic_checkpoint_io(plugins):
+    """``plugins`` plus :class:`AtomicCheckpointIO` unless a ``CheckpointIO`` is configured already, so a crash
+    while saving never leaves a run without a loadable checkpoint."""
+    if plugins is None:
+        plugins = []
+    elif not isinstance(plugins, (list, tuple)):
+        plugins = [plugins]
+    if any(isinstance(p, CheckpointIO) for p in plugins):
+        return list(plugins)
+    return [*plugins, AtomicCheckpointIO()]
 
 
 def run_lightning(args: Sequence[str] | None = None, run: bool = True) -> LatticeCLI:

@@ -33,3 +33,15 @@ def test_network_configs_stack_onto_mdmo(name):
     expected = {"interformer.yaml": "InterFormer", "shared_bottom.yaml": "SharedBottom", "mmoe.yaml": "MMoE",
                 "ple.yaml": "PLE", "dlrm.yaml": "DLRM", "wukong.yaml": "Wukong"}[name]
     assert type(cli.model.network).__name__ == expected
+
+
+@pytest.mark.parametrize("name, strategy", [("ddp.yaml", "DDPStrategy"), ("fsdp.yaml", "FSDP2Strategy")])
+def test_strategy_configs_stack_onto_any_config(name, strategy):
+    from lattice.train.checkpoint import AtomicCheckpointIO
+
+    cli = _parse("mdmo.yaml", "interformer.yaml", name)
+    assert type(cli.trainer.strategy).__name__ == strategy
+    assert cli.trainer.num_devices == 2
+    assert type(cli.model.network).__name__ == "InterFormer"
+    # The CLI writes checkpoints atomically unless a CheckpointIO is configured.
+    assert isinstance(cli.trainer.strategy.checkpoint_io, AtomicCheckpointIO)

@@ -74,6 +74,12 @@ class Batch:
                 out[f.name] = fn_tensor(value)
         return Batch(**out)
 
+    def select_rows(self, indices: Tensor) -> "Batch":
+        """The rows ``indices [B']`` (int, each in ``[0, B)``) of every field, in that order: e.g. one rank's
+        share of a global batch, or a shuffled batch."""
+        indices = torch.as_tensor(indices, dtype=torch.int64)
+        return self._map(lambda t: t.index_select(0, indices.to(t.device)), lambda k: k.select_samples(indices))
+
     def to(self, device, non_blocking: bool = False) -> "Batch":
         """Every tensor moved to ``device`` (Lightning calls this to transfer a batch)."""
         return self._map(

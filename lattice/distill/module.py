@@ -183,7 +183,7 @@ class DistillationModule(LatticeModule):
             group_auc=group_auc,
         )
         # The cache is runtime state (like a serving-side store), not a hyper-parameter.
-        self.save_hyperparameters(ignore=["network", "cache"])
+        self.save_hyperparameters(ignore=["network", "cache", "optimizer", "lr_scheduler"])
         if distillation not in ("none", "soft_label", "aux_head"):
             raise ValueError(f"distillation must be 'none', 'soft_label' or 'aux_head', got {distillation!r}")
         for name, value, low in (("distill_weight", distill_weight, 0.0), ("adapter_weight", adapter_weight, 0.0),
@@ -353,7 +353,7 @@ class DistillationModule(LatticeModule):
     # ---- steps -----------------------------------------------------------------------------------
     def training_step(self, batch, batch_idx):
         output = self(batch)
-        label_loss, per_task = self._loss(output, batch)
+        label_loss, per_task = self._loss(output, batch, global_batch=True)
         loss = label_loss
         extra: dict[str, Tensor] = {}
         if self.distillation != "none":
@@ -361,14 +361,9 @@ class DistillationModule(LatticeModule):
             loss = loss + self.distill_weight * extra["distill"]
             if "adapter" in extra:
                 loss = loss + self.adapter_weight * extra["adapter"]
-        if not bool(torch.isfinite(loss)):
-            parts = {"label": label_loss, **{k: v for k, v in extra.items() if v.dim() == 0}}
-            bad = [k for k, v in parts.items() if not bool(torch.isfinite(v))]
-            raise NonFiniteLossError(
-                f"training loss became {loss.item()} at global step {self.global_step} (epoch {self.current_epoch}, "
-                f"batch {batch_idx}); non-finite parts: {bad}. Stopping; the last checkpoint written before this "
-                "step is intact."
-            )
+        parts = {"label": label_loss, **dict(zip(self.task_names, per_task)),
+                 **{k: v for k, v in extra.items() if v.dim() == 0}}
+        self._stop_if_not_finite(loss, parts, batch_idx)
         size = batch.batch_size
         self.log("train/loss", loss, prog_bar=True, batch_size=size)
         self.log("train/label_loss", label_loss, batch_size=size)

@@ -38,11 +38,23 @@ def atomic_torch_save(obj: Any, path: str) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+    _remove_stale_temporaries(directory, os.path.basename(path))
     dir_fd = os.open(directory, os.O_RDONLY)
     try:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def _remove_stale_temporaries(directory: str, name: str) -> None:
+    """Temporary files an earlier crash left while writing ``name`` (never a complete checkpoint)."""
+    prefix = f".{name}."
+    for entry in os.listdir(directory):
+        if entry.startswith(prefix) and entry.endswith(".tmp"):
+            try:
+                os.unlink(os.path.join(directory, entry))
+            except FileNotFoundError:
+                pass
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

@@ -8,18 +8,16 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
-def masked_multitask_loss(
+def masked_task_sums(
     logits: Tensor,
     labels: Tensor,
     label_mask: Tensor,
     task_kinds: Sequence[str],
-    task_weights: Sequence[float] | Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """Weighted sum over tasks of each task's mean loss over its labeled rows.
+    """Per-task sums of the loss over labeled rows and the labeled-row counts: ``(sums [T], counts [T])``.
 
     logits, labels: [B, T]; label_mask: [B, T] bool (True = labeled). Binary tasks use BCE with logits,
-    regression tasks squared error. Returns ``(total [], per_task [T])``; a task with no labeled row in
-    the batch has loss 0 and no gradient.
+    regression tasks squared error.
     """
     if logits.shape != labels.shape or logits.shape != label_mask.shape:
         raise ValueError(
@@ -36,9 +34,30 @@ def masked_multitask_loss(
     bce = F.binary_cross_entropy_with_logits(logits, safe_labels.clamp(0.0, 1.0), reduction="none")
     mse = (logits - safe_labels) ** 2
     elementwise = torch.where(is_binary.unsqueeze(0), bce, mse)
-    per_task = (elementwise * mask).sum(0) / mask.sum(0).clamp_min(1.0)
+    return (elementwise * mask).sum(0), mask.sum(0)
+
+
+def weighted_task_total(per_task: Tensor, task_weights: Sequence[float] | Tensor | None) -> Tensor:
+    """``sum_t w_t * per_task[t]`` (weights default to 1)."""
     if task_weights is None:
-        weights = torch.ones_like(per_task)
-    else:
-        weights = torch.as_tensor(task_weights, dtype=per_task.dtype, device=per_task.device)
-    return (per_task * weights).sum(), per_task
+        return per_task.sum()
+    weights = torch.as_tensor(task_weights, dtype=per_task.dtype, device=per_task.device)
+    return (per_task * weights).sum()
+
+
+def masked_multitask_loss(
+    logits: Tensor,
+    labels: Tensor,
+    label_mask: Tensor,
+    task_kinds: Sequence[str],
+    task_weights: Sequence[float] | Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Weighted sum over tasks of each task's mean loss over its labeled rows.
+
+    logits, labels: [B, T]; label_mask: [B, T] bool (True = labeled). Binary tasks use BCE with logits,
+    regression tasks squared error. Returns ``(total [], per_task [T])``; a task with no labeled row in
+    the batch has loss 0 and no gradient.
+    """
+    sums, counts = masked_task_sums(logits, labels, label_mask, task_kinds)
+    per_task = sums / counts.clamp_min(1.0)
+    return weighted_task_total(per_task, task_weights), per_task

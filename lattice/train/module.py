@@ -10,7 +10,8 @@ import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
-from lattice.train.losses import masked_multitask_loss
+from lattice.train import faults, parallel
+from lattice.train.losses import masked_multitask_loss, masked_task_sums, weighted_task_total
 from lattice.train.metrics import MultiTaskMetrics
 
 SparseOptimizer = Literal["rowwise_adagrad", "sgd", "none"]
@@ -55,7 +56,8 @@ class LatticeModule(pl.LightningModule):
         group_auc: bool = True,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters(ignore=["network"])
+        # Optimizer factories are code, not data: leaving them out keeps checkpoints loadable with weights_only.
+        self.save_hyperparameters(ignore=["network", "optimizer", "lr_scheduler"])
         self.network = network
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
@@ -79,6 +81,7 @@ class LatticeModule(pl.LightningModule):
                 weight_decay=sparse_weight_decay,
             )
         self.sparse_optimizer = sparse_optimizer
+        self.data_parallel = parallel.DataParallelState()
         self.val_metrics = MultiTaskMetrics(self.task_names, self.domain_names, self.task_kinds, group_auc=group_auc)
         self.test_metrics = MultiTaskMetrics(self.task_names, self.domain_names, self.task_kinds, group_auc=group_auc)
         self.eval_results: dict[str, dict[str, float]] = {}
@@ -93,24 +96,48 @@ class LatticeModule(pl.LightningModule):
         with self._autocast():
             return self.network(batch)
 
-    def _loss(self, output, batch) -> tuple[Tensor, Tensor]:
-        return masked_multitask_loss(output.train_logits, batch.labels, batch.label_mask, self.task_kinds, self.task_weights)
+    def _loss(self, output, batch, global_batch: bool = False) -> tuple[Tensor, Tensor]:
+        """``(total [], per_task [T])``: each task's mean loss over its labeled rows, weighted and summed.
+
+        With ``global_batch`` under data parallelism the mean runs over every rank's labeled rows (their
+        count is all-reduced), scaled so that the ranks' averaged gradients equal the gradient of the global
+        batch's loss exactly, whatever each rank's share of labels.
+        """
+        if not (global_batch and self.data_parallel.world_size > 1):
+            return masked_multitask_loss(
+                output.train_logits, batch.labels, batch.label_mask, self.task_kinds, self.task_weights
+            )
+        sums, counts = masked_task_sums(output.train_logits, batch.labels, batch.label_mask, self.task_kinds)
+        world = self.data_parallel.world_size
+        global_counts = self.data_parallel.all_reduce_sum(counts.detach())
+        per_task = sums * world / global_counts.clamp_min(1.0)
+        return weighted_task_total(per_task, self.task_weights), per_task
+
+    def _stop_if_not_finite(self, loss: Tensor, parts: dict[str, Tensor], batch_idx: int) -> None:
+        """Raises :class:`NonFiniteLossError` on every rank at once when any rank's loss is NaN/inf."""
+        names = list(parts)
+        flags = torch.stack([~torch.isfinite(loss.detach())] + [~torch.isfinite(parts[n].detach()) for n in names])
+        flags = self.data_parallel.all_reduce_sum(flags.float()) if self.data_parallel.world_size > 1 else flags
+        if not bool(flags.any()):
+            return
+        bad = [n for n, f in zip(names, flags[1:].tolist()) if f]
+        raise NonFiniteLossError(
+            f"training loss became non-finite ({loss.item()} on this rank) at global step {self.global_step} "
+            f"(epoch {self.current_epoch}, batch {batch_idx}); non-finite parts: "
+            f"{bad or 'none (the weighted sum overflowed)'}. Stopping; the last checkpoint written before this "
+            "step is intact."
+        )
 
     # ---- steps -----------------------------------------------------------------------------------
     def training_step(self, batch, batch_idx):
         output = self(batch)
-        loss, per_task = self._loss(output, batch)
-        if not bool(torch.isfinite(loss)):
-            bad = [n for n, v in zip(self.task_names, per_task.tolist()) if not math.isfinite(v)]
-            raise NonFiniteLossError(
-                f"training loss became {loss.item()} at global step {self.global_step} (epoch {self.current_epoch}, "
-                f"batch {batch_idx}); non-finite task losses: {bad or 'none (the weighted sum overflowed)'}. "
-                "Stopping; the last checkpoint written before this step is intact."
-            )
+        loss, per_task = self._loss(output, batch, global_batch=True)
+        self._stop_if_not_finite(loss, dict(zip(self.task_names, per_task)), batch_idx)
         size = batch.batch_size
-        self.log("train/loss", loss, prog_bar=True, batch_size=size)
+        sync = self.data_parallel.world_size > 1
+        self.log("train/loss", loss, prog_bar=True, batch_size=size, sync_dist=sync)
         for name, value in zip(self.task_names, per_task):
-            self.log(f"train/{name}/loss", value, batch_size=size)
+            self.log(f"train/{name}/loss", value, batch_size=size, sync_dist=sync)
         return loss
 
     def _eval_step(self, batch, metrics: MultiTaskMetrics, stage: str):
@@ -154,6 +181,34 @@ class LatticeModule(pl.LightningModule):
         if embedding is not None:
             result["embedding"] = embedding.float()
         return result
+
+    # ---- data parallelism ------------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        """Under DDP or FSDP2: the fused embedding tables join the row exchange, and DDP is told to leave
+        their weights and optimizer state alone (they are kept identical by the exchange instead)."""
+        mesh = getattr(self, "_device_mesh", None)
+        self.data_parallel.setup(mesh)
+        if self.data_parallel.world_size > 1:
+            faults.watch_launcher()
+        if self.data_parallel.world_size > 1 and self.sparse_optimizer != "none":
+            for module in self.fused_modules:
+                module.set_process_group(self.data_parallel.group)
+            self._ddp_params_and_buffers_to_ignore = parallel.fused_state_names(self)
+
+    def on_fit_start(self) -> None:
+        if self.data_parallel.world_size > 1 and self.sparse_optimizer != "none":
+            # Replicas start from rank 0's tables and optimizer state, whatever each rank initialized.
+            parallel.broadcast_fused_state(self, self.data_parallel)
+
+    def configure_model(self) -> None:
+        """FSDP2 (``ModelParallelStrategy`` / :class:`lattice.train.FSDP2Strategy`): shard the dense layers
+        over the data-parallel mesh; the fused embedding tables stay replicated (row exchange)."""
+        mesh = getattr(self, "_device_mesh", None)
+        if mesh is not None:
+            parallel.fully_shard_dense(self, mesh)
+
+    def configure_callbacks(self):
+        return [faults.PeerFailureReporter()]
 
     # ---- optimizers ------------------------------------------------------------------------------
     def _dense_parameters(self) -> list[nn.Parameter]:
