@@ -76,6 +76,44 @@ def timeit(fn: Callable[[], object], repeats: int, warmup: int) -> Dict[str, obj
     return {"median_s": statistics.median(times), "min_s": min(times), "times_s": times}
 
 
+def timeit_round_robin(fns: Dict[str, Callable[[], object]], repeats: int, warmup: int) -> Dict[str, Dict[str, object]]:
+    """Times several functions in interleaved rounds (one call of each per round), so drift in the machine's
+    state (other load, page-cache or THP activity) hits every implementation alike."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times: Dict[str, List[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return {name: {"median_s": statistics.median(t), "min_s": min(t), "times_s": t} for name, t in times.items()}
+
+
+def forward_functions(w: "Workload", include_loop: bool) -> Dict[str, Callable[[], object]]:
+    """The forward pass of lattice and of each torch baseline on the same workload (no autograd)."""
+    T, B, D = w.T, w.B, w.D
+    bag_offsets = w.offsets[:-1]
+    fns: Dict[str, Callable[[], object]] = {
+        "lattice": lambda: jagged_embedding_pool(w.weights, w.tro, w.indices, w.offsets, "sum"),
+        "F.embedding_bag": lambda: F.embedding_bag(w.global_indices, w.weights, bag_offsets, mode="sum")
+        .view(T, B, D).transpose(0, 1),
+    }
+    if include_loop:
+        views = [w.weights[t * w.rows:(t + 1) * w.rows] for t in range(T)]
+        fns["nn.EmbeddingBag loop"] = lambda: torch.stack(
+            [F.embedding_bag(idx, view, off, mode="sum") for view, (idx, off) in zip(views, w.table_inputs)], dim=1)
+
+    def no_grad(fn):
+        def run():
+            with torch.no_grad():
+                return fn()
+        return run
+
+    return {name: no_grad(fn) for name, fn in fns.items()}
+
+
 def mem_available_bytes() -> Optional[int]:
     try:
         with open("/proc/meminfo") as f:
@@ -433,10 +471,21 @@ def main(argv=None) -> int:
             w = Workload(args.tables, rows, D, args.batch, args.max_len)
             extra_copy_ok = avail is None or 2 * table_bytes + (1 << 30) <= args.memory_fraction * avail
             res: Dict[str, Dict] = {}
-            res.update(bench_lattice(w, args.modes, args.repeats, args.warmup))
-            res.update(bench_embedding_bag(w, args.modes, args.repeats, args.warmup, adagrad=extra_copy_ok))
+            if "forward" in args.modes:
+                # lattice and the torch baselines' forwards in interleaved rounds (the fairest comparison);
+                # FBGEMM and the reference below are timed on their own.
+                for name, r in timeit_round_robin(forward_functions(w, not args.no_loop), args.repeats,
+                                                  args.warmup).items():
+                    res.setdefault(name, {})["forward"] = r
+            other_modes = [m for m in args.modes if m != "forward"]
+            res_lattice = bench_lattice(w, other_modes, args.repeats, args.warmup)
+            for name, r in res_lattice.items():
+                res.setdefault(name, {}).update(r)
+            for name, r in bench_embedding_bag(w, other_modes, args.repeats, args.warmup, adagrad=extra_copy_ok).items():
+                res.setdefault(name, {}).update(r)
             if not args.no_loop:
-                res.update(bench_embedding_bag_loop(w, args.modes, args.repeats, args.warmup))
+                for name, r in bench_embedding_bag_loop(w, other_modes, args.repeats, args.warmup).items():
+                    res.setdefault(name, {}).update(r)
             if HAVE_FBGEMM and extra_copy_ok:
                 res.update(bench_fbgemm(w, args.modes, args.repeats, args.warmup))
             if not args.no_reference:
