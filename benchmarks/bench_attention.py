@@ -63,6 +63,21 @@ def timed(fn, warmup: int, repeat: int) -> float:
     return statistics.median(times)
 
 
+def timed_round_robin(fns, warmup: int, repeat: int) -> list:
+    """Median seconds of each of ``fns``, timed in interleaved rounds (one call of each per round) so that
+    drift in the machine's load hits every contender alike."""
+    for fn in fns:
+        for _ in range(warmup):
+            fn()
+    times = [[] for _ in fns]
+    for _ in range(repeat):
+        for i, fn in enumerate(fns):
+            start = CLOCK()
+            fn()
+            times[i].append(CLOCK() - start)
+    return [statistics.median(t) for t in times]
+
+
 def matmul_gflops(size: int, repeat: int) -> float:
     a, b = torch.randn(size, size), torch.randn(size, size)
     seconds = timed(lambda: torch.mm(a, b), 2, repeat)
@@ -190,8 +205,9 @@ def run(args) -> dict:
                     for mode in args.modes:
                         fwd_only = mode == "fwd"
                         flops = problem.flops_fwd * (1.0 if fwd_only else 3.5)
-                        ours = timed(problem.ours_fwd if fwd_only else problem.ours_fwd_bwd, args.warmup, args.repeat)
-                        sdpa = timed(problem.sdpa_fwd if fwd_only else problem.sdpa_fwd_bwd, args.warmup, args.repeat)
+                        ours, sdpa = timed_round_robin(
+                            [problem.ours_fwd if fwd_only else problem.ours_fwd_bwd,
+                             problem.sdpa_fwd if fwd_only else problem.sdpa_fwd_bwd], args.warmup, args.repeat)
                         ref = None
                         if with_reference:
                             fn = problem.reference_fwd if fwd_only else problem.reference_fwd_bwd
