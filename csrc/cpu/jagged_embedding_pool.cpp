@@ -42,12 +42,16 @@ int64_t env_int(const char* name, int64_t fallback) {
 PrefetchPlan prefetch_plan(int64_t row_bytes) {
   PrefetchPlan p;
   const int64_t all = (row_bytes + 63) / 64;
-  // About 4 KB of rows ahead: far enough to cover DRAM latency, near enough to still be in L2.
-  const int64_t dflt = std::min<int64_t>(std::max<int64_t>(4096 / std::max<int64_t>(row_bytes, 1), 4), 32);
+  // Rows of 512 bytes and more (D >= 128 fp32) go straight to L1 (T0) from about 8 KB ahead; shorter
+  // rows to L2 (T1) from about 4 KB ahead. Measured on an AVX-512 Xeon with 26 x 100k-row tables: T0
+  // made D=128 ~20% faster and D=64 slightly slower.
+  const bool wide = row_bytes >= 512;
+  const int64_t ahead = wide ? 8192 : 4096;
+  const int64_t dflt = std::min<int64_t>(std::max<int64_t>(ahead / std::max<int64_t>(row_bytes, 1), 4), 32);
   p.dist = std::max<int64_t>(0, env_int("LATTICE_POOL_PREFETCH", dflt));
   const int64_t lines = env_int("LATTICE_POOL_PF_LINES", 0);
   p.lines = lines > 0 ? std::min(lines, all) : all;
-  p.hint = env_int("LATTICE_POOL_PF_HINT", 2) == 3 ? 3 : 2;
+  p.hint = env_int("LATTICE_POOL_PF_HINT", wide ? 3 : 2) == 3 ? 3 : 2;
   return p;
 }
 
