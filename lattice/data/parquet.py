@@ -11,10 +11,12 @@ How an epoch is read:
    work. A unit on a shard boundary is read by both neighbours, each keeping its own rows.
 3. **Shuffle**: each shard's stream is cut into windows of ``shuffle_buffer`` rows (bounded memory);
    the rows of a window are permuted by ``(seed, epoch, shard, window)`` and cut into batches.
-4. **Build**: every chunk is validated and canonicalized once (:meth:`BatchBuilder.prepare`, in a
-   read-ahead thread so Parquet decoding overlaps batch building) and every batch built straight from
-   the Arrow buffers (:meth:`BatchBuilder.build`); in a DataLoader worker the batch lands in two
-   shared-memory blocks, handed to the main process without a copy per tensor.
+4. **Build**: every chunk is validated and canonicalized once (:meth:`BatchBuilder.prepare`) and
+   converted to a :class:`~lattice.data.block.Block` (numpy views in the layout batches are cut
+   from), in a read-ahead thread so Parquet decoding overlaps batch building; every batch is
+   assembled from row ranges (in order) or sorted row indices (shuffled) of the blocks it spans
+   (:meth:`BatchBuilder.assemble`), without concatenating chunks; in a DataLoader worker the batch
+   lands in two shared-memory blocks, handed to the main process without a copy per tensor.
 
 Parquet row-group statistics are checked at plan time too (ids outside ``[0, num_embeddings)`` under
 ``oov: error``, binary labels outside {0, 1}), so such files fail before training starts.
@@ -39,6 +41,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from lattice.data.batch import Batch
+from lattice.data.block import Block
 from lattice.data.builder import TRUTH_PREFIX, BatchBuilder, ChunkContext, is_int, is_listlike, is_stringlike
 from lattice.data.errors import DataError
 from lattice.data.schema import Schema
@@ -506,12 +509,11 @@ class ParquetBatchDataset(IterableDataset):
         try:
             for j in range(start // C, math.ceil(n_rows / C)):
                 lo, hi = j * C, min((j + 1) * C, n_rows)
-                table = self._gather(units, slices, bounds, lo, hi)
+                parts = self._window(units, slices, bounds, lo, hi)
+                ends = np.cumsum([b - a for _, a, b in parts])
                 perm = None
                 if self.shuffle:
                     perm = np.random.default_rng([self.seed, epoch, shard, j, 0x5EED]).permutation(hi - lo)
-                    if table.column(0).num_chunks > 1:
-                        table = table.combine_chunks()
                 first = start - lo if j == start // C else 0
                 for off in range(first, hi - lo, B):
                     if emitted >= quota:
@@ -520,10 +522,11 @@ class ParquetBatchDataset(IterableDataset):
                     if n < B and self.drop_last:
                         return
                     if perm is None:
-                        batch = self.builder.build(table.slice(off, n))
+                        segments = _range_segments(parts, ends, off, off + n)
                     else:
                         # sorted rows: same batch content, forward memory access
-                        batch = self.builder.build(table, np.sort(perm[off: off + n]))
+                        segments = _row_segments(parts, ends, np.sort(perm[off: off + n]))
+                    batch = self.builder.assemble(segments)
                     if self.teacher is not None:
                         batch = self.teacher.join(batch)
                     emitted += 1
@@ -532,7 +535,8 @@ class ParquetBatchDataset(IterableDataset):
             units.close()
 
     @staticmethod
-    def _gather(units: "_UnitLoader", slices, bounds: np.ndarray, lo: int, hi: int) -> pa.Table:
+    def _window(units: "_UnitLoader", slices, bounds: np.ndarray, lo: int, hi: int) -> List[Tuple[Block, int, int]]:
+        """Rows ``lo..hi-1`` of the shard stream as ``[(block, a, b)]`` (rows ``a..b-1`` of each), in order."""
         parts = []
         k = int(np.searchsorted(bounds, lo, side="right") - 1)
         while k < len(slices) and bounds[k] < hi:
@@ -540,9 +544,9 @@ class ParquetBatchDataset(IterableDataset):
             s0 = int(bounds[k])
             a2 = a + max(0, lo - s0)
             b2 = a + min(hi, int(bounds[k + 1])) - s0
-            parts.append(units.get(unit).slice(a2, b2 - a2))
+            parts.append((units.get(unit), a2, b2))
             k += 1
-        return pa.concat_tables(parts) if len(parts) > 1 else parts[0]
+        return parts
 
     def load_unit(self, plan: ReadPlan, unit_index: int) -> pa.Table:
         """A unit's prepared (validated, canonical, filtered) table."""
@@ -566,6 +570,10 @@ class ParquetBatchDataset(IterableDataset):
         ctx = ChunkContext(info.path, info.chunk_label(unit.chunk), start, info.file_index, info.domain)
         return builder.prepare(raw, ctx, rows=rows)
 
+    def load_block(self, plan: ReadPlan, unit_index: int) -> Block:
+        """A unit's prepared rows as a :class:`Block` (what batches are cut from)."""
+        return self.builder.block(self.load_unit(plan, unit_index))
+
     def validate(self) -> int:
         """Read and check every unit now (before training); returns the number of rows checked."""
         plan = self.plan
@@ -575,16 +583,44 @@ class ParquetBatchDataset(IterableDataset):
         return total
 
 
+def _range_segments(parts, ends: np.ndarray, lo: int, hi: int) -> List[Tuple[Block, Tuple[int, int]]]:
+    """Window rows ``lo..hi-1`` as ``(block, (a, b))`` segments (``ends``: cumulative part sizes)."""
+    out = []
+    k = int(np.searchsorted(ends, lo, side="right"))
+    while lo < hi:
+        block, a, b = parts[k]
+        s0 = int(ends[k]) - (b - a)
+        take = min(hi, int(ends[k])) - lo
+        out.append((block, (a + lo - s0, a + lo - s0 + take)))
+        lo += take
+        k += 1
+    return out
+
+
+def _row_segments(parts, ends: np.ndarray, rows: np.ndarray) -> List[Tuple[Block, np.ndarray]]:
+    """Sorted window rows as ``(block, local rows)`` segments."""
+    if len(parts) == 1:
+        block, a, _ = parts[0]
+        return [(block, rows + a if a else rows)]
+    cuts = np.searchsorted(rows, ends)
+    out, prev = [], 0
+    for (block, a, b), end, cut in zip(parts, ends, cuts):
+        if cut > prev:
+            out.append((block, rows[prev:cut] - (int(end) - (b - a)) + a))
+        prev = cut
+    return out
+
+
 class _UnitLoader:
-    """The prepared units of one shard pass, in stream order: the next ``ahead`` units are read and
-    prepared by one background thread (pyarrow and numpy release the GIL, so decoding overlaps batch
-    building); the last two are kept for windows that straddle them."""
+    """The prepared units of one shard pass (as :class:`Block` s), in stream order: the next ``ahead``
+    units are read and prepared by one background thread (pyarrow and numpy release the GIL, so
+    decoding overlaps batch building); the last two are kept for windows that straddle them."""
 
     def __init__(self, dataset: ParquetBatchDataset, plan: ReadPlan, order: List[int], ahead: int) -> None:
         self.dataset, self.plan, self.ahead = dataset, plan, ahead
         self.order = list(dict.fromkeys(order))  # consecutive slices of one unit: read once
         self.pos = {u: i for i, u in enumerate(self.order)}
-        self.cache: "OrderedDict[int, pa.Table]" = OrderedDict()
+        self.cache: "OrderedDict[int, Block]" = OrderedDict()
         self.pending: Dict[int, Any] = {}
         self.pool = None
         if ahead > 0:
@@ -592,7 +628,7 @@ class _UnitLoader:
 
             self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lattice-readahead")
 
-    def get(self, unit: int) -> pa.Table:
+    def get(self, unit: int) -> Block:
         table = self.cache.get(unit)
         if table is None:
             future = self.pending.pop(unit, None)
@@ -604,13 +640,13 @@ class _UnitLoader:
             i = self.pos.get(unit, -1)
             for nxt in self.order[i + 1: i + 1 + self.ahead]:
                 if nxt not in self.cache and nxt not in self.pending:
-                    self.pending[nxt] = self.pool.submit(self.dataset.load_unit, self.plan, nxt)
+                    self.pending[nxt] = self.pool.submit(self.dataset.load_block, self.plan, nxt)
         return table
 
-    def _load(self, unit: int) -> pa.Table:
+    def _load(self, unit: int) -> Block:
         if self.pool is None:
-            return self.dataset.load_unit(self.plan, unit)
-        return self.pool.submit(self.dataset.load_unit, self.plan, unit).result()  # one reader thread
+            return self.dataset.load_block(self.plan, unit)
+        return self.pool.submit(self.dataset.load_block, self.plan, unit).result()  # one reader thread
 
     def close(self) -> None:
         for future in self.pending.values():
