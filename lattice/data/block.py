@@ -115,10 +115,11 @@ def _float_column(arr: pa.Array, out: np.ndarray, mask: np.ndarray) -> None:
 # ------------------------------------------------------------------------------------------------
 @dataclass
 class Scalars:
-    """Keys ``k0 .. k0 + R - 1`` of a kind where every bag holds exactly one id: ``ids [R, n]``."""
+    """Keys ``k0 .. k0 + R - 1`` of a kind where every bag holds exactly one id: ``ids[r] [n]``
+    (zero-copy views of the Arrow buffers)."""
 
     k0: int
-    ids: np.ndarray
+    ids: List[np.ndarray]
 
 
 @dataclass
@@ -179,7 +180,7 @@ class Block:
                     run.append(v[o[0]: o[-1]])
                     continue
                 if run:
-                    parts.append(Scalars(k - len(run), np.stack(run)))
+                    parts.append(Scalars(k - len(run), run))
                     run = []
                 for seen in known:
                     if np.array_equal(seen, o):
@@ -189,7 +190,7 @@ class Block:
                     known.append(o)
                 parts.append(Lists(k, o, v))
             if run:
-                parts.append(Scalars(len(names) - len(run), np.stack(run)))
+                parts.append(Scalars(len(names) - len(run), run))
             return parts
 
         jagged = {"s": lists(spec.sparse, True), "q": lists(spec.seq, False)}
@@ -208,23 +209,35 @@ class _Arena:
     """Output buffers carved out of a single allocation (64-byte aligned views); in shared memory when
     ``shared``, so a DataLoader worker passes them as one block instead of one per tensor."""
 
-    def __init__(self, specs: Dict[str, Tuple[Tuple[int, ...], type]], shared: bool) -> None:
-        layout, total = {}, 0
+    def __init__(self, specs: Dict[str, Tuple[Tuple[int, ...], np.dtype]], shared: bool) -> None:
+        layout, total = [], 0
         for key, (shape, dtype) in specs.items():
-            nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
-            layout[key] = (total, nbytes, shape, dtype)
-            total += (nbytes + 63) // 64 * 64
+            dtype = np.dtype(dtype)
+            size = 1
+            for d in shape:
+                size *= d
+            layout.append((key, total, shape, dtype))
+            total += (size * dtype.itemsize + 63) // 64 * 64
         total = max(total, 64)
         if shared:
             base = torch.empty(0, dtype=torch.uint8).set_(torch.UntypedStorage._new_shared(total))
+            base_np = base.numpy()
         else:  # numpy's allocator reuses freed blocks (fresh pages are expensive on some hosts)
-            base = torch.from_numpy(np.empty(total, dtype=np.uint8))
+            base_np = np.empty(total, dtype=np.uint8)
+            base = torch.from_numpy(base_np)
+        typed: Dict[np.dtype, torch.Tensor] = {}
         self.torch: Dict[str, torch.Tensor] = {}
         self.np: Dict[str, np.ndarray] = {}
-        for key, (off, nbytes, shape, dtype) in layout.items():
-            view = base[off: off + nbytes].view(_TORCH_DTYPE[np.dtype(dtype)]).view(shape)
-            self.torch[key] = view
-            self.np[key] = view.numpy()
+        for key, off, shape, dtype in layout:
+            tb = typed.get(dtype)
+            if tb is None:
+                tb = typed[dtype] = base.view(_TORCH_DTYPE[dtype])
+            strides, st = [], 1
+            for d in reversed(shape):
+                strides.append(st)
+                st *= d
+            self.torch[key] = tb.as_strided(shape, strides[::-1], off // dtype.itemsize)
+            self.np[key] = np.ndarray(shape, dtype, buffer=base_np, offset=off)
 
 
 def _count(rows: Rows) -> int:
@@ -232,24 +245,26 @@ def _count(rows: Rows) -> int:
 
 
 class _Gathers:
-    """Per (segment, offsets array): the selected bags' starts, lengths and value count (cached, so
-    features sharing offsets compute them once)."""
+    """Per (segment, offsets array): the selected bags' starts, lengths, ends and value count, and the
+    positions of their ids (cached, so features sharing offsets compute them once)."""
 
     def __init__(self) -> None:
         self.cache: Dict[Tuple[int, int], tuple] = {}
         self.index: Dict[Tuple[int, int], np.ndarray] = {}
 
     def bags(self, seg: int, o: np.ndarray, rows: Rows):
+        """``(starts, lengths, ends, total)`` (``None`` arrays for a row range)."""
         key = (seg, id(o))
         got = self.cache.get(key)
         if got is None:
             if isinstance(rows, tuple):
                 a, b = rows
-                got = (None, None, int(o[b] - o[a]))
+                got = (None, None, None, int(o[b] - o[a]))
             else:
                 starts = o[rows]
                 lens = o[rows + 1] - starts
-                got = (starts, lens, int(lens.sum()))
+                ends = np.cumsum(lens)
+                got = (starts, lens, ends, int(ends[-1]) if len(ends) else 0)
             self.cache[key] = got
         return got
 
@@ -258,66 +273,99 @@ class _Gathers:
         key = (seg, id(o))
         idx = self.index.get(key)
         if idx is None:
-            starts, lens, total = self.bags(seg, o, rows)
-            ends = np.cumsum(lens)
+            starts, lens, ends, total = self.bags(seg, o, rows)
             idx = np.repeat(starts - (ends - lens), lens) + np.arange(total, dtype=np.int64)
             self.index[key] = idx
         return idx
 
 
-def _totals(segments, kind: str, gathers: _Gathers) -> List[int]:
-    """Values per key of ``kind`` over all segments (for the arena size and ``length_per_key``)."""
-    totals: Dict[int, int] = {}
+_ARANGE = [np.arange(1, 2, dtype=np.int64)]
+
+
+def _arange1(n: int) -> np.ndarray:
+    """``1 .. n`` (int64), from a cache."""
+    if len(_ARANGE[0]) < n:
+        _ARANGE[0] = np.arange(1, max(n, 2 * len(_ARANGE[0])) + 1, dtype=np.int64)
+    return _ARANGE[0][:n]
+
+
+def _totals(segments, kind: str, K: int, gathers: _Gathers) -> List[List[int]]:
+    """``[segment][key]`` values of ``kind`` (for the arena size, offsets and ``length_per_key``)."""
+    out = []
     for s, (block, rows) in enumerate(segments):
         m = _count(rows)
+        tot = [0] * K
         for part in block.jagged[kind]:
             if isinstance(part, Scalars):
                 for r in range(len(part.ids)):
-                    totals[part.k0 + r] = totals.get(part.k0 + r, 0) + m
+                    tot[part.k0 + r] = m
             else:
-                totals[part.k] = totals.get(part.k, 0) + gathers.bags(s, part.offsets, rows)[2]
-    return [totals.get(k, 0) for k in range(len(totals))]
+                tot[part.k] = gathers.bags(s, part.offsets, rows)[3]
+        out.append(tot)
+    return out
 
 
-def _fill_lengths(segments, kind: str, B: int, lengths: np.ndarray, gathers: _Gathers) -> None:
-    L = lengths.reshape(-1, B) if B else lengths
-    pos = 0
+def _fill_layout(segments, kind: str, B: int, seg_totals: List[List[int]], offsets: np.ndarray,
+                 lengths: np.ndarray, gathers: _Gathers) -> List[List[int]]:
+    """Key-major ``offsets [K*B+1]`` and ``lengths [K*B]`` of the batch; returns ``[segment][key]``
+    where that segment's ids of that key start in ``values``."""
+    K = len(seg_totals[0])
+    key_start, acc = [], 0
+    for k in range(K):
+        key_start.append(acc)
+        acc += sum(t[k] for t in seg_totals)
+    offsets[0] = 0
+    L = lengths.reshape(K, B)
+    O = offsets[1:].reshape(K, B)  # O[k, j]: end of bag j of key k
+    cursor = list(key_start)
+    out, pos = [], 0
+    single = len(segments) == 1
     for s, (block, rows) in enumerate(segments):
         m = _count(rows)
-        for part in block.jagged[kind]:
-            if isinstance(part, Scalars):
-                L[part.k0: part.k0 + len(part.ids), pos: pos + m] = 1
-            elif isinstance(rows, tuple):
-                np.subtract(part.offsets[rows[0] + 1: rows[1] + 1], part.offsets[rows[0]: rows[1]],
-                            out=L[part.k, pos: pos + m])
-            else:
-                L[part.k, pos: pos + m] = gathers.bags(s, part.offsets, rows)[1]
-        pos += m
-
-
-def _fill_values(segments, kind: str, B: int, offsets: np.ndarray, values: np.ndarray, gathers: _Gathers) -> None:
-    """Each segment's ids of each key at that key's bags' positions (``offsets``: the batch's)."""
-    if not len(values):
-        return
-    starts = offsets[:-1].reshape(-1, B)  # [K, B] where each bag lands in ``values``
-    pos = 0
-    for s, (block, rows) in enumerate(segments):
-        m = _count(rows)
+        out.append(list(cursor))
         for part in block.jagged[kind]:
             if isinstance(part, Scalars):
                 R = len(part.ids)
-                src = part.ids[:, rows[0]: rows[1]] if isinstance(rows, tuple) else part.ids[:, rows]
-                at = starts[part.k0: part.k0 + R, pos]
-                step = int(at[1] - at[0]) if R > 1 else m
-                if R == 1 or (np.diff(at) == step).all():  # the run's ids form one strided 2-D slice
-                    out = np.lib.stride_tricks.as_strided(values[int(at[0]):], shape=(R, m),
-                                                          strides=(step * 8, 8), writeable=True)
-                    out[...] = src
+                L[part.k0: part.k0 + R, pos: pos + m] = 1
+                if single:  # the run's bags are one arithmetic sequence
+                    np.add(_arange1(R * m), cursor[part.k0], out=O[part.k0: part.k0 + R].reshape(-1))
                 else:
-                    for r in range(R):
-                        values[int(at[r]): int(at[r]) + m] = src[r]
+                    for k in range(part.k0, part.k0 + R):
+                        np.add(_arange1(m), cursor[k], out=O[k, pos: pos + m])
+                for k in range(part.k0, part.k0 + R):
+                    cursor[k] += m
                 continue
-            at = int(starts[part.k, pos]) if m else 0
+            k, o = part.k, part.offsets
+            if isinstance(rows, tuple):
+                a, b = rows
+                np.subtract(o[a + 1: b + 1], o[a: b], out=L[k, pos: pos + m])
+                np.add(o[a + 1: b + 1], cursor[k] - int(o[a]), out=O[k, pos: pos + m])
+            else:
+                _, lens, ends, _ = gathers.bags(s, o, rows)
+                L[k, pos: pos + m] = lens
+                np.add(ends, cursor[k], out=O[k, pos: pos + m])
+            cursor[k] += seg_totals[s][k]
+        pos += m
+    return out
+
+
+def _fill_values(segments, kind: str, seg_starts: List[List[int]], values: np.ndarray, gathers: _Gathers) -> None:
+    """Each segment's ids of each key at that key's place in ``values``."""
+    if not len(values):
+        return
+    for s, (block, rows) in enumerate(segments):
+        m = _count(rows)
+        starts = seg_starts[s]
+        for part in block.jagged[kind]:
+            if isinstance(part, Scalars):
+                for r, ids in enumerate(part.ids):
+                    at = starts[part.k0 + r]
+                    if isinstance(rows, tuple):
+                        values[at: at + m] = ids[rows[0]: rows[1]]
+                    else:
+                        np.take(ids, rows, out=values[at: at + m])
+                continue
+            at = starts[part.k]
             if isinstance(rows, tuple):
                 a, b = int(part.offsets[rows[0]]), int(part.offsets[rows[1]])
                 values[at: at + b - a] = part.values[a:b]
@@ -325,7 +373,6 @@ def _fill_values(segments, kind: str, B: int, offsets: np.ndarray, values: np.nd
                 idx = gathers.take_index(s, part.offsets, rows)
                 if len(idx):
                     np.take(part.values, idx, out=values[at: at + len(idx)])
-        pos += m
 
 
 def _kjt(keys: List[str], values: torch.Tensor, lengths: torch.Tensor, offsets: torch.Tensor, stride: int,
@@ -349,11 +396,10 @@ def assemble(segments: Sequence[Tuple[Block, Rows]], spec: BlockSpec, shared: bo
     B = sum(_count(r) for _, r in segments)
     Fs, Fq = len(spec.sparse), len(spec.seq)
     gathers = _Gathers()
-    s_tot = _totals(segments, "s", gathers) if Fs else []
-    q_tot = _totals(segments, "q", gathers) if Fq else []
-    t_tot = _totals(segments, "t", gathers) if spec.seq_ts else []
-    s_tot += [0] * (Fs - len(s_tot))
-    q_tot += [0] * (Fq - len(q_tot))
+    s_seg = _totals(segments, "s", Fs, gathers)
+    q_seg = _totals(segments, "q", Fq, gathers)
+    s_tot = [sum(t[k] for t in s_seg) for k in range(Fs)]
+    q_tot = [sum(t[k] for t in q_seg) for k in range(Fq)]
     first = segments[0][0].rows
     row_specs = {key: ((B,) + arr.shape[1:], arr.dtype) for key, arr in first.items()}
     row_specs["sparse_mask"] = ((B, Fs), np.bool_)
@@ -362,7 +408,7 @@ def assemble(segments: Sequence[Tuple[Block, Rows]], spec: BlockSpec, shared: bo
         "q_offsets": ((Fq * B + 1,), np.int64), "q_lengths": ((Fq * B,), np.int64), "q_values": ((sum(q_tot),), np.int64),
     }
     if spec.seq_ts:
-        jagged["t_values"] = ((sum(t_tot),), np.int64)
+        jagged["t_values"] = ((sum(q_tot),), np.int64)
     # two blocks: per-row tensors (small; metrics may keep ids/labels) and the jagged parts (large)
     rowwise, out = _Arena(row_specs, shared), _Arena(jagged, shared)
     n = {**rowwise.np, **out.np}
@@ -379,19 +425,20 @@ def assemble(segments: Sequence[Tuple[Block, Rows]], spec: BlockSpec, shared: bo
         pos += m
     if B:
         np.take(spec.sparse_presence, n["domain"], axis=0, out=n["sparse_mask"])
-    for kind, F in (("s", Fs), ("q", Fq)):
-        offsets, lengths = n[kind + "_offsets"], n[kind + "_lengths"]
-        offsets[0] = 0
+    n["s_offsets"][0] = n["q_offsets"][0] = 0
+    q_starts = None
+    for kind, F, seg in (("s", Fs, s_seg), ("q", Fq, q_seg)):
         if F and B:
-            _fill_lengths(segments, kind, B, lengths, gathers)
-            np.cumsum(lengths, out=offsets[1:])
-            _fill_values(segments, kind, B, offsets, n[kind + "_values"], gathers)
+            starts = _fill_layout(segments, kind, B, seg, n[kind + "_offsets"], n[kind + "_lengths"], gathers)
+            _fill_values(segments, kind, starts, n[kind + "_values"], gathers)
+            if kind == "q":
+                q_starts = starts
     sparse = _kjt(spec.sparse_keys, t["s_values"], t["s_lengths"], t["s_offsets"], B, s_tot)
     sequences = _kjt(spec.seq_keys, t["q_values"], t["q_lengths"], t["q_offsets"], B, q_tot)
     seq_ts = None
     if spec.seq_ts:  # same layout as the sequences: shares their lengths and offsets
-        if Fq and B:
-            _fill_values(segments, "t", B, n["q_offsets"], n["t_values"], gathers)
+        if q_starts is not None:
+            _fill_values(segments, "t", q_starts, n["t_values"], gathers)
         seq_ts = _kjt(spec.seq_keys, t["t_values"], t["q_lengths"], t["q_offsets"], B, q_tot)
     return Batch(
         dense=t["dense"], dense_mask=t["dense_mask"], sparse=sparse, sparse_mask=t["sparse_mask"],
