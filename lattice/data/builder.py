@@ -183,6 +183,7 @@ class BatchBuilder:
         self._domain_names = pa.array(schema.domain_names, type=pa.string())
         self._seq_ts = any(f.timestamps_column for f in self._seq)
         self._block_spec: Optional[BlockSpec] = None
+        self._arange_cache: Optional[pa.Array] = None
 
     # ---- step 1: raw chunk -> prepared table ----------------------------------------------------
     def required_columns(self, available: Sequence[str]) -> List[str]:
@@ -221,22 +222,26 @@ class BatchBuilder:
         out[_USER], out[_ITEM], out[_TS] = (pa.array(x, type=pa.int64()) for x in (user, item, ts))
         out[_ROW] = pa.array(file_rows, type=pa.int64())
 
+        everywhere = np.ones(n, dtype=bool)
+
+        def present(matrix: np.ndarray, j: int) -> np.ndarray:
+            """``[n]`` bool: does each row's domain have feature/task ``j``."""
+            col = matrix[:, j]
+            return everywhere if col.all() else col[domain]
+
         # -- dense
-        pres = self._presence["dense"][domain] if n else np.zeros((0, len(self._dense)), bool)
         for j, f in enumerate(self._dense):
-            out["f:" + f.name] = self._dense_column(table, f, pres[:, j], names, err)
+            out["f:" + f.name] = self._dense_column(table, f, present(self._presence["dense"], j), names, err)
         # -- sparse / sequence
         for kind, feats in (("sparse", self._sparse), ("sequence", self._seq)):
-            pres = self._presence[kind][domain] if n else np.zeros((0, len(feats)), bool)
             for j, f in enumerate(feats):
-                bag, stamps = self._id_list_column(table, f, pres[:, j], names, err)
+                bag, stamps = self._id_list_column(table, f, present(self._presence[kind], j), names, err)
                 out["f:" + f.name] = bag
                 if kind == "sequence" and self._seq_ts:
                     out["ts:" + f.name] = stamps
         # -- labels
-        tpres = self._task_presence[domain] if n else np.zeros((0, len(s.tasks)), bool)
         for j, t in enumerate(s.tasks):
-            label, window = self._label_column(table, t, tpres[:, j], names, err, user, item, ts)
+            label, window = self._label_column(table, t, present(self._task_presence, j), names, err, user, item, ts)
             out["l:" + t.name] = label
             out["w:" + t.name] = window
             if self.truth:
@@ -331,9 +336,9 @@ class BatchBuilder:
             vals = np.zeros(n, dtype=np.float32)
         else:
             raise err(f"dense feature {f.name!r} must be numeric, got {t}", col, None)
-        keep = present & valid_mask(arr)
+        keep = present & valid_mask(arr) if arr.null_count else present
         with np.errstate(over="ignore", invalid="ignore"):
-            v32 = vals.astype(np.float32)
+            v32 = vals.astype(np.float32, copy=False)
         bad = keep & ~np.isfinite(v32)
         if bad.any():
             i = first_true(bad)
@@ -353,6 +358,11 @@ class BatchBuilder:
             return empty, (empty if f.timestamps_column else None)
         arr = _decode(column(table, col))
         t = arr.type
+        if f.kind == "sparse" and is_int(t) and not arr.null_count and n and present.all():
+            ids = int_values(arr)  # one id per row, all present: in range -> a zero-copy bag per row
+            if int(ids.min()) >= 0 and int(ids.max()) < f.num_embeddings:
+                values = arr if t == pa.int64() else pa.array(ids, type=pa.int64())
+                return pa.LargeListArray.from_arrays(self._arange_offsets(n), values), None
         if pa.types.is_null(t):  # an all-null column (e.g. an empty CSV column)
             if f.kind == "sequence" and present.any():
                 raise err(f"null list in sequence feature {f.name!r}", col, first_true(present))
@@ -430,6 +440,13 @@ class BatchBuilder:
             ts_vals = stamps if stamps is not None else np.zeros(len(ids), dtype=np.int64)
             ts_arr = pa.LargeListArray.from_arrays(off_arr, pa.array(ts_vals, type=pa.int64()))
         return bag, ts_arr
+
+    def _arange_offsets(self, n: int) -> pa.Array:
+        """``0 .. n`` as an int64 Arrow array (list offsets of one value per row), cached."""
+        cached = self._arange_cache
+        if cached is None or len(cached) < n + 1:
+            cached = self._arange_cache = pa.array(np.arange(max(n + 1, 65537), dtype=np.int64))
+        return cached.slice(0, n + 1)
 
     def _fast_path(self, table, f: FeatureSpec, arr, child, rel, lengths, present, names):
         """Zero-copy ``(bag, timestamps)`` when a column needs no change: every row present, no nulls,
@@ -526,6 +543,10 @@ class BatchBuilder:
             return pa.nulls(n, type=pa.float32()), no_window
         arr = _decode(column(table, col))
         ty = arr.type
+        if t.kind == "binary" and not t.windows and is_int(ty) and not arr.null_count and n and present.all():
+            v = primitive_view(arr)  # integers: finite; 0/1 checked by range
+            if int(v.min()) >= 0 and int(v.max()) <= 1:
+                return pa.array(v.astype(np.float32), type=pa.float32()), no_window
         if pa.types.is_floating(ty) or is_int(ty):
             vals = primitive_view(arr).astype(np.float64)
         elif pa.types.is_boolean(ty):
@@ -587,6 +608,10 @@ class BatchBuilder:
         arr = _decode(column(table, col))
         if not (pa.types.is_floating(arr.type) or is_int(arr.type)):
             raise err(f"true-probability column must be numeric, got {arr.type}", col, None)
+        if arr.type == pa.float32() and not arr.null_count and len(arr):
+            v = primitive_view(arr)
+            if v.min() >= 0 and v.max() <= 1:  # NaN fails both: the general path names it
+                return arr
         v = primitive_view(arr).astype(np.float64)
         valid = valid_mask(arr)
         bad = valid & ~((v >= 0) & (v <= 1))
