@@ -53,6 +53,21 @@ def test_exactly_once_across_2_workers_x_2_ranks(dataset_dir, shuffle, batch_siz
             assert n == ds.num_batches(num_workers=2, rank=r, world_size=2)
 
 
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_read_ahead_threads_do_not_change_batches(dataset_dir, shuffle):
+    """Units decoded by several read-ahead threads (or none) give the very same batches."""
+    schema = simple_schema()
+    def batches(**kw):
+        ds = ParquetBatchDataset(dataset_dir, schema, batch_size=90, shuffle=shuffle, shuffle_buffer=200, seed=3, **kw)
+        return [b for r in range(2) for b in ds.iter_shard(1, r, 2, 0, 1)]
+    want = batches(readahead=0)
+    for kw in (dict(readahead=2, read_threads=1), dict(readahead=3, read_threads=2)):
+        got = batches(**kw)
+        assert len(got) == len(want)
+        for x, y in zip(got, want):
+            assert_batch_equal(x, y)
+
+
 def test_shuffle_is_seeded_and_reshuffles_every_epoch(dataset_dir):
     schema = simple_schema()
     a = ParquetBatchDataset(dataset_dir, schema, batch_size=50, shuffle=True, shuffle_buffer=300, seed=1)

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 import warnings
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -330,8 +331,11 @@ class ParquetBatchDataset(IterableDataset):
         even_batches: make every rank yield the same number of batches (DDP) by stopping each rank at the
             smallest rank's count; the rows this leaves out are logged.
         rank, world_size: override the ``torch.distributed`` ones (tests, custom launchers).
-        readahead: units (row groups / CSV blocks) read and prepared ahead in a background thread, so
+        readahead: units (row groups / CSV blocks) read and prepared ahead in background threads, so
             Parquet decoding overlaps batch building (0: read in the consuming thread).
+        read_threads: threads reading and preparing those units (Parquet decoding and most numpy work
+            release the GIL, so on a host with spare cores several units decode at once; on a busy
+            2-core host 1 costs the least CPU). CSV input always uses 1 (a CSV file streams in order).
     """
 
     def __init__(
@@ -353,6 +357,7 @@ class ParquetBatchDataset(IterableDataset):
         rank: Optional[int] = None,
         world_size: Optional[int] = None,
         readahead: int = 2,
+        read_threads: int = 1,
     ) -> None:
         super().__init__()
         if batch_size <= 0:
@@ -375,6 +380,8 @@ class ParquetBatchDataset(IterableDataset):
         self.rank = rank
         self.world_size = world_size
         self.readahead = int(readahead)
+        self.read_threads = int(read_threads)
+        self._local = threading.local()
         self.num_workers = 0  # set by LatticeDataLoader
         self._plan: Optional[ReadPlan] = None
         self._builder: Optional[BatchBuilder] = None
@@ -386,6 +393,7 @@ class ParquetBatchDataset(IterableDataset):
     def __getstate__(self):
         state = dict(self.__dict__)
         state["_reader"] = None
+        state["_local"] = None
         return state
 
     # ---- plan -----------------------------------------------------------------------------------
@@ -416,9 +424,17 @@ class ParquetBatchDataset(IterableDataset):
         return self.plan.total_rows
 
     def _chunk_reader(self) -> ChunkReader:
-        if self._reader is None:
-            self._reader = ChunkReader()
-        return self._reader
+        """This thread's reader (read-ahead threads each keep their own open files)."""
+        if threading.current_thread() is threading.main_thread():
+            if self._reader is None:
+                self._reader = ChunkReader()
+            return self._reader
+        if getattr(self, "_local", None) is None:
+            self._local = threading.local()
+        reader = getattr(self._local, "reader", None)
+        if reader is None:
+            reader = self._local.reader = ChunkReader()
+        return reader
 
     def _rank_world(self) -> Tuple[int, int]:
         r, w = _dist_rank_world()
@@ -505,7 +521,8 @@ class ParquetBatchDataset(IterableDataset):
         emitted = skip
         start = skip * B
         first_slice = int(np.searchsorted(bounds, (start // C) * C, side="right") - 1)
-        units = _UnitLoader(self, plan, [u for u, _, _ in slices[first_slice:]], self.readahead)
+        threads = 1 if any(f.format == "csv" for f in plan.files) else self.read_threads  # CSV streams in order
+        units = _UnitLoader(self, plan, [u for u, _, _ in slices[first_slice:]], self.readahead, threads)
         try:
             for j in range(start // C, math.ceil(n_rows / C)):
                 lo, hi = j * C, min((j + 1) * C, n_rows)
@@ -616,7 +633,8 @@ class _UnitLoader:
     units are read and prepared by one background thread (pyarrow and numpy release the GIL, so
     decoding overlaps batch building); the last two are kept for windows that straddle them."""
 
-    def __init__(self, dataset: ParquetBatchDataset, plan: ReadPlan, order: List[int], ahead: int) -> None:
+    def __init__(self, dataset: ParquetBatchDataset, plan: ReadPlan, order: List[int], ahead: int,
+                 threads: int = 1) -> None:
         self.dataset, self.plan, self.ahead = dataset, plan, ahead
         self.order = list(dict.fromkeys(order))  # consecutive slices of one unit: read once
         self.pos = {u: i for i, u in enumerate(self.order)}
@@ -626,27 +644,22 @@ class _UnitLoader:
         if ahead > 0:
             from concurrent.futures import ThreadPoolExecutor
 
-            self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lattice-readahead")
+            self.pool = ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="lattice-readahead")
 
     def get(self, unit: int) -> Block:
-        table = self.cache.get(unit)
-        if table is None:
-            future = self.pending.pop(unit, None)
-            table = future.result() if future is not None else self._load(unit)
-            self.cache[unit] = table
-            while len(self.cache) > 2:
-                self.cache.popitem(last=False)
-        if self.pool is not None:  # keep the next units coming
+        block = self.cache.get(unit)
+        if self.pool is not None:  # keep this unit and the next ones coming
             i = self.pos.get(unit, -1)
-            for nxt in self.order[i + 1: i + 1 + self.ahead]:
+            for nxt in ([unit] if block is None else []) + self.order[i + 1: i + 1 + self.ahead]:
                 if nxt not in self.cache and nxt not in self.pending:
                     self.pending[nxt] = self.pool.submit(self.dataset.load_block, self.plan, nxt)
-        return table
-
-    def _load(self, unit: int) -> Block:
-        if self.pool is None:
-            return self.dataset.load_block(self.plan, unit)
-        return self.pool.submit(self.dataset.load_block, self.plan, unit).result()  # one reader thread
+        if block is None:
+            future = self.pending.pop(unit, None)
+            block = future.result() if future is not None else self.dataset.load_block(self.plan, unit)
+            self.cache[unit] = block
+            while len(self.cache) > 2:
+                self.cache.popitem(last=False)
+        return block
 
     def close(self) -> None:
         for future in self.pending.values():
