@@ -209,7 +209,7 @@ class _Arena:
     """Output buffers carved out of a single allocation (64-byte aligned views); in shared memory when
     ``shared``, so a DataLoader worker passes them as one block instead of one per tensor."""
 
-    def __init__(self, specs: Dict[str, Tuple[Tuple[int, ...], np.dtype]], shared: bool) -> None:
+    def __init__(self, specs: Dict[str, Tuple[Tuple[int, ...], np.dtype]]) -> None:
         layout, total = [], 0
         for key, (shape, dtype) in specs.items():
             dtype = np.dtype(dtype)
@@ -218,8 +218,14 @@ class _Arena:
                 size *= d
             layout.append((key, total, shape, dtype))
             total += (size * dtype.itemsize + 63) // 64 * 64
-        total = max(total, 64)
-        if shared:
+        self.layout, self.nbytes = layout, max(total, 64)
+
+    def carve(self, shared: bool = False, base: Optional[torch.Tensor] = None) -> "_Arena":
+        """Allocate (or take ``base``, a uint8 tensor of at least :attr:`nbytes`) and cut the views."""
+        total = self.nbytes
+        if base is not None:
+            base_np = base.numpy()
+        elif shared:
             base = torch.empty(0, dtype=torch.uint8).set_(torch.UntypedStorage._new_shared(total))
             base_np = base.numpy()
         else:  # numpy's allocator reuses freed blocks (fresh pages are expensive on some hosts)
@@ -228,7 +234,7 @@ class _Arena:
         typed: Dict[np.dtype, torch.Tensor] = {}
         self.torch: Dict[str, torch.Tensor] = {}
         self.np: Dict[str, np.ndarray] = {}
-        for key, off, shape, dtype in layout:
+        for key, off, shape, dtype in self.layout:
             tb = typed.get(dtype)
             if tb is None:
                 tb = typed[dtype] = base.view(_TORCH_DTYPE[dtype])
@@ -236,8 +242,9 @@ class _Arena:
             for d in reversed(shape):
                 strides.append(st)
                 st *= d
-            self.torch[key] = tb.as_strided(shape, strides[::-1], off // dtype.itemsize)
+            self.torch[key] = tb.as_strided(shape, strides[::-1], tb.storage_offset() + off // dtype.itemsize)
             self.np[key] = np.ndarray(shape, dtype, buffer=base_np, offset=off)
+        return self
 
 
 def _count(rows: Rows) -> int:
@@ -385,13 +392,14 @@ def _kjt(keys: List[str], values: torch.Tensor, lengths: torch.Tensor, offsets: 
                              validate=False)  # assemble guarantees the invariants
 
 
-def assemble(segments: Sequence[Tuple[Block, Rows]], spec: BlockSpec, shared: bool = False) -> Batch:
+def assemble(segments: Sequence[Tuple[Block, Rows]], spec: BlockSpec, shared: bool = False, ring=None) -> Batch:
     """The :class:`Batch` of the concatenated rows of ``segments`` (``(block, (a, b))`` for rows
     ``a..b-1``, or ``(block, rows)`` with sorted ``int64`` indices).
 
     The per-row tensors are views of one buffer and the jagged parts views of another (two
     allocations per batch; in shared memory when ``shared``); ``.clone()`` a tensor kept long after
-    the step to let its batch go."""
+    the step to let its batch go. With ``ring`` (a :class:`~lattice.data.transfer.WorkerRing`) both
+    lie in one of its free slots when there is one."""
     segments = [(blk, r) for blk, r in segments if _count(r) > 0] or list(segments[:1])
     B = sum(_count(r) for _, r in segments)
     Fs, Fq = len(spec.sparse), len(spec.seq)
@@ -410,7 +418,15 @@ def assemble(segments: Sequence[Tuple[Block, Rows]], spec: BlockSpec, shared: bo
     if spec.seq_ts:
         jagged["t_values"] = ((sum(q_tot),), np.int64)
     # two blocks: per-row tensors (small; metrics may keep ids/labels) and the jagged parts (large)
-    rowwise, out = _Arena(row_specs, shared), _Arena(jagged, shared)
+    rowwise, out = _Arena(row_specs), _Arena(jagged)
+    slot = None if ring is None else ring.acquire(rowwise.nbytes, rowwise.nbytes + out.nbytes)
+    if slot is not None:
+        base = torch.empty(0, dtype=torch.uint8).set_(slot)
+        rowwise.carve(base=base[: rowwise.nbytes])
+        out.carve(base=base[rowwise.nbytes: rowwise.nbytes + out.nbytes])
+    else:
+        rowwise.carve(shared)
+        out.carve(shared)
     n = {**rowwise.np, **out.np}
     t = {**rowwise.torch, **out.torch}
     pos = 0

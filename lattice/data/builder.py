@@ -640,13 +640,14 @@ class BatchBuilder:
         numpy layout batches are cut from (convert a chunk once, then cut many batches from it)."""
         return Block.from_table(table, self.block_spec)
 
-    def assemble(self, segments: Sequence[Tuple[Block, Rows]], shared: Optional[bool] = None) -> Batch:
+    def assemble(self, segments: Sequence[Tuple[Block, Rows]], shared: Optional[bool] = None, ring=None) -> Batch:
         """The :class:`Batch` of the concatenated rows of ``segments``: ``(block, (a, b))`` for rows
         ``a..b-1`` of a block, or ``(block, rows)`` with sorted int64 row indices (see :func:`assemble`).
-        ``shared``: put the batch in shared memory (default: inside a DataLoader worker)."""
+        ``shared``: put the batch in shared memory (default: inside a DataLoader worker); ``ring``: in
+        a free slot of this :class:`~lattice.data.transfer.WorkerRing` when there is one."""
         if shared is None:
             shared = get_worker_info() is not None
-        return assemble(segments, self.block_spec, shared)
+        return assemble(segments, self.block_spec, shared, ring)
 
     def build(self, table: pa.Table, rows: Optional[np.ndarray] = None, shared: Optional[bool] = None) -> Batch:
         """A :class:`Batch` from a prepared table (or any slice/concatenation of prepared tables).

@@ -15,8 +15,10 @@ How an epoch is read:
    converted to a :class:`~lattice.data.block.Block` (numpy views in the layout batches are cut
    from), in a read-ahead thread so Parquet decoding overlaps batch building; every batch is
    assembled from row ranges (in order) or sorted row indices (shuffled) of the blocks it spans
-   (:meth:`BatchBuilder.assemble`), without concatenating chunks; in a DataLoader worker the batch
-   lands in two shared-memory blocks, handed to the main process without a copy per tensor.
+   (:meth:`BatchBuilder.assemble`), without concatenating chunks. In a DataLoader worker of a
+   :class:`LatticeDataLoader` the batch is assembled into one of a few shared-memory slots the
+   worker reuses, and the main process copies it out (one copy per block) and hands the slot back
+   (:mod:`lattice.data.transfer`): fresh shared memory per batch would cost a page fault per page.
 
 Parquet row-group statistics are checked at plan time too (ids outside ``[0, num_embeddings)`` under
 ``oov: error``, binary labels outside {0, 1}), so such files fail before training starts.
@@ -43,6 +45,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from lattice.data.batch import Batch
 from lattice.data.block import Block
+from lattice.data.transfer import RingBatch, WorkerRing, close_rings, open_rings
 from lattice.data.builder import TRUTH_PREFIX, BatchBuilder, ChunkContext, is_int, is_listlike, is_stringlike
 from lattice.data.errors import DataError
 from lattice.data.schema import Schema
@@ -382,6 +385,7 @@ class ParquetBatchDataset(IterableDataset):
         self.readahead = int(readahead)
         self.read_threads = int(read_threads)
         self._local = threading.local()
+        self._rings = None  # (token, per-worker pipe ends, slots): set by LatticeDataLoader per epoch
         self.num_workers = 0  # set by LatticeDataLoader
         self._plan: Optional[ReadPlan] = None
         self._builder: Optional[BatchBuilder] = None
@@ -497,21 +501,27 @@ class ParquetBatchDataset(IterableDataset):
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
         rank, world = self._rank_world()
-        return self.iter_shard(self._epoch, rank, world, worker, num_workers, self._resume_batches)
+        ring = None
+        if info is not None and self._rings is not None:  # set by LatticeDataLoader for this epoch
+            token, conns, slots = self._rings
+            ring = WorkerRing(token, worker, conns[worker], slots)
+        return self.iter_shard(self._epoch, rank, world, worker, num_workers, self._resume_batches, ring=ring)
 
     def iter_shard(self, epoch: int, rank: int, world_size: int, worker: int, num_workers: int,
-                   resume_batches: int = 0) -> Iterator[Batch]:
+                   resume_batches: int = 0, ring: Optional[WorkerRing] = None) -> Iterator[Batch]:
         """The batches of one worker of one rank in ``epoch``, after this rank has consumed
-        ``resume_batches`` batches (across its workers, round-robin)."""
+        ``resume_batches`` batches (across its workers, round-robin). With ``ring`` (DataLoader
+        workers of a :class:`LatticeDataLoader`) batches are assembled into its shared-memory slots
+        and yielded as :class:`~lattice.data.transfer.RingBatch` es."""
         plan = self.plan
         W = max(1, num_workers)
         quota = self.worker_quota(rank, world_size, W)
         skip = round_robin_take(quota, resume_batches)[worker]
         shard, num_shards = rank * W + worker, world_size * W
-        return self._shard_batches(plan, epoch, shard, num_shards, skip, quota[worker])
+        return self._shard_batches(plan, epoch, shard, num_shards, skip, quota[worker], ring)
 
     def _shard_batches(self, plan: ReadPlan, epoch: int, shard: int, num_shards: int, skip: int,
-                       quota: int) -> Iterator[Batch]:
+                       quota: int, ring: Optional[WorkerRing] = None) -> Iterator[Batch]:
         slices = plan.shard_slices(epoch, self.shuffle, self.seed, shard, num_shards)
         n_rows = sum(b - a for _, a, b in slices)
         B, C = self.batch_size, self.window
@@ -543,11 +553,11 @@ class ParquetBatchDataset(IterableDataset):
                     else:
                         # sorted rows: same batch content, forward memory access
                         segments = _row_segments(parts, ends, np.sort(perm[off: off + n]))
-                    batch = self.builder.assemble(segments)
+                    batch = self.builder.assemble(segments, ring=ring)
                     if self.teacher is not None:
                         batch = self.teacher.join(batch)
                     emitted += 1
-                    yield batch
+                    yield batch if ring is None else ring.wrap(batch)
         finally:
             units.close()
 
@@ -686,11 +696,14 @@ class LatticeDataLoader(DataLoader):
 
     ``persistent_workers`` is not supported: the epoch and position travel to the workers with the
     dataset at the start of each epoch.
+
+    ``ring_slots``: shared-memory slots per worker that batches are handed over in and reused
+    (default ``prefetch_factor + 2``; 0: a fresh shared-memory block per batch, as a plain DataLoader).
     """
 
     def __init__(self, dataset: ParquetBatchDataset, num_workers: int = 0, pin_memory: bool = False,
                  timeout: float = 0, prefetch_factor: Optional[int] = None, multiprocessing_context=None,
-                 **kwargs: Any) -> None:
+                 ring_slots: Optional[int] = None, **kwargs: Any) -> None:
         if kwargs.get("persistent_workers"):
             raise ValueError("LatticeDataLoader does not support persistent_workers (the epoch and resume "
                              "position are sent to fresh workers each epoch)")
@@ -715,6 +728,8 @@ class LatticeDataLoader(DataLoader):
                          pin_memory=pin_memory, timeout=timeout, **extra, **kwargs)
         self._next_epoch = 0
         self._next_skip = 0
+        # batches in flight per worker: prefetch_factor queued + one being consumed + one being built
+        self.ring_slots = (int(prefetch_factor or 2) + 2) if ring_slots is None else int(ring_slots)
         self._epoch: Optional[int] = None
         self._consumed = 0
 
@@ -738,12 +753,30 @@ class LatticeDataLoader(DataLoader):
         self.dataset.set_epoch(epoch, skip)
         self._epoch, self._consumed = epoch, skip
         self._next_epoch, self._next_skip = epoch + 1, 0
-        return self._counting(super().__iter__())
+        token = None
+        if self.num_workers > 0 and self.ring_slots > 0:  # workers hand batches over in reused shared memory
+            token, conns = open_rings(self.num_workers, self.multiprocessing_context)
+            self.dataset._rings = (token, conns, self.ring_slots)
+        try:
+            it = super().__iter__()
+        except BaseException:
+            if token is not None:
+                close_rings(token)
+            raise
+        finally:
+            self.dataset._rings = None
+        return self._counting(it, token)
 
-    def _counting(self, it):
-        for batch in it:
-            self._consumed += 1
-            yield batch
+    def _counting(self, it, token=None):
+        try:
+            for batch in it:
+                if isinstance(batch, RingBatch):
+                    batch = batch.materialize()
+                self._consumed += 1
+                yield batch
+        finally:
+            if token is not None:
+                close_rings(token)
 
     def _layout(self) -> Dict[str, Any]:
         rank, world = self.dataset._rank_world()
