@@ -261,3 +261,15 @@ def test_empty_sequences_and_no_sequence_features():
     assert batch.sparse.keys() == [] and batch.sequences.keys() == []
     assert batch.sparse.stride() == 2 and batch.sequence_timestamps is None
     assert batch.sparse_mask.shape == (2, 0)
+
+
+def test_build_rejects_out_of_range_rows():
+    import pytest
+
+    schema = simple_schema()
+    b = BatchBuilder(schema)
+    prepared = b.prepare(simple_table(5), ChunkContext("t"))
+    for rows in ([0, 5], [-1, 2]):
+        with pytest.raises(IndexError, match="out of range"):
+            b.build(prepared, np.array(rows))
+    assert b.build(prepared, np.array([4, 4, 0])).example_id.tolist() == [4, 4, 0]

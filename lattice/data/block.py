@@ -29,7 +29,9 @@ from lattice.sparse import KeyedJaggedTensor
 
 __all__ = ["Block", "BlockSpec", "assemble"]
 
-# a segment's rows: a range ``(a, b)`` of the block, or sorted ``int64`` row indices into it
+# a segment's rows: a range ``(a, b)`` of the block, or ``int64`` row indices into it (in range; any
+# order and repeats allowed, sorted reads memory forward). Indices are not checked here: gathers use
+# ``mode="wrap"``, numpy's fastest, which equals the checked result for indices in range.
 Rows = Union[Tuple[int, int], np.ndarray]
 
 
@@ -370,7 +372,7 @@ def _fill_values(segments, kind: str, seg_starts: List[List[int]], values: np.nd
                     if isinstance(rows, tuple):
                         values[at: at + m] = ids[rows[0]: rows[1]]
                     else:
-                        np.take(ids, rows, out=values[at: at + m])
+                        np.take(ids, rows, out=values[at: at + m], mode="wrap")
                 continue
             at = starts[part.k]
             if isinstance(rows, tuple):
@@ -379,7 +381,7 @@ def _fill_values(segments, kind: str, seg_starts: List[List[int]], values: np.nd
             else:
                 idx = gathers.take_index(s, part.offsets, rows)
                 if len(idx):
-                    np.take(part.values, idx, out=values[at: at + len(idx)])
+                    np.take(part.values, idx, out=values[at: at + len(idx)], mode="wrap")
 
 
 def _kjt(keys: List[str], values: torch.Tensor, lengths: torch.Tensor, offsets: torch.Tensor, stride: int,
@@ -394,7 +396,7 @@ def _kjt(keys: List[str], values: torch.Tensor, lengths: torch.Tensor, offsets: 
 
 def assemble(segments: Sequence[Tuple[Block, Rows]], spec: BlockSpec, shared: bool = False, ring=None) -> Batch:
     """The :class:`Batch` of the concatenated rows of ``segments`` (``(block, (a, b))`` for rows
-    ``a..b-1``, or ``(block, rows)`` with sorted ``int64`` indices).
+    ``a..b-1``, or ``(block, rows)`` with ``int64`` indices in ``[0, block.n)``, see :data:`Rows`).
 
     The per-row tensors are views of one buffer and the jagged parts views of another (two
     allocations per batch; in shared memory when ``shared``); ``.clone()`` a tensor kept long after
@@ -437,7 +439,7 @@ def assemble(segments: Sequence[Tuple[Block, Rows]], spec: BlockSpec, shared: bo
             if isinstance(rows, tuple):
                 dst[...] = arr[rows[0]: rows[1]]
             else:
-                np.take(arr, rows, axis=0, out=dst)
+                np.take(arr, rows, axis=0, out=dst, mode="wrap")
         pos += m
     if B:
         np.take(spec.sparse_presence, n["domain"], axis=0, out=n["sparse_mask"])

@@ -642,7 +642,7 @@ class BatchBuilder:
 
     def assemble(self, segments: Sequence[Tuple[Block, Rows]], shared: Optional[bool] = None, ring=None) -> Batch:
         """The :class:`Batch` of the concatenated rows of ``segments``: ``(block, (a, b))`` for rows
-        ``a..b-1`` of a block, or ``(block, rows)`` with sorted int64 row indices (see :func:`assemble`).
+        ``a..b-1`` of a block, or ``(block, rows)`` with int64 row indices in range (see :func:`assemble`).
         ``shared``: put the batch in shared memory (default: inside a DataLoader worker); ``ring``: in
         a free slot of this :class:`~lattice.data.transfer.WorkerRing` when there is one."""
         if shared is None:
@@ -662,7 +662,12 @@ class BatchBuilder:
         allocations per batch); ``.clone()`` a tensor kept long after the step to let its batch go.
         """
         block = self.block(table)
-        sel = (0, block.n) if rows is None else np.asarray(rows, dtype=np.int64)
+        if rows is None:
+            return self.assemble([(block, (0, block.n))], shared)
+        sel = np.asarray(rows, dtype=np.int64)
+        if len(sel) and (int(sel.min()) < 0 or int(sel.max()) >= block.n):
+            bad = int(sel[(sel < 0) | (sel >= block.n)][0])
+            raise IndexError(f"row {bad} is out of range for a table of {block.n} rows")
         return self.assemble([(block, sel)], shared)
 
 
