@@ -3,17 +3,17 @@
 A :class:`Block` holds one prepared chunk (a Parquet row group, a CSV block, or any prepared table)
 in the layout batches are cut from, converted once per chunk: per-row fields as row-major arrays
 (``dense [n, Fd]``, ``labels [n, T]``, ...), so a batch's field is one contiguous copy or one
-``take``; sparse features whose every bag holds exactly one id as a ``[R, n]`` id matrix per run of
-such consecutive keys (one 2-D copy for the run); other list features as ``(offsets [n + 1],
-values)``, zero-copy views of the Arrow buffers, with features that have equal offsets (a sequence
-and its timestamps, sequences of one history) sharing one offsets array so a shuffled batch
-computes each gather index once.
+``take``; sparse features whose every bag holds exactly one id as plain id arrays (their offsets
+and lengths are then written without reading any: one arithmetic sequence per run of such keys);
+other list features as ``(offsets [n + 1], values)``. Ids and list parts are zero-copy views of the
+Arrow buffers; features with equal offsets (a sequence and its timestamps, sequences of one
+history) share one offsets array, so a shuffled batch computes each gather index once.
 
-:func:`assemble` cuts a :class:`Batch` from segments of blocks (a row range or sorted row indices of
-each), so a batch that straddles two chunks, or a shuffled batch drawn from a window over two
-chunks, needs no concatenated copy of the chunks. All outputs land in two allocations (shared memory
-inside a DataLoader worker). Nothing loops over rows in Python: per batch the work is a fixed number
-of numpy calls per field, per run of one-id sparse keys, and per list feature.
+:func:`assemble` cuts a :class:`Batch` from segments of blocks (a row range or row indices of each),
+so a batch that straddles two chunks, or a shuffled batch drawn from a window over two chunks,
+needs no concatenated copy of the chunks. All outputs land in two allocations (shared memory inside
+a DataLoader worker). Nothing loops over rows in Python: per batch the work is a fixed number of
+numpy calls per field, per one-id sparse key, and per list feature.
 """
 from __future__ import annotations
 
@@ -172,15 +172,20 @@ class Block:
         if truth is not None:
             rows["true_probs"] = truth
         known: List[np.ndarray] = []  # distinct offsets arrays (shared between equal ones)
+        one_each: Dict[tuple, np.ndarray] = {}  # offsets seen to hold one id per row (prepare shares them),
+        # kept alive so that no other array can take their address meanwhile
 
         def lists(names: Sequence[str], scalars: bool) -> list:
             parts: list = []
             run: List[np.ndarray] = []
             for k, name in enumerate(names):
                 o, v = _list(col(name))
-                if scalars and len(v) and o[-1] - o[0] == n and (np.diff(o) == 1).all():
-                    run.append(v[o[0]: o[-1]])
-                    continue
+                if scalars and len(v) and o[-1] - o[0] == n:
+                    key = (o.__array_interface__["data"][0], len(o))
+                    if key in one_each or (np.diff(o) == 1).all():
+                        one_each[key] = o
+                        run.append(v[o[0]: o[-1]])
+                        continue
                 if run:
                     parts.append(Scalars(k - len(run), run))
                     run = []
