@@ -158,6 +158,31 @@ def test_gathered_rows_match_reference(world, seed):
         assert_batch_equal(builder.build(prepared.slice(a, b - a)), reference_batch(table.slice(a, b - a), schema))
 
 
+@SETTINGS
+@given(worlds(), st.integers(0, 2**31 - 1))
+def test_segments_across_chunks_match_reference(world, seed):
+    """Batches cut from several prepared chunks (the reader's straddling batches and shuffle windows):
+    chunks may lay a feature out differently (one id per row in one, lists or nulls in another)."""
+    schema, table = world
+    rng = np.random.default_rng(seed)
+    n = table.num_rows
+    cuts = sorted(rng.choice(np.arange(1, n), size=min(2, n - 1), replace=False).tolist()) if n > 1 else []
+    bounds = list(zip([0, *cuts], [*cuts, n]))
+    builder = BatchBuilder(schema)
+    blocks = [builder.block(builder.prepare(table.slice(a, b - a), ChunkContext("mem.parquet", row_offset=a)))
+              for a, b in bounds]
+    lo = int(rng.integers(0, n))
+    hi = int(rng.integers(lo + 1, n + 1))
+    segments = [(blk, (max(a, lo) - a, min(b, hi) - a)) for blk, (a, b) in zip(blocks, bounds) if min(b, hi) > max(a, lo)]
+    assert_batch_equal(builder.assemble(segments), reference_batch(table.slice(lo, hi - lo), schema))
+    rows = np.sort(rng.choice(n, size=int(rng.integers(1, n + 1)), replace=False)).astype(np.int64)
+    segments = [(blk, rows[(rows >= a) & (rows < b)] - a) for blk, (a, b) in zip(blocks, bounds)]
+    segments = [(blk, r) for blk, r in segments if len(r)]
+    want = reference_batch(table.take(pa.array(rows)), schema)
+    assert_batch_equal(builder.assemble(segments), want)
+    assert_batch_equal(builder.assemble(segments, shared=True), want)
+
+
 def test_batch_layout_and_dtypes():
     schema = simple_schema()
     table = simple_table(50)
@@ -236,3 +261,15 @@ def test_empty_sequences_and_no_sequence_features():
     assert batch.sparse.keys() == [] and batch.sequences.keys() == []
     assert batch.sparse.stride() == 2 and batch.sequence_timestamps is None
     assert batch.sparse_mask.shape == (2, 0)
+
+
+def test_build_rejects_out_of_range_rows():
+    import pytest
+
+    schema = simple_schema()
+    b = BatchBuilder(schema)
+    prepared = b.prepare(simple_table(5), ChunkContext("t"))
+    for rows in ([0, 5], [-1, 2]):
+        with pytest.raises(IndexError, match="out of range"):
+            b.build(prepared, np.array(rows))
+    assert b.build(prepared, np.array([4, 4, 0])).example_id.tolist() == [4, 4, 0]

@@ -53,6 +53,21 @@ def test_exactly_once_across_2_workers_x_2_ranks(dataset_dir, shuffle, batch_siz
             assert n == ds.num_batches(num_workers=2, rank=r, world_size=2)
 
 
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_read_ahead_threads_do_not_change_batches(dataset_dir, shuffle):
+    """Units decoded by several read-ahead threads (or none) give the very same batches."""
+    schema = simple_schema()
+    def batches(**kw):
+        ds = ParquetBatchDataset(dataset_dir, schema, batch_size=90, shuffle=shuffle, shuffle_buffer=200, seed=3, **kw)
+        return [b for r in range(2) for b in ds.iter_shard(1, r, 2, 0, 1)]
+    want = batches(readahead=0)
+    for kw in (dict(readahead=2, read_threads=1), dict(readahead=3, read_threads=2)):
+        got = batches(**kw)
+        assert len(got) == len(want)
+        for x, y in zip(got, want):
+            assert_batch_equal(x, y)
+
+
 def test_shuffle_is_seeded_and_reshuffles_every_epoch(dataset_dir):
     schema = simple_schema()
     a = ParquetBatchDataset(dataset_dir, schema, batch_size=50, shuffle=True, shuffle_buffer=300, seed=1)
@@ -107,6 +122,27 @@ def test_dataloader_with_workers_reads_everything_once(dataset_dir):
     ids2 = collect_ids(loader)
     assert np.array_equal(np.sort(ids2), np.arange(N)) and not np.array_equal(ids, ids2)
     assert loader.state_dict()["epoch"] == 2
+
+
+@pytest.mark.parametrize("ring_slots", [None, 1, 0])
+def test_worker_batches_equal_in_process_batches(dataset_dir, ring_slots):
+    """Workers hand batches over through reused shared-memory slots (or fresh blocks when none is free,
+    or always with ring_slots=0): every batch arrives intact and stays intact after the slot is reused."""
+    schema = simple_schema()
+    ds = ParquetBatchDataset(dataset_dir, schema, batch_size=40, shuffle=True, shuffle_buffer=120, seed=2)
+    loader = LatticeDataLoader(ds, num_workers=2, ring_slots=ring_slots)
+    got = list(loader)  # epoch 0, compared only after every slot has been reused several times
+    want = {int(b.example_id[0]): b for w in range(2) for b in ds.iter_shard(0, 0, 1, w, 2)}
+    assert len(got) == len(want)
+    for b in got:
+        assert_batch_equal(b, want[int(b.example_id[0])])
+    copied = [not b.sparse.values().is_shared() for b in got]  # copied out of a slot into this process
+    if ring_slots is None:
+        assert all(copied)
+    elif ring_slots == 1:  # a busy slot: that batch came in a fresh block
+        assert any(copied)
+    else:
+        assert not any(copied)
 
 
 @pytest.mark.parametrize("workers", [0, 2])

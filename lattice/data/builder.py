@@ -6,30 +6,30 @@
    absent, sparse/sequence columns to ``list<int64>`` (truncated, empty where absent), labels to
    float32 with a null where masked, Lattice Zipper windows assigned. Untouched columns stay
    zero-copy.
-2. :meth:`BatchBuilder.build` turns any slice or ``take`` of prepared tables into a :class:`Batch`
-   straight from the Arrow buffers: list offsets/values become KeyedJaggedTensor offsets/values
-   (key-major, one concatenation), validity bitmaps become masks. No Python loop over rows anywhere.
+2. :meth:`BatchBuilder.block` turns a prepared table into a :class:`~lattice.data.block.Block`
+   (numpy views of the Arrow buffers in the layout batches are cut from, once per chunk), and
+   :meth:`BatchBuilder.assemble` cuts a :class:`Batch` from row ranges or sorted row indices of blocks:
+   list offsets/values become KeyedJaggedTensor offsets/values (key-major), validity bitmaps masks.
+   :meth:`BatchBuilder.build` does both for one table. No Python loop over rows anywhere.
 
-Shuffling and batching happen between the two, on prepared Arrow tables.
+Shuffling and batching happen between the two steps.
 """
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import torch
 from torch.utils.data import get_worker_info
 
 from lattice.data.batch import Batch
+from lattice.data.block import Block, BlockSpec, Rows, assemble
 from lattice.data.errors import DataError
 from lattice.data.hashing import hash_to_range, string_ids
 from lattice.data.schema import FeatureSpec, Schema, TaskSpec
 from lattice.data import zipper as _zipper
-from lattice.sparse import KeyedJaggedTensor
 
 __all__ = ["BatchBuilder", "ChunkContext", "TRUTH_PREFIX", "EXAMPLE_ID_FILE_SHIFT"]
 
@@ -39,22 +39,6 @@ EXAMPLE_ID_FILE_SHIFT = 40
 
 # prepared-table column names
 _DOMAIN, _EXAMPLE_ID, _USER, _ITEM, _TS, _ROW = "_domain", "_example_id", "_user_id", "_item_id", "_timestamp", "_row"
-
-_KJT_PARAMS = set(inspect.signature(KeyedJaggedTensor.__init__).parameters)
-
-
-def _kjt(keys: List[str], values: torch.Tensor, lengths: torch.Tensor, offsets: torch.Tensor, stride: int,
-         length_per_key: List[int]) -> KeyedJaggedTensor:
-    kwargs = dict(lengths=lengths, offsets=offsets, stride=stride)
-    if "length_per_key" in _KJT_PARAMS:
-        offset_per_key = [0]
-        for n in length_per_key:
-            offset_per_key.append(offset_per_key[-1] + int(n))
-        kwargs.update(length_per_key=[int(n) for n in length_per_key], offset_per_key=offset_per_key)
-    if "validate" in _KJT_PARAMS:
-        kwargs["validate"] = False  # the builder guarantees the invariants
-    return KeyedJaggedTensor(keys, values, **kwargs)
-
 
 @dataclass
 class ChunkContext:
@@ -198,6 +182,8 @@ class BatchBuilder:
         self._task_presence = schema.task_presence()
         self._domain_names = pa.array(schema.domain_names, type=pa.string())
         self._seq_ts = any(f.timestamps_column for f in self._seq)
+        self._block_spec: Optional[BlockSpec] = None
+        self._arange_cache: Optional[pa.Array] = None
 
     # ---- step 1: raw chunk -> prepared table ----------------------------------------------------
     def required_columns(self, available: Sequence[str]) -> List[str]:
@@ -236,22 +222,26 @@ class BatchBuilder:
         out[_USER], out[_ITEM], out[_TS] = (pa.array(x, type=pa.int64()) for x in (user, item, ts))
         out[_ROW] = pa.array(file_rows, type=pa.int64())
 
+        everywhere = np.ones(n, dtype=bool)
+
+        def present(matrix: np.ndarray, j: int) -> np.ndarray:
+            """``[n]`` bool: does each row's domain have feature/task ``j``."""
+            col = matrix[:, j]
+            return everywhere if col.all() else col[domain]
+
         # -- dense
-        pres = self._presence["dense"][domain] if n else np.zeros((0, len(self._dense)), bool)
         for j, f in enumerate(self._dense):
-            out["f:" + f.name] = self._dense_column(table, f, pres[:, j], names, err)
+            out["f:" + f.name] = self._dense_column(table, f, present(self._presence["dense"], j), names, err)
         # -- sparse / sequence
         for kind, feats in (("sparse", self._sparse), ("sequence", self._seq)):
-            pres = self._presence[kind][domain] if n else np.zeros((0, len(feats)), bool)
             for j, f in enumerate(feats):
-                bag, stamps = self._id_list_column(table, f, pres[:, j], names, err)
+                bag, stamps = self._id_list_column(table, f, present(self._presence[kind], j), names, err)
                 out["f:" + f.name] = bag
                 if kind == "sequence" and self._seq_ts:
                     out["ts:" + f.name] = stamps
         # -- labels
-        tpres = self._task_presence[domain] if n else np.zeros((0, len(s.tasks)), bool)
         for j, t in enumerate(s.tasks):
-            label, window = self._label_column(table, t, tpres[:, j], names, err, user, item, ts)
+            label, window = self._label_column(table, t, present(self._task_presence, j), names, err, user, item, ts)
             out["l:" + t.name] = label
             out["w:" + t.name] = window
             if self.truth:
@@ -346,9 +336,9 @@ class BatchBuilder:
             vals = np.zeros(n, dtype=np.float32)
         else:
             raise err(f"dense feature {f.name!r} must be numeric, got {t}", col, None)
-        keep = present & valid_mask(arr)
+        keep = present & valid_mask(arr) if arr.null_count else present
         with np.errstate(over="ignore", invalid="ignore"):
-            v32 = vals.astype(np.float32)
+            v32 = vals.astype(np.float32, copy=False)
         bad = keep & ~np.isfinite(v32)
         if bad.any():
             i = first_true(bad)
@@ -368,6 +358,11 @@ class BatchBuilder:
             return empty, (empty if f.timestamps_column else None)
         arr = _decode(column(table, col))
         t = arr.type
+        if f.kind == "sparse" and is_int(t) and not arr.null_count and n and present.all():
+            ids = int_values(arr)  # one id per row, all present: in range -> a zero-copy bag per row
+            if int(ids.min()) >= 0 and int(ids.max()) < f.num_embeddings:
+                values = arr if t == pa.int64() else pa.array(ids, type=pa.int64())
+                return pa.LargeListArray.from_arrays(self._arange_offsets(n), values), None
         if pa.types.is_null(t):  # an all-null column (e.g. an empty CSV column)
             if f.kind == "sequence" and present.any():
                 raise err(f"null list in sequence feature {f.name!r}", col, first_true(present))
@@ -445,6 +440,13 @@ class BatchBuilder:
             ts_vals = stamps if stamps is not None else np.zeros(len(ids), dtype=np.int64)
             ts_arr = pa.LargeListArray.from_arrays(off_arr, pa.array(ts_vals, type=pa.int64()))
         return bag, ts_arr
+
+    def _arange_offsets(self, n: int) -> pa.Array:
+        """``0 .. n`` as an int64 Arrow array (list offsets of one value per row), cached."""
+        cached = self._arange_cache
+        if cached is None or len(cached) < n + 1:
+            cached = self._arange_cache = pa.array(np.arange(max(n + 1, 65537), dtype=np.int64))
+        return cached.slice(0, n + 1)
 
     def _fast_path(self, table, f: FeatureSpec, arr, child, rel, lengths, present, names):
         """Zero-copy ``(bag, timestamps)`` when a column needs no change: every row present, no nulls,
@@ -541,6 +543,10 @@ class BatchBuilder:
             return pa.nulls(n, type=pa.float32()), no_window
         arr = _decode(column(table, col))
         ty = arr.type
+        if t.kind == "binary" and not t.windows and is_int(ty) and not arr.null_count and n and present.all():
+            v = primitive_view(arr)  # integers: finite; 0/1 checked by range
+            if int(v.min()) >= 0 and int(v.max()) <= 1:
+                return pa.array(v.astype(np.float32), type=pa.float32()), no_window
         if pa.types.is_floating(ty) or is_int(ty):
             vals = primitive_view(arr).astype(np.float64)
         elif pa.types.is_boolean(ty):
@@ -602,6 +608,10 @@ class BatchBuilder:
         arr = _decode(column(table, col))
         if not (pa.types.is_floating(arr.type) or is_int(arr.type)):
             raise err(f"true-probability column must be numeric, got {arr.type}", col, None)
+        if arr.type == pa.float32() and not arr.null_count and len(arr):
+            v = primitive_view(arr)
+            if v.min() >= 0 and v.max() <= 1:  # NaN fails both: the general path names it
+                return arr
         v = primitive_view(arr).astype(np.float64)
         valid = valid_mask(arr)
         bad = valid & ~((v >= 0) & (v <= 1))
@@ -611,182 +621,54 @@ class BatchBuilder:
         return pa.array(np.where(valid, v, 0).astype(np.float32), type=pa.float32(), mask=~valid)
 
     # ---- step 2: prepared table -> Batch ---------------------------------------------------------
+    @property
+    def block_spec(self) -> BlockSpec:
+        if self._block_spec is None:
+            s = self.schema
+            self._block_spec = BlockSpec(
+                dense=["f:" + f.name for f in self._dense], sparse=["f:" + f.name for f in self._sparse],
+                seq=["f:" + f.name for f in self._seq],
+                seq_ts=["ts:" + f.name for f in self._seq] if self._seq_ts else [],
+                tasks=[t.name for t in s.tasks], truth=self.truth,
+                sparse_keys=[f.name for f in self._sparse], seq_keys=[f.name for f in self._seq],
+                sparse_presence=np.ascontiguousarray(self._presence["sparse"]),
+            )
+        return self._block_spec
+
+    def block(self, table: pa.Table) -> Block:
+        """A prepared table (or any slice/concatenation of prepared tables) as a :class:`Block`, the
+        numpy layout batches are cut from (convert a chunk once, then cut many batches from it)."""
+        return Block.from_table(table, self.block_spec)
+
+    def assemble(self, segments: Sequence[Tuple[Block, Rows]], shared: Optional[bool] = None, ring=None) -> Batch:
+        """The :class:`Batch` of the concatenated rows of ``segments``: ``(block, (a, b))`` for rows
+        ``a..b-1`` of a block, or ``(block, rows)`` with int64 row indices in range (see :func:`assemble`).
+        ``shared``: put the batch in shared memory (default: inside a DataLoader worker); ``ring``: in
+        a free slot of this :class:`~lattice.data.transfer.WorkerRing` when there is one."""
+        if shared is None:
+            shared = get_worker_info() is not None
+        return assemble(segments, self.block_spec, shared, ring)
+
     def build(self, table: pa.Table, rows: Optional[np.ndarray] = None, shared: Optional[bool] = None) -> Batch:
         """A :class:`Batch` from a prepared table (or any slice/concatenation of prepared tables).
 
         Args:
             table: prepared rows.
-            rows: optional ``[B]`` int64 row indices into ``table`` (a shuffled batch); values are gathered
-                straight from the Arrow buffers into the batch tensors, one pass, no intermediate table.
+            rows: optional ``[B]`` int64 row indices into ``table`` (a shuffled batch).
             shared: put every tensor of the batch in one shared-memory block, so a DataLoader worker hands
                 it to the main process without copying each tensor (default: inside a DataLoader worker).
 
         The per-row tensors are views of one buffer and the jagged parts views of another (two
         allocations per batch); ``.clone()`` a tensor kept long after the step to let its batch go.
         """
-        s = self.schema
-        B = table.num_rows if rows is None else len(rows)
-        if shared is None:
-            shared = get_worker_info() is not None
-        position = {name: i for i, name in enumerate(table.schema.names)}
-
-        def column(name: str) -> pa.Array:  # by position: name lookups are slow in pyarrow
-            col = table.column(position[name])
-            return col.chunk(0) if col.num_chunks == 1 else col.combine_chunks()
-
-        def pick(x: np.ndarray) -> np.ndarray:
-            return x if rows is None else x[rows]
-
-        lists = {
-            "s": _list_info([column("f:" + f.name) for f in self._sparse], rows),
-            "q": _list_info([column("f:" + f.name) for f in self._seq], rows),
-        }
-        if self._seq_ts:
-            lists["t"] = _list_info([column("ts:" + f.name) for f in self._seq], rows)
-        Fd, Fs, Fq, T = len(self._dense), len(self._sparse), len(self._seq), len(s.tasks)
-        specs = {
-            "dense": ((B, Fd), np.float32), "dense_mask": ((B, Fd), np.bool_), "sparse_mask": ((B, Fs), np.bool_),
-            "domain": ((B,), np.int64), "labels": ((B, T), np.float32), "label_mask": ((B, T), np.bool_),
-            "label_window": ((B, T), np.int64), "example_id": ((B,), np.int64), "user_id": ((B,), np.int64),
-            "item_id": ((B,), np.int64),
-            "s_offsets": ((Fs * B + 1,), np.int64), "s_lengths": ((Fs * B,), np.int64),
-            "s_values": ((sum(x[4] for x in lists["s"]),), np.int64),
-            "q_offsets": ((Fq * B + 1,), np.int64), "q_lengths": ((Fq * B,), np.int64),
-            "q_values": ((sum(x[4] for x in lists["q"]),), np.int64),
-        }
-        if self.truth:
-            specs["true_probs"] = ((B, T), np.float32)
-        if self._seq_ts:
-            specs["t_values"] = ((sum(x[4] for x in lists["t"]),), np.int64)
-        # two blocks: per-row tensors (small; metrics may keep ids/labels) and the jagged parts (large)
-        jagged = {k: v for k, v in specs.items() if k[:2] in ("s_", "q_", "t_")}
-        rowwise = _Arena({k: v for k, v in specs.items() if k not in jagged}, shared)
-        out = _Arena(jagged, shared)
-        out.np.update(rowwise.np)
-        out.torch.update(rowwise.torch)
-        n = out.np
-        n["domain"][:] = pick(int_values(column(_DOMAIN)))
-        for key, name in (("example_id", _EXAMPLE_ID), ("user_id", _USER), ("item_id", _ITEM)):
-            n[key][:] = pick(int_values(column(name)))
-        # dense
-        for j, f in enumerate(self._dense):
-            arr = column("f:" + f.name)
-            if pa.types.is_null(arr.type):
-                n["dense"][:, j] = 0
-                n["dense_mask"][:, j] = False
-                continue
-            vals = pick(primitive_view(arr))
-            if arr.null_count:
-                valid = pick(valid_mask(arr))
-                n["dense"][:, j] = np.where(valid, vals, np.float32(0))
-                n["dense_mask"][:, j] = valid
-            else:
-                n["dense"][:, j] = vals
-                n["dense_mask"][:, j] = True
-        # labels
-        for j, t in enumerate(s.tasks):
-            arr = column("l:" + t.name)
-            n["label_window"][:, j] = pick(int_values(column("w:" + t.name)))
-            if self.truth:
-                p = column("p:" + t.name)
-                n["true_probs"][:, j] = 0 if pa.types.is_null(p.type) else \
-                    np.where(pick(valid_mask(p)), pick(primitive_view(p)), np.float32(0))
-            if pa.types.is_null(arr.type):
-                n["labels"][:, j] = 0
-                n["label_mask"][:, j] = False
-                continue
-            valid = pick(valid_mask(arr))
-            n["labels"][:, j] = np.where(valid, pick(primitive_view(arr)), np.float32(0))
-            n["label_mask"][:, j] = valid
-        if B:
-            n["sparse_mask"][:] = self._presence["sparse"][n["domain"]]
-        # key-major jagged parts
-        _fill_jagged(lists["s"], B, n["s_offsets"], n["s_lengths"], n["s_values"])
-        _fill_jagged(lists["q"], B, n["q_offsets"], n["q_lengths"], n["q_values"])
-        t = out.torch
-        sparse = _kjt([f.name for f in self._sparse], t["s_values"], t["s_lengths"], t["s_offsets"], B,
-                      [x[4] for x in lists["s"]])
-        seq_keys = [f.name for f in self._seq]
-        sequences = _kjt(seq_keys, t["q_values"], t["q_lengths"], t["q_offsets"], B, [x[4] for x in lists["q"]])
-        seq_ts = None
-        if self._seq_ts:  # same layout as the sequences: shares their lengths and offsets
-            _fill_values(lists["t"], B, n["q_offsets"], n["t_values"])
-            seq_ts = _kjt(seq_keys, t["t_values"], t["q_lengths"], t["q_offsets"], B, [x[4] for x in lists["t"]])
-        return Batch(
-            dense=t["dense"], dense_mask=t["dense_mask"], sparse=sparse, sparse_mask=t["sparse_mask"],
-            sequences=sequences, sequence_timestamps=seq_ts, domain=t["domain"], labels=t["labels"],
-            label_mask=t["label_mask"], label_window=t["label_window"], example_id=t["example_id"],
-            user_id=t["user_id"], item_id=t["item_id"], true_probs=t.get("true_probs"),
-        )
-
-
-class _Arena:
-    """Output buffers carved out of a single allocation (64-byte aligned views); in shared memory when
-    ``shared``, so a DataLoader worker passes them as one block instead of one per tensor."""
-
-    def __init__(self, specs: Dict[str, Tuple[Tuple[int, ...], type]], shared: bool) -> None:
-        layout, total = {}, 0
-        for key, (shape, dtype) in specs.items():
-            nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
-            layout[key] = (total, nbytes, shape, dtype)
-            total += (nbytes + 63) // 64 * 64
-        total = max(total, 64)
-        if shared:
-            base = torch.empty(0, dtype=torch.uint8).set_(torch.UntypedStorage._new_shared(total))
-        else:  # numpy's allocator reuses freed blocks (fresh pages are expensive on some hosts)
-            base = torch.from_numpy(np.empty(total, dtype=np.uint8))
-        self.torch: Dict[str, torch.Tensor] = {}
-        self.np: Dict[str, np.ndarray] = {}
-        for key, (off, nbytes, shape, dtype) in layout.items():
-            view = base[off: off + nbytes].view(_TORCH_DTYPE[np.dtype(dtype)]).view(shape)
-            self.torch[key] = view
-            self.np[key] = view.numpy()
-
-
-_TORCH_DTYPE = {np.dtype(np.int64): torch.int64, np.dtype(np.float32): torch.float32, np.dtype(np.bool_): torch.bool}
-
-
-def _list_info(arrays: List[pa.Array], rows: Optional[np.ndarray]):
-    """Per list array: ``(offsets, values, row starts or None, row lengths or None, total values)``."""
-    info = []
-    for arr in arrays:
-        o, child = list_parts(arr)
-        v = int_values(child)
+        block = self.block(table)
         if rows is None:
-            info.append((o, v, None, None, int(o[-1] - o[0])))
-        else:
-            starts = o[rows]
-            lens = o[rows + 1] - starts
-            info.append((o, v, starts, lens, int(lens.sum())))
-    return info
-
-
-def _fill_jagged(info, B: int, offsets: np.ndarray, lengths: np.ndarray, values: np.ndarray) -> None:
-    """Key-major offsets ``[F*B+1]``, lengths ``[F*B]`` and values of several list arrays."""
-    offsets[0] = 0
-    base = 0
-    for i, (o, v, starts, lens, total) in enumerate(info):
-        seg = offsets[1 + i * B: 1 + (i + 1) * B]
-        if starts is None:
-            np.subtract(o[1:], o[0] - base, out=seg)
-        else:
-            np.cumsum(lens, out=seg)
-            seg += base
-        base += total
-    np.subtract(offsets[1:], offsets[:-1], out=lengths)
-    _fill_values(info, B, offsets, values)
-
-
-def _fill_values(info, B: int, offsets: np.ndarray, values: np.ndarray) -> None:
-    """Copy (or gather) each list array's values into its key's slice of ``values``."""
-    for i, (o, v, starts, lens, total) in enumerate(info):
-        at = int(offsets[i * B])
-        out = values[at: at + total]
-        if starts is None:
-            out[:] = v[int(o[0]): int(o[-1])]
-        elif total:
-            out_starts = offsets[i * B: (i + 1) * B] - at  # where each row lands in this key's values
-            np.take(v, np.repeat(starts - out_starts, lens) + np.arange(total, dtype=np.int64), out=out)
+            return self.assemble([(block, (0, block.n))], shared)
+        sel = np.asarray(rows, dtype=np.int64)
+        if len(sel) and (int(sel.min()) < 0 or int(sel.max()) >= block.n):
+            bad = int(sel[(sel < 0) | (sel >= block.n)][0])
+            raise IndexError(f"row {bad} is out of range for a table of {block.n} rows")
+        return self.assemble([(block, sel)], shared)
 
 
 def _ragged_arange(lengths: np.ndarray) -> np.ndarray:

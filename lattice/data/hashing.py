@@ -24,18 +24,30 @@ def splitmix64(x: np.ndarray) -> np.ndarray:
     """The splitmix64 finalizer: a bijective, well-mixed ``uint64 -> uint64`` map."""
     with np.errstate(over="ignore"):
         z = np.asarray(x).astype(np.uint64, copy=True)
+        return _finalize(z)
+
+
+def _finalize(z: np.ndarray) -> np.ndarray:
+    """splitmix64 of ``z`` (uint64) in place (no temporaries beyond one scratch array)."""
+    with np.errstate(over="ignore"):
         z += _GOLDEN
-        z = (z ^ (z >> _S30)) * _M1
-        z = (z ^ (z >> _S27)) * _M2
-        return z ^ (z >> _S31)
+        t = z >> _S30
+        z ^= t
+        z *= _M1
+        np.right_shift(z, _S27, out=t)
+        z ^= t
+        z *= _M2
+        np.right_shift(z, _S31, out=t)
+        z ^= t
+        return z
 
 
 def mix(*columns: np.ndarray, seed: int = 0) -> np.ndarray:
     """Hash several int64 columns (same length) and a seed into one ``uint64`` per row."""
-    h = splitmix64(np.full(len(columns[0]), seed, dtype=np.int64).view(np.uint64))
+    h = splitmix64(np.array([seed], dtype=np.int64).view(np.uint64))  # the same for every row
+    h = np.broadcast_to(h, (len(columns[0]),))
     for col in columns:
-        with np.errstate(over="ignore"):
-            h = splitmix64(h ^ np.asarray(col, dtype=np.int64).view(np.uint64))
+        h = _finalize(np.bitwise_xor(h, np.asarray(col, dtype=np.int64).view(np.uint64)))
     return h
 
 

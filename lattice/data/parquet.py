@@ -11,10 +11,14 @@ How an epoch is read:
    work. A unit on a shard boundary is read by both neighbours, each keeping its own rows.
 3. **Shuffle**: each shard's stream is cut into windows of ``shuffle_buffer`` rows (bounded memory);
    the rows of a window are permuted by ``(seed, epoch, shard, window)`` and cut into batches.
-4. **Build**: every chunk is validated and canonicalized once (:meth:`BatchBuilder.prepare`, in a
-   read-ahead thread so Parquet decoding overlaps batch building) and every batch built straight from
-   the Arrow buffers (:meth:`BatchBuilder.build`); in a DataLoader worker the batch lands in two
-   shared-memory blocks, handed to the main process without a copy per tensor.
+4. **Build**: every chunk is validated and canonicalized once (:meth:`BatchBuilder.prepare`) and
+   converted to a :class:`~lattice.data.block.Block` (numpy views in the layout batches are cut
+   from), in a read-ahead thread so Parquet decoding overlaps batch building; every batch is
+   assembled from row ranges (in order) or sorted row indices (shuffled) of the blocks it spans
+   (:meth:`BatchBuilder.assemble`), without concatenating chunks. In a DataLoader worker of a
+   :class:`LatticeDataLoader` the batch is assembled into one of a few shared-memory slots the
+   worker reuses, and the main process copies it out (one copy per block) and hands the slot back
+   (:mod:`lattice.data.transfer`): fresh shared memory per batch would cost a page fault per page.
 
 Parquet row-group statistics are checked at plan time too (ids outside ``[0, num_embeddings)`` under
 ``oov: error``, binary labels outside {0, 1}), so such files fail before training starts.
@@ -28,6 +32,7 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 import warnings
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -39,6 +44,8 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from lattice.data.batch import Batch
+from lattice.data.block import Block
+from lattice.data.transfer import RingBatch, WorkerRing, close_rings, open_rings
 from lattice.data.builder import TRUTH_PREFIX, BatchBuilder, ChunkContext, is_int, is_listlike, is_stringlike
 from lattice.data.errors import DataError
 from lattice.data.schema import Schema
@@ -327,8 +334,11 @@ class ParquetBatchDataset(IterableDataset):
         even_batches: make every rank yield the same number of batches (DDP) by stopping each rank at the
             smallest rank's count; the rows this leaves out are logged.
         rank, world_size: override the ``torch.distributed`` ones (tests, custom launchers).
-        readahead: units (row groups / CSV blocks) read and prepared ahead in a background thread, so
+        readahead: units (row groups / CSV blocks) read and prepared ahead in background threads, so
             Parquet decoding overlaps batch building (0: read in the consuming thread).
+        read_threads: threads reading and preparing those units (Parquet decoding and most numpy work
+            release the GIL, so on a host with spare cores several units decode at once; on a busy
+            2-core host 1 costs the least CPU). CSV input always uses 1 (a CSV file streams in order).
     """
 
     def __init__(
@@ -350,6 +360,7 @@ class ParquetBatchDataset(IterableDataset):
         rank: Optional[int] = None,
         world_size: Optional[int] = None,
         readahead: int = 2,
+        read_threads: int = 1,
     ) -> None:
         super().__init__()
         if batch_size <= 0:
@@ -372,6 +383,9 @@ class ParquetBatchDataset(IterableDataset):
         self.rank = rank
         self.world_size = world_size
         self.readahead = int(readahead)
+        self.read_threads = int(read_threads)
+        self._local = threading.local()
+        self._rings = None  # (token, per-worker pipe ends, slots): set by LatticeDataLoader per epoch
         self.num_workers = 0  # set by LatticeDataLoader
         self._plan: Optional[ReadPlan] = None
         self._builder: Optional[BatchBuilder] = None
@@ -383,6 +397,7 @@ class ParquetBatchDataset(IterableDataset):
     def __getstate__(self):
         state = dict(self.__dict__)
         state["_reader"] = None
+        state["_local"] = None
         return state
 
     # ---- plan -----------------------------------------------------------------------------------
@@ -413,9 +428,17 @@ class ParquetBatchDataset(IterableDataset):
         return self.plan.total_rows
 
     def _chunk_reader(self) -> ChunkReader:
-        if self._reader is None:
-            self._reader = ChunkReader()
-        return self._reader
+        """This thread's reader (read-ahead threads each keep their own open files)."""
+        if threading.current_thread() is threading.main_thread():
+            if self._reader is None:
+                self._reader = ChunkReader()
+            return self._reader
+        if getattr(self, "_local", None) is None:
+            self._local = threading.local()
+        reader = getattr(self._local, "reader", None)
+        if reader is None:
+            reader = self._local.reader = ChunkReader()
+        return reader
 
     def _rank_world(self) -> Tuple[int, int]:
         r, w = _dist_rank_world()
@@ -478,21 +501,27 @@ class ParquetBatchDataset(IterableDataset):
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
         rank, world = self._rank_world()
-        return self.iter_shard(self._epoch, rank, world, worker, num_workers, self._resume_batches)
+        ring = None
+        if info is not None and self._rings is not None:  # set by LatticeDataLoader for this epoch
+            token, conns, slots = self._rings
+            ring = WorkerRing(token, worker, conns[worker], slots)
+        return self.iter_shard(self._epoch, rank, world, worker, num_workers, self._resume_batches, ring=ring)
 
     def iter_shard(self, epoch: int, rank: int, world_size: int, worker: int, num_workers: int,
-                   resume_batches: int = 0) -> Iterator[Batch]:
+                   resume_batches: int = 0, ring: Optional[WorkerRing] = None) -> Iterator[Batch]:
         """The batches of one worker of one rank in ``epoch``, after this rank has consumed
-        ``resume_batches`` batches (across its workers, round-robin)."""
+        ``resume_batches`` batches (across its workers, round-robin). With ``ring`` (DataLoader
+        workers of a :class:`LatticeDataLoader`) batches are assembled into its shared-memory slots
+        and yielded as :class:`~lattice.data.transfer.RingBatch` es."""
         plan = self.plan
         W = max(1, num_workers)
         quota = self.worker_quota(rank, world_size, W)
         skip = round_robin_take(quota, resume_batches)[worker]
         shard, num_shards = rank * W + worker, world_size * W
-        return self._shard_batches(plan, epoch, shard, num_shards, skip, quota[worker])
+        return self._shard_batches(plan, epoch, shard, num_shards, skip, quota[worker], ring)
 
     def _shard_batches(self, plan: ReadPlan, epoch: int, shard: int, num_shards: int, skip: int,
-                       quota: int) -> Iterator[Batch]:
+                       quota: int, ring: Optional[WorkerRing] = None) -> Iterator[Batch]:
         slices = plan.shard_slices(epoch, self.shuffle, self.seed, shard, num_shards)
         n_rows = sum(b - a for _, a, b in slices)
         B, C = self.batch_size, self.window
@@ -502,16 +531,16 @@ class ParquetBatchDataset(IterableDataset):
         emitted = skip
         start = skip * B
         first_slice = int(np.searchsorted(bounds, (start // C) * C, side="right") - 1)
-        units = _UnitLoader(self, plan, [u for u, _, _ in slices[first_slice:]], self.readahead)
+        threads = 1 if any(f.format == "csv" for f in plan.files) else self.read_threads  # CSV streams in order
+        units = _UnitLoader(self, plan, [u for u, _, _ in slices[first_slice:]], self.readahead, threads)
         try:
             for j in range(start // C, math.ceil(n_rows / C)):
                 lo, hi = j * C, min((j + 1) * C, n_rows)
-                table = self._gather(units, slices, bounds, lo, hi)
+                parts = self._window(units, slices, bounds, lo, hi)
+                ends = np.cumsum([b - a for _, a, b in parts])
                 perm = None
                 if self.shuffle:
                     perm = np.random.default_rng([self.seed, epoch, shard, j, 0x5EED]).permutation(hi - lo)
-                    if table.column(0).num_chunks > 1:
-                        table = table.combine_chunks()
                 first = start - lo if j == start // C else 0
                 for off in range(first, hi - lo, B):
                     if emitted >= quota:
@@ -520,19 +549,21 @@ class ParquetBatchDataset(IterableDataset):
                     if n < B and self.drop_last:
                         return
                     if perm is None:
-                        batch = self.builder.build(table.slice(off, n))
+                        segments = _range_segments(parts, ends, off, off + n)
                     else:
                         # sorted rows: same batch content, forward memory access
-                        batch = self.builder.build(table, np.sort(perm[off: off + n]))
+                        segments = _row_segments(parts, ends, np.sort(perm[off: off + n]))
+                    batch = self.builder.assemble(segments, ring=ring)
                     if self.teacher is not None:
                         batch = self.teacher.join(batch)
                     emitted += 1
-                    yield batch
+                    yield batch if ring is None else ring.wrap(batch)
         finally:
             units.close()
 
     @staticmethod
-    def _gather(units: "_UnitLoader", slices, bounds: np.ndarray, lo: int, hi: int) -> pa.Table:
+    def _window(units: "_UnitLoader", slices, bounds: np.ndarray, lo: int, hi: int) -> List[Tuple[Block, int, int]]:
+        """Rows ``lo..hi-1`` of the shard stream as ``[(block, a, b)]`` (rows ``a..b-1`` of each), in order."""
         parts = []
         k = int(np.searchsorted(bounds, lo, side="right") - 1)
         while k < len(slices) and bounds[k] < hi:
@@ -540,9 +571,9 @@ class ParquetBatchDataset(IterableDataset):
             s0 = int(bounds[k])
             a2 = a + max(0, lo - s0)
             b2 = a + min(hi, int(bounds[k + 1])) - s0
-            parts.append(units.get(unit).slice(a2, b2 - a2))
+            parts.append((units.get(unit), a2, b2))
             k += 1
-        return pa.concat_tables(parts) if len(parts) > 1 else parts[0]
+        return parts
 
     def load_unit(self, plan: ReadPlan, unit_index: int) -> pa.Table:
         """A unit's prepared (validated, canonical, filtered) table."""
@@ -566,6 +597,10 @@ class ParquetBatchDataset(IterableDataset):
         ctx = ChunkContext(info.path, info.chunk_label(unit.chunk), start, info.file_index, info.domain)
         return builder.prepare(raw, ctx, rows=rows)
 
+    def load_block(self, plan: ReadPlan, unit_index: int) -> Block:
+        """A unit's prepared rows as a :class:`Block` (what batches are cut from)."""
+        return self.builder.block(self.load_unit(plan, unit_index))
+
     def validate(self) -> int:
         """Read and check every unit now (before training); returns the number of rows checked."""
         plan = self.plan
@@ -575,42 +610,66 @@ class ParquetBatchDataset(IterableDataset):
         return total
 
 
-class _UnitLoader:
-    """The prepared units of one shard pass, in stream order: the next ``ahead`` units are read and
-    prepared by one background thread (pyarrow and numpy release the GIL, so decoding overlaps batch
-    building); the last two are kept for windows that straddle them."""
+def _range_segments(parts, ends: np.ndarray, lo: int, hi: int) -> List[Tuple[Block, Tuple[int, int]]]:
+    """Window rows ``lo..hi-1`` as ``(block, (a, b))`` segments (``ends``: cumulative part sizes)."""
+    out = []
+    k = int(np.searchsorted(ends, lo, side="right"))
+    while lo < hi:
+        block, a, b = parts[k]
+        s0 = int(ends[k]) - (b - a)
+        take = min(hi, int(ends[k])) - lo
+        out.append((block, (a + lo - s0, a + lo - s0 + take)))
+        lo += take
+        k += 1
+    return out
 
-    def __init__(self, dataset: ParquetBatchDataset, plan: ReadPlan, order: List[int], ahead: int) -> None:
+
+def _row_segments(parts, ends: np.ndarray, rows: np.ndarray) -> List[Tuple[Block, np.ndarray]]:
+    """Sorted window rows as ``(block, local rows)`` segments."""
+    if len(parts) == 1:
+        block, a, _ = parts[0]
+        return [(block, rows + a if a else rows)]
+    cuts = np.searchsorted(rows, ends)
+    out, prev = [], 0
+    for (block, a, b), end, cut in zip(parts, ends, cuts):
+        if cut > prev:
+            out.append((block, rows[prev:cut] - (int(end) - (b - a)) + a))
+        prev = cut
+    return out
+
+
+class _UnitLoader:
+    """The prepared units of one shard pass (as :class:`Block` s), in stream order: the next ``ahead``
+    units are read and prepared by one background thread (pyarrow and numpy release the GIL, so
+    decoding overlaps batch building); the last two are kept for windows that straddle them."""
+
+    def __init__(self, dataset: ParquetBatchDataset, plan: ReadPlan, order: List[int], ahead: int,
+                 threads: int = 1) -> None:
         self.dataset, self.plan, self.ahead = dataset, plan, ahead
         self.order = list(dict.fromkeys(order))  # consecutive slices of one unit: read once
         self.pos = {u: i for i, u in enumerate(self.order)}
-        self.cache: "OrderedDict[int, pa.Table]" = OrderedDict()
+        self.cache: "OrderedDict[int, Block]" = OrderedDict()
         self.pending: Dict[int, Any] = {}
         self.pool = None
         if ahead > 0:
             from concurrent.futures import ThreadPoolExecutor
 
-            self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lattice-readahead")
+            self.pool = ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="lattice-readahead")
 
-    def get(self, unit: int) -> pa.Table:
-        table = self.cache.get(unit)
-        if table is None:
+    def get(self, unit: int) -> Block:
+        block = self.cache.get(unit)
+        if self.pool is not None:  # keep this unit and the next ones coming
+            i = self.pos.get(unit, -1)
+            for nxt in ([unit] if block is None else []) + self.order[i + 1: i + 1 + self.ahead]:
+                if nxt not in self.cache and nxt not in self.pending:
+                    self.pending[nxt] = self.pool.submit(self.dataset.load_block, self.plan, nxt)
+        if block is None:
             future = self.pending.pop(unit, None)
-            table = future.result() if future is not None else self._load(unit)
-            self.cache[unit] = table
+            block = future.result() if future is not None else self.dataset.load_block(self.plan, unit)
+            self.cache[unit] = block
             while len(self.cache) > 2:
                 self.cache.popitem(last=False)
-        if self.pool is not None:  # keep the next units coming
-            i = self.pos.get(unit, -1)
-            for nxt in self.order[i + 1: i + 1 + self.ahead]:
-                if nxt not in self.cache and nxt not in self.pending:
-                    self.pending[nxt] = self.pool.submit(self.dataset.load_unit, self.plan, nxt)
-        return table
-
-    def _load(self, unit: int) -> pa.Table:
-        if self.pool is None:
-            return self.dataset.load_unit(self.plan, unit)
-        return self.pool.submit(self.dataset.load_unit, self.plan, unit).result()  # one reader thread
+        return block
 
     def close(self) -> None:
         for future in self.pending.values():
@@ -637,11 +696,14 @@ class LatticeDataLoader(DataLoader):
 
     ``persistent_workers`` is not supported: the epoch and position travel to the workers with the
     dataset at the start of each epoch.
+
+    ``ring_slots``: shared-memory slots per worker that batches are handed over in and reused
+    (default ``prefetch_factor + 2``; 0: a fresh shared-memory block per batch, as a plain DataLoader).
     """
 
     def __init__(self, dataset: ParquetBatchDataset, num_workers: int = 0, pin_memory: bool = False,
                  timeout: float = 0, prefetch_factor: Optional[int] = None, multiprocessing_context=None,
-                 **kwargs: Any) -> None:
+                 ring_slots: Optional[int] = None, **kwargs: Any) -> None:
         if kwargs.get("persistent_workers"):
             raise ValueError("LatticeDataLoader does not support persistent_workers (the epoch and resume "
                              "position are sent to fresh workers each epoch)")
@@ -666,6 +728,8 @@ class LatticeDataLoader(DataLoader):
                          pin_memory=pin_memory, timeout=timeout, **extra, **kwargs)
         self._next_epoch = 0
         self._next_skip = 0
+        # batches in flight per worker: prefetch_factor queued + one being consumed + one being built
+        self.ring_slots = (int(prefetch_factor or 2) + 2) if ring_slots is None else int(ring_slots)
         self._epoch: Optional[int] = None
         self._consumed = 0
 
@@ -689,12 +753,30 @@ class LatticeDataLoader(DataLoader):
         self.dataset.set_epoch(epoch, skip)
         self._epoch, self._consumed = epoch, skip
         self._next_epoch, self._next_skip = epoch + 1, 0
-        return self._counting(super().__iter__())
+        token = None
+        if self.num_workers > 0 and self.ring_slots > 0:  # workers hand batches over in reused shared memory
+            token, conns = open_rings(self.num_workers, self.multiprocessing_context)
+            self.dataset._rings = (token, conns, self.ring_slots)
+        try:
+            it = super().__iter__()
+        except BaseException:
+            if token is not None:
+                close_rings(token)
+            raise
+        finally:
+            self.dataset._rings = None
+        return self._counting(it, token)
 
-    def _counting(self, it):
-        for batch in it:
-            self._consumed += 1
-            yield batch
+    def _counting(self, it, token=None):
+        try:
+            for batch in it:
+                if isinstance(batch, RingBatch):
+                    batch = batch.materialize()
+                self._consumed += 1
+                yield batch
+        finally:
+            if token is not None:
+                close_rings(token)
 
     def _layout(self) -> Dict[str, Any]:
         rank, world = self.dataset._rank_world()

@@ -36,8 +36,11 @@ def assign_windows(
     u = to_unit_interval(mix(user_id, item_id, timestamp, seed=seed + 0x5A1B))
     cdf = np.cumsum(p)
     cdf[-1] = 1.0 + 1e-12  # every u < 1 lands in a window
-    w = np.searchsorted(cdf, u, side="right")
-    return np.minimum(w, len(p) - 1).astype(np.int64)
+    # searchsorted(cdf, u, side="right") for a handful of windows: count the bounds <= u (cheaper)
+    w = np.zeros(len(u), dtype=np.int64)
+    for bound in cdf[:-1]:
+        w += u >= bound
+    return w
 
 
 def window_labels(label: np.ndarray, delay: np.ndarray, window_seconds: np.ndarray, window: np.ndarray) -> np.ndarray:
