@@ -36,6 +36,17 @@ some domains have would otherwise land, with its presence bit, in rows of domain
 inputs the model never saw in training — and its importance would mix information loss with that
 distribution shift. ``within_domain=False`` permutes over all rows.
 
+How sure a figure is
+--------------------
+Two spreads are reported. ``*_std``: over the repeats, i.e. how much one shuffle of *this* evaluation
+set differs from the next. ``delta_logloss_se``: the standard error of the mean rise over the evaluation
+rows (each labelled row's loss difference, averaged over the repeats, is one paired observation), i.e.
+how much the figure would move on another evaluation set of the same size. The second is the one that
+matters for selection: a model that leans on a feature without real signal (say it memorized the ids
+of a random feature) gets a rise that is nearly the same for every shuffle of one set -- a tiny std --
+but whose sign is that set's luck; only the standard error over rows shows it is indistinguishable from
+zero (:meth:`ImportanceResult.significant`).
+
 Regression tasks (``task_kinds[t] == "regression"``) report the rise of the mean squared error in the
 ``delta_logloss`` slot and NaN for AUC.
 """
