@@ -198,3 +198,109 @@ def test_predict_output_forms(world):
         permutation_importance(lambda b: 3, batches[:1], repeats=1, dense_names=["d0", "d1"])
     with pytest.raises(ValueError, match="shape"):
         permutation_importance(lambda b: base(b)[:, :1], batches[:1], repeats=1, dense_names=["d0", "d1"])
+
+
+def _parallel_world(n=1200, batch_size=400, seed=3):
+    """Two sequence keys that are attributes of the same events (equal lengths per row, shared times):
+    q0 holds ``10 r + j`` (row r, event j), q1 the same ids + 1; timestamps = 1000 r + j."""
+    import dataclasses
+
+    from _select_batches import kjt_from_lists
+
+    from lattice.sparse import KeyedJaggedTensor
+
+    batches, _ = toy_world(n=n, batch_size=batch_size, seed=seed)
+    g = np.random.default_rng(seed)
+    out = []
+    for b in batches:
+        rows = b.example_id.tolist()
+        lens = g.integers(0, 4, size=len(rows))
+        q0 = [[10 * r + j for j in range(int(k))] for r, k in zip(rows, lens)]
+        q1 = [[x + 1 for x in lst] for lst in q0]
+        ts = [[1000 * r + j for j in range(int(k))] for r, k in zip(rows, lens)]
+        seq = kjt_from_lists(["q0", "q1"], [q0, q1])
+        tkjt = kjt_from_lists(["q0", "q1"], [ts, ts])
+        out.append(dataclasses.replace(b, sequences=seq, sequence_timestamps=tkjt))
+    return out
+
+
+class _MaskNetLike:
+    """Refuses parallel sequences of unequal lengths (as the networks' masknet merge does); logit_0 from
+    the parity of the rows the q0 ids came from, so permuting q0 changes it."""
+
+    def __init__(self):
+        self.seen = []
+
+    def __call__(self, batch):
+        lengths = batch.sequences.lengths().view(2, -1)
+        if not torch.equal(lengths[0], lengths[1]):
+            raise ValueError("parallel sequences of unequal lengths")
+        self.seen.append(batch)
+        jt = batch.sequences["q0"]
+        seg = torch.repeat_interleave(torch.arange(jt.lengths().numel()), jt.lengths())
+        odd = torch.zeros(jt.lengths().numel(), dtype=torch.float64).index_add_(0, seg, ((jt.values() // 10) % 3).double())
+        return torch.stack([odd - 0.5, torch.zeros_like(odd)], 1)
+
+
+def test_parallel_sequences_move_among_equal_lengths():
+    from types import SimpleNamespace
+
+    from lattice.select.importance import parallel_sequence_groups
+
+    batches = _parallel_world()
+    ev = gather_eval_set(batches)
+    assert parallel_sequence_groups(ev) == [["q0", "q1"]]  # detected from the data
+    schema = SimpleNamespace(sequence_features=[SimpleNamespace(name="q0", timestamps_column="ts"),
+                                                SimpleNamespace(name="q1", timestamps_column="ts")])
+    assert parallel_sequence_groups(ev, schema) == [["q0", "q1"]]
+    schema.sequence_features[1].timestamps_column = "other"
+    assert parallel_sequence_groups(ev, schema) == []
+    model = _MaskNetLike()
+    res = permutation_importance(model, None, eval_set=ev, repeats=2, features=["q0"], dense_names=["d0", "d1"])
+    assert res.parallel_groups == [["q0", "q1"]]
+    domain = torch.cat([b.domain for b in batches])
+    orig = [tuple(x.tolist()) for b in batches for x in b.sequences["q0"].to_dense()]
+    for rep in range(2):
+        perm = model.seen[len(batches) * (1 + rep): len(batches) * (2 + rep)]
+        new = [tuple(x.tolist()) for b in perm for x in b.sequences["q0"].to_dense()]
+        assert sorted(new) == sorted(orig) and new != orig
+        for r, lst in enumerate(new):
+            assert len(lst) == len(orig[r])  # same number of events
+            if lst:
+                assert int(domain[lst[0] // 10]) == int(domain[r])  # within the domain
+        for b0, b1 in zip(batches, perm):
+            assert torch.equal(b0.sequences["q1"].values(), b1.sequences["q1"].values())  # q1 stays
+            assert torch.equal(b0.sequence_timestamps.values(), b1.sequence_timestamps.values())  # times stay
+    assert res.delta_logloss_mean[0, 0] != 0 and res.delta_logloss_mean[0, 1] == 0
+
+
+def test_row_standard_error_catches_a_memorized_noise_feature(world):
+    """A model leaning hard on a feature that carries no signal: every reshuffle of one evaluation set
+    gives nearly the same rise (the spread over repeats is tiny), but its sign is the luck of the set;
+    the standard error over rows says so, and ``significant`` zeroes it while keeping the real signal."""
+    import dataclasses
+
+    batches, w = world
+    g = np.random.default_rng(11)
+    noisy = []
+    for b in batches:
+        dense = b.dense.clone()
+        dense[:, 1] = torch.from_numpy(g.normal(size=b.batch_size)).float()
+        noisy.append(dataclasses.replace(b, dense=dense, dense_mask=torch.ones_like(b.dense_mask)))
+    base = ToyModel(w)
+
+    def model(batch):
+        out = base(batch)
+        return out + torch.stack([2.0 * batch.dense[:, 1].double(), torch.zeros(batch.batch_size, dtype=torch.float64)], 1)
+
+    res = permutation_importance(model, noisy, repeats=8, seed=0, dense_names=["d0", "d1"], task_names=["t0", "t1"])
+    f, t = res.feature_index, res.task_index
+    se = res.delta_logloss_se
+    assert se.shape == (5, 2) and np.all(se[f("s1")] == 0) and se[f("d0"), t("t0")] > 0
+    d1 = res.delta_logloss_mean[f("d1"), t("t0")]
+    sem_repeats = res.delta_logloss_std[f("d1"), t("t0")] / math.sqrt(8)
+    assert se[f("d1"), t("t0")] > 2 * sem_repeats  # the repeats understate the uncertainty
+    assert abs(d1) > 2 * sem_repeats  # judged by the repeats alone, this set's luck looks significant
+    assert abs(d1) < 2 * se[f("d1"), t("t0")]
+    s = res.significant("logloss", 2.0)
+    assert s[f("d1"), t("t0")] == 0.0 and s[f("d0"), t("t0")] > 0.2

@@ -111,9 +111,10 @@ def run_filter(
         metric: importance used for selection: ``logloss`` (rise) or ``auc`` (drop).
         repeats / seed / max_rows / within_domain / features: see
             :func:`lattice.select.importance.permutation_importance`.
-        significance: for the selection, an importance within this many standard errors (over the
-            repeats) of zero counts as zero (:meth:`ImportanceResult.significant`); ``None`` or 0:
-            use the raw means. The CSV, JSON, table and plot always show the raw means and stds.
+        significance: for the selection, an importance within this many standard errors of zero
+            counts as zero (:meth:`ImportanceResult.significant`: over the evaluation rows for
+            LogLoss, over the repeats for AUC); ``None`` or 0: use the raw means. The CSV, JSON, table
+            and plot always show the raw means and stds (the JSON also the scores selected by).
         compare_weighted_sum: also select by the normalized weighted sum of task importances
             (``task_weights``, default equal) under the same budget; reported side by side.
         plot: write the PNG (needs matplotlib: ``pip install lattice-rec[plot]``; checked before any
@@ -159,7 +160,7 @@ def run_filter(
     files["csv"] = os.path.join(out_dir, "importance.csv")
     write_importance_csv(files["csv"], result, sels)
     files["json"] = os.path.join(out_dir, "importance.json")
-    write_summary_json(files["json"], result, sels, metric=metric)
+    write_summary_json(files["json"], result, sels, metric=metric, scores=scores)
     table = format_importance_table(result, selection, metric=metric, compare=weighted)
     if weighted is not None:
         only_p = sorted(set(selection.names) - set(weighted.names))

@@ -23,12 +23,29 @@ For each (feature, repeat) one permutation ``π`` of the ``N`` rows is drawn fro
 - sparse key: whole lists move (ids, and per-id weights where present) with one jagged row gather of
   that key only; column of ``sparse_mask`` moves with them.
 - sequence key: whole lists move; ``sequence_timestamps`` of the same key move with them.
+- sequence key that is one attribute of *parallel* events (several sequence features naming one
+  ``timestamps_column``, e.g. ``hist_items`` and ``hist_clusters`` timed by ``hist_ts``; the networks
+  fuse them per event and need their lists equally long): ``π`` is drawn among rows with the same
+  number of events (a stratified permutation), so row ``r`` gets another row's item list of its own
+  length; the timestamps belong to the events, not to the attribute, and stay in place. The number of
+  events is still told by the group's other attributes, so no information of this one is kept back.
 
 ``within_domain=True`` (the default) draws ``π`` inside each domain (a stratified permutation: rows of
 domain ``d`` only receive values from rows of domain ``d``). In a multi-domain set a feature that only
 some domains have would otherwise land, with its presence bit, in rows of domains that never have it —
 inputs the model never saw in training — and its importance would mix information loss with that
 distribution shift. ``within_domain=False`` permutes over all rows.
+
+How sure a figure is
+--------------------
+Two spreads are reported. ``*_std``: over the repeats, i.e. how much one shuffle of *this* evaluation
+set differs from the next. ``delta_logloss_se``: the standard error of the mean rise over the evaluation
+rows (each labelled row's loss difference, averaged over the repeats, is one paired observation), i.e.
+how much the figure would move on another evaluation set of the same size. The second is the one that
+matters for selection: a model that leans on a feature without real signal (say it memorized the ids
+of a random feature) gets a rise that is nearly the same for every shuffle of one set -- a tiny std --
+but whose sign is that set's luck; only the standard error over rows shows it is indistinguishable from
+zero (:meth:`ImportanceResult.significant`).
 
 Regression tasks (``task_kinds[t] == "regression"``) report the rise of the mean squared error in the
 ``delta_logloss`` slot and NaN for AUC.
@@ -58,6 +75,7 @@ __all__ = [
     "permutation_importance",
     "feature_refs",
     "permutation_indices",
+    "parallel_sequence_groups",
     "masked_logloss",
     "masked_auc",
 ]
@@ -126,14 +144,32 @@ def masked_logloss(logits: Tensor, labels: Tensor, mask: Tensor, regression: Opt
     Binary tasks: binary cross-entropy with logits. Tasks flagged in ``regression [T]`` (bool): squared
     error. A task without labelled rows gives NaN.
     """
+    m = mask.to(torch.float64)
+    per = _row_losses(logits, labels, regression)
+    n = m.sum(0)
+    return torch.where(n > 0, (per * m).sum(0) / n.clamp_min(1), torch.full_like(n, math.nan))
+
+
+def _row_losses(logits: Tensor, labels: Tensor, regression: Optional[Tensor] = None) -> Tensor:
+    """``[N, T]`` float64 loss of every row and task (unmasked): BCE with logits, squared error for
+    the tasks flagged in ``regression``."""
     x = logits.to(torch.float64)
     y = labels.to(torch.float64)
-    m = mask.to(torch.float64)
     per = F.binary_cross_entropy_with_logits(x, y, reduction="none")
     if regression is not None and bool(regression.any()):
         per = torch.where(regression.to(per.device).unsqueeze(0), (x - y) ** 2, per)
+    return per
+
+
+def _row_standard_error(diff_sum: Tensor, mask: Tensor, repeats: int) -> np.ndarray:
+    """``[T]`` standard error of the mean of the per-row differences ``diff_sum / repeats`` over each
+    task's labelled rows (NaN with fewer than two)."""
+    m = mask.to(torch.float64)
     n = m.sum(0)
-    return torch.where(n > 0, (per * m).sum(0) / n.clamp_min(1), torch.full_like(n, math.nan))
+    d = diff_sum / repeats
+    mean = (d * m).sum(0) / n.clamp_min(1)
+    var = (((d - mean) ** 2) * m).sum(0) / (n - 1).clamp_min(1)
+    return torch.where(n > 1, (var / n.clamp_min(1)).sqrt(), torch.full_like(n, math.nan)).numpy()
 
 
 def _auc_1d(scores: Tensor, positive: Tensor) -> float:
@@ -269,19 +305,53 @@ def gather_eval_set(batches: Iterable[Any], max_rows: Optional[int] = 200_000) -
     )
 
 
-def permutation_indices(domain: np.ndarray, rng: np.random.Generator, within_domain: bool = True) -> np.ndarray:
-    """A permutation ``π [N]`` of the rows; with ``within_domain`` each row maps to a row of its domain.
+def permutation_indices(
+    domain: np.ndarray, rng: np.random.Generator, within_domain: bool = True, strata: Optional[np.ndarray] = None
+) -> np.ndarray:
+    """A permutation ``π [N]`` of the rows; with ``within_domain`` each row maps to a row of its domain,
+    with ``strata [N]`` each row maps to a row of its stratum (both: of its domain and stratum).
 
-    Vectorized: rows sorted by (domain, random key) are matched to rows sorted by (domain, index).
+    Vectorized: rows sorted by (group, random key) are matched to rows sorted by (group, index).
     """
     n = domain.shape[0]
-    if not within_domain:
+    keys = ([domain] if within_domain else []) + ([np.asarray(strata)] if strata is not None else [])
+    if not keys:
         return rng.permutation(n)
-    by_domain = np.argsort(domain, kind="stable")
-    shuffled = np.lexsort((rng.random(n), domain))
+    random_key = rng.random(n)
+    by_group = np.lexsort((np.arange(n), *reversed(keys)))
+    shuffled = np.lexsort((random_key, *reversed(keys)))
     perm = np.empty(n, dtype=np.int64)
-    perm[by_domain] = shuffled
+    perm[by_group] = shuffled
     return perm
+
+
+def parallel_sequence_groups(ev: "EvalSet", schema=None) -> List[List[str]]:
+    """Groups (of two or more) of sequence features that are attributes of the same events.
+
+    With a schema: the sequence features naming one ``timestamps_column`` (``hist_items`` and
+    ``hist_clusters`` both timed by ``hist_ts``), which is how the networks decide to fuse them per event.
+    Without one: the sequence keys whose lists have equal lengths in every gathered row.
+    """
+    keys = list(ev.chunks[0].sequences.keys())
+    if len(keys) < 2:
+        return []
+    if schema is not None:
+        by_column: Dict[str, List[str]] = {}
+        for f in schema.sequence_features:
+            if f.name in keys and getattr(f, "timestamps_column", None):
+                by_column.setdefault(f.timestamps_column, []).append(f.name)
+        return [g for g in by_column.values() if len(g) > 1]
+    lengths = torch.cat([c.sequences.lengths().view(len(keys), -1) for c in ev.chunks], 1)  # [K, N]
+    groups: List[List[str]] = []
+    seen = set()
+    for i in range(len(keys)):  # over keys
+        if i in seen:
+            continue
+        group = [j for j in range(i, len(keys)) if j not in seen and torch.equal(lengths[j], lengths[i])]
+        seen.update(group)
+        if len(group) > 1:
+            groups.append([keys[j] for j in group])
+    return groups
 
 
 # --------------------------------------------------------------------------------------------------
@@ -309,6 +379,13 @@ class ImportanceResult:
     ``delta_logloss[r, f, t]`` = LogLoss(permuted f) - LogLoss(baseline) (a rise: > 0 = important);
     ``delta_auc[r, f, t]`` = AUC(baseline) - AUC(permuted f) (a drop: > 0 = important).
     ``*_mean``/``*_std`` are over repeats (std with ddof=1; 0 for one repeat).
+
+    ``delta_logloss_se [F, T]`` is the standard error of the mean LogLoss rise over the evaluation
+    rows: every labelled row's loss difference (permuted - baseline, averaged over the repeats) is one
+    paired observation. It measures how much the figure would move on another evaluation set of the
+    same size, which the spread over repeats does not: the repeats reshuffle one fixed set, so a feature
+    the model leans on without any real signal (an id it memorized) gets a consistent, non-zero rise
+    whose sign is the luck of that set. :meth:`significant` tests against it.
     """
 
     features: List[str]
@@ -324,6 +401,8 @@ class ImportanceResult:
     within_domain: bool = True
     seconds: float = 0.0
     labelled_rows: Optional[np.ndarray] = None  # [T]
+    delta_logloss_se: Optional[np.ndarray] = None  # [F, T]
+    parallel_groups: List[List[str]] = field(default_factory=list)  # permuted within equal-length rows
 
     @property
     def repeats(self) -> int:
@@ -356,16 +435,23 @@ class ImportanceResult:
     def significant(self, metric: str = "logloss", z: float = 2.0) -> np.ndarray:
         """The ``[F, T]`` mean importance with entries within ``z`` standard errors of zero set to 0.
 
-        The standard error is ``std / sqrt(repeats)`` over the permutation repeats, so this removes
-        the jitter a feature the model barely uses gets from one shuffle to the next (a pure-noise
-        feature then scores exactly 0 on every task and is dominated by any feature that matters
-        somewhere). With one repeat there is no spread to judge by and the mean is returned as is.
+        A pure-noise feature then scores exactly 0 on every task and is dominated by any feature that
+        matters somewhere. The standard error: for ``logloss``, :attr:`delta_logloss_se` (over the
+        evaluation rows, which also covers the jitter from one shuffle to the next) where it is known
+        and larger than the one over repeats; otherwise, and for ``auc`` (not a per-row mean),
+        ``std / sqrt(repeats)`` over the permutation repeats. With neither (one repeat, no row standard
+        error) the mean is returned as is.
         """
         mean = self.matrix(metric)
-        if self.repeats < 2 or z <= 0:
+        if z <= 0:
             return mean
         raw = self.delta_logloss if metric == "logloss" else self.delta_auc
-        sem = _nanstd(raw) / math.sqrt(self.repeats)
+        sem = _nanstd(raw) / math.sqrt(self.repeats) if self.repeats >= 2 else None
+        if metric == "logloss" and self.delta_logloss_se is not None:
+            row_se = np.nan_to_num(self.delta_logloss_se, nan=0.0)
+            sem = row_se if sem is None else np.maximum(sem, row_se)
+        if sem is None:
+            return mean
         return np.where(np.abs(mean) > z * sem, mean, np.where(np.isnan(mean), np.nan, 0.0))
 
     def feature_index(self, name: str) -> int:
@@ -398,14 +484,15 @@ def _permuted_chunk(chunk, ref: FeatureRef, src: Tensor, ev: EvalSet, full: Opti
     return dataclasses.replace(chunk, sequences=seq, sequence_timestamps=ts)
 
 
-def _full_columns(ev: EvalSet, ref: FeatureRef) -> Optional[Tuple[Optional[JaggedTensor], ...]]:
+def _full_columns(ev: EvalSet, ref: FeatureRef, move_timestamps: bool = True
+                  ) -> Optional[Tuple[Optional[JaggedTensor], ...]]:
     if ref.kind == "dense":
         return None
     if ref.kind == "sparse":
         return (_key_jagged(ev.chunks, "sparse", ref.name), None)
     ts = None
     first_ts = ev.chunks[0].sequence_timestamps
-    if first_ts is not None and ref.name in first_ts.keys():
+    if move_timestamps and first_ts is not None and ref.name in first_ts.keys():
         ts = _key_jagged(ev.chunks, "sequence_timestamps", ref.name)
     return (_key_jagged(ev.chunks, "sequences", ref.name), ts)
 
@@ -500,30 +587,43 @@ def permutation_importance(
         return (masked_logloss(logits, labels, lmask, regression).numpy(),
                 masked_auc(logits, labels, lmask, regression).numpy())
 
-    base_ll, base_auc = evaluate(_predict_all(predict, ev.chunks, device))
+    base_logits = _predict_all(predict, ev.chunks, device)
+    base_ll, base_auc = evaluate(base_logits)
+    base_rows = _row_losses(base_logits, labels, regression)
     n_f = len(refs)
     d_ll = np.zeros((repeats, n_f, T))
+    se_ll = np.full((n_f, T), np.nan)
     d_auc = np.zeros((repeats, n_f, T))
     domain_np = ev.domain.numpy()
     starts = ev.starts
+    groups = parallel_sequence_groups(ev, schema)
+    in_group = {name for g in groups for name in g}
     done, total = 0, n_f * repeats
     for fi, ref in enumerate(refs):  # over features
-        full = _full_columns(ev, ref)
+        parallel = ref.kind == "sequence" and ref.name in in_group
+        # One attribute of parallel events moves alone, among rows with as many events (the lists of a
+        # group must stay equally long); the event times belong to the group and stay in place.
+        full = _full_columns(ev, ref, move_timestamps=not parallel)
+        strata = full[0].lengths().numpy() if parallel else None
+        diff_sum = torch.zeros_like(base_rows)
         for r in range(repeats):  # over repeats
             rng = np.random.default_rng([seed, r, seed_index[ref.name]])
-            perm = torch.from_numpy(permutation_indices(domain_np, rng, within_domain))
+            perm = torch.from_numpy(permutation_indices(domain_np, rng, within_domain, strata=strata))
 
             def permuted():
                 for c, chunk in enumerate(ev.chunks):  # over chunks, not rows
                     yield _permuted_chunk(chunk, ref, perm[starts[c] : starts[c + 1]], ev, full)
 
-            ll, auc = evaluate(_predict_all(predict, permuted(), device))
+            logits = _predict_all(predict, permuted(), device)
+            ll, auc = evaluate(logits)
+            diff_sum += _row_losses(logits, labels, regression) - base_rows
             d_ll[r, fi] = ll - base_ll
             d_auc[r, fi] = base_auc - auc
             done += 1
             if progress is not None:
                 progress(done, total, ref.name)
-        del full
+        se_ll[fi] = _row_standard_error(diff_sum, lmask, repeats)
+        del full, diff_sum
     return ImportanceResult(
         features=[r.name for r in refs],
         kinds=[r.kind for r in refs],
@@ -538,4 +638,6 @@ def permutation_importance(
         within_domain=within_domain,
         seconds=time.perf_counter() - t0,
         labelled_rows=lmask.sum(0).numpy(),
+        parallel_groups=groups,
+        delta_logloss_se=se_ll,
     )

@@ -155,15 +155,19 @@ def write_importance_csv(
     selections: Sequence[Selection] = (),
 ) -> None:
     """One row per feature: ``feature, kind, front, kept_<method>..., <task>/dlogloss_mean,
-    <task>/dlogloss_std, <task>/dauc_mean, <task>/dauc_std ...``. ``front`` is from the first selection."""
+    <task>/dlogloss_std, <task>/dlogloss_se, <task>/dauc_mean, <task>/dauc_std ...``. ``front`` is from
+    the first selection; ``dlogloss_se`` is the standard error over the evaluation rows
+    (:attr:`ImportanceResult.delta_logloss_se`; empty when unknown)."""
     ll_m, ll_s = result.delta_logloss_mean, result.delta_logloss_std
+    ll_se = result.delta_logloss_se
     auc_m, auc_s = result.delta_auc_mean, result.delta_auc_std
     header = ["feature", "kind"]
     if selections:
         header.append("front")
         header += [f"kept_{s.method}" for s in selections]
     for t in result.tasks:
-        header += [f"{t}/dlogloss_mean", f"{t}/dlogloss_std", f"{t}/dauc_mean", f"{t}/dauc_std"]
+        header += [f"{t}/dlogloss_mean", f"{t}/dlogloss_std", f"{t}/dlogloss_se", f"{t}/dauc_mean",
+                   f"{t}/dauc_std"]
     masks = [s.kept_mask for s in selections]
     _makedirs_for(path)
     with open(path, "w", newline="") as fh:
@@ -175,7 +179,8 @@ def write_importance_csv(
                 row.append(int(selections[0].rank[f]))
                 row += [int(m[f]) for m in masks]
             for t in range(len(result.tasks)):
-                row += [_fmt_num(ll_m[f, t]), _fmt_num(ll_s[f, t]), _fmt_num(auc_m[f, t]), _fmt_num(auc_s[f, t])]
+                se = "" if ll_se is None else _fmt_num(ll_se[f, t])
+                row += [_fmt_num(ll_m[f, t]), _fmt_num(ll_s[f, t]), se, _fmt_num(auc_m[f, t]), _fmt_num(auc_s[f, t])]
             w.writerow(row)
 
 
@@ -184,9 +189,14 @@ def _fmt_num(x: float) -> str:
 
 
 def write_summary_json(
-    path: PathLike, result: ImportanceResult, selections: Sequence[Selection] = (), metric: str = "logloss"
+    path: PathLike,
+    result: ImportanceResult,
+    selections: Sequence[Selection] = (),
+    metric: str = "logloss",
+    scores: Optional[np.ndarray] = None,
 ) -> Dict[str, Any]:
-    """Everything in one JSON: baselines, mean/std matrices, fronts and each selection."""
+    """Everything in one JSON: baselines, mean/std (and row standard error) matrices, the ``[F, T]``
+    ``scores`` the selection ranked by (when given), fronts and each selection."""
 
     def clean(a) -> Any:
         return [[None if not math.isfinite(v) else v for v in row] for row in np.asarray(a, float).tolist()]
@@ -208,6 +218,8 @@ def write_summary_json(
         "delta_logloss_std": clean(result.delta_logloss_std),
         "delta_auc_mean": clean(result.delta_auc_mean),
         "delta_auc_std": clean(result.delta_auc_std),
+        "delta_logloss_se": None if result.delta_logloss_se is None else clean(result.delta_logloss_se),
+        "parallel_groups": [list(g) for g in result.parallel_groups],
         "selections": [
             {
                 "method": s.method,
@@ -218,6 +230,8 @@ def write_summary_json(
             for s in selections
         ],
     }
+    if scores is not None:
+        doc["selection_scores"] = clean(scores)
     if selections:
         doc["fronts"] = [[result.features[i] for i in f.tolist()] for f in selections[0].fronts]
     _makedirs_for(path)
@@ -237,12 +251,14 @@ def format_importance_table(
     max_rows: Optional[int] = None,
 ) -> str:
     """A fixed-width table: one row per feature (by front, then mean importance), one column per task
-    with ``mean ± std`` of ``metric``; the front and whether each selection keeps it."""
+    with ``mean ± std`` of ``metric`` (and ``[se]``, the standard error over the evaluation rows, for
+    LogLoss when known); the front and whether each selection keeps it."""
     mean, std = (
         (result.delta_logloss_mean, result.delta_logloss_std)
         if metric == "logloss"
         else (result.delta_auc_mean, result.delta_auc_std)
     )
+    se = result.delta_logloss_se if metric == "logloss" else None
     n_f = len(result.features)
     avg = np.where(np.isfinite(mean), mean, 0.0).mean(axis=1) if n_f else np.zeros(0)
     rank = selection.rank if selection is not None else np.zeros(n_f, dtype=np.int64)
@@ -264,7 +280,10 @@ def format_importance_table(
             row.append("yes" if kept2[f] else "-")
         for t in range(len(result.tasks)):
             m, s = float(mean[f, t]), float(std[f, t])
-            row.append("nan" if not math.isfinite(m) else f"{m:+.5f} ± {s:.5f}")
+            cell = "nan" if not math.isfinite(m) else f"{m:+.5f} ± {s:.5f}"
+            if se is not None and math.isfinite(m) and math.isfinite(float(se[f, t])):
+                cell += f" [{float(se[f, t]):.5f}]"
+            row.append(cell)
         rows.append(row)
     shown = rows if max_rows is None else rows[:max_rows]
     widths = [max(len(c), *(len(r[i]) for r in shown)) if shown else len(c) for i, c in enumerate(cols)]
@@ -275,7 +294,8 @@ def format_importance_table(
 
     title = (
         f"Permutation importance ({_METRIC_LABEL.get(metric, metric)}, mean ± std over {result.repeats} "
-        f"repeat(s), {result.num_rows} rows{', truncated' if result.truncated else ''}"
+        f"repeat(s){' [standard error over rows]' if se is not None else ''}, {result.num_rows} rows"
+        f"{', truncated' if result.truncated else ''}"
         f"{', within domain' if result.within_domain else ''})"
     )
     lines = [title, fmt(cols), "  ".join("-" * w for w in widths)]

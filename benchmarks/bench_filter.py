@@ -1,0 +1,557 @@
+"""Lattice Filter acceptance on the planted world: does feature selection find the planted noise, and does
+a model retrained on the kept features lose nothing?
+
+Everything goes through lattice's own command line, exactly as a user would run it:
+
+1. ``lattice fit --config configs/mdmo.yaml`` trains the full-feature model (the config's world, model,
+   seed and epochs; the benchmark only adds an override for output folders), then ``lattice test`` on
+   its last checkpoint gives the test-split metrics.
+2. ``lattice filter --config configs/mdmo.yaml --ckpt_path last.ckpt --budget N`` computes per-task
+   permutation importance on the validation split and peels Pareto fronts down to ``N`` = the number of
+   informative features of the planted world (:meth:`SyntheticWorld.feature_roles`).
+3. ``lattice fit`` again, same config, seed and epochs, with one change: ``data.schema`` points at the
+   ``kept_features.yaml`` the filter wrote (its output is used as is, so the path "filter -> data config"
+   is exercised for real); then ``lattice test``.
+
+Reported (and written to JSON):
+
+- the importance ranking (features by front, then mean LogLoss rise), where every planted noise feature
+  landed (front, rank, per-task rank);
+- **ranking target**: on every task, every informative feature that informs the task (enters its planted
+  logit, or its parent task's; see :func:`planted_informs`) has a higher mean importance than every
+  noise feature; the same checked over *every* informative feature and task is reported beside it;
+- **budget target**: with budget = informative count the kept set is exactly the informative features;
+- **AUC target**: mean test AUC (over tasks, all domains) of the filtered model is at most 0.002 below
+  the full model's (``--seeds K`` averages both over K training seeds).
+
+    python benchmarks/bench_filter.py --quick      # small world and model: a smoke run (~1 min)
+    python benchmarks/bench_filter.py              # configs/mdmo.yaml as shipped
+    python benchmarks/bench_filter.py --epochs 2   # fewer epochs than the config (reported)
+
+Targets are printed as PASS/FAIL, never asserted. Writes JSON to ``--out`` (default
+``benchmarks/results/bench_filter.json``, ``bench_filter_quick.json`` with ``--quick``).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import logging
+import math
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+import warnings
+from typing import Any, Dict, List, Optional
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, ROOT)
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import yaml  # noqa: E402
+
+from lattice.cli import main as lattice_main  # noqa: E402
+from lattice.cli import run_lightning  # noqa: E402
+from lattice.data.synthetic import SyntheticConfig, SyntheticWorld  # noqa: E402
+
+# The terms of the planted logit (SyntheticTask coefficients) each world feature carries. Features that
+# only *proxy* other features (user_segment: the user's top interest cluster; item_tags: the item's
+# cluster plus random tags; user_activity: how often the user shows up, hence their history length)
+# carry no term of their own.
+_TERMS = {
+    "user": ["affinity", "user_bias"],
+    "item": ["affinity", "popularity", "brand", "price", "repeat", "seq"],
+    "item_cluster": ["seq", "query"],
+    "item_brand": ["brand"],
+    "user_segment": [],
+    "device": ["device"],
+    "item_tags": [],
+    "query_cluster": ["query"],
+    "user_activity": [],
+    "item_popularity": ["popularity"],
+    "price": ["price"],
+    "hour": ["hour"],
+    "position": ["position"],
+    "hist_items": ["repeat", "seq"],
+    "hist_clusters": ["seq"],
+}
+
+
+def planted_informs(config: SyntheticConfig, through_parent: bool = True) -> Dict[str, List[str]]:
+    """``feature -> tasks`` whose label probability the feature enters directly in the planted world: a
+    term of the task's logit with a non-zero coefficient, or (``through_parent``) of its parent's
+    (``p_child = p_parent * sigmoid(z_child)``, so what drives clicks drives likes and conversions
+    too). Binary tasks only."""
+    world = SyntheticWorld(config)
+    by_name = {t.name: t for t in config.tasks}
+
+    def drivers(task) -> set:
+        own = {term for term in {v for terms in _TERMS.values() for v in terms} if getattr(task, term, 0.0) != 0.0}
+        return own | (drivers(by_name[task.parent]) if task.parent and through_parent else set())
+
+    task_terms = {t.name: drivers(t) for t in config.tasks if t.kind == "binary"}
+    out = {}
+    for f in world.feature_roles()["informative"]:
+        out[f] = [t for t, terms in task_terms.items() if set(_TERMS.get(f, [])) & terms]
+    return out
+
+
+# ---- configs -------------------------------------------------------------------------------------------
+def quick_config() -> Dict[str, Any]:
+    """A small planted world and LatticeNetwork for the smoke run and the test: the mdmo world's
+    features, tasks and windows at about a tenth of its size (similar rows per user and per item), with
+    higher base rates and stronger planted context effects (hour, device, position, brand, price, query)
+    so that a model trained for a few seconds learns each of them and the ranking has a reliable answer
+    on a small validation set."""
+    windows = [{"name": "90min", "seconds": 5400, "probability": 0.2}, {"name": "1d", "seconds": 86400, "probability": 0.3},
+               {"name": "7d", "seconds": 604800, "probability": 0.5}]
+    return {
+        "seed_everything": 0,
+        "trainer": {"accelerator": "cpu", "devices": 1, "max_epochs": 3, "num_sanity_val_steps": 0},
+        "model": {
+            "network": {"class_path": "lattice.models.LatticeNetwork",
+                        "init_args": {"dim": 16, "num_layers": 1, "num_heads": 2, "fm_tokens": 4, "lcb_tokens": 4,
+                                      "fm_hidden_dims": [32], "representation_dim": 32, "head_hidden_dims": [32]}},
+            "optimizer": {"class_path": "torch.optim.AdamW", "init_args": {"lr": 0.004}},
+            "sparse_optimizer": "rowwise_adagrad",
+            "sparse_lr": 0.05,
+            "group_auc": False,
+        },
+        "data": {
+            "batch_size": 512,
+            "eval_batch_size": 4096,
+            "split": "time",
+            "val_fraction": 0.2,
+            "test_fraction": 0.1,
+            "synthetic": {
+                "seed": 1, "num_users": 600, "num_items": 300, "num_clusters": 8,
+                "max_sequence_length": 12, "mean_sequence_length": 6.0, "row_group_size": 4096,
+                "domains": [
+                    {"name": "feed", "rows": 12000, "shift": 0.3, "absent_features": ["query_cluster"]},
+                    {"name": "search", "rows": 8000, "shift": 0.5, "absent_features": ["item_tags"]},
+                ],
+                "tasks": [
+                    {"name": "click", "base_rate": 0.25, "position": 0.3, "hour": 1.0, "query": 1.5, "repeat": 0.6,
+                     "device": 1.0},
+                    {"name": "like", "parent": "click", "base_rate": 0.3, "brand": 1.5, "user_bias": 0.5,
+                     "popularity": 0.3, "seq": 0.8, "device": 1.0},
+                    {"name": "conversion", "parent": "click", "base_rate": 0.25, "price": -1.5, "user_bias": 0.4,
+                     "popularity": 0.5, "seq": 0.5, "device": 1.0, "windows": windows},
+                ],
+            },
+        },
+    }
+
+
+def override(work: str, name: str, epochs: Optional[int], seed: Optional[int], cache_dir: Optional[str],
+             schema: Optional[str] = None) -> Dict[str, Any]:
+    """What the benchmark changes in the config for run ``name``: output folders (under ``work``), no
+    progress bar, the last checkpoint kept; optionally epochs, seed, the data cache and the schema."""
+    root = os.path.join(work, name)
+    doc: Dict[str, Any] = {
+        "trainer": {
+            "default_root_dir": root,
+            "logger": False,
+            "enable_progress_bar": False,
+            "enable_model_summary": False,
+            "callbacks": [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                           "init_args": {"dirpath": os.path.join(root, "checkpoints"), "save_last": True}}],
+        },
+        "metrics_table": {"output_dir": root, "print_table": False},
+    }
+    if epochs is not None:
+        doc["trainer"]["max_epochs"] = int(epochs)
+    if seed is not None:
+        doc["seed_everything"] = int(seed)
+    data: Dict[str, Any] = {}
+    if cache_dir is not None:
+        data["cache_dir"] = cache_dir
+    if schema is not None:
+        data["schema"] = schema  # the filter's kept_features.yaml, as written
+    if data:
+        doc["data"] = data
+    return doc
+
+
+def write_yaml(path: str, doc: Dict[str, Any]) -> str:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as fh:
+        yaml.safe_dump(doc, fh, sort_keys=False)
+    return path
+
+
+# ---- runs through the CLI ------------------------------------------------------------------------------
+@contextlib.contextmanager
+def _quiet(enabled: bool):
+    """Hide what the commands print unless ``--verbose``; the commands see no stray ``sys.argv`` (the
+    benchmark's own options are not theirs)."""
+    argv = sys.argv
+    sys.argv = argv[:1]
+    try:
+        if not enabled:
+            yield
+            return
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
+    finally:
+        sys.argv = argv
+
+
+def fit_and_test(configs: List[str], quiet: bool) -> Dict[str, Any]:
+    """``lattice fit`` then ``lattice test`` on the last checkpoint; returns the test metrics and the
+    features the trained network was built with."""
+    args = [a for c in configs for a in ("--config", c)]
+    t0 = time.perf_counter()
+    with _quiet(quiet):
+        cli = run_lightning(["fit", *args])
+    fit_s = time.perf_counter() - t0
+    ckpt = os.path.join(cli.trainer.default_root_dir, "checkpoints", "last.ckpt")
+    if not os.path.exists(ckpt):
+        raise RuntimeError(f"lattice fit wrote no last checkpoint at {ckpt}")
+    features = list(cli.model.network.schema.feature_names)
+    epochs = int(cli.trainer.current_epoch)
+    with _quiet(quiet):
+        cli = run_lightning(["test", *args, "--ckpt_path", ckpt])
+    return {"ckpt": ckpt, "test": dict(cli.model.eval_results["test"]), "features": features, "fit_s": fit_s,
+            "epochs": epochs, "parameters": int(sum(p.numel() for p in cli.model.network.parameters()))}
+
+
+def run_filter_command(configs: List[str], ckpt: str, budget: int, out_dir: str, args) -> Dict[str, Any]:
+    argv = ["filter", *[a for c in configs for a in ("--config", c)], "--ckpt_path", ckpt, "--budget", str(budget),
+            "--out_dir", out_dir, "--repeats", str(args.repeats), "--seed", str(args.filter_seed),
+            "--compare_weighted_sum", "true", "--plot", "false" if args.no_plot else "true"]
+    if args.max_rows is not None:
+        argv += ["--max_rows", str(args.max_rows)]
+    t0 = time.perf_counter()
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf), _quiet(False):
+        lattice_main(argv)
+    seconds = time.perf_counter() - t0
+    with open(os.path.join(out_dir, "importance.json")) as fh:
+        summary = json.load(fh)
+    with open(os.path.join(out_dir, "kept_features.yaml")) as fh:
+        kept_doc = yaml.safe_load(fh)
+    return {"argv": ["lattice", *argv], "summary": summary, "kept_doc": kept_doc, "printed": buf.getvalue(),
+            "seconds": seconds, "kept_yaml": os.path.join(out_dir, "kept_features.yaml")}
+
+
+# ---- analysis ------------------------------------------------------------------------------------------
+def mean_auc(test: Dict[str, float], tasks: List[str]) -> Dict[str, float]:
+    """Mean over tasks of the all-domain test AUC (the target), and the mean over (domain, task) cells."""
+    per_task = {t: test.get(f"{t}/auc", float("nan")) for t in tasks}
+    cells = [v for k, v in test.items() if k.endswith("/auc") and k.count("/") == 2 and math.isfinite(v)]
+    vals = [v for v in per_task.values() if math.isfinite(v)]
+    return {"per_task": per_task, "mean": float(np.mean(vals)) if vals else float("nan"),
+            "mean_cells": float(np.mean(cells)) if cells else float("nan"),
+            "oracle": {t: test.get(f"{t}/oracle_auc", float("nan")) for t in tasks}}
+
+
+def _matrix(rows) -> np.ndarray:
+    return np.array([[np.nan if v is None else v for v in row] for row in rows], dtype=np.float64)
+
+
+def _order_checks(matrix: np.ndarray, features: List[str], tasks: List[str], noise: List[str],
+                  informative: List[str], informs: Dict[str, List[str]]) -> Dict[str, Any]:
+    """Per task: every informative feature above every noise feature? (``violations``: only the tasks
+    a feature informs; ``violations_any_task``: every task.)"""
+    idx = {f: i for i, f in enumerate(features)}
+    violations, violations_all, margin = [], [], {}
+    for k, t in enumerate(tasks):
+        top_noise = max((matrix[idx[n], k] for n in noise), default=-np.inf)
+        for f in informative:
+            v = matrix[idx[f], k]
+            if not (v > top_noise):
+                item = {"feature": f, "task": t, "importance": float(v), "top_noise": float(top_noise),
+                        "informs": t in informs.get(f, [])}
+                violations_all.append(item)
+                if item["informs"]:
+                    violations.append(item)
+        inf_t = [matrix[idx[f], k] for f in informative if t in informs.get(f, [])]
+        margin[t] = float(min(inf_t) - top_noise) if inf_t else float("nan")
+    return {"violations": violations, "violations_any_task": violations_all, "margin_by_task": margin}
+
+
+def analyse_ranking(summary: Dict[str, Any], roles: Dict[str, List[str]], informs: Dict[str, List[str]],
+                    informs_own: Optional[Dict[str, List[str]]] = None) -> Dict[str, Any]:
+    """Where the planted noise landed. The filter ranks by ``selection_scores`` (the mean LogLoss rise,
+    zeroed where within ``significance`` standard errors of 0); the same checks on the raw means are
+    reported beside them."""
+    features, tasks = summary["features"], summary["tasks"]
+    mean = _matrix(summary["delta_logloss_mean"])
+    scores = _matrix(summary["selection_scores"]) if summary.get("selection_scores") is not None else mean
+    idx = {f: i for i, f in enumerate(features)}
+    noise = [f for f in roles["noise"] if f in idx]
+    informative = [f for f in roles["informative"] if f in idx]
+    front_of = {f: j for j, front in enumerate(summary.get("fronts", [])) for f in front}
+    # per task: rank 1 = most important (by the selection scores, ties broken by the raw mean)
+    order = {}
+    for k, t in enumerate(tasks):
+        key = np.lexsort((-np.nan_to_num(mean[:, k], nan=-np.inf), -np.nan_to_num(scores[:, k], nan=-np.inf)))
+        order[t] = [features[i] for i in key]
+    rank = {t: {f: r + 1 for r, f in enumerate(order[t])} for t in tasks}
+    by_scores = _order_checks(scores, features, tasks, noise, informative, informs)
+    by_mean = _order_checks(mean, features, tasks, noise, informative, informs)
+    own = _order_checks(scores, features, tasks, noise, informative, informs_own) if informs_own else None
+    noise_where = {
+        n: {"front": front_of.get(n), "rank_by_task": {t: rank[t][n] for t in tasks},
+            "score": {t: float(scores[idx[n], k]) for k, t in enumerate(tasks)},
+            "mean": {t: float(mean[idx[n], k]) for k, t in enumerate(tasks)}}
+        for n in noise
+    }
+    avg = np.nanmean(mean, axis=1)
+    overall = sorted(features, key=lambda f: (front_of.get(f, 1 << 30), -avg[idx[f]]))
+    inf_fronts = [front_of[f] for f in informative if f in front_of]
+    noise_fronts = [front_of[n] for n in noise if n in front_of]
+    return {
+        "tasks": tasks,
+        "overall_order": overall,
+        "order_by_task": order,
+        "noise": noise_where,
+        **by_scores,
+        "raw_mean": by_mean,
+        "own_logit": own,
+        "ranking_pass": not by_scores["violations"],
+        "ranking_pass_every_task": not by_scores["violations_any_task"],
+        "ranking_pass_raw_mean": not by_mean["violations"],
+        "ranking_pass_own_logit": None if own is None else not own["violations"],
+        "noise_fronts_after_informative": bool(inf_fronts and noise_fronts and min(noise_fronts) > max(inf_fronts)),
+    }
+
+
+def _fmt(v) -> str:
+    return "-" if v is None or (isinstance(v, float) and not math.isfinite(v)) else f"{v:.4f}"
+
+
+def print_report(rep: Dict[str, Any]) -> None:
+    r = rep["ranking"]
+    summ = rep["filter"]["summary"]
+    tasks = summ["tasks"]
+    feats = summ["features"]
+    mean = dict(zip(feats, _matrix(summ["delta_logloss_mean"])))
+    std = dict(zip(feats, _matrix(summ["delta_logloss_std"])))
+    se = dict(zip(feats, _matrix(summ["delta_logloss_se"]))) if summ.get("delta_logloss_se") else None
+    score = dict(zip(feats, _matrix(summ["selection_scores"]))) if summ.get("selection_scores") else None
+    front_of = {f: j for j, front in enumerate(summ.get("fronts", [])) for f in front}
+    kept = set(rep["kept"])
+    roles = rep["roles"]
+    print(f"\nimportance ranking: LogLoss rise x1e3 per task, mean ± std over {summ['repeats']} repeats "
+          f"[standard error over the {summ['rows']} validation rows]; '~' = within the significance band "
+          f"(scored 0 for selection); by front, then mean:")
+    head = ["#", "feature", "role", "front", "kept"] + tasks + ["informs (planted)"]
+    lines = [head]
+    for i, f in enumerate(r["overall_order"], 1):
+        cells = []
+        for k in range(len(tasks)):
+            m = mean[f][k]
+            if not math.isfinite(m):
+                cells.append("nan")
+                continue
+            c = f"{1e3 * m:+.3f}±{1e3 * std[f][k]:.3f}"
+            if se is not None:
+                c += f" [{1e3 * se[f][k]:.3f}]"
+            if score is not None and score[f][k] == 0.0 and m != 0.0:
+                c += "~"
+            cells.append(c)
+        role = "NOISE" if f in roles["noise"] else "inf"
+        lines.append([str(i), f, role, str(front_of.get(f, "-")), "yes" if f in kept else "-", *cells,
+                      "-" if f in roles["noise"] else (",".join(rep["informs"].get(f, [])) or "- (proxy only)")])
+    widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
+    for i, line in enumerate(lines):
+        print("  ".join(c.ljust(w) for c, w in zip(line, widths)))
+        if i == 0:
+            print("  ".join("-" * w for w in widths))
+    print("\nplanted noise features (rank by task among the selection scores):")
+    for n, w in r["noise"].items():
+        ranks = ", ".join(f"{t} {w['rank_by_task'][t]}/{len(feats)}" for t in tasks)
+        print(f"  {n:<10} front {w['front']}, rank: {ranks}; kept: {'yes' if n in kept else 'no'}")
+    print("  margin (lowest informing feature - highest noise, selection scores x1e3): "
+          + ", ".join(f"{t} {1e3 * m:+.3f}" for t, m in r["margin_by_task"].items()))
+    print(f"\nkept ({len(rep['kept'])}, budget {rep['budget']}): {rep['kept']}")
+    if rep.get("kept_weighted_sum") is not None:
+        print(f"weighted-sum selection, same budget: {rep['kept_weighted_sum']}")
+    print(f"filtered model was built with {len(rep['filtered']['features'])} features "
+          f"(data.schema = {rep['filter']['kept_yaml']})")
+    print("\ntest AUC (all domains)        " + "  ".join(f"{t:>10}" for t in tasks) + "    mean  mean(cells)")
+    for name in ("full", "filtered"):
+        a = rep[name]["auc"]
+        print(f"  {name:<28}" + "  ".join(f"{_fmt(a['per_task'][t]):>10}" for t in tasks)
+              + f"  {_fmt(a['mean'])}  {_fmt(a['mean_cells'])}")
+    o = rep["full"]["auc"]["oracle"]
+    print(f"  {'oracle':<28}" + "  ".join(f"{_fmt(o[t]):>10}" for t in tasks))
+    t = rep["targets"]
+    print(f"\ndelta mean AUC (filtered - full): {t['delta_mean_auc']:+.4f} "
+          f"(mean over (domain, task) cells: {t['delta_mean_auc_cells']:+.4f}; {rep['seeds']} seed(s), "
+          f"{rep['epochs']} epoch(s){' (overridden)' if rep['epochs_overridden'] else ''})")
+
+    def pf(ok):
+        return "PASS" if ok else "FAIL"
+
+    print(f"target: noise below every informative feature on the tasks it informs: {pf(t['ranking'])} "
+          f"({len(r['violations'])} violation(s)); [on every task: {pf(r['ranking_pass_every_task'])}; "
+          f"by raw means: {pf(r['ranking_pass_raw_mean'])}; counting only the task's own logit (not its parent's): "
+          f"{pf(r['ranking_pass_own_logit'])}; every noise front after every informative front: "
+          f"{pf(r['noise_fronts_after_informative'])}]")
+    for v in r["violations_any_task"][:16]:
+        print(f"    {v['feature']} on {v['task']}: {1e3 * v['importance']:+.3f} <= top noise {1e3 * v['top_noise']:+.3f}"
+              f"{'' if v['informs'] else '  (not planted in this task)'}")
+    print(f"target: budget {rep['budget']} keeps every informative feature: {pf(t['keeps_all_informative'])}"
+          + (f" (missing {t['missing_informative']}, kept noise {t['kept_noise']})" if not t["keeps_all_informative"] else ""))
+    print(f"target: mean AUC loss <= {rep['auc_tolerance']}: {pf(t['auc_within_tolerance'])}")
+
+
+# ---- main ----------------------------------------------------------------------------------------------
+def main(argv=None) -> Dict[str, Any]:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="small world and model (a smoke run, ~1 min)")
+    p.add_argument("--config", default=os.path.join(ROOT, "configs", "mdmo.yaml"),
+                   help="training config (its world, model, seed and epochs); ignored with --quick")
+    p.add_argument("--epochs", type=int, default=None, help="override the config's max_epochs (both models)")
+    p.add_argument("--seeds", type=int, default=1, help="train both models with this many seeds, average AUCs")
+    p.add_argument("--repeats", type=int, default=3, help="filter: permutations per feature")
+    p.add_argument("--filter-seed", type=int, default=0, help="filter: seed of permutations and random fill")
+    p.add_argument("--max-rows", type=int, default=None, help="filter: validation rows (default: the command's)")
+    p.add_argument("--auc-tolerance", type=float, default=0.002)
+    p.add_argument("--no-plot", action="store_true", help="skip the filter's PNG")
+    p.add_argument("--cache-dir", default=None, help="where the planted world is generated (default lattice's cache)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads")
+    p.add_argument("--work", default=None, help="scratch folder kept afterwards (default: temporary, removed)")
+    p.add_argument("--verbose", action="store_true", help="show Lightning's and the CLI's own output")
+    p.add_argument("--out", default=None)
+    args = p.parse_args(argv)
+    if args.out is None:
+        args.out = os.path.join(HERE, "results", "bench_filter_quick.json" if args.quick else "bench_filter.json")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if not args.verbose:
+        warnings.filterwarnings("ignore", ".*does not have many workers.*")
+        warnings.filterwarnings("ignore", ".*LeafSpec.*")
+        warnings.filterwarnings("ignore", ".*Unable to serialize instance.*")  # the saved config.yaml; not used here
+        for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
+            logging.getLogger(name).setLevel(logging.ERROR)
+    t_start = time.perf_counter()
+    work = os.path.abspath(args.work or tempfile.mkdtemp(prefix="bench_filter-"))
+    os.makedirs(work, exist_ok=True)
+    try:
+        if args.quick:
+            base = write_yaml(os.path.join(work, "quick.yaml"), quick_config())
+        else:
+            base = os.path.abspath(args.config)
+        with open(base) as fh:
+            base_doc = yaml.safe_load(fh)
+        wcfg = SyntheticConfig.from_dict((base_doc.get("data") or {}).get("synthetic") or {})
+        roles = SyntheticWorld(wcfg).feature_roles()
+        informs = planted_informs(wcfg)
+        budget = len(roles["informative"])
+        seed0 = int(base_doc.get("seed_everything", 0) or 0)
+        epochs = args.epochs if args.epochs is not None else int((base_doc.get("trainer") or {}).get("max_epochs", 1))
+        print(f"config {os.path.relpath(base, ROOT) if not args.quick else 'quick (small world and model)'}: "
+              f"world {sum(d.rows for d in wcfg.domains)} rows, {len(wcfg.domains)} domains; "
+              f"{len(roles['informative'])} informative + {len(roles['noise'])} noise features; "
+              f"{epochs} epoch(s){' (overridden)' if args.epochs is not None else ''}; budget {budget}", flush=True)
+
+        seeds = [seed0 + s for s in range(args.seeds)]
+        full_runs, filtered_runs = [], []
+        print(f"lattice fit (full features, seed {seeds[0]}) ...", flush=True)
+        ov = write_yaml(os.path.join(work, "full-0.yaml"), override(work, "full-0", args.epochs, seeds[0], args.cache_dir))
+        full_runs.append(fit_and_test([base, ov], quiet=not args.verbose))
+        full_cfgs = [base, ov]
+
+        print(f"lattice filter --budget {budget} ...", flush=True)
+        filt = run_filter_command(full_cfgs, full_runs[0]["ckpt"], budget, os.path.join(work, "filter"), args)
+        if args.verbose:
+            print(filt["printed"])
+        kept = list(filt["kept_doc"]["features"])
+        kept_ws = next((s["kept"] for s in filt["summary"]["selections"] if s["method"] != "pareto"), None)
+
+        for s, seed in enumerate(seeds):
+            if s > 0:
+                print(f"lattice fit (full features, seed {seed}) ...", flush=True)
+                ov = write_yaml(os.path.join(work, f"full-{s}.yaml"),
+                                override(work, f"full-{s}", args.epochs, seed, args.cache_dir))
+                full_runs.append(fit_and_test([base, ov], quiet=not args.verbose))
+            print(f"lattice fit (kept features, data.schema = kept_features.yaml, seed {seed}) ...", flush=True)
+            ov = write_yaml(os.path.join(work, f"filtered-{s}.yaml"),
+                            override(work, f"filtered-{s}", args.epochs, seed, args.cache_dir, schema=filt["kept_yaml"]))
+            filtered_runs.append(fit_and_test([base, ov], quiet=not args.verbose))
+            if sorted(filtered_runs[-1]["features"]) != sorted(kept):
+                raise RuntimeError(f"the retrained model's features {filtered_runs[-1]['features']} are not the "
+                                   f"filter's kept set {kept}")
+
+        tasks = [t.name for t in wcfg.tasks if t.kind == "binary"]
+
+        def summarize(runs):
+            aucs = [mean_auc(r["test"], tasks) for r in runs]
+            agg = {
+                "per_task": {t: float(np.mean([a["per_task"][t] for a in aucs])) for t in tasks},
+                "mean": float(np.mean([a["mean"] for a in aucs])),
+                "mean_cells": float(np.mean([a["mean_cells"] for a in aucs])),
+                "oracle": aucs[0]["oracle"],
+                "per_seed_mean": [a["mean"] for a in aucs],
+            }
+            return {"auc": agg, "features": runs[0]["features"], "fit_s": [r["fit_s"] for r in runs],
+                    "epochs": [r["epochs"] for r in runs], "parameters": runs[0]["parameters"],
+                    "test": [r["test"] for r in runs]}
+
+        full, filtered = summarize(full_runs), summarize(filtered_runs)
+        ranking = analyse_ranking(filt["summary"], roles, informs, planted_informs(wcfg, through_parent=False))
+        missing = [f for f in roles["informative"] if f not in kept]
+        kept_noise = [f for f in kept if f in roles["noise"]]
+        delta = filtered["auc"]["mean"] - full["auc"]["mean"]
+        targets = {
+            "ranking": ranking["ranking_pass"],
+            "ranking_every_task": ranking["ranking_pass_every_task"],
+            "keeps_all_informative": not missing,
+            "missing_informative": missing,
+            "kept_noise": kept_noise,
+            "delta_mean_auc": delta,
+            "delta_mean_auc_cells": filtered["auc"]["mean_cells"] - full["auc"]["mean_cells"],
+            "auc_within_tolerance": bool(delta >= -args.auc_tolerance),
+        }
+        report = {
+            "benchmark": "bench_filter",
+            "quick": args.quick,
+            "config": base_doc if args.quick else os.path.relpath(base, ROOT),
+            "args": vars(args),
+            "machine": {"platform": platform.platform(), "torch": torch.__version__,
+                        "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
+                        "note": "shared machine: timings are indicative only"},
+            "world": {"rows": {d.name: d.rows for d in wcfg.domains}, "fingerprint": wcfg.fingerprint()},
+            "epochs": epochs,
+            "epochs_overridden": args.epochs is not None,
+            "seeds": len(seeds),
+            "roles": roles,
+            "informs": informs,
+            "budget": budget,
+            "filter": {"argv": filt["argv"], "seconds": filt["seconds"], "summary": filt["summary"],
+                       "kept_yaml": filt["kept_yaml"], "selection": filt["kept_doc"].get("selection")},
+            "kept": kept,
+            "kept_weighted_sum": kept_ws,
+            "ranking": ranking,
+            "full": full,
+            "filtered": filtered,
+            "auc_tolerance": args.auc_tolerance,
+            "targets": targets,
+        }
+        print_report(report)
+        report["total_wall_s"] = time.perf_counter() - t_start
+        print(f"\ntotal {report['total_wall_s']:.0f} s (fit full {sum(full['fit_s']):.0f} s, filter "
+              f"{filt['seconds']:.0f} s, fit filtered {sum(filtered['fit_s']):.0f} s)")
+        out = os.path.abspath(args.out)
+        os.makedirs(os.path.dirname(out), exist_ok=True)
+        with open(out, "w") as fh:
+            json.dump(report, fh, indent=1, default=float)
+        print(f"wrote {out}")
+        return report
+    finally:
+        if args.work is None:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
