@@ -155,6 +155,14 @@ def test_teacher_predict_then_student_fit_with_the_shipped_configs(tmp_path, mon
     ids = logged.column("example_id").to_pylist()
     assert len(ids) == len(set(ids)) == 1400  # every row of every domain, once
 
+    # A checkpoint written before the CLI took LatticeModule subclasses (no `_class_path` in its
+    # hyper-parameters) still predicts.
+    state = torch.load(ckpt, map_location="cpu", weights_only=False)
+    assert state["hyper_parameters"].pop("_class_path") == "lattice.train.module.LatticeModule"
+    torch.save(state, tmp_path / "old.ckpt")
+    main(["predict", *teacher, "--ckpt_path", str(tmp_path / "old.ckpt"), "--prediction_writer.output_dir", "old"])
+    assert pq.read_table(str(tmp_path / "old" / "predictions-rank0.parquet")).num_rows == 1400
+
     # The student: the class_path form, with a plain-init-args config stacked on top of it.
     student = ["--config", os.path.join(ROOT, "configs", "student.yaml"), "--config", _write(tmp_path, {
         "trainer": {**_QUIET, "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger",
