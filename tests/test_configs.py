@@ -10,7 +10,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STACKED = sorted(
     os.path.basename(p)
     for p in glob.glob(os.path.join(ROOT, "configs", "*.yaml"))
-    if os.path.basename(p) in {"interformer.yaml", "shared_bottom.yaml", "mmoe.yaml", "ple.yaml", "dlrm.yaml", "wukong.yaml"}
+    if os.path.basename(p) in {"interformer.yaml", "shared_bottom.yaml", "mmoe.yaml", "ple.yaml", "dlrm.yaml", "wukong.yaml",
+                              "logistic_regression.yaml"}
 )
 
 
@@ -31,7 +32,8 @@ def test_main_configs_instantiate(name):
 def test_network_configs_stack_onto_mdmo(name):
     cli = _parse("mdmo.yaml", name)
     expected = {"interformer.yaml": "InterFormer", "shared_bottom.yaml": "SharedBottom", "mmoe.yaml": "MMoE",
-                "ple.yaml": "PLE", "dlrm.yaml": "DLRM", "wukong.yaml": "Wukong"}[name]
+                "ple.yaml": "PLE", "dlrm.yaml": "DLRM", "wukong.yaml": "Wukong",
+                "logistic_regression.yaml": "LogisticRegression"}[name]
     assert type(cli.model.network).__name__ == expected
 
 

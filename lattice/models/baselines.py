@@ -5,7 +5,8 @@
 - :class:`PLE` — progressive layered extraction with shared and task-specific experts (Tang et al.,
   RecSys 2020);
 - :class:`DLRM` — bottom MLP, pairwise dot-product interactions, top MLP (Naumov et al. 2019);
-- :class:`Wukong` — a stack of FM + linear-compression interaction layers (Zhang et al. 2024).
+- :class:`Wukong` — a stack of FM + linear-compression interaction layers (Zhang et al. 2024);
+- :class:`LogisticRegression` — a linear model over the same features (the classic ads baseline).
 
 None of them models the sequence beyond one mean-pooled token per sample; the flat input of the MLP
 baselines is ``flatten(tokens) ‖ mean(sequence)``.
@@ -25,7 +26,7 @@ from lattice.nn.linear import MLP, DomainLinear
 from lattice.nn.processors import ProcessedFeatures
 from lattice.nn.sequence import jagged_mean
 
-__all__ = ["SharedBottom", "MMoE", "PLE", "DLRM", "Wukong"]
+__all__ = ["SharedBottom", "MMoE", "PLE", "DLRM", "Wukong", "LogisticRegression"]
 
 def _tokens_with_sequence(features: ProcessedFeatures) -> Tensor:
     """``[B, n (+1), d]``: the non-sequence tokens and, when there is a sequence, its mean token."""
@@ -427,3 +428,51 @@ class Wukong(LatticeModel):
 
     def trunk_flops(self, events: float) -> float:
         return sum(layer.flops() for layer in self.layers) + self.top.flops()
+
+
+class LogisticRegression(_FlatInputModel):
+    """Logistic regression over the same features: every task's logit is linear in the one-hot sparse
+    ids, the multi-hot (length-normalized) sequence ids, the dense values, the presence bits and the
+    domain.
+
+    The input is ``flatten(tokens) ‖ mean(sequence)`` as in the MLP baselines, and each task head is a
+    single linear layer (no hidden layer, no activation): the weight of id ``i`` of feature ``f`` for a
+    task is ``<h_{task,f}, e_f[i]>``. With ``dim`` at least the number of task heads that factorization
+    spans any set of per-task weights, so this is plain multi-task logistic regression, trained like every
+    other network (fused sparse optimizer for the tables). The processor's parts are all affine here:
+    sparse tokens are embeddings, dense tokens ``value * w + b`` (or a learned missing token), and the
+    sequences merge by ``"concat"`` (each event its embedding + type + time-gap + recency-position
+    embeddings, then averaged), never MaskNet.
+
+    Args:
+        untie_heads: one copy of the heads per domain (group): per-domain logistic regression over
+            shared embeddings (captures domain-specific weights, e.g. device effects).
+
+    The other args are :class:`~lattice.models.LatticeModel`'s (``head_hidden_dims`` must stay empty).
+    """
+
+    def __init__(
+        self,
+        schema: SchemaLike,
+        dim: int = 16,
+        embedding_dim: int | None = None,
+        dense_tokens: int | None = None,
+        domain_token: bool = True,
+        max_positions: int = 256,
+        time_buckets: int = 32,
+        untie_heads: bool = False,
+        domain_groups: Sequence[int] | None = None,
+        embedding_kwargs: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__(
+            schema, dim, embedding_dim, dense_tokens, domain_token, "concat", max_positions, time_buckets,
+            (), "none", untie_heads, domain_groups, embedding_kwargs,
+        )
+        self._build_heads(self._flat_dim())
+
+    def encode(self, features: ProcessedFeatures, batch: Any) -> tuple[Tensor, Tensor]:
+        x = self._flat(features)
+        return x, x
+
+    def trunk_flops(self, events: float) -> float:
+        return 0.0

@@ -1,0 +1,487 @@
+"""Quality benchmark on the planted world of configs/mdmo.yaml: does one consolidated LatticeNetwork beat
+per-domain models, the multi-task baselines and InterFormer, and how close does it get to the oracle?
+
+The world (4 domains, ``shop`` the data-poor one; click, like and a Zipper conversion task) is the
+``data.synthetic`` section of configs/mdmo.yaml, generated into the cache like ``lattice fit`` does, and
+split by time like ``lattice fit --config configs/mdmo.yaml`` (the data module's ``split: time``: the
+oldest 80 % of the time span trains, the next 10 % validates, the last 10 % tests). Every model is
+built by the ``lattice`` CLI parser from mdmo.yaml stacked with its own config, then trained with
+:class:`~lattice.train.module.LatticeModule` on :class:`~lattice.data.LatticeDataModule` batches by a
+Lightning ``Trainer``, for the same number of epochs:
+
+- ``lr``: :class:`~lattice.models.LogisticRegression` (configs/logistic_regression.yaml), all domains:
+  each task's logit is linear in the one-hot ids, the length-normalized history ids, the dense values and
+  the domain, with per-domain weights. The reference of the "LR -> oracle gap".
+- ``per_domain`` (a): one model per domain, trained only on that domain's rows: the same network as
+  (d) — mdmo.yaml's LatticeNetwork, so the same FLOPs per sample — but one copy per domain (or the
+  network of ``--per-domain-config``). A small domain gets a smaller batch (``--per-domain-min-steps``
+  steps per epoch at least, batch >= 64), so it is not starved of optimizer steps.
+- ``shared_bottom``, ``mmoe``, ``ple`` (b): configs/shared_bottom.yaml, mmoe.yaml, ple.yaml, all domains.
+- ``interformer`` (c): configs/interformer.yaml, all domains.
+- ``lattice`` (d): mdmo.yaml's LatticeNetwork, all domains.
+
+Every model keeps its epoch with the lowest validation loss (the same rule for all; a per-domain model
+validates on its own domain), then is evaluated on the test rows: AUC and LogLoss per (domain, task),
+beside the oracle AUC of the planted truth ``p_<task>`` on the same rows. A domain with fewer than
+``--eval-rows`` test rows (the data-poor one: its 10 % is a few hundred rows, too few to tell models
+apart) is tested on more rows of the same time range drawn from the same planted world (the world
+regenerated with more rows for that domain: same users, items, domain maps and truth; none of them is
+trained on). FLOPs per sample are the networks' analytic counts (``flops_per_sample()``, as in
+bench_models.py), at the longest sequences and at the test rows' mean length.
+
+Targets (printed as pass/fail, never asserted):
+1. (d) has the best mean AUC over all (domain, task) pairs of every model;
+2. on the data-poor domain (fewest rows), (d)'s mean AUC beats (a)'s by at least ``--margin``;
+3. (d) closes at least 80 % of the gap between LR and the oracle: (mean AUC(d) - mean AUC(LR)) /
+   (mean oracle AUC - mean AUC(LR)) over all (domain, task) pairs >= ``--gap-target``.
+
+    python benchmarks/bench_quality.py --quick          # smoke run on a tiny world (about a minute)
+    python benchmarks/bench_quality.py                  # the full run
+    python benchmarks/bench_quality.py --models lr lattice --epochs 2 --threads 2
+
+Writes JSON to ``--out`` (default benchmarks/results/bench_quality.json). Times are wall-clock on
+whatever machine runs it; nothing is asserted on them.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import json
+import logging
+import math
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+import warnings
+from typing import Any, Dict, List, Optional, Tuple
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, ROOT)
+sys.path.insert(0, HERE)
+
+import numpy as np  # noqa: E402
+import pyarrow.parquet as pq  # noqa: E402
+import torch  # noqa: E402
+
+from bench_models import _mean_tokens  # noqa: E402
+from lattice.data import LatticeDataModule  # noqa: E402
+from lattice.data.cache import ensure_world  # noqa: E402
+from lattice.data.sources import DataSource  # noqa: E402
+from lattice.data.synthetic import SyntheticConfig  # noqa: E402
+
+#: key -> (group, description, config stacked onto mdmo.yaml (None: mdmo.yaml's own network), per domain)
+MODELS: Dict[str, Tuple[str, str, Optional[str], bool]] = {
+    "lr": ("LR", "LogisticRegression, all domains", "logistic_regression.yaml", False),
+    "per_domain": ("a", "one LatticeNetwork per domain", None, True),
+    "shared_bottom": ("b", "SharedBottom, all domains", "shared_bottom.yaml", False),
+    "mmoe": ("b", "MMoE, all domains", "mmoe.yaml", False),
+    "ple": ("b", "PLE, all domains", "ple.yaml", False),
+    "interformer": ("c", "InterFormer, all domains", "interformer.yaml", False),
+    "lattice": ("d", "LatticeNetwork, all domains", None, False),
+}
+
+#: the --quick world: a tiny version of mdmo.yaml's (same domains, tasks and absent features)
+QUICK_ROWS = {"feed": 3000, "search": 1500, "video": 1000, "shop": 400}
+
+
+# ---- building models and data through the lattice CLI ------------------------------------------------
+def cli_args(args, extra_config: Optional[str], overrides: List[str]) -> List[str]:
+    out = ["--config", os.path.join(args.config_dir, args.config)]
+    if extra_config:
+        out += ["--config", os.path.join(args.config_dir, extra_config)]
+    out += ["--trainer.logger=false", f"--trainer.default_root_dir={os.path.join(args.work, 'cli')}"]
+    if args.seed is not None:
+        out.append(f"--seed_everything={args.seed}")
+    if args.cache_dir:
+        out.append(f"--data.cache_dir={args.cache_dir}")
+    return out + overrides
+
+
+def build(args, extra_config: Optional[str], overrides: List[str]):
+    """``(LatticeModule, LatticeDataModule, config)`` exactly as ``lattice fit --config mdmo.yaml
+    [--config extra]`` would build them (seeded by the config's ``seed_everything``)."""
+    from lattice.cli import run_lightning
+
+    cli = run_lightning(cli_args(args, extra_config, overrides), run=False)
+    return cli.model, cli.datamodule, cli.config
+
+
+def quick_overrides(base: SyntheticConfig) -> List[str]:
+    domains = []
+    for d in base.domains:
+        d = copy.deepcopy(d)
+        d.rows = QUICK_ROWS.get(d.name, max(200, d.rows // 40))
+        domains.append(dataclasses.asdict(d))
+    return [
+        "--data.synthetic.num_users=400", "--data.synthetic.num_items=300", "--data.synthetic.row_group_size=1024",
+        "--data.synthetic.max_sequence_length=16", "--data.synthetic.mean_sequence_length=6",
+        f"--data.synthetic.domains={json.dumps(domains)}", "--data.batch_size=256",
+    ]
+
+
+# ---- slices -------------------------------------------------------------------------------------------
+def write_slice(world_dir: str, domain: str, schema, row_filter, out_path: str) -> int:
+    """The rows of ``domain`` in ``world_dir`` that pass ``row_filter`` (a split's RowFilter), as Parquet."""
+    table = pq.read_table(os.path.join(world_dir, domain))
+    keep = row_filter.mask(table, schema, out_path, 0, np.arange(table.num_rows), None)
+    part = table.filter(keep)
+    os.makedirs(os.path.dirname(out_path), exist_ok=True)
+    pq.write_table(part, out_path, row_group_size=4096)
+    return part.num_rows
+
+
+def prepare_data(args, dm: LatticeDataModule) -> Dict[str, Any]:
+    """Generates the world, cuts it by the data module's time split, and writes per-domain train/val
+    slices (for the per-domain models) and the test slices every model is evaluated on."""
+    dm.prepare_data()
+    filters = dm.split_filters()
+    world_dir = dm.data_dir
+    schema = dm.schema
+    config = dm.world.config
+    slices = os.path.join(args.work, "slices")
+    rows: Dict[str, Dict[str, int]] = {}
+    for d in config.domains:
+        rows[d.name] = {}
+        for split in ("train", "val", "test"):
+            rows[d.name][split] = write_slice(world_dir, d.name, schema, filters[split],
+                                              os.path.join(slices, split, f"{d.name}.parquet"))
+    # A domain with too few test rows: more rows of the same planted world in the same time range.
+    test_fraction = dm.test_fraction
+    big = copy.deepcopy(config)
+    enlarged = {}
+    for d in big.domains:
+        if rows[d.name]["test"] < args.eval_rows:
+            d.rows = max(d.rows, int(math.ceil(1.15 * args.eval_rows / test_fraction)))
+            enlarged[d.name] = d.rows
+    if enlarged:
+        big_dir = ensure_world(big, args.cache_dir)
+        for name in enlarged:
+            rows[name]["test_original"] = rows[name]["test"]
+            rows[name]["test"] = write_slice(big_dir, name, schema, filters["test"],
+                                             os.path.join(slices, "test", f"{name}.parquet"))
+    cut = filters["val"]
+    return {"world_dir": world_dir, "slices": slices, "rows": rows, "enlarged_eval_world_rows": enlarged,
+            "time_cutoffs": {"val": cut.lo, "test": cut.hi}}
+
+
+def slice_sources(data: Dict[str, Any], split: str, domains: List[str]) -> List[DataSource]:
+    return [DataSource(os.path.join(data["slices"], split, f"{d}.parquet"), domain=d, format="parquet")
+            for d in domains]
+
+
+# ---- training and evaluation --------------------------------------------------------------------------
+def make_trainer(config, epochs: int, callbacks=()):
+    import lightning.pytorch as pl
+
+    return pl.Trainer(
+        accelerator=config.trainer.accelerator or "cpu", devices=1, max_epochs=epochs, logger=False,
+        enable_checkpointing=bool(callbacks), enable_progress_bar=False, enable_model_summary=False,
+        num_sanity_val_steps=0, callbacks=list(callbacks), use_distributed_sampler=False,
+    )
+
+
+def fit_and_test(module, train_dm: LatticeDataModule, test_dm: LatticeDataModule, config, epochs: int,
+                 directory: str) -> Dict[str, Any]:
+    """Trains ``epochs`` epochs, restores the epoch with the lowest ``val/loss``, then tests."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    shutil.rmtree(directory, ignore_errors=True)
+    best = ModelCheckpoint(dirpath=directory, monitor="val/loss", mode="min", save_top_k=1, save_weights_only=True)
+    t0 = time.perf_counter()
+    make_trainer(config, epochs, [best]).fit(module, datamodule=train_dm)
+    train_s = time.perf_counter() - t0
+    state = torch.load(best.best_model_path, map_location="cpu", weights_only=False)
+    module.load_state_dict(state["state_dict"])
+    shutil.rmtree(directory, ignore_errors=True)
+    t0 = time.perf_counter()
+    make_trainer(config, 1).test(module, datamodule=test_dm, verbose=False)
+    test_s = time.perf_counter() - t0
+    return {"results": dict(module.eval_results["test"]), "train_s": train_s, "test_s": test_s,
+            "best_epoch": int(state["epoch"]), "best_val_loss": float(best.best_model_score)}
+
+
+def data_module(like: LatticeDataModule, train, val, test, batch_size: int) -> LatticeDataModule:
+    return LatticeDataModule(
+        sources=train, val_paths=val, test_paths=test, schema=like.schema, split="none",
+        batch_size=batch_size, eval_batch_size=max(like.eval_batch_size, 4096), shuffle=like.shuffle,
+        shuffle_buffer=like.shuffle_buffer, seed=like.seed, zipper_seed=like.zipper_seed,
+    )
+
+
+def per_domain_batch(rows: int, batch_size: int, min_steps: int) -> int:
+    """The largest power of two <= ``batch_size`` giving at least ``min_steps`` steps per epoch (>= 64)."""
+    b = batch_size
+    while b > 64 and rows / b < min_steps:
+        b //= 2
+    return b
+
+
+def network_cost(network, test_dm: LatticeDataModule) -> Dict[str, Any]:
+    batch = next(iter(test_dm.test_dataloader()))
+    network.eval()
+    mean_len = _mean_tokens(network, batch)
+    return {
+        "network": type(network).__name__,
+        "params": network.num_parameters(),
+        "dense_params": network.num_parameters(include_embeddings=False),
+        "mflops_per_sample": network.flops_per_sample() / 1e6,
+        "mflops_per_sample_mean_len": network.flops_per_sample(sequence_length=mean_len) / 1e6,
+        "mean_sequence_tokens": mean_len,
+    }
+
+
+def pairs_of(schema, rows: Dict[str, Dict[str, int]]) -> List[Tuple[str, str]]:
+    """The (domain, binary task) pairs the benchmark reports: tasks labelled in the domain."""
+    binary = [t.name for t in schema.tasks if t.kind == "binary"]
+    out = []
+    for d in schema.domains:
+        tasks = d.tasks or binary
+        out += [(d.name, t) for t in binary if t in tasks]
+    return out
+
+
+def run_model(key: str, args, base_dm, data, overrides, epochs) -> Dict[str, Any]:
+    group, description, extra, per_domain = MODELS[key]
+    domains = base_dm.schema.domain_names
+    test_all = slice_sources(data, "test", domains)
+    if not per_domain:
+        module, dm, config = build(args, extra, overrides)
+        test_dm = data_module(dm, test_all, test_all, test_all, dm.batch_size)
+        run = fit_and_test(module, dm, test_dm, config, epochs, os.path.join(args.work, "ckpt", key))
+        cost = network_cost(module.network, test_dm)
+        return {"group": group, "description": description, "config": extra or args.config, **cost,
+                "train_s": run["train_s"], "test_s": run["test_s"], "best_epoch": run["best_epoch"],
+                "batch_size": dm.batch_size, "results": run["results"]}
+    results: Dict[str, float] = {}
+    runs = {}
+    train_s = test_s = 0.0
+    cost = None
+    for d in domains:
+        module, dm, config = build(args, args.per_domain_config, overrides)
+        rows = data["rows"][d]["train"]
+        bs = per_domain_batch(rows, dm.batch_size, args.per_domain_min_steps)
+        src = lambda split: slice_sources(data, split, [d])  # noqa: E731
+        train_dm = data_module(dm, src("train"), src("val"), src("test"), bs)
+        test_dm = data_module(dm, src("test"), src("test"), src("test"), bs)
+        print(f"  per-domain model for {d!r}: {rows} training rows, batch {bs}", flush=True)
+        run = fit_and_test(module, train_dm, test_dm, config, epochs, os.path.join(args.work, "ckpt", f"{key}-{d}"))
+        results.update({k: v for k, v in run["results"].items() if k.startswith(f"{d}/")})
+        train_s += run["train_s"]
+        test_s += run["test_s"]
+        runs[d] = {"batch_size": bs, "best_epoch": run["best_epoch"], "train_s": run["train_s"]}
+        cost = cost or network_cost(module.network, test_dm)
+    return {"group": group, "description": description, "config": args.per_domain_config or args.config, **cost,
+            "train_s": train_s, "test_s": test_s, "best_epoch": {d: r["best_epoch"] for d, r in runs.items()},
+            "batch_size": {d: r["batch_size"] for d, r in runs.items()}, "per_domain_runs": runs, "results": results}
+
+
+# ---- report -------------------------------------------------------------------------------------------
+def mean(values) -> float:
+    vals = [v for v in values if isinstance(v, (int, float)) and math.isfinite(v)]
+    return sum(vals) / len(vals) if vals else float("nan")
+
+
+def fmt(v, digits: int = 4) -> str:
+    if v is None or (isinstance(v, float) and not math.isfinite(v)):
+        return "-"
+    return f"{v:.{digits}f}"
+
+
+def print_table(header: List[str], lines: List[List[str]]) -> None:
+    table = [header] + lines
+    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+    print("  ".join(h.ljust(w) for h, w in zip(header, widths)))
+    print("  ".join("-" * w for w in widths))
+    for row in lines:
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths)))
+
+
+def summarize(models: Dict[str, Dict[str, Any]], pairs, poor: str, args) -> Dict[str, Any]:
+    oracle = {}
+    for d, t in pairs:
+        for m in models.values():
+            v = m["results"].get(f"{d}/{t}/oracle_auc")
+            if v is not None:
+                oracle[f"{d}/{t}"] = v
+                break
+    for m in models.values():
+        m["metrics"] = {f"{d}/{t}": {"auc": m["results"].get(f"{d}/{t}/auc", float("nan")),
+                                     "logloss": m["results"].get(f"{d}/{t}/logloss", float("nan")),
+                                     "count": m["results"].get(f"{d}/{t}/count", float("nan"))}
+                        for d, t in pairs}
+        m["mean_auc"] = mean(v["auc"] for v in m["metrics"].values())
+        m["mean_logloss"] = mean(v["logloss"] for v in m["metrics"].values())
+        m["poor_domain_mean_auc"] = mean(v["auc"] for k, v in m["metrics"].items() if k.startswith(poor + "/"))
+    mean_oracle = mean(oracle.values())
+    for m in models.values():
+        m["gap_closed_vs_lr"] = None
+    targets: Dict[str, Any] = {}
+    lat = models.get("lattice")
+    if lat is not None:
+        others = {k: m["mean_auc"] for k, m in models.items() if k != "lattice"}
+        best_other = max(others, key=others.get) if others else None
+        targets["1_best_mean_auc"] = {
+            "lattice_mean_auc": lat["mean_auc"], "best_other": best_other,
+            "best_other_mean_auc": others.get(best_other) if best_other else None,
+            "pass": bool(others) and all(lat["mean_auc"] > v for v in others.values()),
+        }
+        if "per_domain" in models:
+            diff = lat["poor_domain_mean_auc"] - models["per_domain"]["poor_domain_mean_auc"]
+            targets["2_poor_domain_beats_per_domain"] = {
+                "domain": poor, "lattice": lat["poor_domain_mean_auc"],
+                "per_domain": models["per_domain"]["poor_domain_mean_auc"], "difference": diff,
+                "margin": args.margin, "pass": bool(diff >= args.margin),
+            }
+        if "lr" in models:
+            lr = models["lr"]["mean_auc"]
+            for m in models.values():
+                m["gap_closed_vs_lr"] = (m["mean_auc"] - lr) / (mean_oracle - lr) if mean_oracle > lr else float("nan")
+            closed = lat["gap_closed_vs_lr"]
+            targets["3_closes_lr_oracle_gap"] = {
+                "lr_mean_auc": lr, "oracle_mean_auc": mean_oracle, "lattice_mean_auc": lat["mean_auc"],
+                "gap_closed": closed, "target": args.gap_target,
+                "pass": bool(math.isfinite(closed) and closed >= args.gap_target),
+            }
+    return {"oracle": oracle, "oracle_mean_auc": mean_oracle, "targets": targets}
+
+
+def best_epochs(best) -> str:
+    return ",".join(str(v) for v in best.values()) if isinstance(best, dict) else str(best)
+
+
+def report(models, pairs, summary, poor: str) -> None:
+    keys = list(models)
+    oracle = summary["oracle"]
+    print("\nTest AUC per (domain, task)  [oracle = AUC of the planted truth p_<task> on the same rows]")
+    print_table(["domain", "task"] + keys + ["oracle"],
+                [[d, t] + [fmt(models[k]["metrics"][f"{d}/{t}"]["auc"]) for k in keys] + [fmt(oracle.get(f"{d}/{t}"))]
+                 for d, t in pairs])
+    print("\nTest LogLoss per (domain, task)")
+    print_table(["domain", "task"] + keys,
+                [[d, t] + [fmt(models[k]["metrics"][f"{d}/{t}"]["logloss"]) for k in keys] for d, t in pairs])
+    print("\nSummary (mean over the (domain, task) pairs above; FLOPs = analytic forward FLOPs per sample)")
+    lines = []
+    for k, m in models.items():
+        lines.append([k, m["group"], m["network"], f"{m['params']:,}", f"{m['dense_params']:,}",
+                      fmt(m["mflops_per_sample"], 3), fmt(m["mflops_per_sample_mean_len"], 3),
+                      fmt(m["mean_auc"]), fmt(m["mean_logloss"]), fmt(m["poor_domain_mean_auc"]),
+                      fmt(m["gap_closed_vs_lr"], 3), f"{m['train_s']:.0f}", best_epochs(m["best_epoch"])])
+    lines.append(["oracle", "-", "-", "-", "-", "-", "-", fmt(summary["oracle_mean_auc"]), "-",
+                  fmt(mean(v for k, v in oracle.items() if k.startswith(poor + "/"))), "1.000", "-", "-"])
+    print_table(["model", "grp", "network", "params", "dense", "MFLOP@max", "MFLOP@mean", "mean AUC", "mean LL",
+                 f"{poor} AUC", "LR gap", "train s", "best epoch"], lines)
+    t = summary["targets"]
+    print("\nTargets")
+    if "1_best_mean_auc" in t:
+        x = t["1_best_mean_auc"]
+        print(f"  (1) lattice has the best mean AUC: {fmt(x['lattice_mean_auc'])} vs best other "
+              f"{x['best_other']} {fmt(x['best_other_mean_auc'])} -> {'PASS' if x['pass'] else 'FAIL'}")
+    if "2_poor_domain_beats_per_domain" in t:
+        x = t["2_poor_domain_beats_per_domain"]
+        print(f"  (2) data-poor domain {x['domain']!r}: lattice {fmt(x['lattice'])} vs per-domain {fmt(x['per_domain'])} "
+              f"({x['difference']:+.4f}; margin {x['margin']}) -> {'PASS' if x['pass'] else 'FAIL'}")
+    if "3_closes_lr_oracle_gap" in t:
+        x = t["3_closes_lr_oracle_gap"]
+        print(f"  (3) LR -> oracle gap closed: ({fmt(x['lattice_mean_auc'])} - {fmt(x['lr_mean_auc'])}) / "
+              f"({fmt(x['oracle_mean_auc'])} - {fmt(x['lr_mean_auc'])}) = {fmt(x['gap_closed'], 3)} "
+              f"(target {x['target']}) -> {'PASS' if x['pass'] else 'FAIL'}")
+    if not t:
+        print("  (need the lattice model, plus per_domain and lr, to evaluate them)")
+
+
+def main(argv=None) -> Dict[str, Any]:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="tiny world, one epoch: a smoke run")
+    p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    p.add_argument("--epochs", type=int, default=None, help="epochs for every model (default: the config's max_epochs)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--config-dir", default=os.path.join(ROOT, "configs"))
+    p.add_argument("--config", default="mdmo.yaml", help="the base config (world, data, LatticeNetwork, optimizer)")
+    p.add_argument("--per-domain-config", default=None,
+                   help="config stacked onto the base for the per-domain models (default: the base's LatticeNetwork)")
+    p.add_argument("--per-domain-min-steps", type=int, default=64,
+                   help="a per-domain model's batch halves (to 64 at least) until an epoch has this many steps")
+    p.add_argument("--eval-rows", type=int, default=None,
+                   help="test rows per domain at least (default 20000, --quick 1000); see the module docstring")
+    p.add_argument("--margin", type=float, default=0.01, help="target (2): the AUC margin on the data-poor domain")
+    p.add_argument("--gap-target", type=float, default=0.8, help="target (3): share of the LR -> oracle gap")
+    p.add_argument("--seed", type=int, default=None, help="seed_everything (default: the config's)")
+    p.add_argument("--cache-dir", default=None, help="where the world is generated (default: lattice's cache)")
+    p.add_argument("--work", default=None, help="scratch folder (default: a temporary folder, removed at the end)")
+    p.add_argument("--out", default=os.path.join(HERE, "results", "bench_quality.json"))
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.eval_rows is None:
+        args.eval_rows = 1000 if args.quick else 20000
+    warnings.filterwarnings("ignore", ".*does not have many workers.*")
+    warnings.filterwarnings("ignore", ".*LeafSpec.*")
+    warnings.filterwarnings("ignore", ".*litlogger.*")
+    warnings.filterwarnings("ignore", ".*args parameter is intended to run from within Python.*")
+    for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    keep_work = args.work is not None
+    args.work = os.path.abspath(args.work or tempfile.mkdtemp(prefix="bench_quality-"))
+    os.makedirs(args.work, exist_ok=True)
+    t_start = time.perf_counter()
+
+    # the world and the data module of the base config (the --quick world: a tiny one of the same shape)
+    _, base_dm, base_cfg = build(args, None, [])
+    overrides = quick_overrides(base_dm.world.config) if args.quick else []
+    if overrides:
+        _, base_dm, base_cfg = build(args, None, overrides)
+    epochs = args.epochs or (1 if args.quick else int(base_cfg.trainer.max_epochs or 1))
+    data = prepare_data(args, base_dm)
+    schema = base_dm.schema
+    pairs = pairs_of(schema, data["rows"])
+    world_rows = {d.name: d.rows for d in base_dm.world.config.domains}
+    poor = min(world_rows, key=world_rows.get)
+    print(f"world: {world_rows} rows ({sum(world_rows.values())}), data-poor domain {poor!r}; split by time: "
+          f"{ {d: (r['train'], r['val'], r['test']) for d, r in data['rows'].items()} } (train, val, test) rows"
+          + (f"; test rows of {sorted(data['enlarged_eval_world_rows'])} from the enlarged world"
+             if data["enlarged_eval_world_rows"] else "")
+          + f"; {epochs} epoch(s), {torch.get_num_threads()} thread(s)", flush=True)
+
+    models: Dict[str, Dict[str, Any]] = {}
+    for key in args.models:
+        print(f"training {key} ({MODELS[key][1]}) ...", flush=True)
+        models[key] = run_model(key, args, base_dm, data, overrides, epochs)
+        print(f"  done in {models[key]['train_s']:.0f} s (test {models[key]['test_s']:.0f} s)", flush=True)
+
+    summary = summarize(models, pairs, poor, args)
+    report(models, pairs, summary, poor)
+    total = time.perf_counter() - t_start
+    print(f"\ntotal wall time {total:.0f} s")
+    result = {
+        "benchmark": "bench_quality",
+        "quick": args.quick,
+        "args": {k: v for k, v in vars(args).items() if k != "work"},
+        "machine": {"platform": platform.platform(), "torch": torch.__version__, "threads": torch.get_num_threads(),
+                    "cpus": os.cpu_count()},
+        "epochs": epochs,
+        "world": {"rows": world_rows, "data_poor_domain": poor, "split_rows": data["rows"],
+                  "enlarged_eval_world_rows": data["enlarged_eval_world_rows"], "time_cutoffs": data["time_cutoffs"],
+                  "config": dataclasses.asdict(base_dm.world.config)},
+        "pairs": [f"{d}/{t}" for d, t in pairs],
+        "oracle": summary["oracle"],
+        "oracle_mean_auc": summary["oracle_mean_auc"],
+        "models": {k: {kk: vv for kk, vv in m.items() if kk != "results"} for k, m in models.items()},
+        "targets": summary["targets"],
+        "total_wall_s": total,
+    }
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=1, default=float)
+    print(f"wrote {args.out}")
+    if not keep_work:
+        shutil.rmtree(args.work, ignore_errors=True)
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,67 @@
+"""benchmarks/bench_quality.py --quick runs end to end (in-process) and writes the expected JSON structure.
+Only the structure is checked: figures of a one-epoch run on a tiny world mean nothing, and times are
+never asserted."""
+import importlib.util
+import json
+import math
+import os
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _load():
+    spec = importlib.util.spec_from_file_location("bench_quality", os.path.join(ROOT, "benchmarks", "bench_quality.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("bench_quality")
+    out = tmp / "bench_quality.json"
+    bench = _load()
+    bench.main(["--quick", "--threads", "1", "--cache-dir", str(tmp / "cache"), "--out", str(out)])
+    with open(out) as f:
+        return bench, json.load(f)
+
+
+def test_quick_run_writes_every_model_and_pair(quick_run):
+    bench, result = quick_run
+    assert result["benchmark"] == "bench_quality" and result["quick"] is True
+    assert set(result["models"]) == set(bench.MODELS)
+    pairs = result["pairs"]
+    # video has no conversion task; every other domain has all three
+    assert len(pairs) == 11 and "video/conversion" not in pairs and "shop/conversion" in pairs
+    assert set(result["oracle"]) == set(pairs)
+    assert result["world"]["data_poor_domain"] == "shop"
+    for key, model in result["models"].items():
+        assert model["group"] == bench.MODELS[key][0]
+        assert set(model["metrics"]) == set(pairs)
+        for metrics in model["metrics"].values():
+            assert {"auc", "logloss", "count"} <= set(metrics)
+        for field in ("params", "dense_params", "mflops_per_sample", "mflops_per_sample_mean_len", "train_s",
+                      "test_s", "mean_auc", "mean_logloss", "poor_domain_mean_auc", "gap_closed_vs_lr"):
+            assert field in model, (key, field)
+        assert model["params"] > 0 and model["mflops_per_sample"] > 0
+        assert 0.0 <= model["mean_auc"] <= 1.0
+    assert result["models"]["lr"]["gap_closed_vs_lr"] == pytest.approx(0.0)
+    assert set(result["models"]["per_domain"]["batch_size"]) == {"feed", "search", "video", "shop"}
+    # the per-domain models are the base config's network: same FLOPs as the consolidated one
+    assert result["models"]["per_domain"]["mflops_per_sample"] == result["models"]["lattice"]["mflops_per_sample"]
+
+
+def test_quick_run_reports_the_three_targets(quick_run):
+    _, result = quick_run
+    targets = result["targets"]
+    assert set(targets) == {"1_best_mean_auc", "2_poor_domain_beats_per_domain", "3_closes_lr_oracle_gap"}
+    for target in targets.values():
+        assert isinstance(target["pass"], bool)
+    gap = targets["3_closes_lr_oracle_gap"]
+    assert gap["oracle_mean_auc"] == pytest.approx(result["oracle_mean_auc"])
+    assert math.isfinite(gap["lr_mean_auc"])
+    # the shop test set is enlarged to --eval-rows from the same planted world
+    rows = result["world"]["split_rows"]["shop"]
+    assert rows["test"] >= 1000 > rows.get("test_original", 0)
