@@ -48,9 +48,7 @@ def worker(args: argparse.Namespace, cli_args: list) -> None:
     import lightning.pytorch as pl
     import torch
 
-    from lattice.cli import LatticeCLI
-    from lattice.data.datamodule import LatticeDataModule
-    from lattice.train.module import LatticeModule
+    from lattice.cli import run_lightning
 
     torch.set_num_threads(args.threads)
 
@@ -77,9 +75,7 @@ def worker(args: argparse.Namespace, cli_args: list) -> None:
         "--trainer.default_root_dir", args.run_dir, "--metrics_table.print_table", "false",
         "--metrics_table.output_dir", args.run_dir,
     ]
-    cli = LatticeCLI(LatticeModule, LatticeDataModule, args=[*cli_args, *overrides], run=False,
-                     parser_kwargs={"default_env": False}, auto_configure_optimizers=False,
-                     save_config_callback=None)
+    cli = run_lightning([*cli_args, *overrides], run=False)  # exactly `lattice fit`'s parser and classes
     cli.trainer.callbacks.append(timer)
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     if cli.trainer.global_rank == 0:
