@@ -54,17 +54,17 @@ inline void update_row_generic(W* w, const A* g, int64_t D, const OptimizerParam
   }
 }
 
-#if LATTICE_HAVE_AVX512
-// AVX-512, whole row (D <= 128) held in registers.
+#if LATTICE_HAVE_SIMD
+// SIMD (AVX-512 or AVX2), whole row (D <= kBlock) held in registers.
 template <int NV, typename W>
-inline void update_row_avx512(W* w, Vecs<NV, W>& g, int64_t D, __mmask16 tail, const OptimizerParams& p,
+inline void update_row_simd(W* w, Vecs<NV, W>& g, int64_t D, tail_t tail, const OptimizerParams& p,
                               float* state) {
   Vecs<NV, W> wv;
   wv.load(w, tail);
   if (p.weight_decay != 0.0f) {
-    const __m512 wd = _mm512_set1_ps(p.weight_decay);
+    const vec_t wd = vset1(p.weight_decay);
 #pragma GCC unroll 8
-    for (int i = 0; i < NV; ++i) g.v[i] = _mm512_fmadd_ps(wd, wv.v[i], g.v[i]);
+    for (int i = 0; i < NV; ++i) g.v[i] = vfmadd(wd, wv.v[i], g.v[i]);
   }
   float mult = p.lr;
   if (p.kind == Optimizer::kRowwiseAdagrad) {
@@ -72,9 +72,9 @@ inline void update_row_avx512(W* w, Vecs<NV, W>& g, int64_t D, __mmask16 tail, c
     *state = s;
     mult = p.lr / (std::sqrt(s) + p.eps);
   }
-  const __m512 m = _mm512_set1_ps(mult);
+  const vec_t m = vset1(mult);
 #pragma GCC unroll 8
-  for (int i = 0; i < NV; ++i) wv.v[i] = _mm512_fnmadd_ps(m, g.v[i], wv.v[i]);
+  for (int i = 0; i < NV; ++i) wv.v[i] = vfnmadd(m, g.v[i], wv.v[i]);
   wv.store(w, tail);
 }
 #endif
