@@ -225,9 +225,10 @@ inline void store8x16(void* p, __m128i x, int lanes) {
   std::memcpy(p, buf, static_cast<size_t>(lanes) * 2);
 }
 
+// A full last vector takes the plain load/store: vmaskmovps is slow on some cores (AMD Zen).
 template <bool kMasked>
 inline vec_t vload(const float* p, const tail_t& m) {
-  return kMasked ? _mm256_maskload_ps(p, m.mask) : _mm256_loadu_ps(p);
+  return kMasked && m.lanes != 8 ? _mm256_maskload_ps(p, m.mask) : _mm256_loadu_ps(p);
 }
 template <bool kMasked>
 inline vec_t vload(const c10::BFloat16* p, const tail_t& m) {
@@ -253,7 +254,7 @@ inline __m128i cvt_bf16(vec_t v) {
 
 template <bool kMasked>
 inline void vstore(float* p, vec_t v, const tail_t& m) {
-  if (kMasked) {
+  if (kMasked && m.lanes != 8) {
     _mm256_maskstore_ps(p, m.mask, v);
   } else {
     _mm256_storeu_ps(p, v);
