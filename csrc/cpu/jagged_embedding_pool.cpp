@@ -1,13 +1,14 @@
 // CPU forward of lattice::jagged_embedding_pool and the gradient of its per_sample_weights.
 //
 // One OpenMP pass over all T*B bags of all tables: bags are cut into chunks of about equal cost
-// (indices + bags) that threads take dynamically; each bag is accumulated in fp32 registers (AVX-512,
-// D <= 128: up to 8 zmm held across the bag; bf16/fp16 converted in registers; a portable loop for
-// wider rows, float64 and non-AVX-512 builds) and written straight into out[b, t, :]. The row of the
+// (indices + bags) that threads take dynamically; each bag is accumulated in fp32 registers (AVX-512 or
+// AVX2, D <= 128: up to 8 zmm / 16 ymm held across the bag; bf16/fp16 converted in registers; a
+// portable loop for wider rows, float64 and builds without either) and written straight into
+// out[b, t, :]. The row of the
 // position `dist` ahead in the same table is software-prefetched. Indices are range-checked inside the
 // same pass; a bad one is skipped and flagged, and after the pass the first bad one is reported with
 // its table, position and value. The hot loops make no calls: a call would make the compiler spill
-// every zmm accumulator around it.
+// every vector accumulator around it.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <omp.h>
@@ -42,16 +43,27 @@ int64_t env_int(const char* name, int64_t fallback) {
 PrefetchPlan prefetch_plan(int64_t row_bytes) {
   PrefetchPlan p;
   const int64_t all = (row_bytes + 63) / 64;
+  int64_t dflt_lines = 0;  // 0: the whole row
+#if LATTICE_HAVE_AVX512
   // Rows of 512 bytes and more (D >= 128 fp32) go straight to L1 (T0) from about 8 KB ahead; shorter
   // rows to L2 (T1) from about 4 KB ahead. Measured on an AVX-512 Xeon with 26 x 100k-row tables: T0
   // made D=128 ~20% faster and D=64 slightly slower.
   const bool wide = row_bytes >= 512;
   const int64_t ahead = wide ? 8192 : 4096;
+  const int hint = wide ? 3 : 2;
+#else
+  // AVX2 builds (measured on a 2-core AMD EPYC, same workload, D=64 and 128): the first two lines of
+  // the row 8 rows ahead into L2 was best for both widths (the L2 fetches the rest of the row by
+  // itself); 16 and 32 rows ahead were 10-30% slower, whole-row and T0 prefetches no better.
+  const int64_t ahead = 8 * row_bytes;
+  const int hint = 2;
+  dflt_lines = 2;
+#endif
   const int64_t dflt = std::min<int64_t>(std::max<int64_t>(ahead / std::max<int64_t>(row_bytes, 1), 4), 32);
   p.dist = std::max<int64_t>(0, env_int("LATTICE_POOL_PREFETCH", dflt));
-  const int64_t lines = env_int("LATTICE_POOL_PF_LINES", 0);
+  const int64_t lines = env_int("LATTICE_POOL_PF_LINES", dflt_lines);
   p.lines = lines > 0 ? std::min(lines, all) : all;
-  p.hint = env_int("LATTICE_POOL_PF_HINT", wide ? 3 : 2) == 3 ? 3 : 2;
+  p.hint = env_int("LATTICE_POOL_PF_HINT", hint) == 3 ? 3 : 2;
   return p;
 }
 
@@ -108,17 +120,17 @@ struct BagCursor {
   inline int64_t out_row() const { return b * g.T + t; }
 };
 
-#if LATTICE_HAVE_AVX512
-// AVX-512, D <= 128: each bag's sum lives in NV registers. No calls inside the loops (a call would make
-// the compiler spill every zmm accumulator around it).
+#if LATTICE_HAVE_SIMD
+// SIMD, D <= kBlock: each bag's sum lives in NV registers. No calls inside the loops (a call would make
+// the compiler spill every accumulator around it).
 template <typename W, typename index_t, bool kWeighted, int NV, int kHint>
-bool pool_bags_avx512(const W* weights, const index_t* indices, const index_t* offsets, const float* psw,
+bool pool_bags_simd(const W* weights, const index_t* indices, const index_t* offsets, const float* psw,
                       bool mean, const PoolGeometry& g, int64_t bag_lo, int64_t bag_hi, W* out,
                       const PrefetchPlan& pf) {
   const int64_t D = g.D;
   const int64_t dist = pf.dist;
   const int64_t lines = pf.lines;
-  const __mmask16 tail = tail_mask(D);
+  const tail_t tail = tail_mask(D);
   bool ok = true;
   BagCursor<W> cur(g, weights, bag_lo, dist);
   int64_t begin = offsets[bag_lo];
@@ -141,12 +153,12 @@ bool pool_bags_avx512(const W* weights, const index_t* indices, const index_t* o
       }
       const W* row = table + static_cast<int64_t>(idx) * D;
       if constexpr (kWeighted) {
-        acc.fmadd(_mm512_set1_ps(psw[j]), row, tail);
+        acc.fmadd(vset1(psw[j]), row, tail);
       } else {
         acc.add(row, tail);
       }
     }
-    if (mean && end > begin) acc.scale(_mm512_set1_ps(1.0f / static_cast<float>(end - begin)));
+    if (mean && end > begin) acc.scale(vset1(1.0f / static_cast<float>(end - begin)));
     acc.store(out + cur.out_row() * D, tail);
     begin = end;
     cur.next(bag + 1 < bag_hi);
@@ -205,16 +217,16 @@ void pool_forward(const at::Tensor& weights, const at::Tensor& indices, const at
   W* o = out.data_ptr<W>();
   const PrefetchPlan pf = prefetch_plan(g.D * static_cast<int64_t>(sizeof(W)));
   bool ok = true;
-#if LATTICE_HAVE_AVX512
+#if LATTICE_HAVE_SIMD
   if constexpr (std::is_same_v<A, float>) {
-    if (use_avx512() && g.D <= kBlock) {
-      dispatch_nv(static_cast<int>((g.D + 15) / 16), [&](auto nv_tag) {
+    if (use_simd() && g.D <= kBlock) {
+      dispatch_nv(num_vecs(g.D), [&](auto nv_tag) {
         constexpr int NV = decltype(nv_tag)::value;
         auto run = [&](auto weighted_tag, auto hint_tag) {
           constexpr bool kW = decltype(weighted_tag)::value;
           constexpr int kH = decltype(hint_tag)::value;
           ok = for_each_chunk(g, off, [&](int64_t lo, int64_t hi) {
-            return pool_bags_avx512<W, index_t, kW, NV, kH>(w, idx, off, pw, mean, g, lo, hi, o, pf);
+            return pool_bags_simd<W, index_t, kW, NV, kH>(w, idx, off, pw, mean, g, lo, hi, o, pf);
           });
         };
         using T0 = std::integral_constant<int, 3>;
@@ -296,13 +308,13 @@ bool psw_grad_bags(const W* weights, const G* grad, const index_t* indices, cons
       }
       const W* row = cur.table + static_cast<int64_t>(idx) * D;
       A s = A(0);
-#if LATTICE_HAVE_AVX512
+#if LATTICE_HAVE_SIMD
       if constexpr (std::is_same_v<A, float>) {
-        if (use_avx512()) {
+        if (use_simd()) {
           for (int64_t c0 = 0; c0 < D; c0 += kBlock) {
             const int64_t width = std::min(kBlock, D - c0);
-            const __mmask16 tail = tail_mask(width);
-            dispatch_nv(static_cast<int>((width + 15) / 16), [&](auto nv_tag) {
+            const tail_t tail = tail_mask(width);
+            dispatch_nv(num_vecs(width), [&](auto nv_tag) {
               constexpr int NV = decltype(nv_tag)::value;
               Vecs<NV, W> r;
               r.load(row + c0, tail);

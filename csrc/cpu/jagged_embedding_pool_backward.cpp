@@ -287,17 +287,17 @@ struct RowSink {
   OptimizerParams opt{};
 };
 
-#if LATTICE_HAVE_AVX512
+#if LATTICE_HAVE_SIMD
 // One chunk of sorted items, D <= 128: each row's gradient is summed in NV registers.
 template <typename W, typename G, int NV, bool kWeighted>
-void reduce_chunk_avx512(const SortedRows& s, int64_t e_lo, int64_t e_hi, const G* go, const float* psw, int64_t D,
+void reduce_chunk_simd(const SortedRows& s, int64_t e_lo, int64_t e_hi, const G* go, const float* psw, int64_t D,
                          const RowSink<W, G>& sink, int64_t ord) {
   const uint64_t* items = s.items;
   const uint32_t* grow_of_pos = s.grow_of_pos;
   const double* inv_len = s.inv_len;
   const bool mean = s.mean;
   const int64_t n = s.n;
-  const __mmask16 tail = tail_mask(D);
+  const tail_t tail = tail_mask(D);
   const int64_t gbytes = D * static_cast<int64_t>(sizeof(G));
   const int64_t wbytes = D * static_cast<int64_t>(sizeof(W));
   const bool fused = sink.fused;
@@ -322,10 +322,10 @@ void reduce_chunk_avx512(const SortedRows& s, int64_t e_lo, int64_t e_hi, const 
       }
       const uint32_t v = payload_of(items[e]);
       if constexpr (kWeighted) {
-        acc.fmadd(_mm512_set1_ps(psw[v]), go + static_cast<int64_t>(grow_of_pos[v]) * D, tail);
+        acc.fmadd(vset1(psw[v]), go + static_cast<int64_t>(grow_of_pos[v]) * D, tail);
       } else {
         if (mean) {
-          acc.fmadd(_mm512_set1_ps(static_cast<float>(inv_len[v])), go + static_cast<int64_t>(v) * D, tail);
+          acc.fmadd(vset1(static_cast<float>(inv_len[v])), go + static_cast<int64_t>(v) * D, tail);
         } else {
           acc.add(go + static_cast<int64_t>(v) * D, tail);
         }
@@ -333,7 +333,7 @@ void reduce_chunk_avx512(const SortedRows& s, int64_t e_lo, int64_t e_hi, const 
       ++e;
     } while (e < n && key_of(items[e]) == row);
     if (fused) {
-      update_row_avx512<NV>(weights + static_cast<int64_t>(row) * D, acc, D, tail, opt, state ? state + row : nullptr);
+      update_row_simd<NV>(weights + static_cast<int64_t>(row) * D, acc, D, tail, opt, state ? state + row : nullptr);
     } else {
       sink.rows[ord] = row;
       acc.store(sink.row_grads + ord * D, tail);
@@ -387,16 +387,16 @@ void reduce_rows(const SortedRows& s, int64_t D, const G* go, const acc_t<W>* ps
   const int64_t chunks = s.chunks;
   const int64_t* cs = s.chunk_start;
   auto ord_of = [&](int64_t c) -> int64_t { return sink.chunk_ord ? sink.chunk_ord[c] : 0; };
-#if LATTICE_HAVE_AVX512
+#if LATTICE_HAVE_SIMD
   if constexpr (std::is_same_v<A, float>) {
-    if (use_avx512() && D <= kBlock) {
-      dispatch_nv(static_cast<int>((D + 15) / 16), [&](auto nv_tag) {
+    if (use_simd() && D <= kBlock) {
+      dispatch_nv(num_vecs(D), [&](auto nv_tag) {
         constexpr int NV = decltype(nv_tag)::value;
         auto run = [&](auto weighted_tag) {
           constexpr bool kW = decltype(weighted_tag)::value;
 #pragma omp parallel for num_threads(nthreads) schedule(dynamic, 1)
           for (int64_t c = 0; c < chunks; ++c) {
-            if (cs[c] < cs[c + 1]) reduce_chunk_avx512<W, G, NV, kW>(s, cs[c], cs[c + 1], go, psw, D, sink, ord_of(c));
+            if (cs[c] < cs[c + 1]) reduce_chunk_simd<W, G, NV, kW>(s, cs[c], cs[c + 1], go, psw, D, sink, ord_of(c));
           }
         };
         if (s.weighted) {
@@ -587,7 +587,7 @@ void rows_step(const at::Tensor& weights, const at::Tensor& optimizer_state, con
   W* w = weights.data_ptr<W>();
   float* state = opt.kind == Optimizer::kRowwiseAdagrad ? optimizer_state.data_ptr<float>() : nullptr;
   const G* gp = row_grads.data_ptr<G>();
-  const bool avx512 = use_avx512() && std::is_same_v<A, float> && D <= kBlock;
+  const bool simd = use_simd() && std::is_same_v<A, float> && D <= kBlock;
   const int nthreads = pool_num_threads();
 #pragma omp parallel num_threads(nthreads)
   {
@@ -598,15 +598,15 @@ void rows_step(const at::Tensor& weights, const at::Tensor& optimizer_state, con
       W* wr = w + rp[i] * D;
       float* st = state ? state + rp[i] : nullptr;
       const G* g = gp + i * D;
-#if LATTICE_HAVE_AVX512
+#if LATTICE_HAVE_SIMD
       if constexpr (std::is_same_v<A, float>) {
-        if (avx512) {
-          const __mmask16 tail = tail_mask(D);
-          dispatch_nv(static_cast<int>((D + 15) / 16), [&](auto nv_tag) {
+        if (simd) {
+          const tail_t tail = tail_mask(D);
+          dispatch_nv(num_vecs(D), [&](auto nv_tag) {
             constexpr int NV = decltype(nv_tag)::value;
             Vecs<NV, W> a;
             a.load(g, tail);
-            update_row_avx512<NV>(wr, a, D, tail, opt, st);
+            update_row_simd<NV>(wr, a, D, tail, opt, st);
           });
           continue;
         }

@@ -1,12 +1,13 @@
 // Vectorized embedding-row primitives for the CPU kernels: load a row slice of fp32 / bf16 / fp16
 // storage as fp32 lanes, store fp32 lanes back in the storage type, prefetch a whole row.
 //
-// Two implementations live side by side:
-//   * AVX-512 (F + BW + VL, compiled in when the build targets it): 16 fp32 lanes per __m512, masked
-//     tails, bf16/fp16 converted in registers;
-//   * a portable one (plain loops the compiler vectorizes for whatever -march it builds for: AVX2 on
-//     x86-64-v3), which also serves float64 storage (accumulated in float64) and is selectable at run
-//     time with LATTICE_CPU_ISA=generic so tests cover it on AVX-512 machines too.
+// Three implementations, one chosen at build time by what -march targets:
+//   * AVX-512 (F + BW + VL): 16 fp32 lanes per __m512, masked tails, bf16/fp16 converted in registers;
+//   * AVX2 + FMA + F16C (x86-64-v3, e.g. AMD Zen 2/3 and Intel client cores): 8 fp32 lanes per __m256,
+//     tails through lane masks, bf16/fp16 converted in registers;
+// both behind one interface (vec_t, tail_t, Vecs<NV, W>, kLanes) so each kernel is written once; and
+//   * a portable one (plain loops), which also serves float64 storage (accumulated in float64) and is
+//     selectable at run time with LATTICE_CPU_ISA=generic so tests cover it on SIMD machines too.
 #pragma once
 
 #include <c10/util/BFloat16.h>
@@ -19,10 +20,17 @@
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 #define LATTICE_HAVE_AVX512 1
+#define LATTICE_HAVE_AVX2 0
+#include <immintrin.h>
+#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#define LATTICE_HAVE_AVX512 0
+#define LATTICE_HAVE_AVX2 1
 #include <immintrin.h>
 #else
 #define LATTICE_HAVE_AVX512 0
+#define LATTICE_HAVE_AVX2 0
 #endif
+#define LATTICE_HAVE_SIMD (LATTICE_HAVE_AVX512 || LATTICE_HAVE_AVX2)
 
 namespace lattice {
 namespace cpu {
@@ -31,9 +39,10 @@ namespace cpu {
 template <typename W>
 using acc_t = std::conditional_t<std::is_same_v<W, double>, double, float>;
 
-// True when the AVX-512 kernels are compiled in and not switched off with LATTICE_CPU_ISA=generic.
-inline bool use_avx512() {
-#if LATTICE_HAVE_AVX512
+// True when the SIMD (AVX-512 or AVX2) kernels are compiled in and not switched off with
+// LATTICE_CPU_ISA=generic.
+inline bool use_simd() {
+#if LATTICE_HAVE_SIMD
   static const bool enabled = [] {
     const char* isa = std::getenv("LATTICE_CPU_ISA");
     return !(isa != nullptr && std::strcmp(isa, "generic") == 0);
@@ -146,61 +155,185 @@ inline void store16(c10::Half* p, __m512 v, __mmask16 m) {
   }
 }
 
-// NV consecutive 16-lane vectors of a row slice; the last one honours `tail`.
+using vec_t = __m512;
+using tail_t = __mmask16;
+constexpr int kLanes = 16;
+inline vec_t vzero() { return _mm512_setzero_ps(); }
+inline vec_t vset1(float x) { return _mm512_set1_ps(x); }
+inline vec_t vadd(vec_t a, vec_t b) { return _mm512_add_ps(a, b); }
+inline vec_t vmul(vec_t a, vec_t b) { return _mm512_mul_ps(a, b); }
+inline vec_t vfmadd(vec_t a, vec_t b, vec_t c) { return _mm512_fmadd_ps(a, b, c); }    // a*b + c
+inline vec_t vfnmadd(vec_t a, vec_t b, vec_t c) { return _mm512_fnmadd_ps(a, b, c); }  // c - a*b
+inline float vhsum(vec_t v) { return hsum16(v); }
+template <bool kMasked, typename S>
+inline vec_t vload(const S* p, const tail_t& m) {
+  return load16<kMasked>(p, m);
+}
+template <bool kMasked, typename S>
+inline void vstore(S* p, vec_t v, const tail_t& m) {
+  store16<kMasked>(p, v, m);
+}
+#endif  // LATTICE_HAVE_AVX512
+
+#if LATTICE_HAVE_AVX2
+// ---- AVX2 + FMA + F16C: 8 fp32 lanes -------------------------------------------------------------
+using vec_t = __m256;
+// The last vector of a slice: a lane mask for fp32 (vmaskmov) and the lane count for 16-bit storage,
+// which AVX2 cannot load or store under a mask (those go through a small stack buffer).
+struct tail_t {
+  __m256i mask;
+  int lanes;
+};
+constexpr int kLanes = 8;
+
+inline tail_t tail_mask(int64_t width) {  // lanes in use in the last vector of a `width`-wide slice
+  const int rem = static_cast<int>(width & 7);
+  const int lanes = rem == 0 ? 8 : rem;
+  const __m256i idx = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  return tail_t{_mm256_cmpgt_epi32(_mm256_set1_epi32(lanes), idx), lanes};
+}
+
+inline vec_t vzero() { return _mm256_setzero_ps(); }
+inline vec_t vset1(float x) { return _mm256_set1_ps(x); }
+inline vec_t vadd(vec_t a, vec_t b) { return _mm256_add_ps(a, b); }
+inline vec_t vmul(vec_t a, vec_t b) { return _mm256_mul_ps(a, b); }
+inline vec_t vfmadd(vec_t a, vec_t b, vec_t c) { return _mm256_fmadd_ps(a, b, c); }
+inline vec_t vfnmadd(vec_t a, vec_t b, vec_t c) { return _mm256_fnmadd_ps(a, b, c); }
+inline float vhsum(vec_t v) {
+  __m128 t = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  t = _mm_add_ps(t, _mm_movehl_ps(t, t));
+  t = _mm_add_ss(t, _mm_movehdup_ps(t));
+  return _mm_cvtss_f32(t);
+}
+
+// 8 x 16-bit values from p (the first `lanes` only when masked; the rest read as 0).
+template <bool kMasked>
+inline __m128i load8x16(const void* p, int lanes) {
+  if (!kMasked || lanes == 8) return _mm_loadu_si128(static_cast<const __m128i*>(p));
+  alignas(16) uint16_t buf[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  std::memcpy(buf, p, static_cast<size_t>(lanes) * 2);
+  return _mm_load_si128(reinterpret_cast<const __m128i*>(buf));
+}
+template <bool kMasked>
+inline void store8x16(void* p, __m128i x, int lanes) {
+  if (!kMasked || lanes == 8) {
+    _mm_storeu_si128(static_cast<__m128i*>(p), x);
+    return;
+  }
+  alignas(16) uint16_t buf[8];
+  _mm_store_si128(reinterpret_cast<__m128i*>(buf), x);
+  std::memcpy(p, buf, static_cast<size_t>(lanes) * 2);
+}
+
+// A full last vector takes the plain load/store: vmaskmovps is slow on some cores (AMD Zen).
+template <bool kMasked>
+inline vec_t vload(const float* p, const tail_t& m) {
+  return kMasked && m.lanes != 8 ? _mm256_maskload_ps(p, m.mask) : _mm256_loadu_ps(p);
+}
+template <bool kMasked>
+inline vec_t vload(const c10::BFloat16* p, const tail_t& m) {
+  const __m256i x = _mm256_cvtepu16_epi32(load8x16<kMasked>(p, m.lanes));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(x, 16));
+}
+template <bool kMasked>
+inline vec_t vload(const c10::Half* p, const tail_t& m) {
+  return _mm256_cvtph_ps(load8x16<kMasked>(p, m.lanes));
+}
+
+// fp32 -> bf16 with round-to-nearest-even (what c10::BFloat16(float) does); NaN stays NaN.
+inline __m128i cvt_bf16(vec_t v) {
+  const __m256i u = _mm256_castps_si256(v);
+  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+  const __m256i rounded = _mm256_add_epi32(u, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7FFF)));
+  __m256i r = _mm256_srli_epi32(rounded, 16);
+  const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+  r = _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7FC0), nan);
+  // every lane is < 2^16, so the unsigned saturating pack is exact
+  return _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
+}
+
+template <bool kMasked>
+inline void vstore(float* p, vec_t v, const tail_t& m) {
+  if (kMasked && m.lanes != 8) {
+    _mm256_maskstore_ps(p, m.mask, v);
+  } else {
+    _mm256_storeu_ps(p, v);
+  }
+}
+template <bool kMasked>
+inline void vstore(c10::BFloat16* p, vec_t v, const tail_t& m) {
+  store8x16<kMasked>(p, cvt_bf16(v), m.lanes);
+}
+template <bool kMasked>
+inline void vstore(c10::Half* p, vec_t v, const tail_t& m) {
+  store8x16<kMasked>(p, _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC), m.lanes);
+}
+#endif  // LATTICE_HAVE_AVX2
+
+#if LATTICE_HAVE_SIMD
+// Column blocks of at most 128 lanes, held in registers across a bag or segment (8 zmm with AVX-512;
+// 16 ymm with AVX2, whose adds take the row straight from memory, so the sum still fits the 16
+// registers).
+constexpr int kMaxNV = 128 / kLanes;
+
+// Vectors needed for a `width`-wide slice.
+inline int num_vecs(int64_t width) { return static_cast<int>((width + kLanes - 1) / kLanes); }
+
+// NV consecutive vectors of a row slice; the last one honours `tail`.
 template <int NV, typename W>
 struct Vecs {
-  __m512 v[NV];
+  vec_t v[NV];
 
   inline void zero() {
-#pragma GCC unroll 8
-    for (int i = 0; i < NV; ++i) v[i] = _mm512_setzero_ps();
+#pragma GCC unroll 16
+    for (int i = 0; i < NV; ++i) v[i] = vzero();
   }
   template <typename S>
-  inline void load(const S* p, __mmask16 tail) {
-#pragma GCC unroll 8
-    for (int i = 0; i < NV - 1; ++i) v[i] = load16<false>(p + 16 * i, tail);
-    v[NV - 1] = load16<true>(p + 16 * (NV - 1), tail);
+  inline void load(const S* p, const tail_t& tail) {
+#pragma GCC unroll 16
+    for (int i = 0; i < NV - 1; ++i) v[i] = vload<false>(p + kLanes * i, tail);
+    v[NV - 1] = vload<true>(p + kLanes * (NV - 1), tail);
   }
   template <typename S>
-  inline void add(const S* p, __mmask16 tail) {
-#pragma GCC unroll 8
-    for (int i = 0; i < NV - 1; ++i) v[i] = _mm512_add_ps(v[i], load16<false>(p + 16 * i, tail));
-    v[NV - 1] = _mm512_add_ps(v[NV - 1], load16<true>(p + 16 * (NV - 1), tail));
+  inline void add(const S* p, const tail_t& tail) {
+#pragma GCC unroll 16
+    for (int i = 0; i < NV - 1; ++i) v[i] = vadd(v[i], vload<false>(p + kLanes * i, tail));
+    v[NV - 1] = vadd(v[NV - 1], vload<true>(p + kLanes * (NV - 1), tail));
   }
   template <typename S>
-  inline void fmadd(__m512 s, const S* p, __mmask16 tail) {
-#pragma GCC unroll 8
-    for (int i = 0; i < NV - 1; ++i) v[i] = _mm512_fmadd_ps(s, load16<false>(p + 16 * i, tail), v[i]);
-    v[NV - 1] = _mm512_fmadd_ps(s, load16<true>(p + 16 * (NV - 1), tail), v[NV - 1]);
+  inline void fmadd(vec_t s, const S* p, const tail_t& tail) {
+#pragma GCC unroll 16
+    for (int i = 0; i < NV - 1; ++i) v[i] = vfmadd(s, vload<false>(p + kLanes * i, tail), v[i]);
+    v[NV - 1] = vfmadd(s, vload<true>(p + kLanes * (NV - 1), tail), v[NV - 1]);
   }
-  inline void scale(__m512 s) {
-#pragma GCC unroll 8
-    for (int i = 0; i < NV; ++i) v[i] = _mm512_mul_ps(v[i], s);
+  inline void scale(vec_t s) {
+#pragma GCC unroll 16
+    for (int i = 0; i < NV; ++i) v[i] = vmul(v[i], s);
   }
   template <typename S>
-  inline void store(S* p, __mmask16 tail) const {
-#pragma GCC unroll 8
-    for (int i = 0; i < NV - 1; ++i) store16<false>(p + 16 * i, v[i], tail);
-    store16<true>(p + 16 * (NV - 1), v[NV - 1], tail);
+  inline void store(S* p, const tail_t& tail) const {
+#pragma GCC unroll 16
+    for (int i = 0; i < NV - 1; ++i) vstore<false>(p + kLanes * i, v[i], tail);
+    vstore<true>(p + kLanes * (NV - 1), v[NV - 1], tail);
   }
   // sum over lanes of v * v (masked tail lanes are zero)
   inline float sum_squares() const {
-    __m512 s = _mm512_mul_ps(v[0], v[0]);
-#pragma GCC unroll 8
-    for (int i = 1; i < NV; ++i) s = _mm512_fmadd_ps(v[i], v[i], s);
-    return hsum16(s);
+    vec_t s = vmul(v[0], v[0]);
+#pragma GCC unroll 16
+    for (int i = 1; i < NV; ++i) s = vfmadd(v[i], v[i], s);
+    return vhsum(s);
   }
   // sum over lanes of v * other(p)
   template <typename S>
-  inline float dot(const S* p, __mmask16 tail) const {
-    __m512 s = _mm512_mul_ps(v[NV - 1], load16<true>(p + 16 * (NV - 1), tail));
-#pragma GCC unroll 8
-    for (int i = 0; i < NV - 1; ++i) s = _mm512_fmadd_ps(v[i], load16<false>(p + 16 * i, tail), s);
-    return hsum16(s);
+  inline float dot(const S* p, const tail_t& tail) const {
+    vec_t s = vmul(v[NV - 1], vload<true>(p + kLanes * (NV - 1), tail));
+#pragma GCC unroll 16
+    for (int i = 0; i < NV - 1; ++i) s = vfmadd(v[i], vload<false>(p + kLanes * i, tail), s);
+    return vhsum(s);
   }
 };
 
-// Calls f(std::integral_constant<int, NV>) for NV = nv in [1, 8].
+// Calls f(std::integral_constant<int, NV>) for NV = nv in [1, kMaxNV].
 template <typename F>
 inline void dispatch_nv(int nv, F&& f) {
   switch (nv) {
@@ -211,12 +344,24 @@ inline void dispatch_nv(int nv, F&& f) {
     case 5: f(std::integral_constant<int, 5>()); break;
     case 6: f(std::integral_constant<int, 6>()); break;
     case 7: f(std::integral_constant<int, 7>()); break;
+#if LATTICE_HAVE_AVX2
+    case 8: f(std::integral_constant<int, 8>()); break;
+    case 9: f(std::integral_constant<int, 9>()); break;
+    case 10: f(std::integral_constant<int, 10>()); break;
+    case 11: f(std::integral_constant<int, 11>()); break;
+    case 12: f(std::integral_constant<int, 12>()); break;
+    case 13: f(std::integral_constant<int, 13>()); break;
+    case 14: f(std::integral_constant<int, 14>()); break;
+    case 15: f(std::integral_constant<int, 15>()); break;
+    default: f(std::integral_constant<int, 16>()); break;
+#else
     default: f(std::integral_constant<int, 8>()); break;
+#endif
   }
 }
-#endif  // LATTICE_HAVE_AVX512
+#endif  // LATTICE_HAVE_SIMD
 
-// Column blocks of at most 128 lanes (8 AVX-512 vectors held in registers across a bag or segment).
+// Widest column slice the SIMD kernels hold in registers (kMaxNV vectors).
 constexpr int64_t kBlock = 128;
 
 }  // namespace cpu

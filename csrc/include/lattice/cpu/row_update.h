@@ -54,17 +54,18 @@ inline void update_row_generic(W* w, const A* g, int64_t D, const OptimizerParam
   }
 }
 
-#if LATTICE_HAVE_AVX512
-// AVX-512, whole row (D <= 128) held in registers.
+#if LATTICE_HAVE_SIMD
+// SIMD (AVX-512 or AVX2): the row's gradient g (D <= kBlock) is held in registers; the weights are
+// streamed through twice (weight decay, then the update) rather than held too, which would need twice
+// the registers AVX2 has at D = 128. The second read hits L1.
 template <int NV, typename W>
-inline void update_row_avx512(W* w, Vecs<NV, W>& g, int64_t D, __mmask16 tail, const OptimizerParams& p,
-                              float* state) {
-  Vecs<NV, W> wv;
-  wv.load(w, tail);
+inline void update_row_simd(W* w, Vecs<NV, W>& g, int64_t D, const tail_t& tail, const OptimizerParams& p,
+                            float* state) {
   if (p.weight_decay != 0.0f) {
-    const __m512 wd = _mm512_set1_ps(p.weight_decay);
-#pragma GCC unroll 8
-    for (int i = 0; i < NV; ++i) g.v[i] = _mm512_fmadd_ps(wd, wv.v[i], g.v[i]);
+    const vec_t wd = vset1(p.weight_decay);
+#pragma GCC unroll 16
+    for (int i = 0; i < NV - 1; ++i) g.v[i] = vfmadd(wd, vload<false>(w + kLanes * i, tail), g.v[i]);
+    g.v[NV - 1] = vfmadd(wd, vload<true>(w + kLanes * (NV - 1), tail), g.v[NV - 1]);
   }
   float mult = p.lr;
   if (p.kind == Optimizer::kRowwiseAdagrad) {
@@ -72,10 +73,12 @@ inline void update_row_avx512(W* w, Vecs<NV, W>& g, int64_t D, __mmask16 tail, c
     *state = s;
     mult = p.lr / (std::sqrt(s) + p.eps);
   }
-  const __m512 m = _mm512_set1_ps(mult);
-#pragma GCC unroll 8
-  for (int i = 0; i < NV; ++i) wv.v[i] = _mm512_fnmadd_ps(m, g.v[i], wv.v[i]);
-  wv.store(w, tail);
+  const vec_t m = vset1(mult);
+#pragma GCC unroll 16
+  for (int i = 0; i < NV - 1; ++i) {
+    vstore<false>(w + kLanes * i, vfnmadd(m, g.v[i], vload<false>(w + kLanes * i, tail)), tail);
+  }
+  vstore<true>(w + kLanes * (NV - 1), vfnmadd(m, g.v[NV - 1], vload<true>(w + kLanes * (NV - 1), tail)), tail);
 }
 #endif
 
