@@ -28,9 +28,12 @@ Beside the targets, a diagnostic of what the evaluation set can resolve: :func:`
 from the planted world itself, the LogLoss rise the Bayes-optimal model would show if a feature's planted
 context term (device, hour, position, query, price, brand, repeat) were removed; a (feature, task) pair
 whose oracle rise is under two of the filter's standard errors cannot stand out from the noise features
-on that evaluation set whatever the model, and the ranking check is repeated without those pairs.
+on that evaluation set whatever the model, and the ranking check is repeated without those pairs. And a
+diagnostic of what the model learned: :func:`reengagement_probe` measures how much the full model's logits
+move when the one piece of information only ``hist_items`` holds (the target item is in the history) is
+removed, against the planted coefficient.
 
-    python benchmarks/bench_filter.py --quick      # small world and model: a smoke run (~1-2 min)
+    python benchmarks/bench_filter.py --quick      # small world and model: a smoke run (~30 s of CPU)
     python benchmarks/bench_filter.py              # configs/mdmo.yaml as shipped (about an hour on 2 busy cores)
     python benchmarks/bench_filter.py --epochs 2   # fewer epochs than the config (reported)
     python benchmarks/bench_filter.py --reanalyse benchmarks/results/bench_filter.json   # re-print a run
@@ -321,6 +324,58 @@ def run_filter_command(configs: List[str], ckpt: str, budget: int, out_dir: str,
             "seconds": seconds, "kept_yaml": os.path.join(out_dir, "kept_features.yaml")}
 
 
+def reengagement_probe(configs: List[str], ckpt: str, max_rows: int = 50000, seed: int = 0) -> Dict[str, Any]:
+    """Did the trained model learn ``hist_items``' own planted term, re-engagement (``repeat``: the target
+    item is in the user's history)? On the validation rows where it is, swap only the matching history
+    item(s) for history items drawn from other rows and report the mean drop of each task's logit.
+    Everything else ``hist_items`` carries (the clusters of the history, for the ``seq`` term) is also in
+    ``hist_clusters``, so re-engagement is the information only ``hist_items`` holds: a model whose
+    logits hardly move here leaves ``hist_items`` nothing of its own for permutation importance to find,
+    whatever the evaluation set. (Compare with the planted coefficients, ``planted``: z-units of the
+    task's own logit, a child task's probability also moving with its parent's.)"""
+    import dataclasses
+
+    from lattice.select.importance import _replace_key, gather_eval_set
+    from lattice.sparse import JaggedTensor
+
+    args = [a for c in configs for a in ("--config", c)]
+    with _quiet(True):
+        cli = run_lightning(args, run=False)
+    module, dm = cli.model, cli.datamodule
+    module.load_state_dict(torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"])
+    module.eval()
+    dm.setup("validate")
+    ev = gather_eval_set(dm.val_dataloader(), max_rows=max_rows)
+    tasks = list(dm.schema.task_names)
+    gen = torch.Generator().manual_seed(seed)
+    drops, rows, seen = [], 0, 0
+    with torch.no_grad():
+        for chunk in ev.chunks:
+            seen += int(chunk.domain.shape[0])
+            seq = chunk.sequences
+            if seq is None or "hist_items" not in seq.keys() or "item" not in chunk.sparse.keys():
+                continue
+            hist, item = seq["hist_items"], chunk.sparse["item"]
+            if not bool((item.lengths() == 1).all()):
+                continue
+            vals, offs = hist.values(), hist.offsets()
+            row = torch.repeat_interleave(torch.arange(offs.numel() - 1), offs.diff())
+            hit = vals == item.values()[row]
+            rep = torch.zeros(offs.numel() - 1, dtype=torch.bool)
+            rep[row[hit]] = True
+            if not bool(rep.any()) or bool(hit.all()):
+                continue
+            donors = vals[~hit]
+            swapped = vals.clone()
+            swapped[hit] = donors[torch.randint(0, donors.numel(), (int(hit.sum()),), generator=gen)]
+            alt = dataclasses.replace(chunk, sequences=_replace_key(seq, seq.keys().index("hist_items"),
+                                                                    JaggedTensor(swapped, offsets=offs)))
+            drops.append((module(chunk).logits[rep] - module(alt).logits[rep]).to(torch.float64))
+            rows += int(rep.sum())
+    mean = torch.cat(drops).mean(0).tolist() if drops else [float("nan")] * len(tasks)
+    return {"rows": rows, "of_rows": seen, "logit_drop": dict(zip(tasks, mean))}
+
+
 # ---- analysis ------------------------------------------------------------------------------------------
 def mean_auc(test: Dict[str, float], tasks: List[str]) -> Dict[str, float]:
     """Mean over tasks of the all-domain test AUC (the target), and the mean over (domain, task) cells."""
@@ -509,12 +564,22 @@ def print_report(rep: Dict[str, Any]) -> None:
     print(f"target: budget {rep['budget']} keeps every informative feature: {pf(t['keeps_all_informative'])}"
           + (f" (missing {t['missing_informative']}, kept noise {t['kept_noise']})" if not t["keeps_all_informative"] else ""))
     print(f"target: mean AUC loss <= {rep['auc_tolerance']}: {pf(t['auc_within_tolerance'])}")
+    pr = rep.get("reengagement")
+    if pr is not None:
+        planted = pr.get("planted", {})
+        print(f"\nre-engagement probe (hist_items' own planted term; see reengagement_probe): on the {pr['rows']} of "
+              f"{pr['of_rows']} validation rows whose target item is in hist_items, swapping the matching history "
+              f"item(s) out lowers the full model's logits by "
+              + ", ".join(f"{t} {v:+.3f}" + (f" (planted {planted[t]:+.2f})" if t in planted else "")
+                          for t, v in pr["logit_drop"].items()))
 
 
 def analyse(report: Dict[str, Any], wcfg: SyntheticConfig) -> Dict[str, Any]:
     """Fills ``report["ranking"]`` and ``report["targets"]`` from the filter's summary and the AUCs."""
     roles, kept = report["roles"], report["kept"]
     report["informs"] = planted_informs(wcfg)
+    if report.get("reengagement") is not None:
+        report["reengagement"]["planted"] = {t.name: t.repeat for t in wcfg.tasks if t.kind == "binary"}
     report["ranking"] = ranking = analyse_ranking(
         report["filter"]["summary"], roles, report["informs"], planted_informs(wcfg, through_parent=False),
         oracle_rise(wcfg))
@@ -543,12 +608,27 @@ def reanalyse(path: str, out: Optional[str]) -> Dict[str, Any]:
         with open(os.path.join(ROOT, cfg)) as fh:
             cfg = yaml.safe_load(fh)
     wcfg = SyntheticConfig.from_dict((cfg.get("data") or {}).get("synthetic") or {})
+    if report.get("reengagement") is None:  # a run from before the probe: run it if the checkpoint is still there
+        argv = report["filter"]["argv"]
+        configs = [argv[i + 1] for i, a in enumerate(argv) if a == "--config"]
+        ckpt = argv[argv.index("--ckpt_path") + 1]
+        if all(os.path.exists(x) for x in [*configs, ckpt]):
+            report["reengagement"] = reengagement_probe(configs, ckpt)
     analyse(report, wcfg)
     print_report(report)
     with open(out or path, "w") as fh:
         json.dump(report, fh, indent=1, default=float)
     print(f"wrote {out or path}")
     return report
+
+
+def _cpu_seconds() -> float:
+    """CPU seconds of this process and its finished children (DataLoader workers): what the run costs on
+    a quiet core, whatever else shares it."""
+    import resource
+
+    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
 
 
 # ---- main ----------------------------------------------------------------------------------------------
@@ -586,7 +666,7 @@ def main(argv=None) -> Dict[str, Any]:
         warnings.filterwarnings("ignore", ".*Unable to serialize instance.*")  # the saved config.yaml; not used here
         for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
             logging.getLogger(name).setLevel(logging.ERROR)
-    t_start = time.perf_counter()
+    t_start, cpu_start = time.perf_counter(), _cpu_seconds()
     work = os.path.abspath(args.work or tempfile.mkdtemp(prefix="bench_filter-"))
     os.makedirs(work, exist_ok=True)
     try:
@@ -619,6 +699,8 @@ def main(argv=None) -> Dict[str, Any]:
         if args.verbose:
             print(filt["printed"])
         kept = list(filt["kept_doc"]["features"])
+        print("re-engagement probe of the full model ...", flush=True)
+        probe = reengagement_probe(full_cfgs, full_runs[0]["ckpt"])
         kept_ws = next((s["kept"] for s in filt["summary"]["selections"] if s["method"] != "pareto"), None)
 
         for s, seed in enumerate(seeds):
@@ -670,6 +752,7 @@ def main(argv=None) -> Dict[str, Any]:
                        "kept_yaml": filt["kept_yaml"], "selection": filt["kept_doc"].get("selection")},
             "kept": kept,
             "kept_weighted_sum": kept_ws,
+            "reengagement": probe,
             "full": full,
             "filtered": filtered,
             "auc_tolerance": args.auc_tolerance,
@@ -677,8 +760,9 @@ def main(argv=None) -> Dict[str, Any]:
         analyse(report, wcfg)
         print_report(report)
         report["total_wall_s"] = time.perf_counter() - t_start
-        print(f"\ntotal {report['total_wall_s']:.0f} s (fit full {sum(full['fit_s']):.0f} s, filter "
-              f"{filt['seconds']:.0f} s, fit filtered {sum(filtered['fit_s']):.0f} s)")
+        report["total_cpu_s"] = _cpu_seconds() - cpu_start
+        print(f"\ntotal {report['total_wall_s']:.0f} s wall, {report['total_cpu_s']:.0f} s CPU (wall: fit full "
+              f"{sum(full['fit_s']):.0f} s, filter {filt['seconds']:.0f} s, fit filtered {sum(filtered['fit_s']):.0f} s)")
         out = os.path.abspath(args.out)
         os.makedirs(os.path.dirname(out), exist_ok=True)
         with open(out, "w") as fh:

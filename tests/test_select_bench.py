@@ -60,6 +60,11 @@ def test_bench_filter_quick(tmp_path):
     assert set(t) >= {"ranking", "ranking_resolvable", "keeps_all_informative", "auc_within_tolerance"}
     assert math.isclose(t["delta_mean_auc"], rep["filtered"]["auc"]["mean"] - rep["full"]["auc"]["mean"])
     assert isinstance(t["auc_within_tolerance"], bool)
+    # the re-engagement probe ran on the full model: rows whose target item is in hist_items exist here
+    pr = rep["reengagement"]
+    assert 0 < pr["rows"] < pr["of_rows"] and set(pr["logit_drop"]) == {"click", "like", "conversion"}
+    assert all(math.isfinite(v) for v in pr["logit_drop"].values())
+    assert pr["planted"] == {"click": 1.5, "like": 1.5, "conversion": 1.5}
     r = rep["ranking"]
     assert set(r["noise"]) == set(roles["noise"]) and len(r["overall_order"]) == 19
     assert set(r["oracle_rise"]) >= {"device", "hour", "position", "query_cluster", "price", "item_brand"}

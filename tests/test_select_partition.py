@@ -298,3 +298,21 @@ def test_agglomerate():
     assert agglomerate(np.zeros((0, 0)), budget=2) == []
     with pytest.raises(ValueError):
         agglomerate(s, budget=0)
+
+
+def test_lattice_partition_command(world, tmp_path, capsys):
+    """The console command: ``lattice partition --data DOMAIN=PATH ... --budget 2`` parses its options
+    (lists, mappings) and writes the same grouping as the function."""
+    from lattice.cli import main
+
+    _, paths = world
+    out = tmp_path / "plan.yaml"
+    main(["partition", "--data", yaml.safe_dump([f"{d}={p}" for d, p in paths.items()], default_flow_style=True),
+          "--budget", "2", "--out", str(out), "--tasks", '{"click": "click", "conversion": "conversion"}',
+          "--delay_columns", '{"conversion": "conversion_delay"}', "--num_perm", "64"])
+    doc = yaml.safe_load(out.read_text())
+    assert doc["num_models"] == 2
+    groups = sorted(sorted({p["domain"] for p in m["portfolios"]}) for m in doc["models"])
+    assert groups == [["A", "B"], ["C", "D"]]
+    assert doc["models"][0]["data"]["domain_paths"] == {d: paths[d] for d in doc["models"][0]["domains"]}
+    assert "Lattice partition: 8 portfolios -> 2 model(s)" in capsys.readouterr().out
