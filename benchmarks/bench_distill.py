@@ -12,7 +12,13 @@ Time line of the planted world (its user factors and item popularity drift over 
    student's later rows lag the drift.
 2. Each teacher logs its logits (and representation) per ``example_id`` for the student's rows with
    :class:`~lattice.train.writer.ParquetPredictionWriter` (what ``lattice predict`` does: ExFM's data
-   augmentation service).
+   augmentation service). As in ExFM, where the service logs the teacher's prediction for a row before
+   the teacher trains on it, the logged outputs are out-of-sample: the student's rows are hashed into
+   ``--teacher-folds`` folds and each fold is scored by a teacher trained on the same slice without that
+   fold (everything else kept). The teacher rows of the table average those fold teachers. (A teacher
+   scoring rows it trained on hands the students soft labels that partly repeat their own labels:
+   ``--teacher-folds 1`` shows it; the printed "logged" AUCs, on the student's training rows, show how
+   far in-sample outputs are inflated over the teacher's test AUC.)
 3. The same small **student** (a small LatticeNetwork, one domain — by default the data-poor ``shop`` —
    everything before ``t_test``) is trained, equal epochs and seeds, six ways:
    ``labels``: true labels only; ``soft_label``: + plain soft-label distillation on the serving head;
@@ -32,6 +38,11 @@ the adapter helps against the stale teacher (``stale_aux_adapter`` > ``stale_aux
     python benchmarks/bench_distill.py --quick          # a small smoke run (minutes on 2 cores)
     python benchmarks/bench_distill.py                  # the full run
     python benchmarks/bench_distill.py --seeds 3        # average the students over 3 seeds
+    python benchmarks/bench_distill.py --seeds 3 --distill-weights 1,3   # distill weight picked by validation
+
+The distillation weight matters (on the default world, 3 seeds: the aux-head student gains +0.033 mean
+AUC over labels-only at weight 1, +0.067 at weight 3, and the validation loss prefers 3 on every seed);
+``--distill-weights`` picks it per distilled variant from a grid by the selection rule above.
 
 Writes JSON to ``--out`` (default ``benchmarks/results/bench_distill.json``).
 """
@@ -125,6 +136,78 @@ def write_slices(world: SyntheticWorld, world_dir: str, out: str, student_domain
             pq.write_table(part, os.path.join(directory, f"{domain}.parquet"), row_group_size=4096)
             rows[name] += part.num_rows
     return {"t_stale": float(t_stale), "t_test": float(t_test), "rows": rows}
+
+
+def fold_of(example_id: np.ndarray, folds: int) -> np.ndarray:
+    """A fixed hash of ``example_id`` into ``folds`` folds (SplitMix64's finalizer: ids that are
+    consecutive row numbers land in every fold evenly)."""
+    z = example_id.astype(np.uint64)
+    with np.errstate(over="ignore"):
+        z = z + np.uint64(0x9E3779B97F4A7C15)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        z = z ^ (z >> np.uint64(31))
+    return (z % np.uint64(folds)).astype(np.int64)
+
+
+def cross_fit_slices(slices_dir: str, teacher_slice: str, student_domain: str, folds: int) -> List[Dict[str, str]]:
+    """Out-of-sample teacher logging (what ExFM's data augmentation service logs: the teacher's
+    prediction for a row is made before the teacher has trained on it).
+
+    The student's rows are hashed into ``folds`` folds by ``example_id``; fold ``k``'s teacher trains on
+    ``teacher_slice`` without the student rows of fold ``k`` (every other row, every other domain kept)
+    and scores exactly those rows. Returns per fold ``{"train": dir, "score": dir}``. ``folds == 1``:
+    the teacher trains on its whole slice and scores the student's rows in-sample (it has memorized
+    part of their labels, so its "soft labels" partly repeat them)."""
+    student = pq.read_table(os.path.join(slices_dir, "student", f"{student_domain}.parquet"))
+    if folds == 1:
+        return [{"train": os.path.join(slices_dir, teacher_slice), "score": os.path.join(slices_dir, "student")}]
+    student_fold = fold_of(student["example_id"].to_numpy(), folds)
+    out = []
+    for k in range(folds):
+        held = pa.array(student["example_id"].to_numpy()[student_fold == k])
+        train_dir = os.path.join(slices_dir, f"{teacher_slice}_fold{k}")
+        score_dir = os.path.join(slices_dir, f"student_fold{k}")
+        os.makedirs(train_dir, exist_ok=True)
+        os.makedirs(score_dir, exist_ok=True)
+        for name in sorted(os.listdir(os.path.join(slices_dir, teacher_slice))):
+            table = pq.read_table(os.path.join(slices_dir, teacher_slice, name))
+            if name == f"{student_domain}.parquet":
+                table = table.filter(pc.invert(pc.is_in(table["example_id"], value_set=held)))
+            pq.write_table(table, os.path.join(train_dir, name), row_group_size=4096)
+        pq.write_table(student.filter(pa.array(student_fold == k)), os.path.join(score_dir, f"{student_domain}.parquet"),
+                       row_group_size=4096)
+        out.append({"train": train_dir, "score": score_dir})
+    return out
+
+
+def auc_np(scores: np.ndarray, labels: np.ndarray) -> float:
+    from scipy.stats import rankdata
+
+    pos = labels > 0.5
+    n1, n0 = int(pos.sum()), int((~pos).sum())
+    if n1 == 0 or n0 == 0:
+        return float("nan")
+    ranks = rankdata(scores)
+    return float((ranks[pos].sum() - n1 * (n1 + 1) / 2) / (n1 * n0))
+
+
+def logged_auc(output_dirs: List[str], student_dir: str, tasks: List[str]) -> Dict[str, float]:
+    """AUC of the logged teacher logits against the true labels of the student's training rows: how
+    good the soft labels the students learn from are (in-sample logging inflates it)."""
+    import glob
+
+    out = pa.concat_tables([pq.read_table(f) for d in output_dirs for f in sorted(glob.glob(os.path.join(d, "*.parquet")))])
+    rows = pa.concat_tables([pq.read_table(f) for f in sorted(glob.glob(os.path.join(student_dir, "*.parquet")))])
+    pos = {int(e): i for i, e in enumerate(out["example_id"].to_numpy())}
+    take = np.array([pos[int(e)] for e in rows["example_id"].to_numpy()])
+    result = {}
+    for t in tasks:
+        labels = rows[t].to_numpy(zero_copy_only=False).astype(np.float64)
+        logits = out[f"logit_{t}"].to_numpy()[take].astype(np.float64)
+        keep = np.isfinite(labels)
+        result[t] = auc_np(logits[keep], labels[keep])
+    return result
 
 
 # ---- training ----------------------------------------------------------------------------------------
@@ -221,11 +304,12 @@ def train_teacher(schema, train_dir: str, args, seed: int, directory: str) -> Di
 
 
 def train_student(schema, kwargs: Dict[str, Any], teacher_outputs: Optional[str], train_dir: str, args, seed: int,
-                  directory: str) -> Dict[str, Any]:
+                  directory: str, distill_weight: Optional[float] = None) -> Dict[str, Any]:
     torch.manual_seed(seed)
     module = DistillationModule(
         network(schema, args.student_network, "student", args.quick), optimizer=optimizer(args.student_lr),
-        sparse_optimizer=args.sparse_optimizer, distill_weight=args.distill_weight, **kwargs,
+        sparse_optimizer=args.sparse_optimizer,
+        distill_weight=args.distill_weight if distill_weight is None else distill_weight, **kwargs,
     )
     dm = data_module(schema, train_dir, args.student_batch_size, teacher_paths=teacher_outputs, seed=seed,
                      val_fraction=args.val_fraction)
@@ -270,6 +354,9 @@ def main(argv=None) -> Dict[str, Any]:
     p.add_argument("--drift", type=float, default=0.6, help="planted drift over time (staleness)")
     p.add_argument("--stale-fraction", type=float, default=0.4)
     p.add_argument("--test-fraction", type=float, default=0.2)
+    p.add_argument("--teacher-folds", type=int, default=2,
+                   help="cross-fit folds for out-of-sample teacher logging (1: in-sample, the teacher scores rows "
+                        "it trained on)")
     p.add_argument("--teacher-epochs", type=int, default=None)
     p.add_argument("--student-epochs", type=int, default=None)
     p.add_argument("--val-fraction", type=float, default=0.15,
@@ -279,6 +366,9 @@ def main(argv=None) -> Dict[str, Any]:
     p.add_argument("--teacher-lr", type=float, default=3e-3)
     p.add_argument("--student-lr", type=float, default=3e-3)
     p.add_argument("--distill-weight", type=float, default=1.0)
+    p.add_argument("--distill-weights", default=None,
+                   help="comma-separated grid, e.g. 1,3: every distilled variant keeps the weight with the lowest "
+                        "mean validation loss over its seeds (default: --distill-weight only)")
     p.add_argument("--teacher-network", default="LatticeNetwork", help="a lattice.models class")
     p.add_argument("--student-network", default="LatticeNetwork", help="a lattice.models class")
     p.add_argument("--sparse-optimizer", default="rowwise_adagrad", choices=["rowwise_adagrad", "sgd", "none"])
@@ -286,6 +376,8 @@ def main(argv=None) -> Dict[str, Any]:
     p.add_argument("--work", default=None, help="scratch folder (default: a temporary folder, removed at the end)")
     p.add_argument("--out", default=os.path.join(HERE, "results", "bench_distill.json"))
     args = p.parse_args(argv)
+    if args.teacher_folds < 1:
+        p.error(f"--teacher-folds must be >= 1, got {args.teacher_folds}")
     args.teacher_epochs = args.teacher_epochs or 3
     args.student_epochs = args.student_epochs or 8
     if args.threads:
@@ -318,36 +410,77 @@ def main(argv=None) -> Dict[str, Any]:
 
     rows: Dict[str, Dict[str, Any]] = {}
     outputs = {}
-    for key, directory in (("fresh", slices["teacher"]), ("stale", slices["stale_teacher"])):
-        name = "teacher" if key == "fresh" else "stale_teacher"
-        print(f"training {name} ...", flush=True)
-        res = train_teacher(schema, directory, args, args.seed, os.path.join(work, "checkpoints", name))
-        metrics = task_metrics(evaluate(res["module"], schema, slices["test"]), args.domain, tasks)
-        rows[name] = {"metrics": metrics, "mean_auc": mean(m["auc"] for m in metrics.values()),
-                      "wall_s": res["wall_s"], "best_epoch": res["best_epoch"],
-                      "parameters": res["module"].network.num_parameters()}
-        outputs[key] = log_teacher(res["module"], schema, slices["student"], os.path.join(work, f"{name}_outputs"))
-
-    for name, teacher, kwargs in STUDENTS:
-        per_seed, epochs = [], []
-        wall = 0.0
-        for s in range(args.seeds):
-            print(f"training student {name} (seed {s}) ...", flush=True)
-            res = train_student(schema, kwargs, outputs.get(teacher), slices["student"], args, 100 + s,
-                                os.path.join(work, "checkpoints", f"{name}-{s}"))
-            per_seed.append(task_metrics(evaluate(res["module"], schema, slices["test"]), args.domain, tasks))
+    logged = {}
+    for key, slice_name in (("fresh", "teacher"), ("stale", "stale_teacher")):
+        name = slice_name
+        folds = cross_fit_slices(os.path.join(work, "slices"), slice_name, args.domain, args.teacher_folds)
+        per_fold, dirs, wall, epochs = [], [], 0.0, []
+        for k, fold in enumerate(folds):
+            label = name if len(folds) == 1 else f"{name} (fold {k + 1}/{len(folds)})"
+            print(f"training {label} ...", flush=True)
+            res = train_teacher(schema, fold["train"], args, args.seed, os.path.join(work, "checkpoints", f"{name}-{k}"))
+            per_fold.append(task_metrics(evaluate(res["module"], schema, slices["test"]), args.domain, tasks))
+            dirs.append(log_teacher(res["module"], schema, fold["score"], os.path.join(work, f"{name}_outputs", f"fold{k}")))
             wall += res["wall_s"]
             epochs.append(res["best_epoch"])
-        metrics = {t: {m: mean(ps[t][m] for ps in per_seed) for m in ("auc", "logloss", "oracle_auc", "count")}
+        # the teacher row: its folds' test metrics averaged (the models whose outputs the students learn from)
+        metrics = {t: {m: mean(pf[t][m] for pf in per_fold) for m in ("auc", "logloss", "oracle_auc", "count")}
+                   for t in tasks}
+        logged[name] = logged_auc(dirs, slices["student"], tasks)
+        rows[name] = {"metrics": metrics, "mean_auc": mean(m["auc"] for m in metrics.values()),
+                      "wall_s": wall, "best_epoch": epochs, "per_fold": per_fold,
+                      "logged_auc_on_student_rows": logged[name],
+                      "parameters": res["module"].network.num_parameters()}
+        outputs[key] = dirs
+
+    # Every distilled variant is trained with each --distill-weights value and keeps the weight with the
+    # lowest mean validation (true-label) loss over its seeds: the same grid and rule for every variant.
+    weights = [float(w) for w in args.distill_weights.split(",")] if args.distill_weights else [args.distill_weight]
+    for name, teacher, kwargs in STUDENTS:
+        tried = {}
+        for w in ([None] if teacher is None else weights):
+            per_seed, epochs, val = [], [], []
+            wall = 0.0
+            for s in range(args.seeds):
+                tag = "" if w is None or len(weights) == 1 else f", distill weight {w:g}"
+                print(f"training student {name} (seed {s}{tag}) ...", flush=True)
+                suffix = "" if w is None or len(weights) == 1 else f"-w{w:g}"
+                res = train_student(schema, kwargs, outputs.get(teacher), slices["student"], args, 100 + s,
+                                    os.path.join(work, "checkpoints", f"{name}{suffix}-{s}"), distill_weight=w)
+                per_seed.append(task_metrics(evaluate(res["module"], schema, slices["test"]), args.domain, tasks))
+                wall += res["wall_s"]
+                epochs.append(res["best_epoch"])
+                val.append(res["best_val_loss"])
+            tried[w] = {"per_seed": per_seed, "wall": wall, "epochs": epochs, "val_loss": mean(val),
+                        "parameters": res["module"].network.num_parameters()}
+        w = min(tried, key=lambda k: tried[k]["val_loss"])
+        pick = tried[w]
+        metrics = {t: {m: mean(ps[t][m] for ps in pick["per_seed"]) for m in ("auc", "logloss", "oracle_auc", "count")}
                    for t in tasks}
         rows[name] = {"metrics": metrics, "mean_auc": mean(m["auc"] for m in metrics.values()),
-                      "wall_s": wall / args.seeds, "per_seed": per_seed, "best_epoch": epochs,
-                      "parameters": res["module"].network.num_parameters()}
+                      "wall_s": pick["wall"] / args.seeds, "per_seed": pick["per_seed"], "best_epoch": pick["epochs"],
+                      "best_val_loss": pick["val_loss"], "distill_weight": w,
+                      "val_loss_by_weight": {str(k): v["val_loss"] for k, v in tried.items()},
+                      "parameters": pick["parameters"]}
 
     gap = rows["teacher"]["mean_auc"] - rows["labels"]["mean_auc"]
     recovered = (rows["aux_head"]["mean_auc"] - rows["labels"]["mean_auc"]) / gap if gap > 0 else float("nan")
     adapter_gain = rows["stale_aux_adapter"]["mean_auc"] - rows["stale_aux_head"]["mean_auc"]
+    def seed_means(name):
+        return [mean(ps[t]["auc"] for t in tasks) for ps in rows[name]["per_seed"]]
+
+    def spread(values):
+        vals = [v for v in values if math.isfinite(v)]
+        return float(np.std(vals, ddof=1)) if len(vals) > 1 else float("nan")
+
+    # seed-to-seed noise beside the differences the targets rest on (students paired by seed)
+    noise = {name: spread(seed_means(name)) for name, _, _ in STUDENTS}
+    aux_gain_per_seed = [a - b for a, b in zip(seed_means("aux_head"), seed_means("labels"))]
+    adapter_gain_per_seed = [a - b for a, b in zip(seed_means("stale_aux_adapter"), seed_means("stale_aux_head"))]
     targets = {
+        "seed_std_mean_auc": noise,
+        "aux_head_minus_labels_per_seed": aux_gain_per_seed,
+        "stale_adapter_minus_head_per_seed": adapter_gain_per_seed,
         "aux_head_gap_recovered": recovered,
         "aux_head_recovers_half_the_gap": bool(recovered >= 0.5) if math.isfinite(recovered) else None,
         "stale_adapter_auc_gain": adapter_gain,
@@ -356,10 +489,30 @@ def main(argv=None) -> Dict[str, Any]:
     print(f"\nstudent domain {args.domain!r}, test rows {cut['rows']['test']} (AUC/LogLoss on them; "
           f"students averaged over {args.seeds} seed(s))")
     print_table(rows, tasks)
+    fold_note = ("in-sample: each teacher trained on the rows it scored" if args.teacher_folds == 1 else
+                 f"out-of-sample: {args.teacher_folds}-fold cross-fit over the student's rows")
+    print(f"\nlogged teacher outputs ({fold_note}); their AUC on the student's training rows vs the teacher's test AUC:")
+    for name in ("teacher", "stale_teacher"):
+        print(f"  {name:14s} logged " + "  ".join(f"{t} {fmt(logged[name][t])}" for t in tasks)
+              + "  | test " + "  ".join(f"{t} {fmt(rows[name]['metrics'][t]['auc'])}" for t in tasks))
+    if len(weights) > 1:
+        print("\ndistill weight picked by validation loss: " + "; ".join(
+            f"{name} {rows[name]['distill_weight']:g} (" + ", ".join(f"w={k}: {v:.5f}" for k, v in
+                                                        rows[name]["val_loss_by_weight"].items()) + ")"
+            for name, teacher, _ in STUDENTS if teacher is not None))
+    if args.seeds > 1:
+        print("\nper-seed mean AUC (students): " + "; ".join(
+            f"{name} " + "/".join(fmt(mean(ps[t]["auc"] for t in tasks)) for ps in rows[name]["per_seed"])
+            for name, _, _ in STUDENTS))
     print(f"\naux head recovers {fmt(recovered)} of the labels-only -> teacher mean-AUC gap ({fmt(gap)}); "
           f"target >= 0.5: {'PASS' if targets['aux_head_recovers_half_the_gap'] else 'FAIL'}")
     print(f"adapter vs stale teacher: {adapter_gain:+.4f} mean AUC; target > 0: "
           f"{'PASS' if targets['adapter_helps_against_stale_teacher'] else 'FAIL'}")
+    if args.seeds > 1:
+        print(f"seed-to-seed std of a student's mean AUC: "
+              + ", ".join(f"{k} {fmt(v)}" for k, v in noise.items()))
+        print("per seed: aux_head - labels " + " ".join(f"{v:+.4f}" for v in aux_gain_per_seed)
+              + "; stale_aux_adapter - stale_aux_head " + " ".join(f"{v:+.4f}" for v in adapter_gain_per_seed))
 
     report = {
         "benchmark": "bench_distill",
