@@ -455,7 +455,8 @@ def main(argv=None) -> Dict[str, Any]:
         print(f"  done in {models[key]['train_s']:.0f} s (test {models[key]['test_s']:.0f} s): mean test AUC "
               f"{fmt(mean(res.get(f'{d}/{t}/auc') for d, t in pairs))}, {poor} "
               f"{fmt(mean(res.get(f'{d}/{t}/auc') for d, t in pairs if d == poor))}, "
-              f"{models[key]['mflops_per_sample_mean_len']:.3f} MFLOP/sample at the mean length", flush=True)
+              f"{models[key]['mflops_per_sample_mean_len']:.3f} MFLOP/sample at the mean length, best epoch "
+              f"{best_epochs(models[key]['best_epoch'])}", flush=True)
 
     summary = summarize(models, pairs, poor, args)
     report(models, pairs, summary, poor)
