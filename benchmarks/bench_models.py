@@ -23,7 +23,7 @@ import time
 import torch
 
 from lattice.data import LatticeDataModule, SyntheticConfig
-from lattice.models import DLRM, MMoE, PLE, InterFormer, LatticeNetwork, SharedBottom, Wukong
+from lattice.models import DLRM, MMoE, PLE, InterFormer, LatticeNetwork, LogisticRegression, SharedBottom, Wukong
 
 #: The "quickstart" size of each network (what configs/quickstart.yaml-style runs use): small enough to
 #: train on the planted world in minutes on 2 CPU cores.
@@ -41,6 +41,7 @@ QUICKSTART = {
     "DLRM": (DLRM, dict(dim=16, bottom_dims=[64], top_dims=[256, 128], head_hidden_dims=[64])),
     "Wukong": (Wukong, dict(dim=32, num_layers=2, fm_tokens=8, lcb_tokens=8, fm_rank=8, fm_hidden_dims=[128],
                             top_dims=[128], head_hidden_dims=[64])),
+    "LogisticRegression": (LogisticRegression, dict(dim=32, untie_heads=True)),
 }
 
 
@@ -54,6 +55,7 @@ CONFIGS = {
     "PLE": "ple.yaml",
     "DLRM": "dlrm.yaml",
     "Wukong": "wukong.yaml",
+    "LogisticRegression": "logistic_regression.yaml",
 }
 
 

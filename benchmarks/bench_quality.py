@@ -451,7 +451,12 @@ def main(argv=None) -> Dict[str, Any]:
     for key in args.models:
         print(f"training {key} ({MODELS[key][1]}) ...", flush=True)
         models[key] = run_model(key, args, base_dm, data, overrides, epochs)
-        print(f"  done in {models[key]['train_s']:.0f} s (test {models[key]['test_s']:.0f} s)", flush=True)
+        res = models[key]["results"]
+        print(f"  done in {models[key]['train_s']:.0f} s (test {models[key]['test_s']:.0f} s): mean test AUC "
+              f"{fmt(mean(res.get(f'{d}/{t}/auc') for d, t in pairs))}, {poor} "
+              f"{fmt(mean(res.get(f'{d}/{t}/auc') for d, t in pairs if d == poor))}, "
+              f"{models[key]['mflops_per_sample_mean_len']:.3f} MFLOP/sample at the mean length, best epoch "
+              f"{best_epochs(models[key]['best_epoch'])}", flush=True)
 
     summary = summarize(models, pairs, poor, args)
     report(models, pairs, summary, poor)

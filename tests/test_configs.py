@@ -47,3 +47,13 @@ def test_strategy_configs_stack_onto_any_config(name, strategy):
     assert type(cli.model.network).__name__ == "InterFormer"
     # The CLI writes checkpoints atomically unless a CheckpointIO is configured.
     assert isinstance(cli.trainer.strategy.checkpoint_io, AtomicCheckpointIO)
+
+
+@pytest.mark.parametrize("name", ["interformer.yaml", "shared_bottom.yaml", "mmoe.yaml", "ple.yaml"])
+def test_quality_benchmark_networks_have_comparable_flops(name):
+    """bench_quality compares these with mdmo.yaml's LatticeNetwork at comparable FLOPs per sample (issue 6):
+    at the test rows' mean sequence length (about 15 merged tokens) each lies within 0.8x-1.35x of it,
+    so no baseline is starved or bloated."""
+    lattice = _parse("mdmo.yaml").model.network.flops_per_sample(sequence_length=15.0)
+    other = _parse("mdmo.yaml", name).model.network.flops_per_sample(sequence_length=15.0)
+    assert 0.8 <= other / lattice <= 1.35, (name, other / lattice)
