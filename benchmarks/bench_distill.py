@@ -72,8 +72,10 @@ import torch  # noqa: E402
 
 import lattice  # noqa: E402,F401
 from lattice.data import LatticeDataModule  # noqa: E402
+from lattice.data.hashing import splitmix64  # noqa: E402
 from lattice.data.synthetic import SyntheticConfig, SyntheticDomain, SyntheticWorld  # noqa: E402
 from lattice.distill import DistillationModule  # noqa: E402
+from lattice.train.metrics import binary_auc  # noqa: E402
 from lattice.train.module import LatticeModule  # noqa: E402
 from lattice.train.writer import ParquetPredictionWriter  # noqa: E402
 
@@ -139,15 +141,9 @@ def write_slices(world: SyntheticWorld, world_dir: str, out: str, student_domain
 
 
 def fold_of(example_id: np.ndarray, folds: int) -> np.ndarray:
-    """A fixed hash of ``example_id`` into ``folds`` folds (SplitMix64's finalizer: ids that are
-    consecutive row numbers land in every fold evenly)."""
-    z = example_id.astype(np.uint64)
-    with np.errstate(over="ignore"):
-        z = z + np.uint64(0x9E3779B97F4A7C15)
-        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        z = z ^ (z >> np.uint64(31))
-    return (z % np.uint64(folds)).astype(np.int64)
+    """A fixed hash of ``example_id`` into ``folds`` folds (splitmix64: ids that are consecutive row
+    numbers land in every fold evenly)."""
+    return (splitmix64(example_id) % np.uint64(folds)).astype(np.int64)
 
 
 def cross_fit_slices(slices_dir: str, teacher_slice: str, student_domain: str, folds: int) -> List[Dict[str, str]]:
@@ -181,17 +177,6 @@ def cross_fit_slices(slices_dir: str, teacher_slice: str, student_domain: str, f
     return out
 
 
-def auc_np(scores: np.ndarray, labels: np.ndarray) -> float:
-    from scipy.stats import rankdata
-
-    pos = labels > 0.5
-    n1, n0 = int(pos.sum()), int((~pos).sum())
-    if n1 == 0 or n0 == 0:
-        return float("nan")
-    ranks = rankdata(scores)
-    return float((ranks[pos].sum() - n1 * (n1 + 1) / 2) / (n1 * n0))
-
-
 def logged_auc(output_dirs: List[str], student_dir: str, tasks: List[str]) -> Dict[str, float]:
     """AUC of the logged teacher logits against the true labels of the student's training rows: how
     good the soft labels the students learn from are (in-sample logging inflates it)."""
@@ -206,7 +191,7 @@ def logged_auc(output_dirs: List[str], student_dir: str, tasks: List[str]) -> Di
         labels = rows[t].to_numpy(zero_copy_only=False).astype(np.float64)
         logits = out[f"logit_{t}"].to_numpy()[take].astype(np.float64)
         keep = np.isfinite(labels)
-        result[t] = auc_np(logits[keep], labels[keep])
+        result[t] = binary_auc(torch.from_numpy(logits[keep]), torch.from_numpy(labels[keep]))
     return result
 
 
