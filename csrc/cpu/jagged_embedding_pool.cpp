@@ -4,11 +4,10 @@
 // (indices + bags) that threads take dynamically; each bag is accumulated in fp32 registers (AVX-512 or
 // AVX2, D <= 128: up to 8 zmm / 16 ymm held across the bag; bf16/fp16 converted in registers; a
 // portable loop for wider rows, float64 and builds without either) and written straight into
-// out[b, t, :]. The row of the
-// position `dist` ahead in the same table is software-prefetched. Indices are range-checked inside the
-// same pass; a bad one is skipped and flagged, and after the pass the first bad one is reported with
-// its table, position and value. The hot loops make no calls: a call would make the compiler spill
-// every vector accumulator around it.
+// out[b, t, :]. The row of the position `dist` ahead in the same table is software-prefetched. Indices
+// are range-checked inside the same pass; a bad one is skipped and flagged, and after the pass the first
+// bad one is reported with its table, position and value. The hot loops make no calls: a call would make
+// the compiler spill every vector accumulator around it.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <omp.h>

@@ -17,6 +17,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <type_traits>
+#include <utility>
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 #define LATTICE_HAVE_AVX512 1
@@ -333,31 +334,15 @@ struct Vecs {
   }
 };
 
-// Calls f(std::integral_constant<int, NV>) for NV = nv in [1, kMaxNV].
+// Calls f(std::integral_constant<int, NV>) for NV = nv in [1, kMaxNV) and NV = kMaxNV otherwise.
+template <typename F, int... I>
+inline void dispatch_nv_impl(int nv, F&& f, std::integer_sequence<int, I...>) {
+  const int n = nv >= 1 && nv < kMaxNV ? nv : kMaxNV;
+  (void)((n == I + 1 ? (f(std::integral_constant<int, I + 1>()), true) : false) || ...);
+}
 template <typename F>
 inline void dispatch_nv(int nv, F&& f) {
-  switch (nv) {
-    case 1: f(std::integral_constant<int, 1>()); break;
-    case 2: f(std::integral_constant<int, 2>()); break;
-    case 3: f(std::integral_constant<int, 3>()); break;
-    case 4: f(std::integral_constant<int, 4>()); break;
-    case 5: f(std::integral_constant<int, 5>()); break;
-    case 6: f(std::integral_constant<int, 6>()); break;
-    case 7: f(std::integral_constant<int, 7>()); break;
-#if LATTICE_HAVE_AVX2
-    case 8: f(std::integral_constant<int, 8>()); break;
-    case 9: f(std::integral_constant<int, 9>()); break;
-    case 10: f(std::integral_constant<int, 10>()); break;
-    case 11: f(std::integral_constant<int, 11>()); break;
-    case 12: f(std::integral_constant<int, 12>()); break;
-    case 13: f(std::integral_constant<int, 13>()); break;
-    case 14: f(std::integral_constant<int, 14>()); break;
-    case 15: f(std::integral_constant<int, 15>()); break;
-    default: f(std::integral_constant<int, 16>()); break;
-#else
-    default: f(std::integral_constant<int, 8>()); break;
-#endif
-  }
+  dispatch_nv_impl(nv, std::forward<F>(f), std::make_integer_sequence<int, kMaxNV>());
 }
 #endif  // LATTICE_HAVE_SIMD
 
