@@ -72,10 +72,9 @@ from lattice.data.synthetic import SyntheticConfig, SyntheticWorld  # noqa: E402
 
 # The terms of the planted logit (SyntheticTask coefficients) each world feature carries. Features that
 # only *proxy* other features (user_segment: the user's top interest cluster; item_tags: the item's
-# cluster plus random tags; user_activity: how often the user shows up, hence their history length)
-# carry no term of their own.
+# cluster plus random tags) carry no term of their own.
 _TERMS = {
-    "user": ["affinity", "user_bias"],
+    "user": ["affinity", "user_bias", "activity"],
     "item": ["affinity", "popularity", "brand", "price", "repeat", "seq"],
     "item_cluster": ["seq", "query"],
     "item_brand": ["brand"],
@@ -83,7 +82,7 @@ _TERMS = {
     "device": ["device"],
     "item_tags": [],
     "query_cluster": ["query"],
-    "user_activity": [],
+    "user_activity": ["activity"],
     "item_popularity": ["popularity"],
     "price": ["price"],
     "hour": ["hour"],
@@ -115,7 +114,7 @@ def planted_informs(config: SyntheticConfig, through_parent: bool = True) -> Dic
 # Features whose planted term is a simple additive context term of the logit: the oracle's rise when it
 # is removed can be computed from the world's own generator (see oracle_rise).
 _ORACLE_TERMS = {"device": "device", "hour": "hour", "position": "position", "query_cluster": "query",
-                 "price": "price", "item_brand": "brand", "hist_items": "repeat"}
+                 "price": "price", "item_brand": "brand", "hist_items": "repeat", "user_activity": "activity"}
 
 
 def oracle_rise(config: SyntheticConfig, rows: int = 40000, seed: int = 0) -> Dict[str, Dict[str, float]]:
@@ -156,6 +155,7 @@ def oracle_rise(config: SyntheticConfig, rows: int = 40000, seed: int = 0) -> Di
             "price": c["log_price"] - p["mean_log_price"] if "price" in has_f else np.zeros(n),
             "brand": p["brand_effect"][p["brand"][c["items"]]],
             "repeat": repeat.astype(float),
+            "activity": np.log(p["activity"][c["users"]]),
         }
 
         def probs(drop: Optional[str]) -> Dict[str, np.ndarray]:
@@ -221,7 +221,7 @@ def quick_config() -> Dict[str, Any]:
                 ],
                 "tasks": [
                     {"name": "click", "base_rate": 0.3, "position": 0.4, "hour": 1.5, "query": 2.0, "repeat": 1.5,
-                     "device": 1.0},
+                     "device": 1.0, "activity": 1.0},
                     {"name": "like", "parent": "click", "base_rate": 0.4, "brand": 1.5, "user_bias": 0.5,
                      "popularity": 0.3, "seq": 0.8, "repeat": 1.5, "device": 1.0},
                     {"name": "conversion", "parent": "click", "base_rate": 0.3, "price": -1.5, "user_bias": 0.4,

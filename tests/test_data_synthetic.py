@@ -141,3 +141,19 @@ def test_config_validation():
         SyntheticConfig(domains=[dict(name="d", rows=10, tasks=["nope"])])
     with pytest.raises(ValueError, match="absent_features"):
         SyntheticWorld(SyntheticConfig(domains=[dict(name="d", rows=10, absent_features=["nope"])])).schema()
+
+
+def test_user_activity_enters_the_logit_through_its_coefficient():
+    """``user_activity`` is informative in the answer key, so a task with ``activity`` != 0 must depend
+    on it (heavy users click more), and one with ``activity`` = 0 must not."""
+    def click_auc(activity: float) -> float:
+        tasks = [dict(name="click", base_rate=0.2, activity=activity)]
+        domains = [SyntheticDomain("feed", 6000, absent_features=["query_cluster"])]
+        feed = pa.concat_tables(SyntheticWorld(tiny(tasks=tasks, domains=domains)).domain_tables("feed"))
+        ua = feed["user_activity"].to_numpy(zero_copy_only=False)
+        keep = ~np.isnan(ua)
+        p_click = feed["p_click"].to_numpy()[keep]
+        return auc((p_click > np.median(p_click)).astype(float), ua[keep])
+
+    assert click_auc(1.5) > 0.65
+    assert abs(click_auc(0.0) - 0.5) < 0.05

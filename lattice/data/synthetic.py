@@ -87,8 +87,8 @@ class SyntheticDomain:
 class SyntheticTask:
     """One planted task. ``z = intercept + affinity * <A_d u, P_t v> + user_bias * b_u + popularity * b_i
     + seq * recent-same-cluster-share + repeat * saw-this-item + position * (1 - pos) + price * log-price
-    + brand * brand-effect + hour * sin(hour) + device/query effects``; ``p = sigmoid(z)`` (times the
-    parent's ``p`` when there is a parent).
+    + brand * brand-effect + hour * sin(hour) + activity * log-activity + device/query effects``;
+    ``p = sigmoid(z)`` (times the parent's ``p`` when there is a parent).
 
     Args:
         name, kind: task name and kind (a regression task's label is ``z`` plus noise, observed only
@@ -117,6 +117,7 @@ class SyntheticTask:
     hour: float = 0.0
     device: float = 0.3
     query: float = 0.0
+    activity: float = 0.0
 
     def __post_init__(self) -> None:
         if self.windows is not None:
@@ -134,7 +135,7 @@ def _default_domains() -> List[SyntheticDomain]:
 
 def _default_tasks() -> List[SyntheticTask]:
     return [
-        SyntheticTask("click", base_rate=0.15, position=0.15, hour=0.3, query=1.2, repeat=0.6),
+        SyntheticTask("click", base_rate=0.15, position=0.15, hour=0.3, query=1.2, repeat=0.6, activity=0.3),
         SyntheticTask("like", parent="click", base_rate=0.25, brand=1.0, user_bias=0.5, popularity=0.3, seq=0.8),
         SyntheticTask(
             "conversion", parent="click", base_rate=0.12, price=-0.8, user_bias=0.4, popularity=0.5, seq=0.5,
@@ -478,6 +479,7 @@ class SyntheticWorld:
         b_u = p["user_bias"][users]
         b_i = p["item_bias"][items] + c.drift * tau * p["item_drift"][items]
         log_price = p["log_price"][items]
+        log_activity = np.log(p["activity"][users])  # heavy users engage more (mean 0: lognormal(0, .))
         schema = self._schema()
         has = set(schema.domains[di].features or schema.feature_names)
         z: Dict[str, np.ndarray] = {}
@@ -486,7 +488,8 @@ class SyntheticWorld:
             aff = (ud * (v @ tp["P"].T)).sum(1) / math.sqrt(k)
             zt = (t.affinity * aff + t.user_bias * b_u + t.popularity * b_i + t.seq * seq_share
                   + t.repeat * repeat + t.position * (1 - position) + t.brand * p["brand_effect"][p["brand"][items]]
-                  + t.hour * np.sin(2 * np.pi * hour / 24) + t.device * dp["device"][device])
+                  + t.hour * np.sin(2 * np.pi * hour / 24) + t.device * dp["device"][device]
+                  + t.activity * log_activity)
             if "price" in has:
                 zt = zt + t.price * (log_price - p["mean_log_price"])
             if "query_cluster" in has:
