@@ -200,7 +200,8 @@ def quick_config() -> Dict[str, Any]:
         "model": {
             "network": {"class_path": "lattice.models.LatticeNetwork",
                         "init_args": {"dim": 8, "num_layers": 1, "num_heads": 1, "fm_tokens": 4, "lcb_tokens": 4,
-                                      "fm_hidden_dims": [16], "representation_dim": 16, "head_hidden_dims": [16]}},
+                                      "fm_hidden_dims": [16], "representation_dim": 16, "head_hidden_dims": [16],
+                                      "history_match": True}},
             "optimizer": {"class_path": "torch.optim.AdamW", "init_args": {"lr": 0.01}},
             "sparse_optimizer": "rowwise_adagrad",
             "sparse_lr": 0.3,

@@ -59,6 +59,8 @@ class LatticeModel(nn.Module):
         untie_heads: one copy of the heads per domain (group).
         domain_groups: group id of every domain for per-domain untying (default one group per domain).
         embedding_kwargs: extra keyword arguments of every :class:`~lattice.nn.EmbeddingBagCollection`.
+        history_match: exact candidate-in-history match tokens and event marks
+            (:class:`~lattice.nn.match.HistoryMatch`) for sequences sharing a table with a sparse feature.
 
     Subclasses build their trunk in ``__init__``, call :meth:`_build_heads` with its output width, and
     implement :meth:`encode` and :meth:`trunk_flops`.
@@ -79,6 +81,7 @@ class LatticeModel(nn.Module):
         untie_heads: bool = False,
         domain_groups: Sequence[int] | None = None,
         embedding_kwargs: dict[str, Any] | None = None,
+        history_match: bool = False,
     ) -> None:
         super().__init__()
         schema = Schema.coerce(schema)
@@ -97,6 +100,7 @@ class LatticeModel(nn.Module):
             sequence_merge=sequence_merge,
             max_positions=max_positions,
             time_buckets=time_buckets,
+            history_match=history_match,
             collection_kwargs=embedding_kwargs,
         )
         self._head_args = dict(

@@ -77,10 +77,11 @@ class SharedBottom(_FlatInputModel):
         untie_heads: bool = False,
         domain_groups: Sequence[int] | None = None,
         embedding_kwargs: dict[str, Any] | None = None,
+        history_match: bool = False,
     ) -> None:
         super().__init__(
             schema, dim, embedding_dim, dense_tokens, domain_token, sequence_merge, max_positions,
-            time_buckets, head_hidden_dims, head_activation, untie_heads, domain_groups, embedding_kwargs,
+            time_buckets, head_hidden_dims, head_activation, untie_heads, domain_groups, embedding_kwargs, history_match,
         )
         if not bottom_dims:
             raise ValueError("SharedBottom needs at least one bottom layer")
@@ -146,10 +147,11 @@ class MMoE(_FlatInputModel):
         untie_heads: bool = False,
         domain_groups: Sequence[int] | None = None,
         embedding_kwargs: dict[str, Any] | None = None,
+        history_match: bool = False,
     ) -> None:
         super().__init__(
             schema, dim, embedding_dim, dense_tokens, domain_token, sequence_merge, max_positions,
-            time_buckets, head_hidden_dims, head_activation, untie_heads, domain_groups, embedding_kwargs,
+            time_buckets, head_hidden_dims, head_activation, untie_heads, domain_groups, embedding_kwargs, history_match,
         )
         if not expert_dims or num_experts < 1:
             raise ValueError("MMoE needs num_experts >= 1 and at least one expert layer")
@@ -205,10 +207,11 @@ class PLE(_FlatInputModel):
         untie_heads: bool = False,
         domain_groups: Sequence[int] | None = None,
         embedding_kwargs: dict[str, Any] | None = None,
+        history_match: bool = False,
     ) -> None:
         super().__init__(
             schema, dim, embedding_dim, dense_tokens, domain_token, sequence_merge, max_positions,
-            time_buckets, head_hidden_dims, head_activation, untie_heads, domain_groups, embedding_kwargs,
+            time_buckets, head_hidden_dims, head_activation, untie_heads, domain_groups, embedding_kwargs, history_match,
         )
         if num_levels < 1 or shared_experts < 0 or task_experts < 0 or shared_experts + task_experts < 1:
             raise ValueError("PLE needs num_levels >= 1 and at least one expert per gate")
@@ -311,10 +314,11 @@ class DLRM(LatticeModel):
         untie_heads: bool = False,
         domain_groups: Sequence[int] | None = None,
         embedding_kwargs: dict[str, Any] | None = None,
+        history_match: bool = False,
     ) -> None:
         super().__init__(
             schema, dim, embedding_dim, dense_tokens, domain_token, sequence_merge, max_positions,
-            time_buckets, head_hidden_dims, head_activation, untie_heads, domain_groups, embedding_kwargs,
+            time_buckets, head_hidden_dims, head_activation, untie_heads, domain_groups, embedding_kwargs, history_match,
         )
         if not top_dims:
             raise ValueError("DLRM needs at least one top layer")
@@ -398,10 +402,11 @@ class Wukong(LatticeModel):
         untie_heads: bool = False,
         domain_groups: Sequence[int] | None = None,
         embedding_kwargs: dict[str, Any] | None = None,
+        history_match: bool = False,
     ) -> None:
         super().__init__(
             schema, dim, embedding_dim, dense_tokens, domain_token, sequence_merge, max_positions,
-            time_buckets, head_hidden_dims, head_activation, untie_heads, domain_groups, embedding_kwargs,
+            time_buckets, head_hidden_dims, head_activation, untie_heads, domain_groups, embedding_kwargs, history_match,
         )
         if not top_dims:
             raise ValueError("Wukong needs at least one top layer")
@@ -463,10 +468,11 @@ class LogisticRegression(_FlatInputModel):
         untie_heads: bool = False,
         domain_groups: Sequence[int] | None = None,
         embedding_kwargs: dict[str, Any] | None = None,
+        history_match: bool = False,
     ) -> None:
         super().__init__(
             schema, dim, embedding_dim, dense_tokens, domain_token, "concat", max_positions, time_buckets,
-            (), "none", untie_heads, domain_groups, embedding_kwargs,
+            (), "none", untie_heads, domain_groups, embedding_kwargs, history_match,
         )
         self._build_heads(self._flat_dim())
 

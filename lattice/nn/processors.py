@@ -28,6 +28,7 @@ from torch import Tensor, nn
 
 from lattice.nn.embedding import EmbeddingBagCollection, EmbeddingTableConfig
 from lattice.nn.linear import MLP
+from lattice.nn.match import HistoryMatch, match_pairs
 from lattice.nn.norms import make_norm
 from lattice.sparse import KeyedJaggedTensor
 
@@ -75,7 +76,8 @@ class ProcessedFeatures:
     """What :class:`FeatureProcessor` returns.
 
     Attributes:
-        tokens: ``[B, n, d]`` non-sequence tokens: sparse features, then dense, then the domain token.
+        tokens: ``[B, n, d]`` non-sequence tokens: sparse features, then dense, then the domain token,
+            then the history-match tokens.
         sequence: the merged sequence stream, or ``None`` when the schema has no sequence features.
     """
 
@@ -386,10 +388,15 @@ class SequenceProcessor(nn.Module):
             nn.init.normal_(self.time.weight, std=0.02)
 
     def forward(
-        self, sequences: KeyedJaggedTensor, timestamps: KeyedJaggedTensor | None = None, events: Tensor | None = None
+        self,
+        sequences: KeyedJaggedTensor,
+        timestamps: KeyedJaggedTensor | None = None,
+        events: Tensor | None = None,
+        event_bias: Tensor | None = None,
     ) -> JaggedTokens:
         """``events``: the ``[S, D]`` event embeddings from :class:`EmbeddingTables` (looked up here when
-        not given)."""
+        not given). ``event_bias``: ``[S, d]`` added to every event before merging (key-major, like
+        ``sequences.values()``; e.g. :class:`~lattice.nn.match.HistoryMatch`'s match vectors)."""
         if sequences.keys() != self.names:
             raise ValueError(
                 f"batch.sequences keys {sequences.keys()} differ from the schema's sequence features {self.names}"
@@ -401,6 +408,8 @@ class SequenceProcessor(nn.Module):
             flat = self.proj(flat)
         total = flat.shape[0]
         bag = _row_ids(lengths.reshape(-1), total)  # key-major bag id k*B + b of every event
+        if event_bias is not None and self.merge == "concat":
+            flat = flat + event_bias
         gaps = self._time_gaps(sequences, timestamps, bag, B) if self.time is not None else None
         if self.merge == "concat":
             if self.type_embedding is not None:
@@ -425,6 +434,8 @@ class SequenceProcessor(nn.Module):
             e = flat.view(K, n0, self.dim).transpose(0, 1).reshape(n0, K * self.dim)  # [N0, K*d]
             mask = self.mask_mlp(e)
             tokens = self.mask_norm(self.mask_out(mask * e))
+            if event_bias is not None:
+                tokens = tokens + event_bias.view(K, n0, self.dim).sum(0)
             if gaps is not None:
                 tokens = tokens + self.time(gaps[:n0])
             offsets = _offsets(lengths[0])
@@ -475,11 +486,15 @@ class FeatureProcessor(nn.Module):
         dense_tokens: ``None`` = one token per dense feature; k = all dense features into k tokens.
         domain_token: add a learned token for the sample's domain.
         sequence_merge, max_positions, time_buckets: see :class:`SequenceProcessor`.
+        history_match: add :class:`~lattice.nn.match.HistoryMatch`: for every sequence feature sharing an
+            embedding table with a sparse feature (``hist_items`` / ``item``), one token per such pair
+            saying whether, how often and how recently the candidate occurs in the history, and a
+            learned vector on the matching events.
         bias: bias of the dense per-feature map.
         collection_kwargs: passed to every :class:`EmbeddingBagCollection`.
 
-    ``num_tokens`` is n, the number of non-sequence tokens; ``has_sequence`` tells whether a sequence
-    stream is produced.
+    ``num_tokens`` is n, the number of non-sequence tokens (sparse, dense, domain, then history-match
+    tokens; see ``token_slices``); ``has_sequence`` tells whether a sequence stream is produced.
     """
 
     def __init__(
@@ -492,6 +507,7 @@ class FeatureProcessor(nn.Module):
         sequence_merge: Literal["auto", "concat", "masknet"] = "auto",
         max_positions: int = 256,
         time_buckets: int = 32,
+        history_match: bool = False,
         bias: bool = True,
         collection_kwargs: dict[str, Any] | None = None,
     ) -> None:
@@ -506,6 +522,10 @@ class FeatureProcessor(nn.Module):
         self.sequence = (
             SequenceProcessor(seq, self.tables, dim, sequence_merge, max_positions, time_buckets) if seq else None
         )
+        self.match = (
+            HistoryMatch(match_pairs(schema), [f.name for f in seq], [f.name for f in sparse], dim)
+            if history_match else None
+        )
         num_domains = max(1, len(schema.domains))
         self.domain = nn.Embedding(num_domains, dim) if domain_token else None
         if self.domain is not None:
@@ -514,16 +534,19 @@ class FeatureProcessor(nn.Module):
             (len(sparse) if sparse else 0)
             + (self.dense.num_tokens if self.dense is not None else 0)
             + (1 if domain_token else 0)
+            + (self.match.num_tokens if self.match is not None else 0)
         )
         if self.num_tokens == 0:
             raise ValueError("the schema has no dense or sparse feature and domain_token is off: no tokens")
         n_sparse = len(sparse) if sparse else 0
         n_dense = self.dense.num_tokens if self.dense is not None else 0
-        #: where each kind of token sits in ``tokens``: ``{"sparse": slice, "dense": slice, "domain": slice}``
+        n_domain = 1 if domain_token else 0
+        #: where each kind of token sits in ``tokens``: ``{"sparse", "dense", "domain", "match"}`` -> slice
         self.token_slices = {
             "sparse": slice(0, n_sparse),
             "dense": slice(n_sparse, n_sparse + n_dense),
-            "domain": slice(n_sparse + n_dense, self.num_tokens),
+            "domain": slice(n_sparse + n_dense, n_sparse + n_dense + n_domain),
+            "match": slice(n_sparse + n_dense + n_domain, self.num_tokens),
         }
 
     @property
@@ -548,10 +571,14 @@ class FeatureProcessor(nn.Module):
             parts.append(self.dense(batch.dense, batch.dense_mask))
         if self.domain is not None:
             parts.append(self.domain(batch.domain).unsqueeze(1))
+        event_bias = None
+        if self.match is not None:
+            match_tokens, event_bias = self.match(batch.sparse, batch.sequences)
+            parts.append(match_tokens.to(parts[0].dtype))
         tokens = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
         seq = None
         if self.sequence is not None:
-            seq = self.sequence(batch.sequences, batch.sequence_timestamps, events)
+            seq = self.sequence(batch.sequences, batch.sequence_timestamps, events, event_bias)
         return ProcessedFeatures(tokens, seq)
 
     def flops(self, events: float = 0.0) -> float:
@@ -562,4 +589,6 @@ class FeatureProcessor(nn.Module):
             total += self.dense.flops()
         if self.sequence is not None:
             total += self.sequence.flops(events)
+        if self.match is not None:
+            total += self.match.flops()
         return total
