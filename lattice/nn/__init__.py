@@ -6,6 +6,7 @@ from lattice.nn.context import ExtendedContextStore
 from lattice.nn.fusion import DWFB, CrossNetBlock, DotProductBlock, FMBlock, FusionBlock, LinearCompressBlock
 from lattice.nn.heads import HeadOutput, MultiTaskHeads
 from lattice.nn.linear import MLP, DomainLinear, make_activation
+from lattice.nn.match import HistoryMatch, match_pairs
 from lattice.nn.norms import RMSNorm, SwishRMSNorm, make_norm
 from lattice.nn.processors import (
     DenseProcessor,
@@ -49,6 +50,8 @@ __all__ = [
     "SparseProcessor",
     "SequenceProcessor",
     "FeatureProcessor",
+    "HistoryMatch",
+    "match_pairs",
     "SelfGate",
     "PersonalizedFFN",
     "SequenceSummary",
