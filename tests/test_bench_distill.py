@@ -100,3 +100,33 @@ def test_logged_auc_joins_by_example_id(bench, tmp_path):
     keep = np.isfinite(conv)
     assert got["conversion"] == pytest.approx(auc(-score.astype(np.float32)[keep], conv[keep]), abs=1e-12)
     assert got["click"] > 0.6  # the score carries the label
+
+
+def test_world_config_carries_rate_drift(bench):
+    assert bench.world_config(True, 0, 0.6).rate_drift == 0.0
+    assert bench.world_config(True, 0, 0.6, bench.RATE_DRIFT).rate_drift == bench.RATE_DRIFT > 0
+
+
+def test_normalized_entropy_and_fold_averaged_logits(bench, tmp_path):
+    rng = np.random.default_rng(1)
+    n = 300
+    y = (rng.random(n) < 0.2).astype(float)
+    z = rng.normal(-1.5, 1.0, n) + y
+    logloss = np.mean(-(y * np.log(1 / (1 + np.exp(-z))) + (1 - y) * np.log(1 - 1 / (1 + np.exp(-z)))))
+    r = y.mean()
+    assert bench.normalized_entropy(z, y) == pytest.approx(logloss / -(r * np.log(r) + (1 - r) * np.log(1 - r)))
+    # the base rate itself scores NE 1; nan labels are skipped
+    assert bench.normalized_entropy(np.full(n, np.log(r / (1 - r))), y) == pytest.approx(1.0)
+    assert bench.normalized_entropy(np.append(z, 5.0), np.append(y, np.nan)) == pytest.approx(bench.normalized_entropy(z, y))
+    ids = np.arange(n, dtype=np.int64) * 3
+    rows = tmp_path / "test"
+    rows.mkdir()
+    pq.write_table(pa.table({"example_id": ids, "click": y}), rows / "shop.parquet")
+    for k, shift in enumerate((0.0, 1.0)):  # two fold teachers, rows in another order
+        order = rng.permutation(n)
+        (tmp_path / f"fold{k}").mkdir()
+        pq.write_table(pa.table({"example_id": ids[order], "logit_click": (z[order] + shift).astype(np.float32),
+                                 "logit_like": np.zeros(n, np.float32)}), tmp_path / f"fold{k}" / "p.parquet")
+    got = bench.read_logits([str(tmp_path / "fold0"), str(tmp_path / "fold1")], str(rows), ["click", "like"])
+    assert np.allclose(got["logits"][:, 0], z + 0.5, atol=1e-5)
+    assert np.array_equal(got["labels"][:, 0], y) and np.isnan(got["labels"][:, 1]).all()

@@ -157,3 +157,35 @@ def test_user_activity_enters_the_logit_through_its_coefficient():
 
     assert click_auc(1.5) > 0.65
     assert abs(click_auc(0.0) - 0.5) < 0.05
+
+
+def test_rate_drift_default_leaves_the_world_and_moves_base_rates():
+    import hashlib
+
+    # default 0: the same rows as a world built without the field, and the fingerprint it had before the
+    # field existed (the config without ``rate_drift``)
+    base = tiny()
+    assert base.rate_drift == 0.0
+    same = pa.concat_tables(SyntheticWorld(tiny(rate_drift=0.0)).domain_tables("feed"))
+    assert same.equals(pa.concat_tables(SyntheticWorld(base).domain_tables("feed")))
+    old = base.to_dict()
+    del old["rate_drift"]
+    blob = json.dumps({"v": 1, "config": old}, sort_keys=True, default=str)
+    assert base.fingerprint() == hashlib.sha256(blob.encode()).hexdigest()[:16]
+    assert tiny(rate_drift=1.0).fingerprint() != base.fingerprint()
+    # rate_drift > 0: each binary task's rate moves over the span in its planted direction
+    world = SyntheticWorld(tiny(rate_drift=2.0))
+    direction = world.params()["rate_direction"]
+    assert set(np.unique(direction)) <= {-1.0, 1.0}
+    ti = [t.name for t in world.config.tasks].index("click")
+    feed = pa.concat_tables(world.domain_tables("feed"))
+    ts = feed.column("timestamp").to_numpy()
+    first, last = ts <= np.quantile(ts, 0.25), ts >= np.quantile(ts, 0.75)
+    p_click = feed.column("p_click").to_numpy()
+    base_p = pa.concat_tables(SyntheticWorld(base).domain_tables("feed")).column("p_click").to_numpy()
+    moved = (p_click[last].mean() - p_click[first].mean()) - (base_p[last].mean() - base_p[first].mean())
+    assert np.sign(moved) == direction[0, ti] and abs(moved) > 0.03
+    # the observed labels follow, and the mean rate stays near the target (intercepts calibrated over the span)
+    y = feed.column("click").to_numpy().astype(float)
+    assert np.sign(y[last].mean() - y[first].mean()) == direction[0, ti]
+    assert abs(y.mean() - world.config.tasks[ti].base_rate) < 0.03

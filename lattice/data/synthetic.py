@@ -20,7 +20,10 @@ as per-domain Parquet datasets (with partly different columns) plus the union sc
 - **Per-domain feature sets.** ``absent_features`` / ``tasks`` per domain: those columns are simply not
   in that domain's files (consolidation marks them absent).
 - **Drift over time** (``drift``): user factors and item popularity move across the time span, so a
-  model trained on an earlier slice goes stale.
+  model trained on an earlier slice goes stale. ``rate_drift`` (default 0: none) also moves every binary
+  task's base rate (seasonality, marketplace changes): its logit gains ``rate_drift * (tau - 0.5) *
+  direction`` at time ``tau`` in ``[0, 1]`` of the span, ``direction`` a seeded sign (+1 or -1) per
+  (domain, task); a model trained on an earlier slice is then miscalibrated on later traffic.
 - **Truth.** Every row carries ``p_<task>`` (binary tasks): the Bayes-optimal prediction, never a feature.
 
 Everything is vectorized numpy; a million rows take seconds. Output layout of :meth:`SyntheticWorld.write`::
@@ -159,6 +162,10 @@ class SyntheticConfig:
         dense_missing_rate: share of nulls in ``user_activity`` and ``item_popularity`` (presence masks).
         days: time span of the impressions.
         drift: how much user factors and item popularity move over the span.
+        rate_drift: how far (in logit) each binary task's base rate moves over the whole span, up or down
+            by a seeded sign per (domain, task); centred on the middle of the span, so the intercepts'
+            calibration (uniform over the span) keeps the mean rate on target. 0 (default): none, and
+            the world (rows and fingerprint) is the one built without this field.
         interest_mix: share of impressions whose item comes from the user's interest clusters.
         row_group_size: Parquet row group size.
     """
@@ -178,6 +185,7 @@ class SyntheticConfig:
     dense_missing_rate: float = 0.02
     days: float = 30.0
     drift: float = 0.3
+    rate_drift: float = 0.0
     interest_mix: float = 0.6
     row_group_size: int = 16384
 
@@ -203,7 +211,10 @@ class SyntheticConfig:
         return dataclasses.asdict(self)
 
     def fingerprint(self) -> str:
-        blob = json.dumps({"v": GENERATOR_VERSION, "config": self.to_dict()}, sort_keys=True, default=str)
+        config = self.to_dict()
+        if config["rate_drift"] == 0.0:  # the field's default leaves the world (and its cache key) as before
+            del config["rate_drift"]
+        blob = json.dumps({"v": GENERATOR_VERSION, "config": config}, sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
     @classmethod
@@ -374,8 +385,11 @@ class SyntheticWorld:
             trng = np.random.default_rng([c.seed, 0x7A, ti])
             P = np.eye(k) + 0.5 * trng.normal(size=(k, k)) / math.sqrt(k)
             tasks.append({"P": P, "reg_noise": 0.5})
+        # base-rate drift: a sign per (domain, task), from its own stream (the draws above are unchanged)
+        rate_direction = np.where(
+            np.random.default_rng([c.seed, 0x4A7E]).random((len(c.domains), len(c.tasks))) < 0.5, -1.0, 1.0)
         self._p = dict(
-            centers=centers, u=u, interest=interest, activity=activity, user_cdf_act=np.cumsum(activity) / activity.sum(),
+            rate_direction=rate_direction, centers=centers, u=u, interest=interest, activity=activity, user_cdf_act=np.cumsum(activity) / activity.sum(),
             user_bias=user_bias, user_drift=user_drift, segment=interest.argmax(1), v=v, item_cluster=item_cluster,
             item_bias=item_bias, item_drift=item_drift, pop=pop, log_price=log_price, brand=brand,
             brand_effect=brand_effect, tag_count=tag_count, first_tag=first_tag, other_tags=other_tags,
@@ -495,6 +509,8 @@ class SyntheticWorld:
             if "query_cluster" in has:
                 zt = zt + t.query * (query == item_cl)
             z[t.name] = zt + intercepts.get(ti, 0.0)
+            if c.rate_drift != 0.0 and t.kind == "binary":
+                z[t.name] = z[t.name] + c.rate_drift * (tau - 0.5) * p["rate_direction"][di, ti]
         cols = dict(users=users, items=items, item_cl=item_cl, L=L, tok_items=tok_items, tok_cl=tok_cl,
                     tok_ts=tok_ts, device=device, position=position, hour=hour, query=query, ts=ts,
                     log_price=log_price, rng=rng, row0=row0)
