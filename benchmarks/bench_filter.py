@@ -155,7 +155,7 @@ def oracle_rise(config: SyntheticConfig, rows: int = 40000, seed: int = 0) -> Di
             "price": c["log_price"] - p["mean_log_price"] if "price" in has_f else np.zeros(n),
             "brand": p["brand_effect"][p["brand"][c["items"]]],
             "repeat": repeat.astype(float),
-            "activity": np.log(p["activity"][c["users"]]),
+            "activity": c["log_activity"],
         }
 
         def probs(drop: Optional[str]) -> Dict[str, np.ndarray]:

@@ -169,7 +169,7 @@ def test_rate_drift_default_leaves_the_world_and_moves_base_rates():
     same = pa.concat_tables(SyntheticWorld(tiny(rate_drift=0.0)).domain_tables("feed"))
     assert same.equals(pa.concat_tables(SyntheticWorld(base).domain_tables("feed")))
     old = base.to_dict()
-    del old["rate_drift"]
+    del old["rate_drift"], old["activity_daily_sd"]
     blob = json.dumps({"v": 1, "config": old}, sort_keys=True, default=str)
     assert base.fingerprint() == hashlib.sha256(blob.encode()).hexdigest()[:16]
     assert tiny(rate_drift=1.0).fingerprint() != base.fingerprint()
@@ -189,3 +189,34 @@ def test_rate_drift_default_leaves_the_world_and_moves_base_rates():
     y = feed.column("click").to_numpy().astype(float)
     assert np.sign(y[last].mean() - y[first].mean()) == direction[0, ti]
     assert abs(y.mean() - world.config.tasks[ti].base_rate) < 0.03
+
+
+def test_activity_daily_sd_makes_activity_a_per_day_level():
+    """Default 0: the world is unchanged. > 0: a user's level moves from day to day (one draw per user and
+    day, shared by all their impressions that day), and the planted ``activity`` term follows it."""
+    base = tiny()
+    assert pa.concat_tables(SyntheticWorld(tiny(activity_daily_sd=0.0)).domain_tables("shop")).equals(
+        pa.concat_tables(SyntheticWorld(base).domain_tables("shop")))
+    assert tiny(activity_daily_sd=0.5).fingerprint() != base.fingerprint()
+    world = SyntheticWorld(tiny(activity_daily_sd=0.5))
+    users = np.repeat(np.arange(2000), 3)
+    day0 = 1_700_000_000 + 86400 * 3
+    ts = np.tile([day0 + 10, day0 + 80000, day0 + 86400 + 10], 2000)
+    z = world._daily_normal(users, ts).reshape(2000, 3)
+    assert np.array_equal(z[:, 0], z[:, 1])  # same user, same day
+    assert abs(np.corrcoef(z[:, 0], z[:, 2])[0, 1]) < 0.1  # next day: a fresh draw
+    assert abs(z[:, 0].mean()) < 0.1 and abs(z[:, 0].std() - 1.0) < 0.1
+    # the observed level carries the day's deviation: within a user it now varies well beyond the 0.2 noise
+    tasks = [dict(name="click", base_rate=0.2, activity=1.0)]
+    domains = [SyntheticDomain("feed", 6000, absent_features=["query_cluster"])]
+    spread = {}
+    for sd in (0.0, 0.8):
+        t = pa.concat_tables(SyntheticWorld(tiny(tasks=tasks, domains=domains, activity_daily_sd=sd)).domain_tables("feed"))
+        ua = t["user_activity"].to_numpy(zero_copy_only=False)
+        uid = t["user_id"].to_numpy()
+        ok = ~np.isnan(ua)
+        order = np.argsort(uid[ok], kind="stable")
+        u, a = uid[ok][order], ua[ok][order]
+        means = np.bincount(u, weights=a) / np.maximum(np.bincount(u), 1)
+        spread[sd] = float(np.sqrt(np.mean((a - means[u]) ** 2)))
+    assert spread[0.0] < 0.25 < 0.5 < spread[0.8]

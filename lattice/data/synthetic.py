@@ -49,6 +49,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from lattice.data.hashing import splitmix64
 from lattice.data.infer import SCHEMA_METADATA_KEY
 from lattice.data.schema import DomainSpec, FeatureSpec, Schema, TaskSpec, WindowSpec
 from lattice.data.sources import DataSource
@@ -166,6 +167,10 @@ class SyntheticConfig:
             by a seeded sign per (domain, task); centred on the middle of the span, so the intercepts'
             calibration (uniform over the span) keeps the mean rate on target. 0 (default): none, and
             the world (rows and fingerprint) is the one built without this field.
+        activity_daily_sd: day-to-day variation of a user's activity level (standard deviation of its log,
+            one draw per user and day): ``user_activity`` and the planted ``activity`` term then follow the
+            user's level on the impression's day, which the user's id alone cannot tell. 0 (default): the
+            level is the user's constant, and the world is the one built without this field.
         interest_mix: share of impressions whose item comes from the user's interest clusters.
         row_group_size: Parquet row group size.
     """
@@ -186,6 +191,7 @@ class SyntheticConfig:
     days: float = 30.0
     drift: float = 0.3
     rate_drift: float = 0.0
+    activity_daily_sd: float = 0.0
     interest_mix: float = 0.6
     row_group_size: int = 16384
 
@@ -212,8 +218,9 @@ class SyntheticConfig:
 
     def fingerprint(self) -> str:
         config = self.to_dict()
-        if config["rate_drift"] == 0.0:  # the field's default leaves the world (and its cache key) as before
-            del config["rate_drift"]
+        for name in ("rate_drift", "activity_daily_sd"):
+            if config[name] == 0.0:  # these fields' defaults leave the world (and its cache key) as before
+                del config[name]
         blob = json.dumps({"v": GENERATOR_VERSION, "config": config}, sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -389,7 +396,8 @@ class SyntheticWorld:
         rate_direction = np.where(
             np.random.default_rng([c.seed, 0x4A7E]).random((len(c.domains), len(c.tasks))) < 0.5, -1.0, 1.0)
         self._p = dict(
-            rate_direction=rate_direction, centers=centers, u=u, interest=interest, activity=activity, user_cdf_act=np.cumsum(activity) / activity.sum(),
+            rate_direction=rate_direction, centers=centers, u=u, interest=interest, activity=activity,
+            user_cdf_act=np.cumsum(activity) / activity.sum(),
             user_bias=user_bias, user_drift=user_drift, segment=interest.argmax(1), v=v, item_cluster=item_cluster,
             item_bias=item_bias, item_drift=item_drift, pop=pop, log_price=log_price, brand=brand,
             brand_effect=brand_effect, tag_count=tag_count, first_tag=first_tag, other_tags=other_tags,
@@ -494,6 +502,8 @@ class SyntheticWorld:
         b_i = p["item_bias"][items] + c.drift * tau * p["item_drift"][items]
         log_price = p["log_price"][items]
         log_activity = np.log(p["activity"][users])  # heavy users engage more (mean 0: lognormal(0, .))
+        if c.activity_daily_sd != 0.0:
+            log_activity = log_activity + c.activity_daily_sd * self._daily_normal(users, ts)
         schema = self._schema()
         has = set(schema.domains[di].features or schema.feature_names)
         z: Dict[str, np.ndarray] = {}
@@ -512,9 +522,19 @@ class SyntheticWorld:
             if c.rate_drift != 0.0 and t.kind == "binary":
                 z[t.name] = z[t.name] + c.rate_drift * (tau - 0.5) * p["rate_direction"][di, ti]
         cols = dict(users=users, items=items, item_cl=item_cl, L=L, tok_items=tok_items, tok_cl=tok_cl,
+                    log_activity=log_activity,
                     tok_ts=tok_ts, device=device, position=position, hour=hour, query=query, ts=ts,
                     log_price=log_price, rng=rng, row0=row0)
         return {"cols": cols, "z": z}
+
+    def _daily_normal(self, users: np.ndarray, ts: np.ndarray) -> np.ndarray:
+        """A standard normal per (user, day of ``ts``), the same wherever the pair occurs (hash-based, so it
+        draws nothing from the row streams)."""
+        day = ((np.asarray(ts, dtype=np.int64) - _T0) // 86400 + 1024).astype(np.uint64)
+        key = (np.uint64(self.config.seed) << np.uint64(48)) ^ (users.astype(np.uint64) << np.uint64(16)) ^ day
+        u1 = (splitmix64(key) >> np.uint64(11)).astype(np.float64) / float(1 << 53)
+        u2 = (splitmix64(key ^ np.uint64(0x9E3779B97F4A7C15)) >> np.uint64(11)).astype(np.float64) / float(1 << 53)
+        return np.sqrt(-2.0 * np.log1p(-u1)) * np.cos(2.0 * np.pi * u2)
 
     def _calibrate(self, di: int) -> Dict[int, float]:
         """Intercepts so that mean sigmoid(z) hits each task's base rate (bisection on a sample)."""
@@ -598,7 +618,8 @@ class SyntheticWorld:
                 mask = rng.random(n) < missing if missing > 0 else None
                 data[name] = pa.array(values, type=pa.float32(), mask=mask)
 
-        dense("user_activity", np.log(p["activity"][users]) + 0.2 * rng.normal(size=n), c.dense_missing_rate)
+        # the user's activity level on the impression's day, measured with noise
+        dense("user_activity", col["log_activity"] + 0.2 * rng.normal(size=n), c.dense_missing_rate)
         dense("item_popularity", np.log(p["pop"][items]) + 0.2 * rng.normal(size=n), c.dense_missing_rate)
         dense("price", col["log_price"])
         dense("hour", col["hour"] / 24.0)

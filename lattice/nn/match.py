@@ -67,9 +67,11 @@ class HistoryMatch(nn.Module):
         sparse_index = {n: i for i, n in enumerate(sparse_names)}
         for s, c, _ in pairs:
             if s not in seq_index:
-                raise ValueError(f"history match pair ({s!r}, {c!r}): {s!r} is not a sequence feature {list(sequence_names)}")
+                raise ValueError(f"history match pair ({s!r}, {c!r}): {s!r} is not a sequence feature "
+                                 f"{list(sequence_names)}")
             if c not in sparse_index:
-                raise ValueError(f"history match pair ({s!r}, {c!r}): {c!r} is not a sparse feature {list(sparse_names)}")
+                raise ValueError(f"history match pair ({s!r}, {c!r}): {c!r} is not a sparse feature "
+                                 f"{list(sparse_names)}")
         self.pairs = [(s, c, int(rows)) for s, c, rows in pairs]
         self.sequence_names, self.sparse_names = list(sequence_names), list(sparse_names)
         self._index = [(seq_index[s], sparse_index[c], int(rows)) for s, c, rows in pairs]
@@ -120,7 +122,8 @@ class HistoryMatch(nn.Module):
         P = matched.shape[0]
         count = torch.zeros(P, B, dtype=dtype, device=bag.device).index_add_(1, sample, matched.to(dtype))
         far = torch.full((P, B), float("inf"), dtype=dtype, device=bag.device)
-        cand_recency = torch.where(matched, recency.to(dtype), torch.tensor(float("inf"), dtype=dtype, device=bag.device))
+        rec = recency.to(dtype)
+        cand_recency = torch.where(matched, rec, rec.new_full((), float("inf")))
         latest = far.scatter_reduce(1, sample.expand(P, -1), cand_recency, reduce="amin", include_self=True)
         any_match = (count > 0).to(dtype)
         closeness = torch.where(count > 0, 1.0 / (1.0 + latest.clamp(max=1e9)), torch.zeros_like(latest))
