@@ -91,9 +91,10 @@ import torch  # noqa: E402
 
 import lattice  # noqa: E402,F401
 from lattice.data import LatticeDataModule  # noqa: E402
-from lattice.data.hashing import splitmix64  # noqa: E402
+from lattice.data.hashing import hash_to_range  # noqa: E402
 from lattice.data.synthetic import SyntheticConfig, SyntheticDomain, SyntheticWorld  # noqa: E402
 from lattice.distill import DistillationModule  # noqa: E402
+from lattice.train import metrics  # noqa: E402
 from lattice.train.metrics import binary_auc  # noqa: E402
 from lattice.train.module import LatticeModule  # noqa: E402
 from lattice.train.writer import ParquetPredictionWriter  # noqa: E402
@@ -167,7 +168,7 @@ def write_slices(world: SyntheticWorld, world_dir: str, out: str, student_domain
 def fold_of(example_id: np.ndarray, folds: int) -> np.ndarray:
     """A fixed hash of ``example_id`` into ``folds`` folds (splitmix64: ids that are consecutive row
     numbers land in every fold evenly)."""
-    return (splitmix64(example_id) % np.uint64(folds)).astype(np.int64)
+    return hash_to_range(example_id, folds)
 
 
 def cross_fit_slices(slices_dir: str, teacher_slice: str, student_domain: str, folds: int) -> List[Dict[str, str]]:
@@ -237,13 +238,16 @@ def read_logits(output_dirs: List[str], rows_dir: str, tasks: List[str]) -> Dict
     return {"logits": logits, "labels": labels}
 
 
-def normalized_entropy(logits: np.ndarray, labels: np.ndarray) -> float:
-    """LogLoss of ``sigmoid(logits)`` over the entropy of the labels' positive rate (ExFM's NE)."""
+def _probs_and_labels(logits: np.ndarray, labels: np.ndarray):
+    """``sigmoid(logits)`` and labels as float64 tensors, rows without a label dropped."""
     keep = np.isfinite(labels)
-    z, y = logits[keep], labels[keep]
-    logloss = float(np.mean(np.logaddexp(0.0, z) - y * z))
-    rate = min(max(float(y.mean()), 1e-7), 1 - 1e-7)
-    return logloss / -(rate * math.log(rate) + (1 - rate) * math.log(1 - rate))
+    return torch.sigmoid(torch.from_numpy(logits[keep].astype(np.float64))), torch.from_numpy(labels[keep])
+
+
+def normalized_entropy(logits: np.ndarray, labels: np.ndarray) -> float:
+    """LogLoss of ``sigmoid(logits)`` over the entropy of the labels' positive rate (ExFM's NE), on the
+    rows with a label: :func:`lattice.train.metrics.normalized_entropy`."""
+    return metrics.normalized_entropy(*_probs_and_labels(logits, labels))
 
 
 def adapter_check(module, teacher_test: Dict[str, np.ndarray], schema_tasks: List[str], tasks: List[str]) -> Dict[str, Any]:
@@ -255,9 +259,8 @@ def adapter_check(module, teacher_test: Dict[str, np.ndarray], schema_tasks: Lis
     for t in tasks:
         i = schema_tasks.index(t)
         y = teacher_test["labels"][:, i]
-        keep = np.isfinite(y)
         out[t] = {kind: {"ne": normalized_entropy(z[:, i], y),
-                         "calibration": float((1 / (1 + np.exp(-z[keep, i]))).sum() / max(y[keep].sum(), 1e-12))}
+                         "calibration": metrics.calibration(*_probs_and_labels(z[:, i], y))}
                   for kind, z in (("teacher", teacher_test["logits"]), ("adapted", adapted))}
     return out
 

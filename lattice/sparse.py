@@ -37,6 +37,7 @@ __all__ = [
     "kjt_is_equal",
     "to_torchrec",
     "from_torchrec",
+    "jagged_row_ids",
 ]
 
 _INDEX_DTYPES = (torch.int32, torch.int64)
@@ -49,6 +50,12 @@ Device = Union[str, torch.device, int]
 def _lengths_to_offsets(lengths: Tensor) -> Tensor:
     """``lengths [R]`` -> ``offsets [R + 1]`` (exclusive cumsum with a leading 0), dtype preserved."""
     return F.pad(torch.cumsum(lengths, 0, dtype=lengths.dtype), (1, 0))
+
+
+def jagged_row_ids(lengths: Tensor, total: int) -> Tensor:
+    """``[total]`` row index of every value of a jagged tensor with row ``lengths [R]`` (summing to
+    ``total``, passed so no device sync is needed)."""
+    return torch.repeat_interleave(torch.arange(lengths.numel(), device=lengths.device), lengths, output_size=total)
 
 
 def _offsets_to_lengths(offsets: Tensor) -> Tensor:
@@ -363,7 +370,7 @@ class JaggedTensor:
         if desired_length < 0:
             raise ValueError(f"desired_length must be >= 0, got {desired_length}")
         n = self._values.size(0)
-        row = torch.repeat_interleave(torch.arange(n_rows, device=lengths.device), lengths, output_size=n)
+        row = jagged_row_ids(lengths, n)
         pos = torch.arange(n, device=lengths.device) - self.offsets().to(torch.int64)[row]
         keep = pos < desired_length
         return desired_length, row, pos, keep

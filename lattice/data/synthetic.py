@@ -49,7 +49,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from lattice.data.hashing import splitmix64
+from lattice.data.hashing import splitmix64, to_unit_interval
 from lattice.data.infer import SCHEMA_METADATA_KEY
 from lattice.data.schema import DomainSpec, FeatureSpec, Schema, TaskSpec, WindowSpec
 from lattice.data.sources import DataSource
@@ -532,8 +532,8 @@ class SyntheticWorld:
         draws nothing from the row streams)."""
         day = ((np.asarray(ts, dtype=np.int64) - _T0) // 86400 + 1024).astype(np.uint64)
         key = (np.uint64(self.config.seed) << np.uint64(48)) ^ (users.astype(np.uint64) << np.uint64(16)) ^ day
-        u1 = (splitmix64(key) >> np.uint64(11)).astype(np.float64) / float(1 << 53)
-        u2 = (splitmix64(key ^ np.uint64(0x9E3779B97F4A7C15)) >> np.uint64(11)).astype(np.float64) / float(1 << 53)
+        u1 = to_unit_interval(splitmix64(key))
+        u2 = to_unit_interval(splitmix64(key ^ np.uint64(0x9E3779B97F4A7C15)))
         return np.sqrt(-2.0 * np.log1p(-u1)) * np.cos(2.0 * np.pi * u2)
 
     def _calibrate(self, di: int) -> Dict[int, float]:

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lattice.sparse import KeyedJaggedTensor
+from lattice.sparse import KeyedJaggedTensor, jagged_row_ids
 
 __all__ = ["HistoryMatch", "match_pairs"]
 
@@ -30,10 +30,6 @@ def match_pairs(schema: Any) -> list[tuple[str, str, int]]:
             if c.table == s.table:
                 out.append((s.name, c.name, int(s.num_embeddings)))
     return out
-
-
-def _bag_ids(lengths: Tensor, total: int) -> Tensor:
-    return torch.repeat_interleave(torch.arange(lengths.numel(), device=lengths.device), lengths, output_size=total)
 
 
 class HistoryMatch(nn.Module):
@@ -88,15 +84,22 @@ class HistoryMatch(nn.Module):
     def matches(self, sparse: KeyedJaggedTensor, sequences: KeyedJaggedTensor) -> Tensor:
         """``[P, S]`` bool: event e (key-major in ``sequences.values()``) belongs to pair p's sequence
         feature and its id is one of its sample's ids of pair p's sparse feature."""
+        return self._matches(sparse, sequences, self._event_bags(sequences))
+
+    @staticmethod
+    def _event_bags(sequences: KeyedJaggedTensor) -> Tensor:
+        """``[S]`` key-major bag id ``k * B + b`` of every event."""
+        return jagged_row_ids(sequences.lengths().long(), sequences.values().shape[0])
+
+    def _matches(self, sparse: KeyedJaggedTensor, sequences: KeyedJaggedTensor, ev_bag: Tensor) -> Tensor:
         if sequences.keys() != self.sequence_names or sparse.keys() != self.sparse_names:
             raise ValueError(f"history match was built for sequences {self.sequence_names} and sparse "
                              f"{self.sparse_names}, got {sequences.keys()} and {sparse.keys()}")
         B = sequences.stride()
         ev_ids = sequences.values().long()
-        ev_bag = _bag_ids(sequences.lengths().long(), ev_ids.shape[0])
         ev_feature, ev_sample = ev_bag // B, ev_bag % B
         cand_ids = sparse.values().long()
-        cand_bag = _bag_ids(sparse.lengths().long(), cand_ids.shape[0])
+        cand_bag = jagged_row_ids(sparse.lengths().long(), cand_ids.shape[0])
         cand_feature, cand_sample = cand_bag // B, cand_bag % B
         out = []
         for s_idx, c_idx, rows in self._index:
@@ -113,17 +116,16 @@ class HistoryMatch(nn.Module):
         B = sequences.stride()
         lengths = sequences.lengths().long()
         total = sequences.values().shape[0]
-        matched = self.matches(sparse, sequences)  # [P, S]
-        bag = _bag_ids(lengths, total)
+        bag = self._event_bags(sequences)
+        matched = self._matches(sparse, sequences, bag)  # [P, S]
         sample = bag % B
-        starts = torch.cat([lengths.new_zeros(1), torch.cumsum(lengths, 0)])
-        recency = (lengths[bag] - 1 - (torch.arange(total, device=bag.device) - starts[bag])).float()
+        starts = sequences.offsets().long()
         dtype = self.weight.dtype
+        recency = (lengths[bag] - 1 - (torch.arange(total, device=bag.device) - starts[bag])).to(dtype)
         P = matched.shape[0]
         count = torch.zeros(P, B, dtype=dtype, device=bag.device).index_add_(1, sample, matched.to(dtype))
         far = torch.full((P, B), float("inf"), dtype=dtype, device=bag.device)
-        rec = recency.to(dtype)
-        cand_recency = torch.where(matched, rec, rec.new_full((), float("inf")))
+        cand_recency = torch.where(matched, recency, recency.new_full((), float("inf")))
         latest = far.scatter_reduce(1, sample.expand(P, -1), cand_recency, reduce="amin", include_self=True)
         any_match = (count > 0).to(dtype)
         closeness = torch.where(count > 0, 1.0 / (1.0 + latest.clamp(max=1e9)), torch.zeros_like(latest))

@@ -30,7 +30,7 @@ from lattice.nn.embedding import EmbeddingBagCollection, EmbeddingTableConfig
 from lattice.nn.linear import MLP
 from lattice.nn.match import HistoryMatch, match_pairs
 from lattice.nn.norms import make_norm
-from lattice.sparse import KeyedJaggedTensor
+from lattice.sparse import KeyedJaggedTensor, jagged_row_ids
 
 __all__ = [
     "JaggedTokens",
@@ -97,10 +97,6 @@ def jagged_positions(offsets: Tensor, total: int) -> Tensor:
     lengths = offsets[1:] - offsets[:-1]
     starts = torch.repeat_interleave(offsets[:-1], lengths, output_size=total)
     return torch.arange(total, device=offsets.device) - starts
-
-
-def _row_ids(lengths: Tensor, total: int) -> Tensor:
-    return torch.repeat_interleave(torch.arange(lengths.numel(), device=lengths.device), lengths, output_size=total)
 
 
 def _offsets(lengths: Tensor) -> Tensor:
@@ -407,7 +403,7 @@ class SequenceProcessor(nn.Module):
         if self.proj is not None:
             flat = self.proj(flat)
         total = flat.shape[0]
-        bag = _row_ids(lengths.reshape(-1), total)  # key-major bag id k*B + b of every event
+        bag = jagged_row_ids(lengths.reshape(-1), total)  # key-major bag id k*B + b of every event
         if event_bias is not None and self.merge == "concat":
             flat = flat + event_bias
         gaps = self._time_gaps(sequences, timestamps, bag, B) if self.time is not None else None

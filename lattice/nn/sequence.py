@@ -16,6 +16,7 @@ from lattice.nn.attention import InterleavedCrossAttention, JaggedMultiheadAtten
 from lattice.nn.linear import Dispatch, DomainLinear, make_activation
 from lattice.nn.norms import make_norm
 from lattice.nn.processors import JaggedTokens, jagged_positions
+from lattice.sparse import jagged_row_ids
 
 __all__ = [
     "prepend_tokens",
@@ -33,8 +34,7 @@ __all__ = [
 
 def row_ids(offsets: Tensor, total: int) -> Tensor:
     """``[total]`` sample index of every token of a stream with row starts ``offsets [B + 1]``."""
-    lengths = offsets[1:] - offsets[:-1]
-    return torch.repeat_interleave(torch.arange(lengths.numel(), device=offsets.device), lengths, output_size=total)
+    return jagged_row_ids(offsets[1:] - offsets[:-1], total)
 
 
 def prepend_tokens(stream: JaggedTokens, tokens: Tensor) -> JaggedTokens:
