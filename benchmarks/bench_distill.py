@@ -377,6 +377,10 @@ def mean(values) -> float:
     return sum(vals) / len(vals) if vals else float("nan")
 
 
+def verdict(passed: Optional[bool]) -> str:
+    return "not measured (a variant it needs was left out)" if passed is None else ("PASS" if passed else "FAIL")
+
+
 def fmt(v: float) -> str:
     return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.4f}"
 
@@ -428,6 +432,11 @@ def main(argv=None) -> Dict[str, Any]:
     p.add_argument("--distill-weights", default=None,
                    help="comma-separated grid, e.g. 1,3: every distilled variant keeps the weight with the lowest "
                         "mean validation loss over its seeds (default: --distill-weight only)")
+    p.add_argument("--variants", default=",".join(name for name, _, _ in STUDENTS),
+                   help="comma-separated students to train (default: all); a target whose variants are left out "
+                        "is reported as not measured, and a teacher no chosen variant uses is not trained")
+    p.add_argument("--aux-hidden-dims", default="64",
+                   help="hidden sizes of the auxiliary head's per-task MLPs, comma-separated ('' = a linear head)")
     p.add_argument("--teacher-network", default="LatticeNetwork", help="a lattice.models class")
     p.add_argument("--student-network", default="LatticeNetwork", help="a lattice.models class")
     p.add_argument("--sparse-optimizer", default="rowwise_adagrad", choices=["rowwise_adagrad", "sgd", "none"])
@@ -435,6 +444,18 @@ def main(argv=None) -> Dict[str, Any]:
     p.add_argument("--work", default=None, help="scratch folder (default: a temporary folder, removed at the end)")
     p.add_argument("--out", default=os.path.join(HERE, "results", "bench_distill.json"))
     args = p.parse_args(argv)
+    known = [name for name, _, _ in STUDENTS]
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    unknown = [v for v in variants if v not in known]
+    if unknown or not variants:
+        p.error(f"--variants: {unknown or 'none given'} not among {known}")
+    students = [s for s in STUDENTS if s[0] in variants]
+    try:
+        aux_hidden = [int(h) for h in args.aux_hidden_dims.split(",") if h.strip()]
+    except ValueError:
+        p.error(f"--aux-hidden-dims must be comma-separated integers, got {args.aux_hidden_dims!r}")
+    if any(h <= 0 for h in aux_hidden):
+        p.error(f"--aux-hidden-dims must be > 0, got {args.aux_hidden_dims!r}")
     if args.teacher_folds < 1:
         p.error(f"--teacher-folds must be >= 1, got {args.teacher_folds}")
     args.teacher_epochs = args.teacher_epochs or 3
@@ -471,7 +492,10 @@ def main(argv=None) -> Dict[str, Any]:
     outputs = {}
     teacher_test = {}  # each teacher's logits on the test rows (for the adapter check)
     logged = {}
+    needed = {teacher for _, teacher, _ in students}
     for key, slice_name in (("fresh", "teacher"), ("stale", "stale_teacher")):
+        if key not in needed and not (key == "fresh" and "aux_head" in variants):
+            continue
         name = slice_name
         folds = cross_fit_slices(os.path.join(work, "slices"), slice_name, args.domain, args.teacher_folds)
         per_fold, dirs, test_dirs, wall, epochs = [], [], [], 0.0, []
@@ -498,7 +522,9 @@ def main(argv=None) -> Dict[str, Any]:
     # Every distilled variant is trained with each --distill-weights value and keeps the weight with the
     # lowest mean validation (true-label) loss over its seeds: the same grid and rule for every variant.
     weights = [float(w) for w in args.distill_weights.split(",")] if args.distill_weights else [args.distill_weight]
-    for name, teacher, kwargs in STUDENTS:
+    for name, teacher, kwargs in students:
+        if kwargs.get("distillation") == "aux_head":
+            kwargs = dict(kwargs, aux_hidden_dims=aux_hidden)
         tried = {}
         for w in ([None] if teacher is None else weights):
             per_seed, epochs, val, adapted = [], [], [], []
@@ -529,18 +555,22 @@ def main(argv=None) -> Dict[str, Any]:
         if pick["adapted"]:
             rows[name]["adapter_check"] = pick["adapted"]
 
-    gap = rows["teacher"]["mean_auc"] - rows["labels"]["mean_auc"]
-    recovered = (rows["aux_head"]["mean_auc"] - rows["labels"]["mean_auc"]) / gap if gap > 0 else float("nan")
+    def mean_auc(name):
+        return rows[name]["mean_auc"] if name in rows else float("nan")
+
+    gap = mean_auc("teacher") - mean_auc("labels")
+    recovered = (mean_auc("aux_head") - mean_auc("labels")) / gap if gap > 0 else float("nan")
 
     def seed_means(name, metric="auc"):
-        return [mean(ps[t][metric] for t in tasks) for ps in rows[name]["per_seed"]]
+        """Per seed, the student's mean over tasks; [] for a variant not trained (its targets: nan)."""
+        return [mean(ps[t][metric] for t in tasks) for ps in rows[name]["per_seed"]] if name in rows else []
 
     def spread(values):
         vals = [v for v in values if math.isfinite(v)]
         return float(np.std(vals, ddof=1)) if len(vals) > 1 else float("nan")
 
     # seed-to-seed noise beside the differences the targets rest on (students paired by seed)
-    noise = {name: spread(seed_means(name)) for name, _, _ in STUDENTS}
+    noise = {name: spread(seed_means(name)) for name, _, _ in students}
     aux_gain_per_seed = [a - b for a, b in zip(seed_means("aux_head"), seed_means("labels"))]
     # the adapter target: mean test NE over tasks, stale_soft_adapter - stale_soft_label paired by seed
     # (< 0: helps); the same behind the auxiliary head beside it
@@ -555,7 +585,7 @@ def main(argv=None) -> Dict[str, Any]:
     aux_adapter_auc_per_seed = paired("stale_aux_adapter", "stale_aux_head", "auc")
     targets = {
         "seed_std_mean_auc": noise,
-        "seed_std_mean_ne": {name: spread(seed_means(name, "ne")) for name, _, _ in STUDENTS},
+        "seed_std_mean_ne": {name: spread(seed_means(name, "ne")) for name, _, _ in students},
         "aux_head_minus_labels_per_seed": aux_gain_per_seed,
         "stale_soft_adapter_minus_soft_label_ne_per_seed": adapter_ne_per_seed,
         "stale_soft_adapter_minus_soft_label_auc_per_seed": adapter_auc_per_seed,
@@ -578,11 +608,11 @@ def main(argv=None) -> Dict[str, Any]:
     fold_note = ("in-sample: each teacher trained on the rows it scored" if args.teacher_folds == 1 else
                  f"out-of-sample: {args.teacher_folds}-fold cross-fit over the student's rows")
     print(f"\nlogged teacher outputs ({fold_note}); their AUC on the student's training rows vs the teacher's test AUC:")
-    for name in ("teacher", "stale_teacher"):
+    for name in [n for n in ("teacher", "stale_teacher") if n in logged]:
         print(f"  {name:14s} logged " + "  ".join(f"{t} {fmt(logged[name][t])}" for t in tasks)
               + "  | test " + "  ".join(f"{t} {fmt(rows[name]['metrics'][t]['auc'])}" for t in tasks))
     for name in ("aux_adapter", "stale_aux_adapter", "stale_soft_adapter"):
-        checks = rows[name].get("adapter_check") or []
+        checks = rows.get(name, {}).get("adapter_check") or []
         if checks:
             print(f"{name}: its adapter on its teacher's test-row logits, NE teacher -> adapted (calibration), "
                   "mean over seeds: " + "; ".join(
@@ -593,15 +623,15 @@ def main(argv=None) -> Dict[str, Any]:
         print("\ndistill weight picked by validation loss: " + "; ".join(
             f"{name} {rows[name]['distill_weight']:g} (" + ", ".join(f"w={k}: {v:.5f}" for k, v in
                                                         rows[name]["val_loss_by_weight"].items()) + ")"
-            for name, teacher, _ in STUDENTS if teacher is not None))
+            for name, teacher, _ in students if teacher is not None))
     if args.seeds > 1:
         print("\nper-seed mean AUC (students): " + "; ".join(
             f"{name} " + "/".join(fmt(mean(ps[t]["auc"] for t in tasks)) for ps in rows[name]["per_seed"])
-            for name, _, _ in STUDENTS))
+            for name, _, _ in students))
     print(f"\naux head recovers {fmt(recovered)} of the labels-only -> teacher mean-AUC gap ({fmt(gap)}); "
-          f"target >= 0.5: {'PASS' if targets['aux_head_recovers_half_the_gap'] else 'FAIL'}")
+          f"target >= 0.5: {verdict(targets['aux_head_recovers_half_the_gap'])}")
     print(f"adapter vs stale teacher (stale_soft_adapter - stale_soft_label, paired by seed): {adapter_ne_diff:+.4f} "
-          f"mean NE, target < 0: {'PASS' if targets['adapter_lowers_ne_against_stale_teacher'] else 'FAIL'} "
+          f"mean NE, target < 0: {verdict(targets['adapter_lowers_ne_against_stale_teacher'])} "
           f"(mean AUC {adapter_auc_diff:+.4f}); behind the auxiliary head (stale_aux_adapter - stale_aux_head): "
           f"{targets['stale_aux_adapter_ne_diff']:+.4f} mean NE, {targets['stale_aux_adapter_auc_diff']:+.4f} mean AUC")
     if args.seeds > 1:
