@@ -60,7 +60,8 @@ and the validation loss prefers 3 on every seed);
 the stale teacher, which saw only the first 40%, under- or over-predicts the test rows by about 0.5 logit)
 is the staleness ExFM's adapter is for. The adapter only changes the auxiliary head's target (the serving
 head learns the labels alone), and it is a map of the teacher's logits trained on the student's own
-slice; the printed "adapter on its teacher's test-row logits" line shows what it does to the teacher
+slice, weighted towards its last days as ExFM trains it on the latest labels (``--adapter-half-life-days``,
+default 3; 0 weighs every row alike); the printed "adapter on its teacher's test-row logits" line shows what it does to the teacher
 itself, beside what reaches the student's serving head (the target).
 
 Writes JSON to ``--out`` (default ``benchmarks/results/bench_distill.json``).
@@ -99,6 +100,7 @@ from lattice.train.metrics import binary_auc  # noqa: E402
 from lattice.train.module import LatticeModule  # noqa: E402
 from lattice.train.writer import ParquetPredictionWriter  # noqa: E402
 
+ADAPTER_HALF_LIFE_DAYS = 3.0  # ExFM trains the adapter on the latest labels: the last few days weigh most
 RATE_DRIFT = 0.75  # logit change of every base rate over the 30-day span (about 2x a low rate, start to end)
 METRICS = ("auc", "logloss", "ne", "calibration", "oracle_auc", "count")
 
@@ -437,6 +439,9 @@ def main(argv=None) -> Dict[str, Any]:
                         "is reported as not measured, and a teacher no chosen variant uses is not trained")
     p.add_argument("--aux-hidden-dims", default="64",
                    help="hidden sizes of the auxiliary head's per-task MLPs, comma-separated ('' = a linear head)")
+    p.add_argument("--adapter-half-life-days", type=float, default=ADAPTER_HALF_LIFE_DAYS,
+                   help="the student adapter learns from the freshest labels: row weight 2^(-age/half-life), age "
+                        "from the newest event seen (DistillationModule.adapter_half_life); 0: every row alike")
     p.add_argument("--teacher-network", default="LatticeNetwork", help="a lattice.models class")
     p.add_argument("--student-network", default="LatticeNetwork", help="a lattice.models class")
     p.add_argument("--sparse-optimizer", default="rowwise_adagrad", choices=["rowwise_adagrad", "sgd", "none"])
@@ -456,6 +461,8 @@ def main(argv=None) -> Dict[str, Any]:
         p.error(f"--aux-hidden-dims must be comma-separated integers, got {args.aux_hidden_dims!r}")
     if any(h <= 0 for h in aux_hidden):
         p.error(f"--aux-hidden-dims must be > 0, got {args.aux_hidden_dims!r}")
+    if not (math.isfinite(args.adapter_half_life_days) and args.adapter_half_life_days >= 0):
+        p.error(f"--adapter-half-life-days must be >= 0, got {args.adapter_half_life_days}")
     if args.teacher_folds < 1:
         p.error(f"--teacher-folds must be >= 1, got {args.teacher_folds}")
     args.teacher_epochs = args.teacher_epochs or 3
@@ -525,6 +532,8 @@ def main(argv=None) -> Dict[str, Any]:
     for name, teacher, kwargs in students:
         if kwargs.get("distillation") == "aux_head":
             kwargs = dict(kwargs, aux_hidden_dims=aux_hidden)
+        if kwargs.get("adapter") and args.adapter_half_life_days > 0:
+            kwargs = dict(kwargs, adapter_half_life=args.adapter_half_life_days * 86400.0)
         tried = {}
         for w in ([None] if teacher is None else weights):
             per_seed, epochs, val, adapted = [], [], [], []

@@ -29,6 +29,10 @@ def assert_batch_equal(a: Batch, b: Batch, *, check_truth: bool = True) -> None:
     for name in ("sparse", "sequences"):
         assert kjt_parts(getattr(a, name)) == kjt_parts(getattr(b, name)), name
     assert (a.sequence_timestamps is None) == (b.sequence_timestamps is None)
+    assert (a.timestamp is None) == (b.timestamp is None)
+    if a.timestamp is not None:
+        assert a.timestamp.dtype == b.timestamp.dtype == torch.int64
+        assert torch.equal(a.timestamp, b.timestamp), ("timestamp", a.timestamp, b.timestamp)
     if a.sequence_timestamps is not None:
         assert kjt_parts(a.sequence_timestamps) == kjt_parts(b.sequence_timestamps)
     if check_truth:

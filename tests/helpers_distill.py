@@ -61,6 +61,7 @@ except Exception:  # pragma: no cover - depends on what is merged
         user_id: Tensor
         item_id: Tensor
         true_probs: Optional[Tensor] = None
+        timestamp: Optional[Tensor] = None
         teacher_logits: Optional[Tensor] = None
         teacher_mask: Optional[Tensor] = None
         teacher_embedding: Optional[Tensor] = None
@@ -205,6 +206,7 @@ def make_batch(rows: dict[str, Tensor], index: Tensor | slice | None = None, lab
         user_id=sel["user_id"].long(),
         item_id=torch.zeros(B, dtype=torch.long),
         true_probs=sel.get("true_probs"),
+        timestamp=sel.get("timestamp"),
     )
 
 

@@ -130,3 +130,12 @@ def test_normalized_entropy_and_fold_averaged_logits(bench, tmp_path):
     got = bench.read_logits([str(tmp_path / "fold0"), str(tmp_path / "fold1")], str(rows), ["click", "like"])
     assert np.allclose(got["logits"][:, 0], z + 0.5, atol=1e-5)
     assert np.array_equal(got["labels"][:, 0], y) and np.isnan(got["labels"][:, 1]).all()
+
+
+@pytest.mark.parametrize("argv", [["--variants", "labels,nope"], ["--variants", ","], ["--aux-hidden-dims", "16,x"],
+                                  ["--aux-hidden-dims", "0"], ["--adapter-half-life-days", "-1"]])
+def test_bad_arguments_are_refused_before_any_work(bench, argv, capsys):
+    with pytest.raises(SystemExit):
+        bench.main(argv)
+    err = capsys.readouterr().err
+    assert argv[0] in err

@@ -203,6 +203,10 @@ def test_batch_layout_and_dtypes():
     assert not batch.label_mask[in_b, 1].any()
     tags = batch.sparse["tags"].lengths()
     assert tags[in_b].eq(0).all()
+    # each row's event time, as read from the timestamp column (never a feature)
+    assert batch.timestamp.dtype == torch.int64
+    assert batch.timestamp.tolist() == table.column("timestamp").to_pylist()
+    assert torch.equal(batch.select_rows(torch.tensor([3, 0])).timestamp, batch.timestamp[[3, 0]])
     # pin/to keep everything
     moved = batch.to("cpu")
     assert torch.equal(moved.dense, batch.dense)
@@ -260,6 +264,7 @@ def test_empty_sequences_and_no_sequence_features():
     batch = b.build(b.prepare(table, ChunkContext("t")))
     assert batch.sparse.keys() == [] and batch.sequences.keys() == []
     assert batch.sparse.stride() == 2 and batch.sequence_timestamps is None
+    assert batch.timestamp is None  # no timestamp column in the schema
     assert batch.sparse_mask.shape == (2, 0)
 
 

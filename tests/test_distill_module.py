@@ -151,3 +151,72 @@ def test_adapter_learning_rate_gets_its_own_parameter_group():
     assert len(plain.configure_optimizers().param_groups) == 1
     with pytest.raises(ValueError, match="adapter_lr"):
         DistillationModule(TinyNetwork(tiny_schema()), adapter=True, adapter_lr=0.0)
+
+
+def _timed_rows(n, seed=0):
+    rows = planted_rows(n, seed=seed)
+    rows["timestamp"] = torch.randint(0, 30 * 86400, (n,), generator=torch.Generator().manual_seed(seed + 1))
+    return rows
+
+
+def test_adapter_half_life_weights_rows_by_recency_from_the_newest_event():
+    rows = _timed_rows(64)
+    module = DistillationModule(TinyNetwork(tiny_schema()), adapter=True, adapter_half_life=86400.0)
+    batch = make_batch(rows, slice(0, 32))
+    w = module.adapter_row_weights(batch)
+    newest = int(rows["timestamp"][:32].max())
+    assert int(module.adapter_clock) == newest
+    age = (newest - rows["timestamp"][:32]).double()
+    assert torch.allclose(w.double(), 0.5 ** (age / 86400.0), rtol=1e-6)
+    assert w.max().item() == 1.0
+    # the clock never goes back: an older batch is weighed from the newest time seen so far
+    old = make_batch({k: v[:4] for k, v in rows.items()} | {"timestamp": torch.zeros(4, dtype=torch.long)})
+    assert torch.allclose(module.adapter_row_weights(old).double(), torch.full((4,), 0.5 ** (newest / 86400.0)).double())
+    assert int(module.adapter_clock) == newest
+    # checkpointed with the module (a resumed run counts age from the same clock)
+    fresh = DistillationModule(TinyNetwork(tiny_schema()), adapter=True, adapter_half_life=86400.0)
+    fresh.load_state_dict(module.state_dict())
+    assert int(fresh.adapter_clock) == newest
+
+
+def test_adapter_half_life_errors_are_clear():
+    with pytest.raises(ValueError, match="needs adapter=True"):
+        DistillationModule(TinyNetwork(tiny_schema()), adapter=False, adapter_half_life=3600.0)
+    for bad in (0.0, -1.0, float("inf")):
+        with pytest.raises(ValueError, match="adapter_half_life must be"):
+            DistillationModule(TinyNetwork(tiny_schema()), adapter=True, adapter_half_life=bad)
+    module = DistillationModule(TinyNetwork(tiny_schema()), adapter=True, adapter_half_life=3600.0)
+    with pytest.raises(ValueError, match="timestamp_column"):
+        module.adapter_row_weights(make_batch(planted_rows(8)))  # no timestamps in the batch
+
+
+def test_recency_weighted_adapter_learns_todays_calibration():
+    """The teacher is right on old rows and 1.5 logits too low on the newest ones (a rate that rose):
+    an adapter with a short half-life learns today's correction, a uniform one the window's average."""
+    gen = torch.Generator().manual_seed(0)
+    n, day = 6000, 86400
+    ts = torch.randint(0, 20 * day, (n,), generator=gen)
+    shift = 1.5 * (ts >= 18 * day).float()  # the last two days
+    rows = _timed_rows(n)
+    rows["timestamp"] = ts
+    teacher = rows["true_logits"][:, :1].repeat(1, 2)
+    rows["labels"] = (torch.rand(n, 2, generator=gen) < torch.sigmoid(teacher + shift[:, None])).float()
+    found = {}
+    for half_life in (None, 0.5 * day):
+        torch.manual_seed(0)
+        module = DistillationModule(TinyNetwork(tiny_schema()), distillation="aux_head", adapter=True,
+                                    adapter_half_life=half_life)
+        opt = torch.optim.Adam(module.adapter.parameters(), lr=0.02)
+        module.train()
+        for epoch in range(4):
+            for i in range(0, n, 500):
+                b = make_batch(rows, slice(i, i + 500))
+                b.teacher_logits, b.teacher_mask = teacher[i:i + 500], torch.ones(b.batch_size, dtype=torch.bool)
+                loss = module.distillation_losses(module(b), b)["adapter"]
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+        with torch.no_grad():
+            found[half_life] = (module.adapter(teacher[:500]) - teacher[:500]).mean().item()
+    assert found[0.5 * day] > 1.0, found  # close to today's +1.5
+    assert found[None] < 0.5, found  # the 20-day average: about +0.15

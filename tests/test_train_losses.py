@@ -38,3 +38,21 @@ def test_shape_errors_are_clear():
         masked_multitask_loss(torch.zeros(2, 2), torch.zeros(2, 3), torch.ones(2, 2, dtype=torch.bool), ["binary"] * 2)
     with pytest.raises(ValueError, match="task kinds"):
         masked_multitask_loss(torch.zeros(2, 2), torch.zeros(2, 2), torch.ones(2, 2, dtype=torch.bool), ["binary"])
+
+
+def test_row_weights_scale_each_row_and_keep_the_labeled_count():
+    logits = torch.tensor([[0.0, 1.0], [2.0, -1.0], [1.0, 3.0]], requires_grad=True)
+    labels = torch.tensor([[1.0, 0.5], [0.0, 2.0], [123.0, 1.0]])
+    mask = torch.tensor([[True, True], [True, False], [False, True]])
+    w = torch.tensor([0.5, 0.25, 4.0])
+    total, per_task = masked_multitask_loss(logits, labels, mask, ["binary", "regression"], row_weights=w)
+    want0 = (0.5 * math.log(2.0) + 0.25 * math.log1p(math.exp(2.0))) / 2  # two labeled rows, unweighted count
+    want1 = (0.5 * (1.0 - 0.5) ** 2 + 4.0 * (3.0 - 1.0) ** 2) / 2
+    assert per_task.tolist() == pytest.approx([want0, want1])
+    total.backward()
+    assert torch.isfinite(logits.grad).all() and logits.grad[2, 0] == 0  # masked entry: no gradient
+    ones, _ = masked_multitask_loss(logits, labels, mask, ["binary", "regression"], row_weights=torch.ones(3))
+    plain, _ = masked_multitask_loss(logits, labels, mask, ["binary", "regression"])
+    assert ones.item() == pytest.approx(plain.item())
+    with pytest.raises(ValueError, match="row_weights must be \\[B=3\\]"):
+        masked_multitask_loss(logits, labels, mask, ["binary", "regression"], row_weights=torch.ones(2))

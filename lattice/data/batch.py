@@ -33,6 +33,9 @@ class Batch:
     - ``example_id``, ``user_id``, ``item_id``: ``[B]`` int64.
     - ``true_probs [B, T]`` float32: the planted world's true label probabilities (``p_<task>``
       columns; never a feature), 0 where unknown; ``None`` for real data.
+    - ``timestamp [B]`` int64: each impression's event time in seconds (the schema's
+      ``timestamp_column``; never a feature: what recency-aware losses such as the student adapter's
+      read); ``None`` when the schema has no timestamp column.
     - ``teacher_logits [B, T]`` float32 and ``teacher_mask [B]`` bool (rows the teacher scored),
       ``teacher_embedding [B, E]``: teacher outputs joined by ``example_id`` (distillation); else ``None``.
     """
@@ -51,6 +54,7 @@ class Batch:
     user_id: Tensor
     item_id: Tensor
     true_probs: Optional[Tensor] = None
+    timestamp: Optional[Tensor] = None
     teacher_logits: Optional[Tensor] = None
     teacher_mask: Optional[Tensor] = None
     teacher_embedding: Optional[Tensor] = None

@@ -48,6 +48,7 @@ class BlockSpec:
     sparse_keys: List[str]
     seq_keys: List[str]
     sparse_presence: np.ndarray  # [num_domains, Fs] bool
+    timestamp: bool = False  # the schema has a timestamp column: Batch.timestamp carries it
 
 
 # ------------------------------------------------------------------------------------------------
@@ -154,6 +155,8 @@ class Block:
         for key, name in (("domain", "_domain"), ("example_id", "_example_id"), ("user_id", "_user_id"),
                           ("item_id", "_item_id")):
             rows[key] = _values(col(name))
+        if spec.timestamp:
+            rows["timestamp"] = _values(col("_timestamp"))
         Fd, T = len(spec.dense), len(spec.tasks)
         dense, dense_mask = np.empty((n, Fd), np.float32), np.empty((n, Fd), np.bool_)
         for j, name in enumerate(spec.dense):
@@ -468,4 +471,5 @@ def assemble(segments: Sequence[Tuple[Block, Rows]], spec: BlockSpec, shared: bo
         sequences=sequences, sequence_timestamps=seq_ts, domain=t["domain"], labels=t["labels"],
         label_mask=t["label_mask"], label_window=t["label_window"], example_id=t["example_id"],
         user_id=t["user_id"], item_id=t["item_id"], true_probs=t.get("true_probs"),
+        timestamp=t.get("timestamp"),
     )

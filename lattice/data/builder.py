@@ -632,6 +632,7 @@ class BatchBuilder:
                 tasks=[t.name for t in s.tasks], truth=self.truth,
                 sparse_keys=[f.name for f in self._sparse], seq_keys=[f.name for f in self._seq],
                 sparse_presence=np.ascontiguousarray(self._presence["sparse"]),
+                timestamp=s.timestamp_column is not None,
             )
         return self._block_spec
 

@@ -58,7 +58,7 @@ def reference_batch(table: pa.Table, schema: Schema, *, domain: Optional[str] = 
     seqs = {f.name: [] for f in seq_f}
     stamps = {f.name: [] for f in seq_f}
     labels, lmask, lwin, probs = [], [], [], []
-    doms, eids, users, items = [], [], [], []
+    doms, eids, users, items, stamps_row = [], [], [], [], []
     for i, r in enumerate(rows):
         if domain is not None:
             d = schema.domain_index(domain)
@@ -72,7 +72,9 @@ def reference_batch(table: pa.Table, schema: Schema, *, domain: Optional[str] = 
                     else (file_index << EXAMPLE_ID_FILE_SHIFT) | (row_offset + i))
         user = uid(r[schema.user_id_column], schema.user_id_column, i) if schema.user_id_column else 0
         item = uid(r[schema.item_id_column], schema.item_id_column, i) if schema.item_id_column else 0
-        ts = int(r[schema.timestamp_column]) if schema.timestamp_column else 0
+        ts = r[schema.timestamp_column] if schema.timestamp_column else 0
+        ts = int(ts.timestamp()) if hasattr(ts, "timestamp") else int(ts)
+        stamps_row.append(ts)
         users.append(user)
         items.append(item)
         has = (lambda name: dspec.features is None or name in dspec.features)
@@ -180,4 +182,5 @@ def reference_batch(table: pa.Table, schema: Schema, *, domain: Optional[str] = 
         user_id=torch.tensor(users, dtype=torch.int64),
         item_id=torch.tensor(items, dtype=torch.int64),
         true_probs=torch.tensor(probs, dtype=torch.float32).reshape(B, T) if truth else None,
+        timestamp=torch.tensor(stamps_row, dtype=torch.int64) if schema.timestamp_column else None,
     )

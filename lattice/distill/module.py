@@ -136,6 +136,12 @@ class DistillationModule(LatticeModule):
         adapter, adapter_hidden_dims, adapter_weight: the student adapter.
         adapter_lr: the adapter's own learning rate (``None``: the optimizer's); it starts as the identity
             and must track a drifting teacher, so it may warrant a faster rate than the student.
+        adapter_half_life: seconds of event time (``None``: every row alike). ExFM trains the adapter on
+            the freshest labels, so that it corrects the teacher towards today's traffic rather than the
+            average of the student's window: each row's adapter loss is weighted by
+            ``2 ** (-age / adapter_half_life)``, ``age`` counted back from the newest event time seen in
+            training (the ``adapter_clock`` buffer, in the state dict, so a resumed run keeps it; under data
+            parallelism the newest over all ranks). Needs ``batch.timestamp`` (a schema timestamp column).
         teacher_embedding_dim: E; enables the KTAP teacher token.
         normalize_teacher_embedding: layer-normalize the teacher embedding before projecting it.
         cache: the teacher-embedding cache (``None``: embeddings come straight from the batch).
@@ -166,6 +172,7 @@ class DistillationModule(LatticeModule):
         adapter_hidden_dims: Sequence[int] = (16,),
         adapter_weight: float = 1.0,
         adapter_lr: float | None = None,
+        adapter_half_life: float | None = None,
         teacher_embedding_dim: int | None = None,
         normalize_teacher_embedding: bool = True,
         cache: TeacherEmbeddingCache | None = None,
@@ -204,6 +211,14 @@ class DistillationModule(LatticeModule):
         if adapter_lr is not None and not (math.isfinite(adapter_lr) and adapter_lr > 0):
             raise ValueError(f"adapter_lr must be > 0, got {adapter_lr}")
         self.adapter_lr = adapter_lr
+        if adapter_half_life is not None:
+            if not adapter:
+                raise ValueError("adapter_half_life weights the student adapter's loss: it needs adapter=True")
+            if not (math.isfinite(adapter_half_life) and adapter_half_life > 0):
+                raise ValueError(f"adapter_half_life must be a finite number of seconds > 0, got {adapter_half_life}")
+            # the newest event time seen in training; recency is counted back from it
+            self.register_buffer("adapter_clock", torch.tensor(torch.iinfo(torch.int64).min, dtype=torch.int64))
+        self.adapter_half_life = None if adapter_half_life is None else float(adapter_half_life)
 
         schema = network.schema
         weights = dict(zip(self.task_names, self.task_weights.tolist()))
@@ -324,7 +339,8 @@ class DistillationModule(LatticeModule):
         if self.adapter is not None:
             adapted = self.adapter(teacher)
             adapter_loss, _ = masked_multitask_loss(
-                adapted, batch.labels, batch.label_mask & mask, self.task_kinds, self.task_weights
+                adapted, batch.labels, batch.label_mask & mask, self.task_kinds, self.task_weights,
+                row_weights=self.adapter_row_weights(batch) if self.adapter_half_life is not None else None,
             )
             losses["adapter"] = adapter_loss
             targets = teacher_targets(adapted.detach(), self.task_kinds, self.temperature, self.label_scale)
@@ -349,6 +365,22 @@ class DistillationModule(LatticeModule):
         row_covered = mask.any(dim=1) if T else torch.zeros(B, dtype=torch.bool, device=device)
         losses["coverage"] = row_covered.float().mean() if B else torch.zeros((), device=device)
         return losses
+
+    def adapter_row_weights(self, batch: Any) -> Tensor:
+        """``[B]`` recency weights of the adapter's rows, ``2 ** (-age / adapter_half_life)``; advances
+        ``adapter_clock`` to the newest event time of this batch (over all ranks) first."""
+        ts = getattr(batch, "timestamp", None)
+        if ts is None:
+            raise ValueError(
+                "adapter_half_life weights the adapter's rows by recency and needs each row's event time "
+                "(batch.timestamp): give the data's schema a timestamp_column"
+            )
+        ts = ts.to(self.adapter_clock.device, torch.int64)
+        newest = ts.max() if ts.numel() else torch.tensor(torch.iinfo(torch.int64).min, device=ts.device)
+        newest = self.data_parallel.all_reduce_max(newest.reshape(1)).reshape(())
+        self.adapter_clock.copy_(torch.maximum(self.adapter_clock, newest))
+        age = (self.adapter_clock - ts).clamp_min(0).double()
+        return torch.exp2(-age / self.adapter_half_life).float()
 
     # ---- steps -----------------------------------------------------------------------------------
     def training_step(self, batch, batch_idx):

@@ -13,11 +13,13 @@ def masked_task_sums(
     labels: Tensor,
     label_mask: Tensor,
     task_kinds: Sequence[str],
+    row_weights: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Per-task sums of the loss over labeled rows and the labeled-row counts: ``(sums [T], counts [T])``.
 
     logits, labels: [B, T]; label_mask: [B, T] bool (True = labeled). Binary tasks use BCE with logits,
-    regression tasks squared error.
+    regression tasks squared error. ``row_weights [B]`` (>= 0, e.g. a recency weight) multiplies every
+    row's loss in the sums; the counts stay unweighted, so a batch of down-weighted rows weighs less.
     """
     if logits.shape != labels.shape or logits.shape != label_mask.shape:
         raise ValueError(
@@ -34,7 +36,12 @@ def masked_task_sums(
     bce = F.binary_cross_entropy_with_logits(logits, safe_labels.clamp(0.0, 1.0), reduction="none")
     mse = (logits - safe_labels) ** 2
     elementwise = torch.where(is_binary.unsqueeze(0), bce, mse)
-    return (elementwise * mask).sum(0), mask.sum(0)
+    weighted = mask
+    if row_weights is not None:
+        if row_weights.shape != logits.shape[:1]:
+            raise ValueError(f"row_weights must be [B={logits.shape[0]}], got {tuple(row_weights.shape)}")
+        weighted = mask * row_weights.to(logits.dtype).unsqueeze(1)
+    return (elementwise * weighted).sum(0), mask.sum(0)
 
 
 def weighted_task_total(per_task: Tensor, task_weights: Sequence[float] | Tensor | None) -> Tensor:
@@ -51,13 +58,14 @@ def masked_multitask_loss(
     label_mask: Tensor,
     task_kinds: Sequence[str],
     task_weights: Sequence[float] | Tensor | None = None,
+    row_weights: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Weighted sum over tasks of each task's mean loss over its labeled rows.
 
     logits, labels: [B, T]; label_mask: [B, T] bool (True = labeled). Binary tasks use BCE with logits,
     regression tasks squared error. Returns ``(total [], per_task [T])``; a task with no labeled row in
-    the batch has loss 0 and no gradient.
+    the batch has loss 0 and no gradient. ``row_weights [B]``: see :func:`masked_task_sums`.
     """
-    sums, counts = masked_task_sums(logits, labels, label_mask, task_kinds)
+    sums, counts = masked_task_sums(logits, labels, label_mask, task_kinds, row_weights)
     per_task = sums / counts.clamp_min(1.0)
     return weighted_task_total(per_task, task_weights), per_task

@@ -57,6 +57,14 @@ class DataParallelState:
         dist.all_reduce(out, op=dist.ReduceOp.SUM, group=self.group)
         return out
 
+    def all_reduce_max(self, tensor: Tensor) -> Tensor:
+        """The element-wise maximum of ``tensor`` over the group's ranks (``tensor`` itself when alone)."""
+        if self.world_size == 1:
+            return tensor
+        out = tensor.clone()
+        dist.all_reduce(out, op=dist.ReduceOp.MAX, group=self.group)
+        return out
+
     def __getstate__(self):  # process groups do not pickle; a copy starts outside any group
         return {"group": None, "world_size": 1}
 
