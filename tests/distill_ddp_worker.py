@@ -27,9 +27,13 @@ class Recorder(pl.Callback):
         self.max_diff = 0.0
         self.batches_with_teacher = 0
         self.distill_losses: list[float] = []
+        self.step_newest: list[int] = []  # per step: the newest event time in this rank's batch
+        self.clocks: list[int] = []  # per step: the adapter's clock after it
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         self.example_ids += batch.example_id.tolist()
+        self.step_newest.append(int(batch.timestamp.max()))
+        self.clocks.append(int(pl_module.adapter_clock))
         if batch.teacher_logits is not None:
             self.batches_with_teacher += 1
             with torch.no_grad():
@@ -46,6 +50,7 @@ def main() -> None:
     torch.manual_seed(0)
     schema = tiny_schema()
     rows = planted_rows(128, seed=4)
+    rows["timestamp"] = rows["example_id"] * 100  # event times; the adapter's clock is the newest over all ranks
     train = batches(rows, 16)
     teacher_cb = DistillationCallback(
         teacher_ckpt=ckpt,
@@ -53,7 +58,8 @@ def main() -> None:
         every_k_steps=1,
     )
     recorder = Recorder(teacher_cb)
-    student = DistillationModule(TinyNetwork(schema, dim=4, hidden=8), distillation="aux_head", adapter=True)
+    student = DistillationModule(TinyNetwork(schema, dim=4, hidden=8), distillation="aux_head", adapter=True,
+                                 adapter_half_life=1000.0)
     trainer = pl.Trainer(
         accelerator="cpu", devices=2, strategy="ddp", max_epochs=1, logger=False, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, callbacks=[teacher_cb, recorder],
@@ -69,6 +75,9 @@ def main() -> None:
         "teacher_calls": teacher_cb.teacher_calls,
         "max_diff": recorder.max_diff,
         "distill_losses": recorder.distill_losses,
+        "adapter_clock": int(student.adapter_clock),
+        "step_newest": recorder.step_newest,
+        "clocks": recorder.clocks,
         "param_sum": float(params.double().sum()),
         "param_abs_sum": float(params.double().abs().sum()),
         "teacher_in_student": any(n.startswith("teacher") for n, _ in student.named_parameters()),

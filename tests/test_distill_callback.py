@@ -143,6 +143,11 @@ def test_online_teacher_under_two_process_cpu_ddp(teacher_ckpt, tmp_path):
         assert r["max_diff"] == 0.0  # exactly this rank's frozen teacher on this rank's batch
         assert r["distill_losses"] and all(v > 0 for v in r["distill_losses"])
         assert not r["teacher_in_student"]
+        assert r["adapter_clock"] == 127 * 100  # the newest event over both ranks, not just this rank's
+    # after every step, both ranks' adapter clocks are the newest event either rank has trained on so far
+    newest = [max(a, b) for a, b in zip(results[0]["step_newest"], results[1]["step_newest"])]
+    want = [max(newest[: i + 1]) for i in range(len(newest))]
+    assert results[0]["clocks"] == results[1]["clocks"] == want
     # DDP kept the students identical
     assert results[0]["param_sum"] == pytest.approx(results[1]["param_sum"], rel=1e-6, abs=1e-6)
     assert results[0]["param_abs_sum"] == pytest.approx(results[1]["param_abs_sum"], rel=1e-6)
