@@ -439,6 +439,8 @@ def main(argv=None) -> Dict[str, Any]:
                         "is reported as not measured, and a teacher no chosen variant uses is not trained")
     p.add_argument("--aux-hidden-dims", default="64",
                    help="hidden sizes of the auxiliary head's per-task MLPs, comma-separated ('' = a linear head)")
+    p.add_argument("--aux-input", default="backbone", choices=["backbone", "head_hidden"],
+                   help="where the auxiliary head branches off (DistillationModule.aux_input)")
     p.add_argument("--adapter-half-life-days", type=float, default=ADAPTER_HALF_LIFE_DAYS,
                    help="the student adapter learns from the freshest labels: row weight 2^(-age/half-life), age "
                         "from the newest event seen (DistillationModule.adapter_half_life); 0: every row alike")
@@ -531,7 +533,7 @@ def main(argv=None) -> Dict[str, Any]:
     weights = [float(w) for w in args.distill_weights.split(",")] if args.distill_weights else [args.distill_weight]
     for name, teacher, kwargs in students:
         if kwargs.get("distillation") == "aux_head":
-            kwargs = dict(kwargs, aux_hidden_dims=aux_hidden)
+            kwargs = dict(kwargs, aux_hidden_dims=aux_hidden, aux_input=args.aux_input)
         if kwargs.get("adapter") and args.adapter_half_life_days > 0:
             kwargs = dict(kwargs, adapter_half_life=args.adapter_half_life_days * 86400.0)
         tried = {}

@@ -82,6 +82,45 @@ def test_with_token_slots_is_cached_and_checks_its_input():
 
 
 @pytest.mark.parametrize("name", ["LatticeNetwork", "MMoE"])
+def test_aux_head_on_the_serving_heads_hidden_layer(world, name):
+    """aux_input='head_hidden': the teacher's gradient reaches the serving heads' hidden layers (and the
+    trunk) but never their output layers, which learn from the labels alone."""
+    schema, batch = world
+    torch.manual_seed(0)
+    batch = _with_teacher(batch, schema)
+    module = DistillationModule(getattr(models, name)(schema, dim=8, head_hidden_dims=[12]), distillation="aux_head",
+                                aux_input="head_hidden", aux_hidden_dims=[], sparse_optimizer="none",
+                                optimizer=torch.optim.Adagrad)
+    assert module.aux_head.in_dim == 12
+    module.train()
+    out = module(batch)
+    assert out.distill_logits.shape == (batch.batch_size, len(schema.tasks))
+    module.zero_grad(set_to_none=True)
+    module.distillation_losses(out, batch)["distill"].backward()
+    heads = module.network.heads
+    hidden_w, output_w = heads.weights[0].grad, heads.weights[-1].grad
+    assert hidden_w is not None and bool((hidden_w != 0).any())
+    assert output_w is None or bool((output_w == 0).all())
+    # only the serving (longest-window) heads' hidden layers are shared: shorter windows get nothing
+    served = set(heads.serving_head.tolist())
+    for h in range(heads.num_heads):
+        assert bool((hidden_w[:, h] != 0).any()) == (h in served), h
+    # the serving path is unchanged by the branch: eval logits equal the network's own
+    module.eval()
+    with torch.no_grad():
+        assert torch.equal(module(batch).logits, module.network(batch).logits)
+
+
+def test_aux_head_on_the_head_hidden_layer_needs_one(world):
+    schema, _ = world
+    with pytest.raises(ValueError, match="heads have none"):
+        DistillationModule(models.LatticeNetwork(schema, dim=8, head_hidden_dims=[]), distillation="aux_head",
+                           aux_input="head_hidden")
+    with pytest.raises(ValueError, match="aux_input must be"):
+        DistillationModule(models.LatticeNetwork(schema, dim=8), distillation="aux_head", aux_input="heads")
+
+
+@pytest.mark.parametrize("name", ["LatticeNetwork", "MMoE"])
 def test_zipper_serving_heads_untouched_by_the_distillation_path(world, name):
     schema, batch = world
     torch.manual_seed(0)

@@ -78,3 +78,18 @@ def test_per_domain_heads_route_by_domain():
     assert not torch.allclose(after[~keep], before[~keep])
     after.sum().backward()
     assert all(p.grad is not None for p in heads.parameters())
+
+
+@pytest.mark.parametrize("domains", [1, 3])
+def test_serving_hidden_is_what_each_serving_output_layer_reads(domains):
+    torch.manual_seed(0)
+    heads = MultiTaskHeads(8, _tasks(), hidden_dims=[16, 6], num_domains=domains)
+    x, domain = torch.randn(5, 8), torch.tensor([0, 2, 1, 0, 2]) % domains
+    out = heads(x, domain=domain)
+    assert out.serving_hidden.shape == (5, 3, 6)
+    group = heads.group_of_domain[domain]
+    w = heads.weights[-1][group][:, heads.serving_head]  # [B, T, 6, 1]
+    b = heads.biases[-1][group][:, heads.serving_head]  # [B, T, 1]
+    want = torch.einsum("bti,btio->bto", out.serving_hidden, w) + b
+    torch.testing.assert_close(out.logits, want.squeeze(-1))
+    assert MultiTaskHeads(8, _tasks(), hidden_dims=[])(x).serving_hidden is None

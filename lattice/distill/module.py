@@ -20,6 +20,7 @@ from lattice.train.module import LatticeModule, NonFiniteLossError, SparseOptimi
 __all__ = ["DistillationModule", "DistillationOutput", "ServingStudent"]
 
 DistillationMode = Literal["none", "soft_label", "aux_head"]
+AuxInput = Literal["backbone", "head_hidden"]
 
 
 @dataclass
@@ -88,6 +89,16 @@ def _head_in_dim(network: nn.Module) -> int:
     )
 
 
+def _head_hidden_dim(network: nn.Module) -> int:
+    hidden = getattr(getattr(network, "heads", None), "hidden_dims", None)
+    if not hidden:
+        raise ValueError(
+            f"aux_input='head_hidden' shares the serving heads' hidden layers, but {type(network).__name__}'s "
+            f"heads have none (hidden_dims={hidden!r}); give the network head hidden dims or use aux_input='backbone'"
+        )
+    return int(hidden[-1])
+
+
 def _token_dim(network: nn.Module) -> int:
     for owner in (network, getattr(network, "processor", None)):
         if owner is not None and isinstance(getattr(owner, "dim", None), int):
@@ -133,6 +144,13 @@ class DistillationModule(LatticeModule):
             scored the row and the row's domain has the task — unlabeled rows are where a teacher helps most).
         aux_hidden_dims: hidden sizes of the auxiliary head's per-task MLPs.
         aux_in_dim: width of the backbone output (default: the network's ``heads.in_dim``).
+        aux_input: where the auxiliary head branches off. ``"backbone"`` (default): the serving heads'
+            input, so the serving heads learn from the labels alone. ``"head_hidden"``: each task's serving
+            head's last hidden activation — the auxiliary head shares the serving heads' hidden layers
+            and only their output layers learn from the labels alone (ExFM's auxiliary head on a shared
+            task arch). The teacher then shapes more of the serving path, which pays off where labels
+            are few (a small domain, a rare task, a Zipper window's share of the rows); ``grad_scale``
+            still scales the distillation gradient at the branch. Needs heads with a hidden layer.
         adapter, adapter_hidden_dims, adapter_weight: the student adapter.
         adapter_lr: the adapter's own learning rate (``None``: the optimizer's); it starts as the identity
             and must track a drifting teacher, so it may warrant a faster rate than the student.
@@ -168,6 +186,7 @@ class DistillationModule(LatticeModule):
         distill_labeled_only: bool = False,
         aux_hidden_dims: Sequence[int] = (64,),
         aux_in_dim: int | None = None,
+        aux_input: AuxInput = "backbone",
         adapter: bool = False,
         adapter_hidden_dims: Sequence[int] = (16,),
         adapter_weight: float = 1.0,
@@ -236,6 +255,11 @@ class DistillationModule(LatticeModule):
         self.register_buffer("task_present", present, persistent=False)
 
         T = len(self.task_names)
+        if aux_input not in ("backbone", "head_hidden"):
+            raise ValueError(f"aux_input must be 'backbone' or 'head_hidden', got {aux_input!r}")
+        self.aux_input = aux_input
+        if aux_input == "head_hidden" and distillation == "aux_head" and aux_in_dim is None:
+            aux_in_dim = _head_hidden_dim(network)
         self.aux_head = (
             DistillationHead(aux_in_dim or _head_in_dim(network), T, aux_hidden_dims) if distillation == "aux_head" else None
         )
@@ -280,6 +304,11 @@ class DistillationModule(LatticeModule):
             output, head_input = self.tap(batch, tokens)
             distill_logits = None
             if self.aux_head is not None and self.training:
+                if self.aux_input == "head_hidden":
+                    head_input = self.tap.head_hidden
+                    if head_input is None:
+                        raise ValueError(f"{type(self.network).__name__}'s heads report no serving_hidden for "
+                                         "aux_input='head_hidden'")
                 if head_input is None:
                     raise ValueError(f"{type(self.network).__name__} exposes no backbone output for the auxiliary head")
                 distill_logits = self.aux_head(grad_scale(head_input, self.grad_scale))

@@ -66,7 +66,9 @@ class BackboneTap:
     ``extra_tokens [B, k, d]`` are concatenated to the processor's non-sequence ``tokens [B, n, d]`` (the
     network must have been built for ``n + k`` tokens, see :func:`with_token_slots`), and returns the
     network's output and the tensor its ``heads`` module was called with (``[B, R]`` or ``[B, T, R]``).
-    A network without a ``heads`` module gives its ``output.representation`` instead.
+    A network without a ``heads`` module gives its ``output.representation`` instead. After a call,
+    ``tap.head_hidden`` holds the heads' ``serving_hidden`` (``[B, T, h]``, the serving heads' last hidden
+    activation; ``None`` for linear heads or heads that do not report it).
 
     Not an ``nn.Module``: it owns no parameters; the hooks hold a reference to it.
     """
@@ -76,6 +78,7 @@ class BackboneTap:
         self._tokens: Tensor | None = None
         self._head_input: Tensor | None = None
         self._heads_called = False
+        self.head_hidden: Tensor | None = None
         heads = getattr(network, "heads", None)
         self.has_heads = isinstance(heads, nn.Module)
         processor = getattr(network, "processor", None)
@@ -83,6 +86,7 @@ class BackboneTap:
         self._handles = []
         if self.has_heads:
             self._handles.append(heads.register_forward_pre_hook(self._capture))
+            self._handles.append(heads.register_forward_hook(self._capture_hidden))
         if self.has_processor:
             self._handles.append(processor.register_forward_hook(self._append))
 
@@ -90,6 +94,9 @@ class BackboneTap:
         if args:
             self._head_input = args[0]
             self._heads_called = True
+
+    def _capture_hidden(self, module, args, output):
+        self.head_hidden = getattr(output, "serving_hidden", None)
 
     def _append(self, module, args, features):
         if self._tokens is None:
@@ -104,6 +111,7 @@ class BackboneTap:
         if extra_tokens is not None and not self.has_processor:
             raise ValueError(f"{type(self.network).__name__} has no `processor` module to append extra tokens to")
         self._tokens, self._head_input, self._heads_called = extra_tokens, None, False
+        self.head_hidden = None
         try:
             output = self.network(batch)
             head_input = self._head_input if self._heads_called else getattr(output, "representation", None)

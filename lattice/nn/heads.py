@@ -34,11 +34,15 @@ class HeadOutput:
             for tasks without windows and when no ``label_window`` was given.
         window_logits: task name -> ``[B, W]`` logits of all of that task's window heads (windowed
             tasks only), window order of the task spec.
+        serving_hidden: ``[B, T, h]`` the last hidden activation of each task's serving head (what its
+            output layer reads; e.g. for a distillation head that shares the serving heads' hidden
+            layers); ``None`` for linear heads.
     """
 
     logits: Tensor
     train_logits: Tensor
     window_logits: dict[str, Tensor] = field(default_factory=dict)
+    serving_hidden: Tensor | None = None
 
 
 def _task_windows(task: Any) -> list[Any]:
@@ -136,7 +140,10 @@ class MultiTaskHeads(nn.Module):
                 raise ValueError("per-domain heads need the batch's domain tensor")
             group = self.group_of_domain[domain]
         n_layers = len(self.weights)
+        hidden = None
         for i in range(n_layers):
+            if i == n_layers - 1 and n_layers > 1:
+                hidden = h
             h = self._layer(h, i, group)
             if i < n_layers - 1:
                 h = self.dropout(self.act(h))
@@ -144,7 +151,9 @@ class MultiTaskHeads(nn.Module):
         logits = all_logits.index_select(1, self.serving_head)
         train_logits = logits if label_window is None else self._route(all_logits, label_window)
         window_logits = {name: all_logits[:, o : o + n] for name, (o, n) in self.windowed.items()}
-        return HeadOutput(logits=logits, train_logits=train_logits, window_logits=window_logits)
+        serving_hidden = None if hidden is None else hidden.index_select(1, self.serving_head)
+        return HeadOutput(logits=logits, train_logits=train_logits, window_logits=window_logits,
+                          serving_hidden=serving_hidden)
 
     def _layer(self, h: Tensor, i: int, group: Tensor | None) -> Tensor:
         w = self.weights[i]
