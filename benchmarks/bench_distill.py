@@ -109,6 +109,8 @@ STUDENTS = [
     ("labels", None, dict(distillation="none")),
     ("soft_label", "fresh", dict(distillation="soft_label")),
     ("aux_head", "fresh", dict(distillation="aux_head")),
+    # the auxiliary head on the serving heads' input instead of their hidden layer (module default)
+    ("aux_head_backbone", "fresh", dict(distillation="aux_head", aux_input="backbone", aux_hidden_dims=[64])),
     ("aux_adapter", "fresh", dict(distillation="aux_head", adapter=True)),
     ("stale_aux_head", "stale", dict(distillation="aux_head")),
     ("stale_aux_adapter", "stale", dict(distillation="aux_head", adapter=True)),
@@ -431,16 +433,18 @@ def main(argv=None) -> Dict[str, Any]:
     p.add_argument("--teacher-lr", type=float, default=3e-3)
     p.add_argument("--student-lr", type=float, default=3e-3)
     p.add_argument("--distill-weight", type=float, default=1.0)
-    p.add_argument("--distill-weights", default=None,
+    p.add_argument("--distill-weights", default="3,10",
                    help="comma-separated grid, e.g. 1,3: every distilled variant keeps the weight with the lowest "
-                        "mean validation loss over its seeds (default: --distill-weight only)")
+                        "mean validation loss over its seeds; '' = --distill-weight only")
     p.add_argument("--variants", default=",".join(name for name, _, _ in STUDENTS),
                    help="comma-separated students to train (default: all); a target whose variants are left out "
                         "is reported as not measured, and a teacher no chosen variant uses is not trained")
-    p.add_argument("--aux-hidden-dims", default="64",
-                   help="hidden sizes of the auxiliary head's per-task MLPs, comma-separated ('' = a linear head)")
-    p.add_argument("--aux-input", default="backbone", choices=["backbone", "head_hidden"],
-                   help="where the auxiliary head branches off (DistillationModule.aux_input)")
+    p.add_argument("--aux-hidden-dims", default="",
+                   help="hidden sizes of the auxiliary head's per-task MLPs, comma-separated (default '': a linear "
+                        "head on the shared hidden layer)")
+    p.add_argument("--aux-input", default="head_hidden", choices=["backbone", "head_hidden"],
+                   help="where the auxiliary head branches off (DistillationModule.aux_input; the aux_head_backbone "
+                        "variant always uses 'backbone')")
     p.add_argument("--adapter-half-life-days", type=float, default=ADAPTER_HALF_LIFE_DAYS,
                    help="the student adapter learns from the freshest labels: row weight 2^(-age/half-life), age "
                         "from the newest event seen (DistillationModule.adapter_half_life); 0: every row alike")
@@ -463,6 +467,13 @@ def main(argv=None) -> Dict[str, Any]:
         p.error(f"--aux-hidden-dims must be comma-separated integers, got {args.aux_hidden_dims!r}")
     if any(h <= 0 for h in aux_hidden):
         p.error(f"--aux-hidden-dims must be > 0, got {args.aux_hidden_dims!r}")
+    try:
+        weights = ([float(w) for w in args.distill_weights.split(",") if w.strip()] if args.distill_weights.strip()
+                   else [args.distill_weight])
+    except ValueError:
+        p.error(f"--distill-weights must be comma-separated numbers, got {args.distill_weights!r}")
+    if not weights or any(not (math.isfinite(w) and w >= 0) for w in weights):
+        p.error(f"--distill-weights must be numbers >= 0, got {args.distill_weights!r}")
     if not (math.isfinite(args.adapter_half_life_days) and args.adapter_half_life_days >= 0):
         p.error(f"--adapter-half-life-days must be >= 0, got {args.adapter_half_life_days}")
     if args.teacher_folds < 1:
@@ -530,10 +541,9 @@ def main(argv=None) -> Dict[str, Any]:
 
     # Every distilled variant is trained with each --distill-weights value and keeps the weight with the
     # lowest mean validation (true-label) loss over its seeds: the same grid and rule for every variant.
-    weights = [float(w) for w in args.distill_weights.split(",")] if args.distill_weights else [args.distill_weight]
     for name, teacher, kwargs in students:
         if kwargs.get("distillation") == "aux_head":
-            kwargs = dict(kwargs, aux_hidden_dims=aux_hidden, aux_input=args.aux_input)
+            kwargs = {"aux_hidden_dims": aux_hidden, "aux_input": args.aux_input, **kwargs}
         if kwargs.get("adapter") and args.adapter_half_life_days > 0:
             kwargs = dict(kwargs, adapter_half_life=args.adapter_half_life_days * 86400.0)
         tried = {}
@@ -571,6 +581,7 @@ def main(argv=None) -> Dict[str, Any]:
 
     gap = mean_auc("teacher") - mean_auc("labels")
     recovered = (mean_auc("aux_head") - mean_auc("labels")) / gap if gap > 0 else float("nan")
+    recovered_backbone = (mean_auc("aux_head_backbone") - mean_auc("labels")) / gap if gap > 0 else float("nan")
 
     def seed_means(name, metric="auc"):
         """Per seed, the student's mean over tasks; [] for a variant not trained (its targets: nan)."""
@@ -605,6 +616,7 @@ def main(argv=None) -> Dict[str, Any]:
         "stale_aux_adapter_ne_diff": mean(aux_adapter_ne_per_seed),
         "stale_aux_adapter_auc_diff": mean(aux_adapter_auc_per_seed),
         "aux_head_gap_recovered": recovered,
+        "aux_head_backbone_gap_recovered": recovered_backbone,
         "aux_head_recovers_half_the_gap": bool(recovered >= 0.5) if math.isfinite(recovered) else None,
         "stale_soft_adapter_ne_diff": adapter_ne_diff,
         "stale_soft_adapter_auc_diff": adapter_auc_diff,
@@ -640,7 +652,8 @@ def main(argv=None) -> Dict[str, Any]:
             f"{name} " + "/".join(fmt(mean(ps[t]["auc"] for t in tasks)) for ps in rows[name]["per_seed"])
             for name, _, _ in students))
     print(f"\naux head recovers {fmt(recovered)} of the labels-only -> teacher mean-AUC gap ({fmt(gap)}); "
-          f"target >= 0.5: {verdict(targets['aux_head_recovers_half_the_gap'])}")
+          f"target >= 0.5: {verdict(targets['aux_head_recovers_half_the_gap'])} (aux_input {args.aux_input}; "
+          f"aux_head_backbone, branching at the serving heads' input: {fmt(recovered_backbone)})")
     print(f"adapter vs stale teacher (stale_soft_adapter - stale_soft_label, paired by seed): {adapter_ne_diff:+.4f} "
           f"mean NE, target < 0: {verdict(targets['adapter_lowers_ne_against_stale_teacher'])} "
           f"(mean AUC {adapter_auc_diff:+.4f}); behind the auxiliary head (stale_aux_adapter - stale_aux_head): "

@@ -133,7 +133,7 @@ def test_normalized_entropy_and_fold_averaged_logits(bench, tmp_path):
 
 
 @pytest.mark.parametrize("argv", [["--variants", "labels,nope"], ["--variants", ","], ["--aux-hidden-dims", "16,x"],
-                                  ["--aux-hidden-dims", "0"], ["--adapter-half-life-days", "-1"]])
+                                  ["--aux-hidden-dims", "0"], ["--adapter-half-life-days", "-1"], ["--distill-weights", "3,x"]])
 def test_bad_arguments_are_refused_before_any_work(bench, argv, capsys):
     with pytest.raises(SystemExit):
         bench.main(argv)
