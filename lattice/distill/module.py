@@ -274,7 +274,7 @@ class DistillationModule(LatticeModule):
         if cache is not None and cache.dim != teacher_embedding_dim:
             raise ValueError(f"cache dim {cache.dim} differs from teacher_embedding_dim {teacher_embedding_dim}")
         self.cache = cache
-        self.tap = BackboneTap(network)
+        self.tap = BackboneTap(network, capture_hidden=self.aux_head is not None and aux_input == "head_hidden")
 
     # ---- forward ---------------------------------------------------------------------------------
     def _now(self) -> float:
@@ -305,7 +305,7 @@ class DistillationModule(LatticeModule):
             distill_logits = None
             if self.aux_head is not None and self.training:
                 if self.aux_input == "head_hidden":
-                    head_input = self.tap.head_hidden
+                    head_input, self.tap.head_hidden = self.tap.head_hidden, None
                     if head_input is None:
                         raise ValueError(f"{type(self.network).__name__}'s heads report no serving_hidden for "
                                          "aux_input='head_hidden'")

@@ -66,14 +66,15 @@ class BackboneTap:
     ``extra_tokens [B, k, d]`` are concatenated to the processor's non-sequence ``tokens [B, n, d]`` (the
     network must have been built for ``n + k`` tokens, see :func:`with_token_slots`), and returns the
     network's output and the tensor its ``heads`` module was called with (``[B, R]`` or ``[B, T, R]``).
-    A network without a ``heads`` module gives its ``output.representation`` instead. After a call,
-    ``tap.head_hidden`` holds the heads' ``serving_hidden`` (``[B, T, h]``, the serving heads' last hidden
-    activation; ``None`` for linear heads or heads that do not report it).
+    A network without a ``heads`` module gives its ``output.representation`` instead. With
+    ``capture_hidden``, after a call ``tap.head_hidden`` holds the heads' ``serving_hidden`` (``[B, T, h]``,
+    the serving heads' last hidden activation; ``None`` for linear heads or heads that do not report it)
+    until the caller clears it or the next call.
 
     Not an ``nn.Module``: it owns no parameters; the hooks hold a reference to it.
     """
 
-    def __init__(self, network: nn.Module) -> None:
+    def __init__(self, network: nn.Module, capture_hidden: bool = False) -> None:
         self.network = network
         self._tokens: Tensor | None = None
         self._head_input: Tensor | None = None
@@ -86,7 +87,8 @@ class BackboneTap:
         self._handles = []
         if self.has_heads:
             self._handles.append(heads.register_forward_pre_hook(self._capture))
-            self._handles.append(heads.register_forward_hook(self._capture_hidden))
+            if capture_hidden:
+                self._handles.append(heads.register_forward_hook(self._capture_hidden))
         if self.has_processor:
             self._handles.append(processor.register_forward_hook(self._append))
 
