@@ -109,6 +109,15 @@ def test_aux_head_on_the_serving_heads_hidden_layer(world, name):
     module.eval()
     with torch.no_grad():
         assert torch.equal(module(batch).logits, module.network(batch).logits)
+    # gradient scale 0 at the branch: the serving heads (hidden layers included) and the trunk get nothing
+    module = DistillationModule(getattr(models, name)(schema, dim=8, head_hidden_dims=[12]), distillation="aux_head",
+                                aux_input="head_hidden", aux_hidden_dims=[], grad_scale=0.0, sparse_optimizer="none",
+                                optimizer=torch.optim.Adagrad)
+    module.train()
+    module.distillation_losses(module(batch), batch)["distill"].backward()
+    network_grads = [p.grad for n, p in module.named_parameters() if n.startswith("network.")]
+    assert all(g is None or bool(((g.to_dense() if g.is_sparse else g) == 0).all()) for g in network_grads)
+    assert module.aux_head.weights[0].grad is not None
 
 
 def test_aux_head_on_the_head_hidden_layer_needs_one(world):
