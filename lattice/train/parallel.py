@@ -51,18 +51,17 @@ class DataParallelState:
 
     def all_reduce_sum(self, tensor: Tensor) -> Tensor:
         """A summed copy of ``tensor`` over the group's ranks (``tensor`` itself when alone)."""
-        if self.world_size == 1:
-            return tensor
-        out = tensor.clone()
-        dist.all_reduce(out, op=dist.ReduceOp.SUM, group=self.group)
-        return out
+        return self._all_reduce(tensor, dist.ReduceOp.SUM)
 
     def all_reduce_max(self, tensor: Tensor) -> Tensor:
         """The element-wise maximum of ``tensor`` over the group's ranks (``tensor`` itself when alone)."""
+        return self._all_reduce(tensor, dist.ReduceOp.MAX)
+
+    def _all_reduce(self, tensor: Tensor, op: Any) -> Tensor:
         if self.world_size == 1:
             return tensor
         out = tensor.clone()
-        dist.all_reduce(out, op=dist.ReduceOp.MAX, group=self.group)
+        dist.all_reduce(out, op=op, group=self.group)
         return out
 
     def __getstate__(self):  # process groups do not pickle; a copy starts outside any group
