@@ -87,9 +87,9 @@ def fit_factors(world, train, estimate_items: bool, iters: int = 4):
 
     def closure():
         opt.zero_grad()
-        loss = ((u - u0) ** 2).sum() / (2 * 0.49)
+        loss = ((u - u0) ** 2).sum() / (2 * max(cfg.user_spread, 1e-3) ** 2)
         if estimate_items:
-            loss = loss + ((v - v0) ** 2).sum() / (2 * 0.36)
+            loss = loss + ((v - v0) ** 2).sum() / (2 * max(cfg.item_spread, 1e-3) ** 2)
         for us, it, recs, lab in data:
             for t, off, M in recs:
                 logit = off + (u[us] * (v[it] @ M)).sum(1)

@@ -169,7 +169,7 @@ def test_rate_drift_default_leaves_the_world_and_moves_base_rates():
     same = pa.concat_tables(SyntheticWorld(tiny(rate_drift=0.0)).domain_tables("feed"))
     assert same.equals(pa.concat_tables(SyntheticWorld(base).domain_tables("feed")))
     old = base.to_dict()
-    del old["rate_drift"], old["activity_daily_sd"]
+    del old["rate_drift"], old["activity_daily_sd"], old["user_spread"], old["item_spread"]
     blob = json.dumps({"v": 1, "config": old}, sort_keys=True, default=str)
     assert base.fingerprint() == hashlib.sha256(blob.encode()).hexdigest()[:16]
     assert tiny(rate_drift=1.0).fingerprint() != base.fingerprint()
@@ -189,6 +189,32 @@ def test_rate_drift_default_leaves_the_world_and_moves_base_rates():
     y = feed.column("click").to_numpy().astype(float)
     assert np.sign(y[last].mean() - y[first].mean()) == direction[0, ti]
     assert abs(y.mean() - world.config.tasks[ti].base_rate) < 0.03
+
+
+def test_spreads_default_leaves_the_world_and_set_how_individual_the_factors_are():
+    """user_spread / item_spread at their defaults: the same rows and cache key as before the fields existed.
+    Smaller: each user's and item's factors sit closer to their cluster's centre (the same draws, scaled)."""
+    base = tiny()
+    same = pa.concat_tables(SyntheticWorld(tiny(user_spread=0.7, item_spread=0.6)).domain_tables("shop"))
+    assert same.equals(pa.concat_tables(SyntheticWorld(base).domain_tables("shop")))
+    assert tiny(user_spread=0.3).fingerprint() != base.fingerprint()
+    assert tiny(item_spread=0.3).fingerprint() != base.fingerprint()
+    p0 = SyntheticWorld(base).params()
+    p1 = SyntheticWorld(tiny(user_spread=0.35, item_spread=0.15)).params()
+    assert np.allclose(p0["centers"], p1["centers"])
+    # the user's own draw, recovered from the two worlds, leaves exactly 0.7 x one cluster centre
+    own = (p0["u"] - p1["u"]) / (0.7 - 0.35)
+    home = (p0["u"] - 0.7 * own) / 0.7
+    distance = np.abs(home[:, None, :] - p0["centers"][None, :, :]).max(-1).min(-1)
+    assert distance.max() < 1e-9
+    item_dev0 = p0["v"] - p0["centers"][p0["item_cluster"]]
+    item_dev1 = p1["v"] - p1["centers"][p1["item_cluster"]]
+    assert np.allclose(item_dev1, item_dev0 * (0.15 / 0.6))
+    for bad in (-0.1, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="user_spread"):
+            tiny(user_spread=bad)
+        with pytest.raises(ValueError, match="item_spread"):
+            tiny(item_spread=bad)
 
 
 def test_activity_daily_sd_makes_activity_a_per_day_level():

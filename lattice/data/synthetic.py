@@ -172,6 +172,11 @@ class SyntheticConfig:
             user's level on the impression's day, which the user's id alone cannot tell. 0 (default): the
             level is the user's constant, and the world is the one built without this field.
         interest_mix: share of impressions whose item comes from the user's interest clusters.
+        user_spread, item_spread: standard deviation of a user's (item's) own latent factors around its
+            cluster's centre (users sit at ``0.7 x`` their home cluster's centre, items at their cluster's).
+            Small spreads put the user x item affinity mostly at the (user segment, item cluster) level,
+            which a model can learn from many rows; large ones make it mostly individual, learnable only
+            from each user's and item's own rows. The defaults (0.7, 0.6) leave the world as before.
         row_group_size: Parquet row group size.
     """
 
@@ -193,6 +198,8 @@ class SyntheticConfig:
     rate_drift: float = 0.0
     activity_daily_sd: float = 0.0
     interest_mix: float = 0.6
+    user_spread: float = 0.7
+    item_spread: float = 0.6
     row_group_size: int = 16384
 
     def __post_init__(self) -> None:
@@ -210,6 +217,10 @@ class SyntheticConfig:
             for t in d.tasks or []:
                 if t not in names:
                     raise ValueError(f"domain {d.name!r} lists unknown task {t!r}")
+        for name in ("user_spread", "item_spread"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
         if self.max_sequence_length <= 0 or self.num_clusters <= 0 or self.num_users <= 0 or self.num_items <= 0:
             raise ValueError("sizes must be positive")
 
@@ -218,8 +229,9 @@ class SyntheticConfig:
 
     def fingerprint(self) -> str:
         config = self.to_dict()
-        for name in ("rate_drift", "activity_daily_sd"):
-            if config[name] == 0.0:  # these fields' defaults leave the world (and its cache key) as before
+        for name, default in (("rate_drift", 0.0), ("activity_daily_sd", 0.0), ("user_spread", 0.7),
+                              ("item_spread", 0.6)):
+            if config[name] == default:  # these fields' defaults leave the world (and its cache key) as before
                 del config[name]
         blob = json.dumps({"v": GENERATOR_VERSION, "config": config}, sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
@@ -345,7 +357,7 @@ class SyntheticWorld:
         k, C, U, I = c.latent_dim, c.num_clusters, c.num_users, c.num_items
         centers = rng.normal(size=(C, k))
         home = rng.integers(C, size=U)
-        u = 0.7 * rng.normal(size=(U, k)) + 0.7 * centers[home]
+        u = c.user_spread * rng.normal(size=(U, k)) + 0.7 * centers[home]
         interest_logits = 1.2 * (u @ centers.T) / math.sqrt(k)
         interest = np.exp(interest_logits - interest_logits.max(1, keepdims=True))
         interest /= interest.sum(1, keepdims=True)
@@ -355,7 +367,7 @@ class SyntheticWorld:
         # items, grouped by cluster
         sizes = rng.dirichlet(np.full(C, 2.0)) * I
         item_cluster = np.sort(np.minimum(np.searchsorted(np.cumsum(sizes), np.arange(I) + 0.5), C - 1))
-        v = centers[item_cluster] + 0.6 * rng.normal(size=(I, k))
+        v = centers[item_cluster] + c.item_spread * rng.normal(size=(I, k))
         item_bias = rng.normal(0.0, 0.5, size=I)
         item_drift = rng.normal(size=I)
         pop = np.exp(item_bias + 0.7 * rng.normal(size=I))
