@@ -38,6 +38,7 @@ __all__ = [
     "to_torchrec",
     "from_torchrec",
     "jagged_row_ids",
+    "jagged_positions",
 ]
 
 _INDEX_DTYPES = (torch.int32, torch.int64)
@@ -56,6 +57,13 @@ def jagged_row_ids(lengths: Tensor, total: int) -> Tensor:
     """``[total]`` row index of every value of a jagged tensor with row ``lengths [R]`` (summing to
     ``total``, passed so no device sync is needed)."""
     return torch.repeat_interleave(torch.arange(lengths.numel(), device=lengths.device), lengths, output_size=total)
+
+
+def jagged_positions(offsets: Tensor, total: int) -> Tensor:
+    """``[total]`` position of every value within its row, for row starts ``offsets [R + 1]``."""
+    lengths = offsets[1:] - offsets[:-1]
+    starts = torch.repeat_interleave(offsets[:-1], lengths, output_size=total)
+    return torch.arange(total, device=offsets.device) - starts
 
 
 def _offsets_to_lengths(offsets: Tensor) -> Tensor:

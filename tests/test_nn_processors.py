@@ -3,8 +3,8 @@ import pytest
 import torch
 
 from helpers_models import make_schema, random_batch
-from lattice.nn.processors import FeatureProcessor, jagged_positions
-from lattice.sparse import KeyedJaggedTensor
+from lattice.nn.processors import FeatureProcessor
+from lattice.sparse import KeyedJaggedTensor, jagged_positions
 from helpers_models import single_thread  # noqa: F401  (autouse fixture)
 
 

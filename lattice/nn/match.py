@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lattice.sparse import KeyedJaggedTensor, jagged_row_ids
+from lattice.sparse import KeyedJaggedTensor, jagged_positions, jagged_row_ids
 
 __all__ = ["HistoryMatch", "match_pairs"]
 
@@ -119,9 +119,8 @@ class HistoryMatch(nn.Module):
         bag = self._event_bags(sequences)
         matched = self._matches(sparse, sequences, bag)  # [P, S]
         sample = bag % B
-        starts = sequences.offsets().long()
         dtype = self.weight.dtype
-        recency = (lengths[bag] - 1 - (torch.arange(total, device=bag.device) - starts[bag])).to(dtype)
+        recency = (lengths[bag] - 1 - jagged_positions(sequences.offsets().long(), total)).to(dtype)
         P = matched.shape[0]
         count = torch.zeros(P, B, dtype=dtype, device=bag.device).index_add_(1, sample, matched.to(dtype))
         far = torch.full((P, B), float("inf"), dtype=dtype, device=bag.device)

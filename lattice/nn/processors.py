@@ -30,7 +30,7 @@ from lattice.nn.embedding import EmbeddingBagCollection, EmbeddingTableConfig
 from lattice.nn.linear import MLP
 from lattice.nn.match import HistoryMatch, match_pairs
 from lattice.nn.norms import make_norm
-from lattice.sparse import KeyedJaggedTensor, jagged_row_ids
+from lattice.sparse import KeyedJaggedTensor, jagged_positions, jagged_row_ids
 
 __all__ = [
     "JaggedTokens",
@@ -40,7 +40,6 @@ __all__ = [
     "SparseProcessor",
     "SequenceProcessor",
     "FeatureProcessor",
-    "jagged_positions",
     "parallel_sequences",
 ]
 
@@ -90,13 +89,6 @@ def parallel_sequences(features: Sequence[Any]) -> bool:
     ``timestamps_column`` (e.g. ``hist_items`` and ``hist_clusters`` both timed by ``hist_ts``)."""
     columns = {getattr(f, "timestamps_column", None) for f in features}
     return len(features) > 1 and len(columns) == 1 and None not in columns
-
-
-def jagged_positions(offsets: Tensor, total: int) -> Tensor:
-    """``[total]`` position of every value within its row, for row starts ``offsets [R + 1]``."""
-    lengths = offsets[1:] - offsets[:-1]
-    starts = torch.repeat_interleave(offsets[:-1], lengths, output_size=total)
-    return torch.arange(total, device=offsets.device) - starts
 
 
 def _offsets(lengths: Tensor) -> Tensor:

@@ -15,8 +15,8 @@ from torch import Tensor, nn
 from lattice.nn.attention import InterleavedCrossAttention, JaggedMultiheadAttention, PMA
 from lattice.nn.linear import Dispatch, DomainLinear, make_activation
 from lattice.nn.norms import make_norm
-from lattice.nn.processors import JaggedTokens, jagged_positions
-from lattice.sparse import jagged_row_ids
+from lattice.nn.processors import JaggedTokens
+from lattice.sparse import jagged_positions, jagged_row_ids
 
 __all__ = [
     "prepend_tokens",
