@@ -61,8 +61,7 @@ def jagged_row_ids(lengths: Tensor, total: int) -> Tensor:
 
 def jagged_positions(offsets: Tensor, total: int) -> Tensor:
     """``[total]`` position of every value within its row, for row starts ``offsets [R + 1]``."""
-    lengths = offsets[1:] - offsets[:-1]
-    starts = torch.repeat_interleave(offsets[:-1], lengths, output_size=total)
+    starts = torch.repeat_interleave(offsets[:-1], _offsets_to_lengths(offsets), output_size=total)
     return torch.arange(total, device=offsets.device) - starts
 
 

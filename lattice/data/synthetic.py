@@ -229,9 +229,9 @@ class SyntheticConfig:
 
     def fingerprint(self) -> str:
         config = self.to_dict()
-        for name, default in (("rate_drift", 0.0), ("activity_daily_sd", 0.0), ("user_spread", 0.7),
-                              ("item_spread", 0.6)):
-            if config[name] == default:  # these fields' defaults leave the world (and its cache key) as before
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        for name in ("rate_drift", "activity_daily_sd", "user_spread", "item_spread"):
+            if config[name] == defaults[name]:  # fields added later: their defaults leave the cache key as before
                 del config[name]
         blob = json.dumps({"v": GENERATOR_VERSION, "config": config}, sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
