@@ -158,6 +158,30 @@ def test_lattice_network_options():
         build(LatticeNetwork, schema, untied_layers=[5])
 
 
+def test_lattice_network_wide_path_adds_a_logistic_regression_to_every_head():
+    schema = make_schema()
+    deep = build(LatticeNetwork, schema, untie_heads=True)
+    model = build(LatticeNetwork, schema, untie_heads=True, wide=True, wide_dim=8)
+    state = model.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in deep.state_dict().items()), "the deep part starts the same"
+    assert any(k.startswith("wide.") for k in state)
+    batch = _full_coverage_batch(schema)
+    out, ref, linear = model(batch), deep(batch), model.wide(batch)
+    torch.testing.assert_close(out.logits, ref.logits + linear.logits)
+    torch.testing.assert_close(out.train_logits, ref.train_logits + linear.train_logits)
+    assert set(out.window_logits) == set(ref.window_logits) and out.window_logits
+    for name, logits in out.window_logits.items():
+        torch.testing.assert_close(logits, ref.window_logits[name] + linear.window_logits[name])
+    torch.testing.assert_close(out.representation, ref.representation)
+    assert model.flops_per_sample() == pytest.approx(deep.flops_per_sample() + model.wide.flops_per_sample())
+    assert len(model.embedding_collections()) > len(deep.embedding_collections())  # the fused optimizer finds its tables
+    (out.train_logits * torch.randn_like(out.train_logits)).sum().backward()
+    silent = [n for n, p in model.wide.named_parameters() if p.grad is None or _values(p.grad).abs().sum() == 0]
+    assert not silent, f"no gradient for the wide path's {silent}"
+    with pytest.raises(ValueError, match="wide_dim"):
+        build(LatticeNetwork, schema, wide=True, wide_dim=0)
+
+
 @pytest.mark.parametrize("cls", NETWORKS, ids=ids)
 def test_bf16_autocast_forward_backward(cls):
     schema = make_schema()
