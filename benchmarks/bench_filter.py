@@ -126,7 +126,6 @@ def oracle_rise(config: SyntheticConfig, rows: int = 40000, seed: int = 0) -> Di
     size, over the domains that have the feature and label the task. Uses the generator's internals
     (``SyntheticWorld._chunk``): it is an analysis of the planted world, not part of the library."""
     world = SyntheticWorld(config)
-    p = world.params()
     schema = world.schema()
     tasks = [t for t in config.tasks if t.kind == "binary"]
     sums: Dict[str, Dict[str, float]] = {f: {t.name: 0.0 for t in tasks} for f in _ORACLE_TERMS}
@@ -144,19 +143,7 @@ def oracle_rise(config: SyntheticConfig, rows: int = 40000, seed: int = 0) -> Di
         rng = np.random.default_rng([seed, di])
         ts = np.sort(1_700_000_000 + rng.random(n) * config.days * 86400.0).astype(np.int64)
         out = world._chunk(di, 0x0AC1E, n, ts, 0, world._calibrate(di))
-        c, z = out["cols"], out["z"]
-        tok_row = np.repeat(np.arange(n), c["L"])
-        repeat = np.bincount(tok_row, weights=c["tok_items"] == c["items"][tok_row], minlength=n) > 0
-        raw = {
-            "device": p["domains"][di]["device"][c["device"]],
-            "hour": np.sin(2 * np.pi * c["hour"] / 24),
-            "position": 1.0 - c["position"],
-            "query": (c["query"] == c["item_cl"]).astype(float) if "query_cluster" in has_f else np.zeros(n),
-            "price": c["log_price"] - p["mean_log_price"] if "price" in has_f else np.zeros(n),
-            "brand": p["brand_effect"][p["brand"][c["items"]]],
-            "repeat": repeat.astype(float),
-            "activity": c["log_activity"],
-        }
+        z, raw = out["z"], out["terms"]
 
         def probs(drop: Optional[str]) -> Dict[str, np.ndarray]:
             out_p: Dict[str, np.ndarray] = {}

@@ -7,9 +7,9 @@ and scores, against labels drawn from the truth exactly as the generator draws t
 
 1. ``oracle``: the truth itself;
 2. ablations: the truth without the user x item affinity term, with the time-averaged user factor instead
-   of the drifted one, without the history re-engagement term, and without each other planted term that is
-   linear in its task's coefficient (user bias, item popularity, brand, position, hour, device, activity,
-   price, query match): how much of the oracle's AUC each carries;
+   of the drifted one, and without each planted term that is linear in its task's coefficient (the
+   generator's own per-row values: user bias, item popularity, history same-cluster share, re-engagement,
+   position, brand, hour, device, activity, price, query match): how much of the oracle's AUC each carries;
 3. two *generous* learnability ceilings: everything planted is given exactly (maps ``A_d``, ``P_t``, biases,
    context and sequence effects, intercepts) except
    - ``user factors estimated``: each user's 8 latent factors, estimated (MAP under the true Gaussian prior,
@@ -70,29 +70,8 @@ def draw(world: SyntheticWorld, di: int, n: int, lo: float, hi: float, seed: int
         else:
             truth[t.name] = q
         labels[t.name] = y
-    extra = dict(cols=cols, tau=tau, u_now=u_now)
+    extra = dict(cols=cols, tau=tau, u_now=u_now, terms=out["terms"])
     return users, items, recs, labels, truth, extra
-
-
-def planted_terms(world: SyntheticWorld, di: int, users, items, extra) -> dict:
-    """The per-row values of the planted terms of domain ``di`` that are linear in a task's coefficient (the
-    logit holds ``coefficient * value`` for each; ``SyntheticTask``'s field of the same name is the coefficient),
-    from the rows of :func:`draw`. ``price`` and ``query`` are zero in a domain whose files lack that feature,
-    as in the generator."""
-    p, cols = world.params(), extra["cols"]
-    has = set(world.schema().domains[di].features or world.schema().feature_names)
-    zero = np.zeros(len(users))
-    return {
-        "user_bias": p["user_bias"][users],
-        "popularity": p["item_bias"][items] + world.config.drift * extra["tau"] * p["item_drift"][items],
-        "brand": p["brand_effect"][p["brand"][items]],
-        "position": 1.0 - cols["position"],
-        "hour": np.sin(2 * np.pi * cols["hour"] / 24),
-        "device": p["domains"][di]["device"][cols["device"]],
-        "activity": cols["log_activity"],
-        "price": cols["log_price"] - p["mean_log_price"] if "price" in has else zero,
-        "query": (cols["query"] == cols["item_cl"]).astype(np.float64) if "query_cluster" in has else zero,
-    }
 
 
 def fit_factors(world, train, estimate_items: bool, iters: int = 4):
@@ -162,14 +141,11 @@ def main(argv=None):
         "no affinity term": score(lambda di, t, off, M, us, it, x: off),
         "time-averaged user factor": score(lambda di, t, off, M, us, it, x: off + aff(
             p["u"][us] + cfg.drift * tau_train * p["user_drift"][us], it, M)),
-        "no re-engagement term": score(lambda di, t, off, M, us, it, x: off + aff(x["u_now"], it, M) - t.repeat * (
-            np.bincount(np.repeat(np.arange(len(us)), x["cols"]["L"]),
-                        weights=x["cols"]["tok_items"] == np.repeat(it, x["cols"]["L"]), minlength=len(us)) > 0)),
     }
-    terms = [planted_terms(world, di, us, it, extra) for di, (us, it, _, _, _, extra) in enumerate(test)]
-    for name in terms[0]:
-        rows[f"no {name} term"] = score(lambda di, t, off, M, us, it, x, name=name: off + aff(x["u_now"], it, M)
-                                        - getattr(t, name) * terms[di][name])
+    for name in test[0][5]["terms"]:
+        label = "re-engagement" if name == "repeat" else name
+        rows[f"no {label} term"] = score(lambda di, t, off, M, us, it, x, name=name: off + aff(x["u_now"], it, M)
+                                         - getattr(t, name) * x["terms"][name])
     for name, items in [("user factors estimated", False), ("user and item factors estimated", True)]:
         U, V = fit_factors(world, train, items)
         rows[name] = score(lambda di, t, off, M, us, it, x: off + (U[us] * (V[it] @ M)).sum(1))

@@ -473,7 +473,8 @@ class SyntheticWorld:
     # ---- rows -------------------------------------------------------------------------------
     def _chunk(self, di: int, ci: int, n: int, ts_sorted: np.ndarray, row0: int, intercepts: Dict[int, float]
                ) -> Dict[str, Any]:
-        """Generate ``n`` rows of domain ``di`` (chunk ``ci``); returns columns and logits."""
+        """Generate ``n`` rows of domain ``di`` (chunk ``ci``); returns columns, logits and the planted terms
+        (name -> per-row value of each term linear in its task's coefficient)."""
         c = self.config
         p = self.params()
         dom = c.domains[di]
@@ -520,18 +521,27 @@ class SyntheticWorld:
             log_activity = log_activity + c.activity_daily_sd * self._daily_normal(users, ts)
         schema = self._schema()
         has = set(schema.domains[di].features or schema.feature_names)
+        # every planted term that enters a task's logit as `coefficient * value` (the coefficient is the
+        # SyntheticTask field of the same name); price and query are zero where the domain lacks the feature
+        terms = dict(
+            user_bias=b_u, popularity=b_i, seq=seq_share, repeat=repeat, position=1 - position,
+            brand=p["brand_effect"][p["brand"][items]], hour=np.sin(2 * np.pi * hour / 24),
+            device=dp["device"][device], activity=log_activity,
+            price=log_price - p["mean_log_price"] if "price" in has else np.zeros(n),
+            query=query == item_cl if "query_cluster" in has else np.zeros(n),
+        )
         z: Dict[str, np.ndarray] = {}
         for ti, t in enumerate(c.tasks):
             tp = p["tasks"][ti]
             aff = (ud * (v @ tp["P"].T)).sum(1) / math.sqrt(k)
-            zt = (t.affinity * aff + t.user_bias * b_u + t.popularity * b_i + t.seq * seq_share
-                  + t.repeat * repeat + t.position * (1 - position) + t.brand * p["brand_effect"][p["brand"][items]]
-                  + t.hour * np.sin(2 * np.pi * hour / 24) + t.device * dp["device"][device]
-                  + t.activity * log_activity)
+            zt = (t.affinity * aff + t.user_bias * terms["user_bias"] + t.popularity * terms["popularity"]
+                  + t.seq * terms["seq"] + t.repeat * terms["repeat"] + t.position * terms["position"]
+                  + t.brand * terms["brand"] + t.hour * terms["hour"] + t.device * terms["device"]
+                  + t.activity * terms["activity"])
             if "price" in has:
-                zt = zt + t.price * (log_price - p["mean_log_price"])
+                zt = zt + t.price * terms["price"]
             if "query_cluster" in has:
-                zt = zt + t.query * (query == item_cl)
+                zt = zt + t.query * terms["query"]
             z[t.name] = zt + intercepts.get(ti, 0.0)
             if c.rate_drift != 0.0 and t.kind == "binary":
                 z[t.name] = z[t.name] + c.rate_drift * (tau - 0.5) * p["rate_direction"][di, ti]
@@ -539,7 +549,7 @@ class SyntheticWorld:
                     log_activity=log_activity,
                     tok_ts=tok_ts, device=device, position=position, hour=hour, query=query, ts=ts,
                     log_price=log_price, rng=rng, row0=row0)
-        return {"cols": cols, "z": z}
+        return {"cols": cols, "z": z, "terms": terms}
 
     def _daily_normal(self, users: np.ndarray, ts: np.ndarray) -> np.ndarray:
         """A standard normal per (user, day of ``ts``), the same wherever the pair occurs (hash-based, so it
