@@ -158,10 +158,12 @@ def test_lattice_network_options():
         build(LatticeNetwork, schema, untied_layers=[5])
 
 
-def test_lattice_network_wide_path_adds_a_logistic_regression_to_every_head():
+@pytest.mark.parametrize("cls", NETWORKS, ids=ids)
+def test_wide_path_adds_a_logistic_regression_to_every_head(cls):
     schema = make_schema()
-    deep = build(LatticeNetwork, schema, untie_heads=True)
-    model = build(LatticeNetwork, schema, untie_heads=True, wide=True, wide_dim=8)
+    deep = build(cls, schema, untie_heads=True)
+    model = build(cls, schema, untie_heads=True, wide=True, wide_dim=8)
+    assert type(model.wide).__name__ == "LogisticRegression" and model.wide.wide is None
     state = model.state_dict()
     assert all(torch.equal(state[k], v) for k, v in deep.state_dict().items()), "the deep part starts the same"
     assert any(k.startswith("wide.") for k in state)
@@ -179,7 +181,7 @@ def test_lattice_network_wide_path_adds_a_logistic_regression_to_every_head():
     silent = [n for n, p in model.wide.named_parameters() if p.grad is None or _values(p.grad).abs().sum() == 0]
     assert not silent, f"no gradient for the wide path's {silent}"
     with pytest.raises(ValueError, match="wide_dim"):
-        build(LatticeNetwork, schema, wide=True, wide_dim=0)
+        build(cls, schema, wide=True, wide_dim=0)
 
 
 @pytest.mark.parametrize("cls", NETWORKS, ids=ids)

@@ -61,9 +61,16 @@ class LatticeModel(nn.Module):
         embedding_kwargs: extra keyword arguments of every :class:`~lattice.nn.EmbeddingBagCollection`.
         history_match: exact candidate-in-history match tokens and event marks
             (:class:`~lattice.nn.match.HistoryMatch`) for sequences sharing a table with a sparse feature.
+        wide: add a wide path (Wide & Deep, Cheng et al. 2016): a per-domain
+            :class:`~lattice.models.LogisticRegression` over the same features, with its own
+            ``wide_dim``-wide tables, whose logits are added to every head's (windows included). It carries
+            the additive effects of single features (a dense value's slope, an id's bias) that a normalized
+            deep trunk learns slowly; ``representation`` stays the deep trunk's.
+        wide_dim: embedding width of the wide path's tables (its per-task id weights are rank ``wide_dim``).
 
-    Subclasses build their trunk in ``__init__``, call :meth:`_build_heads` with its output width, and
-    implement :meth:`encode` and :meth:`trunk_flops`.
+    Subclasses build their trunk in ``__init__``, call :meth:`_build_heads` with its output width last
+    (the wide path is built there, after everything else, so the deep part initializes the same with it
+    on or off), and implement :meth:`encode` and :meth:`trunk_flops`.
     """
 
     def __init__(
@@ -82,11 +89,15 @@ class LatticeModel(nn.Module):
         domain_groups: Sequence[int] | None = None,
         embedding_kwargs: dict[str, Any] | None = None,
         history_match: bool = False,
+        wide: bool = False,
+        wide_dim: int = 32,
     ) -> None:
         super().__init__()
         schema = Schema.coerce(schema)
         if not schema.tasks:
             raise ValueError("the schema has no tasks")
+        if wide and wide_dim < 1:
+            raise ValueError(f"wide_dim must be >= 1, got {wide_dim}")
         self.schema = schema
         self.dim = dim
         self.num_domains = max(1, len(schema.domains))
@@ -110,10 +121,20 @@ class LatticeModel(nn.Module):
             domain_groups=self.domain_groups if untie_heads else None,
         )
         self.heads: MultiTaskHeads | None = None
+        self._wide_args = dict(
+            dim=wide_dim, untie_heads=True, domain_groups=self.domain_groups, embedding_kwargs=embedding_kwargs,
+            history_match=history_match,
+        ) if wide else None
+        self.wide: LatticeModel | None = None
 
     # ------------------------------------------------------------------------------ subclass API
     def _build_heads(self, in_dim: int) -> None:
+        """Builds the heads over ``in_dim`` features, then the wide path when it is on."""
         self.heads = MultiTaskHeads(in_dim, self.schema.tasks, **self._head_args)
+        if self._wide_args is not None:
+            from lattice.models.baselines import LogisticRegression  # it subclasses this module's class
+
+            self.wide = LogisticRegression(self.schema, **self._wide_args)
 
     def _untie(self, untied: bool) -> dict[str, Any]:
         """``num_domains``/``domain_groups`` kwargs for a block that is (or is not) untied per domain."""
@@ -144,7 +165,11 @@ class LatticeModel(nn.Module):
         features = self.processor(batch)
         head_input, representation = self.encode(features, batch)
         out = self.heads(head_input, getattr(batch, "label_window", None), batch.domain)
-        return ModelOutput(out.logits, out.train_logits, representation, out.window_logits)
+        if self.wide is None:
+            return ModelOutput(out.logits, out.train_logits, representation, out.window_logits)
+        wide = self.wide(batch)
+        windows = {name: logits + wide.window_logits[name] for name, logits in out.window_logits.items()}
+        return ModelOutput(out.logits + wide.logits, out.train_logits + wide.train_logits, representation, windows)
 
     def default_sequence_length(self) -> float:
         """Sequence tokens per sample assumed by :meth:`flops_per_sample`, at every feature's
@@ -161,7 +186,7 @@ class LatticeModel(nn.Module):
 
         Counted: every matmul/linear of the processor (projections), the trunk (fusion blocks,
         attention projections, attention scores and weighted sums, FFNs, gates) and the heads (every
-        window head). Not counted: embedding-table lookups and pooling (memory-bound gathers),
+        window head), and the wide path's own count when it is on. Not counted: embedding-table lookups and pooling (memory-bound gathers),
         norms, activations, element-wise products, softmax, and the extra work of the ``"dense"``
         dispatch of per-domain layers. ``sequence_length`` is the number of merged sequence tokens
         per sample (default :meth:`default_sequence_length`, the worst case). Backward costs about twice
@@ -170,7 +195,8 @@ class LatticeModel(nn.Module):
         events = self.default_sequence_length() if sequence_length is None else float(sequence_length)
         if not self.processor.has_sequence:
             events = 0.0
-        return float(self.processor.flops(events) + self.trunk_flops(events) + self.heads.flops())
+        wide = 0.0 if self.wide is None else self.wide.flops_per_sample(sequence_length)
+        return float(self.processor.flops(events) + self.trunk_flops(events) + self.heads.flops() + wide)
 
     def num_parameters(self, trainable_only: bool = False, include_embeddings: bool = True) -> int:
         """Number of parameters; ``include_embeddings=False`` leaves out the embedding tables."""

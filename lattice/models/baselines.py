@@ -78,10 +78,13 @@ class SharedBottom(_FlatInputModel):
         domain_groups: Sequence[int] | None = None,
         embedding_kwargs: dict[str, Any] | None = None,
         history_match: bool = False,
+        wide: bool = False,
+        wide_dim: int = 32,
     ) -> None:
         super().__init__(
             schema, dim, embedding_dim, dense_tokens, domain_token, sequence_merge, max_positions,
             time_buckets, head_hidden_dims, head_activation, untie_heads, domain_groups, embedding_kwargs, history_match,
+            wide, wide_dim,
         )
         if not bottom_dims:
             raise ValueError("SharedBottom needs at least one bottom layer")
@@ -148,10 +151,13 @@ class MMoE(_FlatInputModel):
         domain_groups: Sequence[int] | None = None,
         embedding_kwargs: dict[str, Any] | None = None,
         history_match: bool = False,
+        wide: bool = False,
+        wide_dim: int = 32,
     ) -> None:
         super().__init__(
             schema, dim, embedding_dim, dense_tokens, domain_token, sequence_merge, max_positions,
             time_buckets, head_hidden_dims, head_activation, untie_heads, domain_groups, embedding_kwargs, history_match,
+            wide, wide_dim,
         )
         if not expert_dims or num_experts < 1:
             raise ValueError("MMoE needs num_experts >= 1 and at least one expert layer")
@@ -208,10 +214,13 @@ class PLE(_FlatInputModel):
         domain_groups: Sequence[int] | None = None,
         embedding_kwargs: dict[str, Any] | None = None,
         history_match: bool = False,
+        wide: bool = False,
+        wide_dim: int = 32,
     ) -> None:
         super().__init__(
             schema, dim, embedding_dim, dense_tokens, domain_token, sequence_merge, max_positions,
             time_buckets, head_hidden_dims, head_activation, untie_heads, domain_groups, embedding_kwargs, history_match,
+            wide, wide_dim,
         )
         if num_levels < 1 or shared_experts < 0 or task_experts < 0 or shared_experts + task_experts < 1:
             raise ValueError("PLE needs num_levels >= 1 and at least one expert per gate")
@@ -315,10 +324,13 @@ class DLRM(LatticeModel):
         domain_groups: Sequence[int] | None = None,
         embedding_kwargs: dict[str, Any] | None = None,
         history_match: bool = False,
+        wide: bool = False,
+        wide_dim: int = 32,
     ) -> None:
         super().__init__(
             schema, dim, embedding_dim, dense_tokens, domain_token, sequence_merge, max_positions,
             time_buckets, head_hidden_dims, head_activation, untie_heads, domain_groups, embedding_kwargs, history_match,
+            wide, wide_dim,
         )
         if not top_dims:
             raise ValueError("DLRM needs at least one top layer")
@@ -403,10 +415,13 @@ class Wukong(LatticeModel):
         domain_groups: Sequence[int] | None = None,
         embedding_kwargs: dict[str, Any] | None = None,
         history_match: bool = False,
+        wide: bool = False,
+        wide_dim: int = 32,
     ) -> None:
         super().__init__(
             schema, dim, embedding_dim, dense_tokens, domain_token, sequence_merge, max_positions,
             time_buckets, head_hidden_dims, head_activation, untie_heads, domain_groups, embedding_kwargs, history_match,
+            wide, wide_dim,
         )
         if not top_dims:
             raise ValueError("Wukong needs at least one top layer")

@@ -26,8 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from lattice.data.schema import Schema, SchemaLike
-from lattice.models.base import LatticeModel, ModelOutput
-from lattice.models.baselines import LogisticRegression
+from lattice.models.base import LatticeModel
 from lattice.nn.attention import rope_table
 from lattice.nn.context import ExtendedContextStore
 from lattice.nn.fusion import FusionBlock
@@ -60,12 +59,6 @@ class LatticeNetwork(LatticeModel):
         representation_dim: width of the final representation (heads' input).
         dropout: dropout on the input tokens, every DWFB output and the final representation.
         bias: biases in the trunk's linears.
-        wide: add a wide path (Wide & Deep): a :class:`~lattice.models.LogisticRegression` over the same
-            features, with its own ``wide_dim``-wide tables and per-domain weights, whose logits are added to
-            every head's (windows included). It carries the additive effects of single features (a dense
-            value's slope, an id's bias) that the normalized trunk learns slowly; ``representation`` stays the
-            deep trunk's.
-        wide_dim: embedding width of the wide path's tables (its per-task id weights are rank ``wide_dim``).
     """
 
     def __init__(
@@ -114,6 +107,7 @@ class LatticeNetwork(LatticeModel):
         super().__init__(
             schema, dim, embedding_dim, dense_tokens, domain_token, sequence_merge, max_positions,
             time_buckets, head_hidden_dims, head_activation, untie_heads, domain_groups, embedding_kwargs, history_match,
+            wide, wide_dim,
         )
         if num_layers < 1:
             raise ValueError(f"num_layers must be >= 1, got {num_layers}")
@@ -168,25 +162,6 @@ class LatticeNetwork(LatticeModel):
         self.final = MLP(m * dim, (), representation_dim, bias=bias, final_activation=True)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self._build_heads(representation_dim)
-        if wide and wide_dim < 1:
-            raise ValueError(f"wide_dim must be >= 1, got {wide_dim}")
-        # built last, so the deep part's initialization does not depend on whether the wide path is on
-        self.wide = LogisticRegression(
-            schema, dim=wide_dim, untie_heads=True, domain_groups=domain_groups, embedding_kwargs=embedding_kwargs,
-            history_match=history_match,
-        ) if wide else None
-
-    def forward(self, batch: Any) -> ModelOutput:
-        deep = super().forward(batch)
-        if self.wide is None:
-            return deep
-        wide = self.wide(batch)
-        windows = {name: logits + wide.window_logits[name] for name, logits in deep.window_logits.items()}
-        return ModelOutput(deep.logits + wide.logits, deep.train_logits + wide.train_logits, deep.representation, windows)
-
-    def flops_per_sample(self, sequence_length: float | None = None) -> float:
-        deep = super().flops_per_sample(sequence_length)
-        return deep if self.wide is None else deep + self.wide.flops_per_sample(sequence_length)
 
     def encode(self, features: ProcessedFeatures, batch: Any) -> tuple[Tensor, Tensor]:
         domain = batch.domain
