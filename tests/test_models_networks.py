@@ -185,6 +185,23 @@ def test_wide_path_adds_a_logistic_regression_to_every_head(cls):
 
 
 @pytest.mark.parametrize("cls", NETWORKS, ids=ids)
+def test_standardize_dense_reaches_the_deep_and_the_wide_processor(cls):
+    schema = make_schema()
+    model = build(cls, schema, standardize_dense=True, wide=True, wide_dim=4)
+    batch = random_batch(schema, 16)
+    model(batch)
+    present = batch.dense_mask.sum(0)
+    for processor in (model.processor, model.wide.processor):
+        assert torch.equal(processor.dense.standardize.count, present.to(torch.int64))
+    assert "processor.dense.standardize.mean" in model.state_dict()
+    model.eval()
+    before = model.processor.dense.standardize.count.clone()
+    model(batch)
+    assert torch.equal(model.processor.dense.standardize.count, before)
+    assert build(cls, schema).processor.dense.standardize is None  # off by default
+
+
+@pytest.mark.parametrize("cls", NETWORKS, ids=ids)
 def test_bf16_autocast_forward_backward(cls):
     schema = make_schema()
     model = build(cls, schema)

@@ -6,7 +6,8 @@ import torch.nn.functional as F
 from lattice.nn.context import ExtendedContextStore
 from lattice.nn.fusion import CrossNetBlock, DotProductBlock, FMBlock, FusionBlock, LinearCompressBlock
 from lattice.nn.linear import MLP, DomainLinear, resolve_domain_groups
-from lattice.nn.norms import RMSNorm, SwishRMSNorm, make_norm
+from lattice.nn.norms import RMSNorm, RunningStandardize, SwishRMSNorm, make_norm
+from lattice.nn.processors import DenseProcessor
 from helpers_models import single_thread  # noqa: F401  (autouse fixture)
 
 
@@ -47,6 +48,78 @@ def test_norm_keeps_low_precision_dtype():
         assert make_norm(kind, 8)(x).dtype == torch.bfloat16
     with pytest.raises(ValueError, match="unknown norm"):
         make_norm("batch", 8)
+
+
+def _batches(seed=0, num=5, features=3):
+    g = torch.Generator().manual_seed(seed)
+    scale, shift = torch.tensor([1.0, 5.0, 0.01])[:features], torch.tensor([3.0, -2.0, 100.0])[:features]
+    out = []
+    for i in range(num):
+        x = torch.randn(7 + 11 * i, features, generator=g) * scale + shift
+        mask = torch.rand(x.shape, generator=g) < 0.7
+        x = torch.where(mask, x, torch.full_like(x, 1e6))  # absent entries hold garbage; it must not count
+        out.append((x, mask))
+    return out
+
+
+def test_running_standardize_statistics_equal_those_of_all_present_values_so_far():
+    norm = RunningStandardize(3)
+    batches = _batches()
+    for x, mask in batches:
+        y = norm(x, mask)
+    xs, masks = torch.cat([x for x, _ in batches]), torch.cat([m for _, m in batches])
+    for f in range(3):
+        present = xs[masks[:, f], f].double()
+        assert int(norm.count[f]) == present.numel()
+        torch.testing.assert_close(norm.mean[f], present.mean(), rtol=0, atol=1e-9)
+        torch.testing.assert_close(norm.var[f], present.var(unbiased=False), rtol=1e-9, atol=1e-12)
+    # the last batch is standardized with the statistics that include it
+    expected = (x.double() - norm.mean) / torch.sqrt(norm.var + norm.eps)
+    torch.testing.assert_close(y[mask], expected.float()[mask])
+
+
+def test_running_standardize_eval_is_fixed_and_state_resumes_exactly():
+    batches = _batches(seed=1)
+    a = RunningStandardize(3)
+    for x, mask in batches[:3]:
+        a(x, mask)
+    b = RunningStandardize(3)
+    b.load_state_dict(a.state_dict())
+    for x, mask in batches[3:]:
+        torch.testing.assert_close(a(x, mask), b(x, mask))
+    assert torch.equal(a.count, b.count) and torch.equal(a.mean, b.mean) and torch.equal(a.var, b.var)
+    a.eval()
+    before = a.state_dict()
+    a(*batches[0])
+    assert all(torch.equal(before[k], v) for k, v in a.state_dict().items()), "eval mode must not update"
+    a.to(torch.bfloat16)
+    assert a.count.dtype == torch.int64 and torch.equal(a.count, b.count)  # the count survives a dtype cast
+
+
+def test_running_standardize_unseen_feature_passes_through_and_errors():
+    norm = RunningStandardize(2)
+    x = torch.tensor([[1.0, 4.0], [3.0, 8.0]])
+    y = norm(x, torch.tensor([[True, False], [True, False]]))
+    torch.testing.assert_close(y[:, 1], x[:, 1] / (1 + norm.eps) ** 0.5)  # no value seen: mean 0, var 1
+    torch.testing.assert_close(y[:, 0], torch.tensor([-1.0, 1.0]) / (1 + norm.eps) ** 0.5)
+    assert int(norm.count[1]) == 0
+    with pytest.raises(ValueError, match=r"must be \[B, 2\]"):
+        norm(torch.zeros(2, 3), torch.ones(2, 3, dtype=torch.bool))
+    with pytest.raises(ValueError, match="num_features"):
+        RunningStandardize(0)
+
+
+@pytest.mark.parametrize("grouped", [None, 2])
+def test_dense_processor_standardizes_before_tokenizing(grouped):
+    torch.manual_seed(0)
+    plain = DenseProcessor(3, 8, grouped)
+    torch.manual_seed(0)
+    std = DenseProcessor(3, 8, grouped, standardize=True)
+    x, mask = _batches(seed=2)[1]
+    out = std(x, mask)
+    z = (x.double() - std.standardize.mean) / torch.sqrt(std.standardize.var + std.standardize.eps)
+    torch.testing.assert_close(out, plain(z.float(), mask))
+    assert torch.isfinite(out).all()
 
 
 # ----------------------------------------------------------------------------------- domain linear

@@ -67,6 +67,10 @@ class LatticeModel(nn.Module):
             the additive effects of single features (a dense value's slope, an id's bias) that a normalized
             deep trunk learns slowly; ``representation`` stays the deep trunk's.
         wide_dim: embedding width of the wide path's tables (its per-task id weights are rank ``wide_dim``).
+        standardize_dense: standardize every dense feature by its running mean and variance over the
+            training rows before it becomes a token (:class:`~lattice.nn.RunningStandardize`; the wide path's
+            too). Raw values on different scales (a position 1..10, a log price near 3) otherwise let the
+            largest dominate the token products and norms.
 
     Subclasses build their trunk in ``__init__``, call :meth:`_build_heads` with its output width last
     (the wide path is built there, after everything else, so the deep part initializes the same with it
@@ -91,6 +95,7 @@ class LatticeModel(nn.Module):
         history_match: bool = False,
         wide: bool = False,
         wide_dim: int = 32,
+        standardize_dense: bool = False,
     ) -> None:
         super().__init__()
         schema = Schema.coerce(schema)
@@ -113,6 +118,7 @@ class LatticeModel(nn.Module):
             time_buckets=time_buckets,
             history_match=history_match,
             collection_kwargs=embedding_kwargs,
+            standardize_dense=standardize_dense,
         )
         self._head_args = dict(
             hidden_dims=list(head_hidden_dims),
@@ -123,7 +129,7 @@ class LatticeModel(nn.Module):
         self.heads: MultiTaskHeads | None = None
         self._wide_args = dict(
             dim=wide_dim, untie_heads=True, domain_groups=self.domain_groups, embedding_kwargs=embedding_kwargs,
-            history_match=history_match,
+            history_match=history_match, standardize_dense=standardize_dense,
         ) if wide else None
         self.wide: LatticeModel | None = None
 

@@ -80,11 +80,12 @@ class SharedBottom(_FlatInputModel):
         history_match: bool = False,
         wide: bool = False,
         wide_dim: int = 32,
+        standardize_dense: bool = False,
     ) -> None:
         super().__init__(
             schema, dim, embedding_dim, dense_tokens, domain_token, sequence_merge, max_positions,
             time_buckets, head_hidden_dims, head_activation, untie_heads, domain_groups, embedding_kwargs, history_match,
-            wide, wide_dim,
+            wide, wide_dim, standardize_dense,
         )
         if not bottom_dims:
             raise ValueError("SharedBottom needs at least one bottom layer")
@@ -153,11 +154,12 @@ class MMoE(_FlatInputModel):
         history_match: bool = False,
         wide: bool = False,
         wide_dim: int = 32,
+        standardize_dense: bool = False,
     ) -> None:
         super().__init__(
             schema, dim, embedding_dim, dense_tokens, domain_token, sequence_merge, max_positions,
             time_buckets, head_hidden_dims, head_activation, untie_heads, domain_groups, embedding_kwargs, history_match,
-            wide, wide_dim,
+            wide, wide_dim, standardize_dense,
         )
         if not expert_dims or num_experts < 1:
             raise ValueError("MMoE needs num_experts >= 1 and at least one expert layer")
@@ -216,11 +218,12 @@ class PLE(_FlatInputModel):
         history_match: bool = False,
         wide: bool = False,
         wide_dim: int = 32,
+        standardize_dense: bool = False,
     ) -> None:
         super().__init__(
             schema, dim, embedding_dim, dense_tokens, domain_token, sequence_merge, max_positions,
             time_buckets, head_hidden_dims, head_activation, untie_heads, domain_groups, embedding_kwargs, history_match,
-            wide, wide_dim,
+            wide, wide_dim, standardize_dense,
         )
         if num_levels < 1 or shared_experts < 0 or task_experts < 0 or shared_experts + task_experts < 1:
             raise ValueError("PLE needs num_levels >= 1 and at least one expert per gate")
@@ -326,11 +329,12 @@ class DLRM(LatticeModel):
         history_match: bool = False,
         wide: bool = False,
         wide_dim: int = 32,
+        standardize_dense: bool = False,
     ) -> None:
         super().__init__(
             schema, dim, embedding_dim, dense_tokens, domain_token, sequence_merge, max_positions,
             time_buckets, head_hidden_dims, head_activation, untie_heads, domain_groups, embedding_kwargs, history_match,
-            wide, wide_dim,
+            wide, wide_dim, standardize_dense,
         )
         if not top_dims:
             raise ValueError("DLRM needs at least one top layer")
@@ -417,11 +421,12 @@ class Wukong(LatticeModel):
         history_match: bool = False,
         wide: bool = False,
         wide_dim: int = 32,
+        standardize_dense: bool = False,
     ) -> None:
         super().__init__(
             schema, dim, embedding_dim, dense_tokens, domain_token, sequence_merge, max_positions,
             time_buckets, head_hidden_dims, head_activation, untie_heads, domain_groups, embedding_kwargs, history_match,
-            wide, wide_dim,
+            wide, wide_dim, standardize_dense,
         )
         if not top_dims:
             raise ValueError("Wukong needs at least one top layer")
@@ -484,10 +489,12 @@ class LogisticRegression(_FlatInputModel):
         domain_groups: Sequence[int] | None = None,
         embedding_kwargs: dict[str, Any] | None = None,
         history_match: bool = False,
+        standardize_dense: bool = False,
     ) -> None:
         super().__init__(
             schema, dim, embedding_dim, dense_tokens, domain_token, "concat", max_positions, time_buckets,
             (), "none", untie_heads, domain_groups, embedding_kwargs, history_match,
+            standardize_dense=standardize_dense,
         )
         self._build_heads(self._flat_dim())
 

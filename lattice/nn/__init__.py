@@ -7,7 +7,7 @@ from lattice.nn.fusion import DWFB, CrossNetBlock, DotProductBlock, FMBlock, Fus
 from lattice.nn.heads import HeadOutput, MultiTaskHeads
 from lattice.nn.linear import MLP, DomainLinear, make_activation
 from lattice.nn.match import HistoryMatch, match_pairs
-from lattice.nn.norms import RMSNorm, SwishRMSNorm, make_norm
+from lattice.nn.norms import RMSNorm, RunningStandardize, SwishRMSNorm, make_norm
 from lattice.nn.processors import (
     DenseProcessor,
     EmbeddingTables,
@@ -29,6 +29,7 @@ __all__ = [
     "PMA",
     "apply_rope",
     "RMSNorm",
+    "RunningStandardize",
     "SwishRMSNorm",
     "make_norm",
     "DomainLinear",

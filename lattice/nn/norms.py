@@ -1,7 +1,6 @@
-"""Normalization layers: :class:`RMSNorm` and :class:`SwishRMSNorm`.
-
-Both normalize over the last dimension and compute the statistics in float32, so bf16/fp16 activations
-keep a stable scale.
+"""Normalization layers: :class:`RMSNorm` and :class:`SwishRMSNorm` (over the last dimension, statistics
+in float32, so bf16/fp16 activations keep a stable scale), and :class:`RunningStandardize` (dense input
+features, by their running mean and variance over the training rows).
 """
 from __future__ import annotations
 
@@ -9,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["RMSNorm", "SwishRMSNorm", "make_norm"]
+__all__ = ["RMSNorm", "SwishRMSNorm", "RunningStandardize", "make_norm"]
 
 
 class RMSNorm(nn.Module):
@@ -61,3 +60,64 @@ def make_norm(kind: str, dim: int, eps: float = 1e-6) -> nn.Module:
     if kind == "none":
         return nn.Identity()
     raise ValueError(f"unknown norm {kind!r}; expected one of 'rms', 'swish_rms', 'layer', 'none'")
+
+
+class RunningStandardize(nn.Module):
+    """Standardizes each dense feature by the mean and variance of its present values over every training
+    row seen so far: ``(x - mean_f) / sqrt(var_f + eps)``.
+
+    Raw dense features come on any scale (a position 1..10, a log price near 3, a share in [0, 1]); fed
+    unscaled into token products (FM, dot interactions) and RMS norms, the largest one dominates. In
+    training mode every batch's present values are merged into the statistics (exactly: count-weighted
+    mean and variance, Chan et al.), then the batch is standardized with the updated statistics; in eval
+    mode the statistics are fixed. They are buffers, so checkpoints carry them and resume exactly, and
+    they take no gradient. A feature with no present value yet passes through unchanged (mean 0, var 1).
+    Absent entries (``mask`` False) neither update the statistics nor matter in the output (the caller
+    replaces them).
+
+    Args:
+        num_features: F.
+        eps: added to the variance.
+
+    Shape: ``x [B, F]`` (float), ``mask [B, F]`` (bool) -> ``[B, F]``, same dtype as ``x``.
+    """
+
+    def __init__(self, num_features: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        if num_features <= 0:
+            raise ValueError(f"RunningStandardize: num_features must be positive, got {num_features}")
+        self.eps = float(eps)
+        # the count is an integer, so casting the module to another float dtype leaves it exact
+        self.register_buffer("count", torch.zeros(num_features, dtype=torch.int64))
+        self.register_buffer("mean", torch.zeros(num_features, dtype=torch.float64))
+        self.register_buffer("var", torch.ones(num_features, dtype=torch.float64))
+
+    @torch.no_grad()
+    def _update(self, x: Tensor, mask: Tensor) -> None:
+        present = mask.to(torch.float64)
+        x = x.to(torch.float64)
+        n = present.sum(0)
+        batch_mean = (x * present).sum(0) / n.clamp(min=1.0)
+        batch_m2 = (((x - batch_mean) * present) ** 2).sum(0)
+        count, mean, var = self.count.to(torch.float64), self.mean.to(torch.float64), self.var.to(torch.float64)
+        total = (count + n).clamp(min=1.0)
+        delta = batch_mean - mean
+        # merge the batch's (n, mean, M2) into the running (count, mean, count * var)
+        m2 = torch.where(count > 0, var * count, torch.zeros_like(var)) + batch_m2 + delta**2 * count * n / total
+        update = n > 0
+        self.mean.copy_(torch.where(update, mean + delta * n / total, mean))
+        self.var.copy_(torch.where(update, m2 / total, var))
+        self.count.add_(n.to(torch.int64))
+
+    def forward(self, x: Tensor, mask: Tensor) -> Tensor:
+        if x.dim() != 2 or x.shape != mask.shape or x.shape[1] != self.mean.numel():
+            raise ValueError(
+                f"RunningStandardize: x and mask must be [B, {self.mean.numel()}], got {tuple(x.shape)} and "
+                f"{tuple(mask.shape)}"
+            )
+        if self.training:
+            self._update(x.detach(), mask)
+        # in float64: a feature far from 0 with a small spread (a timestamp, a price near 100) would lose its
+        # digits to cancellation against a rounded mean
+        mean, var = self.mean.to(torch.float64), self.var.to(torch.float64)
+        return ((x.to(torch.float64) - mean) * torch.rsqrt(var + self.eps)).to(x.dtype)

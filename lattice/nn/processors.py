@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from lattice.nn.embedding import EmbeddingBagCollection, EmbeddingTableConfig
 from lattice.nn.linear import MLP
 from lattice.nn.match import HistoryMatch, match_pairs
-from lattice.nn.norms import make_norm
+from lattice.nn.norms import RunningStandardize, make_norm
 from lattice.sparse import KeyedJaggedTensor, jagged_positions, jagged_row_ids
 
 __all__ = [
@@ -256,14 +256,18 @@ class DenseProcessor(nn.Module):
 
     ``num_tokens=None``: one token per feature, ``value * w_f + b_f``; an absent value gives the
     feature's learned missing token ``m_f``. ``num_tokens=k``: all values and presence bits together
-    through one linear map to k tokens (for schemas with many dense features).
+    through one linear map to k tokens (for schemas with many dense features). ``standardize``: the values
+    are first standardized by their running training statistics (:class:`~lattice.nn.RunningStandardize`).
 
     Shape: ``dense [B, F], dense_mask [B, F] -> [B, F or k, d]``.
     """
 
-    def __init__(self, num_features: int, dim: int, num_tokens: int | None = None, bias: bool = True) -> None:
+    def __init__(
+        self, num_features: int, dim: int, num_tokens: int | None = None, bias: bool = True, standardize: bool = False
+    ) -> None:
         super().__init__()
         self.num_features, self.dim, self.grouped = num_features, dim, num_tokens is not None
+        self.standardize = RunningStandardize(num_features) if standardize else None
         if num_tokens is None:
             self.num_tokens = num_features
             self.weight = nn.Parameter(torch.randn(num_features, dim) / dim**0.5)
@@ -274,6 +278,8 @@ class DenseProcessor(nn.Module):
             self.proj = MLP(2 * num_features, (), num_tokens * dim, bias=bias)
 
     def forward(self, dense: Tensor, dense_mask: Tensor) -> Tensor:
+        if self.standardize is not None:
+            dense = self.standardize(dense, dense_mask)
         if self.grouped:
             present = dense_mask.to(dense.dtype)
             x = torch.cat([dense * present, present], dim=1)
@@ -479,6 +485,7 @@ class FeatureProcessor(nn.Module):
             saying whether, how often and how recently the candidate occurs in the history, and a
             learned vector on the matching events.
         bias: bias of the dense per-feature map.
+        standardize_dense: standardize dense values by their running training statistics first.
         collection_kwargs: passed to every :class:`EmbeddingBagCollection`.
 
     ``num_tokens`` is n, the number of non-sequence tokens (sparse, dense, domain, then history-match
@@ -498,6 +505,7 @@ class FeatureProcessor(nn.Module):
         history_match: bool = False,
         bias: bool = True,
         collection_kwargs: dict[str, Any] | None = None,
+        standardize_dense: bool = False,
     ) -> None:
         super().__init__()
         self.dim = dim
@@ -506,7 +514,7 @@ class FeatureProcessor(nn.Module):
             EmbeddingTables([*sparse, *seq], embedding_dim or dim, collection_kwargs) if (sparse or seq) else None
         )
         self.sparse = SparseProcessor(sparse, self.tables, dim) if sparse else None
-        self.dense = DenseProcessor(len(dense), dim, dense_tokens, bias) if dense else None
+        self.dense = DenseProcessor(len(dense), dim, dense_tokens, bias, standardize_dense) if dense else None
         self.sequence = (
             SequenceProcessor(seq, self.tables, dim, sequence_merge, max_positions, time_buckets) if seq else None
         )
