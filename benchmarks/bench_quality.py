@@ -27,7 +27,9 @@ beside the oracle AUC of the planted truth ``p_<task>`` on the same rows. A doma
 apart) is tested on more rows of the same time range drawn from the same planted world (the world
 regenerated with more rows for that domain: same users, items, domain maps and truth; none of them is
 trained on). FLOPs per sample are the networks' analytic counts (``flops_per_sample()``, as in
-bench_models.py), at the longest sequences and at the test rows' mean length.
+bench_models.py), at the longest sequences and at the test rows' mean length. ``--network-arg NAME=VALUE``
+gives every selected model whose network accepts ``NAME`` the same setting (for example
+``standardize_dense=true wide=true``), so an option is compared on all models at once, never on one alone.
 
 Targets (printed as pass/fail, never asserted):
 1. (d) has the best mean AUC over all (domain, task) pairs of every model;
@@ -38,6 +40,7 @@ Targets (printed as pass/fail, never asserted):
     python benchmarks/bench_quality.py --quick          # smoke run on a tiny world (about a minute)
     python benchmarks/bench_quality.py                  # the full run
     python benchmarks/bench_quality.py --models lr lattice --epochs 2 --threads 2
+    python benchmarks/bench_quality.py --network-arg standardize_dense=true wide=true
 
 Writes JSON to ``--out`` (default benchmarks/results/bench_quality.json). Times are wall-clock on
 whatever machine runs it; nothing is asserted on them.
@@ -109,6 +112,40 @@ def build(args, extra_config: Optional[str], overrides: List[str]):
 
     cli = run_lightning(cli_args(args, extra_config, overrides), run=False)
     return cli.model, cli.datamodule, cli.config
+
+
+def network_class(args, extra_config: Optional[str]) -> type:
+    """The network class a model's stacked configs select (the last ``model.network.class_path``)."""
+    import importlib
+
+    import yaml
+
+    path = None
+    for name in [args.config] + ([extra_config] if extra_config else []):
+        with open(os.path.join(args.config_dir, name)) as f:
+            network = ((yaml.safe_load(f) or {}).get("model") or {}).get("network") or {}
+        path = network.get("class_path", path)
+    if path is None:
+        raise ValueError(f"{args.config} (stacked with {extra_config}) selects no model.network.class_path")
+    module, _, name = path.rpartition(".")
+    return getattr(importlib.import_module(module), name)
+
+
+def network_overrides(args, extra_config: Optional[str]) -> Tuple[List[str], Dict[str, str]]:
+    """The ``--network-arg`` settings this model's network accepts (the same help for every model that
+    can take it), as CLI overrides, and as a dict for the report."""
+    import inspect
+
+    accepted = inspect.signature(network_class(args, extra_config).__init__).parameters
+    given = {k: v for k, v in args.network_arg if k in accepted}
+    return [f"--model.network.init_args.{k}={v}" for k, v in given.items()], given
+
+
+def parse_network_arg(text: str) -> Tuple[str, str]:
+    name, sep, value = text.partition("=")
+    if not sep or not name.isidentifier():
+        raise argparse.ArgumentTypeError(f"--network-arg takes NAME=VALUE, got {text!r}")
+    return name, value
 
 
 def quick_overrides(base: SyntheticConfig) -> List[str]:
@@ -249,12 +286,16 @@ def run_model(key: str, args, base_dm, data, overrides, epochs) -> Dict[str, Any
     group, description, extra, per_domain = MODELS[key]
     domains = base_dm.schema.domain_names
     test_all = slice_sources(data, "test", domains)
+    extra_args, given = network_overrides(args, args.per_domain_config if per_domain else extra)
+    overrides = overrides + extra_args
+    if given:
+        print(f"  network args: {given}", flush=True)
     if not per_domain:
         module, dm, config = build(args, extra, overrides)
         test_dm = data_module(dm, test_all, test_all, test_all, dm.batch_size)
         run = fit_and_test(module, dm, test_dm, config, epochs, os.path.join(args.work, "ckpt", key))
         cost = network_cost(module.network, test_dm)
-        return {"group": group, "description": description, "config": extra or args.config, **cost,
+        return {"group": group, "description": description, "config": extra or args.config, "network_args": given, **cost,
                 "train_s": run["train_s"], "test_s": run["test_s"], "best_epoch": run["best_epoch"],
                 "batch_size": dm.batch_size, "results": run["results"]}
     results: Dict[str, float] = {}
@@ -275,7 +316,8 @@ def run_model(key: str, args, base_dm, data, overrides, epochs) -> Dict[str, Any
         test_s += run["test_s"]
         runs[d] = {"batch_size": bs, "best_epoch": run["best_epoch"], "train_s": run["train_s"]}
         cost = cost or network_cost(module.network, test_dm)
-    return {"group": group, "description": description, "config": args.per_domain_config or args.config, **cost,
+    return {"group": group, "description": description, "config": args.per_domain_config or args.config,
+            "network_args": given, **cost,
             "train_s": train_s, "test_s": test_s, "best_epoch": {d: r["best_epoch"] for d, r in runs.items()},
             "batch_size": {d: r["batch_size"] for d, r in runs.items()}, "per_domain_runs": runs, "results": results}
 
@@ -411,10 +453,18 @@ def main(argv=None) -> Dict[str, Any]:
     p.add_argument("--margin", type=float, default=0.01, help="target (2): the AUC margin on the data-poor domain")
     p.add_argument("--gap-target", type=float, default=0.8, help="target (3): share of the LR -> oracle gap")
     p.add_argument("--seed", type=int, default=None, help="seed_everything (default: the config's)")
+    p.add_argument("--network-arg", nargs="+", type=parse_network_arg, default=[], metavar="NAME=VALUE",
+                   help="an init argument given to every model's network that accepts it (the same help for all, "
+                        "e.g. standardize_dense=true wide=true); an argument no selected model accepts is an error")
     p.add_argument("--cache-dir", default=None, help="where the world is generated (default: lattice's cache)")
     p.add_argument("--work", default=None, help="scratch folder (default: a temporary folder, removed at the end)")
     p.add_argument("--out", default=os.path.join(HERE, "results", "bench_quality.json"))
     args = p.parse_args(argv)
+    unused = {k for k, _ in args.network_arg} - {
+        k for key in args.models for k in network_overrides(args, args.per_domain_config if MODELS[key][3]
+                                                             else MODELS[key][2])[1]}
+    if unused:
+        p.error(f"--network-arg {sorted(unused)}: no selected model's network accepts it")
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.eval_rows is None:

@@ -65,3 +65,23 @@ def test_quick_run_reports_the_three_targets(quick_run):
     # the shop test set is enlarged to --eval-rows from the same planted world
     rows = result["world"]["split_rows"]["shop"]
     assert rows["test"] >= 1000 > rows.get("test_original", 0)
+
+
+def test_network_arg_reaches_every_model_that_accepts_it(quick_run, tmp_path):
+    bench, plain = quick_run
+    out = tmp_path / "helped.json"
+    bench.main(["--quick", "--threads", "1", "--models", "lr", "lattice", "--network-arg", "wide=true",
+                "standardize_dense=true", "--cache-dir", str(tmp_path / "cache"), "--out", str(out)])
+    with open(out) as f:
+        models = json.load(f)["models"]
+    # LogisticRegression takes no wide path of its own: it gets only what it accepts
+    assert models["lr"]["network_args"] == {"standardize_dense": "true"}
+    assert models["lattice"]["network_args"] == {"wide": "true", "standardize_dense": "true"}
+    assert models["lattice"]["mflops_per_sample"] > plain["models"]["lattice"]["mflops_per_sample"]  # the wide path
+    assert plain["models"]["lattice"]["network_args"] == {}
+
+
+@pytest.mark.parametrize("bad", [["not_an_argument=1"], ["wide"]])
+def test_network_arg_errors(bad, tmp_path):
+    with pytest.raises(SystemExit):
+        _load().main(["--quick", "--models", "lr", "--network-arg", *bad, "--out", str(tmp_path / "x.json")])
