@@ -191,10 +191,10 @@ class LatticeModel(nn.Module):
         """Analytic forward FLOPs per sample (2 per multiply-add).
 
         Counted: every matmul/linear of the processor (projections), the trunk (fusion blocks,
-        attention projections, attention scores and weighted sums, FFNs, gates) and the heads (every
-        window head), and the wide path's own count when it is on. Not counted: embedding-table lookups and pooling (memory-bound gathers),
-        norms, activations, element-wise products, softmax, and the extra work of the ``"dense"``
-        dispatch of per-domain layers. ``sequence_length`` is the number of merged sequence tokens
+        attention projections, attention scores and weighted sums, FFNs, gates), the heads (every
+        window head) and the wide path when it is on. Not counted: embedding-table lookups and pooling
+        (memory-bound gathers), norms, activations, element-wise products, softmax, and the extra work of
+        the ``"dense"`` dispatch of per-domain layers. ``sequence_length`` is the number of merged sequence tokens
         per sample (default :meth:`default_sequence_length`, the worst case). Backward costs about twice
         this.
         """

@@ -73,7 +73,8 @@ class RunningStandardize(nn.Module):
     mode the statistics are fixed. They are buffers, so checkpoints carry them and resume exactly, and
     they take no gradient. A feature with no present value yet passes through unchanged (mean 0, var 1).
     Absent entries (``mask`` False) neither update the statistics nor matter in the output (the caller
-    replaces them).
+    replaces them). Present values must be finite: the data layer refuses a non-finite dense value, naming
+    the file, column and row.
 
     Args:
         num_features: F.
