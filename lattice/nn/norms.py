@@ -71,7 +71,10 @@ class RunningStandardize(nn.Module):
     training mode every batch's present values are merged into the statistics (exactly: count-weighted
     mean and variance, Chan et al.), then the batch is standardized with the updated statistics; in eval
     mode the statistics are fixed. They are buffers, so checkpoints carry them and resume exactly, and
-    they take no gradient. A feature with no present value yet passes through unchanged (mean 0, var 1).
+    they take no gradient. Under data parallelism (:meth:`set_process_group`, which
+    :class:`~lattice.train.LatticeModule` calls under DDP and FSDP2) every rank merges the global batch, so
+    the statistics are the same on every rank and equal to one process's over the concatenated batches.
+    A feature with no present value yet passes through unchanged (mean 0, var 1).
     Absent entries (``mask`` False) neither update the statistics nor matter in the output (the caller
     replaces them). Present values must be finite: the data layer refuses a non-finite dense value, naming
     the file, column and row.
@@ -92,15 +95,25 @@ class RunningStandardize(nn.Module):
         self.register_buffer("count", torch.zeros(num_features, dtype=torch.int64))
         self.register_buffer("mean", torch.zeros(num_features, dtype=torch.float64))
         self.register_buffer("var", torch.ones(num_features, dtype=torch.float64))
+        self.process_group = None
+
+    def set_process_group(self, process_group) -> None:
+        """Merge every training batch over ``process_group``'s ranks (``None``: this process's batch only).
+        Every rank of the group must then run each training forward, as with DDP or FSDP2."""
+        self.process_group = process_group
 
     @torch.no_grad()
     def _update(self, x: Tensor, mask: Tensor) -> None:
         present = mask.to(torch.float64)
-        x = x.to(torch.float64)
-        n = present.sum(0)
-        batch_mean = (x * present).sum(0) / n.clamp(min=1.0)
-        batch_m2 = (((x - batch_mean) * present) ** 2).sum(0)
         count, mean, var = self.count.to(torch.float64), self.mean.to(torch.float64), self.var.to(torch.float64)
+        # sums around the running mean (the same on every rank), which keeps the squares small: one collective
+        shifted = (x.to(torch.float64) - mean) * present
+        sums = torch.stack([present.sum(0), shifted.sum(0), (shifted**2).sum(0)])
+        if self.process_group is not None:
+            torch.distributed.all_reduce(sums, group=self.process_group)
+        n, s1, s2 = sums.unbind(0)
+        batch_mean = mean + s1 / n.clamp(min=1.0)
+        batch_m2 = (s2 - s1**2 / n.clamp(min=1.0)).clamp(min=0.0)
         total = (count + n).clamp(min=1.0)
         delta = batch_mean - mean
         # merge the batch's (n, mean, M2) into the running (count, mean, count * var)

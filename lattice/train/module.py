@@ -10,6 +10,7 @@ import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
+from lattice.nn.norms import RunningStandardize
 from lattice.train import faults, parallel
 from lattice.train.losses import masked_multitask_loss, masked_task_sums, weighted_task_total
 from lattice.train.metrics import MultiTaskMetrics
@@ -190,6 +191,10 @@ class LatticeModule(pl.LightningModule):
         self.data_parallel.setup(mesh)
         if self.data_parallel.world_size > 1:
             faults.watch_launcher()
+            # dense standardization merges the global batch, so its statistics agree on every rank
+            for module in self.network.modules():
+                if isinstance(module, RunningStandardize):
+                    module.set_process_group(self.data_parallel.group)
         if self.data_parallel.world_size > 1 and self.sparse_optimizer != "none":
             for module in self.fused_modules:
                 module.set_process_group(self.data_parallel.group)
