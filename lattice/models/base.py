@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from lattice.data.schema import Schema, SchemaLike
+from lattice.nn.conditional import ConditionalTasks
 from lattice.nn.embedding import EmbeddingBagCollection
 from lattice.nn.heads import MultiTaskHeads
 from lattice.nn.processors import FeatureProcessor, ProcessedFeatures
@@ -71,6 +72,10 @@ class LatticeModel(nn.Module):
             training rows before it becomes a token (:class:`~lattice.nn.RunningStandardize`; the wide path's
             too). Raw values on different scales (a position 1..10, a log price near 3) otherwise let the
             largest dominate the token products and norms.
+        task_parents: child task -> parent task, for tasks that can only be positive after another (a
+            conversion after a click): the child is predicted as ``p(parent) * p(child | parent)`` over every
+            impression (ESMM; :class:`~lattice.nn.ConditionalTasks`), its heads (and wide path) giving the
+            conditional logit. Its label must be over all impressions.
 
     Subclasses build their trunk in ``__init__``, call :meth:`_build_heads` with its output width last
     (the wide path is built there, after everything else, so the deep part initializes the same with it
@@ -96,6 +101,7 @@ class LatticeModel(nn.Module):
         wide: bool = False,
         wide_dim: int = 32,
         standardize_dense: bool = False,
+        task_parents: dict[str, str] | None = None,
     ) -> None:
         super().__init__()
         schema = Schema.coerce(schema)
@@ -127,6 +133,7 @@ class LatticeModel(nn.Module):
             domain_groups=self.domain_groups if untie_heads else None,
         )
         self.heads: MultiTaskHeads | None = None
+        self.conditional = ConditionalTasks(schema.tasks, task_parents) if task_parents else None
         self._wide_args = dict(
             dim=wide_dim, untie_heads=True, domain_groups=self.domain_groups, embedding_kwargs=embedding_kwargs,
             history_match=history_match, standardize_dense=standardize_dense,
@@ -171,11 +178,14 @@ class LatticeModel(nn.Module):
         features = self.processor(batch)
         head_input, representation = self.encode(features, batch)
         out = self.heads(head_input, getattr(batch, "label_window", None), batch.domain)
-        if self.wide is None:
-            return ModelOutput(out.logits, out.train_logits, representation, out.window_logits)
-        wide = self.wide(batch)
-        windows = {name: logits + wide.window_logits[name] for name, logits in out.window_logits.items()}
-        return ModelOutput(out.logits + wide.logits, out.train_logits + wide.train_logits, representation, windows)
+        logits, train_logits, windows = out.logits, out.train_logits, out.window_logits
+        if self.wide is not None:
+            wide = self.wide(batch)
+            logits, train_logits = logits + wide.logits, train_logits + wide.train_logits
+            windows = {name: w + wide.window_logits[name] for name, w in windows.items()}
+        if self.conditional is not None:
+            logits, train_logits, windows = self.conditional(logits, train_logits, windows)
+        return ModelOutput(logits, train_logits, representation, windows)
 
     def default_sequence_length(self) -> float:
         """Sequence tokens per sample assumed by :meth:`flops_per_sample`, at every feature's

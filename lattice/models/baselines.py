@@ -81,11 +81,12 @@ class SharedBottom(_FlatInputModel):
         wide: bool = False,
         wide_dim: int = 32,
         standardize_dense: bool = False,
+        task_parents: dict[str, str] | None = None,
     ) -> None:
         super().__init__(
             schema, dim, embedding_dim, dense_tokens, domain_token, sequence_merge, max_positions,
             time_buckets, head_hidden_dims, head_activation, untie_heads, domain_groups, embedding_kwargs, history_match,
-            wide, wide_dim, standardize_dense,
+            wide, wide_dim, standardize_dense, task_parents,
         )
         if not bottom_dims:
             raise ValueError("SharedBottom needs at least one bottom layer")
@@ -155,11 +156,12 @@ class MMoE(_FlatInputModel):
         wide: bool = False,
         wide_dim: int = 32,
         standardize_dense: bool = False,
+        task_parents: dict[str, str] | None = None,
     ) -> None:
         super().__init__(
             schema, dim, embedding_dim, dense_tokens, domain_token, sequence_merge, max_positions,
             time_buckets, head_hidden_dims, head_activation, untie_heads, domain_groups, embedding_kwargs, history_match,
-            wide, wide_dim, standardize_dense,
+            wide, wide_dim, standardize_dense, task_parents,
         )
         if not expert_dims or num_experts < 1:
             raise ValueError("MMoE needs num_experts >= 1 and at least one expert layer")
@@ -219,11 +221,12 @@ class PLE(_FlatInputModel):
         wide: bool = False,
         wide_dim: int = 32,
         standardize_dense: bool = False,
+        task_parents: dict[str, str] | None = None,
     ) -> None:
         super().__init__(
             schema, dim, embedding_dim, dense_tokens, domain_token, sequence_merge, max_positions,
             time_buckets, head_hidden_dims, head_activation, untie_heads, domain_groups, embedding_kwargs, history_match,
-            wide, wide_dim, standardize_dense,
+            wide, wide_dim, standardize_dense, task_parents,
         )
         if num_levels < 1 or shared_experts < 0 or task_experts < 0 or shared_experts + task_experts < 1:
             raise ValueError("PLE needs num_levels >= 1 and at least one expert per gate")
@@ -330,11 +333,12 @@ class DLRM(LatticeModel):
         wide: bool = False,
         wide_dim: int = 32,
         standardize_dense: bool = False,
+        task_parents: dict[str, str] | None = None,
     ) -> None:
         super().__init__(
             schema, dim, embedding_dim, dense_tokens, domain_token, sequence_merge, max_positions,
             time_buckets, head_hidden_dims, head_activation, untie_heads, domain_groups, embedding_kwargs, history_match,
-            wide, wide_dim, standardize_dense,
+            wide, wide_dim, standardize_dense, task_parents,
         )
         if not top_dims:
             raise ValueError("DLRM needs at least one top layer")
@@ -422,11 +426,12 @@ class Wukong(LatticeModel):
         wide: bool = False,
         wide_dim: int = 32,
         standardize_dense: bool = False,
+        task_parents: dict[str, str] | None = None,
     ) -> None:
         super().__init__(
             schema, dim, embedding_dim, dense_tokens, domain_token, sequence_merge, max_positions,
             time_buckets, head_hidden_dims, head_activation, untie_heads, domain_groups, embedding_kwargs, history_match,
-            wide, wide_dim, standardize_dense,
+            wide, wide_dim, standardize_dense, task_parents,
         )
         if not top_dims:
             raise ValueError("Wukong needs at least one top layer")
@@ -490,11 +495,12 @@ class LogisticRegression(_FlatInputModel):
         embedding_kwargs: dict[str, Any] | None = None,
         history_match: bool = False,
         standardize_dense: bool = False,
+        task_parents: dict[str, str] | None = None,
     ) -> None:
         super().__init__(
             schema, dim, embedding_dim, dense_tokens, domain_token, "concat", max_positions, time_buckets,
             (), "none", untie_heads, domain_groups, embedding_kwargs, history_match,
-            standardize_dense=standardize_dense,
+            standardize_dense=standardize_dense, task_parents=task_parents,
         )
         self._build_heads(self._flat_dim())
 

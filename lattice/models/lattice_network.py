@@ -104,11 +104,12 @@ class LatticeNetwork(LatticeModel):
         wide: bool = False,
         wide_dim: int = 32,
         standardize_dense: bool = False,
+        task_parents: dict[str, str] | None = None,
     ) -> None:
         super().__init__(
             schema, dim, embedding_dim, dense_tokens, domain_token, sequence_merge, max_positions,
             time_buckets, head_hidden_dims, head_activation, untie_heads, domain_groups, embedding_kwargs, history_match,
-            wide, wide_dim, standardize_dense,
+            wide, wide_dim, standardize_dense, task_parents,
         )
         if num_layers < 1:
             raise ValueError(f"num_layers must be >= 1, got {num_layers}")

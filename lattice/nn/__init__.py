@@ -1,7 +1,9 @@
 """Building blocks: norms, (per-domain) linears, fusion blocks (Wukong/DHEN), the extended context store,
-the fused embedding-bag collection, multi-task Zipper heads, feature processors and sequence blocks."""
+the fused embedding-bag collection, multi-task Zipper heads, conditional (ESMM) tasks, feature processors
+and sequence blocks."""
 from lattice.nn.embedding import EmbeddingBagCollection, EmbeddingTableConfig, NormalInit, UniformInit
 from lattice.nn.attention import PMA, InterleavedCrossAttention, JaggedMultiheadAttention, RotaryEmbedding, apply_rope, positions_from_offsets, rope_table
+from lattice.nn.conditional import ConditionalTasks, compose_logits
 from lattice.nn.context import ExtendedContextStore
 from lattice.nn.fusion import DWFB, CrossNetBlock, DotProductBlock, FMBlock, FusionBlock, LinearCompressBlock
 from lattice.nn.heads import HeadOutput, MultiTaskHeads
@@ -43,6 +45,8 @@ __all__ = [
     "DWFB",
     "ExtendedContextStore",
     "HeadOutput",
+    "ConditionalTasks",
+    "compose_logits",
     "MultiTaskHeads",
     "JaggedTokens",
     "ProcessedFeatures",
