@@ -295,7 +295,8 @@ def run_model(key: str, args, base_dm, data, overrides, epochs) -> Dict[str, Any
         test_dm = data_module(dm, test_all, test_all, test_all, dm.batch_size)
         run = fit_and_test(module, dm, test_dm, config, epochs, os.path.join(args.work, "ckpt", key))
         cost = network_cost(module.network, test_dm)
-        return {"group": group, "description": description, "config": extra or args.config, "network_args": given, **cost,
+        return {"group": group, "description": description, "config": extra or args.config, "network_args": given,
+                **cost,
                 "train_s": run["train_s"], "test_s": run["test_s"], "best_epoch": run["best_epoch"],
                 "batch_size": dm.batch_size, "results": run["results"]}
     results: Dict[str, float] = {}
@@ -453,7 +454,8 @@ def main(argv=None) -> Dict[str, Any]:
     p.add_argument("--margin", type=float, default=0.01, help="target (2): the AUC margin on the data-poor domain")
     p.add_argument("--gap-target", type=float, default=0.8, help="target (3): share of the LR -> oracle gap")
     p.add_argument("--seed", type=int, default=None, help="seed_everything (default: the config's)")
-    p.add_argument("--network-arg", nargs="+", type=parse_network_arg, default=[], metavar="NAME=VALUE",
+    p.add_argument("--network-arg", nargs="+", action="extend", type=parse_network_arg, default=[],
+                   metavar="NAME=VALUE",
                    help="an init argument given to every model's network that accepts it (the same help for all, "
                         "e.g. standardize_dense=true wide=true); an argument no selected model accepts is an error")
     p.add_argument("--cache-dir", default=None, help="where the world is generated (default: lattice's cache)")
