@@ -76,7 +76,8 @@ def test_collisions_evict_and_never_return_another_keys_value():
     values, _, found = store.get(keys)
     assert 1 <= int(found.sum()) <= 4 and len(store) == int(found.sum())
     assert torch.equal(values[found, 0], keys[found].float())  # whatever survived is its own value
-    assert store.evictions == 0  # a single put: colliding rows replace each other before landing
+    # every key that did not land was pushed out by a later colliding row of the same put
+    assert store.evictions == 100 - len(store)
     store.put(torch.arange(100, 200), torch.zeros(100, 1), torch.zeros(100, dtype=torch.float64))
     assert store.evictions >= 1
 
@@ -180,3 +181,21 @@ def test_student_without_cache_uses_the_batch_embedding_and_mask():
 def test_cache_requires_the_teacher_token():
     with pytest.raises(ValueError, match="teacher_embedding_dim"):
         DistillationModule(TinyNetwork(tiny_schema()), cache=TeacherEmbeddingCache(4))
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.lists(st.integers(0, 40), min_size=0, max_size=10), min_size=1, max_size=5))
+def test_a_batch_write_equals_writing_its_rows_one_by_one(batches):
+    """Evictions and contents: a batch colliding with itself counts every key it pushes out, as sequential
+    writes would (a small table, so collisions inside one batch are common)."""
+    batch, one_by_one = InProcessEmbeddingStore(1, capacity=8), InProcessEmbeddingStore(1, capacity=8)
+    for step, keys in enumerate(batches):
+        k = torch.tensor(keys, dtype=torch.long)
+        v = k.float().unsqueeze(1) + step
+        t = torch.full((len(keys),), float(step), dtype=torch.float64)
+        batch.put(k, v, t)
+        for i in range(len(keys)):
+            one_by_one.put(k[i:i + 1], v[i:i + 1], t[i:i + 1])
+        assert batch.evictions == one_by_one.evictions
+        assert torch.equal(batch.valid, one_by_one.valid) and torch.equal(batch.keys, one_by_one.keys)
+        assert torch.equal(batch.values, one_by_one.values)

@@ -100,7 +100,9 @@ def _last_occurrence(keys: Tensor) -> Tensor:
 class InProcessEmbeddingStore(EmbeddingStore):
     """A fixed-size, direct-mapped tensor table (like a hardware cache): key ``k`` lives in slot
     ``hash(k) mod capacity``; writing a key whose slot holds another key evicts that key (counted in
-    ``evictions``). Every operation is vectorized over the batch; memory is ``capacity × (E + 2)`` words.
+    ``evictions``). A batch is written as its rows would be one by one: the last row mapping to a slot
+    lands, and each earlier distinct key it (or another row) pushed out counts as an eviction. Every
+    operation is vectorized over the batch; memory is ``capacity × (E + 2)`` words.
 
     Args:
         dim: E, the embedding width.
@@ -146,15 +148,26 @@ class InProcessEmbeddingStore(EmbeddingStore):
         if written_at.shape != keys.shape:
             raise ValueError(f"written_at must be [N={keys.numel()}], got {tuple(written_at.shape)}")
         slot = self._slot(keys)
+        self.evictions += self._sequential_evictions(slot, keys)
         # One writer per slot: the last row of the batch that maps there (a later duplicate key, or a
         # colliding key, overwrites an earlier one, as sequential writes would).
         keep = _last_occurrence(slot)
         slot, keys = slot[keep], keys[keep]
-        self.evictions += int((self.valid[slot] & (self.keys[slot] != keys)).sum())
         self.keys[slot] = keys
         self.valid[slot] = True
         self.values[slot] = values.detach().to(self.device, torch.float32)[keep]
         self.written_at[slot] = written_at.to(self.device, torch.float64)[keep]
+
+    def _sequential_evictions(self, slot: Tensor, keys: Tensor) -> int:
+        """How many keys writing ``keys`` one after another would evict: in each slot, every write whose
+        previous occupant (the stored key, then the batch's earlier writes there) is another key."""
+        order = torch.sort(slot, stable=True).indices  # grouped by slot, batch order kept within a slot
+        slot, keys = slot[order], keys[order]
+        first = torch.ones_like(slot, dtype=torch.bool)
+        first[1:] = slot[1:] != slot[:-1]
+        previous = torch.where(first, self.keys[slot], keys.roll(1))
+        occupied = torch.where(first, self.valid[slot], torch.ones_like(first))
+        return int((occupied & (previous != keys)).sum())
 
     def clear(self) -> None:
         self.valid.zero_()

@@ -46,7 +46,8 @@ class ConditionalTasks(nn.Module):
 
     The child's label must be over all impressions (negative where the parent is negative), as a
     consolidated log has it; a child labelled only on the parent's positives (missing elsewhere) would be
-    trained on those rows alone and should not be declared here.
+    trained on those rows alone. :class:`~lattice.train.module.LatticeModule` refuses such labels in
+    training (:class:`~lattice.train.label_checks.ConditionalLabelCheck`).
 
     Shape: ``logits [B, T]``, ``train_logits [B, T]``, ``window_logits`` name -> ``[B, W]``, all in the
     schema's task order; returns the same three with every child composed.

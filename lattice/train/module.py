@@ -8,10 +8,13 @@ from typing import Any, Literal
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
+from lattice.nn.conditional import ConditionalTasks
 from lattice.nn.norms import RunningStandardize
 from lattice.train import faults, parallel
+from lattice.train.label_checks import ConditionalLabelCheck
 from lattice.train.losses import masked_multitask_loss, masked_task_sums, weighted_task_total
 from lattice.train.metrics import MultiTaskMetrics
 
@@ -83,6 +86,11 @@ class LatticeModule(pl.LightningModule):
             )
         self.sparse_optimizer = sparse_optimizer
         self.data_parallel = parallel.DataParallelState()
+        conditional = next((m for m in network.modules() if isinstance(m, ConditionalTasks)), None)
+        self.label_check = None if conditional is None else ConditionalLabelCheck(
+            [(c, p, self.task_names.index(c), self.task_names.index(p)) for c, p in conditional.order],
+            reduce=self.data_parallel.all_reduce_sum,
+        )
         self.val_metrics = MultiTaskMetrics(self.task_names, self.domain_names, self.task_kinds, group_auc=group_auc)
         self.test_metrics = MultiTaskMetrics(self.task_names, self.domain_names, self.task_kinds, group_auc=group_auc)
         self.eval_results: dict[str, dict[str, float]] = {}
@@ -134,6 +142,8 @@ class LatticeModule(pl.LightningModule):
         output = self(batch)
         loss, per_task = self._loss(output, batch, global_batch=True)
         self._stop_if_not_finite(loss, dict(zip(self.task_names, per_task)), batch_idx)
+        if self.label_check is not None:
+            self.label_check.update(batch.labels, batch.label_mask)
         size = batch.batch_size
         sync = self.data_parallel.world_size > 1
         self.log("train/loss", loss, prog_bar=True, batch_size=size, sync_dist=sync)
@@ -160,6 +170,10 @@ class LatticeModule(pl.LightningModule):
         loggable = {f"{stage}/{k}": v for k, v in results.items() if not k.endswith("/count") and math.isfinite(v)}
         # compute() already synced across ranks: every rank holds the same values.
         self.log_dict(loggable, sync_dist=False, rank_zero_only=False)
+
+    def on_train_epoch_end(self):
+        if self.label_check is not None:
+            self.label_check.warn_contradictions(rank_zero_warn)
 
     def on_validation_epoch_end(self):
         self._eval_epoch_end(self.val_metrics, "val")

@@ -1,0 +1,101 @@
+"""Training-time checks that the labels fit what the network was told about them.
+
+:class:`ConditionalLabelCheck` guards ``task_parents`` (ESMM): a conditional child is trained on
+``p(parent) * p(child | parent)`` against its label over all impressions, which is only right when the
+child's label is also present (as 0) where the parent is negative. A log that labels the child only on its
+parent's positives (missing elsewhere) would silently train the product on those rows alone.
+"""
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+__all__ = ["ConditionalLabelCheck", "ConditionalLabelError"]
+
+
+class ConditionalLabelError(ValueError):
+    """A conditional (``task_parents``) child is labelled only where its parent is positive."""
+
+
+class ConditionalLabelCheck:
+    """Watches the training labels of every (child, parent) pair of ``task_parents``.
+
+    - Until a pair has shown one row with the child labelled and the parent labelled negative (the proof that
+      the child is labelled over all impressions), every training batch adds to its counts; once
+      ``min_rows`` rows with both labels present have all had a positive parent, it raises
+      :class:`ConditionalLabelError` naming both tasks. A pair that has shown such a row is never checked
+      again, so on correct data the check costs one small host read for the first batch or so.
+    - Rows where the child is positive and the parent negative (a view-through conversion, say) contradict
+      ``p(child) <= p(parent)``; they are counted on the device (no host read) and reported by
+      :meth:`warn_contradictions` as a warning, since real logs can have a few.
+
+    Args:
+        pairs: ``(child name, parent name, child index, parent index)`` in the labels' task order.
+        reduce: sums a tensor over the data-parallel ranks (identity outside data parallelism), so that
+            every rank takes the same decision at the same step.
+        min_rows: rows with both labels present needed before concluding that the child is conditional.
+    """
+
+    def __init__(self, pairs: Sequence[tuple[str, str, int, int]], reduce: Callable[[Tensor], Tensor],
+                 min_rows: int = 256) -> None:
+        self.pairs = list(pairs)
+        self.reduce = reduce
+        self.min_rows = int(min_rows)
+        self.open = [True] * len(self.pairs)
+        self._seen = torch.zeros(len(self.pairs), 2, dtype=torch.float64)  # both present, parent negative
+        self._contradictions: Tensor | None = None
+        self._child_positive: Tensor | None = None
+
+    def update(self, labels: Tensor, label_mask: Tensor) -> None:
+        """Adds one training batch (``labels [B, T]``, ``label_mask [B, T]``)."""
+        if not self.pairs:
+            return
+        child = torch.tensor([c for _, _, c, _ in self.pairs], device=labels.device)
+        parent = torch.tensor([p for _, _, _, p in self.pairs], device=labels.device)
+        both = label_mask[:, child] & label_mask[:, parent]
+        parent_negative = both & (labels[:, parent] < 0.5)
+        child_positive = both & (labels[:, child] > 0.5)
+        contradictions = (parent_negative & (labels[:, child] > 0.5)).sum(0)
+        if self._contradictions is None:
+            self._contradictions = torch.zeros_like(contradictions)
+            self._child_positive = torch.zeros_like(contradictions)
+        self._contradictions += contradictions
+        self._child_positive += child_positive.sum(0)
+        if not any(self.open):
+            return
+        counts = torch.stack([both.sum(0), parent_negative.sum(0)], 1).to(torch.float64)
+        self._seen += self.reduce(counts).cpu()
+        for i, (child_name, parent_name, _, _) in enumerate(self.pairs):
+            if not self.open[i]:
+                continue
+            rows, negatives = self._seen[i].tolist()
+            if negatives > 0:
+                self.open[i] = False
+            elif rows >= self.min_rows:
+                raise ConditionalLabelError(
+                    f"task_parents declares {child_name!r} conditional on {parent_name!r}, but in the first "
+                    f"{int(rows)} training rows with both labels present {parent_name!r} is always positive: "
+                    f"{child_name!r} looks labelled only where {parent_name!r} is positive (missing elsewhere). "
+                    f"ESMM needs {child_name!r} over all impressions (0 where {parent_name!r} is 0): fill those "
+                    f"labels with 0, or drop {child_name!r} from task_parents"
+                )
+
+    def warn_contradictions(self, warn: Callable[..., None] = warnings.warn) -> None:
+        """Warns through ``warn`` (and resets the counts) for every pair with rows whose child is positive and
+        parent negative. Under data parallelism every rank must call it (the counts are summed over ranks)."""
+        if self._contradictions is None:
+            return
+        both = self.reduce(torch.stack([self._contradictions, self._child_positive]).to(torch.float64)).tolist()
+        self._contradictions.zero_()
+        self._child_positive.zero_()
+        for (child_name, parent_name, _, _), bad, positives in zip(self.pairs, *both):
+            if bad > 0:
+                warn(
+                    f"task_parents: {int(bad)} of {int(positives)} positive {child_name!r} training labels this "
+                    f"epoch have a negative {parent_name!r}; the conditional model predicts "
+                    f"p({child_name}) <= p({parent_name}), so these rows cannot be fitted"
+                )
