@@ -75,7 +75,8 @@ def main() -> None:
     warnings.filterwarnings("ignore")
     batches, schema = global_batches(cache)
     pl.seed_everything(0, verbose=False)
-    network = LatticeNetwork(schema, dim=8, num_layers=1, num_heads=2, standardize_dense=True, wide=True, wide_dim=4)
+    network = LatticeNetwork(schema, dim=8, num_layers=1, num_heads=2, standardize_dense=True, wide=True, wide_dim=4,
+                             task_parents={"like": "click", "conversion": "click"})
     module = LatticeModule(network, sparse_optimizer="rowwise_adagrad", sparse_lr=0.1, group_auc=False)
     devices = 1 if mode == "single" else WORLD
     strategy = {"single": "auto", "ddp": "ddp", "fsdp": FSDP2Strategy()}[mode]
