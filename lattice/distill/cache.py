@@ -86,17 +86,6 @@ class EmbeddingStore(abc.ABC):
         raise NotImplementedError(f"{type(self).__name__} does not support clear()")
 
 
-def _last_occurrence(keys: Tensor) -> Tensor:
-    """Indices (ascending) of the last occurrence of every distinct value of ``keys [N]``."""
-    if keys.numel() == 0:
-        return keys.new_zeros(0, dtype=torch.long)
-    uniq, inverse = torch.unique(keys, return_inverse=True)
-    pos = torch.arange(keys.numel(), device=keys.device)
-    last = torch.full((uniq.numel(),), -1, dtype=torch.long, device=keys.device)
-    last = last.scatter_reduce(0, inverse, pos, reduce="amax", include_self=True)
-    return torch.sort(last).values
-
-
 class InProcessEmbeddingStore(EmbeddingStore):
     """A fixed-size, direct-mapped tensor table (like a hardware cache): key ``k`` lives in slot
     ``hash(k) mod capacity``; writing a key whose slot holds another key evicts that key (counted in
@@ -148,26 +137,27 @@ class InProcessEmbeddingStore(EmbeddingStore):
         if written_at.shape != keys.shape:
             raise ValueError(f"written_at must be [N={keys.numel()}], got {tuple(written_at.shape)}")
         slot = self._slot(keys)
-        self.evictions += self._sequential_evictions(slot, keys)
-        # One writer per slot: the last row of the batch that maps there (a later duplicate key, or a
-        # colliding key, overwrites an earlier one, as sequential writes would).
-        keep = _last_occurrence(slot)
+        keep = self._group_writes(slot, keys)
         slot, keys = slot[keep], keys[keep]
         self.keys[slot] = keys
         self.valid[slot] = True
         self.values[slot] = values.detach().to(self.device, torch.float32)[keep]
         self.written_at[slot] = written_at.to(self.device, torch.float64)[keep]
 
-    def _sequential_evictions(self, slot: Tensor, keys: Tensor) -> int:
-        """How many keys writing ``keys`` one after another would evict: in each slot, every write whose
-        previous occupant (the stored key, then the batch's earlier writes there) is another key."""
+    def _group_writes(self, slot: Tensor, keys: Tensor) -> Tensor:
+        """Writes ``keys`` as one after another would: counts in ``evictions`` every write whose slot's
+        previous occupant (the stored key, then the batch's earlier writes there) is another key, and
+        returns the rows that land, ascending: the last row of the batch in each slot."""
         order = torch.sort(slot, stable=True).indices  # grouped by slot, batch order kept within a slot
         slot, keys = slot[order], keys[order]
         first = torch.ones_like(slot, dtype=torch.bool)
         first[1:] = slot[1:] != slot[:-1]
         previous = torch.where(first, self.keys[slot], keys.roll(1))
         occupied = torch.where(first, self.valid[slot], torch.ones_like(first))
-        return int((occupied & (previous != keys)).sum())
+        self.evictions += int((occupied & (previous != keys)).sum())
+        last = torch.ones_like(first)
+        last[:-1] = first[1:]
+        return torch.sort(order[last]).values
 
     def clear(self) -> None:
         self.valid.zero_()

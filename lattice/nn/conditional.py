@@ -80,7 +80,6 @@ class ConditionalTasks(nn.Module):
                 self.order.append((node, parents[node]))
                 done.add(node)
         self.index = {name: i for i, name in enumerate(names)}
-        self.parents = dict(parents)
 
     def forward(
         self, logits: Tensor, train_logits: Tensor, window_logits: Mapping[str, Tensor]

@@ -47,6 +47,8 @@ class ConditionalLabelCheck:
         self.min_rows = int(min_rows)
         self.open = [True] * len(self.pairs)
         self._seen = torch.zeros(len(self.pairs), 2, dtype=torch.float64)  # both present, parent negative
+        self._child = torch.tensor([c for _, _, c, _ in self.pairs], dtype=torch.long)
+        self._parent = torch.tensor([p for _, _, _, p in self.pairs], dtype=torch.long)
         self._contradictions: Tensor | None = None
         self._child_positive: Tensor | None = None
 
@@ -54,8 +56,9 @@ class ConditionalLabelCheck:
         """Adds one training batch (``labels [B, T]``, ``label_mask [B, T]``)."""
         if not self.pairs:
             return
-        child = torch.tensor([c for _, _, c, _ in self.pairs], device=labels.device)
-        parent = torch.tensor([p for _, _, _, p in self.pairs], device=labels.device)
+        if self._child.device != labels.device:  # once: no host-to-device copy per step
+            self._child, self._parent = self._child.to(labels.device), self._parent.to(labels.device)
+        child, parent = self._child, self._parent
         both = label_mask[:, child] & label_mask[:, parent]
         parent_negative = both & (labels[:, parent] < 0.5)
         child_positive = both & (labels[:, child] > 0.5)
