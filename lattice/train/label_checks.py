@@ -1,4 +1,4 @@
-"""Training-time checks that the labels fit what the network was told about them.
+"""Checks that the labels fit what the network was told about them, in training and in evaluation.
 
 :class:`ConditionalLabelCheck` guards ``task_parents`` (ESMM): a conditional child is trained on
 ``p(parent) * p(child | parent)`` against its label over all impressions, which is only right when the
@@ -14,11 +14,26 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-__all__ = ["ConditionalLabelCheck", "ConditionalLabelError"]
+__all__ = ["ConditionalLabelCheck", "ConditionalLabelError", "EvalConditionalLabelCheck"]
 
 
 class ConditionalLabelError(ValueError):
     """A conditional (``task_parents``) child is labelled only where its parent is positive."""
+
+
+def _pair_counts(labels: Tensor, label_mask: Tensor, child: Tensor, parent: Tensor) -> tuple[Tensor, Tensor]:
+    """Per pair: ``(rows with both labels present [P], those with the parent negative [P])``."""
+    both = label_mask[:, child] & label_mask[:, parent]
+    return both, both & (labels[:, parent] < 0.5)
+
+
+def _conditional_error(child: str, parent: str, rows: str) -> ConditionalLabelError:
+    return ConditionalLabelError(
+        f"task_parents declares {child!r} conditional on {parent!r}, but in {rows} with both labels present "
+        f"{parent!r} is always positive: {child!r} looks labelled only where {parent!r} is positive (missing "
+        f"elsewhere). ESMM needs {child!r} over all impressions (0 where {parent!r} is 0): fill those labels "
+        f"with 0, or drop {child!r} from task_parents"
+    )
 
 
 class ConditionalLabelCheck:
@@ -59,8 +74,7 @@ class ConditionalLabelCheck:
         if self._child.device != labels.device:  # once: no host-to-device copy per step
             self._child, self._parent = self._child.to(labels.device), self._parent.to(labels.device)
         child, parent = self._child, self._parent
-        both = label_mask[:, child] & label_mask[:, parent]
-        parent_negative = both & (labels[:, parent] < 0.5)
+        both, parent_negative = _pair_counts(labels, label_mask, child, parent)
         child_positive = both & (labels[:, child] > 0.5)
         contradictions = (parent_negative & (labels[:, child] > 0.5)).sum(0)
         if self._contradictions is None:
@@ -79,13 +93,7 @@ class ConditionalLabelCheck:
             if negatives > 0:
                 self.open[i] = False
             elif rows >= self.min_rows:
-                raise ConditionalLabelError(
-                    f"task_parents declares {child_name!r} conditional on {parent_name!r}, but in the first "
-                    f"{int(rows)} training rows with both labels present {parent_name!r} is always positive: "
-                    f"{child_name!r} looks labelled only where {parent_name!r} is positive (missing elsewhere). "
-                    f"ESMM needs {child_name!r} over all impressions (0 where {parent_name!r} is 0): fill those "
-                    f"labels with 0, or drop {child_name!r} from task_parents"
-                )
+                raise _conditional_error(child_name, parent_name, f"the first {int(rows)} training rows")
 
     def warn_contradictions(self, warn: Callable[..., None] = warnings.warn) -> None:
         """Warns through ``warn`` (and resets the counts) for every pair with rows whose child is positive and
@@ -102,3 +110,46 @@ class ConditionalLabelCheck:
                     f"epoch have a negative {parent_name!r}; the conditional model predicts "
                     f"p({child_name}) <= p({parent_name}), so these rows cannot be fitted"
                 )
+
+
+class EvalConditionalLabelCheck:
+    """The same refusal as :class:`ConditionalLabelCheck`, for ``lattice validate`` / ``test`` (and the
+    validation loop of ``fit``): scoring the composed ``p(parent) * p(child | parent)`` against labels that exist
+    only on the parent's positives would report a meaningless AUC without a word.
+
+    Evaluation loaders need not give every rank the same number of batches, so nothing is reduced per step:
+    :meth:`update` only adds on the device, and :meth:`finish`, called once per evaluation epoch on every rank,
+    sums over ranks and raises on all of them at once when a pair has ``min_rows`` rows with both labels present
+    and not one with a negative parent. A pair with fewer rows is left undecided.
+    """
+
+    def __init__(self, pairs: Sequence[tuple[str, str, int, int]], reduce: Callable[[Tensor], Tensor],
+                 min_rows: int = 256) -> None:
+        self.pairs = list(pairs)
+        self.reduce = reduce
+        self.min_rows = int(min_rows)
+        self._child = torch.tensor([c for _, _, c, _ in self.pairs], dtype=torch.long)
+        self._parent = torch.tensor([p for _, _, _, p in self.pairs], dtype=torch.long)
+        self._counts: Tensor | None = None  # [P, 2]: both present, parent negative
+
+    def update(self, labels: Tensor, label_mask: Tensor) -> None:
+        """Adds one evaluation batch (``labels [B, T]``, ``label_mask [B, T]``); no host read."""
+        if not self.pairs:
+            return
+        if self._child.device != labels.device:
+            self._child, self._parent = self._child.to(labels.device), self._parent.to(labels.device)
+        both, parent_negative = _pair_counts(labels, label_mask, self._child, self._parent)
+        counts = torch.stack([both.sum(0), parent_negative.sum(0)], 1)
+        self._counts = counts if self._counts is None else self._counts + counts
+
+    def finish(self, stage: str, device: torch.device | str = "cpu") -> None:
+        """Decides on the epoch's rows (``stage`` names them in the error) and resets. Every rank must call it
+        (one reduction, of a tensor on ``device``: the module's, which the process group's backend expects)."""
+        if not self.pairs:
+            return
+        local = self._counts if self._counts is not None else torch.zeros(len(self.pairs), 2, dtype=torch.long)
+        self._counts = None
+        totals = self.reduce(local.to(device=device, dtype=torch.float64)).tolist()
+        for (child_name, parent_name, _, _), (rows, negatives) in zip(self.pairs, totals):
+            if negatives == 0 and rows >= self.min_rows:
+                raise _conditional_error(child_name, parent_name, f"all {int(rows)} {stage} rows")

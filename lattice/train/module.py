@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from lattice.nn.conditional import ConditionalTasks
 from lattice.nn.norms import RunningStandardize
 from lattice.train import faults, parallel
-from lattice.train.label_checks import ConditionalLabelCheck
+from lattice.train.label_checks import ConditionalLabelCheck, EvalConditionalLabelCheck
 from lattice.train.losses import masked_multitask_loss, masked_task_sums, weighted_task_total
 from lattice.train.metrics import MultiTaskMetrics
 
@@ -87,10 +87,12 @@ class LatticeModule(pl.LightningModule):
         self.sparse_optimizer = sparse_optimizer
         self.data_parallel = parallel.DataParallelState()
         conditional = next((m for m in network.modules() if isinstance(m, ConditionalTasks)), None)
-        self.label_check = None if conditional is None else ConditionalLabelCheck(
-            [(c, p, self.task_names.index(c), self.task_names.index(p)) for c, p in conditional.order],
-            reduce=self.data_parallel.all_reduce_sum,
-        )
+        pairs = [] if conditional is None else [
+            (c, p, self.task_names.index(c), self.task_names.index(p)) for c, p in conditional.order
+        ]
+        reduce = self.data_parallel.all_reduce_sum
+        self.label_check = ConditionalLabelCheck(pairs, reduce=reduce) if pairs else None
+        self.eval_label_check = EvalConditionalLabelCheck(pairs, reduce=reduce) if pairs else None
         self.val_metrics = MultiTaskMetrics(self.task_names, self.domain_names, self.task_kinds, group_auc=group_auc)
         self.test_metrics = MultiTaskMetrics(self.task_names, self.domain_names, self.task_kinds, group_auc=group_auc)
         self.eval_results: dict[str, dict[str, float]] = {}
@@ -156,6 +158,8 @@ class LatticeModule(pl.LightningModule):
         loss, _ = self._loss(output, batch)
         self.log(f"{stage}/loss", loss, prog_bar=True, batch_size=batch.batch_size, sync_dist=True)
         metrics.update(output.logits, batch.labels, batch.label_mask, batch.domain, batch.user_id, batch.true_probs)
+        if self.eval_label_check is not None:
+            self.eval_label_check.update(batch.labels, batch.label_mask)
 
     def validation_step(self, batch, batch_idx):
         self._eval_step(batch, self.val_metrics, "val")
@@ -164,6 +168,8 @@ class LatticeModule(pl.LightningModule):
         self._eval_step(batch, self.test_metrics, "test")
 
     def _eval_epoch_end(self, metrics: MultiTaskMetrics, stage: str):
+        if self.eval_label_check is not None:
+            self.eval_label_check.finish({"val": "validation"}.get(stage, stage), self.device)
         results = metrics.compute()
         metrics.reset()
         self.eval_results[stage] = results
