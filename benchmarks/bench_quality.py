@@ -30,6 +30,14 @@ trained on). FLOPs per sample are the networks' analytic counts (``flops_per_sam
 bench_models.py), at the longest sequences and at the test rows' mean length. ``--network-arg NAME=VALUE``
 gives every selected model whose network accepts ``NAME`` the same setting (for example
 ``standardize_dense=true wide=true``), so an option is compared on all models at once, never on one alone.
+Each model's JSON entry also records its network's resolved init arguments (``network_init_args``): stacking
+a config that changes ``class_path`` keeps the base config's init arguments the new class accepts, and that
+record is where such a carried-over setting shows.
+
+Training seeds move a model's mean AUC by a few thousandths, as much as the models differ. ``--seed 0 1 2
+3`` trains every model once per seed: the tables and the targets then use each metric's mean over the seeds,
+and the report adds each model's per-seed mean AUC with its standard error, lattice's paired per-seed
+difference to every rival, and on how many seeds each target passes on its own.
 
 Targets (printed as pass/fail, never asserted):
 1. (d) has the best mean AUC over all (domain, task) pairs of every model;
@@ -41,6 +49,7 @@ Targets (printed as pass/fail, never asserted):
     python benchmarks/bench_quality.py                  # the full run
     python benchmarks/bench_quality.py --models lr lattice --epochs 2 --threads 2
     python benchmarks/bench_quality.py --network-arg standardize_dense=true wide=true
+    python benchmarks/bench_quality.py --models lattice interformer --epochs 2 --seed 0 1 2 3
 
 Writes JSON to ``--out`` (default benchmarks/results/bench_quality.json). Times are wall-clock on
 whatever machine runs it; nothing is asserted on them.
@@ -98,8 +107,9 @@ def cli_args(args, extra_config: Optional[str], overrides: List[str]) -> List[st
     if extra_config:
         out += ["--config", os.path.join(args.config_dir, extra_config)]
     out += ["--trainer.logger=false", f"--trainer.default_root_dir={os.path.join(args.work, 'cli')}"]
-    if args.seed is not None:
-        out.append(f"--seed_everything={args.seed}")
+    seed = getattr(args, "run_seed", None)
+    if seed is not None:
+        out.append(f"--seed_everything={seed}")
     if args.cache_dir:
         out.append(f"--data.cache_dir={args.cache_dir}")
     return out + overrides
@@ -139,6 +149,18 @@ def network_overrides(args, extra_config: Optional[str]) -> Tuple[List[str], Dic
     accepted = inspect.signature(network_class(args, extra_config).__init__).parameters
     given = {k: v for k, v in args.network_arg if k in accepted}
     return [f"--model.network.init_args.{k}={v}" for k, v in given.items()], given
+
+
+def resolved_init_args(config) -> Dict[str, Any]:
+    """The network's init arguments after every stacked config and override, as the CLI resolved them. Stacking
+    a config that changes ``class_path`` keeps the earlier init arguments the new class also accepts, so this is
+    where a setting carried over from the base config shows up."""
+    import jsonargparse
+
+    args = config.model.init_args.network.init_args
+    args = jsonargparse.namespace_to_dict(args) if isinstance(args, jsonargparse.Namespace) else dict(args)
+    args.pop("schema", None)  # linked from the data module, not a setting
+    return args
 
 
 def parse_network_arg(text: str) -> Tuple[str, str]:
@@ -296,7 +318,7 @@ def run_model(key: str, args, base_dm, data, overrides, epochs) -> Dict[str, Any
         run = fit_and_test(module, dm, test_dm, config, epochs, os.path.join(args.work, "ckpt", key))
         cost = network_cost(module.network, test_dm)
         return {"group": group, "description": description, "config": extra or args.config, "network_args": given,
-                **cost,
+                "network_init_args": resolved_init_args(config), **cost,
                 "train_s": run["train_s"], "test_s": run["test_s"], "best_epoch": run["best_epoch"],
                 "batch_size": dm.batch_size, "results": run["results"]}
     results: Dict[str, float] = {}
@@ -318,7 +340,7 @@ def run_model(key: str, args, base_dm, data, overrides, epochs) -> Dict[str, Any
         runs[d] = {"batch_size": bs, "best_epoch": run["best_epoch"], "train_s": run["train_s"]}
         cost = cost or network_cost(module.network, test_dm)
     return {"group": group, "description": description, "config": args.per_domain_config or args.config,
-            "network_args": given, **cost,
+            "network_args": given, "network_init_args": resolved_init_args(config), **cost,
             "train_s": train_s, "test_s": test_s, "best_epoch": {d: r["best_epoch"] for d, r in runs.items()},
             "batch_size": {d: r["batch_size"] for d, r in runs.items()}, "per_domain_runs": runs, "results": results}
 
@@ -394,7 +416,54 @@ def summarize(models: Dict[str, Dict[str, Any]], pairs, poor: str, args) -> Dict
 
 
 def best_epochs(best) -> str:
+    if isinstance(best, list):  # one per seed
+        return "/".join(best_epochs(b) for b in best)
     return ",".join(str(v) for v in best.values()) if isinstance(best, dict) else str(best)
+
+
+# ---- several seeds ------------------------------------------------------------------------------------
+def mean_and_se(values: List[float]) -> Tuple[float, float]:
+    """Mean and its standard error (``nan`` for one value)."""
+    n = len(values)
+    m = sum(values) / n
+    if n < 2:
+        return m, float("nan")
+    return m, math.sqrt(sum((v - m) ** 2 for v in values) / (n - 1) / n)
+
+
+def average_over_seeds(runs: List[Dict[str, Dict[str, Any]]]) -> Dict[str, Dict[str, Any]]:
+    """One model dict per model whose ``results`` are each metric's mean over the seeds' runs (so every mean
+    AUC and target computed from them is the mean over seeds); times and best epochs are kept per seed."""
+    models = {}
+    for key, first in runs[0].items():
+        per_seed = [run[key] for run in runs]
+        results = {k: mean(r["results"].get(k) for r in per_seed) for k in first["results"]}
+        models[key] = {**{k: v for k, v in first.items() if k not in ("results", "metrics")},
+                       "train_s": sum(r["train_s"] for r in per_seed), "test_s": sum(r["test_s"] for r in per_seed),
+                       "best_epoch": [r["best_epoch"] for r in per_seed], "results": results}
+    return models
+
+
+def seed_statistics(seeds: List[Any], runs: List[Dict[str, Dict[str, Any]]],
+                    summaries: List[Dict[str, Any]]) -> Dict[str, Any]:
+    """Per model: each seed's mean AUC, their mean and standard error; per rival of ``lattice``: the paired
+    per-seed difference of mean AUC (lattice minus rival), its mean and standard error; per target: which
+    seeds pass it on their own."""
+    stats: Dict[str, Any] = {"seeds": list(seeds), "mean_auc": {}, "lattice_minus": {}, "targets_per_seed": {}}
+    for key in runs[0]:
+        values = [run[key]["mean_auc"] for run in runs]
+        m, se = mean_and_se(values)
+        stats["mean_auc"][key] = {"per_seed": values, "mean": m, "se": se}
+    if "lattice" in runs[0]:
+        for key in runs[0]:
+            if key == "lattice":
+                continue
+            diffs = [run["lattice"]["mean_auc"] - run[key]["mean_auc"] for run in runs]
+            m, se = mean_and_se(diffs)
+            stats["lattice_minus"][key] = {"per_seed": diffs, "mean": m, "se": se}
+    for name in summaries[0]["targets"]:
+        stats["targets_per_seed"][name] = [s["targets"][name]["pass"] for s in summaries]
+    return stats
 
 
 def report(models, pairs, summary, poor: str) -> None:
@@ -437,6 +506,22 @@ def report(models, pairs, summary, poor: str) -> None:
         print("  (need the lattice model, plus per_domain and lr, to evaluate them)")
 
 
+def report_seeds(stats: Dict[str, Any]) -> None:
+    n = len(stats["seeds"])
+    print(f"\nAcross the {n} seeds {stats['seeds']}: mean AUC per seed, mean +- standard error")
+    print_table(["model"] + [f"seed {s}" for s in stats["seeds"]] + ["mean", "se"],
+                [[k] + [fmt(v) for v in x["per_seed"]] + [fmt(x["mean"]), fmt(x["se"])]
+                 for k, x in stats["mean_auc"].items()])
+    if stats["lattice_minus"]:
+        print("\nlattice minus each rival, paired by seed (mean AUC)")
+        print_table(["rival"] + [f"seed {s}" for s in stats["seeds"]] + ["mean", "se", "lattice ahead"],
+                    [[k] + [f"{v:+.4f}" for v in x["per_seed"]] + [f"{x['mean']:+.4f}", fmt(x["se"]),
+                                                                     f"{sum(v > 0 for v in x['per_seed'])}/{n}"]
+                     for k, x in stats["lattice_minus"].items()])
+    for name, passes in stats["targets_per_seed"].items():
+        print(f"  target {name}: passes on {sum(passes)} of {n} seeds on its own")
+
+
 def main(argv=None) -> Dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="tiny world, one epoch: a smoke run")
@@ -453,7 +538,10 @@ def main(argv=None) -> Dict[str, Any]:
                    help="test rows per domain at least (default 20000, --quick 1000); see the module docstring")
     p.add_argument("--margin", type=float, default=0.01, help="target (2): the AUC margin on the data-poor domain")
     p.add_argument("--gap-target", type=float, default=0.8, help="target (3): share of the LR -> oracle gap")
-    p.add_argument("--seed", type=int, default=None, help="seed_everything (default: the config's)")
+    p.add_argument("--seed", type=int, nargs="+", default=None,
+                   help="seed_everything (default: the config's). Several seeds train every model once per seed; "
+                        "the tables and targets then use the means over the seeds, and the report adds each "
+                        "model's standard error and lattice's paired difference to every rival")
     p.add_argument("--network-arg", nargs="+", action="extend", type=parse_network_arg, default=[],
                    metavar="NAME=VALUE",
                    help="an init argument given to every model's network that accepts it (the same help for all, "
@@ -482,6 +570,8 @@ def main(argv=None) -> Dict[str, Any]:
     os.makedirs(args.work, exist_ok=True)
     t_start = time.perf_counter()
 
+    seeds = args.seed or [None]
+    args.run_seed = seeds[0]
     # the world and the data module of the base config (the --quick world: a tiny one of the same shape)
     _, base_dm, base_cfg = build(args, None, [])
     overrides = quick_overrides(base_dm.world.config) if args.quick else []
@@ -497,21 +587,38 @@ def main(argv=None) -> Dict[str, Any]:
           f"{ {d: (r['train'], r['val'], r['test']) for d, r in data['rows'].items()} } (train, val, test) rows"
           + (f"; test rows of {sorted(data['enlarged_eval_world_rows'])} from the enlarged world"
              if data["enlarged_eval_world_rows"] else "")
-          + f"; {epochs} epoch(s), {torch.get_num_threads()} thread(s)", flush=True)
+          + f"; {epochs} epoch(s), {torch.get_num_threads()} thread(s)"
+          + (f"; seeds {seeds}" if len(seeds) > 1 else ""), flush=True)
 
-    models: Dict[str, Dict[str, Any]] = {}
-    for key in args.models:
-        print(f"training {key} ({MODELS[key][1]}) ...", flush=True)
-        models[key] = run_model(key, args, base_dm, data, overrides, epochs)
-        res = models[key]["results"]
-        print(f"  done in {models[key]['train_s']:.0f} s (test {models[key]['test_s']:.0f} s): mean test AUC "
-              f"{fmt(mean(res.get(f'{d}/{t}/auc') for d, t in pairs))}, {poor} "
-              f"{fmt(mean(res.get(f'{d}/{t}/auc') for d, t in pairs if d == poor))}, "
-              f"{models[key]['mflops_per_sample_mean_len']:.3f} MFLOP/sample at the mean length, best epoch "
-              f"{best_epochs(models[key]['best_epoch'])}", flush=True)
+    runs: List[Dict[str, Dict[str, Any]]] = []
+    summaries: List[Dict[str, Any]] = []
+    for seed in seeds:
+        args.run_seed = seed
+        models: Dict[str, Dict[str, Any]] = {}
+        for key in args.models:
+            print(f"training {key} ({MODELS[key][1]})" + (f", seed {seed}" if len(seeds) > 1 else "") + " ...",
+                  flush=True)
+            models[key] = run_model(key, args, base_dm, data, overrides, epochs)
+            res = models[key]["results"]
+            print(f"  done in {models[key]['train_s']:.0f} s (test {models[key]['test_s']:.0f} s): mean test AUC "
+                  f"{fmt(mean(res.get(f'{d}/{t}/auc') for d, t in pairs))}, {poor} "
+                  f"{fmt(mean(res.get(f'{d}/{t}/auc') for d, t in pairs if d == poor))}, "
+                  f"{models[key]['mflops_per_sample_mean_len']:.3f} MFLOP/sample at the mean length, best epoch "
+                  f"{best_epochs(models[key]['best_epoch'])}", flush=True)
+        runs.append(models)
+        summaries.append(summarize(models, pairs, poor, args))
 
-    summary = summarize(models, pairs, poor, args)
+    seed_stats = None
+    if len(seeds) == 1:
+        models, summary = runs[0], summaries[0]
+    else:
+        seed_stats = seed_statistics(seeds, runs, summaries)
+        models = average_over_seeds(runs)
+        summary = summarize(models, pairs, poor, args)
+        print(f"\nEvery figure below is the mean over seeds {seeds}; train s is the total over them.")
     report(models, pairs, summary, poor)
+    if seed_stats is not None:
+        report_seeds(seed_stats)
     total = time.perf_counter() - t_start
     print(f"\ntotal wall time {total:.0f} s")
     result = {
@@ -529,6 +636,13 @@ def main(argv=None) -> Dict[str, Any]:
         "oracle_mean_auc": summary["oracle_mean_auc"],
         "models": {k: {kk: vv for kk, vv in m.items() if kk != "results"} for k, m in models.items()},
         "targets": summary["targets"],
+        "seeds": seeds,
+        "seed_statistics": seed_stats,
+        "per_seed": None if seed_stats is None else [
+            {"seed": seed, "targets": s["targets"],
+             "models": {k: {kk: vv for kk, vv in m.items() if kk not in ("results", "network_init_args")}
+                        for k, m in run.items()}}
+            for seed, run, s in zip(seeds, runs, summaries)],
         "total_wall_s": total,
     }
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)

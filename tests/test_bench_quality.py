@@ -48,6 +48,10 @@ def test_quick_run_writes_every_model_and_pair(quick_run):
         assert model["params"] > 0 and model["mflops_per_sample"] > 0
         assert 0.0 <= model["mean_auc"] <= 1.0
     assert result["models"]["lr"]["gap_closed_vs_lr"] == pytest.approx(0.0)
+    # the resolved init arguments show what each network got, settings carried over from mdmo.yaml included
+    interformer = result["models"]["interformer"]["network_init_args"]
+    assert interformer["history_match"] is True and interformer["dim"] == 32 and "schema" not in interformer
+    assert result["seeds"] == [None] and result["seed_statistics"] is None and result["per_seed"] is None
     assert set(result["models"]["per_domain"]["batch_size"]) == {"feed", "search", "video", "shop"}
     # the per-domain models are the base config's network: same FLOPs as the consolidated one
     assert result["models"]["per_domain"]["mflops_per_sample"] == result["models"]["lattice"]["mflops_per_sample"]
@@ -85,3 +89,35 @@ def test_network_arg_reaches_every_model_that_accepts_it(quick_run, tmp_path):
 def test_network_arg_errors(bad, tmp_path):
     with pytest.raises(SystemExit):
         _load().main(["--quick", "--models", "lr", "--network-arg", *bad, "--out", str(tmp_path / "x.json")])
+
+
+def test_several_seeds_report_means_paired_differences_and_per_seed_targets(tmp_path):
+    bench = _load()
+    out = tmp_path / "seeds.json"
+    bench.main(["--quick", "--threads", "1", "--models", "lr", "lattice", "--seed", "3", "5",
+                "--cache-dir", str(tmp_path / "cache"), "--out", str(out)])
+    with open(out) as f:
+        result = json.load(f)
+    assert result["seeds"] == [3, 5] and [run["seed"] for run in result["per_seed"]] == [3, 5]
+    per_seed = [run["models"] for run in result["per_seed"]]
+    assert per_seed[0]["lattice"]["mean_auc"] != per_seed[1]["lattice"]["mean_auc"]  # the seed reached training
+    stats = result["seed_statistics"]
+    for key in ("lr", "lattice"):
+        values = [models[key]["mean_auc"] for models in per_seed]
+        # the reported model is the mean over the seeds, pair by pair and so on average
+        assert result["models"][key]["mean_auc"] == pytest.approx(sum(values) / 2)
+        for pair, metrics in result["models"][key]["metrics"].items():
+            assert metrics["auc"] == pytest.approx(sum(m[key]["metrics"][pair]["auc"] for m in per_seed) / 2)
+        assert stats["mean_auc"][key]["per_seed"] == pytest.approx(values)
+        assert stats["mean_auc"][key]["se"] == pytest.approx(abs(values[0] - values[1]) / 2)
+        assert len(result["models"][key]["best_epoch"]) == 2
+    diffs = [m["lattice"]["mean_auc"] - m["lr"]["mean_auc"] for m in per_seed]
+    assert stats["lattice_minus"]["lr"]["per_seed"] == pytest.approx(diffs)
+    assert stats["lattice_minus"]["lr"]["mean"] == pytest.approx(sum(diffs) / 2)
+    # the targets are judged on the means, and each seed's own verdict is kept beside them
+    target = result["targets"]["1_best_mean_auc"]
+    assert target["lattice_mean_auc"] == pytest.approx(result["models"]["lattice"]["mean_auc"])
+    assert stats["targets_per_seed"]["1_best_mean_auc"] == [run["targets"]["1_best_mean_auc"]["pass"]
+                                                           for run in result["per_seed"]]
+    gap = result["targets"]["3_closes_lr_oracle_gap"]
+    assert gap["lr_mean_auc"] == pytest.approx(result["models"]["lr"]["mean_auc"])
