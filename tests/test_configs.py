@@ -57,3 +57,30 @@ def test_quality_benchmark_networks_have_comparable_flops(name):
     lattice = _parse("mdmo.yaml").model.network.flops_per_sample(sequence_length=15.0)
     other = _parse("mdmo.yaml", name).model.network.flops_per_sample(sequence_length=15.0)
     assert 0.8 <= other / lattice <= 1.35, (name, other / lattice)
+
+
+def _network_init_args(path):
+    import yaml
+
+    with open(os.path.join(ROOT, "configs", path)) as f:
+        network = ((yaml.safe_load(f) or {}).get("model") or {}).get("network") or {}
+    return network.get("init_args") or {}
+
+
+@pytest.mark.parametrize("name", STACKED)
+def test_mdmo_lattice_settings_do_not_leak_into_stacked_networks(name):
+    """Stacking a config that changes ``class_path`` keeps every earlier init argument the new class accepts.
+    Only the arguments all networks share (``LatticeModel``'s: width, feature processing, heads, the options
+    every model is compared with) may carry over from mdmo.yaml's LatticeNetwork; a LatticeNetwork-specific
+    setting that another network also happens to accept (``dot_tokens``, ``norm``, ``num_layers``, ...) must
+    be restated by that network's own config, or the rival would silently run with LatticeNetwork's choice."""
+    import inspect
+
+    from lattice.models.base import LatticeModel
+
+    shared = set(inspect.signature(LatticeModel.__init__).parameters)
+    cli = _parse("mdmo.yaml", name)
+    accepted = set(inspect.signature(type(cli.model.network).__init__).parameters)
+    carried = set(_network_init_args("mdmo.yaml")) - set(_network_init_args(name))
+    leaked = sorted((carried & accepted) - shared)
+    assert not leaked, f"{name}: mdmo.yaml's LatticeNetwork settings {leaked} carry over; restate them in {name}"
