@@ -65,6 +65,7 @@ import math
 import os
 import platform
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -107,9 +108,8 @@ def cli_args(args, extra_config: Optional[str], overrides: List[str]) -> List[st
     if extra_config:
         out += ["--config", os.path.join(args.config_dir, extra_config)]
     out += ["--trainer.logger=false", f"--trainer.default_root_dir={os.path.join(args.work, 'cli')}"]
-    seed = getattr(args, "run_seed", None)
-    if seed is not None:
-        out.append(f"--seed_everything={seed}")
+    if args.run_seed is not None:  # the seed being run (main sets it for each of --seed)
+        out.append(f"--seed_everything={args.run_seed}")
     if args.cache_dir:
         out.append(f"--data.cache_dir={args.cache_dir}")
     return out + overrides
@@ -424,11 +424,10 @@ def best_epochs(best) -> str:
 # ---- several seeds ------------------------------------------------------------------------------------
 def mean_and_se(values: List[float]) -> Tuple[float, float]:
     """Mean and its standard error (``nan`` for one value)."""
-    n = len(values)
-    m = sum(values) / n
-    if n < 2:
+    m = statistics.fmean(values)
+    if len(values) < 2:
         return m, float("nan")
-    return m, math.sqrt(sum((v - m) ** 2 for v in values) / (n - 1) / n)
+    return m, statistics.stdev(values, m) / math.sqrt(len(values))
 
 
 def average_over_seeds(runs: List[Dict[str, Dict[str, Any]]]) -> Dict[str, Dict[str, Any]]:

@@ -21,12 +21,6 @@ class ConditionalLabelError(ValueError):
     """A conditional (``task_parents``) child is labelled only where its parent is positive."""
 
 
-def _pair_counts(labels: Tensor, label_mask: Tensor, child: Tensor, parent: Tensor) -> tuple[Tensor, Tensor]:
-    """Per pair: ``(rows with both labels present [P], those with the parent negative [P])``."""
-    both = label_mask[:, child] & label_mask[:, parent]
-    return both, both & (labels[:, parent] < 0.5)
-
-
 def _conditional_error(child: str, parent: str, rows: str) -> ConditionalLabelError:
     return ConditionalLabelError(
         f"task_parents declares {child!r} conditional on {parent!r}, but in {rows} with both labels present "
@@ -36,7 +30,32 @@ def _conditional_error(child: str, parent: str, rows: str) -> ConditionalLabelEr
     )
 
 
-class ConditionalLabelCheck:
+class _PairLabels:
+    """The (child, parent) pairs of ``task_parents`` and their label columns, shared by both checks.
+
+    Args:
+        pairs: ``(child name, parent name, child index, parent index)`` in the labels' task order.
+        reduce: sums a tensor over the data-parallel ranks (identity outside data parallelism).
+        min_rows: rows with both labels present needed before concluding that the child is conditional.
+    """
+
+    def __init__(self, pairs: Sequence[tuple[str, str, int, int]], reduce: Callable[[Tensor], Tensor],
+                 min_rows: int = 256) -> None:
+        self.pairs = list(pairs)
+        self.reduce = reduce
+        self.min_rows = int(min_rows)
+        self._child = torch.tensor([c for _, _, c, _ in self.pairs], dtype=torch.long)
+        self._parent = torch.tensor([p for _, _, _, p in self.pairs], dtype=torch.long)
+
+    def _masks(self, labels: Tensor, label_mask: Tensor) -> tuple[Tensor, Tensor]:
+        """``(both labels present [B, P], and the parent negative [B, P])`` of one batch."""
+        if self._child.device != labels.device:  # once: no host-to-device copy per step
+            self._child, self._parent = self._child.to(labels.device), self._parent.to(labels.device)
+        both = label_mask[:, self._child] & label_mask[:, self._parent]
+        return both, both & (labels[:, self._parent] < 0.5)
+
+
+class ConditionalLabelCheck(_PairLabels):
     """Watches the training labels of every (child, parent) pair of ``task_parents``.
 
     - Until a pair has shown one row with the child labelled and the parent labelled negative (the proof that
@@ -48,22 +67,14 @@ class ConditionalLabelCheck:
       ``p(child) <= p(parent)``; they are counted on the device (no host read) and reported by
       :meth:`warn_contradictions` as a warning, since real logs can have a few.
 
-    Args:
-        pairs: ``(child name, parent name, child index, parent index)`` in the labels' task order.
-        reduce: sums a tensor over the data-parallel ranks (identity outside data parallelism), so that
-            every rank takes the same decision at the same step.
-        min_rows: rows with both labels present needed before concluding that the child is conditional.
+    The arguments are :class:`_PairLabels`'s; ``reduce`` makes every rank take the same decision at the same step.
     """
 
     def __init__(self, pairs: Sequence[tuple[str, str, int, int]], reduce: Callable[[Tensor], Tensor],
                  min_rows: int = 256) -> None:
-        self.pairs = list(pairs)
-        self.reduce = reduce
-        self.min_rows = int(min_rows)
+        super().__init__(pairs, reduce, min_rows)
         self.open = [True] * len(self.pairs)
         self._seen = torch.zeros(len(self.pairs), 2, dtype=torch.float64)  # both present, parent negative
-        self._child = torch.tensor([c for _, _, c, _ in self.pairs], dtype=torch.long)
-        self._parent = torch.tensor([p for _, _, _, p in self.pairs], dtype=torch.long)
         self._contradictions: Tensor | None = None
         self._child_positive: Tensor | None = None
 
@@ -71,12 +82,10 @@ class ConditionalLabelCheck:
         """Adds one training batch (``labels [B, T]``, ``label_mask [B, T]``)."""
         if not self.pairs:
             return
-        if self._child.device != labels.device:  # once: no host-to-device copy per step
-            self._child, self._parent = self._child.to(labels.device), self._parent.to(labels.device)
-        child, parent = self._child, self._parent
-        both, parent_negative = _pair_counts(labels, label_mask, child, parent)
-        child_positive = both & (labels[:, child] > 0.5)
-        contradictions = (parent_negative & (labels[:, child] > 0.5)).sum(0)
+        both, parent_negative = self._masks(labels, label_mask)
+        child_labels = labels[:, self._child] > 0.5
+        child_positive = both & child_labels
+        contradictions = (parent_negative & child_labels).sum(0)
         if self._contradictions is None:
             self._contradictions = torch.zeros_like(contradictions)
             self._child_positive = torch.zeros_like(contradictions)
@@ -112,7 +121,7 @@ class ConditionalLabelCheck:
                 )
 
 
-class EvalConditionalLabelCheck:
+class EvalConditionalLabelCheck(_PairLabels):
     """The same refusal as :class:`ConditionalLabelCheck`, for ``lattice validate`` / ``test`` (and the
     validation loop of ``fit``): scoring the composed ``p(parent) * p(child | parent)`` against labels that exist
     only on the parent's positives would report a meaningless AUC without a word.
@@ -120,25 +129,20 @@ class EvalConditionalLabelCheck:
     Evaluation loaders need not give every rank the same number of batches, so nothing is reduced per step:
     :meth:`update` only adds on the device, and :meth:`finish`, called once per evaluation epoch on every rank,
     sums over ranks and raises on all of them at once when a pair has ``min_rows`` rows with both labels present
-    and not one with a negative parent. A pair with fewer rows is left undecided.
+    and not one with a negative parent. A pair with fewer rows is left undecided. The arguments are
+    :class:`_PairLabels`'s.
     """
 
     def __init__(self, pairs: Sequence[tuple[str, str, int, int]], reduce: Callable[[Tensor], Tensor],
                  min_rows: int = 256) -> None:
-        self.pairs = list(pairs)
-        self.reduce = reduce
-        self.min_rows = int(min_rows)
-        self._child = torch.tensor([c for _, _, c, _ in self.pairs], dtype=torch.long)
-        self._parent = torch.tensor([p for _, _, _, p in self.pairs], dtype=torch.long)
+        super().__init__(pairs, reduce, min_rows)
         self._counts: Tensor | None = None  # [P, 2]: both present, parent negative
 
     def update(self, labels: Tensor, label_mask: Tensor) -> None:
         """Adds one evaluation batch (``labels [B, T]``, ``label_mask [B, T]``); no host read."""
         if not self.pairs:
             return
-        if self._child.device != labels.device:
-            self._child, self._parent = self._child.to(labels.device), self._parent.to(labels.device)
-        both, parent_negative = _pair_counts(labels, label_mask, self._child, self._parent)
+        both, parent_negative = self._masks(labels, label_mask)
         counts = torch.stack([both.sum(0), parent_negative.sum(0)], 1)
         self._counts = counts if self._counts is None else self._counts + counts
 
