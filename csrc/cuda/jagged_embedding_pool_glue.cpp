@@ -232,7 +232,7 @@ at::Tensor pool_backward_psw_cuda(const at::Tensor& grad_output, const at::Tenso
   return grad;
 }
 
-void pool_backward_fused_cuda(at::Tensor& weights, at::Tensor& optimizer_state, const at::Tensor& grad_output,
+void pool_backward_fused_cuda(const at::Tensor& weights, const at::Tensor& optimizer_state, const at::Tensor& grad_output,
                               const at::Tensor& table_row_offsets, const at::Tensor& indices, const at::Tensor& offsets,
                               int64_t pooling, const std::optional<at::Tensor>& per_sample_weights, int64_t optimizer,
                               double learning_rate, double eps, double weight_decay) {
@@ -253,7 +253,7 @@ void pool_backward_fused_cuda(at::Tensor& weights, at::Tensor& optimizer_state, 
   check_status(s, op, j.p);
 }
 
-void sparse_rows_step_cuda(at::Tensor& weights, at::Tensor& optimizer_state, const at::Tensor& rows,
+void sparse_rows_step_cuda(const at::Tensor& weights, const at::Tensor& optimizer_state, const at::Tensor& rows,
                            const at::Tensor& row_grads, int64_t optimizer, double learning_rate, double eps,
                            double weight_decay) {
   const char* op = "sparse_rows_optimizer_step_";
