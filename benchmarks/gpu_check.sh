@@ -56,10 +56,28 @@ if want ptxas; then
   step ptxas .ci/check_cuda.sh
 fi
 
+# A crash (a signal, not a test failure) re-runs the file under cuda-gdb for a native backtrace.
+native_backtrace() {
+  local name=$1; shift
+  if command -v cuda-gdb >/dev/null; then
+    echo "-- $name crashed: its native backtrace, from cuda-gdb, in $OUT_DIR/${name}_gdb.log"
+    timeout 300 cuda-gdb -batch -ex "set pagination off" -ex run -ex bt -ex "info threads" --args "$@" \
+      >"$OUT_DIR/${name}_gdb.log" 2>&1
+    grep -A40 -m1 "received signal" "$OUT_DIR/${name}_gdb.log" || tail -n 40 "$OUT_DIR/${name}_gdb.log"
+  fi
+}
+
 if want tests; then
   shopt -s nullglob
-  gpu_tests=(tests/test_*cuda*.py)
-  step tests "$PYTHON" -m pytest -q -p no:cacheprovider "${gpu_tests[@]}"
+  PYEXE=$("$PYTHON" -c "import sys; print(sys.executable)")  # the binary itself (a debugger cannot run a shim)
+  # One process per file: a crash in one file leaves the others' results standing.
+  for f in tests/test_*cuda*.py; do
+    name=tests_$(basename "$f" .py)
+    cmd=("$PYTHON" -m pytest -q -p no:cacheprovider "$f")
+    step "$name" "${cmd[@]}"
+    rc=$?
+    if ((rc > 128)); then native_backtrace "$name" "$PYEXE" -m pytest -x -q -p no:cacheprovider "$f"; fi
+  done
 fi
 
 if want emu; then

@@ -87,12 +87,13 @@ Problem check_inputs(const at::Tensor& q, const at::Tensor& q_offsets, const at:
   TORCH_CHECK(q.size(2) <= std::numeric_limits<int32_t>::max() && q.size(1) <= std::numeric_limits<int32_t>::max(),
               "q has too many heads or too large a head dim for the CUDA kernels: shape ", q.sizes());
   TORCH_CHECK(std::isfinite(scale), "scale must be finite, got ", scale);
+  // The order of the CPU kernel's checks, so both devices report the same first error.
+  at::Tensor qo = checked_offsets(q_offsets, "q_offsets", q, q.size(0), "q");
+  at::Tensor ko = checked_offsets(kv_offsets, "kv_offsets", q, k.size(0), "k");
   TORCH_CHECK(q_offsets.numel() == kv_offsets.numel(),
               "q_offsets and kv_offsets must describe the same number of samples: q_offsets has ", q_offsets.numel() - 1,
               " samples (", q_offsets.numel(), " entries), kv_offsets has ", kv_offsets.numel() - 1, " (",
               kv_offsets.numel(), " entries)");
-  at::Tensor qo = checked_offsets(q_offsets, "q_offsets", q, q.size(0), "q");
-  at::Tensor ko = checked_offsets(kv_offsets, "kv_offsets", q, k.size(0), "k");
   TORCH_CHECK(qo.numel() - 1 <= std::numeric_limits<int32_t>::max(), "jagged_attention (CUDA): at most 2^31 - 1 samples, got ",
               qo.numel() - 1);
   auto on_device = [&](const at::Tensor& original, const at::Tensor& host) {
