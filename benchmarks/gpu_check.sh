@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# On a machine with an NVIDIA GPU: build lattice with its CUDA kernels, run the CUDA tests on the GPU, the
-# compile/resource report, the CUDA kernel benchmarks, an end-to-end `lattice fit` on the GPU and a
-# compute-sanitizer memcheck pass over a subset of the CUDA tests; print their tables.
+# On a machine with an NVIDIA GPU: build lattice with its CUDA kernels, run the CUDA tests on the GPU (one
+# process per file; a file that crashes is re-run under cuda-gdb for a native backtrace), the CPU kernels'
+# bad-input tests under that machine's torch, the compile/resource report, the CUDA kernel benchmarks, an
+# end-to-end `lattice fit` on the GPU and a compute-sanitizer memcheck pass over the float32 CUDA tests; print
+# their tables.
 #
 # Usage: benchmarks/gpu_check.sh [--quick]    (--quick: smoke-sized benchmarks)
 # Needs a CUDA build of torch and nvcc (CUDA_HOME). Every step runs even when an earlier one failed (a build
@@ -9,7 +11,7 @@
 # Environment:
 #   PYTHON              interpreter holding the CUDA torch (default python3)
 #   GPU_CHECK_OUT       folder for the logs and benchmark JSON (default benchmarks/results/gpu)
-#   GPU_CHECK_STEPS     steps to run (default "build ptxas tests bench fit sanitize"; add "emu" for the
+#   GPU_CHECK_STEPS     steps to run (default "build ptxas tests cpu_errors bench fit sanitize"; add "emu" for the
 #                       emulated-kernel tests, which CI runs anyway)
 #   GPU_CHECK_SANITIZE_S  time limit of the compute-sanitizer step in seconds (default 150)
 set -uo pipefail
@@ -17,7 +19,7 @@ cd "$(dirname "$0")/.."
 QUICK=${1:-}
 PYTHON=${PYTHON:-python3}
 OUT_DIR=${GPU_CHECK_OUT:-benchmarks/results/gpu}
-STEPS=" ${GPU_CHECK_STEPS:-build ptxas tests bench fit sanitize} "
+STEPS=" ${GPU_CHECK_STEPS:-build ptxas tests cpu_errors bench fit sanitize} "
 mkdir -p "$OUT_DIR"
 failed=()
 
@@ -78,6 +80,13 @@ if want tests; then
     rc=$?
     if ((rc > 128)); then native_backtrace "$name" "$PYEXE" -m pytest -x -q -p no:cacheprovider "$f"; fi
   done
+fi
+
+if want cpu_errors; then
+  # The CPU kernels' bad-input tests under this machine's torch: tells a crash of the CUDA glue's error path from
+  # one of the torch build itself.
+  step cpu_errors "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_pooling_errors.py tests/test_attention_op.py \
+    -k "bad or error or range or offsets or dtypes or shapes or arguments"
 fi
 
 if want emu; then
