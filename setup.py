@@ -7,8 +7,10 @@ fetch another one (``pip install --no-build-isolation -e .``).
 Environment knobs:
   LATTICE_MARCH       -march value for the CPU kernels (default ``native``: a source build targets the
                       machine it runs on, AVX-512 where present); ``x86-64-v3`` for a portable AVX2 build.
-  LATTICE_FORCE_CUDA  1 to build the CUDA sources even when torch reports no GPU.
+  LATTICE_FORCE_CUDA  1 to build the CUDA sources even when torch reports no GPU; 0 never to build them.
   LATTICE_DEBUG       1 for -O0 -g.
+  LATTICE_SANITIZE    ``address`` for an AddressSanitizer build of the CPU kernels (-O1 -g; run it with libasan
+                      and libstdc++ preloaded, as .ci/asan.sh does).
 """
 import glob
 import os
@@ -32,21 +34,28 @@ def _sources(pattern):
 
 
 def _want_cuda():
-    if os.environ.get("LATTICE_FORCE_CUDA", "0") == "1":
-        return True
+    force = os.environ.get("LATTICE_FORCE_CUDA", "")
+    if force in ("0", "1"):
+        return force == "1"
     return torch.cuda.is_available() and torch.version.cuda is not None and CUDA_HOME is not None
 
 
 def build_extension():
     debug = os.environ.get("LATTICE_DEBUG", "0") == "1"
     march = os.environ.get("LATTICE_MARCH", "native")
+    sanitize = os.environ.get("LATTICE_SANITIZE", "")
+    if sanitize not in ("", "address"):
+        raise SystemExit(f"LATTICE_SANITIZE must be 'address' or unset, got {sanitize!r}")
     opt = ["-O0", "-g"] if debug else ["-O3"]
-    cxx_flags = opt + ["-std=c++17", "-fopenmp", f"-march={march}", "-fno-math-errno"]
+    sanitize_flags = [f"-fsanitize={sanitize}", "-fno-omit-frame-pointer"] if sanitize else []
+    if sanitize and not debug:
+        opt = ["-O1", "-g"]
+    cxx_flags = opt + sanitize_flags + ["-std=c++17", "-fopenmp", f"-march={march}", "-fno-math-errno"]
     sources = ["csrc/ops.cpp"] + _sources("csrc/cpu/*.cpp")
     include_dirs = [os.path.join(HERE, "csrc", "include")]
     # cpp_extension adds no OpenMP flag: compile AND link with it, so the kernels run multithreaded.
     # libgomp's SONAME matches the copy torch ships, so one OpenMP runtime is loaded, not two.
-    link_args = ["-fopenmp"]
+    link_args = ["-fopenmp"] + sanitize_flags[:1]
     if _want_cuda():
         sources += _sources("csrc/cuda/*.cu") + _sources("csrc/cuda/*.cpp")
         nvcc_flags = opt + ["-std=c++17", "--expt-relaxed-constexpr", "-Xptxas", "-v", "-lineinfo"]

@@ -12,7 +12,8 @@
 #   PYTHON              interpreter holding the CUDA torch (default python3)
 #   GPU_CHECK_OUT       folder for the logs and benchmark JSON (default benchmarks/results/gpu)
 #   GPU_CHECK_STEPS     steps to run (default "build ptxas tests cpu_errors bench fit sanitize"; add "emu" for the
-#                       emulated-kernel tests, which CI runs anyway)
+#                       emulated-kernel tests, which CI runs anyway, or "asan_cpu" for the CPU kernels under
+#                       AddressSanitizer on this host's SIMD paths, about 3 minutes)
 #   GPU_CHECK_SANITIZE_S  time limit of the compute-sanitizer step in seconds (default 150)
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -87,6 +88,12 @@ if want cpu_errors; then
   # one of the torch build itself.
   step cpu_errors "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_pooling_errors.py tests/test_attention_op.py \
     -k "bad or error or range or offsets or dtypes or shapes or arguments"
+fi
+
+if want asan_cpu; then
+  # The CPU kernels under AddressSanitizer, built for this host's SIMD (often AVX-512 on GPU machines, which the
+  # CI machine may lack).
+  step asan_cpu env PYTHON="$PYTHON" .ci/asan.sh
 fi
 
 if want emu; then
