@@ -76,8 +76,7 @@ if want tests; then
   # One process per file: a crash in one file leaves the others' results standing.
   for f in tests/test_*cuda*.py; do
     name=tests_$(basename "$f" .py)
-    cmd=("$PYTHON" -m pytest -q -p no:cacheprovider "$f")
-    step "$name" "${cmd[@]}"
+    step "$name" "$PYTHON" -m pytest -q -p no:cacheprovider "$f"
     rc=$?
     if ((rc > 128)); then native_backtrace "$name" "$PYEXE" -m pytest -x -q -p no:cacheprovider "$f"; fi
   done
