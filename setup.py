@@ -9,7 +9,7 @@ Environment knobs:
                       machine it runs on, AVX-512 where present); ``x86-64-v3`` for a portable AVX2 build.
   LATTICE_FORCE_CUDA  1 to build the CUDA sources even when torch reports no GPU; 0 never to build them.
   LATTICE_DEBUG       1 for -O0 -g.
-  LATTICE_SANITIZE    ``address`` for an AddressSanitizer build of the CPU kernels (-O1 -g; run it with libasan
+  LATTICE_SANITIZE    ``address`` for an AddressSanitizer build of the CPU kernels (-O0 -g; run it with libasan
                       and libstdc++ preloaded, as .ci/asan.sh does).
 """
 import glob
@@ -46,10 +46,10 @@ def build_extension():
     sanitize = os.environ.get("LATTICE_SANITIZE", "")
     if sanitize not in ("", "address"):
         raise SystemExit(f"LATTICE_SANITIZE must be 'address' or unset, got {sanitize!r}")
-    opt = ["-O0", "-g"] if debug else ["-O3"]
+    # A sanitized build is a debug build too: at -O0 it builds in a third of -O1's time here, and ASan reports
+    # point at the exact source line.
+    opt = ["-O0", "-g"] if debug or sanitize else ["-O3"]
     sanitize_flags = [f"-fsanitize={sanitize}", "-fno-omit-frame-pointer"] if sanitize else []
-    if sanitize and not debug:
-        opt = ["-O1", "-g"]
     cxx_flags = opt + sanitize_flags + ["-std=c++17", "-fopenmp", f"-march={march}", "-fno-math-errno"]
     sources = ["csrc/ops.cpp"] + _sources("csrc/cpu/*.cpp")
     include_dirs = [os.path.join(HERE, "csrc", "include")]
