@@ -55,7 +55,7 @@ def build_extension():
     include_dirs = [os.path.join(HERE, "csrc", "include")]
     # cpp_extension adds no OpenMP flag: compile AND link with it, so the kernels run multithreaded.
     # libgomp's SONAME matches the copy torch ships, so one OpenMP runtime is loaded, not two.
-    link_args = ["-fopenmp"] + sanitize_flags[:1]
+    link_args = ["-fopenmp"] + ([f"-fsanitize={sanitize}"] if sanitize else [])
     if _want_cuda():
         sources += _sources("csrc/cuda/*.cu") + _sources("csrc/cuda/*.cpp")
         nvcc_flags = opt + ["-std=c++17", "--expt-relaxed-constexpr", "-Xptxas", "-v", "-lineinfo"]

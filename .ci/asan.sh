@@ -12,8 +12,14 @@ CXX_CMD=${CXX:-g++}
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 
-# Tracked and untracked-but-not-ignored files: what the checkout would build.
-git ls-files -z -co --exclude-standard | tar --null -T - -cf - | tar -xf - -C "$tmp/"
+# Tracked and untracked-but-not-ignored files: what the checkout would build. Outside a git checkout, the
+# sources and tests without build outputs.
+if git rev-parse --is-inside-work-tree >/dev/null 2>&1; then
+  git ls-files -z -co --exclude-standard | tar --null -T - -cf - | tar -xf - -C "$tmp/"
+else
+  tar --exclude='*.so' --exclude='__pycache__' -cf - setup.py pyproject.toml README.md lattice csrc tests configs |
+    tar -xf - -C "$tmp/"
+fi
 cd "$tmp"
 echo "== build (LATTICE_SANITIZE=address) in $tmp"
 if ! LATTICE_SANITIZE=address LATTICE_FORCE_CUDA=0 MAX_JOBS=${MAX_JOBS:-$(nproc)} \

@@ -232,8 +232,9 @@ at::Tensor pool_backward_psw_cuda(const at::Tensor& grad_output, const at::Tenso
   return grad;
 }
 
-void pool_backward_fused_cuda(const at::Tensor& weights, const at::Tensor& optimizer_state, const at::Tensor& grad_output,
-                              const at::Tensor& table_row_offsets, const at::Tensor& indices, const at::Tensor& offsets,
+void pool_backward_fused_cuda(const at::Tensor& weights, const at::Tensor& optimizer_state,
+                              const at::Tensor& grad_output, const at::Tensor& table_row_offsets,
+                              const at::Tensor& indices, const at::Tensor& offsets,
                               int64_t pooling, const std::optional<at::Tensor>& per_sample_weights, int64_t optimizer,
                               double learning_rate, double eps, double weight_decay) {
   const char* op = "jagged_embedding_pool_backward_fused_";
