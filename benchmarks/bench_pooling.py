@@ -21,7 +21,9 @@ Implementations measured in the same run:
 Printed per configuration: medians, ratios, effective GB/s (= row bytes gathered / time) and the
 machine's streaming read bandwidth (a large ``torch.sum``, measured in the same run), the 1- vs
 2-thread times of lattice's forward and fused step, and the issue's targets with pass/fail. The JSON
-goes to ``--out``. Times only; this script asserts nothing.
+goes to ``--out``. Before timing a configuration, lattice's forward, sparse backward and fused row-wise
+Adagrad step are checked against torch on its tensors (``pool_agreement.py``); a disagreement is printed and
+makes the exit status 1. Nothing is asserted about time.
 
     python benchmarks/bench_pooling.py                # full run (needs ~15 GB free for 1M x 128)
     python benchmarks/bench_pooling.py --quick        # small smoke run
@@ -48,6 +50,7 @@ import lattice  # noqa: E402
 from lattice.ops import jagged_embedding_pool, jagged_embedding_pool_fused  # noqa: E402
 from lattice.ops import reference as lattice_reference  # noqa: E402
 from lattice.ops._memory import empty_huge_pages  # noqa: E402
+from pool_agreement import check_pooling_agreement, describe  # noqa: E402  (benchmarks/, sys.path[0])
 
 try:  # optional baseline
     from fbgemm_gpu.split_embedding_configs import EmbOptimType, SparseType
@@ -456,6 +459,7 @@ def main(argv=None) -> int:
         "stream_read": stream,
         "configs": [],
     }
+    all_agree = True
     for rows in args.rows:
         for D in args.dims:
             table_bytes = args.tables * rows * D * 4
@@ -469,6 +473,11 @@ def main(argv=None) -> int:
                 report["configs"].append(entry)
                 continue
             w = Workload(args.tables, rows, D, args.batch, args.max_len)
+            agreement = check_pooling_agreement(w.weights, w.tro, w.indices, w.offsets, w.global_indices, w.grad,
+                                                learning_rate=LR, eps=EPS)
+            print(f"\nrows={rows:,} D={D}: {describe(agreement)}")
+            entry["agreement"] = agreement
+            all_agree = all_agree and agreement["ok"]
             extra_copy_ok = avail is None or 2 * table_bytes + (1 << 30) <= args.memory_fraction * avail
             res: Dict[str, Dict] = {}
             if "forward" in args.modes:
@@ -502,6 +511,9 @@ def main(argv=None) -> int:
     with open(args.out, "w") as f:
         json.dump(report, f, indent=1)
     print(f"\nwrote {args.out}")
+    if not all_agree:
+        print("lattice's kernels DISAGREE with torch on at least one configuration (see 'agreement' above)")
+        return 1
     return 0
 
 

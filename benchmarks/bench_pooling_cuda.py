@@ -5,7 +5,9 @@ forward; forward + sparse backward (unique rows and their gradients); a training
 into backward (row-wise Adagrad). Baselines measured in the same run: one ``F.embedding_bag`` call over the
 concatenated table, a Python loop of per-table ``nn.EmbeddingBag``, ``F.embedding_bag(sparse=True)`` + torch's
 sparse Adagrad step, and FBGEMM's GPU TBE when ``fbgemm_gpu`` is importable. Prints medians (CUDA events), ratios
-against ours and effective GB/s (row bytes gathered / time); writes JSON (``--out``).
+against ours and effective GB/s (row bytes gathered / time); writes JSON (``--out``). Each configuration is first
+checked against torch on its own tensors (``pool_agreement.py``: forward, sparse backward, fused row-wise Adagrad
+step); a disagreement is printed and makes the exit status 1.
 """
 from __future__ import annotations
 
@@ -17,6 +19,8 @@ import sys
 
 import torch
 import torch.nn.functional as F
+
+from pool_agreement import check_pooling_agreement, describe  # benchmarks/, sys.path[0]
 
 
 def timed(fn, warmup, repeat):
@@ -53,6 +57,9 @@ def run_case(T, R, D, B, L, dtype, warmup, repeat):
     n = c["indices"].numel()
     gathered_bytes = n * D * c["weights"].element_size()
     go = torch.randn(B, T, D, device="cuda", dtype=dtype)
+    agreement = check_pooling_agreement(c["weights"], c["tro"], c["indices"], c["offsets"], c["global_indices"], go)
+    agreement.update(T=T, R=R, D=D, B=B, L=L, dtype=str(dtype).replace("torch.", ""))
+    print(f"{agreement['dtype']} rows={R:,} D={D}: {describe(agreement)}")
     results = []
 
     def add(mode, impl, ms, moved=gathered_bytes):
@@ -129,7 +136,7 @@ def run_case(T, R, D, B, L, dtype, warmup, repeat):
             add("forward", "FBGEMM TBE", timed(lambda: tbe(c["indices"], c["offsets"]), warmup, repeat))
     except Exception as err:  # noqa: BLE001 - optional baseline
         print(f"  (FBGEMM TBE skipped: {type(err).__name__}: {err})", file=sys.stderr)
-    return results
+    return results, agreement
 
 
 def main():
@@ -156,12 +163,15 @@ def main():
         return 1
     if args.smoke:
         args.rows, args.dims, args.batch, args.tables, args.warmup, args.repeat = [1000], [64], 64, 4, 1, 2
-    results = []
+    results, agreements = [], []
     for dtype_name in args.dtypes:
         dtype = getattr(torch, dtype_name)
         for R in args.rows:
             for D in args.dims:
-                results += run_case(args.tables, R, D, args.batch, args.max_len, dtype, args.warmup, args.repeat)
+                case_results, agreement = run_case(args.tables, R, D, args.batch, args.max_len, dtype, args.warmup,
+                                                   args.repeat)
+                results += case_results
+                agreements.append(agreement)
     print(f"\n{torch.cuda.get_device_name()}  T={args.tables} B={args.batch} bag length 1..{args.max_len}")
     hdr = f"{'dtype':<9}{'rows':>9}{'D':>5}  {'mode':<17}{'impl':<42}{'median ms':>10}{'vs ours':>9}{'GB/s':>8}"
     print(hdr)
@@ -178,8 +188,11 @@ def main():
               f"{r['gbps']:>8.0f}")
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
-        json.dump(dict(device=torch.cuda.get_device_name(), results=results), f, indent=1)
+        json.dump(dict(device=torch.cuda.get_device_name(), results=results, agreement=agreements), f, indent=1)
     print(f"\nwrote {args.out}  ('vs ours' = their time / ours: > 1 means lattice is faster)")
+    if not all(a["ok"] for a in agreements):
+        print("lattice's CUDA kernels DISAGREE with torch on at least one configuration (see 'agreement' above)")
+        return 1
     return 0
 
 
