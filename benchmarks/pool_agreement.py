@@ -6,9 +6,9 @@ Three checks, on the benchmark's own tensors (sum pooling):
 - forward against one ``F.embedding_bag`` call over the concatenated table;
 - the sparse backward (unique rows, summed row gradients) against ``F.embedding_bag(sparse=True)``'s coalesced
   gradient;
-- one fused row-wise Adagrad step (fresh state) against the same step computed in torch from that gradient, on
-  every touched row, plus a sample of untouched rows that must not move. The touched rows are restored
-  afterwards, so the benchmark then times the table it built.
+- one fused row-wise Adagrad step (fresh state) against the reference's step (``lattice.ops.reference``) from
+  that gradient, on every touched row, plus a sample of untouched rows that must not move. The touched rows are
+  restored afterwards, so the benchmark then times the table it built.
 """
 from __future__ import annotations
 
@@ -16,6 +16,8 @@ from typing import Dict
 
 import torch
 import torch.nn.functional as F
+
+from lattice.ops.reference import pooling as pooling_reference
 
 # Relative tolerance per storage dtype (errors are taken relative to max(1, the reference's largest magnitude)).
 RTOL = {torch.float32: 1e-4, torch.float64: 1e-9, torch.bfloat16: 2e-2, torch.float16: 4e-3}
@@ -68,9 +70,12 @@ def check_pooling_agreement(weights: torch.Tensor, table_row_offsets: torch.Tens
 
     with torch.no_grad():
         saved = weights[restore_rows].clone()
-        touched = weights[rows_ref].clone()
-        g = grads_ref.float()
-        expected = touched.float() - learning_rate * g / ((g * g).mean(1, keepdim=True).sqrt() + eps)
+        # The expected step: the reference's row-wise Adagrad on a compact copy of the touched rows.
+        expected = weights[rows_ref]
+        touched_ids = torch.arange(rows_ref.numel(), device=weights.device)
+        pooling_reference.sparse_rows_optimizer_step_(
+            expected, torch.zeros(rows_ref.numel(), device=weights.device), touched_ids, grads_ref,
+            pooling_reference.ROWWISE_ADAGRAD, learning_rate, eps, 0.0)
         is_touched = torch.zeros(weights.shape[0], dtype=torch.bool, device=weights.device)
         is_touched[rows_ref] = True
         untouched_rows = (~is_touched).nonzero().flatten()
@@ -79,13 +84,13 @@ def check_pooling_agreement(weights: torch.Tensor, table_row_offsets: torch.Tens
         untouched = weights[untouched_rows].clone()
         state = torch.zeros(weights.shape[0], dtype=torch.float32, device=weights.device)
         ops.jagged_embedding_pool_backward_fused_(weights, state, grad_output, table_row_offsets, indices, offsets, 0,
-                                                  None, 1, learning_rate, eps, 0.0)
-        step_err = _rel_err(weights[rows_ref], expected.to(weights.dtype))
+                                                  None, pooling_reference.ROWWISE_ADAGRAD, learning_rate, eps, 0.0)
+        step_err = _rel_err(weights[rows_ref], expected)
         moved = not torch.equal(weights[untouched_rows], untouched)
         weights[restore_rows] = saved  # the benchmark goes on with the table it built
     report["fused_step"] = float("inf") if moved else step_err
     report["untouched_rows_moved"] = moved
-    del saved, touched, expected, state, is_touched
+    del saved, expected, state, is_touched
     report["ok"] = all(report[k] <= tol for k in ("forward", "backward", "fused_step"))
     return report
 
