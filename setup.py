@@ -40,6 +40,26 @@ def _want_cuda():
     return torch.cuda.is_available() and torch.version.cuda is not None and CUDA_HOME is not None
 
 
+def _cxx_runtime_link_args():
+    """The shared libstdc++ this process (torch) runs with, as a link input, on Linux.
+
+    A toolchain whose only libstdc++ is the static archive (a gcc built into /opt with --disable-shared, or
+    -static-libstdc++ in the interpreter's link flags) would otherwise copy libstdc++ into lattice._C. That
+    second copy has its own std::locale ids, and the first number streamed into an error message (any
+    TORCH_CHECK naming a value) crashes the process. Named before the driver's own -lstdc++, the shared
+    library defines every C++ runtime symbol, so nothing is taken from an archive.
+    """
+    try:
+        with open("/proc/self/maps") as maps:
+            for line in maps:
+                fields = line.split()
+                if len(fields) >= 6 and os.path.basename(fields[-1]).startswith("libstdc++.so"):
+                    return [fields[-1]]
+    except OSError:  # not Linux
+        pass
+    return []
+
+
 def build_extension():
     debug = os.environ.get("LATTICE_DEBUG", "0") == "1"
     march = os.environ.get("LATTICE_MARCH", "native")
@@ -55,7 +75,7 @@ def build_extension():
     include_dirs = [os.path.join(HERE, "csrc", "include")]
     # cpp_extension adds no OpenMP flag: compile AND link with it, so the kernels run multithreaded.
     # libgomp's SONAME matches the copy torch ships, so one OpenMP runtime is loaded, not two.
-    link_args = ["-fopenmp"] + ([f"-fsanitize={sanitize}"] if sanitize else [])
+    link_args = ["-fopenmp"] + _cxx_runtime_link_args() + ([f"-fsanitize={sanitize}"] if sanitize else [])
     if _want_cuda():
         sources += _sources("csrc/cuda/*.cu") + _sources("csrc/cuda/*.cpp")
         nvcc_flags = opt + ["-std=c++17", "--expt-relaxed-constexpr", "-Xptxas", "-v", "-lineinfo"]

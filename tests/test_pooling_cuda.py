@@ -16,7 +16,7 @@ pytestmark = pytest.mark.skipif(not HAVE_CUDA_KERNELS, reason="needs a GPU and l
 
 ops = torch.ops.lattice
 TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.float16: dict(rtol=2e-3, atol=2e-3),
-       torch.bfloat16: dict(rtol=1.6e-2, atol=1.6e-2)}
+       torch.bfloat16: dict(rtol=1.6e-2, atol=1.6e-2), torch.float64: dict(rtol=1e-10, atol=1e-10)}
 
 
 def make(T=4, B=33, D=64, rows=(50, 7, 300, 1), max_len=12, dtype=torch.float32, itype=torch.int64, psw=False,
