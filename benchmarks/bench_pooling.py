@@ -20,7 +20,15 @@ Implementations measured in the same run:
 
 Printed per configuration: medians, ratios, effective GB/s (= row bytes gathered / time) and the
 machine's streaming read bandwidth (a large ``torch.sum``, measured in the same run), the 1- vs
-2-thread times of lattice's forward and fused step, and the issue's targets with pass/fail. The JSON
+2-thread times of lattice's forward and fused step, and the issue's targets with pass/fail.
+
+Also printed, to tell what the step target asks of the machine: the fused step must read and write back
+every distinct row it touches (and its Adagrad state), which the machine's streaming read-modify-write
+bandwidth (an in-place ``add_`` over a large buffer, same run) bounds. ``step_over_forward_floor`` is the
+smallest step / forward our forward admits if those updates ran at that bandwidth, with the sort and the
+gradient reads free; ``step_over_forward_floor_at_60pct_forward`` is the same for a forward at 60 % of the
+streaming read bandwidth (the forward target). ``step_update_fraction_of_rmw_bw`` is how fast our backward
+moves those bytes, as a share of that bandwidth. The JSON
 goes to ``--out``. Before timing a configuration, lattice's forward, sparse backward and fused row-wise
 Adagrad step are checked against torch on its tensors (``pool_agreement.py``); a disagreement is printed and
 makes the exit status 1. Nothing is asserted about time.
@@ -128,6 +136,19 @@ def mem_available_bytes() -> Optional[int]:
     return None
 
 
+def stream_update_bandwidth(gib: float, repeats: int) -> Dict[str, float]:
+    """GB/s (bytes read + bytes written) of a streaming in-place update: ``add_`` over a large buffer, the
+    access pattern of an optimizer writing back the rows it read."""
+    n = int(gib * (1 << 30)) // 4
+    x = torch.ones(n, dtype=torch.float32)
+    r = timeit(lambda: x.add_(1.0), repeats, 2)
+    moved = 2 * n * 4
+    out = {"bytes_moved": moved, "median_s": r["median_s"], "gbps": moved / r["median_s"] / 1e9,
+           "best_gbps": moved / r["min_s"] / 1e9}
+    del x
+    return out
+
+
 def stream_read_bandwidth(gib: float, repeats: int) -> Dict[str, float]:
     """GB/s of a streaming read: torch.sum over a buffer far larger than the caches."""
     n = int(gib * (1 << 30)) // 4
@@ -157,6 +178,7 @@ class Workload:
         table_of_pos = torch.repeat_interleave(torch.arange(T), per_table)
         self.global_indices = self.indices + table_of_pos * rows
         self.grad = torch.randn(B, T, D, generator=g)
+        self.unique_rows = int(torch.unique(self.global_indices).numel())
         # per-table inputs for the nn.EmbeddingBag loop
         starts = torch.cat([torch.zeros(1, dtype=torch.int64), per_table.cumsum(0)])
         self.table_inputs = []
@@ -167,6 +189,11 @@ class Workload:
     @property
     def gathered_bytes(self) -> int:
         return self.N * self.D * self.weights.element_size()
+
+    @property
+    def update_bytes(self) -> int:
+        """Bytes a fused row-wise Adagrad step must read and write back: each distinct row and its state."""
+        return 2 * self.unique_rows * (self.D * self.weights.element_size() + 4)
 
 
 # ---- implementations -----------------------------------------------------------------------------------
@@ -349,7 +376,8 @@ def median(res: Dict[str, Dict], impl: str, mode: str) -> Optional[float]:
     return None if r is None else r["median_s"]
 
 
-def summarize(w: Workload, res: Dict[str, Dict], stream_gbps: float, scaling: Dict) -> Dict[str, object]:
+def summarize(w: Workload, res: Dict[str, Dict], stream_gbps: float, scaling: Dict,
+              update_gbps: Optional[float] = None) -> Dict[str, object]:
     s: Dict[str, object] = {}
     ours_fwd = median(res, "lattice", "forward")
     torch_fwd = [t for t in (median(res, "F.embedding_bag", "forward"), median(res, "nn.EmbeddingBag loop", "forward"))
@@ -365,6 +393,13 @@ def summarize(w: Workload, res: Dict[str, Dict], stream_gbps: float, scaling: Di
     ours_step = median(res, "lattice", "step")
     if ours_step and ours_fwd:
         s["step_over_forward"] = ours_step / ours_fwd
+        if update_gbps:
+            update_s = w.update_bytes / (update_gbps * 1e9)
+            fwd_at_target = w.gathered_bytes / (0.6 * stream_gbps * 1e9)
+            s["step_over_forward_floor"] = (ours_fwd + update_s) / ours_fwd
+            s["step_over_forward_floor_at_60pct_forward"] = (fwd_at_target + update_s) / fwd_at_target
+            if ours_step > ours_fwd:
+                s["step_update_fraction_of_rmw_bw"] = update_s / (ours_step - ours_fwd)
     if ours_step:
         if median(res, "fbgemm TBE", "step"):
             s["step_speedup_vs_fbgemm_rowwise_adagrad"] = median(res, "fbgemm TBE", "step") / ours_step
@@ -396,7 +431,8 @@ def summarize(w: Workload, res: Dict[str, Dict], stream_gbps: float, scaling: Di
 
 def print_config(w: Workload, res: Dict[str, Dict], summary: Dict[str, object], scaling: Dict) -> None:
     print(f"\n=== T={w.T} rows/table={w.rows:,} D={w.D} B={w.B}  N={w.N:,} ids, "
-          f"{w.gathered_bytes / 1e6:.1f} MB of rows gathered per forward ===")
+          f"{w.gathered_bytes / 1e6:.1f} MB of rows gathered per forward, {w.unique_rows:,} distinct rows "
+          f"({w.update_bytes / 1e6:.1f} MB read + written back per fused step) ===")
     ours = {m: median(res, "lattice", m) for m in ("forward", "fwd+bwd", "step")}
     header = f"{'implementation':34s} {'forward ms':>11s} {'fwd+bwd ms':>11s} {'step ms':>9s} {'fwd GB/s':>9s}  vs lattice (f / fb / step)"
     print(header)
@@ -452,11 +488,15 @@ def main(argv=None) -> int:
     stream = stream_read_bandwidth(args.stream_gib, max(3, args.repeats))
     print(f"streaming read bandwidth (torch.sum over {stream['bytes'] / 2**30:.2f} GiB): {stream['gbps']:.2f} GB/s "
           f"(best {stream['best_gbps']:.2f})")
+    update = stream_update_bandwidth(args.stream_gib, max(3, args.repeats))
+    print(f"streaming read-modify-write bandwidth (in-place add_, bytes read + written): {update['gbps']:.2f} GB/s "
+          f"(best {update['best_gbps']:.2f})")
     report = {
         "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpu_count": os.cpu_count(),
                     "threads": args.threads, "torch": torch.__version__, "fbgemm": HAVE_FBGEMM},
         "args": vars(args),
         "stream_read": stream,
+        "stream_update": update,
         "configs": [],
     }
     all_agree = True
@@ -500,9 +540,10 @@ def main(argv=None) -> int:
             if not args.no_reference:
                 res.update(bench_reference(w, args.modes, max(1, args.repeats // 2), 1))
             scaling = {} if args.no_scaling else thread_scaling(w, args.repeats, args.warmup, args.threads)
-            summary = summarize(w, res, stream["gbps"], scaling)
+            summary = summarize(w, res, stream["gbps"], scaling, update["gbps"])
             print_config(w, res, summary, scaling)
-            entry.update({"N": w.N, "gathered_bytes": w.gathered_bytes, "results": res, "thread_scaling": scaling,
+            entry.update({"N": w.N, "gathered_bytes": w.gathered_bytes, "unique_rows": w.unique_rows,
+                          "update_bytes": w.update_bytes, "results": res, "thread_scaling": scaling,
                           "summary": summary, "fbgemm_skipped": HAVE_FBGEMM and not extra_copy_ok})
             report["configs"].append(entry)
             del w, res
