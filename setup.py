@@ -43,11 +43,11 @@ def _want_cuda():
 def _cxx_runtime_link_args():
     """The shared libstdc++ this process (torch) runs with, as a link input, on Linux.
 
-    A toolchain whose only libstdc++ is the static archive (a gcc built into /opt with --disable-shared, or
-    -static-libstdc++ in the interpreter's link flags) would otherwise copy libstdc++ into lattice._C. That
-    second copy has its own std::locale ids, and the first number streamed into an error message (any
-    TORCH_CHECK naming a value) crashes the process. Named before the driver's own -lstdc++, the shared
-    library defines every C++ runtime symbol, so nothing is taken from an archive.
+    A toolchain whose only libstdc++ is the static archive (the GPU machine's gcc under /opt/gcc) would otherwise
+    copy parts of libstdc++ into lattice._C. That second copy has its own std::locale ids, and the first number
+    streamed into an error message (any TORCH_CHECK naming a value) crashes the process or vanishes from the
+    message. Named before the driver's own -lstdc++, the shared library defines every C++ runtime symbol, so
+    nothing is taken from an archive.
     """
     try:
         with open("/proc/self/maps") as maps:
