@@ -28,8 +28,9 @@ bandwidth (an in-place ``add_`` over a large buffer, same run) bounds. ``step_ov
 smallest step / forward our forward admits if those updates ran at that bandwidth, with the sort and the
 gradient reads free; ``step_over_forward_floor_at_60pct_forward`` is the same for a forward at 60 % of the
 streaming read bandwidth (the forward target). ``step_update_fraction_of_rmw_bw`` is how fast our backward
-moves those bytes, as a share of that bandwidth. The JSON
-goes to ``--out``. Before timing a configuration, lattice's forward, sparse backward and fused row-wise
+moves those bytes, as a share of that bandwidth.
+
+The JSON goes to ``--out``. Before timing a configuration, lattice's forward, sparse backward and fused row-wise
 Adagrad step are checked against torch on its tensors (``pool_agreement.py``); a disagreement is printed and
 makes the exit status 1. Nothing is asserted about time.
 
@@ -136,28 +137,29 @@ def mem_available_bytes() -> Optional[int]:
     return None
 
 
-def stream_update_bandwidth(gib: float, repeats: int) -> Dict[str, float]:
-    """GB/s (bytes read + bytes written) of a streaming in-place update: ``add_`` over a large buffer, the
-    access pattern of an optimizer writing back the rows it read."""
+def _stream_bandwidth(gib: float, repeats: int, sweep: Callable[[torch.Tensor], object],
+                      passes: int) -> Dict[str, float]:
+    """GB/s of ``sweep`` over a float32 buffer of ``gib`` GiB, far larger than the caches; ``passes`` is how many
+    times it moves the buffer's bytes (1 to read, 2 to read and write back)."""
     n = int(gib * (1 << 30)) // 4
     x = torch.ones(n, dtype=torch.float32)
-    r = timeit(lambda: x.add_(1.0), repeats, 2)
-    moved = 2 * n * 4
-    out = {"bytes_moved": moved, "median_s": r["median_s"], "gbps": moved / r["median_s"] / 1e9,
+    r = timeit(lambda: sweep(x), repeats, 2)
+    moved = passes * n * 4
+    out = {"bytes": moved, "median_s": r["median_s"], "gbps": moved / r["median_s"] / 1e9,
            "best_gbps": moved / r["min_s"] / 1e9}
     del x
     return out
 
 
 def stream_read_bandwidth(gib: float, repeats: int) -> Dict[str, float]:
-    """GB/s of a streaming read: torch.sum over a buffer far larger than the caches."""
-    n = int(gib * (1 << 30)) // 4
-    x = torch.ones(n, dtype=torch.float32)
-    r = timeit(lambda: x.sum(), repeats, 2)
-    out = {"bytes": n * 4, "median_s": r["median_s"], "gbps": n * 4 / r["median_s"] / 1e9,
-           "best_gbps": n * 4 / r["min_s"] / 1e9}
-    del x
-    return out
+    """GB/s of a streaming read: torch.sum over a large buffer."""
+    return _stream_bandwidth(gib, repeats, torch.Tensor.sum, passes=1)
+
+
+def stream_update_bandwidth(gib: float, repeats: int) -> Dict[str, float]:
+    """GB/s (bytes read + bytes written) of a streaming in-place update: ``add_`` over a large buffer, the
+    access pattern of an optimizer writing back the rows it read."""
+    return _stream_bandwidth(gib, repeats, lambda x: x.add_(1.0), passes=2)
 
 
 class Workload:
@@ -376,8 +378,8 @@ def median(res: Dict[str, Dict], impl: str, mode: str) -> Optional[float]:
     return None if r is None else r["median_s"]
 
 
-def summarize(w: Workload, res: Dict[str, Dict], stream_gbps: float, scaling: Dict,
-              update_gbps: Optional[float] = None) -> Dict[str, object]:
+def summarize(w: Workload, res: Dict[str, Dict], stream_gbps: float, update_gbps: float,
+              scaling: Dict) -> Dict[str, object]:
     s: Dict[str, object] = {}
     ours_fwd = median(res, "lattice", "forward")
     torch_fwd = [t for t in (median(res, "F.embedding_bag", "forward"), median(res, "nn.EmbeddingBag loop", "forward"))
@@ -393,13 +395,12 @@ def summarize(w: Workload, res: Dict[str, Dict], stream_gbps: float, scaling: Di
     ours_step = median(res, "lattice", "step")
     if ours_step and ours_fwd:
         s["step_over_forward"] = ours_step / ours_fwd
-        if update_gbps:
-            update_s = w.update_bytes / (update_gbps * 1e9)
-            fwd_at_target = w.gathered_bytes / (0.6 * stream_gbps * 1e9)
-            s["step_over_forward_floor"] = (ours_fwd + update_s) / ours_fwd
-            s["step_over_forward_floor_at_60pct_forward"] = (fwd_at_target + update_s) / fwd_at_target
-            if ours_step > ours_fwd:
-                s["step_update_fraction_of_rmw_bw"] = update_s / (ours_step - ours_fwd)
+        update_s = w.update_bytes / (update_gbps * 1e9)
+        fwd_at_target = w.gathered_bytes / (0.6 * stream_gbps * 1e9)
+        s["step_over_forward_floor"] = (ours_fwd + update_s) / ours_fwd
+        s["step_over_forward_floor_at_60pct_forward"] = (fwd_at_target + update_s) / fwd_at_target
+        if ours_step > ours_fwd:
+            s["step_update_fraction_of_rmw_bw"] = update_s / (ours_step - ours_fwd)
     if ours_step:
         if median(res, "fbgemm TBE", "step"):
             s["step_speedup_vs_fbgemm_rowwise_adagrad"] = median(res, "fbgemm TBE", "step") / ours_step
@@ -540,7 +541,7 @@ def main(argv=None) -> int:
             if not args.no_reference:
                 res.update(bench_reference(w, args.modes, max(1, args.repeats // 2), 1))
             scaling = {} if args.no_scaling else thread_scaling(w, args.repeats, args.warmup, args.threads)
-            summary = summarize(w, res, stream["gbps"], scaling, update["gbps"])
+            summary = summarize(w, res, stream["gbps"], update["gbps"], scaling)
             print_config(w, res, summary, scaling)
             entry.update({"N": w.N, "gathered_bytes": w.gathered_bytes, "unique_rows": w.unique_rows,
                           "update_bytes": w.update_bytes, "results": res, "thread_scaling": scaling,
