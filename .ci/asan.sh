@@ -30,13 +30,17 @@ if ! LATTICE_SANITIZE=address LATTICE_FORCE_CUDA=0 MAX_JOBS=${MAX_JOBS:-$(nproc)
 fi
 
 libasan=$("$CXX_CMD" -print-file-name=libasan.so)
-libstdcxx=$("$CXX_CMD" -print-file-name=libstdc++.so)
 [[ -f "$libasan" ]] || { echo "asan: libasan.so not found (gcc's sanitizer runtime)"; exit 2; }
+# The libstdc++ torch runs with (the one setup.py links against): a toolchain may offer only its static archive.
+libstdcxx=$("$PYTHON" -c 'import torch
+print(next(line.split()[-1] for line in open("/proc/self/maps") if "/libstdc++.so" in line))')
+# libstdc++ preloaded with libasan so ASan's __cxa_throw interceptor finds the real one (error paths throw).
+preload="$libasan $libstdcxx"
 # Self-check of the harness: an instrumented heap overflow, loaded the way the tests load lattice._C, must
 # leave a report where the run below looks for them; otherwise a clean run would prove nothing.
 printf '#include <cstdlib>\nextern "C" int lattice_asan_canary(int i) { int* p = (int*)malloc(4 * sizeof(int)); p[i] = 1; int r = p[0]; free(p); return r; }\n' >canary.cpp
 "$CXX_CMD" -shared -fPIC -O1 -fsanitize=address canary.cpp -o canary.so
-LD_PRELOAD="$libasan $libstdcxx" ASAN_OPTIONS=detect_leaks=0:log_path="$tmp/canary_report" \
+LD_PRELOAD="$preload" ASAN_OPTIONS=detect_leaks=0:log_path="$tmp/canary_report" \
   "$PYTHON" -c "import ctypes; ctypes.CDLL('./canary.so').lattice_asan_canary(4)" >/dev/null 2>&1 || true
 if ! grep -qs "heap-buffer-overflow" "$tmp"/canary_report.*; then
   echo "asan: the harness self-check saw no report for a planted heap overflow; ASan is not working here"
@@ -49,9 +53,8 @@ if [[ ${#tests[@]} -eq 0 ]]; then
          tests/test_pooling_row_exchange.py tests/test_attention_op.py tests/test_nn_embedding.py -k "not compile")
 fi
 echo "== tests under ASan: ${tests[*]}"
-# libstdc++ preloaded with libasan so ASan's __cxa_throw interceptor finds the real one (error paths throw).
 status=0
-LD_PRELOAD="$libasan $libstdcxx" ASAN_OPTIONS=detect_leaks=0:halt_on_error=1:log_path="$tmp/asan" \
+LD_PRELOAD="$preload" ASAN_OPTIONS=detect_leaks=0:halt_on_error=1:log_path="$tmp/asan" \
   "$PYTHON" -m pytest -q -x -p no:cacheprovider "${tests[@]}" || status=$?
 shopt -s nullglob
 reports=("$tmp"/asan.*)
