@@ -96,6 +96,27 @@ def test_thread_count_does_not_change_result():
     assert torch.equal(one, two)
 
 
+@pytest.mark.parametrize("setting", [
+    {},  # the build's default prefetch (its own compile-time kernel)
+    {"LATTICE_POOL_PF_LINES": "3", "LATTICE_POOL_PF_HINT": "3", "LATTICE_POOL_PREFETCH": "5"},
+    {"LATTICE_POOL_PF_LINES": "1", "LATTICE_POOL_PF_HINT": "2"},
+    {"LATTICE_POOL_PF_LINES": "0"},  # the whole row
+    {"LATTICE_POOL_PF_LINES": "2", "LATTICE_POOL_PF_HINT": "3"},
+    {"LATTICE_POOL_PREFETCH": "0"},
+])
+def test_prefetch_settings_do_not_change_the_result(monkeypatch, setting):
+    """Each prefetch setting (read on every call) selects a compile-time or a run-time prefetch kernel; rows of
+    1 to 9 cache lines, weighted and not, all give the same sums, up to the tables' last positions."""
+    cases = [make_case(10 + D, T=3, B=40, D=D, rows=[50, 60, 70], max_len=12, weighted=D % 2 == 0)
+             for D in (8, 16, 24, 64, 72, 128, 130)]
+    want = [op(*c.args) for c in cases]
+    for k, v in setting.items():
+        monkeypatch.setenv(k, v)
+    for c, w in zip(cases, want):
+        assert torch.equal(op(*c.args), w)
+        torch.testing.assert_close(w, embedding_bag_expected(c), atol=1e-5, rtol=1e-5)
+
+
 def test_backend_switch_uses_reference(monkeypatch):
     import lattice.ops.pooling as front
 

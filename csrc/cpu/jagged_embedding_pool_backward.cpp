@@ -300,8 +300,12 @@ void reduce_chunk_simd(const SortedRows& s, int64_t e_lo, int64_t e_hi, const G*
   const tail_t tail = tail_mask(D);
   const int64_t gbytes = D * static_cast<int64_t>(sizeof(G));
   const int64_t wbytes = D * static_cast<int64_t>(sizeof(W));
+  constexpr int kGradLines = static_cast<int>((NV * kLanes * sizeof(G) + 63) / 64);
+  constexpr int kWeightLines = static_cast<int>((NV * kLanes * sizeof(W) + 63) / 64);
   const bool fused = sink.fused;
   W* const weights = sink.weights;
+  const bool grad_ragged = gbytes % 64 != 0 || reinterpret_cast<uintptr_t>(go) % 64 != 0;
+  const bool weight_ragged = wbytes % 64 != 0 || reinterpret_cast<uintptr_t>(weights) % 64 != 0;
   float* const state = sink.state;
   const OptimizerParams opt = sink.opt;
   int64_t e = e_lo;
@@ -309,7 +313,7 @@ void reduce_chunk_simd(const SortedRows& s, int64_t e_lo, int64_t e_hi, const G*
     const uint32_t row = key_of(items[e]);
     if (fused && e + kPrefetchWeight < n) {
       const uint32_t ahead = key_of(items[e + kPrefetchWeight]);
-      prefetch_bytes<true>(weights + static_cast<int64_t>(ahead) * D, wbytes);
+      prefetch_row_lines<kWeightLines, true>(weights + static_cast<int64_t>(ahead) * D, wbytes, weight_ragged);
       if (state) __builtin_prefetch(state + ahead, 1, 3);
     }
     Vecs<NV, W> acc;
@@ -318,7 +322,7 @@ void reduce_chunk_simd(const SortedRows& s, int64_t e_lo, int64_t e_hi, const G*
       if (e + kPrefetchGrad < n) {
         const uint32_t pv = payload_of(items[e + kPrefetchGrad]);
         const int64_t pg = kWeighted ? grow_of_pos[pv] : pv;
-        prefetch_bytes(go + pg * D, gbytes);
+        prefetch_row_lines<kGradLines>(go + pg * D, gbytes, grad_ragged);
       }
       const uint32_t v = payload_of(items[e]);
       if constexpr (kWeighted) {
