@@ -30,6 +30,14 @@ gradient reads free; ``step_over_forward_floor_at_60pct_forward`` is the same fo
 streaming read bandwidth (the forward target). ``step_update_fraction_of_rmw_bw`` is how fast our backward
 moves those bytes, as a share of that bandwidth.
 
+Streaming bandwidth is a bound no sparse access reaches, so each configuration is also probed with bare loops
+over its own rows (``memory_probe.py``; skipped where no C compiler is found): ``gather_probe`` reads and sums
+the forward's rows in the forward's order, ``sparse_update_probe`` reads and writes back each distinct row once
+in ascending order, each at its best prefetch distance. ``forward_fraction_of_gather_probe`` is our forward's
+speed as a share of the bare gather's; ``step_over_forward_floor_sparse`` (and ``..._at_60pct_forward``) is the
+step floor above with the updates at the bare sparse sweep's speed instead of the streaming one, and
+``step_update_fraction_of_sparse_probe`` is our backward's speed on those bytes as a share of it.
+
 The JSON goes to ``--out``. Before timing a configuration, lattice's forward, sparse backward and fused row-wise
 Adagrad step are checked against torch on its tensors (``pool_agreement.py``); a disagreement is printed and
 makes the exit status 1. Nothing is asserted about time.
@@ -59,7 +67,8 @@ import lattice  # noqa: E402
 from lattice.ops import jagged_embedding_pool, jagged_embedding_pool_fused  # noqa: E402
 from lattice.ops import reference as lattice_reference  # noqa: E402
 from lattice.ops._memory import empty_huge_pages  # noqa: E402
-from pool_agreement import check_pooling_agreement, describe  # noqa: E402  (benchmarks/, sys.path[0])
+import memory_probe  # noqa: E402  (benchmarks/, sys.path[0])
+from pool_agreement import check_pooling_agreement, describe  # noqa: E402
 
 try:  # optional baseline
     from fbgemm_gpu.split_embedding_configs import EmbOptimType, SparseType
@@ -180,7 +189,8 @@ class Workload:
         table_of_pos = torch.repeat_interleave(torch.arange(T), per_table)
         self.global_indices = self.indices + table_of_pos * rows
         self.grad = torch.randn(B, T, D, generator=g)
-        self.unique_rows = int(torch.unique(self.global_indices).numel())
+        self.distinct_rows = torch.unique(self.global_indices)  # sorted
+        self.unique_rows = int(self.distinct_rows.numel())
         # per-table inputs for the nn.EmbeddingBag loop
         starts = torch.cat([torch.zeros(1, dtype=torch.int64), per_table.cumsum(0)])
         self.table_inputs = []
@@ -373,13 +383,28 @@ def thread_scaling(w: Workload, repeats: int, warmup: int, threads: int) -> Dict
 
 
 # ---- report ---------------------------------------------------------------------------------------
+def run_probes(w: Workload, threads: int, repeats: int, warmup: int) -> Dict[str, Dict]:
+    """``memory_probe``'s bare gather (the forward's rows, in its order) and bare sparse update (each distinct
+    row once, ascending) on this workload's table; empty where the probe cannot be built."""
+    lib, why = memory_probe.load()
+    if lib is None:
+        print(f"memory probe skipped: {why}")
+        return {}
+    return {"gather": memory_probe.gather_bandwidth(w.weights, w.global_indices, threads, repeats, warmup),
+            "sparse_update": memory_probe.sparse_update_bandwidth(w.weights, w.distinct_rows, threads, repeats,
+                                                                  warmup)}
+
+
 def median(res: Dict[str, Dict], impl: str, mode: str) -> Optional[float]:
     r = res.get(impl, {}).get(mode)
     return None if r is None else r["median_s"]
 
 
 def summarize(w: Workload, res: Dict[str, Dict], stream_gbps: float, update_gbps: float,
-              scaling: Dict) -> Dict[str, object]:
+              scaling: Dict, probes: Optional[Dict[str, Dict]] = None) -> Dict[str, object]:
+    """The issue's ratios and targets for one configuration; ``probes`` holds ``memory_probe``'s ``gather`` and
+    ``sparse_update`` results on its rows (either may be missing)."""
+    probes = probes or {}
     s: Dict[str, object] = {}
     ours_fwd = median(res, "lattice", "forward")
     torch_fwd = [t for t in (median(res, "F.embedding_bag", "forward"), median(res, "nn.EmbeddingBag loop", "forward"))
@@ -392,6 +417,9 @@ def summarize(w: Workload, res: Dict[str, Dict], stream_gbps: float, update_gbps
             s["forward_speedup_vs_best_torch"] = min(torch_fwd) / ours_fwd
         if median(res, "fbgemm TBE", "forward"):
             s["forward_speedup_vs_fbgemm"] = median(res, "fbgemm TBE", "forward") / ours_fwd
+        if probes.get("gather"):
+            s["gather_probe_gbps"] = probes["gather"]["gbps"]
+            s["forward_fraction_of_gather_probe"] = gbps / probes["gather"]["gbps"]
     ours_step = median(res, "lattice", "step")
     if ours_step and ours_fwd:
         s["step_over_forward"] = ours_step / ours_fwd
@@ -401,6 +429,13 @@ def summarize(w: Workload, res: Dict[str, Dict], stream_gbps: float, update_gbps
         s["step_over_forward_floor_at_60pct_forward"] = (fwd_at_target + update_s) / fwd_at_target
         if ours_step > ours_fwd:
             s["step_update_fraction_of_rmw_bw"] = update_s / (ours_step - ours_fwd)
+        if probes.get("sparse_update"):
+            sparse_s = w.update_bytes / (probes["sparse_update"]["gbps"] * 1e9)
+            s["sparse_update_probe_gbps"] = probes["sparse_update"]["gbps"]
+            s["step_over_forward_floor_sparse"] = (ours_fwd + sparse_s) / ours_fwd
+            s["step_over_forward_floor_sparse_at_60pct_forward"] = (fwd_at_target + sparse_s) / fwd_at_target
+            if ours_step > ours_fwd:
+                s["step_update_fraction_of_sparse_probe"] = sparse_s / (ours_step - ours_fwd)
     if ours_step:
         if median(res, "fbgemm TBE", "step"):
             s["step_speedup_vs_fbgemm_rowwise_adagrad"] = median(res, "fbgemm TBE", "step") / ours_step
@@ -541,9 +576,10 @@ def main(argv=None) -> int:
             if not args.no_reference:
                 res.update(bench_reference(w, args.modes, max(1, args.repeats // 2), 1))
             scaling = {} if args.no_scaling else thread_scaling(w, args.repeats, args.warmup, args.threads)
-            summary = summarize(w, res, stream["gbps"], update["gbps"], scaling)
+            probes = run_probes(w, args.threads, args.repeats, args.warmup)
+            summary = summarize(w, res, stream["gbps"], update["gbps"], scaling, probes)
             print_config(w, res, summary, scaling)
-            entry.update({"N": w.N, "gathered_bytes": w.gathered_bytes, "unique_rows": w.unique_rows,
+            entry.update({"N": w.N, "gathered_bytes": w.gathered_bytes, "unique_rows": w.unique_rows, "probes": probes,
                           "update_bytes": w.update_bytes, "results": res, "thread_scaling": scaling,
                           "summary": summary, "fbgemm_skipped": HAVE_FBGEMM and not extra_copy_ok})
             report["configs"].append(entry)

@@ -1,11 +1,13 @@
 """benchmarks/bench_pooling.py end to end at smoke size: the JSON holds the timings, the targets and the
-bandwidth floor of the fused step (distinct rows, bytes written back, the read-modify-write bandwidth), with
-values that follow from the workload."""
+bandwidth floor of the fused step (distinct rows, bytes written back, the read-modify-write bandwidth, the bare
+sparse update and gather probes), with values that follow from the workload. Also benchmarks/memory_probe.py's
+loops against torch on small tables."""
 import importlib.util
 import json
 import os
 import sys
 
+import pytest
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -46,3 +48,62 @@ def test_quick_run_reports_the_step_bandwidth_floor(tmp_path):
     assert abs(s["step_over_forward_floor"] - (fwd + update_s) / fwd) < 1e-9
     assert s["step_over_forward_floor"] > 1 and s["step_over_forward_floor_at_60pct_forward"] > 1
     assert "fused row-wise Adagrad step <= 2.5x forward" in s["targets"]
+    probes = entry["probes"]
+    if _probe()[0] is None:  # no C compiler here: the probe is skipped, not faked
+        assert probes == {} and "step_over_forward_floor_sparse" not in s
+        return
+    assert probes["gather"]["bytes"] == entry["gathered_bytes"]
+    assert probes["sparse_update"]["bytes"] == 2 * entry["unique_rows"] * 64 * 4
+    sparse_s = entry["update_bytes"] / (probes["sparse_update"]["gbps"] * 1e9)
+    assert abs(s["step_over_forward_floor_sparse"] - (fwd + sparse_s) / fwd) < 1e-9
+    assert abs(s["forward_fraction_of_gather_probe"] * probes["gather"]["gbps"] - s["forward_effective_gbps"]) < 1e-6
+    assert probes["gather"]["prefetch"] in (0, 8, 16, 32)
+
+
+def _probe():
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    try:
+        import memory_probe
+    finally:
+        sys.path.remove(os.path.join(ROOT, "benchmarks"))
+    lib, why = memory_probe.load()
+    return lib, why, memory_probe
+
+
+@pytest.mark.parametrize("D", [3, 64, 128])
+def test_memory_probe_loops_touch_exactly_the_rows_they_are_given(D):
+    lib, why, probe = _probe()
+    if lib is None:
+        pytest.skip(f"memory probe unavailable: {why}")
+    g = torch.Generator().manual_seed(D)
+    w = torch.randn(1000, D, generator=g)
+    rows = torch.randint(0, 1000, (5000,), generator=g)
+    # the gather's returned total is the sum of every gathered row, repeats included
+    total = lib.row_gather(w.data_ptr(), D, rows.data_ptr(), rows.numel(), 16, 2)
+    gathered = w.double()[rows]
+    assert abs(total - float(gathered.sum())) <= 1e-4 * float(gathered.abs().sum())
+    # the update scales exactly the rows named, in place
+    distinct = torch.unique(rows)
+    want = w.clone()
+    want[distinct] *= 0.5
+    lib.sparse_row_update(w.data_ptr(), D, distinct.data_ptr(), distinct.numel(), 8, 0.5, 2)
+    assert torch.equal(w, want)
+    # the timed helpers leave the table as it was
+    before = w.clone()
+    r = probe.sparse_update_bandwidth(w, distinct, threads=2, repeats=1, warmup=0, distances=(0, 8))
+    assert torch.equal(w, before) and r["bytes"] == 2 * distinct.numel() * D * 4 and r["prefetch"] in (0, 8)
+
+
+def test_memory_probe_refuses_bad_arguments():
+    lib, why, probe = _probe()
+    if lib is None:
+        pytest.skip(f"memory probe unavailable: {why}")
+    w = torch.zeros(10, 4)
+    with pytest.raises(ValueError, match=r"rows must lie in \[0, 10\), got \[0, 10\]"):
+        probe.gather_bandwidth(w, torch.tensor([0, 10]), threads=1)
+    with pytest.raises(ValueError, match="sorted ascending without repeats"):
+        probe.sparse_update_bandwidth(w, torch.tensor([3, 3]), threads=1)
+    with pytest.raises(ValueError, match="weights must be a contiguous 2-D float32"):
+        probe.gather_bandwidth(w.double(), torch.tensor([0]), threads=1)
+    with pytest.raises(ValueError, match="rows must be a contiguous 1-D int64"):
+        probe.gather_bandwidth(w, torch.tensor([0], dtype=torch.int32), threads=1)
