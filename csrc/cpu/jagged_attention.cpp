@@ -53,6 +53,7 @@
 #endif
 
 #include <lattice/checks.h>
+#include "lattice/cpu/huge_pages.h"
 
 namespace lattice {
 namespace {
@@ -1097,7 +1098,7 @@ std::tuple<at::Tensor, at::Tensor> jagged_attention_cpu(const at::Tensor& q_in, 
                                                          const at::Tensor& kv_offsets, double scale, bool causal) {
   const Problem pb = check_inputs(q_in, q_offsets, k_in, v_in, kv_offsets, scale);
   const at::Tensor q = q_in.contiguous(), k = k_in.contiguous(), v = v_in.contiguous();
-  at::Tensor out = at::empty_like(q, at::MemoryFormat::Contiguous);
+  at::Tensor out = cpu::empty_output(q.sizes(), q.options());
   at::Tensor lse = at::empty({pb.Nq, pb.H}, q.options().dtype(at::kFloat));
   if (pb.Nq == 0 || pb.H == 0) return {out, lse};
   const int64_t* qo = pb.q_offsets.data_ptr<int64_t>();
@@ -1171,10 +1172,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> jagged_attention_backward_cpu(
               "jagged_attention_backward (CPU): grad_out, out and lse must be on the CPU");
   const at::Tensor q = q_in.contiguous(), k = k_in.contiguous(), v = v_in.contiguous();
   const at::Tensor go = grad_out_in.contiguous(), out = out_in.contiguous(), lse = lse_in.contiguous();
-  at::Tensor gq = at::empty_like(q, at::MemoryFormat::Contiguous);
+  at::Tensor gq = cpu::empty_output(q.sizes(), q.options());
   // Every row of grad_k/grad_v is written by the item of its sample (zeros for keys no query sees).
-  at::Tensor gk = at::empty_like(k, at::MemoryFormat::Contiguous);
-  at::Tensor gv = at::empty_like(v, at::MemoryFormat::Contiguous);
+  at::Tensor gk = cpu::empty_output(k.sizes(), k.options());
+  at::Tensor gv = cpu::empty_output(v.sizes(), v.options());
   if (pb.H == 0) return {gq, gk, gv};
   const int64_t* qo = pb.q_offsets.data_ptr<int64_t>();
   const int64_t* ko = pb.kv_offsets.data_ptr<int64_t>();

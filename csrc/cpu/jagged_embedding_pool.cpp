@@ -17,6 +17,7 @@
 #include <cstdlib>
 #include <limits>
 
+#include "lattice/cpu/huge_pages.h"
 #include "lattice/cpu/pool_common.h"
 #include "lattice/cpu/row_simd.h"
 
@@ -311,7 +312,7 @@ at::Tensor jagged_embedding_pool_cpu(const at::Tensor& weights, const at::Tensor
   check_pooling(pooling);
   const PoolGeometry g = check_pool_geometry(table_row_offsets, indices, offsets, weights.size(0), weights.size(1));
   check_per_sample_weights(per_sample_weights, g.N, pooling);
-  at::Tensor out = at::empty({g.B, g.T, g.D}, weights.options());
+  at::Tensor out = empty_output({g.B, g.T, g.D}, weights.options());
   if (g.nbags == 0 || g.D == 0) return out;
   const at::Tensor w = weights.contiguous();
   const at::Tensor idx = indices.contiguous();

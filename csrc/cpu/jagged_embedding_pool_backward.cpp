@@ -29,6 +29,7 @@
 #include <mutex>
 #include <vector>
 
+#include "lattice/cpu/huge_pages.h"
 #include "lattice/cpu/pool_common.h"
 #include "lattice/cpu/radix_sort.h"
 #include "lattice/cpu/row_simd.h"
@@ -484,7 +485,7 @@ std::tuple<at::Tensor, at::Tensor> jagged_embedding_pool_backward_sparse_cpu(
     int64_t* chunk_ord = ws->get<int64_t>(kCounts, s.chunks + 1);
     const int64_t U = s.n == 0 ? 0 : count_rows(s, chunk_ord, nthreads);
     rows = at::empty({U}, idx.options().dtype(at::kLong));
-    row_grads = at::empty({U, g.D}, go.options());
+    row_grads = empty_output({U, g.D}, go.options());
     if (U == 0) return;
     if (g.D == 0) {
       int64_t* r = rows.data_ptr<int64_t>();

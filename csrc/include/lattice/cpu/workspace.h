@@ -7,6 +7,8 @@
 
 #include <c10/util/Exception.h>
 
+#include "lattice/cpu/huge_pages.h"
+
 #include <cstddef>
 #include <cstdint>
 #include <cstdlib>
@@ -28,10 +30,14 @@ class Workspace {
     if (slot >= buffers_.size()) buffers_.resize(slot + 1);
     Buffer& b = buffers_[slot];
     if (b.capacity < bytes || !b.data) {
-      // Grow by 1.25x so slowly growing batches do not reallocate every step.
-      const size_t want = ((bytes + bytes / 4 + 63) / 64) * 64 + 64;
-      void* p = std::aligned_alloc(64, want);
+      // Grow by 1.25x so slowly growing batches do not reallocate every step; large buffers start on a
+      // huge-page boundary and ask for huge pages before their first touch.
+      const size_t grown = bytes + bytes / 4 + 64;
+      const size_t align = grown >= kHugeMinBytes ? kHugePageBytes : 64;
+      const size_t want = (grown + align - 1) / align * align;
+      void* p = std::aligned_alloc(align, want);
       TORCH_CHECK(p != nullptr, "lattice: out of memory allocating a ", want, "-byte kernel workspace");
+      advise_huge_pages(p, want);
       b.data.reset(p);
       b.capacity = want;
     }

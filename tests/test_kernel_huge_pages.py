@@ -1,0 +1,59 @@
+"""Large kernel outputs ask for transparent huge pages before their first touch (Linux): a fresh multi-MB output
+is otherwise faulted in 4 KB at a time by the kernel that fills it (55k faults for the sparse backward of a
+26 x 100k x 64 batch). Checked through the VmFlags of the mapping that holds each output: "hg" is
+madvise(MADV_HUGEPAGE)."""
+import os
+
+import pytest
+import torch
+
+import lattice  # noqa: F401
+
+SMAPS = "/proc/self/smaps"
+if not os.path.exists(SMAPS):
+    pytest.skip("needs Linux's /proc/self/smaps", allow_module_level=True)
+
+
+def _vm_flags(address: int) -> list[str]:
+    """VmFlags of the mapping of this process that contains `address`."""
+    inside = False
+    with open(SMAPS) as f:
+        for line in f:
+            head = line.split()[0]
+            if "-" in head and not head.endswith(":"):
+                lo, hi = (int(x, 16) for x in head.split("-"))
+                inside = lo <= address < hi
+            elif inside and head == "VmFlags:":
+                return line.split()[1:]
+    pytest.skip(f"no VmFlags for address {address:#x} in {SMAPS}")
+
+
+def _middle(t: torch.Tensor) -> int:
+    return t.data_ptr() + t.nbytes // 2
+
+
+def test_large_outputs_are_advised_huge_pages():
+    g = torch.Generator().manual_seed(0)
+    T, B, D, rows = 4, 6000, 128, 20000
+    weights = torch.randn(T * rows, D, generator=g)
+    tro = torch.arange(T + 1) * rows
+    offsets = torch.arange(T * B + 1) * 3
+    indices = torch.randint(0, rows, (3 * T * B,), generator=g)
+    out = torch.ops.lattice.jagged_embedding_pool(weights, tro, indices, offsets, 0, None)
+    assert out.nbytes >= 8 << 20
+    assert "hg" in _vm_flags(_middle(out)), "the forward's output was not advised huge pages"
+    rows_out, row_grads = torch.ops.lattice.jagged_embedding_pool_backward_sparse(
+        torch.randn(B, T, D, generator=g), tro, indices, offsets, 0, None)
+    assert row_grads.nbytes >= 8 << 20
+    assert "hg" in _vm_flags(_middle(row_grads)), "the sparse backward's row gradients were not advised huge pages"
+    # advice only: the values are those of the reference
+    torch.testing.assert_close(out[7, 2], weights[2 * rows + indices[3 * (2 * B + 7) + torch.arange(3)]].sum(0))
+
+
+def test_large_attention_outputs_are_advised_huge_pages():
+    g = torch.Generator().manual_seed(1)
+    N, H, Dh = 40000, 2, 32  # 10 MB per tensor
+    q, k, v = (torch.randn(N, H, Dh, generator=g) for _ in range(3))
+    offsets = torch.tensor([0, N // 2, N])
+    out, lse = torch.ops.lattice.jagged_attention(q, offsets, k, v, offsets, Dh ** -0.5, True)
+    assert "hg" in _vm_flags(_middle(out))
