@@ -37,7 +37,7 @@ class Workspace {
       const size_t want = (grown + align - 1) / align * align;
       void* p = std::aligned_alloc(align, want);
       TORCH_CHECK(p != nullptr, "lattice: out of memory allocating a ", want, "-byte kernel workspace");
-      advise_huge_pages(p, want);
+      if (want >= kHugeMinBytes) advise_huge_pages(p, want);
       b.data.reset(p);
       b.capacity = want;
     }
