@@ -20,7 +20,10 @@ Implementations measured in the same run:
 
 Printed per configuration: medians, ratios, effective GB/s (= row bytes gathered / time) and the
 machine's streaming read bandwidth (a large ``torch.sum``, measured in the same run), the 1- vs
-2-thread times of lattice's forward and fused step, and the issue's targets with pass/fail.
+2-thread times of lattice's forward and fused step, and the issue's targets with pass/fail. lattice's and the
+torch baselines' forwards and lattice's fused row-wise Adagrad step are timed in interleaved rounds (one call of
+each per round): on a machine whose speed drifts by 15% within minutes, the ratios then compare timings taken in
+one state of the machine.
 
 Also printed, to tell what the step target asks of the machine: the fused step must read and write back
 every distinct row it touches (and its Adagrad state), which the machine's streaming read-modify-write
@@ -83,6 +86,7 @@ except Exception:  # noqa: BLE001 - any import failure just drops the baseline
     HAVE_FBGEMM = False
 
 LR, EPS = 0.01, 1e-8
+ROUND_ROBIN_STEP = "lattice step"  # lattice's row-wise Adagrad step, timed in the forwards' rounds
 
 
 # ---- helpers -----------------------------------------------------------------------------------------
@@ -209,7 +213,20 @@ class Workload:
 
 
 # ---- implementations -----------------------------------------------------------------------------------
-def bench_lattice(w: Workload, modes: List[str], repeats: int, warmup: int) -> Dict[str, Dict]:
+def lattice_step_function(w: Workload, optimizer: str = "rowwise_adagrad") -> Callable[[], None]:
+    """One fused training step of lattice's embeddings (forward, then the backward that updates them)."""
+    state = empty_huge_pages(w.weights.shape[0]).zero_()
+
+    def step():
+        jagged_embedding_pool_fused(w.weights, state, w.tro, w.indices, w.offsets, "sum", optimizer=optimizer,
+                                    learning_rate=LR, eps=EPS).backward(w.grad)
+    return step
+
+
+def bench_lattice(w: Workload, modes: List[str], repeats: int, warmup: int,
+                  rowwise_step_timed: bool = False) -> Dict[str, Dict]:
+    """lattice's fwd+bwd (sparse gradient) and fused steps; the row-wise Adagrad step is left out when
+    ``rowwise_step_timed`` (already timed in the forward's rounds)."""
     res: Dict[str, Dict] = {}
     W = w.weights
     if "forward" in modes:
@@ -226,12 +243,10 @@ def bench_lattice(w: Workload, modes: List[str], repeats: int, warmup: int) -> D
         res.setdefault("lattice", {})["fwd+bwd"] = timeit(fwd_bwd, repeats, warmup)
         P.grad = None
     if "step" in modes:
-        state = empty_huge_pages(W.shape[0]).zero_()
         for name, opt in (("lattice", "rowwise_adagrad"), ("lattice fused SGD", "sgd")):
-            def step(opt=opt):
-                jagged_embedding_pool_fused(W, state, w.tro, w.indices, w.offsets, "sum", optimizer=opt,
-                                            learning_rate=LR, eps=EPS).backward(w.grad)
-            res.setdefault(name, {})["step"] = timeit(step, repeats, warmup)
+            if name == "lattice" and rowwise_step_timed:
+                continue
+            res.setdefault(name, {})["step"] = timeit(lattice_step_function(w, opt), repeats, warmup)
     return res
 
 
@@ -557,13 +572,20 @@ def main(argv=None) -> int:
             extra_copy_ok = avail is None or 2 * table_bytes + (1 << 30) <= args.memory_fraction * avail
             res: Dict[str, Dict] = {}
             if "forward" in args.modes:
-                # lattice and the torch baselines' forwards in interleaved rounds (the fairest comparison);
-                # FBGEMM and the reference below are timed on their own.
-                for name, r in timeit_round_robin(forward_functions(w, not args.no_loop), args.repeats,
-                                                  args.warmup).items():
-                    res.setdefault(name, {})["forward"] = r
+                # lattice and the torch baselines' forwards in interleaved rounds (the fairest comparison), with
+                # lattice's row-wise Adagrad step in the same rounds, so that step / forward compares timings
+                # taken in one state of the machine; FBGEMM and the reference below are timed on their own.
+                fns = forward_functions(w, not args.no_loop)
+                if "step" in args.modes:
+                    fns[ROUND_ROBIN_STEP] = lattice_step_function(w)
+                for name, r in timeit_round_robin(fns, args.repeats, args.warmup).items():
+                    if name == ROUND_ROBIN_STEP:
+                        res.setdefault("lattice", {})["step"] = r
+                    else:
+                        res.setdefault(name, {})["forward"] = r
             other_modes = [m for m in args.modes if m != "forward"]
-            res_lattice = bench_lattice(w, other_modes, args.repeats, args.warmup)
+            res_lattice = bench_lattice(w, other_modes, args.repeats, args.warmup,
+                                        rowwise_step_timed="step" in res.get("lattice", {}))
             for name, r in res_lattice.items():
                 res.setdefault(name, {}).update(r)
             for name, r in bench_embedding_bag(w, other_modes, args.repeats, args.warmup, adagrad=extra_copy_ok).items():
