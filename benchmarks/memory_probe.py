@@ -15,7 +15,6 @@ plain loop reaches on this machine, not what one guess of the distance gives. A 
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import os
 import platform
 import shutil
@@ -36,9 +35,7 @@ def _compile(out_dir: str) -> Tuple[Optional[str], str]:
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if cc is None:
         return None, "no C compiler (cc, gcc or $CC) found"
-    with open(SOURCE, "rb") as f:
-        digest = hashlib.sha1(f.read()).hexdigest()[:12]
-    target = os.path.join(out_dir, f"memory_probe_{digest}.so")
+    target = os.path.join(out_dir, "memory_probe.so")
     # -march=native: the probe should use whatever vector width the machine has, as lattice's kernels do
     arch = ["-march=native"] if platform.machine() in ("x86_64", "AMD64") else []
     errors = ""
@@ -55,15 +52,18 @@ def load() -> Tuple[Optional[ctypes.CDLL], str]:
     """The compiled probe library (cached for the process), or None and why it is unavailable."""
     if "lib" not in _cache:
         out_dir = tempfile.mkdtemp(prefix="lattice_memory_probe_")
-        path, why = _compile(out_dir)
-        lib = None
-        if path is not None:
-            lib = ctypes.CDLL(path)
-            i64, f32, i32, ptr = ctypes.c_int64, ctypes.c_float, ctypes.c_int, ctypes.c_void_p
-            lib.sparse_row_update.argtypes = [ptr, i64, ptr, i64, i64, f32, i32]
-            lib.sparse_row_update.restype = None
-            lib.row_gather.argtypes = [ptr, i64, ptr, i64, i64, i32]
-            lib.row_gather.restype = ctypes.c_double
+        try:
+            path, why = _compile(out_dir)
+            lib = None
+            if path is not None:
+                lib = ctypes.CDLL(path)  # mapped now: the file itself can go
+                i64, f32, i32, ptr = ctypes.c_int64, ctypes.c_float, ctypes.c_int, ctypes.c_void_p
+                lib.sparse_row_update.argtypes = [ptr, i64, ptr, i64, i64, f32, i32]
+                lib.sparse_row_update.restype = None
+                lib.row_gather.argtypes = [ptr, i64, ptr, i64, i64, i32]
+                lib.row_gather.restype = ctypes.c_double
+        finally:
+            shutil.rmtree(out_dir, ignore_errors=True)
         _cache["lib"], _cache["why"] = lib, why
     return _cache["lib"], _cache["why"]
 
