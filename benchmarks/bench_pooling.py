@@ -375,15 +375,11 @@ def bench_fbgemm(w: Workload, modes: List[str], repeats: int, warmup: int) -> Di
 
 def thread_scaling(w: Workload, repeats: int, warmup: int, threads: int) -> Dict[str, Dict[str, float]]:
     """lattice's forward and fused row-wise Adagrad step at 1 thread and at `threads`."""
-    state = torch.zeros(w.weights.shape[0])
+    step = lattice_step_function(w)
 
     def fwd():
         with torch.no_grad():
             return jagged_embedding_pool(w.weights, w.tro, w.indices, w.offsets, "sum")
-
-    def step():
-        jagged_embedding_pool_fused(w.weights, state, w.tro, w.indices, w.offsets, "sum",
-                                    learning_rate=LR, eps=EPS).backward(w.grad)
 
     out: Dict[str, Dict[str, float]] = {}
     previous = torch.get_num_threads()

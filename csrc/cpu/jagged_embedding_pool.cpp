@@ -93,19 +93,14 @@ inline void prefetch_row(const void* row, int64_t lines) {
 // The prefetch of one upcoming row of kRowLines cache lines, as `kPf` says.
 template <int kPf, int kRowLines>
 inline void prefetch_upcoming(const void* row, const PrefetchPlan& pf) {
-  const char* p = static_cast<const char*>(row);
   if constexpr (kPf == kPfTwoLinesT1) {
-    __builtin_prefetch(p, 0, 2);
-    __builtin_prefetch(p + 64, 0, 2);
+    prefetch_lines<2, false, 2>(row);
   } else if constexpr (kPf == kPfRowT1 || kPf == kPfRowT0) {
-#pragma GCC unroll 16
-    for (int l = 0; l < kRowLines; ++l) __builtin_prefetch(p + 64 * l, 0, kPf == kPfRowT0 ? 3 : 2);
+    prefetch_lines<kRowLines, false, kPf == kPfRowT0 ? 3 : 2>(row);
+  } else if (pf.hint == 3) {
+    prefetch_row<3>(row, pf.lines);
   } else {
-    if (pf.hint == 3) {
-      prefetch_row<3>(p, pf.lines);
-    } else {
-      prefetch_row<2>(p, pf.lines);
-    }
+    prefetch_row<2>(row, pf.lines);
   }
 }
 
@@ -163,7 +158,7 @@ template <typename W, typename index_t, bool kWeighted, int NV, int kPf>
 bool pool_bags_simd(const W* weights, const index_t* indices, const index_t* offsets, const float* psw,
                       bool mean, const PoolGeometry& g, int64_t bag_lo, int64_t bag_hi, W* out,
                       const PrefetchPlan& pf) {
-  constexpr int kRowLines = static_cast<int>((NV * kLanes * sizeof(W) + 63) / 64);
+  constexpr int kRowLines = row_lines<NV, W>();
   const int64_t D = g.D;
   const int64_t dist = pf.dist;
   const PrefetchPlan plan = pf;  // a local copy: no reload of the run-time hint and lines after each store

@@ -301,8 +301,8 @@ void reduce_chunk_simd(const SortedRows& s, int64_t e_lo, int64_t e_hi, const G*
   const tail_t tail = tail_mask(D);
   const int64_t gbytes = D * static_cast<int64_t>(sizeof(G));
   const int64_t wbytes = D * static_cast<int64_t>(sizeof(W));
-  constexpr int kGradLines = static_cast<int>((NV * kLanes * sizeof(G) + 63) / 64);
-  constexpr int kWeightLines = static_cast<int>((NV * kLanes * sizeof(W) + 63) / 64);
+  constexpr int kGradLines = row_lines<NV, G>();
+  constexpr int kWeightLines = row_lines<NV, W>();
   const bool fused = sink.fused;
   W* const weights = sink.weights;
   const bool grad_ragged = gbytes % 64 != 0 || reinterpret_cast<uintptr_t>(go) % 64 != 0;

@@ -64,15 +64,22 @@ inline void prefetch_bytes(const void* p, int64_t bytes) {
   }
 }
 
-// The same for a row of at most kLines cache lines, unrolled: a line loop with a run-time count costs a
-// few percent in a hot loop. kLines lines from p cover a 64-byte aligned row; `ragged` (rows whose width is
-// not a multiple of 64 bytes, or an unaligned table) adds the line holding the row's last byte.
-template <int kLines, bool kWrite = false>
-inline void prefetch_row_lines(const void* p, int64_t bytes, bool ragged) {
+// Prefetch of the kLines cache lines from p on, unrolled: a line loop with a run-time count costs a few
+// percent in a hot loop. kLocality is __builtin_prefetch's (3 = T0 into L1, 2 = T1 into L2).
+template <int kLines, bool kWrite = false, int kLocality = 3>
+inline void prefetch_lines(const void* p) {
   const char* c = static_cast<const char*>(p);
 #pragma GCC unroll 16
-  for (int l = 0; l < kLines; ++l) __builtin_prefetch(c + 64 * l, kWrite ? 1 : 0, 3);
-  if (ragged) __builtin_prefetch(c + bytes - 1, kWrite ? 1 : 0, 3);
+  for (int l = 0; l < kLines; ++l) __builtin_prefetch(c + 64 * l, kWrite ? 1 : 0, kLocality);
+}
+
+// A row of `bytes` bytes and at most kLines cache lines: kLines lines from p cover a 64-byte aligned row;
+// `ragged` (rows whose width is not a multiple of 64 bytes, or an unaligned table) adds the line holding the
+// row's last byte.
+template <int kLines, bool kWrite = false>
+inline void prefetch_row_lines(const void* p, int64_t bytes, bool ragged) {
+  prefetch_lines<kLines, kWrite>(p);
+  if (ragged) __builtin_prefetch(static_cast<const char*>(p) + bytes - 1, kWrite ? 1 : 0, 3);
 }
 
 // ---- portable element conversion --------------------------------------------------------------
@@ -290,6 +297,12 @@ constexpr int kMaxNV = 128 / kLanes;
 
 // Vectors needed for a `width`-wide slice.
 inline int num_vecs(int64_t width) { return static_cast<int>((width + kLanes - 1) / kLanes); }
+
+// Cache lines of a row slice of NV vectors stored as S (the tail vector counted whole).
+template <int NV, typename S>
+constexpr int row_lines() {
+  return static_cast<int>((NV * kLanes * sizeof(S) + 63) / 64);
+}
 
 // NV consecutive vectors of a row slice; the last one honours `tail`.
 template <int NV, typename W>
