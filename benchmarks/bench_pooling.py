@@ -226,14 +226,10 @@ def lattice_step_function(w: Workload, optimizer: str = "rowwise_adagrad") -> Ca
 def bench_lattice(w: Workload, modes: List[str], repeats: int, warmup: int,
                   rowwise_step_timed: bool = False) -> Dict[str, Dict]:
     """lattice's fwd+bwd (sparse gradient) and fused steps; the row-wise Adagrad step is left out when
-    ``rowwise_step_timed`` (already timed in the forward's rounds)."""
+    ``rowwise_step_timed`` (already timed in the forward's rounds). Forwards are timed by ``main``, in rounds
+    with the baselines' (``forward_functions``)."""
     res: Dict[str, Dict] = {}
     W = w.weights
-    if "forward" in modes:
-        def fwd():
-            with torch.no_grad():
-                return jagged_embedding_pool(W, w.tro, w.indices, w.offsets, "sum")
-        res["lattice"] = {"forward": timeit(fwd, repeats, warmup)}
     if "fwd+bwd" in modes:
         P = W.detach().requires_grad_(True)
 
@@ -277,6 +273,7 @@ def bench_reference(w: Workload, modes: List[str], repeats: int, warmup: int) ->
 
 
 def bench_embedding_bag(w: Workload, modes: List[str], repeats: int, warmup: int, adagrad: bool) -> Dict[str, Dict]:
+    """``F.embedding_bag`` fwd+bwd and steps with torch's sparse optimizers (its forward: ``forward_functions``)."""
     res: Dict[str, Dict] = {}
     T, B, D = w.T, w.B, w.D
     bag_offsets = w.offsets[:-1]
@@ -285,11 +282,6 @@ def bench_embedding_bag(w: Workload, modes: List[str], repeats: int, warmup: int
     def run():
         return F.embedding_bag(w.global_indices, P, bag_offsets, mode="sum", sparse=True).view(T, B, D).transpose(0, 1)
 
-    if "forward" in modes:
-        def fwd():
-            with torch.no_grad():
-                return run()
-        res.setdefault("F.embedding_bag", {})["forward"] = timeit(fwd, repeats, warmup)
     if "fwd+bwd" in modes:
         def fwd_bwd():
             P.grad = None
@@ -313,6 +305,7 @@ def bench_embedding_bag(w: Workload, modes: List[str], repeats: int, warmup: int
 
 
 def bench_embedding_bag_loop(w: Workload, modes: List[str], repeats: int, warmup: int) -> Dict[str, Dict]:
+    """The ``nn.EmbeddingBag`` loop's fwd+bwd and SGD step (its forward: ``forward_functions``)."""
     res: Dict[str, Dict] = {}
     bags = torch.nn.ModuleList(
         torch.nn.EmbeddingBag(w.rows, w.D, mode="sum", sparse=True, _weight=w.weights[t * w.rows : (t + 1) * w.rows])
@@ -322,11 +315,6 @@ def bench_embedding_bag_loop(w: Workload, modes: List[str], repeats: int, warmup
     def run():
         return torch.stack([bag(idx, off) for bag, (idx, off) in zip(bags, w.table_inputs)], dim=1)
 
-    if "forward" in modes:
-        def fwd():
-            with torch.no_grad():
-                return run()
-        res["forward"] = timeit(fwd, repeats, warmup)
     if "fwd+bwd" in modes:
         def fwd_bwd():
             for p in bags.parameters():
