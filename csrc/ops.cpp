@@ -43,6 +43,11 @@ TORCH_LIBRARY(lattice, m) {
       "sparse_rows_optimizer_step_(Tensor(a!) weights, Tensor(b!) optimizer_state, Tensor rows, "
       "Tensor row_grads, int optimizer, float learning_rate, float eps, float weight_decay) -> ()");
 
+  // Asks for transparent huge pages over the 2 MB-aligned part of a contiguous CPU tensor's memory (Linux
+  // madvise(MADV_HUGEPAGE); advice only, the values are untouched). True when advice was given. Use it before
+  // the memory's first touch: pages already mapped stay as they are.
+  m.def("advise_huge_pages(Tensor self) -> bool");
+
   // ---- jagged (interleaved) cross-attention -------------------------------------------------
   // q [Nq, H, Dh] + q_offsets [B+1]; k, v [Nk, H, Dh] + kv_offsets [B+1] (int64). causal aligns the
   // last query with the last key. Returns out [Nq, H, Dh] (q's dtype) and lse [Nq, H] fp32.

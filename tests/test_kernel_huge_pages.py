@@ -58,3 +58,37 @@ def test_large_attention_outputs_are_advised_huge_pages():
     out, lse = torch.ops.lattice.jagged_attention(q, offsets, k, v, offsets, Dh ** -0.5, True)
     assert out.nbytes >= 32 << 20
     assert "hg" in _vm_flags(_middle(out))
+
+
+def test_advise_huge_pages_op():
+    big = torch.empty(6 << 20, dtype=torch.uint8)  # 6 MB holds at least two whole 2 MB pages
+    assert torch.ops.lattice.advise_huge_pages(big) is True
+    assert "hg" in _vm_flags(_middle(big))
+    assert torch.ops.lattice.advise_huge_pages(torch.empty(1024)) is False  # no whole huge page in 4 KB
+    assert torch.ops.lattice.advise_huge_pages(torch.empty(0)) is False
+    with pytest.raises(RuntimeError, match="self must be contiguous"):
+        torch.ops.lattice.advise_huge_pages(torch.empty(2048, 2048).t())
+
+
+def test_embedding_tables_and_optimizer_state_are_advised_huge_pages():
+    from lattice.nn import EmbeddingBagCollection, EmbeddingTableConfig
+    from lattice.ops._memory import empty_huge_pages
+
+    assert "hg" in _vm_flags(_middle(empty_huge_pages(4 << 20)))  # 16 MB
+    small = empty_huge_pages(1024)  # below 8 MB: a plain torch.empty, values untouched by the advice
+    assert small.shape == (1024,) and small.dtype == torch.float32
+    ebc = EmbeddingBagCollection([EmbeddingTableConfig("t", 40000, 64, ["f"])], fused_optimizer="rowwise_adagrad")
+    w = next(iter(ebc.weights.values()))
+    assert w.nbytes >= 8 << 20
+    assert "hg" in _vm_flags(_middle(w)), "the embedding table was not advised huge pages"
+    assert float(w.abs().max()) > 0  # initialized after the advice
+
+
+def test_tables_can_be_built_under_fake_tensor_mode():
+    from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+
+    from lattice.nn import EmbeddingBagCollection, EmbeddingTableConfig
+
+    with FakeTensorMode():
+        ebc = EmbeddingBagCollection([EmbeddingTableConfig("t", 40000, 64, ["f"])], fused_optimizer="rowwise_adagrad")
+    assert isinstance(next(iter(ebc.weights.values())).data, FakeTensor)

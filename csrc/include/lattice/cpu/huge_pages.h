@@ -6,7 +6,9 @@
 // few hundred. Smaller outputs come from memory glibc keeps and reuses (no faults once warm), and there
 // huge pages would only add the kernel's compaction stalls (THP defrag) to the first calls, so outputs are
 // advised from 32 MB; the grow-only workspaces, allocated once, from 8 MB. Only advice: where THP is off
-// ("never") or off Linux nothing changes, and memory that is already mapped keeps its pages.
+// ("never") or off Linux nothing changes, and memory that is already mapped keeps its pages. Python's
+// lattice.ops._memory.empty_huge_pages (embedding tables and optimizer state) asks through the
+// lattice::advise_huge_pages op (csrc/cpu/huge_pages.cpp).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -25,17 +27,19 @@ constexpr size_t kHugePageBytes = size_t{2} << 20;
 constexpr size_t kHugeMinBytes = size_t{8} << 20;         // a buffer allocated once (workspace)
 constexpr size_t kHugeOutputMinBytes = size_t{32} << 20;  // an output allocated on every call
 
-// Asks for huge pages over the 2 MB-aligned part of [p, p + bytes).
-inline void advise_huge_pages(void* p, size_t bytes) {
+// Asks for huge pages over the 2 MB-aligned part of [p, p + bytes); returns whether advice was given (the range
+// holds a whole huge page and madvise accepted it).
+inline bool advise_huge_pages(void* p, size_t bytes) {
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
-  if (p == nullptr) return;
+  if (p == nullptr) return false;
   const uintptr_t start = reinterpret_cast<uintptr_t>(p);
   const uintptr_t lo = (start + kHugePageBytes - 1) & ~(kHugePageBytes - 1);
   const uintptr_t hi = (start + bytes) & ~(kHugePageBytes - 1);
-  if (hi > lo) (void)madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_HUGEPAGE);  // advice: errors ignored
+  return hi > lo && madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_HUGEPAGE) == 0;
 #else
   (void)p;
   (void)bytes;
+  return false;
 #endif
 }
 
