@@ -19,11 +19,13 @@ Implementations measured in the same run:
   SGD) when ``fbgemm_gpu`` imports (``pip install fbgemm-gpu-cpu==1.8.0`` for torch 2.13).
 
 Printed per configuration: medians, ratios, effective GB/s (= row bytes gathered / time) and the
-machine's streaming read bandwidth (a large ``torch.sum``, measured in the same run), the 1- vs
-2-thread times of lattice's forward and fused step, and the issue's targets with pass/fail. lattice's and the
-torch baselines' forwards and lattice's fused row-wise Adagrad step are timed in interleaved rounds (one call of
-each per round): on a machine whose speed drifts by 15% within minutes, the ratios then compare timings taken in
-one state of the machine.
+machine's streaming read bandwidth (a large ``torch.sum``), the 1- vs 2-thread times of lattice's forward and
+fused step, and the issue's targets with pass/fail. lattice's and the torch baselines' forwards, lattice's fused
+row-wise Adagrad step and the bandwidth references (streaming read and read-modify-write over a 0.25 GiB buffer,
+and the bare-loop probes below at their best prefetch distance) are timed in interleaved rounds (one call of each
+per round): on a machine whose speed drifts by 15-40% within minutes, the ratios and the shares of bandwidth then
+compare timings taken in one state of the machine. The run-wide streaming figures printed first (over
+``--stream-gib``) stand in only where a configuration has no rounds (``--modes`` without ``forward``).
 
 Also printed, to tell what the step target asks of the machine: the fused step must read and write back
 every distinct row it touches (and its Adagrad state), which the machine's streaming read-modify-write
@@ -58,7 +60,7 @@ import platform
 import statistics
 import sys
 import time
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -87,6 +89,11 @@ except Exception:  # noqa: BLE001 - any import failure just drops the baseline
 
 LR, EPS = 0.01, 1e-8
 ROUND_ROBIN_STEP = "lattice step"  # lattice's row-wise Adagrad step, timed in the forwards' rounds
+# bandwidth references timed in the same rounds (round_references)
+REF_STREAM_READ = "ref: stream read"
+REF_STREAM_UPDATE = "ref: stream read-modify-write"
+REF_GATHER = "ref: bare gather"
+REF_SPARSE_UPDATE = "ref: bare sparse update"
 
 
 # ---- helpers -----------------------------------------------------------------------------------------
@@ -381,6 +388,50 @@ def thread_scaling(w: Workload, repeats: int, warmup: int, threads: int) -> Dict
     return out
 
 
+ROUND_STREAM_GIB = 0.25  # buffer of the in-round streaming references: 8x this machine's L3, small beside a table
+
+
+def round_references(w: Workload, probes: Dict[str, Dict], stream_gib: float,
+                     threads: int) -> Dict[str, Tuple[Callable[[], object], int]]:
+    """The bandwidth references timed in the forwards' rounds, each as (call, bytes it moves): a streaming read
+    (``torch.sum``) and read-modify-write (``add_``) over a buffer of min(``stream_gib``, 0.25) GiB, and the bare
+    gather and sparse update of ``memory_probe`` at the prefetch distance its sweep (``probes``) found best. Timed
+    beside the forwards and the step, their figures describe the machine in the state those timings were taken
+    in; the machine's speed here drifts by 15-40% within minutes."""
+    n = int(min(stream_gib, ROUND_STREAM_GIB) * (1 << 30)) // 4
+    buf = torch.ones(n, dtype=torch.float32)
+    refs: Dict[str, Tuple[Callable[[], object], int]] = {
+        REF_STREAM_READ: (buf.sum, n * 4),
+        REF_STREAM_UPDATE: (lambda: buf.add_(1.0), 2 * n * 4),
+    }
+    if probes.get("gather"):
+        call = memory_probe.gather_call(w.weights, w.global_indices, threads, probes["gather"]["prefetch"])
+        refs[REF_GATHER] = (call, probes["gather"]["bytes"])
+    if probes.get("sparse_update"):
+        call = memory_probe.sparse_update_call(w.weights, w.distinct_rows, threads, probes["sparse_update"]["prefetch"])
+        refs[REF_SPARSE_UPDATE] = (call, probes["sparse_update"]["bytes"])
+    return refs
+
+
+def in_round_bandwidths(ref_bytes: Dict[str, int], timings: Dict[str, Dict], stream: Dict[str, float],
+                        update: Dict[str, float], probes: Dict[str, Dict]) -> Tuple[float, float, Dict[str, Dict]]:
+    """(streaming read GB/s, streaming read-modify-write GB/s, probes) for one configuration: the figures of its
+    rounds where ``timings`` has them (``ref_bytes``: bytes each reference moves), else the run-wide streaming
+    figures and the probes' own sweeps. A probe timed in the rounds keeps its sweep's median as
+    ``sweep_median_s`` and ``sweep_gbps``."""
+    def gbps(name: str) -> Optional[float]:
+        return ref_bytes[name] / timings[name]["median_s"] / 1e9 if name in timings else None
+
+    read = gbps(REF_STREAM_READ) or stream["gbps"]
+    rmw = gbps(REF_STREAM_UPDATE) or update["gbps"]
+    out = dict(probes)
+    for key, name in (("gather", REF_GATHER), ("sparse_update", REF_SPARSE_UPDATE)):
+        if probes.get(key) and name in timings:
+            out[key] = {**probes[key], "sweep_median_s": probes[key]["median_s"], "sweep_gbps": probes[key]["gbps"],
+                        "median_s": timings[name]["median_s"], "gbps": gbps(name), "timed_in_rounds": True}
+    return read, rmw, out
+
+
 # ---- report ---------------------------------------------------------------------------------------
 def run_probes(w: Workload, threads: int, repeats: int, warmup: int) -> Dict[str, Dict]:
     """``memory_probe``'s bare gather (the forward's rows, in its order) and bare sparse update (each distinct
@@ -555,18 +606,28 @@ def main(argv=None) -> int:
             all_agree = all_agree and agreement["ok"]
             extra_copy_ok = avail is None or 2 * table_bytes + (1 << 30) <= args.memory_fraction * avail
             res: Dict[str, Dict] = {}
+            probes = run_probes(w, args.threads, args.repeats, args.warmup)
+            ref_timings: Dict[str, Dict] = {}
+            ref_bytes: Dict[str, int] = {}
             if "forward" in args.modes:
                 # lattice and the torch baselines' forwards in interleaved rounds (the fairest comparison), with
-                # lattice's row-wise Adagrad step in the same rounds, so that step / forward compares timings
-                # taken in one state of the machine; FBGEMM and the reference below are timed on their own.
+                # lattice's row-wise Adagrad step and the bandwidth references in the same rounds, so that
+                # step / forward and the shares of bandwidth compare timings taken in one state of the machine;
+                # FBGEMM and the reference below are timed on their own.
                 fns = forward_functions(w, not args.no_loop)
                 if "step" in args.modes:
                     fns[ROUND_ROBIN_STEP] = lattice_step_function(w)
+                refs = round_references(w, probes, args.stream_gib, args.threads)
+                fns.update({name: call for name, (call, _) in refs.items()})
                 for name, r in timeit_round_robin(fns, args.repeats, args.warmup).items():
-                    if name == ROUND_ROBIN_STEP:
+                    if name in refs:
+                        ref_timings[name] = r
+                    elif name == ROUND_ROBIN_STEP:
                         res.setdefault("lattice", {})["step"] = r
                     else:
                         res.setdefault(name, {})["forward"] = r
+                ref_bytes = {name: moved for name, (_, moved) in refs.items()}
+                del fns, refs  # frees the references' stream buffer
             other_modes = [m for m in args.modes if m != "forward"]
             res_lattice = bench_lattice(w, other_modes, args.repeats, args.warmup,
                                         rowwise_step_timed="step" in res.get("lattice", {}))
@@ -582,12 +643,15 @@ def main(argv=None) -> int:
             if not args.no_reference:
                 res.update(bench_reference(w, args.modes, max(1, args.repeats // 2), 1))
             scaling = {} if args.no_scaling else thread_scaling(w, args.repeats, args.warmup, args.threads)
-            probes = run_probes(w, args.threads, args.repeats, args.warmup)
-            summary = summarize(w, res, stream["gbps"], update["gbps"], scaling, probes)
+            read_gbps, rmw_gbps, probes = in_round_bandwidths(ref_bytes, ref_timings, stream, update, probes)
+            summary = summarize(w, res, read_gbps, rmw_gbps, scaling, probes)
+            summary["stream_read_gbps"], summary["stream_update_gbps"] = read_gbps, rmw_gbps
+            summary["bandwidths_timed_in_rounds"] = bool(ref_timings)
             print_config(w, res, summary, scaling)
             entry.update({"N": w.N, "gathered_bytes": w.gathered_bytes, "unique_rows": w.unique_rows, "probes": probes,
                           "update_bytes": w.update_bytes, "results": res, "thread_scaling": scaling,
-                          "summary": summary, "fbgemm_skipped": HAVE_FBGEMM and not extra_copy_ok})
+                          "summary": summary, "fbgemm_skipped": HAVE_FBGEMM and not extra_copy_ok,
+                          "round_references": {name: {**r, "bytes": ref_bytes[name]} for name, r in ref_timings.items()}})
             report["configs"].append(entry)
             del w, res
             gc.collect()

@@ -22,7 +22,7 @@ import statistics
 import subprocess
 import tempfile
 import time
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 
@@ -95,23 +95,43 @@ def _best_over_distances(run, moved_bytes: int, repeats: int, warmup: int,
             "prefetch": best, "median_s_by_prefetch": {str(p): t for p, t in by_distance.items()}}
 
 
-def sparse_update_bandwidth(weights: torch.Tensor, distinct_rows: torch.Tensor, threads: int, repeats: int = 5,
-                            warmup: int = 1, distances: Sequence[int] = PREFETCH_DISTANCES) -> Optional[Dict]:
-    """GB/s (bytes read + written) of reading and writing back ``weights[distinct_rows]`` in ascending order.
-
-    weights: [R, D] float32, left unchanged (each row is multiplied by 1). distinct_rows: [U] int64, sorted and
-    distinct. Returns None where the probe cannot be built."""
+def sparse_update_call(weights: torch.Tensor, distinct_rows: torch.Tensor, threads: int,
+                       prefetch: int) -> Optional[Callable[[], None]]:
+    """One bare sparse update of ``weights[distinct_rows]`` (ascending, distinct) at prefetch distance ``prefetch``,
+    as a call to time (None where the probe cannot be built). weights: [R, D] float32, left unchanged."""
     lib, _ = load()
     if lib is None:
         return None
     _check(weights, distinct_rows)
     if distinct_rows.numel() > 1 and not bool((distinct_rows[1:] > distinct_rows[:-1]).all()):
         raise ValueError("distinct_rows must be sorted ascending without repeats")
-    D = weights.shape[1]
-    moved = 2 * distinct_rows.numel() * D * 4
-    return _best_over_distances(
-        lambda p: lib.sparse_row_update(weights.data_ptr(), D, distinct_rows.data_ptr(), distinct_rows.numel(), p,
-                                        1.0, threads), moved, repeats, warmup, distances)
+    D, n = weights.shape[1], distinct_rows.numel()
+    return lambda: lib.sparse_row_update(weights.data_ptr(), D, distinct_rows.data_ptr(), n, prefetch, 1.0, threads)
+
+
+def gather_call(weights: torch.Tensor, rows: torch.Tensor, threads: int,
+                prefetch: int) -> Optional[Callable[[], float]]:
+    """One bare gather of ``weights[rows]`` (any order, repeats allowed) at prefetch distance ``prefetch``, as a call
+    to time (None where the probe cannot be built); the call returns the rows' total."""
+    lib, _ = load()
+    if lib is None:
+        return None
+    _check(weights, rows)
+    D, n = weights.shape[1], rows.numel()
+    return lambda: lib.row_gather(weights.data_ptr(), D, rows.data_ptr(), n, prefetch, threads)
+
+
+def sparse_update_bandwidth(weights: torch.Tensor, distinct_rows: torch.Tensor, threads: int, repeats: int = 5,
+                            warmup: int = 1, distances: Sequence[int] = PREFETCH_DISTANCES) -> Optional[Dict]:
+    """GB/s (bytes read + written) of reading and writing back ``weights[distinct_rows]`` in ascending order.
+
+    weights: [R, D] float32, left unchanged (each row is multiplied by 1). distinct_rows: [U] int64, sorted and
+    distinct. Returns None where the probe cannot be built."""
+    calls = {p: sparse_update_call(weights, distinct_rows, threads, p) for p in distances}  # checked once, untimed
+    if any(c is None for c in calls.values()):
+        return None
+    moved = 2 * distinct_rows.numel() * weights.shape[1] * 4
+    return _best_over_distances(lambda p: calls[p](), moved, repeats, warmup, distances)
 
 
 def gather_bandwidth(weights: torch.Tensor, rows: torch.Tensor, threads: int, repeats: int = 5, warmup: int = 1,
@@ -120,12 +140,8 @@ def gather_bandwidth(weights: torch.Tensor, rows: torch.Tensor, threads: int, re
 
     weights: [R, D] float32; rows: [N] int64, any order, repeats allowed. Returns None where the probe cannot be
     built."""
-    lib, _ = load()
-    if lib is None:
+    calls = {p: gather_call(weights, rows, threads, p) for p in distances}  # checked once, untimed
+    if any(c is None for c in calls.values()):
         return None
-    _check(weights, rows)
-    D = weights.shape[1]
-    moved = rows.numel() * D * 4
-    return _best_over_distances(
-        lambda p: lib.row_gather(weights.data_ptr(), D, rows.data_ptr(), rows.numel(), p, threads),
-        moved, repeats, warmup, distances)
+    moved = rows.numel() * weights.shape[1] * 4
+    return _best_over_distances(lambda p: calls[p](), moved, repeats, warmup, distances)

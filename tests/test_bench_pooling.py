@@ -44,7 +44,15 @@ def test_quick_run_reports_the_step_bandwidth_floor(tmp_path):
     assert entry["update_bytes"] == 2 * entry["unique_rows"] * (64 * 4 + 4)
     s = entry["summary"]
     fwd = entry["results"]["lattice"]["forward"]["median_s"]
-    update_s = entry["update_bytes"] / (report["stream_update"]["gbps"] * 1e9)
+    # the bandwidths are those of the configuration's own rounds, timed beside the forwards and the step
+    assert s["bandwidths_timed_in_rounds"] is True
+    refs = entry["round_references"]
+    read = refs["ref: stream read"]
+    assert read["bytes"] == int(0.0625 * (1 << 30)) // 4 * 4 and refs["ref: stream read-modify-write"]["bytes"] == 2 * read["bytes"]
+    assert len(read["times_s"]) == 3 == len(entry["results"]["lattice"]["forward"]["times_s"])
+    assert abs(s["stream_read_gbps"] - read["bytes"] / read["median_s"] / 1e9) < 1e-9
+    assert abs(s["forward_fraction_of_stream_bw"] * s["stream_read_gbps"] - s["forward_effective_gbps"]) < 1e-6
+    update_s = entry["update_bytes"] / (s["stream_update_gbps"] * 1e9)
     assert abs(s["step_over_forward_floor"] - (fwd + update_s) / fwd) < 1e-9
     assert s["step_over_forward_floor"] > 1 and s["step_over_forward_floor_at_60pct_forward"] > 1
     assert "fused row-wise Adagrad step <= 2.5x forward" in s["targets"]
@@ -58,6 +66,29 @@ def test_quick_run_reports_the_step_bandwidth_floor(tmp_path):
     assert abs(s["step_over_forward_floor_sparse"] - (fwd + sparse_s) / fwd) < 1e-9
     assert abs(s["forward_fraction_of_gather_probe"] * probes["gather"]["gbps"] - s["forward_effective_gbps"]) < 1e-6
     assert probes["gather"]["prefetch"] in (0, 8, 16, 32)
+    for key, name in (("gather", "ref: bare gather"), ("sparse_update", "ref: bare sparse update")):
+        assert probes[key]["timed_in_rounds"] and probes[key]["median_s"] == refs[name]["median_s"]
+        assert probes[key]["sweep_median_s"] > 0 and refs[name]["bytes"] == probes[key]["bytes"]
+
+
+def test_without_forward_rounds_the_run_wide_bandwidths_stand_in(tmp_path):
+    bench = _bench()
+    out = tmp_path / "pool.json"
+    threads = torch.get_num_threads()
+    try:
+        rc = bench.main(["--rows", "2000", "--dims", "32", "--batch", "32", "--tables", "2", "--repeats", "2",
+                         "--warmup", "1", "--no-loop", "--no-reference", "--no-scaling", "--stream-gib", "0.0625",
+                         "--modes", "fwd+bwd", "--out", str(out)])
+    finally:
+        torch.set_num_threads(threads)
+    assert rc == 0
+    report = json.loads(out.read_text())
+    (entry,) = report["configs"]
+    s = entry["summary"]
+    assert s["bandwidths_timed_in_rounds"] is False and entry["round_references"] == {}
+    assert s["stream_read_gbps"] == report["stream_read"]["gbps"]
+    assert s["stream_update_gbps"] == report["stream_update"]["gbps"]
+    assert "forward" not in entry["results"]["lattice"] and "fwd+bwd" in entry["results"]["lattice"]
 
 
 def _probe():
