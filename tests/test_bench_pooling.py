@@ -25,18 +25,22 @@ def _bench():
     return module
 
 
-def test_quick_run_reports_the_step_bandwidth_floor(tmp_path):
-    bench = _bench()
+def _run(bench, tmp_path, *args: str) -> dict:
+    """bench_pooling.main at smoke size with ``args`` added; its JSON report."""
     out = tmp_path / "pool.json"
     threads = torch.get_num_threads()
     try:
-        rc = bench.main(["--rows", "5000", "--dims", "64", "--batch", "64", "--tables", "4", "--repeats", "3",
-                         "--warmup", "1", "--no-loop", "--no-reference", "--no-scaling", "--stream-gib", "0.0625",
-                         "--out", str(out)])
+        rc = bench.main(["--warmup", "1", "--no-loop", "--no-reference", "--no-scaling", "--stream-gib", "0.0625",
+                         "--out", str(out), *args])
     finally:
         torch.set_num_threads(threads)
     assert rc == 0
-    report = json.loads(out.read_text())
+    return json.loads(out.read_text())
+
+
+def test_quick_run_reports_the_step_bandwidth_floor(tmp_path):
+    bench = _bench()
+    report = _run(bench, tmp_path, "--rows", "5000", "--dims", "64", "--batch", "64", "--tables", "4", "--repeats", "3")
     assert report["stream_update"]["gbps"] > 0 and report["stream_read"]["gbps"] > 0
     (entry,) = report["configs"]
     w = bench.Workload(4, 5000, 64, 64, 40)  # the same seed and sizes: the same ids
@@ -72,17 +76,8 @@ def test_quick_run_reports_the_step_bandwidth_floor(tmp_path):
 
 
 def test_without_forward_rounds_the_run_wide_bandwidths_stand_in(tmp_path):
-    bench = _bench()
-    out = tmp_path / "pool.json"
-    threads = torch.get_num_threads()
-    try:
-        rc = bench.main(["--rows", "2000", "--dims", "32", "--batch", "32", "--tables", "2", "--repeats", "2",
-                         "--warmup", "1", "--no-loop", "--no-reference", "--no-scaling", "--stream-gib", "0.0625",
-                         "--modes", "fwd+bwd", "--out", str(out)])
-    finally:
-        torch.set_num_threads(threads)
-    assert rc == 0
-    report = json.loads(out.read_text())
+    report = _run(_bench(), tmp_path, "--rows", "2000", "--dims", "32", "--batch", "32", "--tables", "2", "--repeats", "2",
+                  "--modes", "fwd+bwd")
     (entry,) = report["configs"]
     s = entry["summary"]
     assert s["bandwidths_timed_in_rounds"] is False and entry["round_references"] == {}
