@@ -157,14 +157,27 @@ def mem_available_bytes() -> Optional[int]:
     return None
 
 
+def stream_buffer(gib: float) -> torch.Tensor:
+    """A float32 buffer of ``gib`` GiB (far larger than the caches) for the streaming sweeps."""
+    return torch.ones(int(gib * (1 << 30)) // 4, dtype=torch.float32)
+
+
+def read_sweep(x: torch.Tensor) -> object:
+    """A streaming read of ``x`` (moves its bytes once)."""
+    return x.sum()
+
+
+def update_sweep(x: torch.Tensor) -> object:
+    """A streaming in-place update of ``x`` (moves its bytes twice: read, then written back)."""
+    return x.add_(1.0)
+
+
 def _stream_bandwidth(gib: float, repeats: int, sweep: Callable[[torch.Tensor], object],
                       passes: int) -> Dict[str, float]:
-    """GB/s of ``sweep`` over a float32 buffer of ``gib`` GiB, far larger than the caches; ``passes`` is how many
-    times it moves the buffer's bytes (1 to read, 2 to read and write back)."""
-    n = int(gib * (1 << 30)) // 4
-    x = torch.ones(n, dtype=torch.float32)
+    """GB/s of ``sweep`` over ``stream_buffer(gib)``; ``passes`` is how many times it moves the buffer's bytes."""
+    x = stream_buffer(gib)
     r = timeit(lambda: sweep(x), repeats, 2)
-    moved = passes * n * 4
+    moved = passes * x.nbytes
     out = {"bytes": moved, "median_s": r["median_s"], "gbps": moved / r["median_s"] / 1e9,
            "best_gbps": moved / r["min_s"] / 1e9}
     del x
@@ -173,13 +186,13 @@ def _stream_bandwidth(gib: float, repeats: int, sweep: Callable[[torch.Tensor], 
 
 def stream_read_bandwidth(gib: float, repeats: int) -> Dict[str, float]:
     """GB/s of a streaming read: torch.sum over a large buffer."""
-    return _stream_bandwidth(gib, repeats, torch.Tensor.sum, passes=1)
+    return _stream_bandwidth(gib, repeats, read_sweep, passes=1)
 
 
 def stream_update_bandwidth(gib: float, repeats: int) -> Dict[str, float]:
     """GB/s (bytes read + bytes written) of a streaming in-place update: ``add_`` over a large buffer, the
     access pattern of an optimizer writing back the rows it read."""
-    return _stream_bandwidth(gib, repeats, lambda x: x.add_(1.0), passes=2)
+    return _stream_bandwidth(gib, repeats, update_sweep, passes=2)
 
 
 class Workload:
@@ -398,18 +411,19 @@ def round_references(w: Workload, probes: Dict[str, Dict], stream_gib: float,
     gather and sparse update of ``memory_probe`` at the prefetch distance its sweep (``probes``) found best. Timed
     beside the forwards and the step, their figures describe the machine in the state those timings were taken
     in; the machine's speed here drifts by 15-40% within minutes."""
-    n = int(min(stream_gib, ROUND_STREAM_GIB) * (1 << 30)) // 4
-    buf = torch.ones(n, dtype=torch.float32)
+    buf = stream_buffer(min(stream_gib, ROUND_STREAM_GIB))
     refs: Dict[str, Tuple[Callable[[], object], int]] = {
-        REF_STREAM_READ: (buf.sum, n * 4),
-        REF_STREAM_UPDATE: (lambda: buf.add_(1.0), 2 * n * 4),
+        REF_STREAM_READ: (lambda: read_sweep(buf), buf.nbytes),
+        REF_STREAM_UPDATE: (lambda: update_sweep(buf), 2 * buf.nbytes),
     }
     if probes.get("gather"):
-        call = memory_probe.gather_call(w.weights, w.global_indices, threads, probes["gather"]["prefetch"])
-        refs[REF_GATHER] = (call, probes["gather"]["bytes"])
+        gather = memory_probe.gather_call(w.weights, w.global_indices, threads)
+        gather_pf = probes["gather"]["prefetch"]
+        refs[REF_GATHER] = (lambda: gather(gather_pf), probes["gather"]["bytes"])
     if probes.get("sparse_update"):
-        call = memory_probe.sparse_update_call(w.weights, w.distinct_rows, threads, probes["sparse_update"]["prefetch"])
-        refs[REF_SPARSE_UPDATE] = (call, probes["sparse_update"]["bytes"])
+        update = memory_probe.sparse_update_call(w.weights, w.distinct_rows, threads)
+        update_pf = probes["sparse_update"]["prefetch"]
+        refs[REF_SPARSE_UPDATE] = (lambda: update(update_pf), probes["sparse_update"]["bytes"])
     return refs
 
 

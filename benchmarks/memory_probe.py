@@ -95,10 +95,11 @@ def _best_over_distances(run, moved_bytes: int, repeats: int, warmup: int,
             "prefetch": best, "median_s_by_prefetch": {str(p): t for p, t in by_distance.items()}}
 
 
-def sparse_update_call(weights: torch.Tensor, distinct_rows: torch.Tensor, threads: int,
-                       prefetch: int) -> Optional[Callable[[], None]]:
-    """One bare sparse update of ``weights[distinct_rows]`` (ascending, distinct) at prefetch distance ``prefetch``,
-    as a call to time (None where the probe cannot be built). weights: [R, D] float32, left unchanged."""
+def sparse_update_call(weights: torch.Tensor, distinct_rows: torch.Tensor,
+                       threads: int) -> Optional[Callable[[int], None]]:
+    """The bare sparse update of ``weights[distinct_rows]`` (ascending, distinct) as a call to time, taking the
+    prefetch distance (None where the probe cannot be built). weights: [R, D] float32, left unchanged. The
+    arguments are checked here, once, outside any timing."""
     lib, _ = load()
     if lib is None:
         return None
@@ -106,19 +107,20 @@ def sparse_update_call(weights: torch.Tensor, distinct_rows: torch.Tensor, threa
     if distinct_rows.numel() > 1 and not bool((distinct_rows[1:] > distinct_rows[:-1]).all()):
         raise ValueError("distinct_rows must be sorted ascending without repeats")
     D, n = weights.shape[1], distinct_rows.numel()
-    return lambda: lib.sparse_row_update(weights.data_ptr(), D, distinct_rows.data_ptr(), n, prefetch, 1.0, threads)
+    return lambda prefetch: lib.sparse_row_update(weights.data_ptr(), D, distinct_rows.data_ptr(), n, prefetch, 1.0,
+                                                  threads)
 
 
-def gather_call(weights: torch.Tensor, rows: torch.Tensor, threads: int,
-                prefetch: int) -> Optional[Callable[[], float]]:
-    """One bare gather of ``weights[rows]`` (any order, repeats allowed) at prefetch distance ``prefetch``, as a call
-    to time (None where the probe cannot be built); the call returns the rows' total."""
+def gather_call(weights: torch.Tensor, rows: torch.Tensor, threads: int) -> Optional[Callable[[int], float]]:
+    """The bare gather of ``weights[rows]`` (any order, repeats allowed) as a call to time, taking the prefetch
+    distance and returning the rows' total (None where the probe cannot be built). The arguments are checked here,
+    once, outside any timing."""
     lib, _ = load()
     if lib is None:
         return None
     _check(weights, rows)
     D, n = weights.shape[1], rows.numel()
-    return lambda: lib.row_gather(weights.data_ptr(), D, rows.data_ptr(), n, prefetch, threads)
+    return lambda prefetch: lib.row_gather(weights.data_ptr(), D, rows.data_ptr(), n, prefetch, threads)
 
 
 def sparse_update_bandwidth(weights: torch.Tensor, distinct_rows: torch.Tensor, threads: int, repeats: int = 5,
@@ -127,11 +129,10 @@ def sparse_update_bandwidth(weights: torch.Tensor, distinct_rows: torch.Tensor, 
 
     weights: [R, D] float32, left unchanged (each row is multiplied by 1). distinct_rows: [U] int64, sorted and
     distinct. Returns None where the probe cannot be built."""
-    calls = {p: sparse_update_call(weights, distinct_rows, threads, p) for p in distances}  # checked once, untimed
-    if any(c is None for c in calls.values()):
+    run = sparse_update_call(weights, distinct_rows, threads)
+    if run is None:
         return None
-    moved = 2 * distinct_rows.numel() * weights.shape[1] * 4
-    return _best_over_distances(lambda p: calls[p](), moved, repeats, warmup, distances)
+    return _best_over_distances(run, 2 * distinct_rows.numel() * weights.shape[1] * 4, repeats, warmup, distances)
 
 
 def gather_bandwidth(weights: torch.Tensor, rows: torch.Tensor, threads: int, repeats: int = 5, warmup: int = 1,
@@ -140,8 +141,7 @@ def gather_bandwidth(weights: torch.Tensor, rows: torch.Tensor, threads: int, re
 
     weights: [R, D] float32; rows: [N] int64, any order, repeats allowed. Returns None where the probe cannot be
     built."""
-    calls = {p: gather_call(weights, rows, threads, p) for p in distances}  # checked once, untimed
-    if any(c is None for c in calls.values()):
+    run = gather_call(weights, rows, threads)
+    if run is None:
         return None
-    moved = rows.numel() * weights.shape[1] * 4
-    return _best_over_distances(lambda p: calls[p](), moved, repeats, warmup, distances)
+    return _best_over_distances(run, rows.numel() * weights.shape[1] * 4, repeats, warmup, distances)
