@@ -82,6 +82,8 @@ def reference_batch(table: pa.Table, schema: Schema, *, domain: Optional[str] = 
         for f in dense_f:
             v = r.get(f.source)
             ok = has(f.name) and v is not None
+            if ok and math.isnan(float(v)) and schema.nan_policy(f) == "missing":
+                ok = False
             if ok and not math.isfinite(float(v)):
                 fail("non-finite dense value", f.source, i)
             drow.append(float(np.float32(v)) if ok else 0.0)
