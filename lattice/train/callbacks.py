@@ -51,7 +51,11 @@ def format_metrics_table(rows: list[dict[str, Any]], title: str) -> str:
 
 class MetricsTable(pl.Callback):
     """Prints the per-domain × per-task table at the end of fit / validate / test and writes it as
-    ``metrics_<stage>.csv`` and ``.json`` into ``output_dir`` (default: the trainer's log directory)."""
+    ``metrics_<stage>.csv`` and ``.json`` into ``output_dir`` (default: the trainer's log directory).
+
+    Under multi-process training every rank resolves the directory (``trainer.log_dir`` is a broadcast, a
+    collective), and only rank zero prints and writes.
+    """
 
     def __init__(self, output_dir: str | None = None, print_table: bool = True) -> None:
         self.output_dir = output_dir
@@ -63,15 +67,17 @@ class MetricsTable(pl.Callback):
             return self.output_dir
         return trainer.log_dir or trainer.default_root_dir
 
-    @rank_zero_only
     def _emit(self, trainer: pl.Trainer, module: pl.LightningModule, stage: str) -> None:
         results = getattr(module, "eval_results", {}).get(stage)
         if not results:
             return
+        self._write(self._directory(trainer), module, stage, results)
+
+    @rank_zero_only
+    def _write(self, directory: str, module: pl.LightningModule, stage: str, results: dict[str, float]) -> None:
         rows = metrics_table_rows(results, list(module.domain_names), list(module.task_names))
         if self.print_table:
             print("\n" + format_metrics_table(rows, f"{stage} metrics (per domain x task; ALL = every domain)"))
-        directory = self._directory(trainer)
         os.makedirs(directory, exist_ok=True)
         base = os.path.join(directory, f"metrics_{stage}")
         columns = ["domain", "task", *[c for c in _COLUMNS if any(c in r for r in rows)]]
