@@ -19,35 +19,23 @@ configs/interformer.yaml`` merge as before).
 """
 from __future__ import annotations
 
-import importlib
-import inspect
 import sys
-from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
-import torch
-from jsonargparse import Namespace
-from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.plugins.io import CheckpointIO
 
 from lattice.data.datamodule import LatticeDataModule
-from lattice.train.callbacks import MetricsTable
 from lattice.train.checkpoint import AtomicCheckpointIO
+from lattice.train.loading import ConfigCLI
 from lattice.train.module import LatticeModule
 from lattice.train.writer import ParquetPredictionWriter
 
 _LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
 
 
-class LatticeCLI(LightningCLI):
-    """LightningCLI with the schema link, the metrics table and the Parquet prediction writer wired in."""
-
-    def add_arguments_to_parser(self, parser) -> None:
-        parser.link_arguments("data.schema", "model.init_args.network.init_args.schema", apply_on="instantiate")
-        parser.add_lightning_class_args(MetricsTable, "metrics_table")
-        parser.add_lightning_class_args(ParquetPredictionWriter, "prediction_writer")
-        # The Parquet reader shards row groups across ranks and workers itself (exactly-once reads).
-        parser.set_defaults({"trainer.use_distributed_sampler": False})
+class LatticeCLI(ConfigCLI):
+    """:class:`~lattice.train.loading.ConfigCLI` (the schema link, the metrics table, the Parquet prediction
+    writer, checkpoint hyper-parameters) running lattice's Lightning subcommands."""
 
     def _prepare_subcommand_parser(self, klass, subcommand, **kwargs):
         parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
@@ -55,44 +43,6 @@ class LatticeCLI(LightningCLI):
             # `lattice predict` streams to Parquet; keeping every batch's output in memory too would not scale.
             parser.set_defaults(return_predictions=False)
         return parser
-
-    def _parse_ckpt_path(self) -> None:
-        """Merges a ``--ckpt_path`` checkpoint's hyper-parameters into the parsed model config.
-
-        Lightning's own version re-parses the model from the checkpoint's hyper-parameters alone, as
-        ``dict_kwargs`` over the class defaults; in subclass mode under a subcommand that loses what the
-        config gave and the checkpoint does not keep — the network, which :class:`LatticeModule` leaves
-        out of its hyper-parameters. Here the checkpoint's values (and its class, as in Lightning) are laid
-        over the config's model section instead, and the result parsed as one complete spec.
-        """
-        subcommand = self.config.get("subcommand")
-        if not subcommand:
-            return
-        ckpt_path = self.config[subcommand].get("ckpt_path")
-        if not (ckpt_path and Path(ckpt_path).is_file()):
-            return
-        checkpoint = torch.load(ckpt_path, weights_only=True, map_location="cpu")
-        hparams = dict(checkpoint.get("hyper_parameters") or {})
-        hparams.pop("_instantiator", None)
-        class_path = hparams.pop("_class_path", None)
-        if not hparams and class_path is None:
-            return
-        model = self.config[subcommand].get("model")
-        spec: dict[str, Any] = model.as_dict() if isinstance(model, Namespace) else dict(model or {})
-        init_args = dict(spec.get("init_args") or {})
-        if class_path is not None and class_path != spec.get("class_path"):
-            # The checkpoint's class wins (as in Lightning); keep only the config's arguments it accepts.
-            accepted = _init_parameters(class_path)
-            if accepted is not None:
-                init_args = {k: v for k, v in init_args.items() if k in accepted}
-            spec["class_path"] = class_path
-        init_args.update(hparams)
-        spec["init_args"] = init_args
-        try:
-            self.config = self.parser.parse_object({subcommand: {"model": spec}}, self.config)
-        except SystemExit:
-            sys.stderr.write(f"Parsing of the hyper-parameters in ckpt_path {ckpt_path} failed!\n")
-            raise
 
     def _instantiate_trainer(self, config, callbacks):
         if self.subcommand != "predict":  # the prediction writer only belongs to `lattice predict`
@@ -112,19 +62,6 @@ def with_atomic_checkpoint_io(plugins):
     if any(isinstance(p, CheckpointIO) for p in plugins):
         return list(plugins)
     return [*plugins, AtomicCheckpointIO()]
-
-
-def _init_parameters(class_path: str) -> set[str] | None:
-    """The ``__init__`` parameter names of ``class_path`` (``None`` if it cannot be imported or takes ``**kwargs``;
-    the parser then reports the problem)."""
-    module, _, name = class_path.rpartition(".")
-    try:
-        params = inspect.signature(getattr(importlib.import_module(module), name)).parameters
-    except (ImportError, AttributeError, ValueError, TypeError):
-        return None
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        return None
-    return set(params)
 
 
 def run_lightning(args: Sequence[str] | None = None, run: bool = True) -> LatticeCLI:

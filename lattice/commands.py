@@ -76,16 +76,10 @@ def _filter(config: List[str], ckpt_path: str, budget: int, out_dir: str = "latt
     """
     import torch
 
-    from lattice.cli import run_lightning
     from lattice.select.commands import run_filter
+    from lattice.train.loading import load_from_config
 
-    args: List[str] = []
-    for path in config:
-        args += ["--config", path]
-    cli = run_lightning(args, run=False)
-    module, datamodule = cli.model, cli.datamodule
-    state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-    module.load_state_dict(state["state_dict"])
+    module, datamodule = load_from_config(config, ckpt_path)
     module.eval()
     datamodule.setup("validate")
     with torch.no_grad():

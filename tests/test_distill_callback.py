@@ -40,7 +40,7 @@ def teacher_ckpt(tmp_path_factory):
     path = str(directory / "checkpoints" / "last.ckpt")
     trainer.save_checkpoint(path)
     with open(directory / "config.yaml", "w") as f:
-        yaml.safe_dump({"model": {"class_path": "lattice.train.LatticeModule", "init_args": {"network": TEACHER_SPEC}}}, f)
+        yaml.safe_dump({"model": {"class_path": "lattice.train.module.LatticeModule", "init_args": {"network": TEACHER_SPEC}}}, f)
     return path, module
 
 

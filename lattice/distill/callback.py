@@ -9,7 +9,6 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-import yaml
 from torch import Tensor, nn
 
 __all__ = ["DistillationCallback", "load_teacher_network"]
@@ -39,17 +38,17 @@ def _build_network(spec: dict[str, Any], schema: Any) -> nn.Module:
 
 
 def _network_spec_from_config(path: str) -> dict[str, Any]:
-    """The ``model.init_args.network`` section of a LightningCLI config (the ``config.yaml`` it saves)."""
-    with open(path) as f:
-        config = yaml.safe_load(f) or {}
-    model = config.get("model") or {}
-    args = model.get("init_args", model)
-    network = args.get("network") if isinstance(args, dict) else None
-    if not isinstance(network, dict) or "class_path" not in network:
-        raise ValueError(f"{path}: no model.init_args.network with a class_path")
-    network = {"class_path": network["class_path"], "init_args": dict(network.get("init_args") or {})}
-    network["init_args"].pop("schema", None)  # linked from the data at fit time; rebuilt from ours
-    return network
+    """The model's network section of a teacher run's config (the ``config.yaml`` LightningCLI saves), read by
+    the same parser as ``lattice fit``; its schema is left out (linked from the data at fit time)."""
+    from lattice.train.loading import parse_config
+
+    network = parse_config(path).model.init_args.get("network")
+    spec = network.as_dict() if hasattr(network, "as_dict") else network
+    if not isinstance(spec, dict) or not spec.get("class_path"):
+        raise ValueError(f"{path}: no model network with a class_path")
+    init_args = dict(spec.get("init_args") or {})
+    init_args.pop("schema", None)
+    return {"class_path": spec["class_path"], "init_args": init_args}
 
 
 def _is_optimizer_state(key: str) -> bool:
