@@ -1,6 +1,6 @@
 """Small hand-built Batches for the lattice.select tests (not a test module itself).
 
-Uses ``lattice.data.batch.Batch`` when the data layer is present; until then a stand-in dataclass with
+Uses ``lattice.batch.Batch`` when the data layer is present; until then a stand-in dataclass with
 the same fields (the importance code only relies on ``dataclasses.replace`` and the field names).
 """
 from __future__ import annotations
@@ -16,11 +16,11 @@ from torch import Tensor
 from lattice.sparse import KeyedJaggedTensor
 
 try:  # pragma: no cover - depends on whether the data layer has landed
-    from lattice.data.batch import Batch  # type: ignore[import-not-found]
+    from lattice.batch import Batch  # type: ignore[import-not-found]
 except ImportError:  # pragma: no cover
 
     @dataclass
-    class Batch:  # the interface of lattice.data.batch.Batch (HELPER_GUIDE)
+    class Batch:  # the interface of lattice.batch.Batch (HELPER_GUIDE)
         dense: Tensor
         dense_mask: Tensor
         sparse: KeyedJaggedTensor

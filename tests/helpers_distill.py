@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from lattice.sparse import KeyedJaggedTensor
 
 try:  # the real data layer, when merged
-    from lattice.data.batch import Batch  # type: ignore
+    from lattice.batch import Batch  # type: ignore
     from lattice.data.schema import DomainSpec, Schema, TaskSpec  # type: ignore
 
     HAVE_DATA = True

@@ -13,7 +13,7 @@ import pytest
 
 import torch
 
-from lattice.data.batch import Batch
+from lattice.batch import Batch
 from lattice.data.schema import DomainSpec, FeatureSpec, Schema, TaskSpec, WindowSpec
 from lattice.sparse import KeyedJaggedTensor
 

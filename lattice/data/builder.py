@@ -24,7 +24,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from torch.utils.data import get_worker_info
 
-from lattice.data.batch import Batch
+from lattice.batch import Batch
 from lattice.data.block import Block, BlockSpec, Rows, assemble
 from lattice.data.errors import DataError
 from lattice.data.hashing import hash_to_range, string_ids

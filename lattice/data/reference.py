@@ -12,7 +12,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from lattice.data.batch import Batch
+from lattice.batch import Batch
 from lattice.data.builder import EXAMPLE_ID_FILE_SHIFT, TRUTH_PREFIX
 from lattice.data.errors import DataError
 from lattice.data.hashing import hash_strings, hash_to_range, mix, to_unit_interval

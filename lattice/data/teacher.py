@@ -21,7 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from lattice.data.batch import Batch
+from lattice.batch import Batch
 from lattice.data.builder import column, list_parts, valid_mask
 from lattice.data.errors import DataError
 from lattice.data.sources import ChunkReader, DataSource, as_sources, discover
