@@ -101,12 +101,12 @@ import pyarrow.parquet as pq  # noqa: E402
 import torch  # noqa: E402
 
 import lattice  # noqa: E402,F401
+from lattice import metrics  # noqa: E402
 from lattice.data import LatticeDataModule  # noqa: E402
 from lattice.data.hashing import hash_to_range  # noqa: E402
 from lattice.data.synthetic import SyntheticConfig, SyntheticDomain, SyntheticWorld  # noqa: E402
 from lattice.distill import DistillationModule  # noqa: E402
-from lattice.train import metrics  # noqa: E402
-from lattice.train.metrics import binary_auc  # noqa: E402
+from lattice.metrics import binary_auc  # noqa: E402
 from lattice.train.module import LatticeModule  # noqa: E402
 from lattice.train.writer import ParquetPredictionWriter  # noqa: E402
 
@@ -260,7 +260,7 @@ def _probs_and_labels(logits: np.ndarray, labels: np.ndarray):
 
 def normalized_entropy(logits: np.ndarray, labels: np.ndarray) -> float:
     """LogLoss of ``sigmoid(logits)`` over the entropy of the labels' positive rate (ExFM's NE), on the
-    rows with a label: :func:`lattice.train.metrics.normalized_entropy`."""
+    rows with a label: :func:`lattice.metrics.normalized_entropy`."""
     return metrics.normalized_entropy(*_probs_and_labels(logits, labels))
 
 

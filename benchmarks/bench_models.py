@@ -121,7 +121,7 @@ def main(argv=None) -> int:
     torch.manual_seed(0)
     schema, batches = _batches(args.batch_size, args.warmup + args.steps, args.cache_dir, args.rows_scale)
     kinds = [t.kind for t in schema.tasks]
-    from lattice.train.losses import masked_multitask_loss
+    from lattice.metrics import masked_multitask_loss
 
     rows = []
     for name in args.networks:

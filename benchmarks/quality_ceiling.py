@@ -33,7 +33,8 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
-from lattice.data.synthetic import _T0, SyntheticConfig, SyntheticWorld, _sigmoid, auc  # noqa: E402
+from lattice.data.synthetic import _T0, SyntheticConfig, SyntheticWorld, _sigmoid  # noqa: E402
+from lattice.metrics import binary_auc  # noqa: E402
 
 
 def load_config(path: str) -> SyntheticConfig:
@@ -129,7 +130,7 @@ def main(argv=None):
             for t, off, M in recs:
                 q = _sigmoid(logit_fn(di, t, off, M, us, it, extra))
                 probs[t.name] = probs[t.parent] * q if t.parent else q
-            out += [auc(lab[t.name], probs[t.name]) for t, _, _ in recs]
+            out += [binary_auc(probs[t.name], lab[t.name]) for t, _, _ in recs]
         return out
 
     def aff(u, it, M):

@@ -9,6 +9,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from _reference_metrics import pairwise_auc
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -92,13 +94,9 @@ def test_logged_auc_joins_by_example_id(bench, tmp_path):
                        tmp_path / f"fold{k}" / "predictions-rank0.parquet")
     got = bench.logged_auc([str(tmp_path / "fold0"), str(tmp_path / "fold1")], str(student), ["click", "conversion"])
 
-    def auc(s, y):  # pairwise definition, ties count half
-        pos, neg = s[y > 0.5], s[y < 0.5]
-        return ((pos[:, None] > neg[None]).sum() + 0.5 * (pos[:, None] == neg[None]).sum()) / (len(pos) * len(neg))
-
-    assert got["click"] == pytest.approx(auc(score.astype(np.float32), click), abs=1e-12)
+    assert got["click"] == pytest.approx(pairwise_auc(score.astype(np.float32), click), abs=1e-12)
     keep = np.isfinite(conv)
-    assert got["conversion"] == pytest.approx(auc(-score.astype(np.float32)[keep], conv[keep]), abs=1e-12)
+    assert got["conversion"] == pytest.approx(pairwise_auc(-score.astype(np.float32)[keep], conv[keep]), abs=1e-12)
     assert got["click"] > 0.6  # the score carries the label
 
 

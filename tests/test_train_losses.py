@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from lattice.train.losses import masked_multitask_loss
+from lattice.metrics import masked_multitask_loss
 
 
 def test_masked_loss_matches_hand_computation_and_ignores_missing_labels():

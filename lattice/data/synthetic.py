@@ -53,9 +53,10 @@ from lattice.data.hashing import splitmix64, to_unit_interval
 from lattice.data.infer import SCHEMA_METADATA_KEY
 from lattice.data.schema import DomainSpec, FeatureSpec, Schema, TaskSpec, WindowSpec
 from lattice.data.sources import DataSource
+from lattice.metrics import binary_auc
 
 __all__ = [
-    "SyntheticDomain", "SyntheticTask", "SyntheticConfig", "SyntheticWorld", "generate", "auc",
+    "SyntheticDomain", "SyntheticTask", "SyntheticConfig", "SyntheticWorld",
     "GENERATOR_VERSION", "SCHEMA_METADATA_KEY",
 ]
 
@@ -251,24 +252,6 @@ def _ragged_arange(lengths: np.ndarray) -> np.ndarray:
     total = int(lengths.sum())
     starts = np.cumsum(lengths) - lengths
     return np.arange(total, dtype=np.int64) - np.repeat(starts, lengths)
-
-
-def auc(labels: np.ndarray, scores: np.ndarray) -> float:
-    """ROC AUC (ties averaged); nan when one class is missing."""
-    labels = np.asarray(labels, dtype=bool)
-    scores = np.asarray(scores, dtype=np.float64)
-    n_pos = int(labels.sum())
-    n_neg = len(labels) - n_pos
-    if n_pos == 0 or n_neg == 0:
-        return float("nan")
-    order = np.argsort(scores, kind="mergesort")
-    s = scores[order]
-    ranks = np.empty(len(s), dtype=np.float64)
-    # average ranks over ties
-    boundaries = np.concatenate([[0], np.nonzero(np.diff(s))[0] + 1, [len(s)]])
-    avg = (boundaries[:-1] + boundaries[1:] + 1) / 2.0
-    ranks[order] = np.repeat(avg, np.diff(boundaries))
-    return float((ranks[labels].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
 
 
 class SyntheticWorld:
@@ -731,7 +714,7 @@ class SyntheticWorld:
                 oracle[d.name] = {}
                 for name, parts in truth.items():
                     arr = np.concatenate(parts, axis=1)
-                    oracle[d.name][name] = {"auc": auc(arr[0], arr[1]), "rate": float(arr[0].mean())}
+                    oracle[d.name][name] = {"auc": binary_auc(arr[1], arr[0]), "rate": float(arr[0].mean())}
             manifest = {
                 "generator_version": GENERATOR_VERSION,
                 "fingerprint": self.config.fingerprint(),
@@ -755,16 +738,3 @@ class SyntheticWorld:
     def sources(self, out_dir: str) -> List[DataSource]:
         """The per-domain datasets written by :meth:`write`, as reader sources."""
         return [DataSource(os.path.join(out_dir, d.name), domain=d.name, format="parquet") for d in self.config.domains]
-
-
-def generate(config: Optional[SyntheticConfig] = None, out_dir: Optional[str] = None, overwrite: bool = False
-             ) -> Dict[str, Any]:
-    """Write the planted world of ``config`` to ``out_dir`` (default: a folder named by its fingerprint
-    under the cache directory); returns the manifest."""
-    from lattice.data.cache import world_dir
-
-    world = SyntheticWorld(config)
-    out = out_dir or world_dir(world.config)
-    manifest = world.write(out, overwrite=overwrite)
-    manifest["path"] = out
-    return manifest

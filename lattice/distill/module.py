@@ -14,7 +14,7 @@ from lattice.distill.cache import TeacherEmbeddingCache, TeacherTokenProjection
 from lattice.distill.heads import DistillationHead, grad_scale
 from lattice.distill.losses import distillation_loss, distillation_mask, teacher_targets
 from lattice.distill.student import BackboneTap, StudentAdapter
-from lattice.train.losses import masked_multitask_loss
+from lattice.metrics import masked_multitask_loss
 from lattice.train.module import LatticeModule, NonFiniteLossError, SparseOptimizer
 
 __all__ = ["DistillationModule", "DistillationOutput", "ServingStudent"]

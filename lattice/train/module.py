@@ -11,11 +11,11 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
+from lattice.metrics import masked_multitask_loss, masked_task_sums, weighted_task_total
 from lattice.nn.conditional import ConditionalTasks
 from lattice.nn.norms import RunningStandardize
 from lattice.train import faults, parallel
 from lattice.train.label_checks import ConditionalLabelCheck, EvalConditionalLabelCheck
-from lattice.train.losses import masked_multitask_loss, masked_task_sums, weighted_task_total
 from lattice.train.metrics import MultiTaskMetrics
 
 SparseOptimizer = Literal["rowwise_adagrad", "sgd", "none"]
