@@ -70,45 +70,21 @@ from lattice.cli import main as lattice_main  # noqa: E402
 from lattice.cli import run_lightning  # noqa: E402
 from lattice.data.synthetic import SyntheticConfig, SyntheticWorld  # noqa: E402
 
-# The terms of the planted logit (SyntheticTask coefficients) each world feature carries. Features that
-# only *proxy* other features (user_segment: the user's top interest cluster; item_tags: the item's
-# cluster plus random tags) carry no term of their own.
-_TERMS = {
-    "user": ["affinity", "user_bias", "activity"],
-    "item": ["affinity", "popularity", "brand", "price", "repeat", "seq"],
-    "item_cluster": ["seq", "query"],
-    "item_brand": ["brand"],
-    "user_segment": [],
-    "device": ["device"],
-    "item_tags": [],
-    "query_cluster": ["query"],
-    "user_activity": ["activity"],
-    "item_popularity": ["popularity"],
-    "price": ["price"],
-    "hour": ["hour"],
-    "position": ["position"],
-    "hist_items": ["repeat", "seq"],
-    "hist_clusters": ["seq"],
-}
-
-
 def planted_informs(config: SyntheticConfig, through_parent: bool = True) -> Dict[str, List[str]]:
     """``feature -> tasks`` whose label probability the feature enters directly in the planted world: a
     term of the task's logit with a non-zero coefficient, or (``through_parent``) of its parent's
     (``p_child = p_parent * sigmoid(z_child)``, so what drives clicks drives likes and conversions
     too). Binary tasks only."""
-    world = SyntheticWorld(config)
+    feature_terms = SyntheticWorld(config).feature_terms()
     by_name = {t.name: t for t in config.tasks}
+    every_term = {term for terms in feature_terms.values() for term in terms}
 
     def drivers(task) -> set:
-        own = {term for term in {v for terms in _TERMS.values() for v in terms} if getattr(task, term, 0.0) != 0.0}
+        own = {term for term in every_term if getattr(task, term, 0.0) != 0.0}
         return own | (drivers(by_name[task.parent]) if task.parent and through_parent else set())
 
     task_terms = {t.name: drivers(t) for t in config.tasks if t.kind == "binary"}
-    out = {}
-    for f in world.feature_roles()["informative"]:
-        out[f] = [t for t, terms in task_terms.items() if set(_TERMS.get(f, [])) & terms]
-    return out
+    return {f: [t for t, terms in task_terms.items() if set(carried) & terms] for f, carried in feature_terms.items()}
 
 
 # Features whose planted term is a simple additive context term of the logit: the oracle's rise when it
@@ -123,8 +99,7 @@ def oracle_rise(config: SyntheticConfig, rows: int = 40000, seed: int = 0) -> Di
     permutation importance of that feature can show (a permutation destroys the same information; the
     mean-logit stand-in is a slightly worse predictor than the marginal one, so this errs high).
     Expected LogLoss under the true probabilities (no label noise), rows of each domain weighted by its
-    size, over the domains that have the feature and label the task. Uses the generator's internals
-    (``SyntheticWorld._chunk``): it is an analysis of the planted world, not part of the library."""
+    size, over the domains that have the feature and label the task (rows from :meth:`SyntheticWorld.sample`)."""
     world = SyntheticWorld(config)
     schema = world.schema()
     tasks = [t for t in config.tasks if t.kind == "binary"]
@@ -140,9 +115,7 @@ def oracle_rise(config: SyntheticConfig, rows: int = 40000, seed: int = 0) -> Di
         has_f = set(dspec.features or schema.feature_names)
         has_t = set(dspec.tasks or schema.task_names)
         n = min(rows, max(dom.rows, 1))
-        rng = np.random.default_rng([seed, di])
-        ts = np.sort(1_700_000_000 + rng.random(n) * config.days * 86400.0).astype(np.int64)
-        out = world._chunk(di, 0x0AC1E, n, ts, 0, world._calibrate(di))
+        out = world.sample(dom.name, n, seed=seed, stream=0x0AC1E)
         z, raw = out["z"], out["terms"]
 
         def probs(drop: Optional[str]) -> Dict[str, np.ndarray]:

@@ -244,6 +244,19 @@ class SyntheticConfig:
         return obj if isinstance(obj, cls) else cls(**dict(obj))
 
 
+#: The planted terms (SyntheticTask coefficient names) each feature carries into the logits. Features that only
+#: proxy others (user_segment: the user's top interest cluster; item_tags: the item's cluster plus random tags)
+#: carry none.
+FEATURE_TERMS: Dict[str, Tuple[str, ...]] = {
+    "user": ("affinity", "user_bias", "activity"),
+    "item": ("affinity", "popularity", "brand", "price", "repeat", "seq"),
+    "item_cluster": ("seq", "query"), "item_brand": ("brand",), "user_segment": (), "device": ("device",),
+    "item_tags": (), "query_cluster": ("query",), "user_activity": ("activity",),
+    "item_popularity": ("popularity",), "price": ("price",), "hour": ("hour",), "position": ("position",),
+    "hist_items": ("repeat", "seq"), "hist_clusters": ("seq",),
+}
+
+
 def _sigmoid(z: np.ndarray) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-z))
 
@@ -284,6 +297,32 @@ class SyntheticWorld:
         names = self.sparse_names + self.dense_names + self.sequence_names
         noise = [n for n in names if n.startswith("noise_")]
         return {"informative": [n for n in names if n not in noise], "noise": noise}
+
+    def feature_terms(self) -> Dict[str, List[str]]:
+        """``feature -> planted terms`` (the :class:`SyntheticTask` coefficients' names) each informative feature
+        carries into the logits; a feature that only proxies others (``user_segment``, ``item_tags``) carries none."""
+        return {f: list(FEATURE_TERMS.get(f, ())) for f in self.feature_roles()["informative"]}
+
+    def sample(self, domain: str, n: int, seed: int = 0, start: float = 0.0, end: float = 1.0,
+               stream: int = 0x5A) -> Dict[str, Any]:
+        """``n`` fresh rows of ``domain`` with times uniform in ``[start, end]`` of the span (fractions), drawn
+        like the written rows (same users, items and calibrated intercepts) but from their own random stream.
+
+        Returns ``{"ts" [n] int64 (sorted), "tau" [n] (fraction of the span), "z": task -> logit [n],
+        "terms": planted term -> value [n] (each enters its task's logit as coefficient * value), "cols": the
+        raw draws (users, items, ...), "rng": the generator the times came from, for drawing labels}``.
+        ``seed`` and ``stream`` select the random streams.
+        """
+        c = self.config
+        names = [d.name for d in c.domains]
+        if domain not in names:
+            raise ValueError(f"SyntheticWorld.sample: unknown domain {domain!r}; the world has {names}")
+        di = names.index(domain)
+        rng = np.random.default_rng([seed, di])
+        ts = np.sort(_T0 + (start + (end - start) * rng.random(n)) * c.days * 86400.0).astype(np.int64)
+        out = self._chunk(di, stream, n, ts, 0, self._calibrate(di))
+        return {"ts": ts, "tau": (ts - _T0) / (c.days * 86400.0), "z": out["z"], "terms": out["terms"],
+                "cols": out["cols"], "rng": rng}
 
     def _n_brands(self) -> int:
         return max(4, self.config.num_items // 20)
