@@ -26,7 +26,7 @@ from lattice.data.builder import column, list_parts, valid_mask
 from lattice.data.errors import DataError
 from lattice.data.sources import ChunkReader, DataSource, as_sources, discover
 
-__all__ = ["TEACHER_LOGIT_PREFIX", "TEACHER_EMBEDDING_COLUMN", "write_teacher_outputs", "TeacherTable"]
+__all__ = ["TEACHER_LOGIT_PREFIX", "TEACHER_EMBEDDING_COLUMN", "teacher_arrow_table", "write_teacher_outputs", "TeacherTable"]
 
 TEACHER_LOGIT_PREFIX = "logit_"
 TEACHER_EMBEDDING_COLUMN = "embedding"
