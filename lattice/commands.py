@@ -2,13 +2,14 @@
 
 - ``lattice data generate --config CFG --out DIR``: write the planted synthetic world to Parquet.
 - ``lattice data consolidate INPUT... --out DIR``: merge per-domain datasets into one union-schema dataset.
+- ``lattice data infer INPUT... --tasks click,like``: print the inferred schema as commented YAML.
 - ``lattice filter --config TRAIN_CFG --ckpt_path CKPT --budget N``: Lattice Filter feature selection.
 - ``lattice partition --data ... --budget N``: group (domain, task) portfolios into consolidated models.
 """
 from __future__ import annotations
 
 import sys
-from typing import Dict, List, Literal, Optional, Sequence
+from typing import Dict, List, Literal, Optional, Sequence, Union
 
 from jsonargparse import ArgumentParser, Namespace
 
@@ -51,6 +52,31 @@ def _consolidate(inputs: List[str], out: str, domains: Optional[List[str]] = Non
         inputs, out, domains=domains, schema=schema, tasks=tasks, row_group_size=row_group_size,
         rows_per_file=rows_per_file, compression=compression, validate=validate, overwrite=overwrite,
     )))
+
+
+def _infer(inputs: List[str], tasks: Optional[Union[List[str], str]] = None, domains: Optional[List[str]] = None,
+           regression_tasks: Optional[Union[List[str], str]] = None, exclude: Optional[Union[List[str], str]] = None,
+           id_features: bool = True, length_quantile: float = 0.99, out: Optional[str] = None) -> None:
+    """Print the schema inferred from datasets (``PATH`` or ``DOMAIN=PATH``) as YAML, a comment per decision.
+
+    Args:
+        inputs: the datasets.
+        tasks: label columns (``click,like``); default: the schema lattice embedded, else common label names.
+        domains: domain name of each input (instead of ``DOMAIN=PATH``).
+        regression_tasks: labels to treat as regression.
+        exclude: columns to leave out.
+        id_features: make user_id and item_id sparse features too, not only id columns.
+        length_quantile: a sequence's max_length is this quantile of its lengths.
+        out: also write the YAML to this file.
+    """
+    from lattice.data.commands import infer
+
+    text = infer(inputs, tasks, domains=domains, regression_tasks=regression_tasks or (), exclude=exclude or (),
+                 id_features=id_features, length_quantile=length_quantile)
+    if out is not None:
+        with open(out, "w") as fh:
+            fh.write(text)
+    print(text, end="")
 
 
 def _filter(config: List[str], ckpt_path: str, budget: int, out_dir: str = "lattice_filter",
@@ -126,12 +152,12 @@ def build_parser() -> ArgumentParser:
     parser = ArgumentParser(prog="lattice", description="lattice's data, filter and partition commands")
     commands = parser.add_subcommands(dest="command")
     data = ArgumentParser(description="data commands")
-    commands.add_subcommand("data", data, help="generate the planted world, consolidate datasets")
+    commands.add_subcommand("data", data, help="generate the planted world, consolidate datasets, infer a schema")
     data_commands = data.add_subcommands(dest="data_command")
-    for name, fn in (("generate", _generate), ("consolidate", _consolidate)):
+    for name, fn in (("generate", _generate), ("consolidate", _consolidate), ("infer", _infer)):
         sub = ArgumentParser(description=fn.__doc__.splitlines()[0])
-        if name == "consolidate":
-            sub.add_argument("inputs", nargs="+", help="per-domain datasets: PATH or DOMAIN=PATH")
+        if name in ("consolidate", "infer"):
+            sub.add_argument("inputs", nargs="+", help="datasets: PATH or DOMAIN=PATH")
             sub.add_function_arguments(fn, skip={"inputs"})
         else:
             sub.add_function_arguments(fn)
@@ -153,7 +179,7 @@ def run_command(argv: Sequence[str]) -> None:
     ns = parser.parse_args(list(argv))
     if ns.command == "data":
         sub = ns.data
-        fn = {"generate": _generate, "consolidate": _consolidate}[sub.data_command]
+        fn = {"generate": _generate, "consolidate": _consolidate, "infer": _infer}[sub.data_command]
         fn(**{k: v for k, v in sub[sub.data_command].as_dict().items() if not k.startswith("__")})
     else:
         fn = {"filter": _filter, "partition": _partition}[ns.command]
