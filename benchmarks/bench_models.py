@@ -23,6 +23,7 @@ import time
 import torch
 
 from lattice.data import LatticeDataModule, SyntheticConfig
+from lattice.dotted import import_dotted
 from lattice.models import DLRM, MMoE, PLE, InterFormer, LatticeNetwork, LogisticRegression, SharedBottom, Wukong
 
 #: The "quickstart" size of each network (what configs/quickstart.yaml-style runs use): small enough to
@@ -61,14 +62,11 @@ CONFIGS = {
 
 def _from_config(name: str, config_dir: str):
     """``(class, init_args)`` of ``model.network`` in the network's config file."""
-    import importlib
-
     import yaml
 
     with open(os.path.join(config_dir, CONFIGS[name])) as f:
         network = yaml.safe_load(f)["model"]["network"]
-    module, _, cls_name = network["class_path"].rpartition(".")
-    return getattr(importlib.import_module(module), cls_name), dict(network.get("init_args") or {})
+    return import_dotted(network["class_path"], "model.network.class_path"), dict(network.get("init_args") or {})
 
 
 def _batches(batch_size: int, count: int, cache_dir: str | None, rows_scale: float):

@@ -86,6 +86,7 @@ from lattice.data import LatticeDataModule  # noqa: E402
 from lattice.data.cache import ensure_world  # noqa: E402
 from lattice.data.sources import DataSource  # noqa: E402
 from lattice.data.synthetic import SyntheticConfig  # noqa: E402
+from lattice.dotted import import_dotted  # noqa: E402
 
 #: key -> (group, description, config stacked onto mdmo.yaml (None: mdmo.yaml's own network), per domain)
 MODELS: Dict[str, Tuple[str, str, Optional[str], bool]] = {
@@ -126,8 +127,6 @@ def build(args, extra_config: Optional[str], overrides: List[str]):
 
 def network_class(args, extra_config: Optional[str]) -> type:
     """The network class a model's stacked configs select (the last ``model.network.class_path``)."""
-    import importlib
-
     import yaml
 
     path = None
@@ -137,8 +136,7 @@ def network_class(args, extra_config: Optional[str]) -> type:
         path = network.get("class_path", path)
     if path is None:
         raise ValueError(f"{args.config} (stacked with {extra_config}) selects no model.network.class_path")
-    module, _, name = path.rpartition(".")
-    return getattr(importlib.import_module(module), name)
+    return import_dotted(path, "model.network.class_path")
 
 
 def network_overrides(args, extra_config: Optional[str]) -> Tuple[List[str], Dict[str, str]]:

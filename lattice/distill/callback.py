@@ -2,7 +2,6 @@
 the student's loss through the batch."""
 from __future__ import annotations
 
-import importlib
 import inspect
 import os
 from typing import Any
@@ -11,15 +10,9 @@ import lightning.pytorch as pl
 import torch
 from torch import Tensor, nn
 
+from lattice.dotted import import_dotted
+
 __all__ = ["DistillationCallback", "load_teacher_network"]
-
-
-def _import(path: str):
-    module, _, name = path.rpartition(".")
-    try:
-        return getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError, ValueError) as err:
-        raise ValueError(f"cannot import the teacher network class {path!r}: {err}") from None
 
 
 def _build_network(spec: dict[str, Any], schema: Any) -> nn.Module:
@@ -27,7 +20,7 @@ def _build_network(spec: dict[str, Any], schema: Any) -> nn.Module:
     takes one and the spec gives none."""
     if not isinstance(spec, dict) or "class_path" not in spec:
         raise ValueError(f"a teacher network spec needs a class_path (and init_args), got {spec!r}")
-    cls = _import(spec["class_path"])
+    cls = import_dotted(spec["class_path"], "the teacher network class")
     args = dict(spec.get("init_args") or {})
     params = inspect.signature(cls).parameters
     if "schema" in params and args.get("schema") is None:

@@ -10,12 +10,13 @@ backbone output that the serving heads read and the auxiliary distillation head 
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import re
 from typing import Any, Sequence
 
 import torch
 from torch import Tensor, nn
+
+from lattice.dotted import import_dotted
 
 __all__ = ["StudentAdapter", "BackboneTap", "TeacherTokenNetwork", "with_token_slots"]
 
@@ -176,16 +177,6 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def _import(path: str) -> type:
-    module, _, name = path.rpartition(".")
-    if not module:
-        raise ValueError(f"network_class must be a dotted path like 'lattice.models.LatticeNetwork', got {path!r}")
-    try:
-        return getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError) as err:
-        raise ValueError(f"cannot import network_class {path!r}: {err}") from None
-
-
 class TeacherTokenNetwork(nn.Module):
     """A lattice network built with room for extra input tokens (the KTAP teacher token), for YAML::
 
@@ -216,7 +207,7 @@ class TeacherTokenNetwork(nn.Module):
         num_tokens: int = 1,
     ) -> None:
         super().__init__()
-        cls = with_token_slots(_import(network_class), num_tokens)
+        cls = with_token_slots(import_dotted(network_class, "network_class"), num_tokens)
         self.network = cls(schema, **dict(network_args or {}))
         self.num_extra_tokens = num_tokens
 

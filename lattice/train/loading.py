@@ -8,7 +8,6 @@ other settings rebuilds as it was trained.
 """
 from __future__ import annotations
 
-import importlib
 import inspect
 import os
 import sys
@@ -19,6 +18,7 @@ from jsonargparse import Namespace
 from lightning.pytorch.cli import LightningCLI
 
 from lattice.data.datamodule import LatticeDataModule
+from lattice.dotted import import_dotted
 from lattice.train.callbacks import MetricsTable
 from lattice.train.module import LatticeModule
 from lattice.train.writer import ParquetPredictionWriter
@@ -90,10 +90,9 @@ def checkpoint_model_spec(model: Union[Namespace, dict, None], ckpt_path: Option
 def _init_parameters(class_path: str) -> Optional[set[str]]:
     """The ``__init__`` parameter names of ``class_path`` (``None`` if it cannot be imported or takes ``**kwargs``;
     the parser then reports the problem)."""
-    module, _, name = class_path.rpartition(".")
     try:
-        params = inspect.signature(getattr(importlib.import_module(module), name)).parameters
-    except (ImportError, AttributeError, ValueError, TypeError):
+        params = inspect.signature(import_dotted(class_path)).parameters
+    except (ValueError, TypeError):
         return None
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
         return None
