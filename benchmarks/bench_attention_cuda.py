@@ -162,9 +162,9 @@ def main():
         print("bench_attention_cuda: no CUDA device; nothing to measure")
         return 0
     import lattice.ops  # noqa: F401  (registers torch.ops.lattice)
-    from lattice.ops import _library
+    from lattice.ops import has_cuda_kernels
 
-    if not _library.has_cuda_kernels():
+    if not has_cuda_kernels():
         print("bench_attention_cuda: lattice was built without CUDA kernels (LATTICE_FORCE_CUDA=1 pip install ...)")
         return 1
     if args.smoke:

@@ -20,7 +20,8 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from pool_agreement import check_pooling_agreement, describe  # benchmarks/, sys.path[0]
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks.pool_agreement import check_pooling_agreement, describe  # noqa: E402
 
 
 def timed(fn, warmup, repeat):
@@ -156,9 +157,9 @@ def main():
         print("bench_pooling_cuda: no CUDA device; nothing to measure")
         return 0
     import lattice.ops  # noqa: F401  (registers torch.ops.lattice)
-    from lattice.ops import _library
+    from lattice.ops import has_cuda_kernels
 
-    if not _library.has_cuda_kernels():
+    if not has_cuda_kernels():
         print("bench_pooling_cuda: lattice was built without CUDA kernels (LATTICE_FORCE_CUDA=1 pip install ...)")
         return 1
     if args.smoke:

@@ -76,6 +76,7 @@ __all__ = [
     "feature_refs",
     "permutation_indices",
     "parallel_sequence_groups",
+    "replace_key",
 ]
 
 log = logging.getLogger(__name__)
@@ -178,7 +179,7 @@ def _key_jagged(chunks: Sequence[Any], field_name: str, key: str) -> JaggedTenso
     )
 
 
-def _replace_key(kjt: KeyedJaggedTensor, i: int, jt: JaggedTensor) -> KeyedJaggedTensor:
+def replace_key(kjt: KeyedJaggedTensor, i: int, jt: JaggedTensor) -> KeyedJaggedTensor:
     """``kjt`` with key ``i``'s lists replaced by ``jt``'s rows (same stride)."""
     K, B = len(kjt.keys()), kjt.stride()
     lengths = kjt.lengths().view(K, B).clone()
@@ -421,12 +422,12 @@ def _permuted_chunk(chunk, ref: FeatureRef, src: Tensor, ev: EvalSet, full: Opti
         smask = chunk.sparse_mask.clone()
         smask[:, ref.index] = ev.sparse_mask[src, ref.index]
         return dataclasses.replace(
-            chunk, sparse=_replace_key(chunk.sparse, ref.index, full[0].select_samples(src)), sparse_mask=smask
+            chunk, sparse=replace_key(chunk.sparse, ref.index, full[0].select_samples(src)), sparse_mask=smask
         )
-    seq = _replace_key(chunk.sequences, ref.index, full[0].select_samples(src))
+    seq = replace_key(chunk.sequences, ref.index, full[0].select_samples(src))
     ts = chunk.sequence_timestamps
     if ts is not None and full[1] is not None:
-        ts = _replace_key(ts, ts.keys().index(ref.name), full[1].select_samples(src))
+        ts = replace_key(ts, ts.keys().index(ref.name), full[1].select_samples(src))
     return dataclasses.replace(chunk, sequences=seq, sequence_timestamps=ts)
 
 
