@@ -113,6 +113,8 @@ class Output:
     train_logits: Tensor
     representation: Optional[Tensor] = None
     window_logits: dict = field(default_factory=dict)
+    head_input: Optional[Tensor] = None
+    head_hidden: Optional[Tensor] = None
 
 
 class TinyProcessor(nn.Module):
@@ -156,11 +158,13 @@ class TinyNetwork(nn.Module):
         rep = self.trunk(features.tokens.flatten(1))
         return rep, rep
 
-    def forward(self, batch) -> Output:
+    def forward(self, batch, extra_tokens=None) -> Output:
         features = self.processor(batch)
+        if extra_tokens is not None:
+            features = Features(torch.cat([features.tokens, extra_tokens.to(features.tokens.dtype)], dim=1))
         head_input, rep = self.encode(features, batch)
         out = self.heads(head_input, batch.label_window, batch.domain)
-        return Output(out.logits, out.train_logits, rep)
+        return Output(out.logits, out.train_logits, rep, head_input=head_input)
 
 
 def _empty_kjt(batch_size: int) -> KeyedJaggedTensor:

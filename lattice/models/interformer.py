@@ -21,7 +21,8 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from lattice.data.schema import Schema, SchemaLike
+from lattice.batch import Batch
+from lattice.data.schema import SchemaLike
 from lattice.models.base import LatticeModel
 from lattice.nn.fusion import FusionBlock
 from lattice.nn.linear import MLP
@@ -87,11 +88,15 @@ class InterFormer(LatticeModel):
         wide_dim: int = 32,
         standardize_dense: bool = False,
         task_parents: dict[str, str] | None = None,
+        num_extra_tokens: int = 0,
     ) -> None:
         super().__init__(
-            schema, dim, embedding_dim, dense_tokens, domain_token, sequence_merge, max_positions,
-            time_buckets, head_hidden_dims, head_activation, untie_heads, domain_groups, embedding_kwargs, history_match,
-            wide, wide_dim, standardize_dense, task_parents,
+            schema, dim=dim, embedding_dim=embedding_dim, dense_tokens=dense_tokens, domain_token=domain_token,
+            sequence_merge=sequence_merge, max_positions=max_positions, time_buckets=time_buckets,
+            head_hidden_dims=head_hidden_dims, head_activation=head_activation, untie_heads=untie_heads,
+            domain_groups=domain_groups, embedding_kwargs=embedding_kwargs, history_match=history_match, wide=wide,
+            wide_dim=wide_dim, standardize_dense=standardize_dense, task_parents=task_parents,
+            num_extra_tokens=num_extra_tokens,
         )
         if num_layers < 1:
             raise ValueError(f"num_layers must be >= 1, got {num_layers}")
@@ -99,7 +104,7 @@ class InterFormer(LatticeModel):
         self.summary_tokens = summary_tokens
         untied = set(untied_layers)
         has_seq = self.processor.has_sequence
-        n0 = self.processor.num_tokens
+        n0 = self.num_tokens
         m = dot_tokens + dcn_tokens + lcb_tokens + fm_tokens
         self.cls = nn.Parameter(torch.randn(num_cls, dim) * 0.02) if has_seq and num_cls > 0 else None
         self.x_summary = nn.ModuleList()
@@ -140,7 +145,7 @@ class InterFormer(LatticeModel):
                          activation="relu")
         self._build_heads(representation_dim)
 
-    def encode(self, features: ProcessedFeatures, batch: Any) -> tuple[Tensor, Tensor]:
+    def encode(self, features: ProcessedFeatures, batch: Batch) -> tuple[Tensor, Tensor]:
         domain = batch.domain
         x = features.tokens
         B = x.shape[0]
