@@ -28,6 +28,7 @@ from lattice.data.datamodule import LatticeDataModule
 from lattice.train.checkpoint import AtomicCheckpointIO
 from lattice.train.loading import ConfigCLI
 from lattice.train.module import LatticeModule
+from lattice.train.resume import resolve_ckpt_path
 from lattice.train.writer import ParquetPredictionWriter
 
 _LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
@@ -43,6 +44,12 @@ class LatticeCLI(ConfigCLI):
             # `lattice predict` streams to Parquet; keeping every batch's output in memory too would not scale.
             parser.set_defaults(return_predictions=False)
         return parser
+
+    def _prepare_subcommand_kwargs(self, subcommand):
+        kwargs = super()._prepare_subcommand_kwargs(subcommand)
+        if kwargs.get("ckpt_path") is not None:  # "last" past damaged files, a damaged file named (train/resume.py)
+            kwargs["ckpt_path"] = resolve_ckpt_path(self.trainer, kwargs["ckpt_path"])
+        return kwargs
 
     def _instantiate_trainer(self, config, callbacks):
         if self.subcommand != "predict":  # the prediction writer only belongs to `lattice predict`

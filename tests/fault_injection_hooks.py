@@ -4,9 +4,10 @@ environment variables so that one config serves every run of a kill-and-resume s
   LATTICE_TEST_KILL_AT_STEP=S     SIGKILL the whole process group right after global step S
   LATTICE_TEST_KILL_IN_SAVE=S     SIGKILL the process group halfway through writing the first ``last.ckpt``
                                   after global step S (half its bytes reach the temporary file)
-  LATTICE_TEST_FINAL_STATE=PATH   at the end of training, rank 0 writes the full model state dict (dense
-                                  weights, fused tables, fused optimizer state) and the dense optimizer
-                                  state to PATH
+  LATTICE_TEST_FINAL_STATE=PATH   at the end of fit, rank 0 writes the full model state dict (dense
+                                  weights, fused tables, fused optimizer state), the dense optimizer state,
+                                  the validation metrics, the global step training started from (a resumed
+                                  checkpoint's) and the final one to PATH
 """
 from __future__ import annotations
 
@@ -33,6 +34,8 @@ class FaultInjection(pl.Callback):
         self.kill_in_save = _env_int("LATTICE_TEST_KILL_IN_SAVE")
         self.final_state = os.environ.get("LATTICE_TEST_FINAL_STATE")
         self.armed = False
+        self.result = None
+        self.start_step = None
 
     def setup(self, trainer, pl_module, stage):
         if self.kill_in_save is not None and stage == "fit":
@@ -61,6 +64,9 @@ class FaultInjection(pl.Callback):
         checkpoint_io.save_checkpoint = io_save
         torch.save = dying_save
 
+    def on_train_start(self, trainer, pl_module):
+        self.start_step = trainer.global_step
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         step = trainer.global_step
         if self.kill_at_step is not None and step == self.kill_at_step and trainer.global_rank == 0:
@@ -69,13 +75,15 @@ class FaultInjection(pl.Callback):
             self.armed = True
 
     def on_train_end(self, trainer, pl_module):
-        if self.final_state is None:
-            return
-        optimizer = trainer.strategy.optimizer_state(trainer.optimizers[0])
-        if trainer.global_rank == 0:
-            state = {"state": _detached(pl_module.state_dict()), "optimizer": _detached(optimizer),
-                     "steps": trainer.global_step}
-            torch.save(state, self.final_state)
+        if self.final_state is not None:
+            optimizer = trainer.strategy.optimizer_state(trainer.optimizers[0])
+            self.result = {"state": _detached(pl_module.state_dict()), "optimizer": _detached(optimizer),
+                           "start_step": self.start_step, "steps": trainer.global_step}
+
+    def teardown(self, trainer, pl_module, stage):
+        if self.result is not None and trainer.global_rank == 0:  # after fit's last validation
+            self.result["val"] = dict(pl_module.eval_results.get("val", {}))
+            torch.save(self.result, self.final_state)
 
 
 def _detached(tree):

@@ -22,7 +22,8 @@ import torch
 from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-__all__ = ["AtomicCheckpointIO", "CheckpointError", "CheckpointWriteError", "atomic_torch_save", "verify_checkpoint"]
+__all__ = ["AtomicCheckpointIO", "CheckpointError", "CheckpointWriteError", "atomic_torch_save", "load_checkpoint_file",
+           "verify_checkpoint"]
 
 _CHUNK = 1 << 22
 
@@ -45,6 +46,7 @@ class CheckpointWriteError(OSError):
 
     def __init__(self, path: str, cause: BaseException, previous: bool) -> None:
         kept = "the previous checkpoint at this path is left as it was" if previous else "no checkpoint was written"
+        cause = _os_error_behind(cause)
         super().__init__(getattr(cause, "errno", None), f"could not write the checkpoint ({cause}); {kept}",
                          os.fspath(path))
 
@@ -53,6 +55,19 @@ class CheckpointWriteError(OSError):
 
     def __reduce__(self):
         return (_rebuild_write_error, (self.errno, self.strerror, self.filename))
+
+
+def _os_error_behind(error: BaseException) -> BaseException:
+    """The ``OSError`` (with an errno) that ``error`` was raised during, else ``error``: torch's zip writer
+    reports a failed write (ENOSPC) as a RuntimeError about the stream position, raised while handling it."""
+    seen = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        if isinstance(current, OSError) and current.errno is not None:
+            return current
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return error
 
 
 def _rebuild_write_error(errno, strerror, filename) -> "CheckpointWriteError":
@@ -155,6 +170,17 @@ def _check_record(archive: zipfile.ZipFile, record: zipfile.ZipInfo, path: str) 
                 pass
     except (zipfile.BadZipFile, EOFError, OSError, ValueError) as exc:
         raise CheckpointError(path, f"record {record.filename!r} is damaged ({exc})") from exc
+
+
+def load_checkpoint_file(path: str, **kwargs: Any) -> Any:
+    """``torch.load(path, **kwargs)``; when that fails on a damaged file, :class:`CheckpointError` names it."""
+    try:
+        return torch.load(path, **kwargs)
+    except FileNotFoundError:
+        raise
+    except Exception:
+        verify_checkpoint(os.fspath(path))  # raises when the file is damaged; otherwise the original error stands
+        raise
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

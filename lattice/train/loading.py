@@ -13,13 +13,13 @@ import os
 import sys
 from typing import Any, Optional, Sequence, Union
 
-import torch
 from jsonargparse import Namespace
 from lightning.pytorch.cli import LightningCLI
 
 from lattice.data.datamodule import LatticeDataModule
 from lattice.dotted import import_dotted
 from lattice.train.callbacks import MetricsTable
+from lattice.train.checkpoint import load_checkpoint_file
 from lattice.train.module import LatticeModule
 from lattice.train.writer import ParquetPredictionWriter
 
@@ -69,7 +69,7 @@ def checkpoint_model_spec(model: Union[Namespace, dict, None], ckpt_path: Option
     ``None`` when there is no such checkpoint file or it records no hyper-parameters."""
     if not (ckpt_path and os.path.isfile(ckpt_path)):
         return None
-    checkpoint = torch.load(ckpt_path, weights_only=True, map_location="cpu")
+    checkpoint = load_checkpoint_file(ckpt_path, weights_only=True, map_location="cpu")
     hparams = dict(checkpoint.get("hyper_parameters") or {})
     hparams.pop("_instantiator", None)
     class_path = hparams.pop("_class_path", None)
@@ -170,7 +170,7 @@ def load_from_config(
     loader = _ConfigLoader(_cli_args(configs, overrides), ckpt_path, instantiate=True, seed=seed)
     module, datamodule = loader.model, loader.datamodule
     if loader._ckpt_path:
-        state = torch.load(loader._ckpt_path, map_location="cpu", weights_only=False)
+        state = load_checkpoint_file(loader._ckpt_path, map_location="cpu", weights_only=False)
         if "state_dict" not in state:
             raise ValueError(f"checkpoint {loader._ckpt_path!r} has no state_dict (is it a Lightning checkpoint?)")
         module.load_state_dict(state["state_dict"])
