@@ -317,6 +317,17 @@ class Schema:
         values.update(changes)
         return Schema(**values)
 
+    def restrict(self, features: Sequence[str]) -> "Schema":
+        """A copy with only ``features`` (in this schema's order); each domain's explicit feature list is
+        cut to them. Tasks, domains and the id columns are unchanged; a name not in the schema is an error."""
+        keep = set(features)
+        unknown = sorted(keep - set(self.feature_names))
+        if unknown:
+            raise SchemaError(f"kept feature(s) {unknown} are not in the schema (features: {self.feature_names})")
+        domains = [d if d.features is None else dataclasses.replace(d, features=[f for f in d.features if f in keep])
+                   for d in self.domains]
+        return self.replace(features=[f for f in self.features if f.name in keep], domains=domains)
+
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Schema):
             return NotImplemented

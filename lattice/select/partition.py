@@ -31,7 +31,6 @@ The result has at most ``budget`` models. Ties are broken by portfolio order (de
 """
 from __future__ import annotations
 
-import copy
 import glob
 import math
 import os
@@ -44,6 +43,7 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pads
 
 from lattice.data.hashing import hash_strings, mix, splitmix64
+from lattice.data.schema import DomainSpec, Schema
 
 __all__ = [
     "hash_ids",
@@ -573,32 +573,26 @@ def _r(x: float, nd: int = 6) -> Optional[float]:
     return None if x is None or not math.isfinite(float(x)) else round(float(x), nd)
 
 
-def group_schema(schema, domains: Sequence[str], domain_tasks: Mapping[str, Sequence[str]]) -> Dict[str, Any]:
-    """The input schema (``Schema`` or mapping) restricted to one model's domains and tasks.
+def group_schema(schema: Schema, domains: Sequence[str], domain_tasks: Mapping[str, Sequence[str]]) -> Schema:
+    """The input schema restricted to one model's domains and tasks.
 
     Tasks are those of the group (in schema order); each kept domain lists exactly its tasks in the
     group; when every kept domain lists its features, features are restricted to their union.
     """
-    d = copy.deepcopy(dict(schema)) if isinstance(schema, Mapping) else schema.to_dict()
+    by_name = {d.name: d for d in schema.domains}
+    kept_domains = [
+        DomainSpec(name, features=by_name[name].features if name in by_name else None,
+                   tasks=[t.name for t in schema.tasks if t.name in set(domain_tasks[name])])
+        for name in domains
+    ]
     tasks = {t for ts in domain_tasks.values() for t in ts}
-    by_name = {}
-    for dom in d.get("domains", []) or []:
-        dom = {"name": dom} if isinstance(dom, str) else dict(dom)
-        by_name[str(dom["name"])] = dom
-    kept_domains = []
-    for name in domains:
-        dom = dict(by_name.get(name, {"name": name}))
-        dom["tasks"] = [t["name"] for t in d["tasks"] if t["name"] in set(domain_tasks[name])]
-        kept_domains.append(dom)
-    d["tasks"] = [t for t in d["tasks"] if t["name"] in tasks]
-    d["domains"] = kept_domains
-    if kept_domains and all(dom.get("features") is not None for dom in kept_domains):
-        used = {f for dom in kept_domains for f in dom["features"]}
-        d["features"] = [f for f in d.get("features", []) if f["name"] in used]
-    return d
+    out = schema.replace(tasks=[t for t in schema.tasks if t.name in tasks], domains=kept_domains)
+    if kept_domains and all(d.features is not None for d in kept_domains):
+        out = out.restrict({f for d in kept_domains for f in d.features})
+    return out
 
 
-def partition_document(partition: Partition, schema=None) -> Dict[str, Any]:
+def partition_document(partition: Partition, schema: Optional[Schema] = None) -> Dict[str, Any]:
     """The mapping :func:`write_partition_yaml` writes."""
     st = partition.stats
     models = []
@@ -620,7 +614,7 @@ def partition_document(partition: Partition, schema=None) -> Dict[str, Any]:
         if all(len(st.sources.get(d, [])) == 1 for d in domains) and len(set(paths)) == len(domains):
             data["domain_paths"] = {d: st.sources[d][0] for d in domains}
         if schema is not None:
-            data["schema"] = group_schema(schema, domains, domain_tasks)
+            data["schema"] = group_schema(schema, domains, domain_tasks).to_dict()
         model["data"] = data
         models.append(model)
     ju, ji = st.user_jaccard(), st.item_jaccard()
@@ -652,7 +646,7 @@ def partition_document(partition: Partition, schema=None) -> Dict[str, Any]:
     return doc
 
 
-def write_partition_yaml(path: PathLike, partition: Partition, schema=None) -> Dict[str, Any]:
+def write_partition_yaml(path: PathLike, partition: Partition, schema: Optional[Schema] = None) -> Dict[str, Any]:
     """Write the grouping YAML (one entry per consolidated model, each with a ``data:`` block holding the
     paths and, given a schema, the model's restricted schema); returns the written mapping."""
     import yaml
