@@ -3,12 +3,14 @@ from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities.warnings import PossibleUserWarning
 from torch import Tensor, nn
 
 from lattice.metrics import masked_multitask_loss, masked_task_sums, weighted_task_total
@@ -17,6 +19,10 @@ from lattice.nn.norms import RunningStandardize
 from lattice.train import faults, parallel
 from lattice.train.label_checks import ConditionalLabelCheck, EvalConditionalLabelCheck
 from lattice.train.metrics import MultiTaskMetrics
+
+# The val/test metrics are logged after MultiTaskMetrics.compute() synced them across ranks; Lightning cannot tell
+# and advises sync_dist=True for each of them at every epoch end.
+warnings.filterwarnings("ignore", message=r"It is recommended to use `self\.log\('(val|test)/", category=PossibleUserWarning)
 
 SparseOptimizer = Literal["rowwise_adagrad", "sgd", "none"]
 
