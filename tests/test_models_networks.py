@@ -8,7 +8,8 @@ from lattice.models import DLRM, MMoE, PLE, InterFormer, LatticeModel, LatticeNe
 from lattice.nn.heads import MultiTaskHeads
 from lattice.nn.linear import DomainLinear
 from lattice.nn.wide import WidePath
-from helpers_models import single_thread  # noqa: F401  (autouse fixture)
+
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 SMALL = {
     LatticeNetwork: dict(dim=16, num_layers=2, fm_tokens=4, lcb_tokens=4, fm_hidden_dims=[32], representation_dim=32,

@@ -11,7 +11,8 @@ from lattice.models import InterFormer, LatticeNetwork, SharedBottom
 from lattice.nn.match import HistoryMatch, match_pairs
 from lattice.nn.processors import FeatureProcessor
 from lattice.sparse import KeyedJaggedTensor
-from helpers_models import single_thread  # noqa: F401  (autouse fixture)
+
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def _kjt(keys, bags):

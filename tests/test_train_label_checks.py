@@ -10,7 +10,8 @@ from helpers_models import make_schema, random_batch
 from lattice.models import LatticeNetwork
 from lattice.train.module import LatticeModule
 from lattice.train.label_checks import ConditionalLabelCheck, ConditionalLabelError, EvalConditionalLabelCheck
-from helpers_models import single_thread  # noqa: F401  (autouse fixture)
+
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 PAIRS = [("conversion", "click", 1, 0)]
 
