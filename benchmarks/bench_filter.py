@@ -66,9 +66,12 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import yaml  # noqa: E402
 
+from benchmarks._common import fmt, print_table  # noqa: E402
 from lattice.cli import main as lattice_main  # noqa: E402
 from lattice.cli import run_lightning  # noqa: E402
 from lattice.data.synthetic import SyntheticConfig, SyntheticWorld  # noqa: E402
+from lattice.train.loading import load_from_config  # noqa: E402
+
 
 def planted_informs(config: SyntheticConfig, through_parent: bool = True) -> Dict[str, List[str]]:
     """``feature -> tasks`` whose label probability the feature enters directly in the planted world: a
@@ -296,14 +299,11 @@ def reengagement_probe(configs: List[str], ckpt: str, max_rows: int = 50000, see
     task's own logit, a child task's probability also moving with its parent's.)"""
     import dataclasses
 
-    from lattice.select.importance import _replace_key, gather_eval_set
+    from lattice.select.importance import gather_eval_set, replace_key
     from lattice.sparse import JaggedTensor
 
-    args = [a for c in configs for a in ("--config", c)]
     with _quiet(True):
-        cli = run_lightning(args, run=False)
-    module, dm = cli.model, cli.datamodule
-    module.load_state_dict(torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"])
+        module, dm = load_from_config(configs, ckpt)
     module.eval()
     dm.setup("validate")
     ev = gather_eval_set(dm.val_dataloader(), max_rows=max_rows)
@@ -329,8 +329,8 @@ def reengagement_probe(configs: List[str], ckpt: str, max_rows: int = 50000, see
             donors = vals[~hit]
             swapped = vals.clone()
             swapped[hit] = donors[torch.randint(0, donors.numel(), (int(hit.sum()),), generator=gen)]
-            alt = dataclasses.replace(chunk, sequences=_replace_key(seq, seq.keys().index("hist_items"),
-                                                                    JaggedTensor(swapped, offsets=offs)))
+            alt = dataclasses.replace(chunk, sequences=replace_key(seq, seq.keys().index("hist_items"),
+                                                                   JaggedTensor(swapped, offsets=offs)))
             drops.append((module(chunk).logits[rep] - module(alt).logits[rep]).to(torch.float64))
             rows += int(rep.sum())
     mean = torch.cat(drops).mean(0).tolist() if drops else [float("nan")] * len(tasks)
@@ -437,10 +437,6 @@ def analyse_ranking(summary: Dict[str, Any], roles: Dict[str, List[str]], inform
     }
 
 
-def _fmt(v) -> str:
-    return "-" if v is None or (isinstance(v, float) and not math.isfinite(v)) else f"{v:.4f}"
-
-
 def print_report(rep: Dict[str, Any]) -> None:
     r = rep["ranking"]
     summ = rep["filter"]["summary"]
@@ -459,7 +455,7 @@ def print_report(rep: Dict[str, Any]) -> None:
           f"would show per task (see oracle_rise):")
     oracle = r.get("oracle_rise") or {}
     head = ["#", "feature", "role", "front", "kept"] + tasks + ["informs (planted)", "oracle rise x1e3"]
-    lines = [head]
+    lines = []
     for i, f in enumerate(r["overall_order"], 1):
         cells = []
         for k in range(len(tasks)):
@@ -477,11 +473,7 @@ def print_report(rep: Dict[str, Any]) -> None:
         lines.append([str(i), f, role, str(front_of.get(f, "-")), "yes" if f in kept else "-", *cells,
                       "-" if f in roles["noise"] else (",".join(rep["informs"].get(f, [])) or "- (proxy only)"),
                       "/".join(f"{1e3 * oracle[f][t]:.2f}" for t in tasks) if f in oracle else "-"])
-    widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
-    for i, line in enumerate(lines):
-        print("  ".join(c.ljust(w) for c, w in zip(line, widths)))
-        if i == 0:
-            print("  ".join("-" * w for w in widths))
+    print_table(head, lines)
     print("\nplanted noise features (rank by task among the selection scores):")
     for n, w in r["noise"].items():
         ranks = ", ".join(f"{t} {w['rank_by_task'][t]}/{len(feats)}" for t in tasks)
@@ -496,10 +488,10 @@ def print_report(rep: Dict[str, Any]) -> None:
     print("\ntest AUC (all domains)        " + "  ".join(f"{t:>10}" for t in tasks) + "    mean  mean(cells)")
     for name in ("full", "filtered"):
         a = rep[name]["auc"]
-        print(f"  {name:<28}" + "  ".join(f"{_fmt(a['per_task'][t]):>10}" for t in tasks)
-              + f"  {_fmt(a['mean'])}  {_fmt(a['mean_cells'])}")
+        print(f"  {name:<28}" + "  ".join(f"{fmt(a['per_task'][t]):>10}" for t in tasks)
+              + f"  {fmt(a['mean'])}  {fmt(a['mean_cells'])}")
     o = rep["full"]["auc"]["oracle"]
-    print(f"  {'oracle':<28}" + "  ".join(f"{_fmt(o[t]):>10}" for t in tasks))
+    print(f"  {'oracle':<28}" + "  ".join(f"{fmt(o[t]):>10}" for t in tasks))
     t = rep["targets"]
     print(f"\ndelta mean AUC (filtered - full): {t['delta_mean_auc']:+.4f} "
           f"(mean over (domain, task) cells: {t['delta_mean_auc_cells']:+.4f}; {rep['seeds']} seed(s), "

@@ -1,6 +1,5 @@
 """benchmarks/bench_filter.py --quick end to end: lattice fit -> lattice filter -> lattice fit on the kept
 features (the filter's YAML as the data config's schema) -> lattice test, on a small planted world."""
-import importlib.util
 import json
 import math
 import os
@@ -8,14 +7,11 @@ import os
 import pytest
 import yaml
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
 
 def _bench():
-    spec = importlib.util.spec_from_file_location("bench_filter", os.path.join(ROOT, "benchmarks", "bench_filter.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    from benchmarks import bench_filter
+
+    return bench_filter
 
 
 def test_planted_informs_follows_the_world():
