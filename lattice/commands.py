@@ -149,7 +149,9 @@ def _partition(data: List[str], budget: int, out: str = "partition.yaml", schema
 
 
 def build_parser() -> ArgumentParser:
-    parser = ArgumentParser(prog="lattice", description="lattice's data, filter and partition commands")
+    # exit_on_error=False: a parse error raises, and lattice.cli.main prints it as one `lattice: error:` line.
+    parser = ArgumentParser(prog="lattice", description="lattice's data, filter and partition commands",
+                            exit_on_error=False)
     commands = parser.add_subcommands(dest="command")
     data = ArgumentParser(description="data commands")
     commands.add_subcommand("data", data, help="generate the planted world, consolidate datasets, infer a schema")

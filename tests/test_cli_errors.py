@@ -89,3 +89,14 @@ def test_error_classification():
     assert error_line(FileNotFoundError(2, "No such file or directory", "/x.parquet")) == \
         "/x.parquet: No such file or directory"
     assert error_line(ValueError("first\n  second\n")) == "first second"
+
+
+def test_lattice_own_commands_parse_errors_are_one_line(capsys, monkeypatch):
+    monkeypatch.delenv("LATTICE_DEBUG", raising=False)
+    for args, expected in ((["data", "generate", "--bogus"], "--bogus"), (["partition"], "partition.budget")):
+        with pytest.raises(SystemExit) as exit_info:
+            main(args)
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err
+        errors = [line for line in err.splitlines() if line.startswith("lattice: error: ")]
+        assert len(errors) == 1 and expected in errors[0] and "usage:" not in err, err
