@@ -110,11 +110,14 @@ class Batch:
 # --------------------------------------------------------------------------------------------------
 # pytree registration (torch.export / torch.compile / FSDP input casting)
 # --------------------------------------------------------------------------------------------------
-_FIELDS = tuple(f.name for f in dataclasses.fields(Batch))
+# Descending name order, so that no field comes before one whose name it prefixes (``dense`` before
+# ``dense_mask``): torch.export writes its input guards by replacing each input's key path as plain text,
+# in flatten order, and ``batch.dense`` would otherwise also rewrite ``batch.dense_mask``.
+_FIELDS = tuple(sorted((f.name for f in dataclasses.fields(Batch)), reverse=True))
 
 
 def _flatten(batch: Batch) -> Tuple[List[Any], Tuple[str, ...]]:
-    """Children: the fields that are not ``None``, in field order; context: their names."""
+    """Children: the fields that are not ``None``, in ``_FIELDS`` order; context: their names."""
     present = tuple(name for name in _FIELDS if getattr(batch, name) is not None)
     return [getattr(batch, name) for name in present], present
 

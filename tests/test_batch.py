@@ -46,9 +46,30 @@ def test_batch_flattens_with_attribute_keys():
     batch = random_batch(make_schema(), batch_size=4, seed=0)
     children, _ = pytree.SUPPORTED_NODES[Batch].flatten_with_keys_fn(batch)
     names = [key.name for key, _ in children]
-    assert names == [n for n in Batch.__dataclass_fields__ if getattr(batch, n) is not None]
+    assert sorted(names) == sorted(n for n in Batch.__dataclass_fields__ if getattr(batch, n) is not None)
     assert "teacher_logits" not in names and "dense" in names
     assert all(child is getattr(batch, key.name) for key, child in children)
+
+
+def test_key_paths_reach_into_the_jagged_fields():
+    batch = random_batch(make_schema(), batch_size=4, seed=0)
+    paths = {pytree.keystr(path) for path, _ in pytree.tree_flatten_with_path(batch)[0]}
+    assert {".dense", ".dense_mask", ".sparse.values", ".sequences.offsets", ".sequence_timestamps.lengths"} <= paths
+    assert not any(p.startswith(".teacher_logits") for p in paths)
+
+
+def test_torch_export_takes_a_batch():
+    """Fields whose names prefix others (dense / dense_mask) and the KJT fields, through export and back."""
+    batch = random_batch(make_schema(), batch_size=6, seed=0)
+    batch.timestamp = torch.arange(6)
+
+    class Score(torch.nn.Module):
+        def forward(self, b: Batch) -> torch.Tensor:
+            pooled = b.sparse.lengths().view(-1, 6).sum(0) + b.sequences.lengths().view(-1, 6).sum(0)
+            return (b.dense * b.dense_mask).sum(1) + b.labels.sum(1) + pooled.float() + b.timestamp.float()
+
+    program = torch.export.export(Score(), (batch,))
+    torch.testing.assert_close(program.module()(batch), Score()(batch))
 
 
 def test_torch_compile_takes_a_batch():

@@ -242,3 +242,23 @@ def test_extra_tokens_reach_the_trunk_and_the_output_carries_the_head_input(cls)
     torch.manual_seed(0)
     sub = WithTokens(schema, **SMALL[cls], num_extra_tokens=2)
     torch.testing.assert_close(sub(batch).logits, out.logits)
+
+
+def test_wide_path_is_a_per_domain_logistic_regression():
+    """WidePath and LogisticRegression(untie_heads=True) draw the same parameters and give the same logits."""
+    from lattice.models import LogisticRegression
+
+    schema = make_schema()
+    batch = _full_coverage_batch(schema)
+    torch.manual_seed(0)
+    wide = WidePath(schema, dim=4)
+    torch.manual_seed(0)
+    lr = LogisticRegression(schema, dim=4, untie_heads=True)
+    assert {k: v.shape for k, v in wide.state_dict().items()} == {k: v.shape for k, v in lr.state_dict().items()}
+    assert all(torch.equal(v, lr.state_dict()[k]) for k, v in wide.state_dict().items())
+    out, ref = wide(batch), lr(batch)
+    torch.testing.assert_close(out.logits, ref.logits)
+    torch.testing.assert_close(out.train_logits, ref.train_logits)
+    assert wide.flops() == pytest.approx(lr.flops_per_sample())
+    with pytest.raises(ValueError, match="WidePath dim"):
+        WidePath(schema, dim=0)

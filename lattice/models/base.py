@@ -231,7 +231,7 @@ class LatticeModel(nn.Module):
                 )
             return features
         tokens = features.tokens
-        if extra.dim() != 3 or extra.shape != (tokens.shape[0], k, tokens.shape[2]):
+        if tuple(extra.shape) != (tokens.shape[0], k, tokens.shape[2]):
             raise ValueError(
                 f"extra_tokens must be [B={tokens.shape[0]}, num_extra_tokens={k}, d={tokens.shape[2]}], "
                 f"got {tuple(extra.shape)}"
