@@ -82,7 +82,7 @@ def test_ids_are_features_and_the_history_a_sequence_on_the_item_table(data):
     assert [t.kind for t in s.tasks] == ["binary", "binary", "regression"]
     # item_tags names the item but its ids do not span the item range: its own pooled bag
     tags = s.feature("item_tags")
-    assert (tags.kind, tags.shared_table, tags.num_embeddings) == ("sparse", None, 40)
+    assert (tags.kind, tags.shared_table, tags.num_embeddings, tags.pooling) == ("sparse", None, 40, "mean")
     assert "max id 39 vs its 399" in inf.reasons["item_tags"]
     # strings are hashed; NaN in a dense column is read as absent
     assert s.feature("city").oov == "hash"

@@ -12,7 +12,7 @@ inferred column by column, in one pass over the data:
   ``item_id``, ``hist_clusters`` <-> ``item_cluster``): a sequence sharing that column's embedding
   table, ``max_length`` from the lengths' ``length_quantile``; a parallel timestamp list
   (``<name>_ts``, or ``hist_ts`` beside ``hist_items``) becomes its ``timestamps_column``. Other
-  lists: a pooled bag (a sequence of its own when it has a timestamp list).
+  lists: a pooled bag (mean pooling when lengths vary; a sequence of its own when it has a timestamp list).
 - integer/string scalars: sparse (strings and huge ranges hashed with ``oov: hash``); floats and
   booleans: dense (``nan: missing`` when the column holds NaN).
 """
@@ -345,8 +345,13 @@ class _Inferrer:
                                       f"{len_why}{nulls}")
                 continue
             spec, why = self._id_spec(name, "sparse", what="list")
+            lengths = np.flatnonzero(hist)
+            pooled = f"lengths {lengths[0]}-{lengths[-1]}" if len(lengths) else "no rows"
+            if len(lengths) > 1:  # lengths vary: a mean keeps the bag's scale apart from its length
+                spec.pooling = "mean"
+                pooled += ", mean pooling"
             feats[name] = spec
-            self.reasons[name] = f"sparse bag (pooled; {how}): {why}{nulls}"
+            self.reasons[name] = f"sparse bag ({pooled}; {how}): {why}{nulls}"
         for seq, ts in self.ts_pairs.items():
             if seq in feats and feats[seq].timestamps_column == ts:
                 users = [f for f, spec in feats.items() if spec.timestamps_column == ts]
