@@ -79,7 +79,7 @@ def compile_package(program: ExportedProgram, out: PathLike) -> Path:
 def manifest_of(module: InferenceModule, network_class: str, quantization: str = "none") -> Manifest:
     """The :class:`~lattice.serve.package.Manifest` of an inference module."""
     return Manifest(
-        lattice_version=lattice.__version__, torch_version=torch.__version__, network_class=network_class,
+        lattice_version=lattice.__version__, torch_version=str(torch.__version__), network_class=network_class,
         tasks=[{"name": t.name, "kind": t.kind} for t in module.schema.tasks],
         domains=list(module.schema.domain_names), input_names=list(module.input_names),
         schema_fingerprint=module.schema.fingerprint(), quantization=quantization,

@@ -67,14 +67,15 @@ class ServingBatch:
 def serving_network(model: nn.Module) -> tuple[nn.Module, Schema, bool]:
     """``(net, schema, has_teacher_token)``: the part of ``model`` that serves, as ``net(batch) -> logits [B, T]``.
 
-    ``model`` is a lattice network (``network(batch).logits``), a :class:`~lattice.train.LatticeModule` (its network) or a
-    :class:`DistillationModule` (its student's serving heads, :meth:`~DistillationModule.serving_model`).
+    ``model`` is a lattice network (``network(batch).logits``), a :class:`~lattice.train.LatticeModule` (its
+    network) or a :class:`DistillationModule` (its student's serving heads, :meth:`~DistillationModule.serving_model`).
     """
     if isinstance(model, DistillationModule):
         student = model.serving_model()
         return student, model.network.schema, student.teacher_token is not None
-    if not isinstance(getattr(model, "schema", None), Schema) and isinstance(getattr(model, "network", None), nn.Module):
-        model = model.network  # a LatticeModule
+    inner = getattr(model, "network", None)
+    if not isinstance(getattr(model, "schema", None), Schema) and isinstance(inner, nn.Module):
+        model = inner  # a LatticeModule
     schema = getattr(model, "schema", None)
     if not isinstance(schema, Schema):
         raise TypeError(f"cannot serve a {type(model).__name__}: expected a lattice network (with a .schema), a "

@@ -53,7 +53,10 @@ def _present(schema: Schema, kind: str, domain: Tensor) -> Tensor:
 def _bags(lengths: Tensor, highs: list[int], gen: torch.Generator) -> tuple[Tensor, Tensor]:
     """Key-major ``(values, offsets)`` for ``lengths [F, B]``, ids of key ``f`` in ``[0, highs[f])``."""
     lengths = lengths.long()
-    high = torch.tensor(highs, dtype=torch.long).repeat_interleave(lengths.sum(1)) if highs else torch.zeros(0, dtype=torch.long)
+    if highs:
+        high = torch.tensor(highs, dtype=torch.long).repeat_interleave(lengths.sum(1))
+    else:
+        high = torch.zeros(0, dtype=torch.long)
     values = (torch.rand(int(lengths.sum()), generator=gen) * high).long()
     offsets = torch.nn.functional.pad(torch.cumsum(lengths.reshape(-1), 0), (1, 0))
     return values, offsets
@@ -83,10 +86,13 @@ def random_inputs(schema: Schema, batch_size: int, seed: int = 0, max_bag: int =
     # increasing within each sequence: a running sum of positive gaps, restarted per bag
     gaps = torch.randint(1, 86_400, (seq_values.numel(),), generator=gen)
     run = torch.cumsum(gaps, 0)
-    start = torch.repeat_interleave(run[seq_offsets[:-1].clamp(max=max(run.numel() - 1, 0))] if run.numel() else
-                                    torch.zeros(seq_lengths.numel(), dtype=torch.long), seq_lengths.reshape(-1))
-    timestamps = 1_700_000_000 + run - start
-    inputs = (dense, dense_mask, sparse_values, sparse_offsets, sparse_mask, seq_values, seq_offsets, timestamps, domain)
+    if run.numel():
+        first = run[seq_offsets[:-1].clamp(max=run.numel() - 1)]  # each bag's first running sum
+    else:
+        first = torch.zeros(seq_lengths.numel(), dtype=torch.long)
+    timestamps = 1_700_000_000 + run - torch.repeat_interleave(first, seq_lengths.reshape(-1))
+    inputs = (dense, dense_mask, sparse_values, sparse_offsets, sparse_mask, seq_values, seq_offsets, timestamps,
+              domain)
     if teacher_embedding_dim is not None:
         inputs += (torch.randn(B, teacher_embedding_dim, generator=gen), torch.rand(B, generator=gen) >= 0.2)
     return inputs

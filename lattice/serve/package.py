@@ -94,7 +94,7 @@ def read_package(package: PathLike, expected_schema: Optional[Schema] = None) ->
     if manifest.lattice_version != lattice.__version__:
         raise PackageError(f"package {str(package)!r} was exported with lattice {manifest.lattice_version}, but this "
                            f"is lattice {lattice.__version__}: export it again with this version")
-    if manifest.torch_version != torch.__version__:
+    if manifest.torch_version != str(torch.__version__):
         raise PackageError(f"package {str(package)!r} was compiled with torch {manifest.torch_version}, but this is "
                            f"torch {torch.__version__}: export it again with this version")
     schema = Schema.from_yaml(schema_path)
@@ -103,7 +103,8 @@ def read_package(package: PathLike, expected_schema: Optional[Schema] = None) ->
                            f"package {str(package)!r} was exported with (fingerprint {manifest.schema_fingerprint})")
     if expected_schema is not None and expected_schema.fingerprint() != manifest.schema_fingerprint:
         raise PackageError(f"package {str(package)!r} was exported for schema {manifest.schema_fingerprint}, but the "
-                           f"expected schema is {expected_schema.fingerprint()}: {_first_difference(schema, expected_schema)}")
+                           f"expected schema is {expected_schema.fingerprint()}: "
+                           f"{_first_difference(schema, expected_schema)}")
     return schema, manifest
 
 
