@@ -3,8 +3,16 @@
 ``tests/_*.py`` modules."""
 from __future__ import annotations
 
+import os
+import sys
+
 import pytest
 import torch
+
+# The repository root, so that tests import the benchmarks as modules (``from benchmarks import bench_x``).
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if _ROOT not in sys.path:
+    sys.path.insert(0, _ROOT)
 
 
 @pytest.fixture
