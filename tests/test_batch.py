@@ -6,7 +6,7 @@ import torch.utils._pytree as pytree
 
 from lattice.batch import Batch
 from lattice.sparse import kjt_is_equal
-from tests.helpers_models import make_schema, random_batch
+from tests._models import make_schema, random_batch
 
 
 def _batches_equal(a: Batch, b: Batch) -> bool:

@@ -9,7 +9,7 @@ import os
 import pytest
 import torch
 
-from helpers_models import make_schema, random_batch
+from _models import make_schema, random_batch
 from lattice.models import LatticeNetwork
 
 pytestmark = pytest.mark.usefixtures("single_thread")

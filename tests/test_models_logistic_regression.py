@@ -4,7 +4,7 @@ import copy
 import pytest
 import torch
 
-from helpers_models import make_schema, random_batch
+from _models import make_schema, random_batch
 from lattice.models import LatticeModel, LogisticRegression, ModelOutput
 
 pytestmark = pytest.mark.usefixtures("single_thread")

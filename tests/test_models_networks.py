@@ -3,7 +3,7 @@ analytic FLOPs and parameter counts."""
 import pytest
 import torch
 
-from helpers_models import make_schema, random_batch
+from _models import make_schema, random_batch
 from lattice.models import DLRM, MMoE, PLE, InterFormer, LatticeModel, LatticeNetwork, ModelOutput, SharedBottom, Wukong
 from lattice.nn.heads import MultiTaskHeads
 from lattice.nn.linear import DomainLinear

@@ -3,7 +3,7 @@ constant predictor (the label entropy / variance)."""
 import pytest
 import torch
 
-from helpers_models import label_entropy, make_schema, planted_batches
+from _models import label_entropy, make_schema, planted_batches
 from lattice.models import DLRM, MMoE, PLE, InterFormer, LatticeNetwork, SharedBottom, Wukong
 from lattice.metrics import masked_multitask_loss
 from test_models_networks import SMALL

@@ -6,7 +6,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from helpers_models import make_schema, random_batch
+from _models import make_schema, random_batch
 from lattice.models import DLRM, InterFormer, LatticeNetwork, LogisticRegression, SharedBottom
 from lattice.nn.conditional import ConditionalTasks, compose_logits
 

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from helpers_models import make_schema, random_batch
+from _models import make_schema, random_batch
 from lattice.nn.processors import FeatureProcessor
 from lattice.sparse import KeyedJaggedTensor, jagged_positions
 

@@ -7,7 +7,7 @@ import functools
 import pytest
 import torch
 
-from helpers_models import make_schema, random_batch
+from _models import make_schema, random_batch
 from lattice.distill import DistillationModule, TeacherTokenNetwork
 from lattice.models import DLRM, MMoE, PLE, InterFormer, LatticeNetwork, LogisticRegression, SharedBottom, Wukong
 from lattice.serve.export import export_program

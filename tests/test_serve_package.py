@@ -10,7 +10,7 @@ import torch
 import yaml
 
 import lattice
-from helpers_models import make_schema
+from _models import make_schema
 from lattice.serve.export import export_package, manifest_of
 from lattice.serve.inference import InferenceModule
 from lattice.serve.inputs import random_inputs

@@ -6,7 +6,7 @@ import warnings
 import pytest
 import torch
 
-from helpers_models import make_schema, random_batch
+from _models import make_schema, random_batch
 from lattice.models import LatticeNetwork
 from lattice.train.module import LatticeModule
 from lattice.train.label_checks import ConditionalLabelCheck, ConditionalLabelError, EvalConditionalLabelCheck
