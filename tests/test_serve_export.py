@@ -2,6 +2,7 @@
 program (torch.export, dynamic batch and jagged lengths) equals the eager module within 1e-5 for every network
 class, an ESMM network and a distillation student, at batch 1, 7 and 513 with empty bags, empty sequences and
 absent features. (The AOTInductor package is tested in test_serve_package.py.)"""
+import dataclasses
 import functools
 
 import pytest
@@ -144,3 +145,19 @@ def test_inference_module_freezes_tables_and_leaves_the_model_alone():
 def test_inference_module_refuses_what_it_cannot_serve():
     with pytest.raises(TypeError, match="cannot serve a Linear"):
         InferenceModule(torch.nn.Linear(2, 2))
+
+
+def test_parallel_sequence_features_export_with_equal_lengths():
+    """Sequence features sharing a timestamps column are attributes of the same events (MaskNet merge): the
+    export keeps their event counts equal (``Fq * events``) instead of guarding an even total."""
+    base = make_schema()
+    features = [f if f.kind != "sequence" else dataclasses.replace(f, timestamps_column="events_ts") for f in base.features]
+    schema = base.replace(features=features)
+    torch.manual_seed(0)
+    model = _perturb(LatticeNetwork(schema, **SMALL[LatticeNetwork]))
+    assert model.processor.sequence.merge == "masknet"
+    module, program = export_program(model)
+    for B, seed in ((1, 0), (7, 1), (513, 2)):
+        x = random_inputs(schema, B, seed=seed)
+        with torch.no_grad():
+            torch.testing.assert_close(program.module()(*x), module(*x), rtol=0, atol=1e-5)

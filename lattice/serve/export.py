@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from torch.export import Dim, ExportedProgram
 
 import lattice
+from lattice.nn.processors import parallel_sequences
 from lattice.serve.inference import InferenceModule
 from lattice.serve.inputs import random_inputs
 from lattice.serve.package import Manifest, write_side_files
@@ -28,10 +29,16 @@ PathLike = Union[str, os.PathLike]
 
 def dynamic_shapes(module: InferenceModule) -> dict:
     """``torch.export`` dynamic shapes of the flat inputs: the batch ``B`` (1..:data:`MAX_BATCH`), the number
-    of sparse ids and of sequence events (0..), offsets of ``F * B + 1`` entries."""
+    of sparse ids and of sequence events (0..; ``Fq`` times the events per feature when the sequence features
+    are parallel attributes of the same events), offsets of ``F * B + 1`` entries."""
     B = Dim("batch", min=1, max=MAX_BATCH)
-    n_sparse, n_events = Dim("sparse_ids", min=0), Dim("sequence_events", min=0)
     Fs, Fq = len(module.sparse_keys), len(module.sequence_keys)
+    n_sparse = Dim("sparse_ids", min=0)
+    if parallel_sequences(module.schema.sequence_features):
+        # attributes of the same events (one timestamps column): every feature has the same number of them
+        n_events = Fq * Dim("events", min=0)
+    else:
+        n_events = Dim("sequence_events", min=0)
     shapes = {
         "dense": {0: B}, "dense_mask": {0: B},
         "sparse_values": {0: n_sparse}, "sparse_offsets": {0: Fs * B + 1}, "sparse_mask": {0: B},

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from lattice.data.schema import Schema
+from lattice.nn.processors import parallel_sequences
 
 __all__ = ["flat_inputs", "random_inputs", "num_rows"]
 
@@ -66,7 +67,8 @@ def random_inputs(schema: Schema, batch_size: int, seed: int = 0, max_bag: int =
                   absent_rate: float = 0.1, teacher_embedding_dim: Optional[int] = None) -> tuple[Tensor, ...]:
     """Random flat inputs for ``schema``: every domain's absent features absent, some present features absent
     at random (``absent_rate``), bags of 0..``max_bag`` ids, sequences of 0..``max_length`` events (empty
-    with probability ``empty_rate``), increasing timestamps, ids in range."""
+    with probability ``empty_rate``; parallel sequence features, which share a timestamps column, with equal
+    lengths and timestamps), increasing timestamps, ids in range."""
     gen = torch.Generator().manual_seed(seed)
     B = batch_size
     domain = torch.randint(0, max(1, len(schema.domains)), (B,), generator=gen)
@@ -82,9 +84,15 @@ def random_inputs(schema: Schema, batch_size: int, seed: int = 0, max_bag: int =
     seq_lengths = (torch.rand(len(seq), B, generator=gen) * (caps + 1)).long()
     seq_lengths = seq_lengths * (torch.rand(len(seq), B, generator=gen) >= empty_rate)
     seq_lengths = seq_lengths * _present(schema, "sequence", domain).T
+    parallel = parallel_sequences(seq)
+    if parallel:  # attributes of the same events: equal lengths, the same timestamps
+        seq_lengths = seq_lengths[:1].expand(len(seq), B)
     seq_values, seq_offsets = _bags(seq_lengths, [int(f.num_embeddings) for f in seq], gen)
     # increasing within each sequence: a running sum of positive gaps, restarted per bag
-    gaps = torch.randint(1, 86_400, (seq_values.numel(),), generator=gen)
+    n_gaps = int(seq_lengths[0].sum()) if parallel else seq_values.numel()
+    gaps = torch.randint(1, 86_400, (n_gaps,), generator=gen)
+    if parallel:
+        gaps = gaps.repeat(len(seq))
     run = torch.cumsum(gaps, 0)
     if run.numel():
         first = run[seq_offsets[:-1].clamp(max=run.numel() - 1)]  # each bag's first running sum
