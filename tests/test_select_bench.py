@@ -14,20 +14,6 @@ def _bench():
     return bench_filter
 
 
-def test_planted_informs_follows_the_world():
-    from lattice.data.synthetic import SyntheticConfig, SyntheticDomain, SyntheticTask
-
-    bench = _bench()
-    informs = bench.planted_informs(SyntheticConfig())
-    tasks = ["click", "like", "conversion"]
-    assert informs["user"] == tasks and informs["position"] == tasks  # a click driver drives its children
-    assert informs["item_brand"] == ["like"] and informs["price"] == ["conversion"]
-    assert informs["user_segment"] == [] and "noise_s0" not in informs
-    cfg = SyntheticConfig(domains=[SyntheticDomain("feed", 100)],
-                          tasks=[SyntheticTask("click", hour=0.0, position=0.0, query=0.0)])
-    assert bench.planted_informs(cfg)["hour"] == []
-
-
 @pytest.mark.slow
 def test_bench_filter_quick(tmp_path):
     bench = _bench()
