@@ -84,7 +84,7 @@ def _batches(batch_size: int, count: int, cache_dir: str | None, rows_scale: flo
     return dm.schema, out
 
 
-def _mean_tokens(model, batch) -> float:
+def mean_tokens(model, batch) -> float:
     """Mean merged sequence tokens per sample of ``batch`` as ``model`` sees them."""
     with torch.no_grad():
         seq = model.processor(batch).sequence
@@ -154,7 +154,7 @@ def main(argv=None) -> int:
                 params=model.num_parameters(),
                 dense_params=model.num_parameters(include_embeddings=False),
                 mflops_per_sample=model.flops_per_sample() / 1e6,
-                mflops_per_sample_mean_len=model.flops_per_sample(sequence_length=_mean_tokens(model, batches[0])) / 1e6,
+                mflops_per_sample_mean_len=model.flops_per_sample(sequence_length=mean_tokens(model, batches[0])) / 1e6,
                 forward_ms=fwd,
                 train_step_ms=step,
                 train_samples_per_s=args.batch_size / (step / 1e3),
