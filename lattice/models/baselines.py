@@ -14,7 +14,7 @@ baselines is ``flatten(tokens) ‖ mean(sequence)``.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -60,32 +60,9 @@ class SharedBottom(_FlatInputModel):
         bias: bool = True,
         dropout: float = 0.0,
         untie_bottom: bool = False,
-        embedding_dim: int | None = None,
-        dense_tokens: int | None = None,
-        domain_token: bool = True,
-        sequence_merge: Literal["auto", "concat", "masknet"] = "auto",
-        max_positions: int = 256,
-        time_buckets: int = 32,
-        head_hidden_dims: Sequence[int] = (64,),
-        head_activation: str = "silu",
-        untie_heads: bool = False,
-        domain_groups: Sequence[int] | None = None,
-        embedding_kwargs: dict[str, Any] | None = None,
-        history_match: bool = False,
-        wide: bool = False,
-        wide_dim: int = 32,
-        standardize_dense: bool = False,
-        task_parents: dict[str, str] | None = None,
-        num_extra_tokens: int = 0,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(
-            schema, dim=dim, embedding_dim=embedding_dim, dense_tokens=dense_tokens, domain_token=domain_token,
-            sequence_merge=sequence_merge, max_positions=max_positions, time_buckets=time_buckets,
-            head_hidden_dims=head_hidden_dims, head_activation=head_activation, untie_heads=untie_heads,
-            domain_groups=domain_groups, embedding_kwargs=embedding_kwargs, history_match=history_match, wide=wide,
-            wide_dim=wide_dim, standardize_dense=standardize_dense, task_parents=task_parents,
-            num_extra_tokens=num_extra_tokens,
-        )
+        super().__init__(schema, dim=dim, **kwargs)
         if not bottom_dims:
             raise ValueError("SharedBottom needs at least one bottom layer")
         self.bottom = MLP(
@@ -139,32 +116,9 @@ class MMoE(_FlatInputModel):
         activation: str = "relu",
         bias: bool = True,
         untie_gates: bool = False,
-        embedding_dim: int | None = None,
-        dense_tokens: int | None = None,
-        domain_token: bool = True,
-        sequence_merge: Literal["auto", "concat", "masknet"] = "auto",
-        max_positions: int = 256,
-        time_buckets: int = 32,
-        head_hidden_dims: Sequence[int] = (64,),
-        head_activation: str = "silu",
-        untie_heads: bool = False,
-        domain_groups: Sequence[int] | None = None,
-        embedding_kwargs: dict[str, Any] | None = None,
-        history_match: bool = False,
-        wide: bool = False,
-        wide_dim: int = 32,
-        standardize_dense: bool = False,
-        task_parents: dict[str, str] | None = None,
-        num_extra_tokens: int = 0,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(
-            schema, dim=dim, embedding_dim=embedding_dim, dense_tokens=dense_tokens, domain_token=domain_token,
-            sequence_merge=sequence_merge, max_positions=max_positions, time_buckets=time_buckets,
-            head_hidden_dims=head_hidden_dims, head_activation=head_activation, untie_heads=untie_heads,
-            domain_groups=domain_groups, embedding_kwargs=embedding_kwargs, history_match=history_match, wide=wide,
-            wide_dim=wide_dim, standardize_dense=standardize_dense, task_parents=task_parents,
-            num_extra_tokens=num_extra_tokens,
-        )
+        super().__init__(schema, dim=dim, **kwargs)
         if not expert_dims or num_experts < 1:
             raise ValueError("MMoE needs num_experts >= 1 and at least one expert layer")
         in_dim = self._flat_dim()
@@ -208,32 +162,9 @@ class PLE(_FlatInputModel):
         expert_dims: Sequence[int] = (128, 64),
         activation: str = "relu",
         bias: bool = True,
-        embedding_dim: int | None = None,
-        dense_tokens: int | None = None,
-        domain_token: bool = True,
-        sequence_merge: Literal["auto", "concat", "masknet"] = "auto",
-        max_positions: int = 256,
-        time_buckets: int = 32,
-        head_hidden_dims: Sequence[int] = (64,),
-        head_activation: str = "silu",
-        untie_heads: bool = False,
-        domain_groups: Sequence[int] | None = None,
-        embedding_kwargs: dict[str, Any] | None = None,
-        history_match: bool = False,
-        wide: bool = False,
-        wide_dim: int = 32,
-        standardize_dense: bool = False,
-        task_parents: dict[str, str] | None = None,
-        num_extra_tokens: int = 0,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(
-            schema, dim=dim, embedding_dim=embedding_dim, dense_tokens=dense_tokens, domain_token=domain_token,
-            sequence_merge=sequence_merge, max_positions=max_positions, time_buckets=time_buckets,
-            head_hidden_dims=head_hidden_dims, head_activation=head_activation, untie_heads=untie_heads,
-            domain_groups=domain_groups, embedding_kwargs=embedding_kwargs, history_match=history_match, wide=wide,
-            wide_dim=wide_dim, standardize_dense=standardize_dense, task_parents=task_parents,
-            num_extra_tokens=num_extra_tokens,
-        )
+        super().__init__(schema, dim=dim, **kwargs)
         if num_levels < 1 or shared_experts < 0 or task_experts < 0 or shared_experts + task_experts < 1:
             raise ValueError("PLE needs num_levels >= 1 and at least one expert per gate")
         if not expert_dims:
@@ -324,32 +255,9 @@ class DLRM(LatticeModel):
         top_dims: Sequence[int] = (256, 128),
         activation: str = "relu",
         bias: bool = True,
-        embedding_dim: int | None = None,
-        dense_tokens: int | None = None,
-        domain_token: bool = True,
-        sequence_merge: Literal["auto", "concat", "masknet"] = "auto",
-        max_positions: int = 256,
-        time_buckets: int = 32,
-        head_hidden_dims: Sequence[int] = (64,),
-        head_activation: str = "silu",
-        untie_heads: bool = False,
-        domain_groups: Sequence[int] | None = None,
-        embedding_kwargs: dict[str, Any] | None = None,
-        history_match: bool = False,
-        wide: bool = False,
-        wide_dim: int = 32,
-        standardize_dense: bool = False,
-        task_parents: dict[str, str] | None = None,
-        num_extra_tokens: int = 0,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(
-            schema, dim=dim, embedding_dim=embedding_dim, dense_tokens=dense_tokens, domain_token=domain_token,
-            sequence_merge=sequence_merge, max_positions=max_positions, time_buckets=time_buckets,
-            head_hidden_dims=head_hidden_dims, head_activation=head_activation, untie_heads=untie_heads,
-            domain_groups=domain_groups, embedding_kwargs=embedding_kwargs, history_match=history_match, wide=wide,
-            wide_dim=wide_dim, standardize_dense=standardize_dense, task_parents=task_parents,
-            num_extra_tokens=num_extra_tokens,
-        )
+        super().__init__(schema, dim=dim, **kwargs)
         if not top_dims:
             raise ValueError("DLRM needs at least one top layer")
         sl = self.processor.token_slices["dense"]
@@ -421,32 +329,9 @@ class Wukong(LatticeModel):
         activation: str = "relu",
         bias: bool = True,
         untied_layers: Sequence[int] = (),
-        embedding_dim: int | None = None,
-        dense_tokens: int | None = None,
-        domain_token: bool = True,
-        sequence_merge: Literal["auto", "concat", "masknet"] = "auto",
-        max_positions: int = 256,
-        time_buckets: int = 32,
-        head_hidden_dims: Sequence[int] = (64,),
-        head_activation: str = "silu",
-        untie_heads: bool = False,
-        domain_groups: Sequence[int] | None = None,
-        embedding_kwargs: dict[str, Any] | None = None,
-        history_match: bool = False,
-        wide: bool = False,
-        wide_dim: int = 32,
-        standardize_dense: bool = False,
-        task_parents: dict[str, str] | None = None,
-        num_extra_tokens: int = 0,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(
-            schema, dim=dim, embedding_dim=embedding_dim, dense_tokens=dense_tokens, domain_token=domain_token,
-            sequence_merge=sequence_merge, max_positions=max_positions, time_buckets=time_buckets,
-            head_hidden_dims=head_hidden_dims, head_activation=head_activation, untie_heads=untie_heads,
-            domain_groups=domain_groups, embedding_kwargs=embedding_kwargs, history_match=history_match, wide=wide,
-            wide_dim=wide_dim, standardize_dense=standardize_dense, task_parents=task_parents,
-            num_extra_tokens=num_extra_tokens,
-        )
+        super().__init__(schema, dim=dim, **kwargs)
         if not top_dims:
             raise ValueError("Wukong needs at least one top layer")
         untied = set(untied_layers)

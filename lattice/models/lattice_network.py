@@ -20,7 +20,7 @@ multi-task (Zipper) heads read.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -90,32 +90,9 @@ class LatticeNetwork(LatticeModel):
         representation_dim: int = 128,
         dropout: float = 0.0,
         bias: bool = False,
-        embedding_dim: int | None = None,
-        dense_tokens: int | None = None,
-        domain_token: bool = True,
-        sequence_merge: Literal["auto", "concat", "masknet"] = "auto",
-        max_positions: int = 256,
-        time_buckets: int = 32,
-        head_hidden_dims: Sequence[int] = (64,),
-        head_activation: str = "silu",
-        untie_heads: bool = False,
-        domain_groups: Sequence[int] | None = None,
-        embedding_kwargs: dict[str, Any] | None = None,
-        history_match: bool = False,
-        wide: bool = False,
-        wide_dim: int = 32,
-        standardize_dense: bool = False,
-        task_parents: dict[str, str] | None = None,
-        num_extra_tokens: int = 0,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(
-            schema, dim=dim, embedding_dim=embedding_dim, dense_tokens=dense_tokens, domain_token=domain_token,
-            sequence_merge=sequence_merge, max_positions=max_positions, time_buckets=time_buckets,
-            head_hidden_dims=head_hidden_dims, head_activation=head_activation, untie_heads=untie_heads,
-            domain_groups=domain_groups, embedding_kwargs=embedding_kwargs, history_match=history_match, wide=wide,
-            wide_dim=wide_dim, standardize_dense=standardize_dense, task_parents=task_parents,
-            num_extra_tokens=num_extra_tokens,
-        )
+        super().__init__(schema, dim=dim, **kwargs)
         if num_layers < 1:
             raise ValueError(f"num_layers must be >= 1, got {num_layers}")
         bad = [i for i in untied_layers if not 0 <= i < num_layers]
