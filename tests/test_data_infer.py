@@ -104,8 +104,8 @@ def test_a_list_matched_by_id_range_and_the_table_grows_to_hold_both(tmp_path):
     n = 400
     # 'recent' shares no word with an id column but spans the item range; 'clicked_items' holds ids beyond
     # item_id's largest: the shared table grows to hold both
-    extra = {"recent": _lists(rng, rng.integers(2, 6, n), ITEMS),
-             "clicked_items": _lists(rng, rng.integers(2, 6, n), ITEMS + 50)}
+    extra = {"clicked_items": _lists(rng, rng.integers(2, 6, n), ITEMS + 50),
+             "recent": _lists(rng, rng.integers(2, 6, n), ITEMS)}
     path = write_parquet(user_table(n, **extra), str(tmp_path / "d" / "p.parquet"), 100)
     inf = infer_with_reasons(path, tasks=["click"])
     s = inf.schema

@@ -278,7 +278,6 @@ class _Inferrer:
             else:
                 self.reasons[name] = f"type {t} is not a feature type: not used"
         self._lists(feats, taken)
-        self._explain_tasks()
         features = [feats[c] for c in cols if c in feats]
         task_specs = [self._task(t) for t in self.tasks]
         domains = self._domains(features, task_specs, special["domain"])
@@ -326,13 +325,12 @@ class _Inferrer:
             else:
                 owner, how = self._match(name, feats) if is_int(vt) else (None, "string ids")
             if owner is not None:
-                size = max(self._range(owner)[1], self._range(name)[1]) + 1
-                table = owner
-                for spec in feats.values():  # every user of the table gets its new size
-                    if spec.kind != "dense" and spec.table == owner:
-                        spec.num_embeddings = size
+                users = [spec for spec in feats.values() if spec.kind != "dense" and spec.table == owner]
+                size = max([self._range(owner)[1] + 1, self._range(name)[1] + 1] + [u.num_embeddings for u in users])
+                for spec in users:  # the table grows to hold every user's ids
+                    spec.num_embeddings = size
                 max_len, len_why = self._max_length(name)
-                feats[name] = FeatureSpec(name, "sequence", num_embeddings=size, shared_table=table,
+                feats[name] = FeatureSpec(name, "sequence", num_embeddings=size, shared_table=owner,
                                           max_length=max_len, timestamps_column=ts_col)
                 ts_why = f", timestamps {ts_col!r}" if ts_col else ""
                 self.reasons[name] = (f"sequence on the table of {owner!r}: {how}; {len_why}{ts_why}{nulls}")
@@ -400,19 +398,15 @@ class _Inferrer:
             notes.append(f"ids span the ranges of both {spans[0]!r} and {spans[1]!r}: ambiguous")
         return None, "; ".join(notes) or "no id column matches its name or id range"
 
-    def _explain_tasks(self) -> None:
-        for name in self.tasks:
-            st = self.stats.get(name, {})
-            if name not in self.regression_tasks and st.get("binary", False):
-                pos = st.get("sum", 0.0) / max(1, st.get("rows", 0) - st.get("nulls", 0))
-                self.reasons[name] = f"binary task: every value is 0 or 1 ({pos:.1%} positive{self._rows(name)})"
-            else:
-                why = "named in regression_tasks" if name in self.regression_tasks else "values other than 0/1"
-                self.reasons[name] = f"regression task: {why}{self._rows(name)}"
-
     def _task(self, name: str) -> TaskSpec:
-        binary = self.reasons[name].startswith("binary")
-        return TaskSpec(name, "binary" if binary else "regression")
+        st = self.stats.get(name, {})
+        if name not in self.regression_tasks and st.get("binary", False):
+            pos = st.get("sum", 0.0) / max(1, st.get("rows", 0) - st.get("nulls", 0))
+            self.reasons[name] = f"binary task: every value is 0 or 1 ({pos:.1%} positive{self._rows(name)})"
+            return TaskSpec(name, "binary")
+        why = "named in regression_tasks" if name in self.regression_tasks else "values other than 0/1"
+        self.reasons[name] = f"regression task: {why}{self._rows(name)}"
+        return TaskSpec(name, "regression")
 
     def _domains(self, features: List[FeatureSpec], task_specs: List[TaskSpec], domain_col: Optional[str]
                  ) -> List[DomainSpec]:
