@@ -201,3 +201,23 @@ def test_lattice_data_infer_command(tmp_path, data):
     # a label that is not there: an error naming it, no schema
     with pytest.raises(DataError, match=r"\['nope'\] not found"):
         run_command(["data", "infer", data, "--tasks", "click,nope"])
+
+
+def test_embedded_schema_and_a_domain_column_in_the_yaml(tmp_path):
+    from lattice.data.commands import generate
+
+    from _data_utils import simple_table
+
+    world = generate({"num_users": 50, "num_items": 40, "domains": [{"name": "a", "rows": 200}]}, str(tmp_path / "w"))
+    inf = infer_with_reasons(str(tmp_path / "w" / "a"))
+    assert inf.embedded and inf.schema == Schema.from_yaml(str(tmp_path / "w" / "schema.yaml"))
+    assert Schema.from_yaml(inf.to_yaml()) == inf.schema and "embedded" in inf.to_yaml()
+    assert world["rows"] == {"a": 200}
+    # naming the tasks infers column by column even from lattice's files
+    assert not infer_with_reasons(str(tmp_path / "w" / "a"), tasks=["click"]).embedded
+    # one file with a domain column: the domains come from its values
+    path = write_parquet(simple_table(200, seed=5), str(tmp_path / "d" / "p.parquet"), 64)
+    inf = infer_with_reasons(path, tasks=["click", "dwell"])
+    assert inf.schema.domain_names == ["a", "b"] and "2 domain(s): a, b" in inf.reasons["domain"]
+    assert Schema.from_yaml(inf.to_yaml()) == inf.schema
+    assert "domain_column: domain  # 2 domain(s): a, b" in inf.to_yaml()
