@@ -8,6 +8,7 @@ import math
 import os
 import platform
 import re
+import statistics
 import warnings
 from typing import Any, Dict, Iterable, List, Optional
 
@@ -86,3 +87,19 @@ def best_checkpoint(directory: str):
 def best_epoch(checkpoint) -> int:
     """The epoch :func:`best_checkpoint` kept (from its file name)."""
     return int(re.search(r"epoch=(\d+)", os.path.basename(checkpoint.best_model_path)).group(1))
+
+
+def cuda_median_ms(fn, warmup: int, repeat: int) -> float:
+    """Median milliseconds of ``fn()`` on the current CUDA stream (CUDA events, synchronized per call)."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeat):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
