@@ -180,8 +180,6 @@ def _parallel_world(n=1200, batch_size=400, seed=3):
 
     from _select_batches import kjt_from_lists
 
-    from lattice.sparse import KeyedJaggedTensor
-
     batches, _ = toy_world(n=n, batch_size=batch_size, seed=seed)
     g = np.random.default_rng(seed)
     out = []

@@ -13,9 +13,9 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterable, List, Literal, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Dict, Iterable, List, Literal, Optional, Union
 
-from lattice.data.schema import Schema
+from lattice.data.schema import Schema, SchemaLike
 from lattice.select.importance import ImportanceResult, permutation_importance
 from lattice.select.pareto import Selection, non_dominated_sort, pareto_select, weighted_sum_select
 from lattice.select.partition import Partition, partition_portfolios, scan_portfolios, write_partition_yaml
@@ -31,8 +31,6 @@ from lattice.select.report import (
 __all__ = ["FilterOutputs", "run_filter", "PartitionOutputs", "run_partition", "format_partition_table"]
 
 log = logging.getLogger(__name__)
-
-SchemaLike = Union[Schema, Mapping[str, Any], str, os.PathLike]  # anything Schema.coerce takes
 
 
 def _coerce_schema(schema: Optional[SchemaLike]) -> Optional[Schema]:
