@@ -300,7 +300,8 @@ class _Inferrer:
                     self.reasons[col] += " (id_features off: not a feature)"
             elif key == "domain":
                 values = sorted(self.stats.get(col, {}).get("values", ()))
-                self.reasons[col] = f"{len(values)} domain(s): {', '.join(values[:8])}{' ...' if len(values) > 8 else ''}"
+                more = " ..." if len(values) > 8 else ""
+                self.reasons[col] = f"{len(values)} domain(s): {', '.join(values[:8])}{more}"
             else:
                 self.reasons[col] = what[key]
 
@@ -311,7 +312,8 @@ class _Inferrer:
             if name in taken or name in ts_used or not _is_list(self._type(name)):
                 continue
             if name.endswith(_TS_SUFFIXES):
-                self.reasons[name] = "timestamps (name ends in _ts/_timestamps) of no list of the same lengths: not used"
+                self.reasons[name] = ("timestamps (name ends in _ts/_timestamps) of no list of the same lengths: "
+                                      "not used")
                 continue
             vt = _unwrap(self._type(name).value_type)
             if not (is_int(vt) or is_stringlike(vt)):
