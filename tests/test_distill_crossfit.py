@@ -111,3 +111,24 @@ def test_fold_averaged_logits(tmp_path):
         read_teacher_logits([str(tmp_path / "absent")], str(rows), ["click"])
     with pytest.raises(ValueError, match="folds must be >= 1"):
         fold_of(ids, 0)
+
+
+def test_log_teacher_outputs_scores_every_row_once(tmp_path):
+    import torch
+
+    from _distill import TinyNetwork
+    from lattice.data.synthetic import SyntheticConfig, SyntheticDomain, SyntheticWorld
+    from lattice.distill.crossfit import log_teacher_outputs
+    from lattice.train.module import LatticeModule
+
+    world = SyntheticWorld(SyntheticConfig(seed=2, num_users=60, num_items=40, domains=[SyntheticDomain("shop", 300)],
+                                           max_sequence_length=4, mean_sequence_length=2.0))
+    world.write(str(tmp_path / "world"))
+    torch.manual_seed(0)
+    teacher = LatticeModule(TinyNetwork(world.schema(), dim=4, hidden=8))
+    out = log_teacher_outputs(teacher, world.schema(), str(tmp_path / "world" / "shop"), str(tmp_path / "logged"),
+                              batch_size=128)
+    got = read_teacher_logits([out], str(tmp_path / "world" / "shop"), world.schema().task_names)
+    assert got["logits"].shape == (300, len(world.schema().task_names)) and np.isfinite(got["logits"]).all()
+    logged = pq.read_table(os.path.join(out, os.listdir(out)[0]))
+    assert logged.num_rows == 300 and len(set(logged["example_id"].to_pylist())) == 300
