@@ -107,6 +107,7 @@ COMMANDS: dict[str, str] = {
     "data": "data tools: generate the planted world, consolidate per-domain datasets",
     "filter": "Lattice Filter: permutation importance and Pareto feature selection under a budget",
     "partition": "group (domain, objective) portfolios by id overlap and label delay",
+    "sketch": "Lattice Sketch: budgeted search over hyper-parameters and network class (Optuna); --lr-find",
     "export": "export a checkpoint to a serving package (torch.export + AOTInductor .pt2); "
               "lattice predict --package scores with one",
 }
@@ -132,6 +133,11 @@ def _run(argv: list[str], from_sys_argv: bool) -> None:
         from lattice.commands import run_command
 
         run_command(argv)
+        return
+    if command == "sketch":
+        from lattice.sketch.commands import main as sketch_main  # optional dependency: optuna
+
+        sketch_main(argv)
         return
     if command == "export" or (command == "predict" and any(a.split("=")[0] == "--package" for a in argv)):
         from lattice.serve.commands import main as serve_main  # lattice export, lattice predict --package

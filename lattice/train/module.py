@@ -17,6 +17,7 @@ from lattice.metrics import masked_multitask_loss, masked_task_sums, weighted_ta
 from lattice.nn.conditional import ConditionalTasks
 from lattice.nn.norms import RunningStandardize
 from lattice.train import faults, parallel
+from lattice.train.compile import CompileOption, compile_network, compile_options, mark_batch_dynamic
 from lattice.train.label_checks import ConditionalLabelCheck, EvalConditionalLabelCheck
 from lattice.train.metrics import MultiTaskMetrics
 
@@ -36,6 +37,14 @@ def _fused_embedding_modules(network: nn.Module) -> list[nn.Module]:
     return [m for m in network.modules() if hasattr(m, "set_fused_optimizer")]
 
 
+def mean_pair_auc(results: dict[str, float], domains: list[str], tasks: list[str]) -> float:
+    """The mean of the finite ``<domain>/<task>/auc`` values in ``results`` (``nan`` when none is finite); logged as
+    ``val/mean_auc``, the default checkpoint monitor and the sketch's objective."""
+    values = [results.get(f"{d}/{t}/auc", math.nan) for d in domains for t in tasks]
+    values = [v for v in values if math.isfinite(v)]
+    return sum(values) / len(values) if values else math.nan
+
+
 class LatticeModule(pl.LightningModule):
     """Wraps a lattice network (``network(batch) -> output`` with ``.logits`` and ``.train_logits`` [B, T]).
 
@@ -50,6 +59,9 @@ class LatticeModule(pl.LightningModule):
         task_weights: loss weight per task name (default: each task's ``TaskSpec.weight``).
         autocast_bf16: run forward passes under bf16 autocast (CPU or GPU).
         group_auc: also compute group AUC by user in evaluation.
+        compile: ``torch.compile`` the network's forward and backward at ``setup`` (fit, validate, test,
+            predict): ``false``, ``true`` (inductor) or a dict of options (``backend``, ``mode``, ``dynamic``,
+            ``fullgraph``, ``options``); see :mod:`lattice.train.compile`. Checkpoints are the same either way.
     """
 
     def __init__(
@@ -64,8 +76,10 @@ class LatticeModule(pl.LightningModule):
         task_weights: dict[str, float] | None = None,
         autocast_bf16: bool = False,
         group_auc: bool = True,
+        compile: CompileOption = False,
     ) -> None:
         super().__init__()
+        self.compile_options = compile_options(compile)  # validated here, applied in setup()
         # Optimizer factories are code, not data: leaving them out keeps checkpoints loadable with weights_only.
         self.save_hyperparameters(ignore=["network", "optimizer", "lr_scheduler"])
         self.network = network
@@ -110,6 +124,8 @@ class LatticeModule(pl.LightningModule):
         return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
 
     def forward(self, batch: Any):
+        if self.compile_options is not None:
+            mark_batch_dynamic(batch)
         with self._autocast():
             return self.network(batch)
 
@@ -178,6 +194,7 @@ class LatticeModule(pl.LightningModule):
             self.eval_label_check.finish({"val": "validation"}.get(stage, stage), self.device)
         results = metrics.compute()
         metrics.reset()
+        results["mean_auc"] = mean_pair_auc(results, self.domain_names, self.task_names)
         self.eval_results[stage] = results
         loggable = {f"{stage}/{k}": v for k, v in results.items() if not k.endswith("/count") and math.isfinite(v)}
         # compute() already synced across ranks: every rank holds the same values.
@@ -215,6 +232,7 @@ class LatticeModule(pl.LightningModule):
         their weights and optimizer state alone (they are kept identical by the exchange instead)."""
         mesh = getattr(self, "_device_mesh", None)
         self.data_parallel.setup(mesh)
+        compile_network(self.network, self.compile_options)
         if self.data_parallel.world_size > 1:
             faults.watch_launcher()
             # dense standardization merges the global batch, so its statistics agree on every rank
