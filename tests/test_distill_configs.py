@@ -6,7 +6,7 @@ import os
 import pytest
 import yaml
 
-from lattice.dotted import import_dotted
+from lattice.dotted import import_dotted, init_arguments
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -27,8 +27,7 @@ def _check(section, where, default=None):
         cls, args = _class(section["class_path"]), section.get("init_args") or {}
     else:
         cls, args = _class(default), section
-    params = inspect.signature(cls).parameters
-    unknown = sorted(set(args) - set(params))
+    unknown = sorted(set(args) - (init_arguments(cls) or set(args)))
     assert not unknown, f"{where}: {cls.__name__} has no argument(s) {unknown}"
     return cls, args
 

@@ -19,3 +19,18 @@ def test_imports_the_named_object():
 def test_a_bad_path_names_what_was_asked_for(path, message):
     with pytest.raises(ValueError, match=message.replace(".", r"\.").replace("(", r"\(")):
         import_dotted(path, "network_class")
+
+
+def test_init_arguments_follow_kwargs_to_the_base_class():
+    from lattice.dotted import init_arguments
+    from lattice.models import MMoE, LatticeNetwork
+
+    mmoe = init_arguments(MMoE)
+    assert {"num_experts", "dim", "head_hidden_dims", "wide", "task_parents"} <= mmoe and "kwargs" not in mmoe
+    assert "num_layers" in init_arguments(LatticeNetwork) and "num_layers" not in mmoe
+
+    class Open:
+        def __init__(self, a, **kwargs):
+            pass
+
+    assert init_arguments(Open) is None
