@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from lattice.train.checkpoint import verify_checkpoint
-from test_fault_injection_resume import checked, lattice, lattice_config, step_of, write_config
+from _fault_runs import checked, lattice, lattice_config, step_of, write_config
 
 pytestmark = pytest.mark.slow
 
