@@ -123,3 +123,31 @@ def test_lr_find_suggests_a_learning_rate(tmp_path):
     line = next(line for line in proc.stdout.splitlines() if line.startswith("suggested learning rate:"))
     assert 1e-5 <= float(line.split(":")[1]) <= 1.0
     assert (tmp_path / "lr" / "lr_find.png").is_file()
+
+
+def test_two_jobs_run_trials_at_once_in_a_journal(tmp_path):
+    space, out = _space(tmp_path), tmp_path / "out"
+    main(["sketch", "--space", space, "--n-trials", "2", "--n-jobs", "2", "--out", str(out), *_FAST])
+    assert (out / "study.journal").is_file() and not (out / "study.db").exists()
+    study = optuna.load_study(study_name="sketch", storage=optuna.storages.JournalStorage(
+        optuna.storages.journal.JournalFileBackend(str(out / "study.journal"))))
+    trials = study.trials
+    assert len(trials) == 2 and {t.state for t in trials} == {optuna.trial.TrialState.COMPLETE}
+    first, second = sorted(trials, key=lambda t: t.datetime_start)
+    assert second.datetime_start < first.datetime_complete  # separate processes, running at the same time
+
+
+def test_shipped_quickstart_sketch_runs_on_small_data(tmp_path):
+    """configs/sketch/quickstart.yaml as the README runs it, on the quickstart config made tiny by a stacked one."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    small = yaml.safe_load(open(_base(tmp_path)))
+    small = {"trainer": {"default_root_dir": str(tmp_path / "run"), "logger": False}, "data": small["data"]}
+    (tmp_path / "small.yaml").write_text(yaml.safe_dump(small))
+    out = tmp_path / "out"
+    proc = _lattice(tmp_path, "sketch", "--space", os.path.join(root, "configs", "sketch", "quickstart.yaml"),
+                    "--config", os.path.join(root, "configs", "quickstart.yaml"), "--config", "small.yaml",
+                    "--n-trials", "1", "--max-epochs", "1", "--out", str(out), *_FAST)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (trial,) = _trials(out)
+    assert trial["state"] in ("COMPLETE", "PRUNED") and trial["flops_per_sample"] > 0
+    assert trial["model.network.class_path"] in ("lattice.models.LatticeNetwork", "lattice.models.MMoE")
