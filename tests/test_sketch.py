@@ -151,3 +151,12 @@ def test_shipped_quickstart_sketch_runs_on_small_data(tmp_path):
     (trial,) = _trials(out)
     assert trial["state"] in ("COMPLETE", "PRUNED") and trial["flops_per_sample"] > 0
     assert trial["model.network.class_path"] in ("lattice.models.LatticeNetwork", "lattice.models.MMoE")
+
+
+def test_a_value_the_config_rejects_is_an_error_naming_the_trial(tmp_path):
+    space = tmp_path / "bad.yaml"
+    _base(tmp_path)
+    space.write_text(yaml.safe_dump({"base": ["base.yaml"],
+                                     "space": {"model.network.init_args.dim": {"choices": ["wide"]}}}))
+    with pytest.raises(ValueError, match=r"trial 0: its config .* does not parse .*'wide'"):
+        run_search(SketchSpec.load(str(space)), SearchOptions(out_dir=str(tmp_path / "out"), n_trials=1))

@@ -134,7 +134,11 @@ class _Objective:
         path = os.path.join(trial_dir, "config.yaml")
         with open(path, "w") as f:
             yaml.safe_dump(config, f, sort_keys=False)
-        module, datamodule = load_from_config(path, seed=True)
+        try:
+            module, datamodule = load_from_config(path, seed=True)
+        except SystemExit:  # the config parser printed its report above
+            raise ValueError(f"trial {trial.number}: its config {path} does not parse with the sampled values "
+                             f"{values} (the parser's message is above)") from None
         self.spec.objective.check_tasks(list(module.task_names))
         measured = self.spec.constraints.measure(module, datamodule)
         for name, value in measured.items():
@@ -195,7 +199,9 @@ def _optimize(spec: SketchSpec, options: SearchOptions, worker: int) -> None:
     remaining = None if options.n_trials is None else options.n_trials - _finished(study)
     if remaining is not None and remaining <= 0:
         return
-    callbacks = [] if options.n_trials is None else [MaxTrialsCallback(options.n_trials, states=FINISHED)]
+    # running trials count too, so parallel workers do not overshoot the total
+    callbacks = [] if options.n_trials is None else [
+        MaxTrialsCallback(options.n_trials, states=(*FINISHED, TrialState.RUNNING))]
     study.optimize(_Objective(spec, space, options), n_trials=remaining, timeout=options.timeout_s,
                    callbacks=callbacks, catch=(NonFiniteLossError,), gc_after_trial=True)
 
