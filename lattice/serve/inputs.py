@@ -17,7 +17,8 @@ __all__ = ["flat_inputs", "random_inputs", "num_rows"]
 def flat_inputs(batch: Any, schema: Schema, teacher_embedding_dim: Optional[int] = None) -> tuple[Tensor, ...]:
     """The inputs of :data:`~lattice.serve.inference.INPUT_NAMES` from a Batch of ``schema`` (int64 ids and
     offsets, bool masks; parallel sequence features as ``[Fq, N]`` values and ``[N]`` timestamps). With
-    ``teacher_embedding_dim`` (a KTAP student) also ``teacher_embedding [B, E]`` and ``teacher_mask [B]``: the batch's, or zeros and ``False`` (a store miss) where it carries none."""
+    ``teacher_embedding_dim`` (a KTAP student) also ``teacher_embedding [B, E]`` and ``teacher_mask [B]``:
+    the batch's, or zeros and ``False`` (a store miss) where it carries none."""
     seq = batch.sequences
     ts = batch.sequence_timestamps
     values = seq.values().long()
