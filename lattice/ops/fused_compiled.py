@@ -4,11 +4,11 @@
 updates the weights in place. Under ``torch.compile`` it routes here instead (one process; the data-parallel
 row exchange stays an eager graph break):
 
-- ``lattice::pool_fused_forward(anchor, weights, state, ...) -> [B, T, D]`` pools like
-  ``jagged_embedding_pool``; ``anchor`` is one module-level empty CPU tensor that requires grad (a compiled
+- ``lattice::fused_pool_train(anchor, weights, state, ...) -> [B, T, D]`` pools like
+  ``jagged_embedding_pool``; ``anchor`` is one module-level one-element CPU tensor that requires grad (a compiled
   region cannot create one), so the output joins the autograd graph although the weights do not require
   grad (as in eager);
-- its registered backward calls ``lattice::pool_fused_update(grad, weights, state, ...) -> (anchor_grad [0],
+- its registered backward calls ``lattice::fused_pool_train_step(grad, weights, state, ...) -> (anchor_grad [1],
   psw_grad)``, which applies the fused optimizer step to ``weights``/``state`` in place.
 
 Why the update op declares no mutation: AOTAutograd functionalizes a declared mutation of a graph input
@@ -31,8 +31,9 @@ __all__ = ["pool_fused_compiled"]
 
 _ops = torch.ops.lattice
 
-# Its gradient (an empty tensor per backward) is discarded; only its requires_grad matters.
-_ANCHOR = torch.empty(0, requires_grad=True)
+# Its gradient (a zero per backward) is discarded; only its requires_grad matters. One element, not none: inductor
+# elides a zero-size output, and with it the update that produces it.
+_ANCHOR = torch.zeros(1, requires_grad=True)
 
 
 def _impl(reference: bool):
@@ -43,7 +44,7 @@ def _num_tables(table_row_offsets: Tensor) -> int:
     return table_row_offsets.shape[0] if table_row_offsets.dim() == 2 else table_row_offsets.shape[0] - 1
 
 
-@torch.library.custom_op("lattice::pool_fused_forward", mutates_args=())
+@torch.library.custom_op("lattice::fused_pool_train", mutates_args=())
 def _forward(anchor: Tensor, weights: Tensor, state: Tensor, table_row_offsets: Tensor, indices: Tensor,
              offsets: Tensor, pooling: int, per_sample_weights: Optional[Tensor], optimizer: int,
              learning_rate: float, eps: float, weight_decay: float, reference: bool) -> Tensor:
@@ -59,7 +60,7 @@ def _forward_fake(anchor, weights, state, table_row_offsets, indices, offsets, p
     return weights.new_empty(((offsets.shape[0] - 1) // T, T, weights.shape[1]))
 
 
-@torch.library.custom_op("lattice::pool_fused_update", mutates_args=())
+@torch.library.custom_op("lattice::fused_pool_train_step", mutates_args=())
 def _update(grad: Tensor, weights: Tensor, state: Tensor, table_row_offsets: Tensor, indices: Tensor,
             offsets: Tensor, pooling: int, per_sample_weights: Optional[Tensor], need_psw_grad: bool,
             optimizer: int, learning_rate: float, eps: float, weight_decay: float,
@@ -78,14 +79,14 @@ def _update(grad: Tensor, weights: Tensor, state: Tensor, table_row_offsets: Ten
             weights, state, grad, table_row_offsets, indices, offsets, pooling, per_sample_weights,
             optimizer, learning_rate, eps, weight_decay,
         )
-    return torch.empty(0), grad_psw
+    return torch.zeros(1), grad_psw
 
 
 @_update.register_fake
 def _update_fake(grad, weights, state, table_row_offsets, indices, offsets, pooling, per_sample_weights,
                  need_psw_grad, optimizer, learning_rate, eps, weight_decay, reference):
     psw_grad = indices.new_empty(indices.shape, dtype=per_sample_weights.dtype) if need_psw_grad else grad.new_empty(0)
-    return torch.empty(0), psw_grad
+    return torch.empty(1), psw_grad
 
 
 def _setup_context(ctx, inputs, output):
