@@ -160,3 +160,38 @@ def test_a_value_the_config_rejects_is_an_error_naming_the_trial(tmp_path):
                                      "space": {"model.network.init_args.dim": {"choices": ["wide"]}}}))
     with pytest.raises(ValueError, match=r"trial 0: its config .* does not parse .*'wide'"):
         run_search(SketchSpec.load(str(space)), SearchOptions(out_dir=str(tmp_path / "out"), n_trials=1))
+
+
+def test_a_killed_search_resumes_and_retries_the_cut_trial(tmp_path):
+    """SIGKILL during trial 0; after its heartbeat lapses, the same command fails it, retries its parameters and
+    completes the study's total."""
+    import signal
+    import time
+
+    from lattice.sketch.storage import GRACE_S
+
+    space, out = _space(tmp_path), tmp_path / "out"
+    args = [sys.executable, "-m", "lattice.cli", "sketch", "--space", space, "--n-trials", "2", "--out", str(out),
+            "--pruner", "none", *_FAST]
+    proc = subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    storage = f"sqlite:///{out / 'study.db'}"
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(1)
+        if (out / "study.db").exists():
+            try:
+                trials = optuna.load_study(study_name="sketch", storage=storage).trials
+            except Exception:  # noqa: BLE001 - the study is still being created
+                continue
+            if trials and trials[0].state == optuna.trial.TrialState.RUNNING and len(trials[0].params) == 3:
+                break
+    assert proc.poll() is None, "the search ended before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    time.sleep(GRACE_S + 2)
+
+    main(["sketch", "--space", space, "--n-trials", "2", "--out", str(out), "--pruner", "none", *_FAST])
+    trials = optuna.load_study(study_name="sketch", storage=storage).trials
+    states = [t.state.name for t in trials]
+    assert states[0] == "FAIL" and states[1:].count("COMPLETE") == 2 and len(trials) == 3, states
+    assert trials[1].params == trials[0].params  # the cut-off trial's parameters ran again

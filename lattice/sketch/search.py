@@ -26,7 +26,8 @@ from lattice.train.module import NonFiniteLossError
 
 __all__ = ["SearchOptions", "base_config", "make_pruner", "make_sampler", "run_search", "trial_counts"]
 
-FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
+# What counts toward --n-trials: a failed trial (a killed one included) is retried or replaced, not counted.
+COUNTED = (TrialState.COMPLETE, TrialState.PRUNED)
 SAMPLERS = ("tpe", "random")
 PRUNERS = ("sha", "hyperband", "median", "none")
 
@@ -109,8 +110,8 @@ def trial_counts(study: optuna.Study) -> dict[str, int]:
     return counts
 
 
-def _finished(study: optuna.Study) -> int:
-    return len(study.get_trials(deepcopy=False, states=FINISHED))
+def _counted(study: optuna.Study) -> int:
+    return len(study.get_trials(deepcopy=False, states=COUNTED))
 
 
 class _Objective:
@@ -196,12 +197,13 @@ def _optimize(spec: SketchSpec, options: SearchOptions, worker: int) -> None:
     study = optuna.load_study(study_name=options.study_name, storage=open_storage(options.storage),
                               sampler=make_sampler(options.sampler, options.seed + worker),
                               pruner=make_pruner(options.pruner))
-    remaining = None if options.n_trials is None else options.n_trials - _finished(study)
+    optuna.storages.fail_stale_trials(study)  # trials of a killed run whose heartbeat lapsed: failed, re-queued
+    remaining = None if options.n_trials is None else options.n_trials - _counted(study)
     if remaining is not None and remaining <= 0:
         return
     # running trials count too, so parallel workers do not overshoot the total
     callbacks = [] if options.n_trials is None else [
-        MaxTrialsCallback(options.n_trials, states=(*FINISHED, TrialState.RUNNING))]
+        MaxTrialsCallback(options.n_trials, states=(*COUNTED, TrialState.RUNNING))]
     study.optimize(_Objective(spec, space, options), n_trials=remaining, timeout=options.timeout_s,
                    callbacks=callbacks, catch=(NonFiniteLossError,), gc_after_trial=True)
 
