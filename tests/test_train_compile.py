@@ -108,3 +108,13 @@ def test_new_batch_sizes_and_sequence_lengths_do_not_recompile():
             warm = counter.frame_count
     assert warm <= 2
     assert counter.frame_count - warm <= 2, f"{counter.frame_count - warm} recompiles over {sizes[2:]}"
+
+
+def test_distillation_module_takes_the_compile_option():
+    from lattice.distill import DistillationModule
+
+    module = DistillationModule(LatticeNetwork(make_schema(), **SIZE), compile={"backend": "aot_eager"})
+    assert module.network._compiled_call_impl is None  # applied at setup, by the Trainer
+    module.setup("fit")
+    assert module.network._compiled_call_impl is not None
+    assert module.hparams.compile == {"backend": "aot_eager"}
