@@ -71,6 +71,7 @@ def main(argv: Optional[list] = None) -> Dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--budget", type=float, default=1200.0, help="seconds for the two searches together")
     p.add_argument("--smoke", action="store_true", help="tiny world, 2 trials per search")
+    p.add_argument("--max-epochs", type=int, default=None, help="epochs of every run (default: mdmo.yaml's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--work", default=None, help="scratch folder kept afterwards (default: temporary, removed)")
     p.add_argument("--out", default=None, help="JSON report path")
@@ -88,6 +89,8 @@ def main(argv: Optional[list] = None) -> Dict[str, Any]:
                 yaml.safe_dump(SMOKE, f)
             base.append(smoke)
             limits = {"limit_train_batches": 2, "limit_val_batches": 2}
+        if args.max_epochs is not None:
+            limits["max_epochs"] = args.max_epochs
         lr = base_config(SketchSpec(space={}, base=base))["model"]["init_args"]["optimizer"]["init_args"]["lr"]
         shipped_spec = SketchSpec(space={"model.optimizer.init_args.lr": {"choices": [lr]}}, base=base)
         shipped = _run("shipped mdmo.yaml", shipped_spec, SearchOptions(

@@ -114,6 +114,10 @@ def _counted(study: optuna.Study) -> int:
     return len(study.get_trials(deepcopy=False, states=COUNTED))
 
 
+class NoObjectiveError(RuntimeError):
+    """A trial trained but never reached a finite validation objective; it is recorded as failed."""
+
+
 class _Objective:
     """The trial function: sample, build, check constraints (pruned before training), train, score."""
 
@@ -161,8 +165,8 @@ class _Objective:
             raise
         trial.set_user_attr("best_step", callback.best_step)
         if not math.isfinite(callback.best):
-            raise ValueError(f"trial {trial.number}: the validation objective was never finite "
-                             "(no validation ran, or every (domain, task) has one class)")
+            raise NoObjectiveError(f"trial {trial.number}: the validation objective was never finite "
+                                   "(no validation ran, or every (domain, task) has one class)")
         return callback.best
 
     def _trainer(self, config: dict[str, Any], trial_dir: str, callback: PruningCallback) -> pl.Trainer:
@@ -205,7 +209,7 @@ def _optimize(spec: SketchSpec, options: SearchOptions, worker: int) -> None:
     callbacks = [] if options.n_trials is None else [
         MaxTrialsCallback(options.n_trials, states=(*COUNTED, TrialState.RUNNING))]
     study.optimize(_Objective(spec, space, options), n_trials=remaining, timeout=options.timeout_s,
-                   callbacks=callbacks, catch=(NonFiniteLossError,), gc_after_trial=True)
+                   callbacks=callbacks, catch=(NonFiniteLossError, NoObjectiveError), gc_after_trial=True)
 
 
 def _worker_main(spec: SketchSpec, options: SearchOptions, worker: int) -> None:
