@@ -26,7 +26,6 @@ def test_compile_study_smoke(tmp_path):
     assert row["network"] == "MMoE" and row["backend"] == "aot_eager"
     assert row["eager_samples_per_s"] > 0 and row["compiled_samples_per_s"] > 0
     assert len(row["compiled_runs"]) == 2  # cold, then warm from the same cache
-    # counted, not bounded here: the real-data path still breaks the graph (docs/performance.md, known limits)
-    assert isinstance(row["recompiles_after_warmup"], int) and row["recompiles_after_warmup"] >= 0
+    assert 0 <= row["recompiles_after_warmup"] <= 2  # loader batches of new jagged lengths reuse the graph
     assert row["compile_s_cold"] is not None and row["compile_s_warm"] is not None
     assert 0.0 <= row["eager_mean_auc"] <= 1.0 and 0.0 <= row["compiled_mean_auc"] <= 1.0

@@ -5,7 +5,8 @@ The network is compiled with :meth:`torch.nn.Module.compile`, which compiles its
 module tree alone: ``state_dict`` keys are the same with compile on or off, so checkpoints move freely between
 the two. Every batch's tensors have their leading dim (the batch size ``B``, a jagged ``values [N]``, key-major
 ``offsets [F*B+1]``) marked dynamic before the call, so a batch of another size or other sequence lengths
-reuses the compiled graph instead of recompiling.
+reuses the compiled graph instead of recompiling. Compiling turns on Dynamo's ``capture_scalar_outputs`` for the
+process (see :func:`compile_network`).
 """
 from __future__ import annotations
 
@@ -47,6 +48,9 @@ def compile_network(network: nn.Module, option: Any) -> bool:
     kwargs = compile_options(option)
     if kwargs is None:
         return False
+    # KeyedJaggedTensor.permute/split read per-key value counts on the host (.tolist()): captured as unbacked
+    # symbolic ints instead of a graph break whose resumed graphs specialize on every batch's counts.
+    torch._dynamo.config.capture_scalar_outputs = True
     if getattr(network, "_compiled_call_impl", None) is None:
         network.compile(**kwargs)
     return True
