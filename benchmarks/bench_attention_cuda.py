@@ -15,52 +15,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 
 import torch
 import torch.nn.functional as F
 
-
-def timed(fn, warmup, repeat):
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeat):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
-
-
-def lengths_for(case, B, L, g):
-    seq = torch.randint(0, L + 1, (B,), generator=g)
-    if case == "summary":
-        return torch.full((B,), 8, dtype=torch.int64), seq, False
-    if case == "self-causal":
-        return seq, seq, True
-    full = torch.full((B,), L, dtype=torch.int64)
-    return full, full, True
-
-
-def offsets_of(lengths):
-    o = torch.zeros(lengths.numel() + 1, dtype=torch.int64)
-    o[1:] = lengths.cumsum(0)
-    return o
-
-
-def visible_pairs(lq, lk, causal):
-    if not causal:
-        return int((lq * lk).sum())
-    total = 0
-    for n, m in zip(lq.tolist(), lk.tolist()):
-        # query i sees min(m, max(0, i + 1 + m - n)) keys
-        total += sum(min(m, max(0, i + 1 + m - n)) for i in range(n))
-    return total
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks._common import cuda_median_ms  # noqa: E402
+from benchmarks.bench_attention import lengths_for, offsets_of, visible_pairs  # noqa: E402
 
 
 def pad(x, offsets, L):
@@ -94,13 +56,13 @@ def run_case(case, B, H, Dh, L, dtype, warmup, repeat, seed=0):
 
     # --- lattice ---------------------------------------------------------------------------------------------
     fwd = lambda: ops.jagged_attention(q, qo_d, k, v, ko_d, scale, causal)  # noqa: E731
-    add("forward", "lattice", timed(fwd, warmup, repeat))
+    add("forward", "lattice", cuda_median_ms(fwd, warmup, repeat))
 
     def fwd_bwd():
         out, lse = fwd()
         return ops.jagged_attention_backward(go, q, qo_d, k, v, ko_d, out, lse, scale, causal)
 
-    add("forward+backward", "lattice", timed(fwd_bwd, warmup, repeat))
+    add("forward+backward", "lattice", cuda_median_ms(fwd_bwd, warmup, repeat))
 
     # --- padded SDPA with a mask -------------------------------------------------------------------------------
     Lq, Lk = int(lq.max()), int(lk.max())
@@ -116,17 +78,17 @@ def run_case(case, B, H, Dh, L, dtype, warmup, repeat, seed=0):
         mask = mask & (j[None, None] <= i[None, None] + shift)
     qp_, kp_, vp_ = (t.detach().requires_grad_() for t in (qp, kp, vp))
     sdpa = lambda: F.scaled_dot_product_attention(qp_, kp_, vp_, attn_mask=mask, scale=scale)  # noqa: E731
-    add("forward", "SDPA padded + mask", timed(sdpa, warmup, repeat))
+    add("forward", "SDPA padded + mask", cuda_median_ms(sdpa, warmup, repeat))
 
     def sdpa_fb():
         torch.autograd.grad(sdpa(), (qp_, kp_, vp_), gop)
 
-    add("forward+backward", "SDPA padded + mask", timed(sdpa_fb, warmup, repeat))
+    add("forward+backward", "SDPA padded + mask", cuda_median_ms(sdpa_fb, warmup, repeat))
     if case == "full":
         sdpa_c = lambda: F.scaled_dot_product_attention(qp_, kp_, vp_, is_causal=True, scale=scale)  # noqa: E731
-        add("forward", "SDPA dense is_causal", timed(sdpa_c, warmup, repeat))
+        add("forward", "SDPA dense is_causal", cuda_median_ms(sdpa_c, warmup, repeat))
         add("forward+backward", "SDPA dense is_causal",
-            timed(lambda: torch.autograd.grad(sdpa_c(), (qp_, kp_, vp_), gop), warmup, repeat))
+            cuda_median_ms(lambda: torch.autograd.grad(sdpa_c(), (qp_, kp_, vp_), gop), warmup, repeat))
 
     # --- FlashAttention-2 varlen (optional) --------------------------------------------------------------------
     if dtype in (torch.float16, torch.bfloat16):
@@ -137,9 +99,9 @@ def run_case(case, B, H, Dh, L, dtype, warmup, repeat, seed=0):
             qf, kf, vf = (t.detach().requires_grad_() for t in (q, k, v))
             fa = lambda: flash_attn_varlen_func(qf, kf, vf, cq, ck, Lq, Lk, softmax_scale=scale,  # noqa: E731
                                                 causal=causal)
-            add("forward", "flash_attn_varlen", timed(fa, warmup, repeat))
+            add("forward", "flash_attn_varlen", cuda_median_ms(fa, warmup, repeat))
             add("forward+backward", "flash_attn_varlen",
-                timed(lambda: torch.autograd.grad(fa(), (qf, kf, vf), go), warmup, repeat))
+                cuda_median_ms(lambda: torch.autograd.grad(fa(), (qf, kf, vf), go), warmup, repeat))
         except Exception as err:  # noqa: BLE001 - optional baseline
             print(f"  (flash_attn skipped: {type(err).__name__}: {err})", file=sys.stderr)
     return results
@@ -162,9 +124,9 @@ def main():
         print("bench_attention_cuda: no CUDA device; nothing to measure")
         return 0
     import lattice.ops  # noqa: F401  (registers torch.ops.lattice)
-    from lattice.ops import _library
+    from lattice.ops import has_cuda_kernels
 
-    if not _library.has_cuda_kernels():
+    if not has_cuda_kernels():
         print("bench_attention_cuda: lattice was built without CUDA kernels (LATTICE_FORCE_CUDA=1 pip install ...)")
         return 1
     if args.smoke:

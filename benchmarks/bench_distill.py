@@ -80,15 +80,12 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import math
 import os
-import platform
 import shutil
 import sys
 import tempfile
 import time
-import warnings
 from typing import Any, Dict, List, Optional
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -96,19 +93,18 @@ sys.path.insert(0, os.path.dirname(HERE))
 
 import numpy as np  # noqa: E402
 import pyarrow as pa  # noqa: E402
-import pyarrow.compute as pc  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 import torch  # noqa: E402
 
-import lattice  # noqa: E402,F401
+from benchmarks._common import (best_checkpoint, best_epoch, fmt, machine, mean, print_table, quiet_lightning,  # noqa: E402
+                                trainer, verdict, write_json)
+from lattice import metrics  # noqa: E402
 from lattice.data import LatticeDataModule  # noqa: E402
-from lattice.data.hashing import hash_to_range  # noqa: E402
+from lattice.data.splits import RowFilter, write_slices  # noqa: E402
 from lattice.data.synthetic import SyntheticConfig, SyntheticDomain, SyntheticWorld  # noqa: E402
 from lattice.distill import DistillationModule  # noqa: E402
-from lattice.train import metrics  # noqa: E402
-from lattice.train.metrics import binary_auc  # noqa: E402
+from lattice.distill.crossfit import cross_fit_slices, log_teacher_outputs, read_teacher_logits  # noqa: E402
 from lattice.train.module import LatticeModule  # noqa: E402
-from lattice.train.writer import ParquetPredictionWriter  # noqa: E402
 
 ADAPTER_HALF_LIFE_DAYS = 3.0  # ExFM trains the adapter on the latest labels: the last few days weigh most
 RATE_DRIFT = 0.75  # logit change of every base rate over the 30-day span (about 2x a low rate, start to end)
@@ -149,107 +145,33 @@ def world_config(quick: bool, seed: int, drift: float, rate_drift: float = 0.0) 
     )
 
 
-def write_slices(world: SyntheticWorld, world_dir: str, out: str, student_domain: str,
-                 stale_fraction: float, test_fraction: float) -> Dict[str, Any]:
+def cut_slices(world: SyntheticWorld, world_dir: str, out: str, student_domain: str,
+               stale_fraction: float, test_fraction: float) -> Dict[str, Any]:
     """Per-slice Parquet files (with a ``domain`` column) cut by timestamp quantiles of all rows."""
     tables = {}
     for d in world.config.domains:
         t = pq.read_table(os.path.join(world_dir, d.name))
         tables[d.name] = t.append_column("domain", pa.array([d.name] * t.num_rows, pa.string()))
     schema = world.schema()
-    ts_col = schema.timestamp_column
-    stamps = np.concatenate([t[ts_col].to_numpy() for t in tables.values()])
+    stamps = np.concatenate([t[schema.timestamp_column].to_numpy() for t in tables.values()])
     t_stale, t_test = np.quantile(stamps, [stale_fraction, 1.0 - test_fraction])
-    slices = {
-        "teacher": [(n, pc.less(t[ts_col], t_test)) for n, t in tables.items()],
-        "stale_teacher": [(n, pc.less(t[ts_col], t_stale)) for n, t in tables.items()],
-        "student": [(student_domain, pc.less(tables[student_domain][ts_col], t_test))],
-        "test": [(student_domain, pc.greater_equal(tables[student_domain][ts_col], t_test))],
-    }
-    rows = {}
-    for name, parts in slices.items():
-        directory = os.path.join(out, name)
-        os.makedirs(directory, exist_ok=True)
-        rows[name] = 0
-        for domain, keep in parts:
-            part = tables[domain].filter(keep)
-            # one column layout per file: the union of every domain's columns would need consolidation
-            pq.write_table(part, os.path.join(directory, f"{domain}.parquet"), row_group_size=4096)
-            rows[name] += part.num_rows
+    before = lambda t: RowFilter("time", -math.inf, t)  # noqa: E731
+    rows = write_slices(tables, schema, out, {
+        "teacher": (list(tables), before(t_test)), "stale_teacher": (list(tables), before(t_stale)),
+        "student": ([student_domain], before(t_test)), "test": ([student_domain], RowFilter("time", t_test, math.inf)),
+    })
     return {"t_stale": float(t_stale), "t_test": float(t_test), "rows": rows}
-
-
-def fold_of(example_id: np.ndarray, folds: int) -> np.ndarray:
-    """A fixed hash of ``example_id`` into ``folds`` folds (splitmix64: ids that are consecutive row
-    numbers land in every fold evenly)."""
-    return hash_to_range(example_id, folds)
-
-
-def cross_fit_slices(slices_dir: str, teacher_slice: str, student_domain: str, folds: int) -> List[Dict[str, str]]:
-    """Out-of-sample teacher logging (what ExFM's data augmentation service logs: the teacher's
-    prediction for a row is made before the teacher has trained on it).
-
-    The student's rows are hashed into ``folds`` folds by ``example_id``; fold ``k``'s teacher trains on
-    ``teacher_slice`` without the student rows of fold ``k`` (every other row, every other domain kept)
-    and scores exactly those rows. Returns per fold ``{"train": dir, "score": dir}``. ``folds == 1``:
-    the teacher trains on its whole slice and scores the student's rows in-sample (it has memorized
-    part of their labels, so its "soft labels" partly repeat them)."""
-    student = pq.read_table(os.path.join(slices_dir, "student", f"{student_domain}.parquet"))
-    if folds == 1:
-        return [{"train": os.path.join(slices_dir, teacher_slice), "score": os.path.join(slices_dir, "student")}]
-    student_fold = fold_of(student["example_id"].to_numpy(), folds)
-    out = []
-    for k in range(folds):
-        held = pa.array(student["example_id"].to_numpy()[student_fold == k])
-        train_dir = os.path.join(slices_dir, f"{teacher_slice}_fold{k}")
-        score_dir = os.path.join(slices_dir, f"student_fold{k}")
-        os.makedirs(train_dir, exist_ok=True)
-        os.makedirs(score_dir, exist_ok=True)
-        for name in sorted(os.listdir(os.path.join(slices_dir, teacher_slice))):
-            table = pq.read_table(os.path.join(slices_dir, teacher_slice, name))
-            if name == f"{student_domain}.parquet":
-                table = table.filter(pc.invert(pc.is_in(table["example_id"], value_set=held)))
-            pq.write_table(table, os.path.join(train_dir, name), row_group_size=4096)
-        pq.write_table(student.filter(pa.array(student_fold == k)), os.path.join(score_dir, f"{student_domain}.parquet"),
-                       row_group_size=4096)
-        out.append({"train": train_dir, "score": score_dir})
-    return out
 
 
 def logged_auc(output_dirs: List[str], student_dir: str, tasks: List[str]) -> Dict[str, float]:
     """AUC of the logged teacher logits against the true labels of the student's training rows: how
     good the soft labels the students learn from are (in-sample logging inflates it)."""
-    import glob
-
-    out = pa.concat_tables([pq.read_table(f) for d in output_dirs for f in sorted(glob.glob(os.path.join(d, "*.parquet")))])
-    rows = pa.concat_tables([pq.read_table(f) for f in sorted(glob.glob(os.path.join(student_dir, "*.parquet")))])
-    pos = {int(e): i for i, e in enumerate(out["example_id"].to_numpy())}
-    take = np.array([pos[int(e)] for e in rows["example_id"].to_numpy()])
-    result = {}
-    for t in tasks:
-        labels = rows[t].to_numpy(zero_copy_only=False).astype(np.float64)
-        logits = out[f"logit_{t}"].to_numpy()[take].astype(np.float64)
-        keep = np.isfinite(labels)
-        result[t] = binary_auc(torch.from_numpy(logits[keep]), torch.from_numpy(labels[keep]))
-    return result
-
-
-def read_logits(output_dirs: List[str], rows_dir: str, tasks: List[str]) -> Dict[str, np.ndarray]:
-    """``{"logits": [N, T] (fold outputs averaged), "labels": [N, T] (nan: unlabeled)}`` of ``rows_dir``'s rows
-    in its order, ``tasks`` in the schema's task order (what the adapter reads)."""
-    import glob
-
-    rows = pa.concat_tables([pq.read_table(f) for f in sorted(glob.glob(os.path.join(rows_dir, "*.parquet")))])
-    ids = rows["example_id"].to_numpy()
-    logits = np.zeros((len(ids), len(tasks)))
-    for d in output_dirs:
-        out = pa.concat_tables([pq.read_table(f) for f in sorted(glob.glob(os.path.join(d, "*.parquet")))])
-        pos = {int(e): i for i, e in enumerate(out["example_id"].to_numpy())}
-        take = np.array([pos[int(e)] for e in ids])
-        logits += np.stack([out[f"logit_{t}"].to_numpy()[take].astype(np.float64) for t in tasks], 1) / len(output_dirs)
-    labels = np.stack([rows[t].to_numpy(zero_copy_only=False).astype(np.float64) if t in rows.column_names
-                       else np.full(len(ids), np.nan) for t in tasks], 1)
-    return {"logits": logits, "labels": labels}
+    got = read_teacher_logits(output_dirs, student_dir, tasks, average=False)
+    out = {}
+    for i, t in enumerate(tasks):
+        keep = np.isfinite(got["labels"][:, i])
+        out[t] = metrics.binary_auc(torch.from_numpy(got["logits"][keep, i]), torch.from_numpy(got["labels"][keep, i]))
+    return out
 
 
 def _probs_and_labels(logits: np.ndarray, labels: np.ndarray):
@@ -260,7 +182,7 @@ def _probs_and_labels(logits: np.ndarray, labels: np.ndarray):
 
 def normalized_entropy(logits: np.ndarray, labels: np.ndarray) -> float:
     """LogLoss of ``sigmoid(logits)`` over the entropy of the labels' positive rate (ExFM's NE), on the
-    rows with a label: :func:`lattice.train.metrics.normalized_entropy`."""
+    rows with a label: :func:`lattice.metrics.normalized_entropy`."""
     return metrics.normalized_entropy(*_probs_and_labels(logits, labels))
 
 
@@ -280,17 +202,6 @@ def adapter_check(module, teacher_test: Dict[str, np.ndarray], schema_tasks: Lis
 
 
 # ---- training ----------------------------------------------------------------------------------------
-def trainer(epochs: int, callbacks=None):
-    import lightning.pytorch as pl
-
-    return pl.Trainer(
-        accelerator="cpu", devices=1, max_epochs=epochs, logger=False,
-        enable_checkpointing=any(type(c).__name__ == "ModelCheckpoint" for c in callbacks or []),
-        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-        callbacks=callbacks or [],
-    )
-
-
 def data_module(schema, paths: str, batch_size: int, val_paths: Optional[str] = None,
                 teacher_paths: Optional[str] = None, seed: int = 0, val_fraction: float = 0.0) -> LatticeDataModule:
     """``val_fraction > 0``: a hash split of ``paths`` holds out that share of rows for model selection."""
@@ -301,47 +212,24 @@ def data_module(schema, paths: str, batch_size: int, val_paths: Optional[str] = 
     )
 
 
-def fit_best(module, dm, epochs: int, directory: str) -> Dict[str, Any]:
-    """Trains for ``epochs`` and restores the epoch with the lowest validation loss (the true-label loss
-    on the held-out rows): every variant gets the same budget and the same model-selection rule, so a
-    variant that overfits the small student stream is not judged at its worst epoch."""
-    from lightning.pytorch.callbacks import ModelCheckpoint
-
+def fit_and_evaluate(module, dm, epochs: int, directory: str, schema, test_dir: str, domain: str,
+                     tasks: List[str]) -> Dict[str, Any]:
+    """Trains for ``epochs``, then evaluates the epoch with the lowest validation loss (the true-label loss on
+    the held-out rows) on ``test_dir``, leaving its weights in ``module``: every variant gets the same budget and
+    the same model-selection rule, so a variant that overfits the small student stream is not judged at its
+    worst epoch."""
     shutil.rmtree(directory, ignore_errors=True)
-    best = ModelCheckpoint(dirpath=directory, monitor="val/loss", mode="min", save_top_k=1, save_weights_only=True)
+    best = best_checkpoint(directory)
+    run = trainer(epochs, [best])
     t0 = time.perf_counter()
-    trainer(epochs, callbacks=[best]).fit(module, datamodule=dm)
+    run.fit(module, datamodule=dm)
     wall = time.perf_counter() - t0
-    state = torch.load(best.best_model_path, map_location="cpu", weights_only=False)
-    module.load_state_dict(state["state_dict"])
-    return {"module": module, "wall_s": wall, "best_epoch": int(state["epoch"]),
-            "best_val_loss": float(best.best_model_score)}
-
-
-def evaluate(module, schema, test_dir: str) -> Dict[str, float]:
-    dm = data_module(schema, test_dir, 4096, val_paths=test_dir)
-    trainer(1).validate(module, datamodule=dm, verbose=False)
-    return dict(module.eval_results["val"])
-
-
-def task_metrics(results: Dict[str, float], domain: str, tasks: List[str]) -> Dict[str, Dict[str, float]]:
-    out = {}
-    for t in tasks:
-        row = {m: results.get(f"{domain}/{t}/{m}", float("nan")) for m in METRICS}
-        out[t] = row
-    return out
-
-
-def log_teacher(module, schema, paths: str, out_dir: str) -> str:
-    """Teacher logits + representation per example_id of ``paths``' rows (``lattice predict``'s writer)."""
-    shutil.rmtree(out_dir, ignore_errors=True)
-    dm = data_module(schema, paths, 4096)
-    dm.setup("predict")
-    # A plain DataLoader over the reader's dataset (yields whole Batches); see the note in the report.
-    loader = torch.utils.data.DataLoader(dm.dataset("predict"), batch_size=None)
-    writer = ParquetPredictionWriter(output_dir=out_dir, write_embedding=True)
-    trainer(1, callbacks=[writer]).predict(module, loader, return_predictions=False)
-    return out_dir
+    run.validate(module, datamodule=data_module(schema, test_dir, 4096, val_paths=test_dir), ckpt_path="best",
+                 verbose=False)
+    results = module.eval_results["val"]
+    return {"module": module, "wall_s": wall, "best_epoch": best_epoch(best),
+            "best_val_loss": float(best.best_model_score),
+            "metrics": {t: {m: results.get(f"{domain}/{t}/{m}", float("nan")) for m in METRICS} for t in tasks}}
 
 
 def network(schema, name: str, role: str, quick: bool):
@@ -364,16 +252,16 @@ def optimizer(lr: float):
     return functools.partial(torch.optim.AdamW, lr=lr, weight_decay=0.0)
 
 
-def train_teacher(schema, train_dir: str, args, seed: int, directory: str) -> Dict[str, Any]:
+def train_teacher(schema, train_dir: str, args, seed: int, directory: str, test: tuple) -> Dict[str, Any]:
     torch.manual_seed(seed)
     module = LatticeModule(network(schema, args.teacher_network, "teacher", args.quick),
                            optimizer=optimizer(args.teacher_lr), sparse_optimizer=args.sparse_optimizer)
     dm = data_module(schema, train_dir, args.batch_size, seed=seed, val_fraction=args.val_fraction)
-    return fit_best(module, dm, args.teacher_epochs, directory)
+    return fit_and_evaluate(module, dm, args.teacher_epochs, directory, schema, *test)
 
 
 def train_student(schema, kwargs: Dict[str, Any], teacher_outputs: Optional[str], train_dir: str, args, seed: int,
-                  directory: str, distill_weight: Optional[float] = None) -> Dict[str, Any]:
+                  directory: str, test: tuple, distill_weight: Optional[float] = None) -> Dict[str, Any]:
     torch.manual_seed(seed)
     module = DistillationModule(
         network(schema, args.student_network, "student", args.quick), optimizer=optimizer(args.student_lr),
@@ -382,27 +270,14 @@ def train_student(schema, kwargs: Dict[str, Any], teacher_outputs: Optional[str]
     )
     dm = data_module(schema, train_dir, args.student_batch_size, teacher_paths=teacher_outputs, seed=seed,
                      val_fraction=args.val_fraction)
-    return fit_best(module, dm, args.student_epochs, directory)
+    return fit_and_evaluate(module, dm, args.student_epochs, directory, schema, *test)
 
 
 # ---- report ------------------------------------------------------------------------------------------
-def mean(values) -> float:
-    vals = [v for v in values if isinstance(v, (int, float)) and math.isfinite(v)]
-    return sum(vals) / len(vals) if vals else float("nan")
-
-
-def verdict(passed: Optional[bool]) -> str:
-    return "not measured (a variant it needs was left out)" if passed is None else ("PASS" if passed else "FAIL")
-
-
-def fmt(v: float) -> str:
-    return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.4f}"
-
-
-def print_table(rows: Dict[str, Dict[str, Any]], tasks: List[str]) -> None:
+def print_results(rows: Dict[str, Dict[str, Any]], tasks: List[str]) -> None:
     header = (["model"] + [f"{t} AUC" for t in tasks] + [f"{t} LogLoss" for t in tasks] + [f"{t} NE" for t in tasks]
               + ["mean AUC", "mean NE", "wall s"])
-    lines = [header]
+    lines = []
     oracle = None
     for name, r in rows.items():
         m = r["metrics"]
@@ -412,11 +287,7 @@ def print_table(rows: Dict[str, Dict[str, Any]], tasks: List[str]) -> None:
     if oracle:
         lines.append(["oracle"] + [fmt(oracle[t]) for t in tasks] + ["-"] * (2 * len(tasks))
                      + [fmt(mean(oracle.values())), "-", "-"])
-    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
-    for i, line in enumerate(lines):
-        print("  ".join(c.ljust(w) for c, w in zip(line, widths)))
-        if i == 0:
-            print("  ".join("-" * w for w in widths))
+    print_table(header, lines)
 
 
 def main(argv=None) -> Dict[str, Any]:
@@ -492,11 +363,7 @@ def main(argv=None) -> Dict[str, Any]:
     args.student_epochs = args.student_epochs or 8
     if args.threads:
         torch.set_num_threads(args.threads)
-    warnings.filterwarnings("ignore", ".*does not have many workers.*")
-    warnings.filterwarnings("ignore", ".*LeafSpec.*")
-    import logging
-
-    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+    quiet_lightning()
 
     work = args.work or tempfile.mkdtemp(prefix="bench_distill-")
     shutil.rmtree(work, ignore_errors=True)
@@ -509,12 +376,13 @@ def main(argv=None) -> Dict[str, Any]:
     schema = world.schema()
     if args.domain not in schema.domain_names:
         raise SystemExit(f"--domain {args.domain!r} is not one of {schema.domain_names}")
-    cut = write_slices(world, world_dir, os.path.join(work, "slices"), args.domain, args.stale_fraction,
-                       args.test_fraction)
+    cut = cut_slices(world, world_dir, os.path.join(work, "slices"), args.domain, args.stale_fraction,
+                     args.test_fraction)
     slices = {k: os.path.join(work, "slices", k) for k in ("teacher", "stale_teacher", "student", "test")}
     tasks = list(schema.task_names)
     domain_tasks = next(d.tasks for d in schema.domains if d.name == args.domain) or tasks
     tasks = [t for t in tasks if t in domain_tasks]
+    test = (slices["test"], args.domain, tasks)  # every model is evaluated on the student domain's test rows
     print(f"world: {sum(d.rows for d in world.config.domains)} rows, {len(schema.domains)} domains; slices "
           f"{cut['rows']}; student domain {args.domain!r}; tasks {tasks}", flush=True)
 
@@ -532,10 +400,12 @@ def main(argv=None) -> Dict[str, Any]:
         for k, fold in enumerate(folds):
             label = name if len(folds) == 1 else f"{name} (fold {k + 1}/{len(folds)})"
             print(f"training {label} ...", flush=True)
-            res = train_teacher(schema, fold["train"], args, args.seed, os.path.join(work, "checkpoints", f"{name}-{k}"))
-            per_fold.append(task_metrics(evaluate(res["module"], schema, slices["test"]), args.domain, tasks))
-            dirs.append(log_teacher(res["module"], schema, fold["score"], os.path.join(work, f"{name}_outputs", f"fold{k}")))
-            test_dirs.append(log_teacher(res["module"], schema, slices["test"],
+            res = train_teacher(schema, fold["train"], args, args.seed, os.path.join(work, "checkpoints", f"{name}-{k}"),
+                                test)
+            per_fold.append(res["metrics"])
+            dirs.append(log_teacher_outputs(res["module"], schema, fold["score"],
+                                            os.path.join(work, f"{name}_outputs", f"fold{k}")))
+            test_dirs.append(log_teacher_outputs(res["module"], schema, slices["test"],
                                          os.path.join(work, f"{name}_test_outputs", f"fold{k}")))
             wall += res["wall_s"]
             epochs.append(res["best_epoch"])
@@ -547,7 +417,7 @@ def main(argv=None) -> Dict[str, Any]:
                       "logged_auc_on_student_rows": logged[name],
                       "parameters": res["module"].network.num_parameters()}
         outputs[key] = dirs
-        teacher_test[key] = read_logits(test_dirs, slices["test"], list(schema.task_names))
+        teacher_test[key] = read_teacher_logits(test_dirs, slices["test"], list(schema.task_names))
 
     # Every distilled variant is trained with each --distill-weights value and keeps the weight with the
     # lowest mean validation (true-label) loss over its seeds: the same grid and rule for every variant.
@@ -565,8 +435,8 @@ def main(argv=None) -> Dict[str, Any]:
                 print(f"training student {name} (seed {s}{tag}) ...", flush=True)
                 suffix = "" if w is None or len(weights) == 1 else f"-w{w:g}"
                 res = train_student(schema, kwargs, outputs.get(teacher), slices["student"], args, 100 + s,
-                                    os.path.join(work, "checkpoints", f"{name}{suffix}-{s}"), distill_weight=w)
-                per_seed.append(task_metrics(evaluate(res["module"], schema, slices["test"]), args.domain, tasks))
+                                    os.path.join(work, "checkpoints", f"{name}{suffix}-{s}"), test, distill_weight=w)
+                per_seed.append(res["metrics"])
                 if res["module"].adapter is not None:
                     adapted.append(adapter_check(res["module"], teacher_test[teacher], list(schema.task_names), tasks))
                 wall += res["wall_s"]
@@ -634,7 +504,7 @@ def main(argv=None) -> Dict[str, Any]:
     }
     print(f"\nstudent domain {args.domain!r}, test rows {cut['rows']['test']} (AUC/LogLoss on them; "
           f"students averaged over {args.seeds} seed(s))")
-    print_table(rows, tasks)
+    print_results(rows, tasks)
     print("\ncalibration on the test rows (sum of predictions / sum of labels; 1 = calibrated): " + "; ".join(
         f"{name} " + "/".join(fmt(r["metrics"][t]["calibration"]) for t in tasks) for name, r in rows.items())
         + f" ({'/'.join(tasks)})")
@@ -681,18 +551,14 @@ def main(argv=None) -> Dict[str, Any]:
         "benchmark": "bench_distill",
         "quick": args.quick,
         "args": {k: v for k, v in vars(args).items()},
-        "machine": {"platform": platform.platform(), "torch": torch.__version__, "threads": torch.get_num_threads(),
-                    "cpus": os.cpu_count()},
+        "machine": machine(),
         "world": {"rows": {d.name: d.rows for d in world.config.domains}, "drift": args.drift, "rate_drift": args.rate_drift, **cut},
         "tasks": tasks,
         "results": {k: {kk: vv for kk, vv in v.items()} for k, v in rows.items()},
         "targets": targets,
         "total_wall_s": time.perf_counter() - t_start,
     }
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(report, f, indent=1, default=float)
-    print(f"wrote {args.out}")
+    write_json(report, args.out)
     if args.work is None:
         shutil.rmtree(work, ignore_errors=True)
     return report

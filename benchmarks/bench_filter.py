@@ -66,110 +66,13 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import yaml  # noqa: E402
 
+from benchmarks._common import fmt, print_table  # noqa: E402
 from lattice.cli import main as lattice_main  # noqa: E402
 from lattice.cli import run_lightning  # noqa: E402
+from lattice.data.planted import oracle_rise, planted_informs  # noqa: E402
 from lattice.data.synthetic import SyntheticConfig, SyntheticWorld  # noqa: E402
-
-# The terms of the planted logit (SyntheticTask coefficients) each world feature carries. Features that
-# only *proxy* other features (user_segment: the user's top interest cluster; item_tags: the item's
-# cluster plus random tags) carry no term of their own.
-_TERMS = {
-    "user": ["affinity", "user_bias", "activity"],
-    "item": ["affinity", "popularity", "brand", "price", "repeat", "seq"],
-    "item_cluster": ["seq", "query"],
-    "item_brand": ["brand"],
-    "user_segment": [],
-    "device": ["device"],
-    "item_tags": [],
-    "query_cluster": ["query"],
-    "user_activity": ["activity"],
-    "item_popularity": ["popularity"],
-    "price": ["price"],
-    "hour": ["hour"],
-    "position": ["position"],
-    "hist_items": ["repeat", "seq"],
-    "hist_clusters": ["seq"],
-}
-
-
-def planted_informs(config: SyntheticConfig, through_parent: bool = True) -> Dict[str, List[str]]:
-    """``feature -> tasks`` whose label probability the feature enters directly in the planted world: a
-    term of the task's logit with a non-zero coefficient, or (``through_parent``) of its parent's
-    (``p_child = p_parent * sigmoid(z_child)``, so what drives clicks drives likes and conversions
-    too). Binary tasks only."""
-    world = SyntheticWorld(config)
-    by_name = {t.name: t for t in config.tasks}
-
-    def drivers(task) -> set:
-        own = {term for term in {v for terms in _TERMS.values() for v in terms} if getattr(task, term, 0.0) != 0.0}
-        return own | (drivers(by_name[task.parent]) if task.parent and through_parent else set())
-
-    task_terms = {t.name: drivers(t) for t in config.tasks if t.kind == "binary"}
-    out = {}
-    for f in world.feature_roles()["informative"]:
-        out[f] = [t for t, terms in task_terms.items() if set(_TERMS.get(f, [])) & terms]
-    return out
-
-
-# Features whose planted term is a simple additive context term of the logit: the oracle's rise when it
-# is removed can be computed from the world's own generator (see oracle_rise).
-_ORACLE_TERMS = {"device": "device", "hour": "hour", "position": "position", "query_cluster": "query",
-                 "price": "price", "item_brand": "brand", "hist_items": "repeat", "user_activity": "activity"}
-
-
-def oracle_rise(config: SyntheticConfig, rows: int = 40000, seed: int = 0) -> Dict[str, Dict[str, float]]:
-    """``feature -> task -> LogLoss rise`` of the Bayes-optimal predictor when the feature's planted
-    context term (:data:`_ORACLE_TERMS`) is replaced by its mean: about the most that any model's
-    permutation importance of that feature can show (a permutation destroys the same information; the
-    mean-logit stand-in is a slightly worse predictor than the marginal one, so this errs high).
-    Expected LogLoss under the true probabilities (no label noise), rows of each domain weighted by its
-    size, over the domains that have the feature and label the task. Uses the generator's internals
-    (``SyntheticWorld._chunk``): it is an analysis of the planted world, not part of the library."""
-    world = SyntheticWorld(config)
-    schema = world.schema()
-    tasks = [t for t in config.tasks if t.kind == "binary"]
-    sums: Dict[str, Dict[str, float]] = {f: {t.name: 0.0 for t in tasks} for f in _ORACLE_TERMS}
-    weights: Dict[str, Dict[str, float]] = {f: {t.name: 0.0 for t in tasks} for f in _ORACLE_TERMS}
-
-    def ell(pt, q):
-        q = np.clip(q, 1e-9, 1 - 1e-9)
-        return -(pt * np.log(q) + (1 - pt) * np.log(1 - q))
-
-    for di, dom in enumerate(config.domains):
-        dspec = schema.domains[di]
-        has_f = set(dspec.features or schema.feature_names)
-        has_t = set(dspec.tasks or schema.task_names)
-        n = min(rows, max(dom.rows, 1))
-        rng = np.random.default_rng([seed, di])
-        ts = np.sort(1_700_000_000 + rng.random(n) * config.days * 86400.0).astype(np.int64)
-        out = world._chunk(di, 0x0AC1E, n, ts, 0, world._calibrate(di))
-        z, raw = out["z"], out["terms"]
-
-        def probs(drop: Optional[str]) -> Dict[str, np.ndarray]:
-            out_p: Dict[str, np.ndarray] = {}
-            for t in config.tasks:
-                if t.kind != "binary":
-                    continue
-                zt = z[t.name]
-                if drop is not None:
-                    term = getattr(t, drop) * raw[drop]
-                    zt = zt - term + term.mean()
-                q = 1.0 / (1.0 + np.exp(-zt))
-                out_p[t.name] = q * (out_p[t.parent] if t.parent else 1.0)
-            return out_p
-
-        truth = probs(None)
-        for f, term in _ORACLE_TERMS.items():
-            if f not in has_f:
-                continue
-            alt = probs(term)
-            for t in tasks:
-                if t.name not in has_t:
-                    continue
-                rise = float(np.mean(ell(truth[t.name], alt[t.name]) - ell(truth[t.name], truth[t.name])))
-                sums[f][t.name] += rise * dom.rows
-                weights[f][t.name] += dom.rows
-    return {f: {t: (sums[f][t] / weights[f][t] if weights[f][t] else float("nan")) for t in sums[f]} for f in sums}
+from lattice.select.answer_key import analyse_ranking, matrix  # noqa: E402
+from lattice.train.loading import load_from_config  # noqa: E402
 
 
 # ---- configs -------------------------------------------------------------------------------------------
@@ -323,14 +226,11 @@ def reengagement_probe(configs: List[str], ckpt: str, max_rows: int = 50000, see
     task's own logit, a child task's probability also moving with its parent's.)"""
     import dataclasses
 
-    from lattice.select.importance import _replace_key, gather_eval_set
+    from lattice.select.importance import gather_eval_set, replace_key
     from lattice.sparse import JaggedTensor
 
-    args = [a for c in configs for a in ("--config", c)]
     with _quiet(True):
-        cli = run_lightning(args, run=False)
-    module, dm = cli.model, cli.datamodule
-    module.load_state_dict(torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"])
+        module, dm = load_from_config(configs, ckpt)
     module.eval()
     dm.setup("validate")
     ev = gather_eval_set(dm.val_dataloader(), max_rows=max_rows)
@@ -356,8 +256,8 @@ def reengagement_probe(configs: List[str], ckpt: str, max_rows: int = 50000, see
             donors = vals[~hit]
             swapped = vals.clone()
             swapped[hit] = donors[torch.randint(0, donors.numel(), (int(hit.sum()),), generator=gen)]
-            alt = dataclasses.replace(chunk, sequences=_replace_key(seq, seq.keys().index("hist_items"),
-                                                                    JaggedTensor(swapped, offsets=offs)))
+            alt = dataclasses.replace(chunk, sequences=replace_key(seq, seq.keys().index("hist_items"),
+                                                                   JaggedTensor(swapped, offsets=offs)))
             drops.append((module(chunk).logits[rep] - module(alt).logits[rep]).to(torch.float64))
             rows += int(rep.sum())
     mean = torch.cat(drops).mean(0).tolist() if drops else [float("nan")] * len(tasks)
@@ -375,108 +275,15 @@ def mean_auc(test: Dict[str, float], tasks: List[str]) -> Dict[str, float]:
             "oracle": {t: test.get(f"{t}/oracle_auc", float("nan")) for t in tasks}}
 
 
-def _matrix(rows) -> np.ndarray:
-    return np.array([[np.nan if v is None else v for v in row] for row in rows], dtype=np.float64)
-
-
-def _order_checks(matrix: np.ndarray, features: List[str], tasks: List[str], noise: List[str],
-                  informative: List[str], informs: Dict[str, List[str]]) -> Dict[str, Any]:
-    """Per task: every informative feature above every noise feature? (``violations``: only the tasks
-    a feature informs; ``violations_any_task``: every task.)"""
-    idx = {f: i for i, f in enumerate(features)}
-    violations, violations_all, margin = [], [], {}
-    for k, t in enumerate(tasks):
-        top_noise = max((matrix[idx[n], k] for n in noise), default=-np.inf)
-        for f in informative:
-            v = matrix[idx[f], k]
-            if not (v > top_noise):
-                item = {"feature": f, "task": t, "importance": float(v), "top_noise": float(top_noise),
-                        "informs": t in informs.get(f, [])}
-                violations_all.append(item)
-                if item["informs"]:
-                    violations.append(item)
-        inf_t = [matrix[idx[f], k] for f in informative if t in informs.get(f, [])]
-        margin[t] = float(min(inf_t) - top_noise) if inf_t else float("nan")
-    return {"violations": violations, "violations_any_task": violations_all, "margin_by_task": margin}
-
-
-def analyse_ranking(summary: Dict[str, Any], roles: Dict[str, List[str]], informs: Dict[str, List[str]],
-                    informs_own: Optional[Dict[str, List[str]]] = None,
-                    oracle: Optional[Dict[str, Dict[str, float]]] = None, resolve_z: float = 2.0) -> Dict[str, Any]:
-    """Where the planted noise landed. The filter ranks by ``selection_scores`` (the mean LogLoss rise,
-    zeroed where within ``significance`` standard errors of 0); the same checks on the raw means are
-    reported beside them. With ``oracle`` (:func:`oracle_rise`), a (feature, task) pair whose oracle rise
-    is below ``resolve_z`` times the filter's standard error for it is *unresolvable*: even the
-    Bayes-optimal model's importance would not stand out from zero on this evaluation set; violations on
-    resolvable pairs are listed apart."""
-    features, tasks = summary["features"], summary["tasks"]
-    mean = _matrix(summary["delta_logloss_mean"])
-    scores = _matrix(summary["selection_scores"]) if summary.get("selection_scores") is not None else mean
-    idx = {f: i for i, f in enumerate(features)}
-    noise = [f for f in roles["noise"] if f in idx]
-    informative = [f for f in roles["informative"] if f in idx]
-    front_of = {f: j for j, front in enumerate(summary.get("fronts", [])) for f in front}
-    # per task: rank 1 = most important (by the selection scores, ties broken by the raw mean)
-    order = {}
-    for k, t in enumerate(tasks):
-        key = np.lexsort((-np.nan_to_num(mean[:, k], nan=-np.inf), -np.nan_to_num(scores[:, k], nan=-np.inf)))
-        order[t] = [features[i] for i in key]
-    rank = {t: {f: r + 1 for r, f in enumerate(order[t])} for t in tasks}
-    by_scores = _order_checks(scores, features, tasks, noise, informative, informs)
-    by_mean = _order_checks(mean, features, tasks, noise, informative, informs)
-    own = _order_checks(scores, features, tasks, noise, informative, informs_own) if informs_own else None
-    noise_where = {
-        n: {"front": front_of.get(n), "rank_by_task": {t: rank[t][n] for t in tasks},
-            "score": {t: float(scores[idx[n], k]) for k, t in enumerate(tasks)},
-            "mean": {t: float(mean[idx[n], k]) for k, t in enumerate(tasks)}}
-        for n in noise
-    }
-    avg = np.nanmean(mean, axis=1)
-    overall = sorted(features, key=lambda f: (front_of.get(f, 1 << 30), -avg[idx[f]]))
-    se = _matrix(summary["delta_logloss_se"]) if summary.get("delta_logloss_se") else None
-    unresolvable = []
-    if oracle is not None and se is not None:
-        for f, by_task in oracle.items():
-            for k, t in enumerate(tasks):
-                if f in idx and t in by_task and t in informs.get(f, []) and by_task[t] < resolve_z * se[idx[f], k]:
-                    unresolvable.append({"feature": f, "task": t, "oracle_rise": by_task[t], "se": float(se[idx[f], k])})
-    skip = {(u["feature"], u["task"]) for u in unresolvable}
-    violations_resolvable = [v for v in by_scores["violations"] if (v["feature"], v["task"]) not in skip]
-    inf_fronts = [front_of[f] for f in informative if f in front_of]
-    noise_fronts = [front_of[n] for n in noise if n in front_of]
-    return {
-        "tasks": tasks,
-        "overall_order": overall,
-        "order_by_task": order,
-        "noise": noise_where,
-        **by_scores,
-        "raw_mean": by_mean,
-        "own_logit": own,
-        "ranking_pass": not by_scores["violations"],
-        "ranking_pass_every_task": not by_scores["violations_any_task"],
-        "ranking_pass_raw_mean": not by_mean["violations"],
-        "ranking_pass_own_logit": None if own is None else not own["violations"],
-        "oracle_rise": oracle,
-        "unresolvable": unresolvable,
-        "violations_resolvable": violations_resolvable,
-        "ranking_pass_resolvable": None if oracle is None else not violations_resolvable,
-        "noise_fronts_after_informative": bool(inf_fronts and noise_fronts and min(noise_fronts) > max(inf_fronts)),
-    }
-
-
-def _fmt(v) -> str:
-    return "-" if v is None or (isinstance(v, float) and not math.isfinite(v)) else f"{v:.4f}"
-
-
 def print_report(rep: Dict[str, Any]) -> None:
     r = rep["ranking"]
     summ = rep["filter"]["summary"]
     tasks = summ["tasks"]
     feats = summ["features"]
-    mean = dict(zip(feats, _matrix(summ["delta_logloss_mean"])))
-    std = dict(zip(feats, _matrix(summ["delta_logloss_std"])))
-    se = dict(zip(feats, _matrix(summ["delta_logloss_se"]))) if summ.get("delta_logloss_se") else None
-    score = dict(zip(feats, _matrix(summ["selection_scores"]))) if summ.get("selection_scores") else None
+    mean = dict(zip(feats, matrix(summ["delta_logloss_mean"])))
+    std = dict(zip(feats, matrix(summ["delta_logloss_std"])))
+    se = dict(zip(feats, matrix(summ["delta_logloss_se"]))) if summ.get("delta_logloss_se") else None
+    score = dict(zip(feats, matrix(summ["selection_scores"]))) if summ.get("selection_scores") else None
     front_of = {f: j for j, front in enumerate(summ.get("fronts", [])) for f in front}
     kept = set(rep["kept"])
     roles = rep["roles"]
@@ -486,7 +293,7 @@ def print_report(rep: Dict[str, Any]) -> None:
           f"would show per task (see oracle_rise):")
     oracle = r.get("oracle_rise") or {}
     head = ["#", "feature", "role", "front", "kept"] + tasks + ["informs (planted)", "oracle rise x1e3"]
-    lines = [head]
+    lines = []
     for i, f in enumerate(r["overall_order"], 1):
         cells = []
         for k in range(len(tasks)):
@@ -504,11 +311,7 @@ def print_report(rep: Dict[str, Any]) -> None:
         lines.append([str(i), f, role, str(front_of.get(f, "-")), "yes" if f in kept else "-", *cells,
                       "-" if f in roles["noise"] else (",".join(rep["informs"].get(f, [])) or "- (proxy only)"),
                       "/".join(f"{1e3 * oracle[f][t]:.2f}" for t in tasks) if f in oracle else "-"])
-    widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
-    for i, line in enumerate(lines):
-        print("  ".join(c.ljust(w) for c, w in zip(line, widths)))
-        if i == 0:
-            print("  ".join("-" * w for w in widths))
+    print_table(head, lines)
     print("\nplanted noise features (rank by task among the selection scores):")
     for n, w in r["noise"].items():
         ranks = ", ".join(f"{t} {w['rank_by_task'][t]}/{len(feats)}" for t in tasks)
@@ -523,10 +326,10 @@ def print_report(rep: Dict[str, Any]) -> None:
     print("\ntest AUC (all domains)        " + "  ".join(f"{t:>10}" for t in tasks) + "    mean  mean(cells)")
     for name in ("full", "filtered"):
         a = rep[name]["auc"]
-        print(f"  {name:<28}" + "  ".join(f"{_fmt(a['per_task'][t]):>10}" for t in tasks)
-              + f"  {_fmt(a['mean'])}  {_fmt(a['mean_cells'])}")
+        print(f"  {name:<28}" + "  ".join(f"{fmt(a['per_task'][t]):>10}" for t in tasks)
+              + f"  {fmt(a['mean'])}  {fmt(a['mean_cells'])}")
     o = rep["full"]["auc"]["oracle"]
-    print(f"  {'oracle':<28}" + "  ".join(f"{_fmt(o[t]):>10}" for t in tasks))
+    print(f"  {'oracle':<28}" + "  ".join(f"{fmt(o[t]):>10}" for t in tasks))
     t = rep["targets"]
     print(f"\ndelta mean AUC (filtered - full): {t['delta_mean_auc']:+.4f} "
           f"(mean over (domain, task) cells: {t['delta_mean_auc_cells']:+.4f}; {rep['seeds']} seed(s), "

@@ -23,6 +23,7 @@ import time
 import torch
 
 from lattice.data import LatticeDataModule, SyntheticConfig
+from lattice.dotted import import_dotted
 from lattice.models import DLRM, MMoE, PLE, InterFormer, LatticeNetwork, LogisticRegression, SharedBottom, Wukong
 
 #: The "quickstart" size of each network (what configs/quickstart.yaml-style runs use): small enough to
@@ -61,14 +62,11 @@ CONFIGS = {
 
 def _from_config(name: str, config_dir: str):
     """``(class, init_args)`` of ``model.network`` in the network's config file."""
-    import importlib
-
     import yaml
 
     with open(os.path.join(config_dir, CONFIGS[name])) as f:
         network = yaml.safe_load(f)["model"]["network"]
-    module, _, cls_name = network["class_path"].rpartition(".")
-    return getattr(importlib.import_module(module), cls_name), dict(network.get("init_args") or {})
+    return import_dotted(network["class_path"], "model.network.class_path"), dict(network.get("init_args") or {})
 
 
 def _batches(batch_size: int, count: int, cache_dir: str | None, rows_scale: float):
@@ -86,7 +84,7 @@ def _batches(batch_size: int, count: int, cache_dir: str | None, rows_scale: flo
     return dm.schema, out
 
 
-def _mean_tokens(model, batch) -> float:
+def mean_tokens(model, batch) -> float:
     """Mean merged sequence tokens per sample of ``batch`` as ``model`` sees them."""
     with torch.no_grad():
         seq = model.processor(batch).sequence
@@ -121,7 +119,7 @@ def main(argv=None) -> int:
     torch.manual_seed(0)
     schema, batches = _batches(args.batch_size, args.warmup + args.steps, args.cache_dir, args.rows_scale)
     kinds = [t.kind for t in schema.tasks]
-    from lattice.train.losses import masked_multitask_loss
+    from lattice.metrics import masked_multitask_loss
 
     rows = []
     for name in args.networks:
@@ -156,7 +154,7 @@ def main(argv=None) -> int:
                 params=model.num_parameters(),
                 dense_params=model.num_parameters(include_embeddings=False),
                 mflops_per_sample=model.flops_per_sample() / 1e6,
-                mflops_per_sample_mean_len=model.flops_per_sample(sequence_length=_mean_tokens(model, batches[0])) / 1e6,
+                mflops_per_sample_mean_len=model.flops_per_sample(sequence_length=mean_tokens(model, batches[0])) / 1e6,
                 forward_ms=fwd,
                 train_step_ms=step,
                 train_samples_per_s=args.batch_size / (step / 1e3),

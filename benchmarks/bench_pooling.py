@@ -69,11 +69,10 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
 import lattice  # noqa: E402
-from lattice.ops import jagged_embedding_pool, jagged_embedding_pool_fused  # noqa: E402
+from benchmarks import memory_probe  # noqa: E402
+from benchmarks.pool_agreement import check_pooling_agreement, describe  # noqa: E402
+from lattice.ops import empty_huge_pages, jagged_embedding_pool, jagged_embedding_pool_fused  # noqa: E402
 from lattice.ops import reference as lattice_reference  # noqa: E402
-from lattice.ops._memory import empty_huge_pages  # noqa: E402
-import memory_probe  # noqa: E402  (benchmarks/, sys.path[0])
-from pool_agreement import check_pooling_agreement, describe  # noqa: E402
 
 try:  # optional baseline
     from fbgemm_gpu.split_embedding_configs import EmbOptimType, SparseType

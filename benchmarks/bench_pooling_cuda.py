@@ -14,28 +14,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 
 import torch
 import torch.nn.functional as F
 
-from pool_agreement import check_pooling_agreement, describe  # benchmarks/, sys.path[0]
-
-
-def timed(fn, warmup, repeat):
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeat):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks._common import cuda_median_ms  # noqa: E402
+from benchmarks.pool_agreement import check_pooling_agreement, describe  # noqa: E402
 
 
 def make_batch(T, R, D, B, L, dtype, seed=0):
@@ -68,9 +54,9 @@ def run_case(T, R, D, B, L, dtype, warmup, repeat):
 
     # --- forward ---------------------------------------------------------------------------------------------
     fwd = lambda: ops.jagged_embedding_pool(c["weights"], c["tro"], c["indices"], c["offsets"], 0, None)  # noqa: E731
-    add("forward", "lattice", timed(fwd, warmup, repeat))
+    add("forward", "lattice", cuda_median_ms(fwd, warmup, repeat))
     eb = lambda: F.embedding_bag(c["global_indices"], c["weights"], c["offsets"][:-1], mode="sum")  # noqa: E731
-    add("forward", "F.embedding_bag (one call)", timed(eb, warmup, repeat))
+    add("forward", "F.embedding_bag (one call)", cuda_median_ms(eb, warmup, repeat))
     bags = [torch.nn.EmbeddingBag(R, D, mode="sum").cuda().to(dtype) for _ in range(T)]
     for t, bag in enumerate(bags):
         bag.weight.data.copy_(c["weights"][t * R:(t + 1) * R])
@@ -80,14 +66,14 @@ def run_case(T, R, D, B, L, dtype, warmup, repeat):
         lo, hi = int(off[t * B]), int(off[(t + 1) * B])
         per_table.append((c["indices"][lo:hi], (off[t * B:(t + 1) * B] - lo).cuda()))
     loop = lambda: torch.stack([bags[t](i, o) for t, (i, o) in enumerate(per_table)], 1)  # noqa: E731
-    add("forward", "nn.EmbeddingBag loop", timed(loop, warmup, repeat))
+    add("forward", "nn.EmbeddingBag loop", cuda_median_ms(loop, warmup, repeat))
 
     # --- forward + sparse backward -----------------------------------------------------------------------------
     def ours_fb():
         fwd()
         return ops.jagged_embedding_pool_backward_sparse(go, c["tro"], c["indices"], c["offsets"], 0, None)
 
-    add("forward+backward", "lattice (sparse rows)", timed(ours_fb, warmup, repeat), 2 * gathered_bytes)
+    add("forward+backward", "lattice (sparse rows)", cuda_median_ms(ours_fb, warmup, repeat), 2 * gathered_bytes)
     w_leaf = c["weights"].clone().requires_grad_(True)
 
     def torch_fb():
@@ -95,7 +81,7 @@ def run_case(T, R, D, B, L, dtype, warmup, repeat):
         out.view(T, B, D).transpose(0, 1).backward(go)
         w_leaf.grad = None
 
-    add("forward+backward", "F.embedding_bag(sparse=True)", timed(torch_fb, warmup, repeat), 2 * gathered_bytes)
+    add("forward+backward", "F.embedding_bag(sparse=True)", cuda_median_ms(torch_fb, warmup, repeat), 2 * gathered_bytes)
 
     # --- training step, fused row-wise Adagrad -----------------------------------------------------------------
     w = c["weights"].clone()
@@ -106,7 +92,7 @@ def run_case(T, R, D, B, L, dtype, warmup, repeat):
         ops.jagged_embedding_pool_backward_fused_(w, state, go, c["tro"], c["indices"], c["offsets"], 0, None, 1,
                                                   0.01, 1e-8, 0.0)
 
-    add("train step", "lattice (fused row-wise Adagrad)", timed(ours_step, warmup, repeat), 2 * gathered_bytes)
+    add("train step", "lattice (fused row-wise Adagrad)", cuda_median_ms(ours_step, warmup, repeat), 2 * gathered_bytes)
     if dtype == torch.float32:
         p = torch.nn.Parameter(c["weights"].clone())
         opt = torch.optim.Adagrad([p], lr=0.01)
@@ -117,7 +103,7 @@ def run_case(T, R, D, B, L, dtype, warmup, repeat):
             opt.step()
             opt.zero_grad(set_to_none=True)
 
-        add("train step", "F.embedding_bag + torch sparse Adagrad", timed(torch_step, warmup, repeat),
+        add("train step", "F.embedding_bag + torch sparse Adagrad", cuda_median_ms(torch_step, warmup, repeat),
             2 * gathered_bytes)
     try:  # FBGEMM GPU TBE with exact row-wise Adagrad, when installed
         from fbgemm_gpu.split_table_batched_embeddings_ops_training import (
@@ -132,8 +118,8 @@ def run_case(T, R, D, B, L, dtype, warmup, repeat):
             def fbgemm_step():
                 tbe(c["indices"], c["offsets"]).backward(go_flat)
 
-            add("train step", "FBGEMM TBE row-wise Adagrad", timed(fbgemm_step, warmup, repeat), 2 * gathered_bytes)
-            add("forward", "FBGEMM TBE", timed(lambda: tbe(c["indices"], c["offsets"]), warmup, repeat))
+            add("train step", "FBGEMM TBE row-wise Adagrad", cuda_median_ms(fbgemm_step, warmup, repeat), 2 * gathered_bytes)
+            add("forward", "FBGEMM TBE", cuda_median_ms(lambda: tbe(c["indices"], c["offsets"]), warmup, repeat))
     except Exception as err:  # noqa: BLE001 - optional baseline
         print(f"  (FBGEMM TBE skipped: {type(err).__name__}: {err})", file=sys.stderr)
     return results, agreement
@@ -156,9 +142,9 @@ def main():
         print("bench_pooling_cuda: no CUDA device; nothing to measure")
         return 0
     import lattice.ops  # noqa: F401  (registers torch.ops.lattice)
-    from lattice.ops import _library
+    from lattice.ops import has_cuda_kernels
 
-    if not _library.has_cuda_kernels():
+    if not has_cuda_kernels():
         print("bench_pooling_cuda: lattice was built without CUDA kernels (LATTICE_FORCE_CUDA=1 pip install ...)")
         return 1
     if args.smoke:

@@ -63,13 +63,11 @@ import json
 import logging
 import math
 import os
-import platform
 import shutil
 import statistics
 import sys
 import tempfile
 import time
-import warnings
 from typing import Any, Dict, List, Optional, Tuple
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -77,15 +75,19 @@ ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 sys.path.insert(0, HERE)
 
-import numpy as np  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 import torch  # noqa: E402
 
-from bench_models import _mean_tokens  # noqa: E402
+from benchmarks._common import (best_checkpoint, best_epoch, fmt, machine, mean, print_table, quiet_lightning,  # noqa: E402
+                                trainer, write_json)
+from benchmarks.bench_models import mean_tokens  # noqa: E402
 from lattice.data import LatticeDataModule  # noqa: E402
 from lattice.data.cache import ensure_world  # noqa: E402
 from lattice.data.sources import DataSource  # noqa: E402
+from lattice.data.splits import write_slices  # noqa: E402
 from lattice.data.synthetic import SyntheticConfig  # noqa: E402
+from lattice.train.loading import load_from_config, parse_config  # noqa: E402
+from lattice.dotted import import_dotted  # noqa: E402
 
 #: key -> (group, description, config stacked onto mdmo.yaml (None: mdmo.yaml's own network), per domain)
 MODELS: Dict[str, Tuple[str, str, Optional[str], bool]] = {
@@ -103,31 +105,21 @@ QUICK_ROWS = {"feed": 3000, "search": 1500, "video": 1000, "shop": 400}
 
 
 # ---- building models and data through the lattice CLI ------------------------------------------------
-def cli_args(args, extra_config: Optional[str], overrides: List[str]) -> List[str]:
-    out = ["--config", os.path.join(args.config_dir, args.config)]
-    if extra_config:
-        out += ["--config", os.path.join(args.config_dir, extra_config)]
-    out += ["--trainer.logger=false", f"--trainer.default_root_dir={os.path.join(args.work, 'cli')}"]
-    if args.run_seed is not None:  # the seed being run (main sets it for each of --seed)
-        out.append(f"--seed_everything={args.run_seed}")
-    if args.cache_dir:
-        out.append(f"--data.cache_dir={args.cache_dir}")
-    return out + overrides
-
-
 def build(args, extra_config: Optional[str], overrides: List[str]):
     """``(LatticeModule, LatticeDataModule, config)`` exactly as ``lattice fit --config mdmo.yaml
     [--config extra]`` would build them (seeded by the config's ``seed_everything``)."""
-    from lattice.cli import run_lightning
-
-    cli = run_lightning(cli_args(args, extra_config, overrides), run=False)
-    return cli.model, cli.datamodule, cli.config
+    configs = [os.path.join(args.config_dir, c) for c in (args.config, extra_config) if c]
+    given = ["--trainer.logger=false", f"--trainer.default_root_dir={os.path.join(args.work, 'cli')}"]
+    if args.run_seed is not None:  # the seed being run (main sets it for each of --seed)
+        given.append(f"--seed_everything={args.run_seed}")
+    if args.cache_dir:
+        given.append(f"--data.cache_dir={args.cache_dir}")
+    module, dm = load_from_config(configs, overrides=given + overrides)
+    return module, dm, parse_config(configs, given + overrides)
 
 
 def network_class(args, extra_config: Optional[str]) -> type:
     """The network class a model's stacked configs select (the last ``model.network.class_path``)."""
-    import importlib
-
     import yaml
 
     path = None
@@ -137,8 +129,7 @@ def network_class(args, extra_config: Optional[str]) -> type:
         path = network.get("class_path", path)
     if path is None:
         raise ValueError(f"{args.config} (stacked with {extra_config}) selects no model.network.class_path")
-    module, _, name = path.rpartition(".")
-    return getattr(importlib.import_module(module), name)
+    return import_dotted(path, "model.network.class_path")
 
 
 def network_overrides(args, extra_config: Optional[str]) -> Tuple[List[str], Dict[str, str]]:
@@ -184,16 +175,6 @@ def quick_overrides(base: SyntheticConfig) -> List[str]:
 
 
 # ---- slices -------------------------------------------------------------------------------------------
-def write_slice(world_dir: str, domain: str, schema, row_filter, out_path: str) -> int:
-    """The rows of ``domain`` in ``world_dir`` that pass ``row_filter`` (a split's RowFilter), as Parquet."""
-    table = pq.read_table(os.path.join(world_dir, domain))
-    keep = row_filter.mask(table, schema, out_path, 0, np.arange(table.num_rows), None)
-    part = table.filter(keep)
-    os.makedirs(os.path.dirname(out_path), exist_ok=True)
-    pq.write_table(part, out_path, row_group_size=4096)
-    return part.num_rows
-
-
 def prepare_data(args, dm: LatticeDataModule) -> Dict[str, Any]:
     """Generates the world, cuts it by the data module's time split, and writes per-domain train/val
     slices (for the per-domain models) and the test slices every model is evaluated on."""
@@ -203,12 +184,12 @@ def prepare_data(args, dm: LatticeDataModule) -> Dict[str, Any]:
     schema = dm.schema
     config = dm.world.config
     slices = os.path.join(args.work, "slices")
-    rows: Dict[str, Dict[str, int]] = {}
-    for d in config.domains:
-        rows[d.name] = {}
+    names = [d.name for d in config.domains]
+    tables = {n: pq.read_table(os.path.join(world_dir, n)) for n in names}
+    rows: Dict[str, Dict[str, int]] = {n: {} for n in names}
+    for n in names:
         for split in ("train", "val", "test"):
-            rows[d.name][split] = write_slice(world_dir, d.name, schema, filters[split],
-                                              os.path.join(slices, split, f"{d.name}.parquet"))
+            rows[n][split] = write_slices({n: tables[n]}, schema, slices, {split: ([n], filters[split])})[split]
     # A domain with too few test rows: more rows of the same planted world in the same time range.
     test_fraction = dm.test_fraction
     big = copy.deepcopy(config)
@@ -221,8 +202,8 @@ def prepare_data(args, dm: LatticeDataModule) -> Dict[str, Any]:
         big_dir = ensure_world(big, args.cache_dir)
         for name in enlarged:
             rows[name]["test_original"] = rows[name]["test"]
-            rows[name]["test"] = write_slice(big_dir, name, schema, filters["test"],
-                                             os.path.join(slices, "test", f"{name}.parquet"))
+            rows[name]["test"] = write_slices({name: pq.read_table(os.path.join(big_dir, name))}, schema, slices,
+                                              {"test": ([name], filters["test"])})["test"]
     cut = filters["val"]
     return {"world_dir": world_dir, "slices": slices, "rows": rows, "enlarged_eval_world_rows": enlarged,
             "time_cutoffs": {"val": cut.lo, "test": cut.hi}}
@@ -234,34 +215,22 @@ def slice_sources(data: Dict[str, Any], split: str, domains: List[str]) -> List[
 
 
 # ---- training and evaluation --------------------------------------------------------------------------
-def make_trainer(config, epochs: int, callbacks=()):
-    import lightning.pytorch as pl
-
-    return pl.Trainer(
-        accelerator=config.trainer.accelerator or "cpu", devices=1, max_epochs=epochs, logger=False,
-        enable_checkpointing=bool(callbacks), enable_progress_bar=False, enable_model_summary=False,
-        num_sanity_val_steps=0, callbacks=list(callbacks), use_distributed_sampler=False,
-    )
-
-
 def fit_and_test(module, train_dm: LatticeDataModule, test_dm: LatticeDataModule, config, epochs: int,
                  directory: str) -> Dict[str, Any]:
-    """Trains ``epochs`` epochs, restores the epoch with the lowest ``val/loss``, then tests."""
-    from lightning.pytorch.callbacks import ModelCheckpoint
-
+    """Trains ``epochs`` epochs, then tests the epoch with the lowest ``val/loss`` (``ckpt_path="best"``)."""
     shutil.rmtree(directory, ignore_errors=True)
-    best = ModelCheckpoint(dirpath=directory, monitor="val/loss", mode="min", save_top_k=1, save_weights_only=True)
+    best = best_checkpoint(directory)
+    run = trainer(epochs, [best], accelerator=config.trainer.accelerator or "cpu")
     t0 = time.perf_counter()
-    make_trainer(config, epochs, [best]).fit(module, datamodule=train_dm)
+    run.fit(module, datamodule=train_dm)
     train_s = time.perf_counter() - t0
-    state = torch.load(best.best_model_path, map_location="cpu", weights_only=False)
-    module.load_state_dict(state["state_dict"])
-    shutil.rmtree(directory, ignore_errors=True)
     t0 = time.perf_counter()
-    make_trainer(config, 1).test(module, datamodule=test_dm, verbose=False)
+    run.test(module, datamodule=test_dm, ckpt_path="best", verbose=False)
     test_s = time.perf_counter() - t0
-    return {"results": dict(module.eval_results["test"]), "train_s": train_s, "test_s": test_s,
-            "best_epoch": int(state["epoch"]), "best_val_loss": float(best.best_model_score)}
+    out = {"results": dict(module.eval_results["test"]), "train_s": train_s, "test_s": test_s,
+           "best_epoch": best_epoch(best), "best_val_loss": float(best.best_model_score)}
+    shutil.rmtree(directory, ignore_errors=True)
+    return out
 
 
 def data_module(like: LatticeDataModule, train, val, test, batch_size: int) -> LatticeDataModule:
@@ -283,7 +252,7 @@ def per_domain_batch(rows: int, batch_size: int, min_steps: int) -> int:
 def network_cost(network, test_dm: LatticeDataModule) -> Dict[str, Any]:
     batch = next(iter(test_dm.test_dataloader()))
     network.eval()
-    mean_len = _mean_tokens(network, batch)
+    mean_len = mean_tokens(network, batch)
     return {
         "network": type(network).__name__,
         "params": network.num_parameters(),
@@ -346,26 +315,6 @@ def run_model(key: str, args, base_dm, data, overrides, epochs) -> Dict[str, Any
 
 
 # ---- report -------------------------------------------------------------------------------------------
-def mean(values) -> float:
-    vals = [v for v in values if isinstance(v, (int, float)) and math.isfinite(v)]
-    return sum(vals) / len(vals) if vals else float("nan")
-
-
-def fmt(v, digits: int = 4) -> str:
-    if v is None or (isinstance(v, float) and not math.isfinite(v)):
-        return "-"
-    return f"{v:.{digits}f}"
-
-
-def print_table(header: List[str], lines: List[List[str]]) -> None:
-    table = [header] + lines
-    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
-    print("  ".join(h.ljust(w) for h, w in zip(header, widths)))
-    print("  ".join("-" * w for w in widths))
-    for row in lines:
-        print("  ".join(c.ljust(w) for c, w in zip(row, widths)))
-
-
 def summarize(models: Dict[str, Dict[str, Any]], pairs, poor: str, args) -> Dict[str, Any]:
     oracle = {}
     for d, t in pairs:
@@ -558,12 +507,7 @@ def main(argv=None) -> Dict[str, Any]:
         torch.set_num_threads(args.threads)
     if args.eval_rows is None:
         args.eval_rows = 1000 if args.quick else 20000
-    warnings.filterwarnings("ignore", ".*does not have many workers.*")
-    warnings.filterwarnings("ignore", ".*LeafSpec.*")
-    warnings.filterwarnings("ignore", ".*litlogger.*")
-    warnings.filterwarnings("ignore", ".*args parameter is intended to run from within Python.*")
-    for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
-        logging.getLogger(name).setLevel(logging.ERROR)
+    quiet_lightning(logging.ERROR)
     keep_work = args.work is not None
     args.work = os.path.abspath(args.work or tempfile.mkdtemp(prefix="bench_quality-"))
     os.makedirs(args.work, exist_ok=True)
@@ -624,8 +568,7 @@ def main(argv=None) -> Dict[str, Any]:
         "benchmark": "bench_quality",
         "quick": args.quick,
         "args": {k: v for k, v in vars(args).items() if k != "work"},
-        "machine": {"platform": platform.platform(), "torch": torch.__version__, "threads": torch.get_num_threads(),
-                    "cpus": os.cpu_count()},
+        "machine": machine(),
         "epochs": epochs,
         "world": {"rows": world_rows, "data_poor_domain": poor, "split_rows": data["rows"],
                   "enlarged_eval_world_rows": data["enlarged_eval_world_rows"], "time_cutoffs": data["time_cutoffs"],
@@ -644,10 +587,7 @@ def main(argv=None) -> Dict[str, Any]:
             for seed, run, s in zip(seeds, runs, summaries)],
         "total_wall_s": total,
     }
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=1, default=float)
-    print(f"wrote {args.out}")
+    write_json(result, args.out)
     if not keep_work:
         shutil.rmtree(args.work, ignore_errors=True)
     return result

@@ -33,7 +33,12 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
-from lattice.data.synthetic import _T0, SyntheticConfig, SyntheticWorld, _sigmoid, auc  # noqa: E402
+from lattice.data.synthetic import SyntheticConfig, SyntheticWorld  # noqa: E402
+from lattice.metrics import binary_auc  # noqa: E402
+
+
+def sigmoid(z: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-z))
 
 
 def load_config(path: str) -> SyntheticConfig:
@@ -47,12 +52,9 @@ def draw(world: SyntheticWorld, di: int, n: int, lo: float, hi: float, seed: int
     """``n`` rows of domain ``di`` with times uniform in ``[lo, hi]`` of the span: users, items, per task
     (task, offset = z without the affinity term, affinity map M: z = offset + u . (v @ M)), labels, truth."""
     cfg, p, k = world.config, world.params(), world.config.latent_dim
-    rng = np.random.default_rng([seed, di])
-    ts = np.sort(_T0 + (lo + (hi - lo) * rng.random(n)) * cfg.days * 86400.0).astype(np.int64)
-    out = world._chunk(di, 10_000 + seed, n, ts, 0, world._calibrate(di))
-    cols, z = out["cols"], out["z"]
+    out = world.sample(cfg.domains[di].name, n, seed=seed, start=lo, end=hi, stream=10_000 + seed)
+    cols, z, tau, rng = out["cols"], out["z"], out["tau"], out["rng"]
     users, items = cols["users"], cols["items"]
-    tau = (ts - _T0) / (cfg.days * 86400.0)
     u_now = p["u"][users] + cfg.drift * tau[:, None] * p["user_drift"][users]
     dom = cfg.domains[di]
     A = p["domains"][di]["A"]
@@ -62,7 +64,7 @@ def draw(world: SyntheticWorld, di: int, n: int, lo: float, hi: float, seed: int
         M = p["tasks"][cfg.tasks.index(t)]["P"].T @ A * (t.affinity / math.sqrt(k))
         aff = (u_now * (p["v"][items] @ M)).sum(1)
         recs.append((t, z[t.name] - aff, M))
-        q = _sigmoid(z[t.name])
+        q = sigmoid(z[t.name])
         y = rng.random(n) < q
         if t.parent:
             y &= labels[t.parent]
@@ -127,9 +129,9 @@ def main(argv=None):
         for di, (us, it, recs, lab, _, extra) in enumerate(test):
             probs = {}
             for t, off, M in recs:
-                q = _sigmoid(logit_fn(di, t, off, M, us, it, extra))
+                q = sigmoid(logit_fn(di, t, off, M, us, it, extra))
                 probs[t.name] = probs[t.parent] * q if t.parent else q
-            out += [auc(lab[t.name], probs[t.name]) for t, _, _ in recs]
+            out += [binary_auc(probs[t.name], lab[t.name]) for t, _, _ in recs]
         return out
 
     def aff(u, it, M):

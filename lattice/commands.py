@@ -2,13 +2,14 @@
 
 - ``lattice data generate --config CFG --out DIR``: write the planted synthetic world to Parquet.
 - ``lattice data consolidate INPUT... --out DIR``: merge per-domain datasets into one union-schema dataset.
+- ``lattice data infer INPUT... --tasks click,like``: print the inferred schema as commented YAML.
 - ``lattice filter --config TRAIN_CFG --ckpt_path CKPT --budget N``: Lattice Filter feature selection.
 - ``lattice partition --data ... --budget N``: group (domain, task) portfolios into consolidated models.
 """
 from __future__ import annotations
 
 import sys
-from typing import Dict, List, Literal, Optional, Sequence
+from typing import Dict, List, Literal, Optional, Sequence, Union
 
 from jsonargparse import ArgumentParser, Namespace
 
@@ -53,6 +54,31 @@ def _consolidate(inputs: List[str], out: str, domains: Optional[List[str]] = Non
     )))
 
 
+def _infer(inputs: List[str], tasks: Optional[Union[List[str], str]] = None, domains: Optional[List[str]] = None,
+           regression_tasks: Optional[Union[List[str], str]] = None, exclude: Optional[Union[List[str], str]] = None,
+           id_features: bool = True, length_quantile: float = 0.99, out: Optional[str] = None) -> None:
+    """Print the schema inferred from datasets (``PATH`` or ``DOMAIN=PATH``) as YAML, a comment per decision.
+
+    Args:
+        inputs: the datasets.
+        tasks: label columns (``click,like``); default: the schema lattice embedded, else common label names.
+        domains: domain name of each input (instead of ``DOMAIN=PATH``).
+        regression_tasks: labels to treat as regression.
+        exclude: columns to leave out.
+        id_features: make user_id and item_id sparse features too, not only id columns.
+        length_quantile: a sequence's max_length is this quantile of its lengths.
+        out: also write the YAML to this file.
+    """
+    from lattice.data.commands import infer
+
+    text = infer(inputs, tasks, domains=domains, regression_tasks=regression_tasks or (), exclude=exclude or (),
+                 id_features=id_features, length_quantile=length_quantile)
+    if out is not None:
+        with open(out, "w") as fh:
+            fh.write(text)
+    print(text, end="")
+
+
 def _filter(config: List[str], ckpt_path: str, budget: int, out_dir: str = "lattice_filter",
             metric: Literal["logloss", "auc"] = "logloss", repeats: int = 3, seed: int = 0,
             max_rows: Optional[int] = 200_000, within_domain: bool = True, significance: Optional[float] = 2.0,
@@ -76,16 +102,10 @@ def _filter(config: List[str], ckpt_path: str, budget: int, out_dir: str = "latt
     """
     import torch
 
-    from lattice.cli import run_lightning
     from lattice.select.commands import run_filter
+    from lattice.train.loading import load_from_config
 
-    args: List[str] = []
-    for path in config:
-        args += ["--config", path]
-    cli = run_lightning(args, run=False)
-    module, datamodule = cli.model, cli.datamodule
-    state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-    module.load_state_dict(state["state_dict"])
+    module, datamodule = load_from_config(config, ckpt_path)
     module.eval()
     datamodule.setup("validate")
     with torch.no_grad():
@@ -129,15 +149,17 @@ def _partition(data: List[str], budget: int, out: str = "partition.yaml", schema
 
 
 def build_parser() -> ArgumentParser:
-    parser = ArgumentParser(prog="lattice", description="lattice's data, filter and partition commands")
+    # exit_on_error=False: a parse error raises, and lattice.cli.main prints it as one `lattice: error:` line.
+    parser = ArgumentParser(prog="lattice", description="lattice's data, filter and partition commands",
+                            exit_on_error=False)
     commands = parser.add_subcommands(dest="command")
     data = ArgumentParser(description="data commands")
-    commands.add_subcommand("data", data, help="generate the planted world, consolidate datasets")
+    commands.add_subcommand("data", data, help="generate the planted world, consolidate datasets, infer a schema")
     data_commands = data.add_subcommands(dest="data_command")
-    for name, fn in (("generate", _generate), ("consolidate", _consolidate)):
+    for name, fn in (("generate", _generate), ("consolidate", _consolidate), ("infer", _infer)):
         sub = ArgumentParser(description=fn.__doc__.splitlines()[0])
-        if name == "consolidate":
-            sub.add_argument("inputs", nargs="+", help="per-domain datasets: PATH or DOMAIN=PATH")
+        if name in ("consolidate", "infer"):
+            sub.add_argument("inputs", nargs="+", help="datasets: PATH or DOMAIN=PATH")
             sub.add_function_arguments(fn, skip={"inputs"})
         else:
             sub.add_function_arguments(fn)
@@ -159,7 +181,7 @@ def run_command(argv: Sequence[str]) -> None:
     ns = parser.parse_args(list(argv))
     if ns.command == "data":
         sub = ns.data
-        fn = {"generate": _generate, "consolidate": _consolidate}[sub.data_command]
+        fn = {"generate": _generate, "consolidate": _consolidate, "infer": _infer}[sub.data_command]
         fn(**{k: v for k, v in sub[sub.data_command].as_dict().items() if not k.startswith("__")})
     else:
         fn = {"filter": _filter, "partition": _partition}[ns.command]

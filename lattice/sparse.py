@@ -524,7 +524,8 @@ class KeyedJaggedTensor:
             else:
                 stride = n_bags // n_keys
         else:
-            stride = int(stride)
+            # A SymInt (a dynamic batch size under torch.export) stays symbolic; int() would specialize it.
+            stride = stride if isinstance(stride, torch.SymInt) else int(stride)
             if stride < 0:
                 raise ValueError(f"{owner}: stride must be >= 0, got {stride}")
             if n_bags != n_keys * stride:
@@ -662,7 +663,7 @@ class KeyedJaggedTensor:
         if len(kjts) == 1:
             return kjts[0]
         strides = [k.stride() for k in kjts]
-        if len(set(strides)) != 1:
+        if any(s != strides[0] for s in strides[1:]):  # no set(): a SymInt stride is unhashable
             raise ValueError(f"{owner}: all inputs must have the same stride, got {strides}")
         weighted = [k.weights_or_none() is not None for k in kjts]
         if len(set(weighted)) != 1:
@@ -958,8 +959,18 @@ def kjt_is_equal(a: KeyedJaggedTensor, b: KeyedJaggedTensor) -> bool:
     )
 
 
+_JT_FIELDS = ("values", "lengths", "offsets", "weights")
+_KJT_FIELDS = ("values", "weights", "lengths", "offsets")
+
+
+def _jt_flatten_with_keys(jt: JaggedTensor):
+    children = [jt.values(), jt.lengths(), jt.offsets(), jt.weights_or_none()]
+    return [(pytree.GetAttrKey(name), c) for name, c in zip(_JT_FIELDS, children)], None
+
+
 def _jt_flatten(jt: JaggedTensor):
-    return [jt.values(), jt.lengths(), jt.offsets(), jt.weights_or_none()], None
+    children, context = _jt_flatten_with_keys(jt)
+    return [c for _, c in children], context
 
 
 def _jt_unflatten(children, context) -> JaggedTensor:
@@ -967,9 +978,17 @@ def _jt_unflatten(children, context) -> JaggedTensor:
     return JaggedTensor(values, lengths=lengths, offsets=offsets, weights=weights, validate=False)
 
 
-def _kjt_flatten(kjt: KeyedJaggedTensor):
+def _kjt_flatten_with_keys(kjt: KeyedJaggedTensor):
+    # The stride stays out of the context when there are keys (it is len(lengths) // K): a context is
+    # static in torch.export, and a dynamic batch size must not be baked into the input spec.
     children = [kjt.values(), kjt.weights_or_none(), kjt.lengths(), kjt.offsets()]
-    return children, (tuple(kjt.keys()), kjt.stride())
+    context = (tuple(kjt.keys()), None if kjt.keys() else kjt.stride())
+    return [(pytree.GetAttrKey(name), c) for name, c in zip(_KJT_FIELDS, children)], context
+
+
+def _kjt_flatten(kjt: KeyedJaggedTensor):
+    children, context = _kjt_flatten_with_keys(kjt)
+    return [c for _, c in children], context
 
 
 def _kjt_unflatten(children, context) -> KeyedJaggedTensor:
@@ -979,12 +998,26 @@ def _kjt_unflatten(children, context) -> KeyedJaggedTensor:
                              stride=stride, validate=False)
 
 
+def _kjt_context_to_dumpable(context) -> list:
+    keys, stride = context
+    return [list(keys), stride]
+
+
+def _kjt_context_from_dumpable(dumpable) -> tuple:
+    keys, stride = dumpable
+    return tuple(keys), stride
+
+
 pytree.register_pytree_node(
-    JaggedTensor, _jt_flatten, _jt_unflatten, serialized_type_name="lattice.sparse.JaggedTensor"
+    JaggedTensor, _jt_flatten, _jt_unflatten, serialized_type_name="lattice.sparse.JaggedTensor",
+    flatten_with_keys_fn=_jt_flatten_with_keys,
 )
 pytree.register_pytree_node(
     KeyedJaggedTensor, _kjt_flatten, _kjt_unflatten,
     serialized_type_name="lattice.sparse.KeyedJaggedTensor",
+    flatten_with_keys_fn=_kjt_flatten_with_keys,
+    to_dumpable_context=_kjt_context_to_dumpable,
+    from_dumpable_context=_kjt_context_from_dumpable,
 )
 
 

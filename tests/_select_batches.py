@@ -1,54 +1,14 @@
-"""Small hand-built Batches for the lattice.select tests (not a test module itself).
-
-Uses ``lattice.data.batch.Batch`` when the data layer is present; until then a stand-in dataclass with
-the same fields (the importance code only relies on ``dataclasses.replace`` and the field names).
-"""
+"""Small hand-built ``lattice.batch.Batch`` objects for the lattice.select tests (not a test module itself)."""
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass
-from typing import List, Optional
+from typing import List
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from lattice.batch import Batch
 from lattice.sparse import KeyedJaggedTensor
-
-try:  # pragma: no cover - depends on whether the data layer has landed
-    from lattice.data.batch import Batch  # type: ignore[import-not-found]
-except ImportError:  # pragma: no cover
-
-    @dataclass
-    class Batch:  # the interface of lattice.data.batch.Batch (HELPER_GUIDE)
-        dense: Tensor
-        dense_mask: Tensor
-        sparse: KeyedJaggedTensor
-        sparse_mask: Tensor
-        sequences: KeyedJaggedTensor
-        sequence_timestamps: Optional[KeyedJaggedTensor]
-        domain: Tensor
-        labels: Tensor
-        label_mask: Tensor
-        label_window: Tensor
-        example_id: Tensor
-        user_id: Tensor
-        item_id: Tensor
-        true_probs: Optional[Tensor] = None
-        teacher_logits: Optional[Tensor] = None
-        teacher_mask: Optional[Tensor] = None
-        teacher_embedding: Optional[Tensor] = None
-
-        @property
-        def batch_size(self) -> int:
-            return int(self.domain.shape[0])
-
-        def to(self, device, non_blocking: bool = False) -> "Batch":
-            out = {}
-            for f in dataclasses.fields(self):
-                v = getattr(self, f.name)
-                out[f.name] = None if v is None else v.to(device)
-            return Batch(**out)
 
 
 def kjt_from_lists(keys: List[str], lists_per_key: List[List[List[int]]]) -> KeyedJaggedTensor:

@@ -13,7 +13,7 @@ import torch
 from torch.utils.data import DataLoader
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from helpers_distill import TinyNetwork, batches, planted_rows, tiny_schema  # noqa: E402
+from _distill import TinyNetwork, batches, planted_rows, tiny_schema  # noqa: E402
 
 from lattice.distill import DistillationCallback, DistillationModule  # noqa: E402
 
@@ -54,7 +54,7 @@ def main() -> None:
     train = batches(rows, 16)
     teacher_cb = DistillationCallback(
         teacher_ckpt=ckpt,
-        teacher_network={"class_path": "helpers_distill.TinyNetwork", "init_args": {"dim": 8, "hidden": 24}},
+        teacher_network={"class_path": "_distill.TinyNetwork", "init_args": {"dim": 8, "hidden": 24}},
         every_k_steps=1,
     )
     recorder = Recorder(teacher_cb)

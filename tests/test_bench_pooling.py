@@ -2,27 +2,17 @@
 bandwidth floor of the fused step (distinct rows, bytes written back, the read-modify-write bandwidth, the bare
 sparse update and gather probes), with values that follow from the workload. Also benchmarks/memory_probe.py's
 loops against torch on small tables."""
-import importlib.util
 import json
-import os
-import sys
 
 import pytest
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _bench():
-    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))  # bench_pooling imports pool_agreement from there
-    try:
-        spec = importlib.util.spec_from_file_location("bench_pooling", os.path.join(ROOT, "benchmarks",
-                                                                                    "bench_pooling.py"))
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(os.path.join(ROOT, "benchmarks"))
-    return module
+    from benchmarks import bench_pooling
+
+    return bench_pooling
 
 
 def _run(bench, tmp_path, *args: str) -> dict:
@@ -87,11 +77,8 @@ def test_without_forward_rounds_the_run_wide_bandwidths_stand_in(tmp_path):
 
 
 def _probe():
-    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-    try:
-        import memory_probe
-    finally:
-        sys.path.remove(os.path.join(ROOT, "benchmarks"))
+    from benchmarks import memory_probe
+
     lib, why = memory_probe.load()
     return lib, why, memory_probe
 

@@ -1,21 +1,16 @@
 """benchmarks/bench_quality.py --quick runs end to end (in-process) and writes the expected JSON structure.
 Only the structure is checked: figures of a one-epoch run on a tiny world mean nothing, and times are
 never asserted."""
-import importlib.util
 import json
 import math
-import os
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
 
 def _load():
-    spec = importlib.util.spec_from_file_location("bench_quality", os.path.join(ROOT, "benchmarks", "bench_quality.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    from benchmarks import bench_quality
+
+    return bench_quality
 
 
 @pytest.fixture(scope="module")

@@ -72,7 +72,9 @@ def test_inference_from_parquet(tmp_path):
     write_parquet(table, str(tmp_path / "d" / "p.parquet"), 64)
     s = infer_schema(str(tmp_path / "d"), tasks=["click", "dwell"])
     kinds = {f.name: f.kind for f in s.features}
-    assert kinds == {"u": "sparse", "tags": "sparse", "x": "dense", "y": "dense", "hist": "sequence"}
+    assert kinds == {"user_id": "sparse", "item_id": "sparse", "u": "sparse", "tags": "sparse", "x": "dense",
+                     "y": "dense", "hist": "sequence"}
+    assert s.user_id_column == "user_id" and s.feature("user_id").source == "user_id"
     assert s.feature("hist").timestamps_column == "hist_ts"
     assert s.feature("tags").num_embeddings == int(pa.compute.max(pa.compute.list_flatten(table["tags"])).as_py()) + 1
     assert s.task("click").kind == "binary" and s.task("dwell").kind == "regression"

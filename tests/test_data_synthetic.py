@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from lattice.data import ParquetBatchDataset, Schema, SyntheticConfig, SyntheticDomain, SyntheticWorld
-from lattice.data.synthetic import auc
+from lattice.metrics import binary_auc
 
 
 
@@ -80,7 +80,7 @@ def test_truth_is_calibrated_and_informative(world_dir):
         y = feed[task].to_numpy().astype(float)
         p = feed["p_" + task].to_numpy()
         assert abs(p.mean() - y.mean()) < 0.02, task
-        assert auc(y, p) > 0.75, task
+        assert binary_auc(p, y) > 0.75, task
     click = feed["click"].to_numpy()
     # tasks are nested: like and conversion only after a click
     assert (feed["conversion"].to_numpy() <= click).all() and (feed["like"].to_numpy() <= click).all()
@@ -113,8 +113,8 @@ def test_delays_sequences_and_noise(world_dir):
     # noise is noise; an informative feature is not
     click = feed["click"].to_numpy()
     for name in ("noise_d0", "noise_d1"):
-        assert abs(auc(click, feed[name].to_numpy()) - 0.5) < 0.04, name
-    assert auc(click, -feed["position"].to_numpy()) > 0.55
+        assert abs(binary_auc(feed[name].to_numpy(), click) - 0.5) < 0.04, name
+    assert binary_auc(-feed["position"].to_numpy(), click) > 0.55
 
 
 def test_domains_share_user_structure(world_dir):
@@ -153,7 +153,7 @@ def test_user_activity_enters_the_logit_through_its_coefficient():
         ua = feed["user_activity"].to_numpy(zero_copy_only=False)
         keep = ~np.isnan(ua)
         p_click = feed["p_click"].to_numpy()[keep]
-        return auc((p_click > np.median(p_click)).astype(float), ua[keep])
+        return binary_auc(ua[keep], (p_click > np.median(p_click)).astype(float))
 
     assert click_auc(1.5) > 0.65
     assert abs(click_auc(0.0) - 0.5) < 0.05

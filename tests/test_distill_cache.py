@@ -6,7 +6,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from helpers_distill import TinyNetwork, make_batch, planted_rows, tiny_schema
+from _distill import TinyNetwork, make_batch, planted_rows, tiny_schema
 from lattice.distill import (
     DictEmbeddingStore,
     DistillationModule,

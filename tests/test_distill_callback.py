@@ -12,13 +12,13 @@ import torch
 import yaml
 from torch.utils.data import DataLoader
 
-from helpers_distill import TinyNetwork, batches, make_batch, planted_rows, tiny_schema
+from _distill import TinyNetwork, batches, make_batch, planted_rows, tiny_schema
 from lattice.distill import DistillationCallback, DistillationModule, load_teacher_network
 from lattice.train.module import LatticeModule
 
 warnings.filterwarnings("ignore", ".*does not have many workers.*")
 
-TEACHER_SPEC = {"class_path": "helpers_distill.TinyNetwork", "init_args": {"dim": 8, "hidden": 24}}
+TEACHER_SPEC = {"class_path": "_distill.TinyNetwork", "init_args": {"dim": 8, "hidden": 24}}
 
 
 def _trainer(**kw):
@@ -40,7 +40,7 @@ def teacher_ckpt(tmp_path_factory):
     path = str(directory / "checkpoints" / "last.ckpt")
     trainer.save_checkpoint(path)
     with open(directory / "config.yaml", "w") as f:
-        yaml.safe_dump({"model": {"class_path": "lattice.train.LatticeModule", "init_args": {"network": TEACHER_SPEC}}}, f)
+        yaml.safe_dump({"model": {"class_path": "lattice.train.module.LatticeModule", "init_args": {"network": TEACHER_SPEC}}}, f)
     return path, module
 
 
@@ -60,7 +60,7 @@ def test_load_teacher_errors(teacher_ckpt, tmp_path):
     path, _ = teacher_ckpt
     with pytest.raises(FileNotFoundError):
         load_teacher_network(str(tmp_path / "nope.ckpt"), tiny_schema())
-    wrong = {"class_path": "helpers_distill.TinyNetwork", "init_args": {"dim": 4}}
+    wrong = {"class_path": "_distill.TinyNetwork", "init_args": {"dim": 4}}
     with pytest.raises(ValueError, match="does not match"):
         load_teacher_network(path, tiny_schema(), network=wrong)
     lone = tmp_path / "lone.ckpt"

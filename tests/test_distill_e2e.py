@@ -14,7 +14,7 @@ import torch
 
 pytest.importorskip("lattice.data.datamodule")
 
-from helpers_distill import TinyNetwork  # noqa: E402
+from _distill import TinyNetwork  # noqa: E402
 from lattice.data import LatticeDataModule  # noqa: E402
 from lattice.data.errors import DataError  # noqa: E402
 from lattice.data.synthetic import SyntheticConfig, SyntheticDomain  # noqa: E402

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from helpers_distill import TinyNetwork, make_batch, planted_rows, tiny_schema
+from _distill import TinyNetwork, make_batch, planted_rows, tiny_schema
 from lattice.distill import DistillationHead, DistillationModule, GradScale, StudentAdapter, grad_scale
 
 pytestmark = pytest.mark.filterwarnings("ignore:You are trying to `self.log\\(\\)`")

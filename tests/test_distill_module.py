@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from helpers_distill import TinyNetwork, batches, make_batch, planted_rows, tiny_schema
+from _distill import TinyNetwork, batches, make_batch, planted_rows, tiny_schema
 from lattice.distill import DistillationModule, TeacherEmbeddingCache
 
 pytestmark = pytest.mark.filterwarnings("ignore:You are trying to `self.log\\(\\)`")

@@ -1,6 +1,6 @@
 """The student pieces on the real lattice networks (skipped until lattice.models is merged): the KTAP teacher
-token through :class:`TeacherTokenNetwork` / :func:`with_token_slots`, and the serving (Zipper) heads
-untouched by the distillation path."""
+token through :class:`TeacherTokenNetwork` (a network built with ``num_extra_tokens``), and the serving
+(Zipper) heads untouched by the distillation path."""
 import pytest
 import torch
 
@@ -14,7 +14,6 @@ from lattice.distill import (  # noqa: E402
     DistillationModule,
     TeacherEmbeddingCache,
     TeacherTokenNetwork,
-    with_token_slots,
 )
 
 pytestmark = pytest.mark.filterwarnings("ignore:You are trying to `self.log\\(\\)`")
@@ -51,7 +50,7 @@ def test_teacher_token_network_trains_with_the_token(world, name):
     torch.manual_seed(0)
     net = TeacherTokenNetwork(schema, network_class=f"lattice.models.{name}", network_args={"dim": 8})
     plain = getattr(models, name)(schema, dim=8)
-    assert net.processor.num_tokens == plain.processor.num_tokens + 1
+    assert net.network.num_tokens == plain.num_tokens + 1 and net.processor.num_tokens == plain.processor.num_tokens
     assert set(net.network.state_dict()) == set(plain.state_dict())  # same parameter names, a wider first layer
     module = DistillationModule(net, distillation="aux_head", adapter=True, teacher_embedding_dim=6,
                                 cache=TeacherEmbeddingCache(6, ttl=5), sparse_optimizer="none",
@@ -72,13 +71,20 @@ def test_teacher_token_network_trains_with_the_token(world, name):
     assert pred["logits"].shape == (batch.batch_size, len(schema.tasks))
 
 
-def test_with_token_slots_is_cached_and_checks_its_input():
-    cls = with_token_slots(models.LatticeNetwork, 2)
-    assert cls is with_token_slots(models.LatticeNetwork, 2)
-    assert issubclass(cls, models.LatticeNetwork) and cls.extra_token_slots == 2
-    assert with_token_slots(models.LatticeNetwork, 0) is models.LatticeNetwork
-    with pytest.raises(TypeError):
-        with_token_slots(torch.nn.Linear, 1)
+def test_teacher_token_network_checks_its_input(world):
+    schema, batch = world
+    with pytest.raises(TypeError, match="network_class"):
+        TeacherTokenNetwork(schema, network_class="torch.nn.Linear")
+    with pytest.raises(ValueError, match="cannot import network_class"):
+        TeacherTokenNetwork(schema, network_class="lattice.models.NoSuchNetwork")
+    with pytest.raises(ValueError, match="num_extra_tokens"):
+        TeacherTokenNetwork(schema, network_args={"dim": 8, "num_extra_tokens": 2})
+    net = TeacherTokenNetwork(schema, network_args={"dim": 8}, num_tokens=2)
+    with pytest.raises(ValueError, match="num_extra_tokens=2 but got none"):
+        net(batch)
+    with pytest.raises(ValueError, match=r"extra_tokens must be \[B=48, num_extra_tokens=2, d=8\]"):
+        net(batch, extra_tokens=torch.zeros(48, 1, 8))
+    assert net(batch, extra_tokens=torch.zeros(48, 2, 8)).logits.shape == (48, len(schema.tasks))
 
 
 @pytest.mark.parametrize("name", ["LatticeNetwork", "MMoE"])
@@ -158,11 +164,7 @@ def test_token_slot_networks_pickle(world):
     assert type(clone.network) is type(net.network)
     for a, b in zip(net.state_dict().values(), clone.state_dict().values()):
         assert torch.equal(a, b)
-    import lattice.distill.student as student
-
-    assert student.LatticeNetworkWith3TokenSlots.extra_token_slots == 3  # resolvable by name alone
-    with pytest.raises(AttributeError):
-        student.NoSuchNetworkWith1TokenSlots
+    assert type(clone.network) is models.LatticeNetwork and clone.network.num_extra_tokens == 1
 
 
 def test_online_teacher_from_a_lattice_network_checkpoint_with_fused_optimizer_state(world, tmp_path):

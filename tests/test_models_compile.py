@@ -9,9 +9,10 @@ import os
 import pytest
 import torch
 
-from helpers_models import make_schema, random_batch
-from helpers_models import single_thread  # noqa: F401  (autouse fixture)
+from _models import make_schema, random_batch
 from lattice.models import LatticeNetwork
+
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 # Embeddings as in training (the fused in-backward optimizer), with lr 0 so both runs see the same weights.
 SIZE = dict(dim=16, num_layers=2, num_heads=2, fm_tokens=4, lcb_tokens=4, fm_hidden_dims=[32], representation_dim=32,

@@ -4,9 +4,10 @@ import copy
 import pytest
 import torch
 
-from helpers_models import make_schema, random_batch
-from helpers_models import single_thread  # noqa: F401  (autouse fixture)
+from _models import make_schema, random_batch
 from lattice.models import LatticeModel, LogisticRegression, ModelOutput
+
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def build(schema, **kwargs):

@@ -3,11 +3,13 @@ analytic FLOPs and parameter counts."""
 import pytest
 import torch
 
-from helpers_models import make_schema, random_batch
+from _models import make_schema, random_batch
 from lattice.models import DLRM, MMoE, PLE, InterFormer, LatticeModel, LatticeNetwork, ModelOutput, SharedBottom, Wukong
 from lattice.nn.heads import MultiTaskHeads
 from lattice.nn.linear import DomainLinear
-from helpers_models import single_thread  # noqa: F401  (autouse fixture)
+from lattice.nn.wide import WidePath
+
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 SMALL = {
     LatticeNetwork: dict(dim=16, num_layers=2, fm_tokens=4, lcb_tokens=4, fm_hidden_dims=[32], representation_dim=32,
@@ -163,7 +165,7 @@ def test_wide_path_adds_a_logistic_regression_to_every_head(cls):
     schema = make_schema()
     deep = build(cls, schema, untie_heads=True)
     model = build(cls, schema, untie_heads=True, wide=True, wide_dim=8)
-    assert type(model.wide).__name__ == "LogisticRegression" and model.wide.wide is None
+    assert isinstance(model.wide, WidePath)
     state = model.state_dict()
     assert all(torch.equal(state[k], v) for k, v in deep.state_dict().items()), "the deep part starts the same"
     assert any(k.startswith("wide.") for k in state)
@@ -175,7 +177,7 @@ def test_wide_path_adds_a_logistic_regression_to_every_head(cls):
     for name, logits in out.window_logits.items():
         torch.testing.assert_close(logits, ref.window_logits[name] + linear.window_logits[name])
     torch.testing.assert_close(out.representation, ref.representation)
-    assert model.flops_per_sample() == pytest.approx(deep.flops_per_sample() + model.wide.flops_per_sample())
+    assert model.flops_per_sample() == pytest.approx(deep.flops_per_sample() + model.wide.flops())
     assert len(model.embedding_collections()) > len(deep.embedding_collections())  # the fused optimizer finds its tables
     (out.train_logits * torch.randn_like(out.train_logits)).sum().backward()
     silent = [n for n, p in model.wide.named_parameters() if p.grad is None or _values(p.grad).abs().sum() == 0]
@@ -212,3 +214,51 @@ def test_bf16_autocast_forward_backward(cls):
     assert torch.isfinite(out.logits.float()).all()
     out.train_logits.float().sum().backward()
     assert all(p.grad is None or torch.isfinite(_values(p.grad)).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize("cls", NETWORKS, ids=ids)
+def test_extra_tokens_reach_the_trunk_and_the_output_carries_the_head_input(cls):
+    """num_extra_tokens: the trunk reads k more tokens, given to forward or by an extra_tokens override;
+    the output carries what the heads read and their hidden activation."""
+    schema = make_schema()
+    batch = random_batch(schema, 6)
+    plain = build(cls, schema)
+    model = build(cls, schema, num_extra_tokens=2)
+    assert model.num_tokens == plain.num_tokens + 2 == model.processor.num_tokens + 2
+    tokens = torch.randn(6, 2, model.dim)
+    out = model(batch, extra_tokens=tokens)
+    moved = model(batch, extra_tokens=tokens + 1.0)
+    assert not torch.allclose(out.logits, moved.logits), "the extra tokens reach the logits"
+    assert out.head_input.shape[0] == 6 and out.head_input.shape[-1] == model.heads.in_dim
+    torch.testing.assert_close(model.heads(out.head_input, batch.label_window, batch.domain).logits, out.logits)
+    assert out.head_hidden.shape == (6, len(schema.tasks), 16)
+    with pytest.raises(ValueError, match="num_extra_tokens=2 but got none"):
+        model(batch)
+
+    class WithTokens(cls):
+        def extra_tokens(self, features, batch):
+            return tokens
+
+    torch.manual_seed(0)
+    sub = WithTokens(schema, **SMALL[cls], num_extra_tokens=2)
+    torch.testing.assert_close(sub(batch).logits, out.logits)
+
+
+def test_wide_path_is_a_per_domain_logistic_regression():
+    """WidePath and LogisticRegression(untie_heads=True) draw the same parameters and give the same logits."""
+    from lattice.models import LogisticRegression
+
+    schema = make_schema()
+    batch = _full_coverage_batch(schema)
+    torch.manual_seed(0)
+    wide = WidePath(schema, dim=4)
+    torch.manual_seed(0)
+    lr = LogisticRegression(schema, dim=4, untie_heads=True)
+    assert {k: v.shape for k, v in wide.state_dict().items()} == {k: v.shape for k, v in lr.state_dict().items()}
+    assert all(torch.equal(v, lr.state_dict()[k]) for k, v in wide.state_dict().items())
+    out, ref = wide(batch), lr(batch)
+    torch.testing.assert_close(out.logits, ref.logits)
+    torch.testing.assert_close(out.train_logits, ref.train_logits)
+    assert wide.flops() == pytest.approx(lr.flops_per_sample())
+    with pytest.raises(ValueError, match="WidePath dim"):
+        WidePath(schema, dim=0)

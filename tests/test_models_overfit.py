@@ -3,11 +3,12 @@ constant predictor (the label entropy / variance)."""
 import pytest
 import torch
 
-from helpers_models import label_entropy, make_schema, planted_batches
+from _models import label_entropy, make_schema, planted_batches
 from lattice.models import DLRM, MMoE, PLE, InterFormer, LatticeNetwork, SharedBottom, Wukong
-from lattice.train.losses import masked_multitask_loss
+from lattice.metrics import masked_multitask_loss
 from test_models_networks import SMALL
-from helpers_models import single_thread  # noqa: F401  (autouse fixture)
+
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 STEPS = 60
 

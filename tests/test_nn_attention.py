@@ -3,8 +3,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers_models import single_thread  # noqa: F401  (autouse fixture)
 from lattice.nn.attention import PMA, InterleavedCrossAttention, JaggedMultiheadAttention, apply_rope
+
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def _offsets(lengths):

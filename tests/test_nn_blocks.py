@@ -8,7 +8,8 @@ from lattice.nn.fusion import CrossNetBlock, DotProductBlock, FMBlock, FusionBlo
 from lattice.nn.linear import MLP, DomainLinear, resolve_domain_groups
 from lattice.nn.norms import RMSNorm, RunningStandardize, SwishRMSNorm, make_norm
 from lattice.nn.processors import DenseProcessor
-from helpers_models import single_thread  # noqa: F401  (autouse fixture)
+
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def _all_grads(module):

@@ -6,10 +6,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from helpers_models import make_schema, random_batch
+from _models import make_schema, random_batch
 from lattice.models import DLRM, InterFormer, LatticeNetwork, LogisticRegression, SharedBottom
 from lattice.nn.conditional import ConditionalTasks, compose_logits
-from helpers_models import single_thread  # noqa: F401  (autouse fixture)
+
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 GRID = torch.tensor([-80.0, -20.0, -3.0, -0.5, 0.0, 0.7, 4.0, 20.0, 80.0], dtype=torch.float64)
 

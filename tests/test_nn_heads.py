@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from lattice.nn.heads import MultiTaskHeads
-from helpers_models import single_thread  # noqa: F401  (autouse fixture)
+
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def _tasks():

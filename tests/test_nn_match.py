@@ -6,12 +6,13 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from helpers_models import make_schema, random_batch
+from _models import make_schema, random_batch
 from lattice.models import InterFormer, LatticeNetwork, SharedBottom
 from lattice.nn.match import HistoryMatch, match_pairs
 from lattice.nn.processors import FeatureProcessor
 from lattice.sparse import KeyedJaggedTensor
-from helpers_models import single_thread  # noqa: F401  (autouse fixture)
+
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def _kjt(keys, bags):

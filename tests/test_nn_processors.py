@@ -2,10 +2,11 @@
 import pytest
 import torch
 
-from helpers_models import make_schema, random_batch
+from _models import make_schema, random_batch
 from lattice.nn.processors import FeatureProcessor
 from lattice.sparse import KeyedJaggedTensor, jagged_positions
-from helpers_models import single_thread  # noqa: F401  (autouse fixture)
+
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def test_jagged_positions():

@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 import lattice  # noqa: F401
 from lattice.ops import jagged_embedding_pool, jagged_embedding_pool_fused, reference, sparse_rows_optimizer_step_
-from pooling_cases import make_case, pool_cases, tolerance
+from _pooling_cases import make_case, pool_cases, tolerance
 
 ops = torch.ops.lattice
 

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 
 import lattice  # noqa: F401
 from lattice.ops import jagged_embedding_pool, reference, use_backend
-from pooling_cases import make_case, pool_cases, tolerance
+from _pooling_cases import make_case, pool_cases, tolerance
 
 op = torch.ops.lattice.jagged_embedding_pool
 
@@ -144,7 +144,7 @@ def test_generic_isa_path_matches():
 import torch, lattice
 import sys
 sys.path.insert(0, sys.argv[1])
-from pooling_cases import make_case
+from _pooling_cases import make_case
 from lattice.ops import reference
 op = torch.ops.lattice
 for i, (D, dtype, pooling, weighted) in enumerate([(16, torch.float32, 0, True), (33, torch.bfloat16, 1, False),

@@ -1,6 +1,5 @@
 """benchmarks/bench_filter.py --quick end to end: lattice fit -> lattice filter -> lattice fit on the kept
 features (the filter's YAML as the data config's schema) -> lattice test, on a small planted world."""
-import importlib.util
 import json
 import math
 import os
@@ -8,28 +7,11 @@ import os
 import pytest
 import yaml
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
 
 def _bench():
-    spec = importlib.util.spec_from_file_location("bench_filter", os.path.join(ROOT, "benchmarks", "bench_filter.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    from benchmarks import bench_filter
 
-
-def test_planted_informs_follows_the_world():
-    from lattice.data.synthetic import SyntheticConfig, SyntheticDomain, SyntheticTask
-
-    bench = _bench()
-    informs = bench.planted_informs(SyntheticConfig())
-    tasks = ["click", "like", "conversion"]
-    assert informs["user"] == tasks and informs["position"] == tasks  # a click driver drives its children
-    assert informs["item_brand"] == ["like"] and informs["price"] == ["conversion"]
-    assert informs["user_segment"] == [] and "noise_s0" not in informs
-    cfg = SyntheticConfig(domains=[SyntheticDomain("feed", 100)],
-                          tasks=[SyntheticTask("click", hour=0.0, position=0.0, query=0.0)])
-    assert bench.planted_informs(cfg)["hour"] == []
+    return bench_filter
 
 
 @pytest.mark.slow

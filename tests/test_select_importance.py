@@ -5,13 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from lattice.select.importance import (
-    gather_eval_set,
-    masked_auc,
-    masked_logloss,
-    permutation_importance,
-    permutation_indices,
-)
+from lattice.select.importance import gather_eval_set, permutation_importance, permutation_indices
 
 from _select_batches import ToyModel, toy_world
 
@@ -145,27 +139,6 @@ def test_permutation_indices():
     assert sorted(q.tolist()) == list(range(100)) and np.any(domain[q] != domain)
 
 
-def test_masked_metrics():
-    logits = torch.tensor([[2.0, 0.0], [-1.0, 1.0], [0.5, 5.0], [0.5, 0.0]])
-    labels = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0], [0.0, 0.0]])
-    mask = torch.tensor([[True, True], [True, True], [True, False], [True, False]])
-    ll = masked_logloss(logits, labels, mask)
-    y, x = labels[:, 0].double(), logits[:, 0].double()
-    ref0 = -(y * torch.log(torch.sigmoid(x)) + (1 - y) * torch.log(1 - torch.sigmoid(x))).mean()
-    assert math.isclose(float(ll[0]), float(ref0), rel_tol=1e-12)
-    ref1 = -(math.log(1 - 0.5) + math.log(torch.sigmoid(torch.tensor(1.0)).item())) / 2
-    assert math.isclose(float(ll[1]), ref1, rel_tol=1e-6)
-    auc = masked_auc(logits, labels, mask)
-    # task 0: positives 2.0, 0.5; negatives -1.0, 0.5 -> pairs: (2>-1),(2>.5),(.5>-1),(.5=.5 -> half) = 3.5/4
-    assert math.isclose(float(auc[0]), 3.5 / 4)
-    assert math.isclose(float(auc[1]), 1.0)
-    reg = masked_logloss(logits, labels, mask, regression=torch.tensor([False, True]))
-    assert math.isclose(float(reg[1]), ((0 - 0) ** 2 + (1 - 1) ** 2) / 2)
-    assert math.isnan(float(masked_auc(logits, labels, mask, torch.tensor([False, True]))[1]))
-    empty = masked_logloss(logits, labels, torch.zeros_like(mask))
-    assert torch.isnan(empty).all()
-
-
 def test_significant_zeroes_jitter():
     from lattice.select.importance import ImportanceResult
 
@@ -206,8 +179,6 @@ def _parallel_world(n=1200, batch_size=400, seed=3):
     import dataclasses
 
     from _select_batches import kjt_from_lists
-
-    from lattice.sparse import KeyedJaggedTensor
 
     batches, _ = toy_world(n=n, batch_size=batch_size, seed=seed)
     g = np.random.default_rng(seed)

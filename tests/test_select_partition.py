@@ -1,5 +1,8 @@
 """MinHash accuracy, streaming portfolio statistics and the grouping, on a small Parquet world."""
 import math
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pyarrow as pa
@@ -7,11 +10,13 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
+from lattice.data.schema import Schema
 from lattice.select.commands import run_partition
 from lattice.select.partition import (
     DelayHistogram,
     MinHash,
     agglomerate,
+    group_schema,
     hash_ids,
     jaccard_matrix,
     partition_portfolios,
@@ -253,10 +258,6 @@ def test_consolidated_dataset_and_run_partition(world, tmp_path):
     for name in ("model_0", "model_1"):
         sch = yaml.safe_load(open(res.files[name]))
         assert sch["tasks"][1]["delay_column"] == "conversion_delay"
-        try:
-            from lattice.data.schema import Schema
-        except ImportError:
-            continue
         assert len(Schema.from_dict(sch).domains) == 2
     assert "model_0" in res.table and "Jaccard" in res.table
 
@@ -316,3 +317,45 @@ def test_lattice_partition_command(world, tmp_path, capsys):
     assert groups == [["A", "B"], ["C", "D"]]
     assert doc["models"][0]["data"]["domain_paths"] == {d: paths[d] for d in doc["models"][0]["domains"]}
     assert "Lattice partition: 8 portfolios -> 2 model(s)" in capsys.readouterr().out
+
+
+def test_group_schema_keeps_the_group_s_domains_tasks_and_features():
+    schema = Schema(
+        features=[{"name": "f0", "kind": "dense"}, {"name": "f1", "kind": "dense"}, {"name": "f2", "kind": "dense"}],
+        tasks=[{"name": "click"}, {"name": "like"}, {"name": "buy"}],
+        domains=[{"name": "feed", "features": ["f0"]}, {"name": "shop", "features": ["f0", "f2"]}, {"name": "ads"}],
+    )
+    one = group_schema(schema, ["shop", "feed"], {"shop": ["buy", "click"], "feed": ["click"]})
+    assert one.domain_names == ["shop", "feed"] and one.task_names == ["click", "buy"]
+    assert [d.tasks for d in one.domains] == [["click", "buy"], ["click"]]
+    assert one.feature_names == ["f0", "f2"]  # the union of the kept domains' lists
+    # a domain that lists no features keeps them all
+    assert group_schema(schema, ["feed", "ads"], {"feed": ["like"], "ads": ["like"]}).feature_names == ["f0", "f1", "f2"]
+
+
+def test_lattice_partition_command_end_to_end(world, tmp_path):
+    """``lattice partition`` as the README runs it, in a subprocess, with a schema YAML."""
+    _, paths = world
+    schema = Schema(
+        features=[{"name": "f", "kind": "dense"}],
+        tasks=[{"name": "click"},
+               {"name": "conversion", "delay_column": "conversion_delay",
+                "windows": [{"name": "1d", "seconds": 86400, "probability": 0.5},
+                            {"name": "7d", "seconds": 604800, "probability": 0.5}]}],
+        domains=list(paths), domain_column=None, timestamp_column=None,
+    )
+    schema.to_yaml(tmp_path / "schema.yaml")
+    data = "[" + ",".join(f"{d}={p}" for d, p in paths.items()) + "]"
+    proc = subprocess.run(
+        [sys.executable, "-m", "lattice.cli", "partition", "--data", data, "--budget", "2", "--schema", "schema.yaml",
+         "--num_perm", "128", "--out", "plan/partition.yaml"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300, env=dict(os.environ, LATTICE_CACHE=str(tmp_path)),
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "model_0" in proc.stdout and "Jaccard" in proc.stdout
+    doc = yaml.safe_load((tmp_path / "plan" / "partition.yaml").read_text())
+    assert sorted(sorted(m["domains"]) for m in doc["models"]) == [["A", "B"], ["C", "D"]]
+    for m in doc["models"]:
+        model_schema = Schema.from_yaml(str(tmp_path / "plan" / f"partition.{m['name']}.schema.yaml"))
+        assert model_schema.domain_names == m["domains"] and model_schema.task_names == ["click", "conversion"]
+        assert model_schema == Schema.from_dict(m["data"]["schema"])

@@ -7,13 +7,14 @@ import numpy as np
 import pytest
 import yaml
 
+from lattice.data.errors import SchemaError
+from lattice.data.schema import Schema
 from lattice.select.commands import run_filter
 from lattice.select.importance import ImportanceResult
 from lattice.select.pareto import pareto_select, weighted_sum_select
 from lattice.select.report import (
     format_importance_table,
     plot_importance,
-    restrict_schema,
     write_importance_csv,
     write_kept_yaml,
     write_summary_json,
@@ -51,20 +52,22 @@ def _result() -> ImportanceResult:
     )
 
 
-def test_restrict_schema():
-    d = restrict_schema(SCHEMA, ["s0", "d0", "q0"])
-    assert [f["name"] for f in d["features"]] == ["d0", "s0", "q0"]
-    assert d["domains"][0]["features"] == ["d0", "q0"] and "features" not in d["domains"][1]
-    assert d["tasks"] == SCHEMA["tasks"] and SCHEMA["features"][1]["name"] == "d1"  # input untouched
-    with pytest.raises(KeyError):
-        restrict_schema(SCHEMA, ["nope"])
+def test_schema_restrict():
+    schema = Schema.from_dict(SCHEMA)
+    kept = schema.restrict(["s0", "d0", "q0"])
+    assert kept.feature_names == ["d0", "s0", "q0"]  # schema order
+    assert kept.domains[0].features == ["d0", "q0"] and kept.domains[1].features is None
+    assert kept.tasks == schema.tasks and schema.feature_names[1] == "d1"  # the input is untouched
+    assert kept.feature("q0") == schema.feature("q0")
+    with pytest.raises(SchemaError, match=r"kept feature\(s\) \['nope'\] are not in the schema"):
+        schema.restrict(["nope", "d0"])
 
 
 def test_kept_yaml(tmp_path):
     res = _result()
     sel = pareto_select(res.matrix(), 2, names=res.features)
     path = tmp_path / "out" / "kept.yaml"
-    doc = write_kept_yaml(path, sel, result=res, schema=SCHEMA)
+    doc = write_kept_yaml(path, sel, result=res, schema=Schema.from_dict(SCHEMA))
     text = path.read_text()
     assert text.startswith("# Lattice Filter: kept 2 of 5 features")
     loaded = yaml.safe_load(text)
@@ -72,13 +75,8 @@ def test_kept_yaml(tmp_path):
     assert loaded["features"] == ["d0", "s0"]
     assert loaded["selection"]["method"] == "pareto" and loaded["selection"]["fronts"] == {"d0": 0, "s0": 0}
     assert [f["name"] for f in loaded["schema"]["features"]] == ["d0", "s0"]
-    try:
-        from lattice.data.schema import Schema
-    except ImportError:
-        Schema = None
-    if Schema is not None:  # a data config can point at the file: the schema is found under schema:
-        s = Schema.from_yaml(str(path))
-        assert s.feature_names == ["d0", "s0"]
+    # a data config can point at the file: the schema is found under schema:
+    assert Schema.from_yaml(str(path)) == Schema.from_dict(SCHEMA).restrict(["d0", "s0"])
     write_kept_yaml(tmp_path / "k2.yaml", sel, result=res)
     no_schema = yaml.safe_load((tmp_path / "k2.yaml").read_text())
     assert no_schema["features"] == ["d0", "s0"] and "schema" not in no_schema
@@ -160,13 +158,12 @@ def test_run_filter_end_to_end(tmp_path, capsys):
 
 
 def test_run_filter_with_schema(tmp_path):
-    schema_mod = pytest.importorskip("lattice.data.schema")
-    schema = schema_mod.Schema.from_dict(SCHEMA)
+    schema = Schema.from_dict(SCHEMA)
     batches, w = toy_world(n=1000, batch_size=500, seed=2)
     out = run_filter(ToyModel(w), batches, budget=3, schema=schema, out_dir=str(tmp_path), repeats=2,
                      plot=False, print_table=False)
     assert out.importance.features == ["d0", "d1", "s0", "s1", "q0"] and out.importance.tasks == ["t0", "t1"]
     assert {"d0", "s0"} <= set(out.kept) and len(out.kept) == 3
-    kept = schema_mod.Schema.from_yaml(out.files["kept_yaml"])  # what a data config would load
+    kept = Schema.from_yaml(out.files["kept_yaml"])  # what a data config would load
     assert kept.feature_names == [n for n in schema.feature_names if n in out.kept]
     assert kept.task_names == ["t0", "t1"]

@@ -4,6 +4,7 @@ import importlib.util
 
 import pytest
 import torch
+import torch.fx.experimental._config  # noqa: F401  (backed_size_oblivious)
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -250,6 +251,54 @@ def test_to_dataclass_and_pytree():
     assert "KeyedJaggedTensor(keys=['a', 'b'], stride=2" in repr(kjt) and "JaggedTensor(" in repr(jt)
     big = KeyedJaggedTensor(["a"], torch.arange(100), lengths=torch.tensor([100]))
     assert "shape=[100]" in repr(big)
+
+
+def test_pytree_keys_paths_and_treespec_serialization():
+    kjt = KeyedJaggedTensor(["a", "b"], torch.arange(3), weights=torch.rand(3), lengths=torch.tensor([1, 0, 2, 0]))
+    pytree = torch.utils._pytree
+    paths = [pytree.keystr(path) for path, _ in pytree.tree_flatten_with_path(kjt)[0]]
+    assert paths == [".values", ".weights", ".lengths", ".offsets"]
+    assert [pytree.keystr(p) for p, _ in pytree.tree_flatten_with_path(kjt["a"])[0]] == [
+        ".values", ".lengths", ".offsets", ".weights"]
+    unweighted = KeyedJaggedTensor(["a", "b"], torch.arange(3), lengths=torch.tensor([1, 0, 2, 0]))
+    assert pytree.tree_leaves(unweighted["a"])[-1] is None  # no weights: a None leaf
+    # The batch size is not in the spec (torch.export keeps specs static; the batch must stay dynamic).
+    other = KeyedJaggedTensor(["a", "b"], torch.arange(5), lengths=torch.tensor([1, 0, 2, 0, 1, 1]))
+    assert pytree.tree_structure(other) == pytree.tree_structure(unweighted)
+    keys_differ = KeyedJaggedTensor(["a", "c"], torch.arange(3), lengths=torch.tensor([1, 0, 2, 0]))
+    assert pytree.tree_structure(keys_differ) != pytree.tree_structure(unweighted)
+    spec = pytree.tree_structure(kjt)
+    assert pytree.treespec_loads(pytree.treespec_dumps(spec)) == spec
+    rebuilt = pytree.tree_unflatten(pytree.tree_leaves(other), pytree.tree_structure(other))
+    assert kjt_is_equal(rebuilt, other) and rebuilt.stride() == 3
+
+
+def test_torch_export_takes_keyed_jagged_tensors_with_a_dynamic_batch():
+    class PerKeyTotals(torch.nn.Module):
+        def forward(self, kjt: KeyedJaggedTensor) -> torch.Tensor:
+            B = kjt.stride()
+            rows = torch.repeat_interleave(torch.arange(len(kjt.keys()) * B), kjt.lengths().long(),
+                                           output_size=kjt.values().shape[0])
+            sums = torch.zeros(len(kjt.keys()) * B).index_add_(0, rows, kjt.weights() * kjt.values().float())
+            return torch.stack([sums[:B], sums[B:]], 1)  # [B, K]
+
+    def make(B, seed):
+        gen = torch.Generator().manual_seed(seed)
+        lengths = torch.randint(0, 4, (2 * B,), generator=gen)
+        n = int(lengths.sum())
+        return KeyedJaggedTensor(["a", "b"], torch.randint(0, 9, (n,), generator=gen), weights=torch.rand(n, generator=gen),
+                                 lengths=lengths)
+
+    batch = torch.export.Dim("batch", min=1, max=1024)
+    n = torch.export.Dim("n", min=0)
+    example = make(6, 0)
+    shapes = {"kjt": [{0: n}, {0: n}, {0: 2 * batch}, {0: 2 * batch + 1}]}
+    # The stride is len(lengths) // K; without size-oblivious sizes export would guard that expression >= 2.
+    with torch.fx.experimental._config.patch(backed_size_oblivious=True):
+        program = torch.export.export(PerKeyTotals(), (example,), dynamic_shapes=shapes, strict=False)
+    for B, seed in ((1, 1), (6, 2), (37, 3)):
+        kjt = make(B, seed)
+        torch.testing.assert_close(program.module()(kjt), PerKeyTotals()(kjt))
 
 
 def test_pin_memory():

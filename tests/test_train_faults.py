@@ -29,7 +29,9 @@ def _last_step(run_dir) -> int:
     return int(torch.load(os.path.join(run_dir, "ckpt", "last.ckpt"), weights_only=True)["global_step"])
 
 
-@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+# DDP's kill-and-resume runs through the real `lattice fit` (SIGKILL at 3 seeded steps, one mid-save):
+# tests/test_fault_injection_resume.py.
+@pytest.mark.parametrize("mode", ["fsdp"])
 def test_killed_and_resumed_equals_uninterrupted(cache, tmp_path, mode):
     full, part = str(tmp_path / "full"), str(tmp_path / "part")
     run_worker("faults_worker.py", mode, cache, full, "run")

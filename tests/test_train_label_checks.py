@@ -6,11 +6,12 @@ import warnings
 import pytest
 import torch
 
-from helpers_models import make_schema, random_batch
+from _models import make_schema, random_batch
 from lattice.models import LatticeNetwork
 from lattice.train.module import LatticeModule
 from lattice.train.label_checks import ConditionalLabelCheck, ConditionalLabelError, EvalConditionalLabelCheck
-from helpers_models import single_thread  # noqa: F401  (autouse fixture)
+
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 PAIRS = [("conversion", "click", 1, 0)]
 

@@ -1,75 +1,10 @@
-import math
-
+"""MultiTaskMetrics: the torchmetrics wrapper, per (domain, task) and per task (the arithmetic is tested in
+test_metrics.py)."""
 import pytest
 import torch
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
-from lattice.train.metrics import (
-    MultiTaskMetrics,
-    binary_auc,
-    calibration,
-    group_auc,
-    log_loss,
-    normalized_entropy,
-)
-
-
-def pairwise_auc(scores, labels):
-    """O(n^2) definition: P(score_pos > score_neg) + 0.5 P(tie)."""
-    pos = [s for s, y in zip(scores, labels) if y == 1]
-    neg = [s for s, y in zip(scores, labels) if y == 0]
-    if not pos or not neg:
-        return float("nan")
-    wins = sum((p > n) + 0.5 * (p == n) for p in pos for n in neg)
-    return wins / (len(pos) * len(neg))
-
-
-scores_and_labels = st.integers(1, 60).flatmap(
-    lambda n: st.tuples(
-        st.lists(st.integers(0, 6).map(float), min_size=n, max_size=n),  # few values -> many ties
-        st.lists(st.integers(0, 1), min_size=n, max_size=n),
-    )
-)
-
-
-@settings(max_examples=60, deadline=None)
-@given(scores_and_labels)
-def test_auc_matches_pairwise_definition(data):
-    scores, labels = data
-    got = binary_auc(torch.tensor(scores), torch.tensor(labels))
-    want = pairwise_auc(scores, labels)
-    assert (math.isnan(got) and math.isnan(want)) or got == pytest.approx(want, abs=1e-12)
-
-
-@settings(max_examples=40, deadline=None)
-@given(scores_and_labels, st.integers(1, 4), st.randoms(use_true_random=False))
-def test_group_auc_is_impression_weighted_mean_of_group_aucs(data, n_groups, rnd):
-    scores, labels = data
-    groups = [rnd.randrange(n_groups) for _ in scores]
-    total, weight = 0.0, 0
-    for g in set(groups):
-        s = [x for x, gg in zip(scores, groups) if gg == g]
-        y = [x for x, gg in zip(labels, groups) if gg == g]
-        a = pairwise_auc(s, y)
-        if not math.isnan(a):
-            total += a * len(s)
-            weight += len(s)
-    want = total / weight if weight else float("nan")
-    got = group_auc(torch.tensor(scores), torch.tensor(labels), torch.tensor(groups))
-    assert (math.isnan(got) and math.isnan(want)) or got == pytest.approx(want, abs=1e-12)
-
-
-def test_logloss_ne_calibration_on_known_values():
-    p = torch.tensor([0.9, 0.2, 0.6, 0.1])
-    y = torch.tensor([1.0, 0.0, 1.0, 0.0])
-    want_ll = -(math.log(0.9) + math.log(0.8) + math.log(0.6) + math.log(0.9)) / 4
-    assert log_loss(p, y) == pytest.approx(want_ll)
-    base = -(0.5 * math.log(0.5) * 2)
-    assert normalized_entropy(p, y) == pytest.approx(want_ll / base)
-    assert calibration(p, y) == pytest.approx(1.8 / 2.0)
-    assert math.isnan(calibration(p, torch.zeros(4)))
-    assert math.isnan(normalized_entropy(p, torch.ones(4)))
+from lattice.metrics import binary_auc, log_loss
+from lattice.train.metrics import MultiTaskMetrics
 
 
 def test_multitask_metrics_per_domain_and_masking():

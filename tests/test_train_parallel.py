@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from _workers import load, run_worker
-from lattice.train.metrics import binary_auc
+from lattice.metrics import binary_auc
 
 pytestmark = pytest.mark.slow
 ATOL = 2e-5

@@ -12,7 +12,7 @@ synthetic world and the LightningDataModule.
 """
 from lattice.data.errors import DataError, SchemaError
 from lattice.data.schema import DomainSpec, FeatureSpec, Schema, TaskSpec, WindowSpec
-from lattice.data.batch import Batch
+from lattice.batch import Batch
 from lattice.data.builder import BatchBuilder, ChunkContext
 from lattice.data.sources import CsvOptions, DataSource
 from lattice.data.splits import RowFilter, hash_split, time_split

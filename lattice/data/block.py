@@ -24,7 +24,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from lattice.data.batch import Batch
+from lattice.batch import Batch
 from lattice.sparse import KeyedJaggedTensor
 
 __all__ = ["Block", "BlockSpec", "assemble"]

@@ -24,7 +24,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from torch.utils.data import get_worker_info
 
-from lattice.data.batch import Batch
+from lattice.batch import Batch
 from lattice.data.block import Block, BlockSpec, Rows, assemble
 from lattice.data.errors import DataError
 from lattice.data.hashing import hash_to_range, string_ids
@@ -339,10 +339,14 @@ class BatchBuilder:
         keep = present & valid_mask(arr) if arr.null_count else present
         with np.errstate(over="ignore", invalid="ignore"):
             v32 = vals.astype(np.float32, copy=False)
+        if self.schema.nan_policy(f) == "missing" and pa.types.is_floating(t):
+            keep = keep & ~np.isnan(v32)  # NaN = absent, like a null
         bad = keep & ~np.isfinite(v32)
         if bad.any():
             i = first_true(bad)
-            raise err(f"dense feature {f.name!r} has non-finite value {vals[i]!r}", col, i)
+            hint = ("; to read NaN as absent, set nan: missing on the feature (or dense_nan: missing in the schema)"
+                    if np.isnan(v32[i]) else "")
+            raise err(f"dense feature {f.name!r} has non-finite value {float(vals[i])!r}{hint}", col, i)
         if keep.all() and arr.type == pa.float32() and arr.null_count == 0:
             return arr  # zero-copy
         return pa.array(np.where(keep, v32, np.float32(0)), type=pa.float32(), mask=~keep)

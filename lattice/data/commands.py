@@ -1,16 +1,18 @@
-"""The logic of ``lattice data generate`` and ``lattice data consolidate`` (the CLI parses arguments and
-calls these)."""
+"""The logic of ``lattice data generate``, ``lattice data consolidate`` and ``lattice data infer`` (the CLI
+parses arguments and calls these)."""
 from __future__ import annotations
 
 import os
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 
 from lattice.data.consolidate import consolidate as _consolidate
+from lattice.data.infer import infer_with_reasons
 from lattice.data.schema import Schema
 from lattice.data.sources import CsvOptions, DataSource
 from lattice.data.synthetic import SyntheticConfig, SyntheticWorld
 
-__all__ = ["load_synthetic_config", "generate", "consolidate", "parse_inputs", "format_summary"]
+__all__ = ["load_synthetic_config", "generate", "consolidate", "infer", "parse_inputs", "parse_names",
+           "format_summary"]
 
 
 def load_synthetic_config(config: Union[None, str, Mapping[str, Any], SyntheticConfig]) -> SyntheticConfig:
@@ -90,6 +92,27 @@ def consolidate(inputs: Sequence[str], out: str, *, domains: Optional[Sequence[s
     sch = Schema.coerce(schema) if schema is not None else None
     return _consolidate(sources, out, sch, tasks=tasks, row_group_size=row_group_size, rows_per_file=rows_per_file,
                         compression=compression, validate=validate, overwrite=overwrite)
+
+
+def parse_names(values: Optional[Union[str, Sequence[str]]]) -> Optional[List[str]]:
+    """Names given as ``click,like``, ``[click, like]`` or repeated options, flattened (``None`` stays)."""
+    if values is None:
+        return None
+    items = [values] if isinstance(values, str) else list(values)
+    out = [name.strip() for item in items for name in str(item).split(",")]
+    return [name for name in out if name]
+
+
+def infer(inputs: Sequence[str], tasks: Optional[Sequence[str]] = None, *, domains: Optional[Sequence[str]] = None,
+          regression_tasks: Sequence[str] = (), exclude: Sequence[str] = (), id_features: bool = True,
+          length_quantile: float = 0.99, csv: Optional[CsvOptions] = None) -> str:
+    """The schema of ``inputs`` (``PATH`` or ``DOMAIN=PATH``) inferred with ``tasks`` as labels, as YAML
+    with a comment per decision (see :func:`lattice.data.infer.infer_with_reasons`)."""
+    sources = parse_inputs(inputs, domains, csv)
+    result = infer_with_reasons(sources, parse_names(tasks), regression_tasks=parse_names(regression_tasks) or (),
+                                exclude=parse_names(exclude) or (), id_features=id_features,
+                                length_quantile=length_quantile)
+    return result.to_yaml()
 
 
 def format_summary(result: Mapping[str, Any]) -> str:

@@ -9,7 +9,7 @@ import lightning as L
 import numpy as np
 import pyarrow as pa
 
-from lattice.data.batch import Batch
+from lattice.batch import Batch
 from lattice.data.cache import ensure_world, world_dir
 from lattice.data.consolidate import union_schema
 from lattice.data.errors import DataError

@@ -43,7 +43,7 @@ import pyarrow as pa
 import torch.distributed as dist
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from lattice.data.batch import Batch
+from lattice.batch import Batch
 from lattice.data.block import Block
 from lattice.data.transfer import RingBatch, WorkerRing, close_rings, open_rings
 from lattice.data.builder import TRUTH_PREFIX, BatchBuilder, ChunkContext, is_int, is_listlike, is_stringlike

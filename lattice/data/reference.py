@@ -12,7 +12,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from lattice.data.batch import Batch
+from lattice.batch import Batch
 from lattice.data.builder import EXAMPLE_ID_FILE_SHIFT, TRUTH_PREFIX
 from lattice.data.errors import DataError
 from lattice.data.hashing import hash_strings, hash_to_range, mix, to_unit_interval
@@ -82,6 +82,8 @@ def reference_batch(table: pa.Table, schema: Schema, *, domain: Optional[str] = 
         for f in dense_f:
             v = r.get(f.source)
             ok = has(f.name) and v is not None
+            if ok and math.isnan(float(v)) and schema.nan_policy(f) == "missing":
+                ok = False
             if ok and not math.isfinite(float(v)):
                 fail("non-finite dense value", f.source, i)
             drow.append(float(np.float32(v)) if ok else 0.0)

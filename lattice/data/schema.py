@@ -46,6 +46,7 @@ FeatureKind = Literal["dense", "sparse", "sequence"]
 TaskKind = Literal["binary", "regression"]
 
 _ID_KINDS = ("sparse", "sequence")
+_NAN_POLICIES = ("error", "missing")
 
 
 def _as_name(value: Any) -> Any:
@@ -80,6 +81,9 @@ class FeatureSpec:
             file, column, row group and row) or ``hash`` (mixed into range; in-range ids are kept).
         timestamps_column: for a sequence, a parallel ``list<int64>`` column of event timestamps.
         column: source column when it differs from ``name``.
+        nan: what a NaN in a dense feature means: ``error`` (a :class:`DataError` naming file, column,
+            row group and row) or ``missing`` (an absent value: ``dense_mask`` off, as a null);
+            ``None``: the schema's ``dense_nan``. Infinities are always an error.
     """
 
     name: str
@@ -92,6 +96,7 @@ class FeatureSpec:
     oov: Literal["error", "hash"] = "error"
     timestamps_column: Optional[str] = None
     column: Optional[str] = None
+    nan: Optional[Literal["error", "missing"]] = None
 
     def __post_init__(self) -> None:
         self.name, self.column, self.shared_table, self.timestamps_column = (
@@ -104,6 +109,11 @@ class FeatureSpec:
             raise SchemaError(f"{where}: pooling must be sum or mean, got {self.pooling!r}")
         if self.oov not in ("error", "hash"):
             raise SchemaError(f"{where}: oov must be error or hash, got {self.oov!r}")
+        if self.nan is not None:
+            if self.nan not in _NAN_POLICIES:
+                raise SchemaError(f"{where}: nan must be error or missing, got {self.nan!r}")
+            if self.kind != "dense":
+                raise SchemaError(f"{where}: nan is only for dense features (kind is {self.kind})")
         if self.kind == "dense":
             for attr in ("num_embeddings", "embedding_dim", "shared_table", "max_length", "timestamps_column"):
                 if getattr(self, attr) is not None:
@@ -245,7 +255,7 @@ def _from_mapping(cls, obj: Any, where: str):
 
 
 _SCHEMA_FIELDS = ("features", "tasks", "domains", "example_id_column", "domain_column", "user_id_column",
-                  "item_id_column", "timestamp_column")
+                  "item_id_column", "timestamp_column", "dense_nan")
 
 
 class Schema:
@@ -261,6 +271,8 @@ class Schema:
             names its domain.
         user_id_column / item_id_column: int or string ids (strings are hashed); ``None``: zeros.
         timestamp_column: int seconds; ``None``: zeros.
+        dense_nan: what a NaN in a dense feature means where the feature sets no ``nan`` of its own:
+            ``error`` or ``missing`` (see :class:`FeatureSpec`).
 
     Specs may be given as mappings. A plain class (not a dataclass) on purpose: jsonargparse then takes a
     ``schema: Schema`` parameter as one value (a YAML mapping, a YAML path, or a linked Schema object --
@@ -277,12 +289,16 @@ class Schema:
         user_id_column: Optional[str] = "user_id",
         item_id_column: Optional[str] = "item_id",
         timestamp_column: Optional[str] = "timestamp",
+        dense_nan: Literal["error", "missing"] = "error",
     ) -> None:
         self.example_id_column = _as_name(example_id_column)
         self.domain_column = _as_name(domain_column)
         self.user_id_column = _as_name(user_id_column)
         self.item_id_column = _as_name(item_id_column)
         self.timestamp_column = _as_name(timestamp_column)
+        if dense_nan not in _NAN_POLICIES:
+            raise SchemaError(f"schema: dense_nan must be error or missing, got {dense_nan!r}")
+        self.dense_nan = dense_nan
         self.features: List[FeatureSpec] = [_from_mapping(FeatureSpec, f, f"features[{i}]")
                                             for i, f in enumerate(features or [])]
         self.tasks: List[TaskSpec] = [_from_mapping(TaskSpec, t, f"tasks[{i}]") for i, t in enumerate(tasks or [])]
@@ -301,6 +317,17 @@ class Schema:
         values.update(changes)
         return Schema(**values)
 
+    def restrict(self, features: Sequence[str]) -> "Schema":
+        """A copy with only ``features`` (in this schema's order); each domain's explicit feature list is
+        cut to them. Tasks, domains and the id columns are unchanged; a name not in the schema is an error."""
+        keep = set(features)
+        unknown = sorted(keep - set(self.feature_names))
+        if unknown:
+            raise SchemaError(f"kept feature(s) {unknown} are not in the schema (features: {self.feature_names})")
+        domains = [d if d.features is None else dataclasses.replace(d, features=[f for f in d.features if f in keep])
+                   for d in self.domains]
+        return self.replace(features=[f for f in self.features if f.name in keep], domains=domains)
+
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Schema):
             return NotImplemented
@@ -311,6 +338,12 @@ class Schema:
     def __repr__(self) -> str:
         return (f"Schema(features={self.feature_names}, tasks={self.task_names}, domains={self.domain_names}, "
                 + ", ".join(f"{k}={getattr(self, k)!r}" for k in _SCHEMA_FIELDS[3:]) + ")")
+
+    def nan_policy(self, feature: Union[str, FeatureSpec]) -> str:
+        """``error`` or ``missing``: what a NaN in dense ``feature`` means (its own ``nan``, else
+        the schema's ``dense_nan``)."""
+        f = self.feature(feature) if isinstance(feature, str) else feature
+        return f.nan or self.dense_nan
 
     # ---- validation ---------------------------------------------------------------------------
     def _validate(self) -> None:
@@ -481,6 +514,8 @@ class Schema:
         out: Dict[str, Any] = {}
         for key in ("example_id_column", "domain_column", "user_id_column", "item_id_column", "timestamp_column"):
             out[key] = getattr(self, key)
+        if self.dense_nan != "error":  # left out at its default: existing fingerprints stay
+            out["dense_nan"] = self.dense_nan
         out["features"] = [compact(f) for f in self.features]
         out["tasks"] = [compact(t) for t in self.tasks]
         out["domains"] = [compact(d) for d in self.domains]

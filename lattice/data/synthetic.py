@@ -53,9 +53,10 @@ from lattice.data.hashing import splitmix64, to_unit_interval
 from lattice.data.infer import SCHEMA_METADATA_KEY
 from lattice.data.schema import DomainSpec, FeatureSpec, Schema, TaskSpec, WindowSpec
 from lattice.data.sources import DataSource
+from lattice.metrics import binary_auc
 
 __all__ = [
-    "SyntheticDomain", "SyntheticTask", "SyntheticConfig", "SyntheticWorld", "generate", "auc",
+    "SyntheticDomain", "SyntheticTask", "SyntheticConfig", "SyntheticWorld",
     "GENERATOR_VERSION", "SCHEMA_METADATA_KEY",
 ]
 
@@ -243,6 +244,19 @@ class SyntheticConfig:
         return obj if isinstance(obj, cls) else cls(**dict(obj))
 
 
+#: The planted terms (SyntheticTask coefficient names) each feature carries into the logits. Features that only
+#: proxy others (user_segment: the user's top interest cluster; item_tags: the item's cluster plus random tags)
+#: carry none.
+FEATURE_TERMS: Dict[str, Tuple[str, ...]] = {
+    "user": ("affinity", "user_bias", "activity"),
+    "item": ("affinity", "popularity", "brand", "price", "repeat", "seq"),
+    "item_cluster": ("seq", "query"), "item_brand": ("brand",), "user_segment": (), "device": ("device",),
+    "item_tags": (), "query_cluster": ("query",), "user_activity": ("activity",),
+    "item_popularity": ("popularity",), "price": ("price",), "hour": ("hour",), "position": ("position",),
+    "hist_items": ("repeat", "seq"), "hist_clusters": ("seq",),
+}
+
+
 def _sigmoid(z: np.ndarray) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-z))
 
@@ -251,24 +265,6 @@ def _ragged_arange(lengths: np.ndarray) -> np.ndarray:
     total = int(lengths.sum())
     starts = np.cumsum(lengths) - lengths
     return np.arange(total, dtype=np.int64) - np.repeat(starts, lengths)
-
-
-def auc(labels: np.ndarray, scores: np.ndarray) -> float:
-    """ROC AUC (ties averaged); nan when one class is missing."""
-    labels = np.asarray(labels, dtype=bool)
-    scores = np.asarray(scores, dtype=np.float64)
-    n_pos = int(labels.sum())
-    n_neg = len(labels) - n_pos
-    if n_pos == 0 or n_neg == 0:
-        return float("nan")
-    order = np.argsort(scores, kind="mergesort")
-    s = scores[order]
-    ranks = np.empty(len(s), dtype=np.float64)
-    # average ranks over ties
-    boundaries = np.concatenate([[0], np.nonzero(np.diff(s))[0] + 1, [len(s)]])
-    avg = (boundaries[:-1] + boundaries[1:] + 1) / 2.0
-    ranks[order] = np.repeat(avg, np.diff(boundaries))
-    return float((ranks[labels].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
 
 
 class SyntheticWorld:
@@ -301,6 +297,32 @@ class SyntheticWorld:
         names = self.sparse_names + self.dense_names + self.sequence_names
         noise = [n for n in names if n.startswith("noise_")]
         return {"informative": [n for n in names if n not in noise], "noise": noise}
+
+    def feature_terms(self) -> Dict[str, List[str]]:
+        """``feature -> planted terms`` (the :class:`SyntheticTask` coefficients' names) each informative feature
+        carries into the logits; a feature that only proxies others (``user_segment``, ``item_tags``) carries none."""
+        return {f: list(FEATURE_TERMS.get(f, ())) for f in self.feature_roles()["informative"]}
+
+    def sample(self, domain: str, n: int, seed: int = 0, start: float = 0.0, end: float = 1.0,
+               stream: int = 0x5A) -> Dict[str, Any]:
+        """``n`` fresh rows of ``domain`` with times uniform in ``[start, end]`` of the span (fractions), drawn
+        like the written rows (same users, items and calibrated intercepts) but from their own random stream.
+
+        Returns ``{"ts" [n] int64 (sorted), "tau" [n] (fraction of the span), "z": task -> logit [n],
+        "terms": planted term -> value [n] (each enters its task's logit as coefficient * value), "cols": the
+        raw draws (users, items, ...), "rng": the generator the times came from, for drawing labels}``.
+        ``seed`` and ``stream`` select the random streams.
+        """
+        c = self.config
+        names = [d.name for d in c.domains]
+        if domain not in names:
+            raise ValueError(f"SyntheticWorld.sample: unknown domain {domain!r}; the world has {names}")
+        di = names.index(domain)
+        rng = np.random.default_rng([seed, di])
+        ts = np.sort(_T0 + (start + (end - start) * rng.random(n)) * c.days * 86400.0).astype(np.int64)
+        out = self._chunk(di, stream, n, ts, 0, self._calibrate(di))
+        return {"ts": ts, "tau": (ts - _T0) / (c.days * 86400.0), "z": out["z"], "terms": out["terms"],
+                "cols": out["cols"], "rng": rng}
 
     def _n_brands(self) -> int:
         return max(4, self.config.num_items // 20)
@@ -731,7 +753,7 @@ class SyntheticWorld:
                 oracle[d.name] = {}
                 for name, parts in truth.items():
                     arr = np.concatenate(parts, axis=1)
-                    oracle[d.name][name] = {"auc": auc(arr[0], arr[1]), "rate": float(arr[0].mean())}
+                    oracle[d.name][name] = {"auc": binary_auc(arr[1], arr[0]), "rate": float(arr[0].mean())}
             manifest = {
                 "generator_version": GENERATOR_VERSION,
                 "fingerprint": self.config.fingerprint(),
@@ -755,16 +777,3 @@ class SyntheticWorld:
     def sources(self, out_dir: str) -> List[DataSource]:
         """The per-domain datasets written by :meth:`write`, as reader sources."""
         return [DataSource(os.path.join(out_dir, d.name), domain=d.name, format="parquet") for d in self.config.domains]
-
-
-def generate(config: Optional[SyntheticConfig] = None, out_dir: Optional[str] = None, overwrite: bool = False
-             ) -> Dict[str, Any]:
-    """Write the planted world of ``config`` to ``out_dir`` (default: a folder named by its fingerprint
-    under the cache directory); returns the manifest."""
-    from lattice.data.cache import world_dir
-
-    world = SyntheticWorld(config)
-    out = out_dir or world_dir(world.config)
-    manifest = world.write(out, overwrite=overwrite)
-    manifest["path"] = out
-    return manifest

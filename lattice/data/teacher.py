@@ -21,12 +21,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from lattice.data.batch import Batch
+from lattice.batch import Batch
 from lattice.data.builder import column, list_parts, valid_mask
 from lattice.data.errors import DataError
 from lattice.data.sources import ChunkReader, DataSource, as_sources, discover
 
-__all__ = ["TEACHER_LOGIT_PREFIX", "TEACHER_EMBEDDING_COLUMN", "write_teacher_outputs", "TeacherTable"]
+__all__ = ["TEACHER_LOGIT_PREFIX", "TEACHER_EMBEDDING_COLUMN", "teacher_arrow_table", "write_teacher_outputs", "TeacherTable"]
 
 TEACHER_LOGIT_PREFIX = "logit_"
 TEACHER_EMBEDDING_COLUMN = "embedding"

@@ -24,7 +24,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import numpy as np
 import torch
 
-from lattice.data.batch import Batch
+from lattice.batch import Batch
 from lattice.sparse import KeyedJaggedTensor
 
 __all__ = ["WorkerRing", "RingBatch", "open_rings", "close_rings"]

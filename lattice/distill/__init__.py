@@ -19,7 +19,7 @@ from lattice.distill.callback import DistillationCallback, load_teacher_network
 from lattice.distill.heads import DistillationHead, GradScale, grad_scale
 from lattice.distill.losses import distillation_loss, distillation_mask, teacher_targets
 from lattice.distill.module import DistillationModule, DistillationOutput
-from lattice.distill.student import BackboneTap, StudentAdapter, TeacherTokenNetwork, with_token_slots
+from lattice.distill.student import StudentAdapter, TeacherTokenNetwork
 
 __all__ = [
     "teacher_targets",
@@ -29,9 +29,7 @@ __all__ = [
     "grad_scale",
     "DistillationHead",
     "StudentAdapter",
-    "BackboneTap",
     "TeacherTokenNetwork",
-    "with_token_slots",
     "EmbeddingStore",
     "InProcessEmbeddingStore",
     "DictEmbeddingStore",

@@ -2,25 +2,17 @@
 the student's loss through the batch."""
 from __future__ import annotations
 
-import importlib
 import inspect
 import os
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
-import yaml
 from torch import Tensor, nn
 
+from lattice.dotted import import_dotted
+
 __all__ = ["DistillationCallback", "load_teacher_network"]
-
-
-def _import(path: str):
-    module, _, name = path.rpartition(".")
-    try:
-        return getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError, ValueError) as err:
-        raise ValueError(f"cannot import the teacher network class {path!r}: {err}") from None
 
 
 def _build_network(spec: dict[str, Any], schema: Any) -> nn.Module:
@@ -28,7 +20,7 @@ def _build_network(spec: dict[str, Any], schema: Any) -> nn.Module:
     takes one and the spec gives none."""
     if not isinstance(spec, dict) or "class_path" not in spec:
         raise ValueError(f"a teacher network spec needs a class_path (and init_args), got {spec!r}")
-    cls = _import(spec["class_path"])
+    cls = import_dotted(spec["class_path"], "the teacher network class")
     args = dict(spec.get("init_args") or {})
     params = inspect.signature(cls).parameters
     if "schema" in params and args.get("schema") is None:
@@ -39,17 +31,17 @@ def _build_network(spec: dict[str, Any], schema: Any) -> nn.Module:
 
 
 def _network_spec_from_config(path: str) -> dict[str, Any]:
-    """The ``model.init_args.network`` section of a LightningCLI config (the ``config.yaml`` it saves)."""
-    with open(path) as f:
-        config = yaml.safe_load(f) or {}
-    model = config.get("model") or {}
-    args = model.get("init_args", model)
-    network = args.get("network") if isinstance(args, dict) else None
-    if not isinstance(network, dict) or "class_path" not in network:
-        raise ValueError(f"{path}: no model.init_args.network with a class_path")
-    network = {"class_path": network["class_path"], "init_args": dict(network.get("init_args") or {})}
-    network["init_args"].pop("schema", None)  # linked from the data at fit time; rebuilt from ours
-    return network
+    """The model's network section of a teacher run's config (the ``config.yaml`` LightningCLI saves), read by
+    the same parser as ``lattice fit``; its schema is left out (linked from the data at fit time)."""
+    from lattice.train.loading import parse_config
+
+    network = parse_config(path).model.init_args.get("network")
+    spec = network.as_dict() if hasattr(network, "as_dict") else network
+    if not isinstance(spec, dict) or not spec.get("class_path"):
+        raise ValueError(f"{path}: no model network with a class_path")
+    init_args = dict(spec.get("init_args") or {})
+    init_args.pop("schema", None)
+    return {"class_path": spec["class_path"], "init_args": init_args}
 
 
 def _is_optimizer_state(key: str) -> bool:

@@ -10,11 +10,12 @@ import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
+from lattice.batch import Batch
 from lattice.distill.cache import TeacherEmbeddingCache, TeacherTokenProjection
 from lattice.distill.heads import DistillationHead, grad_scale
 from lattice.distill.losses import distillation_loss, distillation_mask, teacher_targets
-from lattice.distill.student import BackboneTap, StudentAdapter
-from lattice.train.losses import masked_multitask_loss
+from lattice.distill.student import StudentAdapter
+from lattice.metrics import masked_multitask_loss
 from lattice.train.module import LatticeModule, NonFiniteLossError, SparseOptimizer
 
 __all__ = ["DistillationModule", "DistillationOutput", "ServingStudent"]
@@ -47,19 +48,16 @@ class ServingStudent(nn.Module):
     """What :meth:`DistillationModule.serving_model` returns: the network (+ the teacher-token
     projection, with KTAP), sharing the training module's parameters."""
 
-    def __init__(self, network: nn.Module, teacher_token: TeacherTokenProjection | None = None,
-                 tap: BackboneTap | None = None) -> None:
+    def __init__(self, network: nn.Module, teacher_token: TeacherTokenProjection | None = None) -> None:
         super().__init__()
         self.network = network
         self.teacher_token = teacher_token
-        self.tap = tap if tap is not None or teacher_token is None else BackboneTap(network)
 
-    def forward(self, batch: Any) -> Tensor:
+    def forward(self, batch: Batch) -> Tensor:
         if self.teacher_token is None:
             return self.network(batch).logits
         emb, hit = batch_teacher_embedding(batch, self.teacher_token.embedding_dim)
-        output, _ = self.tap(batch, self.teacher_token(emb, hit))
-        return output.logits
+        return self.network(batch, extra_tokens=self.teacher_token(emb, hit)).logits
 
 
 def batch_teacher_embedding(batch: Any, dim: int) -> tuple[Tensor, Tensor]:
@@ -274,7 +272,6 @@ class DistillationModule(LatticeModule):
         if cache is not None and cache.dim != teacher_embedding_dim:
             raise ValueError(f"cache dim {cache.dim} differs from teacher_embedding_dim {teacher_embedding_dim}")
         self.cache = cache
-        self.tap = BackboneTap(network, capture_hidden=self.aux_head is not None and aux_input == "head_hidden")
 
     # ---- forward ---------------------------------------------------------------------------------
     def _now(self) -> float:
@@ -295,17 +292,18 @@ class DistillationModule(LatticeModule):
             self.cache.update(keys, emb, now, fresh)
         return cached, hit
 
-    def forward(self, batch: Any) -> DistillationOutput:
+    def forward(self, batch: Batch) -> DistillationOutput:
         with self._autocast():
             tokens = hit = None
             if self.teacher_token is not None:
                 emb, hit = self._teacher_embedding(batch)
                 tokens = self.teacher_token(emb, hit)
-            output, head_input = self.tap(batch, tokens)
+            output = self.network(batch, extra_tokens=tokens)
             distill_logits = None
             if self.aux_head is not None and self.training:
+                head_input = output.head_input
                 if self.aux_input == "head_hidden":
-                    head_input, self.tap.head_hidden = self.tap.head_hidden, None
+                    head_input = output.head_hidden
                     if head_input is None:
                         raise ValueError(f"{type(self.network).__name__}'s heads report no serving_hidden for "
                                          "aux_input='head_hidden'")
@@ -326,7 +324,7 @@ class DistillationModule(LatticeModule):
         cache. ``serving_model()(batch) -> logits [B, T]``; with the KTAP teacher token, the request
         brings the teacher embedding (``batch.teacher_embedding``, ``batch.teacher_mask`` = found in the
         store; ``None`` = missing everywhere)."""
-        return ServingStudent(self.network, self.teacher_token, self.tap)
+        return ServingStudent(self.network, self.teacher_token)
 
     def configure_optimizers(self):
         if self.adapter is None or self.adapter_lr is None:

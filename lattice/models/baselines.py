@@ -14,36 +14,30 @@ baselines is ``flatten(tokens) ‖ mean(sequence)``.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from lattice.data.schema import Schema, SchemaLike
+from lattice.batch import Batch
+from lattice.data.schema import SchemaLike
 from lattice.models.base import LatticeModel
 from lattice.nn.fusion import FusionBlock
 from lattice.nn.linear import MLP, DomainLinear
 from lattice.nn.processors import ProcessedFeatures
-from lattice.nn.sequence import jagged_mean
+from lattice.nn.sequence import jagged_mean, tokens_with_sequence_mean
 
 __all__ = ["SharedBottom", "MMoE", "PLE", "DLRM", "Wukong", "LogisticRegression"]
-
-def _tokens_with_sequence(features: ProcessedFeatures) -> Tensor:
-    """``[B, n (+1), d]``: the non-sequence tokens and, when there is a sequence, its mean token."""
-    if features.sequence is None:
-        return features.tokens
-    return torch.cat([features.tokens, jagged_mean(features.sequence).unsqueeze(1)], dim=1)
-
 
 class _FlatInputModel(LatticeModel):
     """A baseline whose trunk reads ``flatten(tokens) ‖ mean(sequence)``."""
 
     def _flat_dim(self) -> int:
-        return (self.processor.num_tokens + (1 if self.processor.has_sequence else 0)) * self.dim
+        return (self.num_tokens + (1 if self.processor.has_sequence else 0)) * self.dim
 
     @staticmethod
     def _flat(features: ProcessedFeatures) -> Tensor:
-        return _tokens_with_sequence(features).flatten(1)
+        return tokens_with_sequence_mean(features).flatten(1)
 
 
 class SharedBottom(_FlatInputModel):
@@ -66,28 +60,9 @@ class SharedBottom(_FlatInputModel):
         bias: bool = True,
         dropout: float = 0.0,
         untie_bottom: bool = False,
-        embedding_dim: int | None = None,
-        dense_tokens: int | None = None,
-        domain_token: bool = True,
-        sequence_merge: Literal["auto", "concat", "masknet"] = "auto",
-        max_positions: int = 256,
-        time_buckets: int = 32,
-        head_hidden_dims: Sequence[int] = (64,),
-        head_activation: str = "silu",
-        untie_heads: bool = False,
-        domain_groups: Sequence[int] | None = None,
-        embedding_kwargs: dict[str, Any] | None = None,
-        history_match: bool = False,
-        wide: bool = False,
-        wide_dim: int = 32,
-        standardize_dense: bool = False,
-        task_parents: dict[str, str] | None = None,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(
-            schema, dim, embedding_dim, dense_tokens, domain_token, sequence_merge, max_positions,
-            time_buckets, head_hidden_dims, head_activation, untie_heads, domain_groups, embedding_kwargs, history_match,
-            wide, wide_dim, standardize_dense, task_parents,
-        )
+        super().__init__(schema, dim=dim, **kwargs)
         if not bottom_dims:
             raise ValueError("SharedBottom needs at least one bottom layer")
         self.bottom = MLP(
@@ -96,7 +71,7 @@ class SharedBottom(_FlatInputModel):
         )
         self._build_heads(self.bottom.out_dim)
 
-    def encode(self, features: ProcessedFeatures, batch: Any) -> tuple[Tensor, Tensor]:
+    def encode(self, features: ProcessedFeatures, batch: Batch) -> tuple[Tensor, Tensor]:
         rep = self.bottom(self._flat(features), batch.domain)
         return rep, rep
 
@@ -141,28 +116,9 @@ class MMoE(_FlatInputModel):
         activation: str = "relu",
         bias: bool = True,
         untie_gates: bool = False,
-        embedding_dim: int | None = None,
-        dense_tokens: int | None = None,
-        domain_token: bool = True,
-        sequence_merge: Literal["auto", "concat", "masknet"] = "auto",
-        max_positions: int = 256,
-        time_buckets: int = 32,
-        head_hidden_dims: Sequence[int] = (64,),
-        head_activation: str = "silu",
-        untie_heads: bool = False,
-        domain_groups: Sequence[int] | None = None,
-        embedding_kwargs: dict[str, Any] | None = None,
-        history_match: bool = False,
-        wide: bool = False,
-        wide_dim: int = 32,
-        standardize_dense: bool = False,
-        task_parents: dict[str, str] | None = None,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(
-            schema, dim, embedding_dim, dense_tokens, domain_token, sequence_merge, max_positions,
-            time_buckets, head_hidden_dims, head_activation, untie_heads, domain_groups, embedding_kwargs, history_match,
-            wide, wide_dim, standardize_dense, task_parents,
-        )
+        super().__init__(schema, dim=dim, **kwargs)
         if not expert_dims or num_experts < 1:
             raise ValueError("MMoE needs num_experts >= 1 and at least one expert layer")
         in_dim = self._flat_dim()
@@ -172,7 +128,7 @@ class MMoE(_FlatInputModel):
         self.num_experts = num_experts
         self._build_heads(self.experts.out_dim)
 
-    def encode(self, features: ProcessedFeatures, batch: Any) -> tuple[Tensor, Tensor]:
+    def encode(self, features: ProcessedFeatures, batch: Batch) -> tuple[Tensor, Tensor]:
         x = self._flat(features)
         experts = self.experts(x)  # [B, E, e]
         gates = torch.softmax(self.gates(x, batch.domain).view(-1, self.num_tasks, self.num_experts), dim=-1)
@@ -206,28 +162,9 @@ class PLE(_FlatInputModel):
         expert_dims: Sequence[int] = (128, 64),
         activation: str = "relu",
         bias: bool = True,
-        embedding_dim: int | None = None,
-        dense_tokens: int | None = None,
-        domain_token: bool = True,
-        sequence_merge: Literal["auto", "concat", "masknet"] = "auto",
-        max_positions: int = 256,
-        time_buckets: int = 32,
-        head_hidden_dims: Sequence[int] = (64,),
-        head_activation: str = "silu",
-        untie_heads: bool = False,
-        domain_groups: Sequence[int] | None = None,
-        embedding_kwargs: dict[str, Any] | None = None,
-        history_match: bool = False,
-        wide: bool = False,
-        wide_dim: int = 32,
-        standardize_dense: bool = False,
-        task_parents: dict[str, str] | None = None,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(
-            schema, dim, embedding_dim, dense_tokens, domain_token, sequence_merge, max_positions,
-            time_buckets, head_hidden_dims, head_activation, untie_heads, domain_groups, embedding_kwargs, history_match,
-            wide, wide_dim, standardize_dense, task_parents,
-        )
+        super().__init__(schema, dim=dim, **kwargs)
         if num_levels < 1 or shared_experts < 0 or task_experts < 0 or shared_experts + task_experts < 1:
             raise ValueError("PLE needs num_levels >= 1 and at least one expert per gate")
         if not expert_dims:
@@ -257,7 +194,7 @@ class PLE(_FlatInputModel):
         self.expert_out = e
         self._build_heads(e)
 
-    def encode(self, features: ProcessedFeatures, batch: Any) -> tuple[Tensor, Tensor]:
+    def encode(self, features: ProcessedFeatures, batch: Batch) -> tuple[Tensor, Tensor]:
         x = self._flat(features)
         task_in = [x] * self.num_tasks
         shared_in = x
@@ -318,28 +255,9 @@ class DLRM(LatticeModel):
         top_dims: Sequence[int] = (256, 128),
         activation: str = "relu",
         bias: bool = True,
-        embedding_dim: int | None = None,
-        dense_tokens: int | None = None,
-        domain_token: bool = True,
-        sequence_merge: Literal["auto", "concat", "masknet"] = "auto",
-        max_positions: int = 256,
-        time_buckets: int = 32,
-        head_hidden_dims: Sequence[int] = (64,),
-        head_activation: str = "silu",
-        untie_heads: bool = False,
-        domain_groups: Sequence[int] | None = None,
-        embedding_kwargs: dict[str, Any] | None = None,
-        history_match: bool = False,
-        wide: bool = False,
-        wide_dim: int = 32,
-        standardize_dense: bool = False,
-        task_parents: dict[str, str] | None = None,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(
-            schema, dim, embedding_dim, dense_tokens, domain_token, sequence_merge, max_positions,
-            time_buckets, head_hidden_dims, head_activation, untie_heads, domain_groups, embedding_kwargs, history_match,
-            wide, wide_dim, standardize_dense, task_parents,
-        )
+        super().__init__(schema, dim=dim, **kwargs)
         if not top_dims:
             raise ValueError("DLRM needs at least one top layer")
         sl = self.processor.token_slices["dense"]
@@ -350,7 +268,7 @@ class DLRM(LatticeModel):
             if n_dense
             else None
         )
-        n_vec = self.processor.num_tokens - n_dense + (1 if self.bottom is not None else 0)
+        n_vec = self.num_tokens - n_dense + (1 if self.bottom is not None else 0)
         n_vec += 1 if self.processor.has_sequence else 0
         self.num_vectors = n_vec
         rows, cols = torch.triu_indices(n_vec, n_vec, offset=1)
@@ -359,7 +277,7 @@ class DLRM(LatticeModel):
         self.top = MLP(top_in, top_dims, None, activation=activation, bias=bias)
         self._build_heads(self.top.out_dim)
 
-    def encode(self, features: ProcessedFeatures, batch: Any) -> tuple[Tensor, Tensor]:
+    def encode(self, features: ProcessedFeatures, batch: Batch) -> tuple[Tensor, Tensor]:
         tokens = features.tokens
         sl = self.dense_slice
         others = torch.cat([tokens[:, : sl.start], tokens[:, sl.stop :]], dim=1)
@@ -411,32 +329,13 @@ class Wukong(LatticeModel):
         activation: str = "relu",
         bias: bool = True,
         untied_layers: Sequence[int] = (),
-        embedding_dim: int | None = None,
-        dense_tokens: int | None = None,
-        domain_token: bool = True,
-        sequence_merge: Literal["auto", "concat", "masknet"] = "auto",
-        max_positions: int = 256,
-        time_buckets: int = 32,
-        head_hidden_dims: Sequence[int] = (64,),
-        head_activation: str = "silu",
-        untie_heads: bool = False,
-        domain_groups: Sequence[int] | None = None,
-        embedding_kwargs: dict[str, Any] | None = None,
-        history_match: bool = False,
-        wide: bool = False,
-        wide_dim: int = 32,
-        standardize_dense: bool = False,
-        task_parents: dict[str, str] | None = None,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(
-            schema, dim, embedding_dim, dense_tokens, domain_token, sequence_merge, max_positions,
-            time_buckets, head_hidden_dims, head_activation, untie_heads, domain_groups, embedding_kwargs, history_match,
-            wide, wide_dim, standardize_dense, task_parents,
-        )
+        super().__init__(schema, dim=dim, **kwargs)
         if not top_dims:
             raise ValueError("Wukong needs at least one top layer")
         untied = set(untied_layers)
-        n = self.processor.num_tokens + (1 if self.processor.has_sequence else 0)
+        n = self.num_tokens + (1 if self.processor.has_sequence else 0)
         self.layers = nn.ModuleList()
         for layer in range(num_layers):
             self.layers.append(
@@ -449,8 +348,8 @@ class Wukong(LatticeModel):
         self.top = MLP(n * dim, top_dims, None, activation=activation, bias=bias)
         self._build_heads(self.top.out_dim)
 
-    def encode(self, features: ProcessedFeatures, batch: Any) -> tuple[Tensor, Tensor]:
-        x = _tokens_with_sequence(features)
+    def encode(self, features: ProcessedFeatures, batch: Batch) -> tuple[Tensor, Tensor]:
+        x = tokens_with_sequence_mean(features)
         for layer in self.layers:
             x = layer(x, batch.domain)
         rep = self.top(x.flatten(1))
@@ -496,15 +395,18 @@ class LogisticRegression(_FlatInputModel):
         history_match: bool = False,
         standardize_dense: bool = False,
         task_parents: dict[str, str] | None = None,
+        num_extra_tokens: int = 0,
     ) -> None:
         super().__init__(
-            schema, dim, embedding_dim, dense_tokens, domain_token, "concat", max_positions, time_buckets,
-            (), "none", untie_heads, domain_groups, embedding_kwargs, history_match,
-            standardize_dense=standardize_dense, task_parents=task_parents,
+            schema, dim=dim, embedding_dim=embedding_dim, dense_tokens=dense_tokens, domain_token=domain_token,
+            sequence_merge="concat", max_positions=max_positions, time_buckets=time_buckets, head_hidden_dims=(),
+            head_activation="none", untie_heads=untie_heads, domain_groups=domain_groups,
+            embedding_kwargs=embedding_kwargs, history_match=history_match, standardize_dense=standardize_dense,
+            task_parents=task_parents, num_extra_tokens=num_extra_tokens,
         )
         self._build_heads(self._flat_dim())
 
-    def encode(self, features: ProcessedFeatures, batch: Any) -> tuple[Tensor, Tensor]:
+    def encode(self, features: ProcessedFeatures, batch: Batch) -> tuple[Tensor, Tensor]:
         x = self._flat(features)
         return x, x
 

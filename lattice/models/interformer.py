@@ -16,12 +16,13 @@ cost), and the attention is the jagged kernel rather than padded MHA.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from lattice.data.schema import Schema, SchemaLike
+from lattice.batch import Batch
+from lattice.data.schema import SchemaLike
 from lattice.models.base import LatticeModel
 from lattice.nn.fusion import FusionBlock
 from lattice.nn.linear import MLP
@@ -71,35 +72,16 @@ class InterFormer(LatticeModel):
         representation_dim: int = 128,
         bias: bool = True,
         untied_layers: Sequence[int] = (),
-        embedding_dim: int | None = None,
-        dense_tokens: int | None = None,
-        domain_token: bool = True,
-        sequence_merge: Literal["auto", "concat", "masknet"] = "auto",
-        max_positions: int = 256,
-        time_buckets: int = 32,
-        head_hidden_dims: Sequence[int] = (64,),
-        head_activation: str = "silu",
-        untie_heads: bool = False,
-        domain_groups: Sequence[int] | None = None,
-        embedding_kwargs: dict[str, Any] | None = None,
-        history_match: bool = False,
-        wide: bool = False,
-        wide_dim: int = 32,
-        standardize_dense: bool = False,
-        task_parents: dict[str, str] | None = None,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(
-            schema, dim, embedding_dim, dense_tokens, domain_token, sequence_merge, max_positions,
-            time_buckets, head_hidden_dims, head_activation, untie_heads, domain_groups, embedding_kwargs, history_match,
-            wide, wide_dim, standardize_dense, task_parents,
-        )
+        super().__init__(schema, dim=dim, **kwargs)
         if num_layers < 1:
             raise ValueError(f"num_layers must be >= 1, got {num_layers}")
         self.num_layers = num_layers
         self.summary_tokens = summary_tokens
         untied = set(untied_layers)
         has_seq = self.processor.has_sequence
-        n0 = self.processor.num_tokens
+        n0 = self.num_tokens
         m = dot_tokens + dcn_tokens + lcb_tokens + fm_tokens
         self.cls = nn.Parameter(torch.randn(num_cls, dim) * 0.02) if has_seq and num_cls > 0 else None
         self.x_summary = nn.ModuleList()
@@ -140,7 +122,7 @@ class InterFormer(LatticeModel):
                          activation="relu")
         self._build_heads(representation_dim)
 
-    def encode(self, features: ProcessedFeatures, batch: Any) -> tuple[Tensor, Tensor]:
+    def encode(self, features: ProcessedFeatures, batch: Batch) -> tuple[Tensor, Tensor]:
         domain = batch.domain
         x = features.tokens
         B = x.shape[0]

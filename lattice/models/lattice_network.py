@@ -20,12 +20,13 @@ multi-task (Zipper) heads read.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from lattice.data.schema import Schema, SchemaLike
+from lattice.batch import Batch
+from lattice.data.schema import SchemaLike
 from lattice.models.base import LatticeModel
 from lattice.nn.attention import rope_table
 from lattice.nn.context import ExtendedContextStore
@@ -89,28 +90,9 @@ class LatticeNetwork(LatticeModel):
         representation_dim: int = 128,
         dropout: float = 0.0,
         bias: bool = False,
-        embedding_dim: int | None = None,
-        dense_tokens: int | None = None,
-        domain_token: bool = True,
-        sequence_merge: Literal["auto", "concat", "masknet"] = "auto",
-        max_positions: int = 256,
-        time_buckets: int = 32,
-        head_hidden_dims: Sequence[int] = (64,),
-        head_activation: str = "silu",
-        untie_heads: bool = False,
-        domain_groups: Sequence[int] | None = None,
-        embedding_kwargs: dict[str, Any] | None = None,
-        history_match: bool = False,
-        wide: bool = False,
-        wide_dim: int = 32,
-        standardize_dense: bool = False,
-        task_parents: dict[str, str] | None = None,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(
-            schema, dim, embedding_dim, dense_tokens, domain_token, sequence_merge, max_positions,
-            time_buckets, head_hidden_dims, head_activation, untie_heads, domain_groups, embedding_kwargs, history_match,
-            wide, wide_dim, standardize_dense, task_parents,
-        )
+        super().__init__(schema, dim=dim, **kwargs)
         if num_layers < 1:
             raise ValueError(f"num_layers must be >= 1, got {num_layers}")
         bad = [i for i in untied_layers if not 0 <= i < num_layers]
@@ -122,7 +104,7 @@ class LatticeNetwork(LatticeModel):
         self.head_dim = dim // num_heads
         self.untied_layers = sorted(set(untied_layers))
         has_seq = self.processor.has_sequence
-        n0 = self.processor.num_tokens
+        n0 = self.num_tokens
         m = fm_tokens + lcb_tokens + dot_tokens + dcn_tokens
         self.stream_tokens = [n0] + [m] * num_layers
 
@@ -165,7 +147,7 @@ class LatticeNetwork(LatticeModel):
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self._build_heads(representation_dim)
 
-    def encode(self, features: ProcessedFeatures, batch: Any) -> tuple[Tensor, Tensor]:
+    def encode(self, features: ProcessedFeatures, batch: Batch) -> tuple[Tensor, Tensor]:
         domain = batch.domain
         x = self.dropout(features.tokens)
         stream = features.sequence

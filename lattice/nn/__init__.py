@@ -1,6 +1,6 @@
 """Building blocks: norms, (per-domain) linears, fusion blocks (Wukong/DHEN), the extended context store,
-the fused embedding-bag collection, multi-task Zipper heads, conditional (ESMM) tasks, feature processors
-and sequence blocks."""
+the fused embedding-bag collection, multi-task Zipper heads, conditional (ESMM) tasks, feature processors,
+sequence blocks and the wide path."""
 from lattice.nn.embedding import EmbeddingBagCollection, EmbeddingTableConfig, NormalInit, UniformInit
 from lattice.nn.attention import PMA, InterleavedCrossAttention, JaggedMultiheadAttention, RotaryEmbedding, apply_rope, positions_from_offsets, rope_table
 from lattice.nn.conditional import ConditionalTasks, compose_logits
@@ -20,6 +20,7 @@ from lattice.nn.processors import (
     SparseProcessor,
 )
 from lattice.nn.sequence import PersonalizedFFN, SelfGate, SequenceBlock, SequenceSummary
+from lattice.nn.wide import WidePath
 
 __all__ = [
     "EmbeddingBagCollection",
@@ -61,4 +62,5 @@ __all__ = [
     "PersonalizedFFN",
     "SequenceSummary",
     "SequenceBlock",
+    "WidePath",
 ]

@@ -1,4 +1,4 @@
-"""Feature processors: turn a :class:`~lattice.data.Batch` into tokens of width d.
+"""Feature processors: turn a :class:`~lattice.batch.Batch` into tokens of width d.
 
 - sparse features -> one token each, pooled by :class:`~lattice.nn.EmbeddingBagCollection` (the fused
   kernel); features naming the same ``shared_table`` share one table;
@@ -26,6 +26,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from lattice.batch import Batch
 from lattice.nn.embedding import EmbeddingBagCollection, EmbeddingTableConfig
 from lattice.nn.linear import MLP
 from lattice.nn.match import HistoryMatch, match_pairs
@@ -471,7 +472,7 @@ class SequenceProcessor(nn.Module):
 
 
 class FeatureProcessor(nn.Module):
-    """The whole input side of a network: a :class:`~lattice.data.Batch` -> :class:`ProcessedFeatures`.
+    """The whole input side of a network: a :class:`~lattice.batch.Batch` -> :class:`ProcessedFeatures`.
 
     Args:
         schema: the data :class:`~lattice.data.Schema`.
@@ -518,6 +519,7 @@ class FeatureProcessor(nn.Module):
         self.sequence = (
             SequenceProcessor(seq, self.tables, dim, sequence_merge, max_positions, time_buckets) if seq else None
         )
+        self.sequence_max_lengths = [f.max_length or 50 for f in seq]
         self.match = (
             HistoryMatch(match_pairs(schema), [f.name for f in seq], [f.name for f in sparse], dim)
             if history_match else None
@@ -549,7 +551,17 @@ class FeatureProcessor(nn.Module):
     def has_sequence(self) -> bool:
         return self.sequence is not None
 
-    def forward(self, batch: Any) -> ProcessedFeatures:
+    def default_sequence_length(self) -> float:
+        """Sequence tokens per sample at every sequence feature's ``max_length`` (50 where none is
+        given): their sum when sequences are concatenated, their maximum when they are merged per event
+        (MaskNet); 0 without sequences. The worst case that FLOP counts assume by default."""
+        if not self.sequence_max_lengths:
+            return 0.0
+        merged = self.sequence is not None and self.sequence.merge == "masknet"
+        lengths = self.sequence_max_lengths
+        return float(max(lengths) if merged else sum(lengths))
+
+    def forward(self, batch: Batch) -> ProcessedFeatures:
         parts = []
         pooled, events = {}, None
         if self.tables is not None:

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from lattice.nn.attention import InterleavedCrossAttention, JaggedMultiheadAttention, PMA
 from lattice.nn.linear import Dispatch, DomainLinear, make_activation
 from lattice.nn.norms import make_norm
-from lattice.nn.processors import JaggedTokens
+from lattice.nn.processors import JaggedTokens, ProcessedFeatures
 from lattice.sparse import jagged_positions, jagged_row_ids
 
 __all__ = [
@@ -23,6 +23,7 @@ __all__ = [
     "gather_first",
     "gather_recent",
     "jagged_mean",
+    "tokens_with_sequence_mean",
     "row_ids",
     "SelfGate",
     "PersonalizedFFN",
@@ -79,6 +80,14 @@ def jagged_mean(stream: JaggedTokens) -> Tensor:
     rows = row_ids(stream.offsets, n)
     total = stream.values.new_zeros(B, stream.values.shape[-1]).index_add(0, rows, stream.values)
     return total / stream.lengths.clamp(min=1).unsqueeze(1).to(total.dtype)
+
+
+def tokens_with_sequence_mean(features: ProcessedFeatures) -> Tensor:
+    """``[B, n (+1), d]``: the non-sequence tokens and, when there is a sequence, its mean token (the
+    flat input of the MLP baselines and the wide path)."""
+    if features.sequence is None:
+        return features.tokens
+    return torch.cat([features.tokens, jagged_mean(features.sequence).unsqueeze(1)], dim=1)
 
 
 def attention_flops(n_q: float, n_kv: float, dim: int, project_kv: bool = True) -> float:

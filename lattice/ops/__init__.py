@@ -9,6 +9,8 @@
 """
 from lattice.ops import _library  # noqa: F401  (loads lattice._C)
 from lattice.ops._backend import get_backend, set_backend, use_backend
+from lattice.ops._library import has_cuda_kernels  # noqa: F401
+from lattice.ops._memory import empty_huge_pages  # noqa: F401
 from lattice.ops import pooling, pooling_int8, attention, reference  # noqa: F401
 from lattice.ops.pooling import *  # noqa: F401,F403
 from lattice.ops.attention import *  # noqa: F401,F403

@@ -2,9 +2,9 @@
 
 Random row gathers over a multi-GB table miss the TLB on nearly every row with 4 KB pages; asking the
 kernel for 2 MB pages (``madvise(MADV_HUGEPAGE)``, honoured when THP is ``always`` or ``madvise``)
-before the memory is first touched makes pooling and the fused update noticeably faster (about 20%
-on the x86 machines we measured). The advice is the kernels' own (``torch.ops.lattice.advise_huge_pages``,
-which their large outputs get too); elsewhere this is a plain ``torch.empty``.
+before the memory is first touched makes pooling and the fused update faster (``benchmarks/bench_pooling.py``
+measures it). The advice is the kernels' own (``torch.ops.lattice.advise_huge_pages``, which their large
+outputs get too); elsewhere this is a plain ``torch.empty``.
 """
 from __future__ import annotations
 

@@ -13,8 +13,9 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterable, List, Literal, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Dict, Iterable, List, Literal, Optional, Union
 
+from lattice.data.schema import Schema, SchemaLike
 from lattice.select.importance import ImportanceResult, permutation_importance
 from lattice.select.pareto import Selection, non_dominated_sort, pareto_select, weighted_sum_select
 from lattice.select.partition import Partition, partition_portfolios, scan_portfolios, write_partition_yaml
@@ -31,30 +32,10 @@ __all__ = ["FilterOutputs", "run_filter", "PartitionOutputs", "run_partition", "
 
 log = logging.getLogger(__name__)
 
-SchemaLike = Any  # lattice.data.Schema, its to_dict() mapping, or a YAML path
 
-
-def _coerce_schema(schema: SchemaLike):
-    """A ``lattice.data.Schema`` from a Schema, mapping, YAML path or text (``None`` stays ``None``)."""
-    if schema is None or hasattr(schema, "dense_features"):
-        return schema
-    try:
-        from lattice.data.schema import Schema
-    except ImportError as err:  # pragma: no cover - the data layer is part of the package
-        raise ImportError(f"reading a schema needs lattice.data.schema ({err})") from err
-    return Schema.coerce(schema)
-
-
-def _schema_mapping(schema: SchemaLike) -> Optional[Dict[str, Any]]:
-    """The schema as a plain mapping (works without the data layer for mappings and YAML files)."""
-    if schema is None:
-        return None
-    if isinstance(schema, Mapping):
-        inner = schema.get("schema", schema)
-        return dict(inner) if isinstance(inner, Mapping) else dict(_coerce_schema(inner).to_dict())
-    if hasattr(schema, "to_dict"):
-        return schema.to_dict()
-    return _coerce_schema(schema).to_dict()
+def _coerce_schema(schema: Optional[SchemaLike]) -> Optional[Schema]:
+    """The one place a command's schema argument becomes a :class:`Schema` (``None`` stays ``None``)."""
+    return None if schema is None else Schema.coerce(schema)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -81,7 +62,7 @@ def run_filter(
     *,
     budget: int,
     out_dir: str = "lattice_filter",
-    schema: SchemaLike = None,
+    schema: Optional[SchemaLike] = None,
     metric: Literal["logloss", "auc"] = "logloss",
     repeats: int = 3,
     seed: int = 0,
@@ -236,7 +217,7 @@ def run_partition(
     *,
     budget: int,
     out: str = "partition.yaml",
-    schema: SchemaLike = None,
+    schema: Optional[SchemaLike] = None,
     tasks: Optional[Dict[str, str]] = None,
     delay_columns: Optional[Dict[str, str]] = None,
     domain_column: Optional[str] = "domain",
@@ -274,15 +255,15 @@ def run_partition(
             (loadable with ``Schema.from_yaml``).
         print_table: print the grouping.
     """
-    smap = _schema_mapping(schema)
-    if smap is not None:
+    schema = _coerce_schema(schema)
+    if schema is not None:
         if tasks is None:
-            tasks = {t["name"]: t.get("column") or t["name"] for t in smap["tasks"]}
+            tasks = {t.name: t.source for t in schema.tasks}
         if delay_columns is None:
-            delay_columns = {t["name"]: t["delay_column"] for t in smap["tasks"] if t.get("delay_column")}
-        domain_column = smap.get("domain_column", domain_column)
-        user_id_column = smap.get("user_id_column", user_id_column) or user_id_column
-        item_id_column = smap.get("item_id_column", item_id_column) or item_id_column
+            delay_columns = {t.name: t.delay_column for t in schema.tasks if t.delay_column}
+        domain_column = schema.domain_column
+        user_id_column = schema.user_id_column or user_id_column
+        item_id_column = schema.item_id_column or item_id_column
     if not tasks:
         raise ValueError("run_partition needs tasks={task: label column} or a schema")
     stats = scan_portfolios(
@@ -295,8 +276,8 @@ def run_partition(
         delay_sensitivity=delay_sensitivity, delay_floor=delay_floor, min_labels=min_labels,
     )
     files = {"yaml": out}
-    doc = write_partition_yaml(out, partition, schema=smap)
-    if smap is not None and write_schemas:
+    doc = write_partition_yaml(out, partition, schema=schema)
+    if schema is not None and write_schemas:
         import yaml
 
         stem = os.path.splitext(out)[0]

@@ -62,9 +62,9 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tupl
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
+from lattice.metrics import masked_auc, masked_task_losses, masked_task_means, regression_flags
 from lattice.sparse import JaggedTensor, KeyedJaggedTensor
 
 __all__ = [
@@ -76,8 +76,7 @@ __all__ = [
     "feature_refs",
     "permutation_indices",
     "parallel_sequence_groups",
-    "masked_logloss",
-    "masked_auc",
+    "replace_key",
 ]
 
 log = logging.getLogger(__name__)
@@ -136,31 +135,8 @@ def feature_refs(
 
 
 # --------------------------------------------------------------------------------------------------
-# metrics (masked, per task)
+# spread
 # --------------------------------------------------------------------------------------------------
-def masked_logloss(logits: Tensor, labels: Tensor, mask: Tensor, regression: Optional[Tensor] = None) -> Tensor:
-    """Per-task mean loss over labelled rows.  logits, labels, mask: ``[N, T]`` -> ``[T]`` float64.
-
-    Binary tasks: binary cross-entropy with logits. Tasks flagged in ``regression [T]`` (bool): squared
-    error. A task without labelled rows gives NaN.
-    """
-    m = mask.to(torch.float64)
-    per = _row_losses(logits, labels, regression)
-    n = m.sum(0)
-    return torch.where(n > 0, (per * m).sum(0) / n.clamp_min(1), torch.full_like(n, math.nan))
-
-
-def _row_losses(logits: Tensor, labels: Tensor, regression: Optional[Tensor] = None) -> Tensor:
-    """``[N, T]`` float64 loss of every row and task (unmasked): BCE with logits, squared error for
-    the tasks flagged in ``regression``."""
-    x = logits.to(torch.float64)
-    y = labels.to(torch.float64)
-    per = F.binary_cross_entropy_with_logits(x, y, reduction="none")
-    if regression is not None and bool(regression.any()):
-        per = torch.where(regression.to(per.device).unsqueeze(0), (x - y) ** 2, per)
-    return per
-
-
 def _row_standard_error(diff_sum: Tensor, mask: Tensor, repeats: int) -> np.ndarray:
     """``[T]`` standard error of the mean of the per-row differences ``diff_sum / repeats`` over each
     task's labelled rows (NaN with fewer than two)."""
@@ -170,35 +146,6 @@ def _row_standard_error(diff_sum: Tensor, mask: Tensor, repeats: int) -> np.ndar
     mean = (d * m).sum(0) / n.clamp_min(1)
     var = (((d - mean) ** 2) * m).sum(0) / (n - 1).clamp_min(1)
     return torch.where(n > 1, (var / n.clamp_min(1)).sqrt(), torch.full_like(n, math.nan)).numpy()
-
-
-def _auc_1d(scores: Tensor, positive: Tensor) -> float:
-    n_pos = int(positive.sum())
-    n_neg = positive.numel() - n_pos
-    if n_pos == 0 or n_neg == 0:
-        return math.nan
-    order = torch.argsort(scores, stable=True)
-    s = scores[order]
-    _, inverse, counts = torch.unique_consecutive(s, return_inverse=True, return_counts=True)
-    ends = torch.cumsum(counts, 0).to(torch.float64)
-    ranks = ((ends - counts.to(torch.float64) + 1.0 + ends) / 2.0)[inverse]  # ties: average rank
-    rank_sum = float(ranks[positive[order]].sum())
-    return (rank_sum - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg)
-
-
-def masked_auc(scores: Tensor, labels: Tensor, mask: Tensor, regression: Optional[Tensor] = None) -> Tensor:
-    """Per-task ROC AUC over labelled rows (ties count half).  ``[N, T]`` -> ``[T]`` float64.
-
-    NaN for a task with one class only, no labelled rows, or flagged as regression.
-    """
-    T = scores.shape[1]
-    out = torch.full((T,), math.nan, dtype=torch.float64)
-    for t in range(T):  # over tasks
-        if regression is not None and bool(regression[t]):
-            continue
-        m = mask[:, t]
-        out[t] = _auc_1d(scores[m, t].to(torch.float64), labels[m, t] > 0.5)
-    return out
 
 
 # --------------------------------------------------------------------------------------------------
@@ -232,7 +179,7 @@ def _key_jagged(chunks: Sequence[Any], field_name: str, key: str) -> JaggedTenso
     )
 
 
-def _replace_key(kjt: KeyedJaggedTensor, i: int, jt: JaggedTensor) -> KeyedJaggedTensor:
+def replace_key(kjt: KeyedJaggedTensor, i: int, jt: JaggedTensor) -> KeyedJaggedTensor:
     """``kjt`` with key ``i``'s lists replaced by ``jt``'s rows (same stride)."""
     K, B = len(kjt.keys()), kjt.stride()
     lengths = kjt.lengths().view(K, B).clone()
@@ -475,12 +422,12 @@ def _permuted_chunk(chunk, ref: FeatureRef, src: Tensor, ev: EvalSet, full: Opti
         smask = chunk.sparse_mask.clone()
         smask[:, ref.index] = ev.sparse_mask[src, ref.index]
         return dataclasses.replace(
-            chunk, sparse=_replace_key(chunk.sparse, ref.index, full[0].select_samples(src)), sparse_mask=smask
+            chunk, sparse=replace_key(chunk.sparse, ref.index, full[0].select_samples(src)), sparse_mask=smask
         )
-    seq = _replace_key(chunk.sequences, ref.index, full[0].select_samples(src))
+    seq = replace_key(chunk.sequences, ref.index, full[0].select_samples(src))
     ts = chunk.sequence_timestamps
     if ts is not None and full[1] is not None:
-        ts = _replace_key(ts, ts.keys().index(ref.name), full[1].select_samples(src))
+        ts = replace_key(ts, ts.keys().index(ref.name), full[1].select_samples(src))
     return dataclasses.replace(chunk, sequences=seq, sequence_timestamps=ts)
 
 
@@ -578,18 +525,21 @@ def permutation_importance(
     task_kinds = list(task_kinds) if task_kinds is not None else ["binary"] * T
     if len(task_names) != T or len(task_kinds) != T:
         raise ValueError(f"labels have {T} tasks but got {len(task_names)} task names / {len(task_kinds)} kinds")
-    regression = torch.tensor([k == "regression" for k in task_kinds], dtype=torch.bool)
+    regression = regression_flags(task_kinds)
     labels, lmask = ev.labels.to(torch.float64), ev.label_mask.to(torch.bool)
 
     def evaluate(logits: Tensor) -> Tuple[np.ndarray, np.ndarray]:
         if logits.shape != labels.shape:
             raise ValueError(f"predict returned logits of shape {tuple(logits.shape)}; expected {tuple(labels.shape)}")
-        return (masked_logloss(logits, labels, lmask, regression).numpy(),
+        return (masked_task_means(logits, labels, lmask, regression).numpy(),
                 masked_auc(logits, labels, lmask, regression).numpy())
+
+    def row_losses(logits: Tensor) -> Tensor:
+        return masked_task_losses(logits.to(torch.float64), labels, lmask, regression)
 
     base_logits = _predict_all(predict, ev.chunks, device)
     base_ll, base_auc = evaluate(base_logits)
-    base_rows = _row_losses(base_logits, labels, regression)
+    base_rows = row_losses(base_logits)
     n_f = len(refs)
     d_ll = np.zeros((repeats, n_f, T))
     se_ll = np.full((n_f, T), np.nan)
@@ -616,7 +566,7 @@ def permutation_importance(
 
             logits = _predict_all(predict, permuted(), device)
             ll, auc = evaluate(logits)
-            diff_sum += _row_losses(logits, labels, regression) - base_rows
+            diff_sum += row_losses(logits) - base_rows
             d_ll[r, fi] = ll - base_ll
             d_auc[r, fi] = base_auc - auc
             done += 1

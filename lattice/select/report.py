@@ -20,7 +20,6 @@ feature subset by name.
 """
 from __future__ import annotations
 
-import copy
 import csv
 import json
 import math
@@ -29,11 +28,11 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
+from lattice.data.schema import Schema
 from lattice.select.importance import ImportanceResult
 from lattice.select.pareto import Selection
 
 __all__ = [
-    "restrict_schema",
     "kept_features_document",
     "write_kept_yaml",
     "write_importance_csv",
@@ -50,39 +49,10 @@ _METRIC_LABEL = {"logloss": "LogLoss rise", "auc": "AUC drop"}
 # --------------------------------------------------------------------------------------------------
 # YAML
 # --------------------------------------------------------------------------------------------------
-def _schema_dict(schema) -> Dict[str, Any]:
-    if schema is None:
-        raise ValueError("no schema")
-    if isinstance(schema, Mapping):
-        return copy.deepcopy(dict(schema))
-    if hasattr(schema, "to_dict"):
-        return schema.to_dict()
-    raise TypeError(f"schema must be a lattice.data.Schema or a mapping, got {type(schema).__name__}")
-
-
-def restrict_schema(schema, kept: Sequence[str]) -> Dict[str, Any]:
-    """The schema (a ``Schema`` or its ``to_dict()`` mapping) with only the ``kept`` features.
-
-    Feature order is kept; every domain's explicit feature list is intersected with ``kept``; tasks,
-    domains and the id/label columns are unchanged. Returns a mapping for ``Schema.from_dict``.
-    """
-    d = _schema_dict(schema)
-    keep = set(kept)
-    names = [f["name"] if isinstance(f, Mapping) else f.name for f in d.get("features", [])]
-    unknown = sorted(keep - set(names))
-    if unknown:
-        raise KeyError(f"kept feature(s) {unknown} are not in the schema (features: {names})")
-    d["features"] = [f for f, n in zip(d.get("features", []), names) if n in keep]
-    for dom in d.get("domains", []) or []:
-        if isinstance(dom, Mapping) and dom.get("features") is not None:
-            dom["features"] = [f for f in dom["features"] if f in keep]
-    return d
-
-
 def kept_features_document(
     selection: Selection,
     result: Optional[ImportanceResult] = None,
-    schema=None,
+    schema: Optional[Schema] = None,
     metric: str = "logloss",
     extra: Optional[Mapping[str, Any]] = None,
 ) -> Dict[str, Any]:
@@ -92,8 +62,7 @@ def kept_features_document(
         raise ValueError("the selection has no feature names; pass names= to the selector")
     kept = list(selection.names)
     if schema is not None:  # schema order reads better and matches the batch column order
-        order = [f["name"] if isinstance(f, Mapping) else f.name for f in _schema_dict(schema)["features"]]
-        pos = {n: i for i, n in enumerate(order)}
+        pos = {n: i for i, n in enumerate(schema.feature_names)}
         kept = sorted(kept, key=lambda n: pos.get(n, len(pos)))
     names_all = result.features if result is not None else None
     sel: Dict[str, Any] = {"method": selection.method, "budget": int(selection.budget), "metric": metric}
@@ -107,7 +76,7 @@ def kept_features_document(
     sel.update(extra or {})
     doc: Dict[str, Any] = {"features": kept, "selection": sel}
     if schema is not None:
-        doc["schema"] = restrict_schema(schema, kept)
+        doc["schema"] = schema.restrict(kept).to_dict()
     return doc
 
 
@@ -115,7 +84,7 @@ def write_kept_yaml(
     path: PathLike,
     selection: Selection,
     result: Optional[ImportanceResult] = None,
-    schema=None,
+    schema: Optional[Schema] = None,
     metric: str = "logloss",
     extra: Optional[Mapping[str, Any]] = None,
 ) -> Dict[str, Any]:

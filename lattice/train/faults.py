@@ -16,12 +16,18 @@ from typing import Optional
 
 import lightning.pytorch as pl
 
-__all__ = ["PeerFailureReporter", "watch_launcher"]
+__all__ = ["PeerFailureReporter", "is_peer_failure", "watch_launcher"]
 
 _PEER_FAILURE_MARKERS = (
     "Connection reset by peer", "Connection closed by peer", "Broken pipe", "NCCL", "ProcessGroup",
     "Socket Timeout", "timed out", "gloo",
 )
+
+
+def is_peer_failure(exception: BaseException) -> bool:
+    """Whether ``exception`` is a failed collective (gloo/NCCL), the sign of a dead or killed peer rank."""
+    text = f"{type(exception).__name__}: {exception}"
+    return isinstance(exception, RuntimeError) and any(m in text for m in _PEER_FAILURE_MARKERS)
 
 
 class PeerFailureReporter(pl.Callback):
@@ -31,11 +37,10 @@ class PeerFailureReporter(pl.Callback):
     def on_exception(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", exception: BaseException) -> None:
         if trainer.world_size <= 1:
             return
-        text = f"{type(exception).__name__}: {exception}"
-        peer = isinstance(exception, RuntimeError) and any(m in text for m in _PEER_FAILURE_MARKERS)
-        where = f"rank {trainer.global_rank} of {trainer.world_size}, global step {trainer.global_step}"
-        if not peer:  # the exception's own message says what happened
+        if not is_peer_failure(exception):  # the exception's own message says what happened
             return
+        text = f"{type(exception).__name__}: {exception}"
+        where = f"rank {trainer.global_rank} of {trainer.world_size}, global step {trainer.global_step}"
         message = (f"lattice: stopping ({where}): a collective with the other ranks failed, most likely because "
                    f"another rank died or was killed; its own log holds the first error. ({text.splitlines()[0][:300]})")
         sys.stderr.write(message + "\n")

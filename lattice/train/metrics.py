@@ -1,14 +1,12 @@
-"""Ranking and calibration metrics for multi-domain, multi-task evaluation.
+"""Per-(domain, task) evaluation as a torchmetrics ``Metric``; the arithmetic is :mod:`lattice.metrics`.
 
-The functional metrics work on flat tensors; :class:`MultiTaskMetrics` is a torchmetrics ``Metric`` that
-keeps every evaluated row (its states are concatenated across ranks when synced, so an AUC is computed
-over all ranks' rows, never averaged from per-rank AUCs) and reports, per (domain, task) and per task
-over all domains: AUC, LogLoss, normalized entropy (NE), calibration, group AUC by user and, where the
+:class:`MultiTaskMetrics` keeps every evaluated row (its states are concatenated across ranks when
+synced, so an AUC is computed over all ranks' rows, never averaged from per-rank AUCs) and reports, per
+(domain, task) and per task over all domains: AUC, LogLoss, normalized entropy (NE), calibration, group AUC by user and, where the
 data carries true label probabilities, the oracle AUC.
 """
 from __future__ import annotations
 
-import math
 from typing import Sequence
 
 import torch
@@ -16,100 +14,7 @@ from torch import Tensor
 from torchmetrics import Metric
 from torchmetrics.utilities.data import dim_zero_cat
 
-_EPS = 1e-7
-
-
-def _average_ranks(sorted_values: Tensor) -> Tensor:
-    """1-based ranks of an ascending-sorted vector, ties given their average rank.  [N] -> [N] float64."""
-    n = sorted_values.numel()
-    _, inverse, counts = torch.unique_consecutive(sorted_values, return_inverse=True, return_counts=True)
-    ends = torch.cumsum(counts, 0).to(torch.float64)
-    starts = ends - counts.to(torch.float64) + 1.0
-    return ((starts + ends) / 2.0)[inverse] if n else sorted_values.to(torch.float64)
-
-
-def binary_auc(scores: Tensor, labels: Tensor) -> float:
-    """Exact ROC AUC (Mann-Whitney U, ties counted half).  scores, labels: [N]; labels in {0, 1}.
-
-    Returns NaN when only one class is present.
-    """
-    scores = scores.detach().reshape(-1).to(torch.float64)
-    positive = labels.detach().reshape(-1) > 0.5
-    n_pos = int(positive.sum())
-    n_neg = positive.numel() - n_pos
-    if n_pos == 0 or n_neg == 0:
-        return float("nan")
-    order = torch.argsort(scores, stable=True)
-    ranks = _average_ranks(scores[order])
-    rank_sum = ranks[positive[order]].sum().item()
-    return (rank_sum - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg)
-
-
-def group_auc(scores: Tensor, labels: Tensor, groups: Tensor) -> float:
-    """Impression-weighted mean of per-group AUCs (groups with both classes only).  All inputs [N].
-
-    Vectorized: one sort by (group, score), ranks within each group with ties averaged.
-    """
-    scores = scores.detach().reshape(-1).to(torch.float64)
-    labels = labels.detach().reshape(-1) > 0.5
-    groups = groups.detach().reshape(-1)
-    if scores.numel() == 0:
-        return float("nan")
-    by_score = torch.argsort(scores, stable=True)
-    by_group = torch.argsort(groups[by_score], stable=True)
-    order = by_score[by_group]
-    g, s, y = groups[order], scores[order], labels[order]
-    _, group_idx, group_sizes = torch.unique_consecutive(g, return_inverse=True, return_counts=True)
-    n_groups = group_sizes.numel()
-    group_start = torch.cumsum(group_sizes, 0) - group_sizes
-    position = torch.arange(s.numel(), device=s.device) - group_start[group_idx] + 1  # rank inside group
-    # Ties: average the rank over runs of equal (group, score).
-    new_run = torch.ones_like(y)
-    new_run[1:] = (g[1:] != g[:-1]) | (s[1:] != s[:-1])
-    run_idx = torch.cumsum(new_run.to(torch.int64), 0) - 1
-    n_runs = int(run_idx[-1]) + 1
-    run_rank = torch.zeros(n_runs, dtype=torch.float64, device=s.device).scatter_reduce(
-        0, run_idx, position.to(torch.float64), reduce="mean", include_self=False
-    )
-    ranks = run_rank[run_idx]
-    yf = y.to(torch.float64)
-    n_pos = torch.zeros(n_groups, dtype=torch.float64, device=s.device).index_add_(0, group_idx, yf)
-    pos_rank_sum = torch.zeros(n_groups, dtype=torch.float64, device=s.device).index_add_(0, group_idx, ranks * yf)
-    n_neg = group_sizes.to(torch.float64) - n_pos
-    valid = (n_pos > 0) & (n_neg > 0)
-    if not bool(valid.any()):
-        return float("nan")
-    auc = (pos_rank_sum - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg).clamp_min(1.0)
-    weights = group_sizes.to(torch.float64) * valid
-    return float((auc * weights).sum() / weights.sum())
-
-
-def log_loss(probs: Tensor, labels: Tensor) -> float:
-    """Mean binary cross-entropy of probabilities [N] against labels [N] (probabilities clipped to 1e-7)."""
-    if probs.numel() == 0:
-        return float("nan")
-    p = probs.detach().reshape(-1).to(torch.float64).clamp(_EPS, 1.0 - _EPS)
-    y = labels.detach().reshape(-1).to(torch.float64)
-    return float(-(y * torch.log(p) + (1.0 - y) * torch.log1p(-p)).mean())
-
-
-def normalized_entropy(probs: Tensor, labels: Tensor) -> float:
-    """LogLoss divided by the entropy of the empirical base rate (1.0 = no better than the base rate)."""
-    if probs.numel() == 0:
-        return float("nan")
-    rate = float(labels.detach().to(torch.float64).mean())
-    if rate <= 0.0 or rate >= 1.0:
-        return float("nan")
-    base_entropy = -(rate * math.log(rate) + (1.0 - rate) * math.log(1.0 - rate))
-    return log_loss(probs, labels) / base_entropy
-
-
-def calibration(probs: Tensor, labels: Tensor) -> float:
-    """Sum of predicted probabilities over sum of labels (1.0 = calibrated on average)."""
-    positives = float(labels.detach().to(torch.float64).sum())
-    if positives == 0.0:
-        return float("nan")
-    return float(probs.detach().to(torch.float64).sum()) / positives
+from lattice import metrics
 
 
 class MultiTaskMetrics(Metric):
@@ -170,16 +75,16 @@ class MultiTaskMetrics(Metric):
             return {"mse": float((err**2).mean()), "mae": float(err.abs().mean()), "count": float(y.numel())}
         p = torch.sigmoid(out.double())
         values = {
-            "auc": binary_auc(out, y),
-            "logloss": log_loss(p, y),
-            "ne": normalized_entropy(p, y),
-            "calibration": calibration(p, y),
+            "auc": metrics.binary_auc(out, y),
+            "logloss": metrics.log_loss(p, y),
+            "ne": metrics.normalized_entropy(p, y),
+            "calibration": metrics.calibration(p, y),
             "count": float(y.numel()),
         }
         if self.compute_group_auc:
-            values["gauc"] = group_auc(out, y, users)
+            values["gauc"] = metrics.group_auc(out, y, users)
         if truth is not None:
-            values["oracle_auc"] = binary_auc(truth, y)
+            values["oracle_auc"] = metrics.binary_auc(truth, y)
         return values
 
     def compute(self) -> dict[str, float]:

@@ -3,20 +3,26 @@ from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities.warnings import PossibleUserWarning
 from torch import Tensor, nn
 
+from lattice.metrics import masked_multitask_loss, masked_task_sums, weighted_task_total
 from lattice.nn.conditional import ConditionalTasks
 from lattice.nn.norms import RunningStandardize
 from lattice.train import faults, parallel
 from lattice.train.label_checks import ConditionalLabelCheck, EvalConditionalLabelCheck
-from lattice.train.losses import masked_multitask_loss, masked_task_sums, weighted_task_total
 from lattice.train.metrics import MultiTaskMetrics
+
+# The val/test metrics are logged after MultiTaskMetrics.compute() synced them across ranks; Lightning cannot tell
+# and advises sync_dist=True for each of them at every epoch end.
+warnings.filterwarnings("ignore", message=r"It is recommended to use `self\.log\('(val|test)/", category=PossibleUserWarning)
 
 SparseOptimizer = Literal["rowwise_adagrad", "sgd", "none"]
 
@@ -28,6 +34,14 @@ class NonFiniteLossError(RuntimeError):
 def _fused_embedding_modules(network: nn.Module) -> list[nn.Module]:
     """Sub-modules whose embedding weights are updated by a fused in-backward optimizer."""
     return [m for m in network.modules() if hasattr(m, "set_fused_optimizer")]
+
+
+def mean_pair_auc(results: dict[str, float], domains: list[str], tasks: list[str]) -> float:
+    """The mean of the finite ``<domain>/<task>/auc`` values in ``results`` (``nan`` when none is finite); logged as
+    ``val/mean_auc``, the default checkpoint monitor and the sketch's objective."""
+    values = [results.get(f"{d}/{t}/auc", math.nan) for d in domains for t in tasks]
+    values = [v for v in values if math.isfinite(v)]
+    return sum(values) / len(values) if values else math.nan
 
 
 class LatticeModule(pl.LightningModule):
@@ -172,6 +186,7 @@ class LatticeModule(pl.LightningModule):
             self.eval_label_check.finish({"val": "validation"}.get(stage, stage), self.device)
         results = metrics.compute()
         metrics.reset()
+        results["mean_auc"] = mean_pair_auc(results, self.domain_names, self.task_names)
         self.eval_results[stage] = results
         loggable = {f"{stage}/{k}": v for k, v in results.items() if not k.endswith("/count") and math.isfinite(v)}
         # compute() already synced across ranks: every rank holds the same values.

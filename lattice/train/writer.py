@@ -8,15 +8,21 @@ import lightning.pytorch as pl
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
+from torch import Tensor
+
+from lattice.data.teacher import teacher_arrow_table
 
 
 class ParquetPredictionWriter(BasePredictionWriter):
     """Streams ``predict`` outputs to ``<output_dir>/predictions-rank<R>.parquet`` in row groups.
 
     Columns: ``example_id`` (int64), ``<task>`` (probability for binary tasks, the prediction for
-    regression), ``logit_<task>`` (float32) and, with ``write_embedding``, ``embedding``
-    (fixed-size list<float32>) — the teacher representation used by KTAP-style distillation.
+    regression), then the teacher-output layout that :class:`lattice.data.teacher.TeacherTable` reads:
+    ``logit_<task>`` (float32, :data:`~lattice.data.teacher.TEACHER_LOGIT_PREFIX`) and, with
+    ``write_embedding``, ``embedding`` (fixed-size list<float32>) — the teacher representation used by
+    KTAP-style distillation.
     """
 
     def __init__(self, output_dir: str = "predictions", write_embedding: bool = False, row_group_size: int = 65536) -> None:
@@ -30,19 +36,12 @@ class ParquetPredictionWriter(BasePredictionWriter):
         self.path: str | None = None
 
     def _table(self, prediction: dict[str, Any], task_names: Sequence[str]) -> pa.Table:
-        columns = {"example_id": pa.array(prediction["example_id"].cpu().numpy().astype(np.int64))}
-        probs = prediction["probs"].cpu().numpy().astype(np.float32)
-        logits = prediction["logits"].cpu().numpy().astype(np.float32)
-        for t, name in enumerate(task_names):
-            columns[name] = pa.array(probs[:, t])
-        for t, name in enumerate(task_names):
-            columns[f"logit_{name}"] = pa.array(logits[:, t])
+        embedding = None
         if self.write_embedding:
             if "embedding" not in prediction:
                 raise ValueError("write_embedding=True but the network returns no representation to write")
-            emb = prediction["embedding"].cpu().numpy().astype(np.float32)
-            columns["embedding"] = pa.FixedSizeListArray.from_arrays(pa.array(emb.reshape(-1)), emb.shape[1])
-        return pa.table(columns)
+            embedding = prediction["embedding"]
+        return _columns(prediction["example_id"], prediction["probs"], prediction["logits"], task_names, embedding)
 
     def _flush(self) -> None:
         if not self._pending:
@@ -74,7 +73,16 @@ class ParquetPredictionWriter(BasePredictionWriter):
             pq.write_table(self._table_schema(pl_module).empty_table(), self.path)
 
     def _table_schema(self, pl_module) -> pa.Schema:
-        fields = [pa.field("example_id", pa.int64())]
-        fields += [pa.field(n, pa.float32()) for n in pl_module.task_names]
-        fields += [pa.field(f"logit_{n}", pa.float32()) for n in pl_module.task_names]
-        return pa.schema(fields)
+        empty = torch.zeros(0, len(pl_module.task_names))
+        return _columns(torch.zeros(0, dtype=torch.int64), empty, empty, pl_module.task_names).schema
+
+
+def _columns(example_id: Tensor, probs: Tensor, logits: Tensor, task_names: Sequence[str],
+             embedding: Tensor | None = None) -> pa.Table:
+    """The teacher-output table (:func:`lattice.data.teacher.teacher_arrow_table`) with each task's
+    probability column after ``example_id``.  example_id [N], probs and logits [N, T], embedding [N, E]."""
+    table = teacher_arrow_table(example_id, logits, task_names, embedding)
+    probs = probs.detach().cpu().numpy().astype(np.float32)
+    for t, name in enumerate(task_names):
+        table = table.add_column(1 + t, name, pa.array(probs[:, t]))
+    return table

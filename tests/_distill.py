@@ -4,79 +4,19 @@
 ``encode(features, batch) -> (head_input, representation)``, ``heads(x, label_window, domain)`` with
 ``.logits``/``.train_logits``, ``forward(batch)`` returning ``.logits``, ``.train_logits``,
 ``.representation``) without needing the models package, and accepts ``extra_tokens`` (room for the KTAP
-teacher token). Batches are the data layer's :class:`Batch` when it is importable, else a stand-in with the
-same fields.
+teacher token). Batches are :class:`lattice.batch.Batch`.
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import torch
 from torch import Tensor, nn
 
+from lattice.batch import Batch
+from lattice.data.schema import DomainSpec, FeatureSpec, Schema, TaskSpec
 from lattice.sparse import KeyedJaggedTensor
-
-try:  # the real data layer, when merged
-    from lattice.data.batch import Batch  # type: ignore
-    from lattice.data.schema import DomainSpec, Schema, TaskSpec  # type: ignore
-
-    HAVE_DATA = True
-except Exception:  # pragma: no cover - depends on what is merged
-    HAVE_DATA = False
-
-    @dataclass
-    class TaskSpec:  # type: ignore[no-redef]
-        name: str
-        kind: str = "binary"
-        weight: float = 1.0
-        windows: Any = None
-
-    @dataclass
-    class DomainSpec:  # type: ignore[no-redef]
-        name: str
-        features: Optional[list] = None
-        tasks: Optional[list] = None
-
-    @dataclass
-    class Schema:  # type: ignore[no-redef]
-        features: list = field(default_factory=list)
-        tasks: list = field(default_factory=list)
-        domains: list = field(default_factory=list)
-
-    @dataclass
-    class Batch:  # type: ignore[no-redef]
-        dense: Tensor
-        dense_mask: Tensor
-        sparse: Any
-        sparse_mask: Tensor
-        sequences: Any
-        sequence_timestamps: Any
-        domain: Tensor
-        labels: Tensor
-        label_mask: Tensor
-        label_window: Tensor
-        example_id: Tensor
-        user_id: Tensor
-        item_id: Tensor
-        true_probs: Optional[Tensor] = None
-        timestamp: Optional[Tensor] = None
-        teacher_logits: Optional[Tensor] = None
-        teacher_mask: Optional[Tensor] = None
-        teacher_embedding: Optional[Tensor] = None
-
-        @property
-        def batch_size(self) -> int:
-            return int(self.domain.shape[0])
-
-        def to(self, device, non_blocking: bool = False):
-            out = {}
-            for f in dataclasses.fields(self):
-                v = getattr(self, f.name)
-                out[f.name] = v.to(device) if isinstance(v, (Tensor, KeyedJaggedTensor)) else v
-            return Batch(**out)
-
 
 NUM_DENSE = 4
 
@@ -87,12 +27,8 @@ def tiny_schema(num_domains: int = 2, regression: bool = False, domain_tasks: di
     if regression:
         tasks.append(TaskSpec(name="value", kind="regression"))
     domains = [DomainSpec(name=f"dom{d}", tasks=(domain_tasks or {}).get(d)) for d in range(num_domains)]
-    if HAVE_DATA:
-        from lattice.data.schema import FeatureSpec
-
-        features = [FeatureSpec(name=f"d{i}", kind="dense") for i in range(NUM_DENSE)]
-        return Schema(features=features, tasks=tasks, domains=domains)
-    return Schema(features=[f"d{i}" for i in range(NUM_DENSE)], tasks=tasks, domains=domains)
+    features = [FeatureSpec(name=f"d{i}", kind="dense") for i in range(NUM_DENSE)]
+    return Schema(features=features, tasks=tasks, domains=domains)
 
 
 @dataclass
@@ -113,6 +49,8 @@ class Output:
     train_logits: Tensor
     representation: Optional[Tensor] = None
     window_logits: dict = field(default_factory=dict)
+    head_input: Optional[Tensor] = None
+    head_hidden: Optional[Tensor] = None
 
 
 class TinyProcessor(nn.Module):
@@ -156,11 +94,13 @@ class TinyNetwork(nn.Module):
         rep = self.trunk(features.tokens.flatten(1))
         return rep, rep
 
-    def forward(self, batch) -> Output:
+    def forward(self, batch, extra_tokens=None) -> Output:
         features = self.processor(batch)
+        if extra_tokens is not None:
+            features = Features(torch.cat([features.tokens, extra_tokens.to(features.tokens.dtype)], dim=1))
         head_input, rep = self.encode(features, batch)
         out = self.heads(head_input, batch.label_window, batch.domain)
-        return Output(out.logits, out.train_logits, rep)
+        return Output(out.logits, out.train_logits, rep, head_input=head_input)
 
 
 def _empty_kjt(batch_size: int) -> KeyedJaggedTensor:

@@ -9,11 +9,9 @@ from __future__ import annotations
 
 import math
 
-import pytest
-
 import torch
 
-from lattice.data.batch import Batch
+from lattice.batch import Batch
 from lattice.data.schema import DomainSpec, FeatureSpec, Schema, TaskSpec, WindowSpec
 from lattice.sparse import KeyedJaggedTensor
 
@@ -219,15 +217,3 @@ def label_entropy(batches: list[Batch], schema: Schema) -> float:
         else:
             total += float(y.var(unbiased=False))
     return total / len(schema.tasks)
-
-
-@pytest.fixture(autouse=True)
-def single_thread():
-    """Runs a test on one intra-op thread: these tensors are tiny, and on a busy 2-core machine every
-    OpenMP region otherwise waits for a descheduled second thread (10x slower)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)

@@ -1,11 +1,18 @@
-"""The :class:`Batch` every lattice model consumes."""
+"""The :class:`Batch` every lattice model consumes.
+
+It sits beside :mod:`lattice.sparse` (and imports only torch and it) so that ``nn`` and ``models`` can
+name its type. It is a pytree node with keyed flattening, so ``torch.export`` and ``torch.compile`` take a
+Batch as an input directly: the fields that are ``None`` stay in the (static) tree spec and come back as
+``None``.
+"""
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, List, Optional, Tuple
 
 import torch
+import torch.utils._pytree as pytree
 from torch import Tensor
 
 from lattice.sparse import KeyedJaggedTensor
@@ -98,3 +105,36 @@ class Batch:
     @property
     def device(self) -> torch.device:
         return self.domain.device
+
+
+# --------------------------------------------------------------------------------------------------
+# pytree registration (torch.export / torch.compile / FSDP input casting)
+# --------------------------------------------------------------------------------------------------
+# Descending name order, so that no field comes before one whose name it prefixes (``dense`` before
+# ``dense_mask``): torch.export writes its input guards by replacing each input's key path as plain text,
+# in flatten order, and ``batch.dense`` would otherwise also rewrite ``batch.dense_mask``.
+_FIELDS = tuple(sorted((f.name for f in dataclasses.fields(Batch)), reverse=True))
+
+
+def _flatten(batch: Batch) -> Tuple[List[Any], Tuple[str, ...]]:
+    """Children: the fields that are not ``None``, in ``_FIELDS`` order; context: their names."""
+    present = tuple(name for name in _FIELDS if getattr(batch, name) is not None)
+    return [getattr(batch, name) for name in present], present
+
+
+def _flatten_with_keys(batch: Batch) -> Tuple[List[Tuple[Any, Any]], Tuple[str, ...]]:
+    children, present = _flatten(batch)
+    return [(pytree.GetAttrKey(name), child) for name, child in zip(present, children)], present
+
+
+def _unflatten(children, present: Tuple[str, ...]) -> Batch:
+    fields = dict.fromkeys(_FIELDS)
+    fields.update(zip(present, children))
+    return Batch(**fields)
+
+
+pytree.register_pytree_node(
+    Batch, _flatten, _unflatten,
+    serialized_type_name="lattice.batch.Batch",
+    flatten_with_keys_fn=_flatten_with_keys,
+)

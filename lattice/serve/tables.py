@@ -1,0 +1,102 @@
+"""Embedding tables as served: frozen weights pooled by the forward op only.
+
+:func:`freeze_tables` replaces every :class:`~lattice.nn.EmbeddingBagCollection` of a network (a copy) with a
+:class:`ServingEmbeddingBagCollection`, which pools each packed group of tables through a :class:`TablePool`.
+A ``TablePool`` owns one group's weights ``[rows, D]`` and calls ``torch.ops.lattice.jagged_embedding_pool``;
+no fused optimizer, no optimizer state, no gradient. It is the one place a quantized table format plugs in:
+a pool with the same ``forward`` over another storage (e.g. uint8 rows) replaces :class:`Fp32TablePool`
+per group, and nothing else in the inference graph changes.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from lattice.nn.embedding import EmbeddingBagCollection
+from lattice.ops.pooling import jagged_embedding_pool
+from lattice.sparse import KeyedJaggedTensor
+
+__all__ = ["TablePool", "Fp32TablePool", "ServingEmbeddingBagCollection", "freeze_tables", "table_bytes"]
+
+
+class TablePool(nn.Module):
+    """One packed group of tables, forward only.
+
+    ``forward(table_row_offsets, indices [N], offsets [F*B+1], per_sample_weights [N] | None) -> [B, F, D]``
+    pooled with the group's pooling, in the op's key-major layout.
+    """
+
+    pooling: str
+
+    def forward(self, table_row_offsets: Tensor, indices: Tensor, offsets: Tensor,
+                per_sample_weights: Optional[Tensor]) -> Tensor:
+        raise NotImplementedError
+
+    def nbytes(self) -> int:
+        """Bytes of the table storage."""
+        raise NotImplementedError
+
+
+class Fp32TablePool(TablePool):
+    """Weights ``[rows, D]`` kept as trained (fp32, or bf16/fp16 storage with fp32 accumulation)."""
+
+    def __init__(self, weight: Tensor, pooling: str) -> None:
+        super().__init__()
+        self.register_buffer("weight", weight.detach().clone().contiguous())
+        self.pooling = pooling
+
+    def forward(self, table_row_offsets: Tensor, indices: Tensor, offsets: Tensor,
+                per_sample_weights: Optional[Tensor]) -> Tensor:
+        return jagged_embedding_pool(self.weight, table_row_offsets, indices, offsets, self.pooling, per_sample_weights)
+
+    def nbytes(self) -> int:
+        return self.weight.numel() * self.weight.element_size()
+
+
+class ServingEmbeddingBagCollection(EmbeddingBagCollection):
+    """An :class:`EmbeddingBagCollection` whose groups pool through :class:`TablePool` modules (``pools``,
+    keyed like its ``weights``). Same features, same outputs; built by :func:`freeze_tables`."""
+
+    @classmethod
+    def from_trained(cls, trained: EmbeddingBagCollection) -> "ServingEmbeddingBagCollection":
+        out = cls.__new__(cls)
+        nn.Module.__init__(out)
+        skip = {"_parameters", "_buffers", "_modules"}
+        out.__dict__.update({k: v for k, v in trained.__dict__.items() if k not in skip})
+        for name, buf in trained._buffers.items():  # the per-group row ranges
+            out.register_buffer(name, buf.clone(), persistent=False)
+        out.fused_optimizer = None
+        out.process_group = None
+        out.pools = nn.ModuleDict({g.key: Fp32TablePool(trained.weights[g.key], g.pooling) for g in trained._groups})
+        return out
+
+    def _pool_group(self, g, kjt: KeyedJaggedTensor) -> Tensor:
+        tro = getattr(self, f"_tro_{g.key}")
+        psw = kjt.weights_or_none() if self.is_weighted else None
+        return self.pools[g.key](tro, kjt.values(), kjt.offsets(), psw)
+
+    def embedding_weight(self, table: str) -> Tensor:
+        g = self._group_of_table(table)
+        start = g.table_start[table]
+        n = next(t.num_embeddings for t in g.tables if t.name == table)
+        return self.pools[g.key].weight[start: start + n]
+
+    def set_fused_optimizer(self, *args, **kwargs) -> None:
+        raise RuntimeError("a served embedding collection has no optimizer; train the original network instead")
+
+
+def freeze_tables(network: nn.Module) -> nn.Module:
+    """Replace, in place, every trained :class:`EmbeddingBagCollection` under ``network`` with a
+    :class:`ServingEmbeddingBagCollection` over the same weights (copied). Returns ``network``."""
+    for parent in list(network.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, EmbeddingBagCollection) and not isinstance(child, ServingEmbeddingBagCollection):
+                setattr(parent, name, ServingEmbeddingBagCollection.from_trained(child))
+    return network
+
+
+def table_bytes(network: nn.Module) -> int:
+    """Bytes of every served table under ``network`` (after :func:`freeze_tables`)."""
+    return sum(m.nbytes() for m in network.modules() if isinstance(m, TablePool))

@@ -1,0 +1,163 @@
+"""lattice.serve: the flat inference module equals each network's own serving output, and its exported
+program (torch.export, dynamic batch and jagged lengths) equals the eager module within 1e-5 for every network
+class, an ESMM network and a distillation student, at batch 1, 7 and 513 with empty bags, empty sequences and
+absent features. (The AOTInductor package is tested in test_serve_package.py.)"""
+import dataclasses
+import functools
+
+import pytest
+import torch
+
+from _models import make_schema, random_batch
+from lattice.distill import DistillationModule, TeacherTokenNetwork
+from lattice.models import DLRM, MMoE, PLE, InterFormer, LatticeNetwork, LogisticRegression, SharedBottom, Wukong
+from lattice.serve.export import export_program
+from lattice.serve.inference import InferenceModule
+from lattice.serve.inputs import flat_inputs, random_inputs
+from lattice.serve.tables import ServingEmbeddingBagCollection, table_bytes
+
+SMALL = {
+    LatticeNetwork: dict(dim=16, num_layers=2, fm_tokens=4, lcb_tokens=4, fm_hidden_dims=[32], representation_dim=32,
+                         head_hidden_dims=[16]),
+    InterFormer: dict(dim=16, num_layers=2, dot_tokens=4, dcn_tokens=4, summary_hidden_dims=[32],
+                      representation_dim=32, head_hidden_dims=[16]),
+    SharedBottom: dict(dim=8, bottom_dims=[32, 16], head_hidden_dims=[16]),
+    MMoE: dict(dim=8, num_experts=3, expert_dims=[32, 16], head_hidden_dims=[16]),
+    PLE: dict(dim=8, num_levels=2, shared_experts=2, task_experts=1, expert_dims=[32, 16], head_hidden_dims=[16]),
+    DLRM: dict(dim=8, bottom_dims=[16], top_dims=[32, 16], head_hidden_dims=[16]),
+    Wukong: dict(dim=16, num_layers=2, fm_tokens=4, lcb_tokens=4, fm_hidden_dims=[32], top_dims=[32],
+                 head_hidden_dims=[16]),
+    LogisticRegression: dict(dim=8),
+}
+
+
+def _perturb(model):
+    """Move every weight off its initial value (heads start near zero: differences would hide)."""
+    gen = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.2 * torch.randn(p.shape, generator=gen, dtype=p.dtype))
+    return model.eval()
+
+
+def _network(cls, schema, **extra):
+    torch.manual_seed(0)
+    return _perturb(cls(schema, **{**SMALL[cls], **extra}))
+
+
+def _student(schema, teacher_token=False):
+    torch.manual_seed(0)
+    if teacher_token:
+        network = TeacherTokenNetwork(schema, "lattice.models.LatticeNetwork", SMALL[LatticeNetwork])
+        module = DistillationModule(network, teacher_embedding_dim=12, adapter=True)
+    else:
+        module = DistillationModule(LatticeNetwork(schema, **SMALL[LatticeNetwork]), distillation="aux_head",
+                                    adapter=True, aux_input="head_hidden", aux_hidden_dims=[])
+    return _perturb(module)
+
+
+def _models():
+    schema = make_schema()
+    yield from ((cls.__name__, lambda cls=cls: _network(cls, schema)) for cls in SMALL)
+    yield "LatticeNetwork_esmm_wide", lambda: _network(LatticeNetwork, schema, task_parents={"conversion": "click"},
+                                                       wide=True, wide_dim=4)
+    yield "student", lambda: _student(schema)
+    yield "student_ktap", lambda: _student(schema, teacher_token=True)
+
+
+MODELS = dict(_models())
+
+
+@functools.lru_cache(maxsize=None)
+def _exported(name):
+    """``(model, inference_module, exported_program)``, exported once per test session."""
+    model = MODELS[name]()
+    return (model, *export_program(model))
+
+
+def _expected(model, batch):
+    """The model's own serving output on a Batch: sigmoid of the serving logits for binary tasks."""
+    with torch.no_grad():
+        if isinstance(model, DistillationModule):
+            logits = model.serving_model()(batch)
+        else:
+            logits = model(batch).logits
+    binary = torch.tensor([t.kind == "binary" for t in batch_schema(model).tasks])
+    return torch.where(binary, torch.sigmoid(logits), logits)
+
+
+def batch_schema(model):
+    return model.network.schema if isinstance(model, DistillationModule) else model.schema
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_exported_program_equals_eager(name):
+    model, module, program = _exported(name)
+    assert not module.training and all(not p.requires_grad for p in module.parameters())
+    # the flat interface scores a Batch exactly as the network itself does (probabilities from the serving heads)
+    schema = batch_schema(model)
+    batch = random_batch(schema, 9, seed=1)
+    if module.has_teacher_token:
+        batch.teacher_embedding = torch.randn(9, 12)
+        batch.teacher_mask = torch.arange(9) % 3 != 0
+    with torch.no_grad():
+        torch.testing.assert_close(module(*flat_inputs(batch, module.teacher_embedding_dim)), _expected(model, batch),
+                                   rtol=0, atol=1e-6)
+    exported = program.module()
+    for B, seed in ((1, 0), (7, 1), (513, 2)):
+        x = random_inputs(schema, B, seed=seed, teacher_embedding_dim=module.teacher_embedding_dim)
+        sparse_lengths = x[3].diff()
+        assert B == 1 or ((sparse_lengths == 0).any() and (x[6].diff() == 0).any() and not x[4].all())
+        with torch.no_grad():
+            eager, got = module(*x), exported(*x)
+        assert got.shape == (B, len(schema.tasks)) and torch.isfinite(got).all()
+        torch.testing.assert_close(got, eager, rtol=0, atol=1e-5)
+
+
+def test_all_bags_and_sequences_empty_and_every_feature_absent():
+    schema = make_schema()
+    _, module, program = _exported("LatticeNetwork")
+    x = list(random_inputs(schema, 5, seed=3))
+    x[1] = torch.zeros_like(x[1])  # dense_mask
+    x[4] = torch.zeros_like(x[4])  # sparse_mask
+    x[2], x[3] = x[2][:0], torch.zeros_like(x[3])  # no sparse ids
+    x[5], x[6], x[7] = x[5][:0], torch.zeros_like(x[6]), x[7][:0]  # no events
+    with torch.no_grad():
+        torch.testing.assert_close(program.module()(*x), module(*x), rtol=0, atol=1e-5)
+
+
+def test_inference_module_freezes_tables_and_leaves_the_model_alone():
+    model = MODELS["student"]()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    module = InferenceModule(model)
+    served = [m for m in module.modules() if isinstance(m, ServingEmbeddingBagCollection)]
+    assert served and all(m.fused_optimizer is None for m in served)
+    assert not any(hasattr(m, "optimizer_state") for m in served)
+    trained = model.network.embedding_collections()
+    assert table_bytes(module) == sum(w.numel() * 4 for c in trained for w in c.weights.values())
+    module.train()
+    assert not module.training  # a served model has no training mode
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    with pytest.raises(RuntimeError, match="no optimizer"):
+        served[0].set_fused_optimizer("sgd")
+
+
+def test_inference_module_refuses_what_it_cannot_serve():
+    with pytest.raises(TypeError, match="cannot serve a Linear"):
+        InferenceModule(torch.nn.Linear(2, 2))
+
+
+def test_parallel_sequence_features_export_with_equal_lengths():
+    """Sequence features sharing a timestamps column are attributes of the same events (MaskNet merge): the
+    export keeps their event counts equal (``Fq * events``) instead of guarding an even total."""
+    base = make_schema()
+    features = [f if f.kind != "sequence" else dataclasses.replace(f, timestamps_column="events_ts") for f in base.features]
+    schema = base.replace(features=features)
+    torch.manual_seed(0)
+    model = _perturb(LatticeNetwork(schema, **SMALL[LatticeNetwork]))
+    assert model.processor.sequence.merge == "masknet"
+    module, program = export_program(model)
+    for B, seed in ((1, 0), (7, 1), (513, 2)):
+        x = random_inputs(schema, B, seed=seed)
+        with torch.no_grad():
+            torch.testing.assert_close(program.module()(*x), module(*x), rtol=0, atol=1e-5)

@@ -1,0 +1,125 @@
+"""`lattice sketch` end to end on a tiny planted world: a search writes best.yaml that `lattice fit` runs, resumes
+from its SQLite file, prunes constraint breakers before training, is reproducible under a seed; `--lr-find`."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+optuna = pytest.importorskip("optuna")
+
+from lattice.cli import main  # noqa: E402
+from lattice.sketch.search import SearchOptions, run_search  # noqa: E402
+from lattice.sketch.spec import SketchSpec  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+# Trials see 2 training batches and 2 validation batches (reported twice per epoch to the pruner).
+_FAST = ["--limit-train-batches", "2", "--limit-val-batches", "2"]
+
+
+def _base(tmp_path) -> str:
+    config = {
+        "seed_everything": 0,
+        "trainer": {"accelerator": "cpu", "devices": 1, "max_epochs": 1, "num_sanity_val_steps": 0,
+                    "enable_progress_bar": False, "enable_model_summary": False,
+                    "default_root_dir": str(tmp_path / "run"), "logger": False},
+        "model": {"network": {"class_path": "lattice.models.DLRM", "init_args": {"dim": 8}}},
+        "data": {"cache_dir": str(tmp_path / "cache"), "batch_size": 128,
+                 "synthetic": {"num_users": 150, "num_items": 80,
+                               "domains": [{"name": "feed", "rows": 700},
+                                           {"name": "shop", "rows": 300, "absent_features": ["price"]}]}},
+        "metrics_table": {"output_dir": str(tmp_path / "tables")},
+    }
+    path = tmp_path / "base.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return str(path)
+
+
+def _space(tmp_path, name="space.yaml", **extra) -> str:
+    spec = {
+        "base": ["base.yaml"],
+        "space": {"model.optimizer.init_args.lr": {"low": "1e-3", "high": "3e-2", "log": True},
+                  "model.network.init_args.dim": {"choices": [4, 8]},
+                  "model.network.class_path": {"choices": ["lattice.models.DLRM", "lattice.models.MMoE"]}},
+        **extra,
+    }
+    _base(tmp_path)
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(spec))
+    return str(path)
+
+
+def _lattice(tmp_path, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    env = dict(os.environ)
+    env.pop("LATTICE_DEBUG", None)
+    return subprocess.run([sys.executable, "-m", "lattice.cli", *args], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def _trials(out) -> list[dict]:
+    return json.loads((out / "trials.json").read_text())["trials"]
+
+
+def test_search_writes_best_yaml_that_fits_and_resumes(tmp_path):
+    space, out = _space(tmp_path), tmp_path / "out"
+    proc = _lattice(tmp_path, "sketch", "--space", space, "--n-trials", "2", "--out", str(out), *_FAST)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "best: trial" in proc.stdout
+    assert [t["number"] for t in _trials(out)] == [0, 1]
+    for name in ("best.yaml", "trials.csv", "history.png", "study.db"):
+        assert (out / name).is_file(), name
+
+    # Resume from the SQLite file: --n-trials is the study's total, so one more trial runs, numbered 2.
+    main(["sketch", "--space", space, "--n-trials", "3", "--out", str(out), *_FAST])
+    trials = _trials(out)
+    assert [t["number"] for t in trials] == [0, 1, 2]
+    study = optuna.load_study(study_name="sketch", storage=f"sqlite:///{out / 'study.db'}")
+    assert len(study.trials) == 3
+
+    best = yaml.safe_load((out / "best.yaml").read_text())
+    finished = [t for t in trials if t["state"] == "COMPLETE"]
+    top = max(finished, key=lambda t: t["value"])
+    assert best["model"]["init_args"]["network"]["class_path"] == top["model.network.class_path"]
+    assert best["model"]["init_args"]["optimizer"]["init_args"]["lr"] == pytest.approx(
+        top["model.optimizer.init_args.lr"])
+    proc = _lattice(tmp_path, "fit", "--config", str(out / "best.yaml"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (tmp_path / "tables" / "metrics_val.json").is_file()
+
+
+def test_flops_constraint_prunes_before_training(tmp_path):
+    space = _space(tmp_path, constraints={"flops_per_sample": 1000})
+    spec = SketchSpec.load(space)
+    study = run_search(spec, SearchOptions(out_dir=str(tmp_path / "out"), n_trials=2, limit_train_batches=2,
+                                           limit_val_batches=2))
+    assert [t.state for t in study.trials] == [optuna.trial.TrialState.PRUNED] * 2
+    for trial in study.trials:
+        assert trial.user_attrs["pruned_by"].startswith("constraint: flops_per_sample")
+        assert trial.user_attrs["flops_per_sample"] > 1000
+        assert trial.intermediate_values == {}  # never reported a validation: it did not train
+        assert trial.system_attrs["constraints:flops_per_sample"] > 0
+
+
+def test_search_is_reproducible_under_a_seed(tmp_path):
+    space = _space(tmp_path)
+    runs = []
+    for name in ("a", "b"):
+        main(["sketch", "--space", space, "--n-trials", "2", "--seed", "3", "--pruner", "none",
+              "--out", str(tmp_path / name), *_FAST])
+        runs.append([(t["model.optimizer.init_args.lr"], t["model.network.class_path"], t["value"])
+                     for t in _trials(tmp_path / name)])
+    assert runs[0] == runs[1]
+
+
+def test_lr_find_suggests_a_learning_rate(tmp_path):
+    base = _base(tmp_path)
+    proc = _lattice(tmp_path, "sketch", "--lr-find", "--config", base, "--lr-steps", "24", "--out", str(tmp_path / "lr"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    line = next(line for line in proc.stdout.splitlines() if line.startswith("suggested learning rate:"))
+    assert 1e-5 <= float(line.split(":")[1]) <= 1.0
+    assert (tmp_path / "lr" / "lr_find.png").is_file()
