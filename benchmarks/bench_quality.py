@@ -132,12 +132,26 @@ def network_class(args, extra_config: Optional[str]) -> type:
     return import_dotted(path, "model.network.class_path")
 
 
+def init_arguments(cls: type) -> set:
+    """The keyword arguments ``cls(...)`` accepts: its ``__init__``'s, and its bases' while each passes ``**kwargs``
+    on (a network forwards the shared model options to ``LatticeModel``)."""
+    import inspect
+
+    names: set = set()
+    for klass in cls.__mro__:
+        if "__init__" not in klass.__dict__:
+            continue
+        params = inspect.signature(klass.__init__).parameters.values()
+        names |= {p.name for p in params if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)} - {"self"}
+        if not any(p.kind is p.VAR_KEYWORD for p in params):
+            break
+    return names
+
+
 def network_overrides(args, extra_config: Optional[str]) -> Tuple[List[str], Dict[str, str]]:
     """The ``--network-arg`` settings this model's network accepts (the same help for every model that
     can take it), as CLI overrides, and as a dict for the report."""
-    import inspect
-
-    accepted = inspect.signature(network_class(args, extra_config).__init__).parameters
+    accepted = init_arguments(network_class(args, extra_config))
     given = {k: v for k, v in args.network_arg if k in accepted}
     return [f"--model.network.init_args.{k}={v}" for k, v in given.items()], given
 

@@ -9,7 +9,7 @@ Usage: python tests/faults_worker.py {single,ddp,fsdp} CACHE_DIR RUN_DIR TAG [op
   --die-rank R --die-at-step S
                        SIGKILL only rank R after step S (a rank that dies)
   --nan-at-step S      make the ``click`` labels NaN in step S's batch of the last rank
-  --resume             fit with ckpt_path="last"
+  --resume             fit from the checkpoint ``ckpt_path="last"`` resolves to (lattice.train.resume)
 
 Run it in its own session (the test does): the kills take the whole process group down. At the end of a
 fit it writes ``RUN_DIR/<TAG>-rank<R>.pt`` with the full state dict, the optimizer state (rank 0) and the
@@ -30,6 +30,7 @@ from lattice.data import LatticeDataModule, SyntheticConfig, SyntheticDomain
 from lattice.models import LatticeNetwork
 from lattice.train.checkpoint import AtomicCheckpointIO
 from lattice.train.module import LatticeModule
+from lattice.train.resume import resolve_ckpt_path
 from lattice.train.strategies import FSDP2Strategy
 
 EVERY_N_STEPS = 3
@@ -139,7 +140,7 @@ def main() -> None:
     )
     final = FinalState()
     trainer.callbacks.insert(0, final)
-    trainer.fit(module, datamodule=dm, ckpt_path="last" if args.resume else None)
+    trainer.fit(module, datamodule=dm, ckpt_path=resolve_ckpt_path(trainer, "last") if args.resume else None)
     result = {**final.result, "val": dict(module.eval_results.get("val", {})), "steps": trainer.global_step}
     torch.save(result, os.path.join(args.run_dir, f"{args.tag}-rank{trainer.global_rank}.pt"))
 

@@ -246,3 +246,24 @@ def test_activity_daily_sd_makes_activity_a_per_day_level():
         means = np.bincount(u, weights=a) / np.maximum(np.bincount(u), 1)
         spread[sd] = float(np.sqrt(np.mean((a - means[u]) ** 2)))
     assert spread[0.0] < 0.25 < 0.5 < spread[0.8]
+
+
+def test_a_saved_config_with_a_synthetic_section_loads_back():
+    """LightningCLI writes the resolved config (config.yaml) of every run; the planted world's default tasks and
+    domains must be written as mappings that the same parser reads back (they were unserializable instances)."""
+    import warnings
+    from typing import Optional
+
+    import yaml
+    from jsonargparse import ArgumentParser
+
+    parser = ArgumentParser()
+    parser.add_argument("--synthetic", type=Optional[SyntheticConfig], default=None)
+    config = parser.parse_args(['--synthetic={"num_users": 10, "domains": [{"name": "a", "rows": 5}]}'])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        text = parser.dump(config)
+    saved = yaml.safe_load(text)["synthetic"]
+    assert [t["name"] for t in saved["tasks"]] == ["click", "like", "conversion"]
+    again = parser.instantiate_classes(parser.parse_string(text)).synthetic
+    assert again.fingerprint() == SyntheticConfig(num_users=10, domains=[{"name": "a", "rows": 5}]).fingerprint()

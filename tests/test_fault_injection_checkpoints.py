@@ -2,9 +2,11 @@
 
 - a truncated ``last.ckpt`` (and a corrupt step checkpoint): ``--ckpt_path last`` names the bad files, warns,
   and resumes from the newest complete checkpoint;
-- no complete checkpoint: it stops with an error naming the file instead of training from scratch;
+- no complete checkpoint: it stops with ``lattice: error: checkpoint PATH: ...`` (exit status 2) instead of
+  training from scratch;
 - the disk fills up while a checkpoint is written (a tmpfs smaller than two checkpoints): the run stops with
-  an error naming the path, and the previous ``last.ckpt`` stays complete.
+  ``lattice: error: PATH: could not write the checkpoint ([Errno 28] No space left on device) ...``, and the
+  previous ``last.ckpt`` stays complete.
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ import pytest
 import torch
 
 from lattice.train.checkpoint import verify_checkpoint
-from test_fault_injection_resume import checked, lattice, lattice_config, step_of, write_config
+from _fault_runs import checked, lattice, lattice_config, step_of, write_config
 
 pytestmark = pytest.mark.slow
 
@@ -85,9 +87,10 @@ def test_no_complete_checkpoint_stops_with_an_error_naming_the_file(trained):
     before = {p.name: p.read_bytes() for p in ckpt.iterdir()}
     final = run / "final.pt"
     proc = lattice("fit", "--config", config, "--ckpt_path", "last", env={"LATTICE_TEST_FINAL_STATE": str(final)})
-    assert proc.returncode != 0
-    assert f"checkpoint {ckpt / 'last.ckpt'}: truncated" in proc.stderr, proc.stderr[-3000:]
-    assert "no complete checkpoint to resume from" in proc.stderr
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    [line] = [line for line in proc.stderr.splitlines() if line.startswith("lattice: error:")]
+    assert line.startswith(f"lattice: error: checkpoint {ckpt / 'last.ckpt'}: truncated"), line
+    assert "no complete checkpoint to resume from" in line and "Traceback" not in proc.stderr
     assert not final.exists(), "it trained"
     assert {p.name: p.read_bytes() for p in ckpt.iterdir()} == before, "the damaged files were touched"
 
@@ -120,10 +123,10 @@ def test_disk_full_while_saving_keeps_the_previous_checkpoint_and_names_the_path
               f'cp -a "{ckpt}/." "{kept}/"; exit $status')
     kept.mkdir()
     proc = lattice("fit", "--config", config, prefix=(*prefix, "sh", "-c", script, "sh", str(ckpt)))
-    assert proc.returncode not in (0, 99), proc.stderr[-3000:]
-    path = str(ckpt / "last.ckpt")
-    [line] = [line for line in proc.stderr.splitlines() if "could not write the checkpoint" in line]
-    assert path in line and "No space left on device" in line and "left as it was" in line, line
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    [line] = [line for line in proc.stderr.splitlines() if line.startswith("lattice: error:")]
+    assert line.startswith(f"lattice: error: {ckpt / 'last.ckpt'}: could not write the checkpoint"), line
+    assert "No space left on device" in line and "left as it was" in line, line
     assert os.listdir(kept) == ["last.ckpt"], "the temporary file was not removed"
     verify_checkpoint(str(kept / "last.ckpt"))
     assert step_of(kept / "last.ckpt") == 3

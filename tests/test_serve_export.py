@@ -15,6 +15,7 @@ from lattice.serve.export import export_program
 from lattice.serve.inference import InferenceModule
 from lattice.serve.inputs import flat_inputs, random_inputs
 from lattice.serve.tables import ServingEmbeddingBagCollection, table_bytes
+from lattice.sparse import KeyedJaggedTensor
 
 SMALL = {
     LatticeNetwork: dict(dim=16, num_layers=2, fm_tokens=4, lcb_tokens=4, fm_hidden_dims=[32], representation_dim=32,
@@ -101,7 +102,8 @@ def test_exported_program_equals_eager(name):
         batch.teacher_embedding = torch.randn(9, 12)
         batch.teacher_mask = torch.arange(9) % 3 != 0
     with torch.no_grad():
-        torch.testing.assert_close(module(*flat_inputs(batch, module.teacher_embedding_dim)), _expected(model, batch),
+        torch.testing.assert_close(module(*flat_inputs(batch, schema, module.teacher_embedding_dim)),
+                                   _expected(model, batch),
                                    rtol=0, atol=1e-6)
     exported = program.module()
     for B, seed in ((1, 0), (7, 1), (513, 2)):
@@ -148,10 +150,11 @@ def test_inference_module_refuses_what_it_cannot_serve():
 
 
 def test_parallel_sequence_features_export_with_equal_lengths():
-    """Sequence features sharing a timestamps column are attributes of the same events (MaskNet merge): the
-    export keeps their event counts equal (``Fq * events``) instead of guarding an even total."""
+    """Sequence features sharing a timestamps column are attributes of the same events (MaskNet merge): they
+    come as one event list, values ``[Fq, N]`` and timestamps ``[N]``, with ``N`` dynamic (0 included)."""
     base = make_schema()
-    features = [f if f.kind != "sequence" else dataclasses.replace(f, timestamps_column="events_ts") for f in base.features]
+    features = [dataclasses.replace(f, timestamps_column="events_ts") if f.kind == "sequence" else f
+                for f in base.features]
     schema = base.replace(features=features)
     torch.manual_seed(0)
     model = _perturb(LatticeNetwork(schema, **SMALL[LatticeNetwork]))
@@ -159,5 +162,20 @@ def test_parallel_sequence_features_export_with_equal_lengths():
     module, program = export_program(model)
     for B, seed in ((1, 0), (7, 1), (513, 2)):
         x = random_inputs(schema, B, seed=seed)
+        assert x[5].shape == (2, x[7].shape[0])
         with torch.no_grad():
             torch.testing.assert_close(program.module()(*x), module(*x), rtol=0, atol=1e-5)
+    x = list(random_inputs(schema, 5, seed=3))
+    x[5], x[6], x[7] = x[5][:, :0], torch.zeros_like(x[6]), x[7][:0]  # every sequence empty
+    with torch.no_grad():
+        torch.testing.assert_close(program.module()(*x), module(*x), rtol=0, atol=1e-5)
+    batch = random_batch(schema, 6, seed=4)  # equal lengths per row, as the data layer gives parallel features
+    lengths = batch.sequences.lengths().view(2, 6)
+    batch.sequences = KeyedJaggedTensor(batch.sequences.keys(), torch.cat([batch.sequences.values()[:int(
+        lengths[0].sum())]] * 2), lengths=lengths[0].repeat(2))
+    batch.sequence_timestamps = KeyedJaggedTensor(batch.sequences.keys(), torch.arange(
+        int(lengths[0].sum())).repeat(2), lengths=lengths[0].repeat(2))
+    x = flat_inputs(batch, schema)
+    assert x[5].shape[0] == 2 and torch.equal(x[5][0], x[5][1])
+    with torch.no_grad():
+        torch.testing.assert_close(module(*x), _expected(model, batch), rtol=0, atol=1e-6)

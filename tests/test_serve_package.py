@@ -11,7 +11,7 @@ import yaml
 
 import lattice
 from _models import make_schema
-from lattice.serve.export import export_package, manifest_of
+from lattice.serve.export import export_package, manifest_of, verify_package
 from lattice.serve.inference import InferenceModule
 from lattice.serve.inputs import random_inputs
 from lattice.serve.package import PackageError, read_package, side_paths, write_side_files
@@ -38,8 +38,16 @@ def _load_and_compare(model, tmp_path):
 
 
 def test_aoti_package_lattice_network(tmp_path):
-    manifest = _load_and_compare(MODELS["LatticeNetwork"](), tmp_path)
+    model = MODELS["LatticeNetwork"]()
+    manifest = _load_and_compare(model, tmp_path)
     assert manifest.network_class == "lattice.models.lattice_network.LatticeNetwork"
+    # export_package verifies the compiled package against the eager model: another model's scores are refused
+    other = InferenceModule(model)
+    with torch.no_grad():
+        other.net.network.heads.biases[-1].add_(0.5)
+    assert verify_package(tmp_path / "model.pt2", InferenceModule(model)) <= 1e-5
+    with pytest.raises(PackageError, match=r"differs from the eager model by .* at batch 1"):
+        verify_package(tmp_path / "model.pt2", other)
 
 
 def test_aoti_package_student(tmp_path):

@@ -123,3 +123,75 @@ def test_lr_find_suggests_a_learning_rate(tmp_path):
     line = next(line for line in proc.stdout.splitlines() if line.startswith("suggested learning rate:"))
     assert 1e-5 <= float(line.split(":")[1]) <= 1.0
     assert (tmp_path / "lr" / "lr_find.png").is_file()
+
+
+def test_two_jobs_run_trials_at_once_in_a_journal(tmp_path):
+    space, out = _space(tmp_path), tmp_path / "out"
+    main(["sketch", "--space", space, "--n-trials", "2", "--n-jobs", "2", "--out", str(out), *_FAST])
+    assert (out / "study.journal").is_file() and not (out / "study.db").exists()
+    study = optuna.load_study(study_name="sketch", storage=optuna.storages.JournalStorage(
+        optuna.storages.journal.JournalFileBackend(str(out / "study.journal"))))
+    trials = study.trials
+    assert len(trials) == 2 and {t.state for t in trials} == {optuna.trial.TrialState.COMPLETE}
+    first, second = sorted(trials, key=lambda t: t.datetime_start)
+    assert second.datetime_start < first.datetime_complete  # separate processes, running at the same time
+
+
+def test_shipped_quickstart_sketch_runs_on_small_data(tmp_path):
+    """configs/sketch/quickstart.yaml as the README runs it, on the quickstart config made tiny by a stacked one."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    small = yaml.safe_load(open(_base(tmp_path)))
+    small = {"trainer": {"default_root_dir": str(tmp_path / "run"), "logger": False}, "data": small["data"]}
+    (tmp_path / "small.yaml").write_text(yaml.safe_dump(small))
+    out = tmp_path / "out"
+    proc = _lattice(tmp_path, "sketch", "--space", os.path.join(root, "configs", "sketch", "quickstart.yaml"),
+                    "--config", os.path.join(root, "configs", "quickstart.yaml"), "--config", "small.yaml",
+                    "--n-trials", "1", "--max-epochs", "1", "--out", str(out), *_FAST)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (trial,) = _trials(out)
+    assert trial["state"] in ("COMPLETE", "PRUNED") and trial["flops_per_sample"] > 0
+    assert trial["model.network.class_path"] in ("lattice.models.LatticeNetwork", "lattice.models.MMoE")
+
+
+def test_a_value_the_config_rejects_is_an_error_naming_the_trial(tmp_path):
+    space = tmp_path / "bad.yaml"
+    _base(tmp_path)
+    space.write_text(yaml.safe_dump({"base": ["base.yaml"],
+                                     "space": {"model.network.init_args.dim": {"choices": ["wide"]}}}))
+    with pytest.raises(ValueError, match=r"trial 0: its config .* does not parse .*'wide'"):
+        run_search(SketchSpec.load(str(space)), SearchOptions(out_dir=str(tmp_path / "out"), n_trials=1))
+
+
+def test_a_killed_search_resumes_and_retries_the_cut_trial(tmp_path):
+    """SIGKILL during trial 0; after its heartbeat lapses, the same command fails it, retries its parameters and
+    completes the study's total."""
+    import signal
+    import time
+
+    from lattice.sketch.storage import GRACE_S
+
+    space, out = _space(tmp_path), tmp_path / "out"
+    args = [sys.executable, "-m", "lattice.cli", "sketch", "--space", space, "--n-trials", "2", "--out", str(out),
+            "--pruner", "none", *_FAST]
+    proc = subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    storage = f"sqlite:///{out / 'study.db'}"
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(1)
+        if (out / "study.db").exists():
+            try:
+                trials = optuna.load_study(study_name="sketch", storage=storage).trials
+            except Exception:  # noqa: BLE001 - the study is still being created
+                continue
+            if trials and trials[0].state == optuna.trial.TrialState.RUNNING and len(trials[0].params) == 3:
+                break
+    assert proc.poll() is None, "the search ended before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    time.sleep(GRACE_S + 2)
+
+    main(["sketch", "--space", space, "--n-trials", "2", "--out", str(out), "--pruner", "none", *_FAST])
+    trials = optuna.load_study(study_name="sketch", storage=storage).trials
+    states = [t.state.name for t in trials]
+    assert states[0] == "FAIL" and states[1:].count("COMPLETE") == 2 and len(trials) == 3, states
+    assert trials[1].params == trials[0].params  # the cut-off trial's parameters ran again

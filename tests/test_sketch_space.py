@@ -115,3 +115,51 @@ def test_bad_space_is_one_error_line(tmp_path):
     errors = [line for line in proc.stderr.splitlines() if line.startswith("lattice: error: ")]
     assert len(errors) == 1 and "'model.network.init_args.depth': unknown field 'depth'" in errors[0], proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+class _Trial:
+    def __init__(self, prune):
+        self.prune, self.reports = prune, []
+
+    def report(self, value, step):
+        self.reports.append((step, value))
+
+    def should_prune(self):
+        return self.prune
+
+
+def _trainer(rank, world_size, step, broadcasts):
+    from types import SimpleNamespace
+
+    def broadcast(obj, src=0):
+        broadcasts.append((rank, obj))
+        return broadcasts[0][1]  # what rank 0 sent
+
+    return SimpleNamespace(sanity_checking=False, state=SimpleNamespace(fn="fit"), global_step=step,
+                           world_size=world_size, is_global_zero=rank == 0,
+                           strategy=SimpleNamespace(broadcast=broadcast))
+
+
+def test_pruning_reports_samples_seen_and_rank_zero_decides():
+    from types import SimpleNamespace
+
+    from lattice.sketch.pruning import PruningCallback
+
+    module = SimpleNamespace(eval_results={"val": {"mean_auc": 0.61}}, domain_names=["a"], task_names=["click"])
+    trial = _Trial(prune=False)
+    callback = PruningCallback(trial, Objective(), batch_size=64)
+    callback.on_validation_end(_trainer(0, 1, 10, []), module)
+    module.eval_results["val"]["mean_auc"] = 0.58
+    callback.on_validation_end(_trainer(0, 1, 20, []), module)
+    assert trial.reports == [(640, 0.61), (1280, 0.58)]  # step = samples seen
+    assert (callback.best, callback.best_step) == (0.61, 640)
+
+    # Two ranks: rank 0 holds the trial and its decision reaches rank 1, which has none.
+    broadcasts = []
+    rank0 = PruningCallback(_Trial(prune=True), Objective(), batch_size=64)
+    with pytest.raises(optuna.TrialPruned, match="pruned at 2560 samples seen"):
+        rank0.on_validation_end(_trainer(0, 2, 20, broadcasts), module)
+    rank1 = PruningCallback(None, Objective(), batch_size=64)
+    with pytest.raises(optuna.TrialPruned):
+        rank1.on_validation_end(_trainer(1, 2, 20, broadcasts), module)
+    assert broadcasts == [(0, True), (1, False)]

@@ -201,10 +201,28 @@ def test_no_complete_checkpoint_stops_with_an_error_naming_the_files(tmp_path):
     assert message.startswith(f"checkpoint {last}: truncated") and step in message and "no complete checkpoint" in message
 
 
-def test_last_with_no_checkpoint_at_all_is_a_fresh_start(tmp_path):
+def test_last_with_no_checkpoint_at_all_is_a_fresh_start_and_says_so(tmp_path):
     (tmp_path / "notes.txt").write_text("not a checkpoint")
-    assert resolve_last_checkpoint(_trainer(tmp_path)) is None
+    assert _resolve(_trainer(tmp_path)) == (None, [f"lattice: --ckpt_path last found no checkpoint (looked in "
+                                                   f"{tmp_path}); training starts from scratch."])
     assert resolve_last_checkpoint(_trainer(tmp_path / "missing")) is None
+
+
+def test_last_in_a_new_logger_version_resumes_the_newest_earlier_version(tmp_path):
+    """A versioned logger (the shipped configs' CSVLogger) gives the resumed run a new, empty version_N folder; "last"
+    is the newest earlier version's last.ckpt, not a silent fresh start."""
+    from lightning.pytorch.loggers import CSVLogger
+
+    for version, step in ((0, 3), (1, 6)):
+        folder = tmp_path / "runs" / "quick" / f"version_{version}" / "checkpoints"
+        folder.mkdir(parents=True)
+        _write(folder, "last.ckpt", step, age=10 - version)
+    trainer = pl.Trainer(logger=CSVLogger(str(tmp_path / "runs"), name="quick"), enable_progress_bar=False,
+                         enable_model_summary=False, callbacks=[ModelCheckpoint(save_last=True)])
+    assert trainer.log_dir.endswith("version_2")
+    resolved, messages = _resolve(trainer)
+    assert resolved == str(tmp_path / "runs" / "quick" / "version_1" / "checkpoints" / "last.ckpt")
+    assert len(messages) == 1 and "version_1" in messages[0]
 
 
 def test_an_explicit_damaged_path_is_an_error_and_other_values_pass_through(tmp_path):

@@ -557,7 +557,7 @@ class Schema:
             where = text
         else:
             if "\n" not in text and text.endswith((".yaml", ".yml")):
-                raise FileNotFoundError(f"schema file {text} not found")
+                raise FileNotFoundError(f"schema file not found: {text}")
             doc = yaml.safe_load(text)
             where = "<yaml text>"
         found = _find_schema(doc)

@@ -129,24 +129,26 @@ class SyntheticTask:
             self.windows = [w if isinstance(w, WindowSpec) else WindowSpec(**dict(w)) for w in self.windows]
 
 
-def _default_domains() -> List[SyntheticDomain]:
-    return [
+# The default factories give plain mappings (SyntheticConfig.__post_init__ builds the objects): a config parser that
+# saves the resolved config (LightningCLI's config.yaml) can write mappings, not dataclass instances in a list.
+def _default_domains() -> List[Dict[str, Any]]:
+    return [dataclasses.asdict(d) for d in [
         SyntheticDomain("feed", 40000, shift=0.3, absent_features=["query_cluster"]),
         SyntheticDomain("search", 25000, shift=0.5, absent_features=["item_tags"]),
         SyntheticDomain("video", 15000, shift=0.5, tasks=["click", "like"], absent_features=["query_cluster", "price"]),
         SyntheticDomain("shop", 2000, shift=0.4, absent_features=["query_cluster"], delay_scale=2.0),
-    ]
+    ]]
 
 
-def _default_tasks() -> List[SyntheticTask]:
-    return [
+def _default_tasks() -> List[Dict[str, Any]]:
+    return [dataclasses.asdict(t) for t in [
         SyntheticTask("click", base_rate=0.15, position=0.15, hour=0.3, query=1.2, repeat=0.6, activity=0.3),
         SyntheticTask("like", parent="click", base_rate=0.25, brand=1.0, user_bias=0.5, popularity=0.3, seq=0.8),
         SyntheticTask(
             "conversion", parent="click", base_rate=0.12, price=-0.8, user_bias=0.4, popularity=0.5, seq=0.5,
             windows=[WindowSpec("90min", 5400, 0.2), WindowSpec("1d", 86400, 0.3), WindowSpec("7d", 604800, 0.5)],
         ),
-    ]
+    ]]
 
 
 @dataclass
@@ -236,6 +238,10 @@ class SyntheticConfig:
         for name in ("rate_drift", "activity_daily_sd", "user_spread", "item_spread"):
             if config[name] == defaults[name]:  # fields added later: their defaults leave the cache key as before
                 del config[name]
+        for task in config["tasks"]:  # whole seconds key alike whether a config file wrote 5400 or 5400.0
+            for window in task["windows"] or []:
+                if float(window["seconds"]).is_integer():
+                    window["seconds"] = int(window["seconds"])
         blob = json.dumps({"v": GENERATOR_VERSION, "config": config}, sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 

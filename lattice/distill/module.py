@@ -16,6 +16,7 @@ from lattice.distill.heads import DistillationHead, grad_scale
 from lattice.distill.losses import distillation_loss, distillation_mask, teacher_targets
 from lattice.distill.student import StudentAdapter
 from lattice.metrics import masked_multitask_loss
+from lattice.train.compile import CompileOption
 from lattice.train.module import LatticeModule, NonFiniteLossError, SparseOptimizer
 
 __all__ = ["DistillationModule", "DistillationOutput", "ServingStudent"]
@@ -175,6 +176,7 @@ class DistillationModule(LatticeModule):
         task_weights: dict[str, float] | None = None,
         autocast_bf16: bool = False,
         group_auc: bool = True,
+        compile: CompileOption = False,
         distillation: DistillationMode = "aux_head",
         distill_weight: float = 1.0,
         distill_task_weights: dict[str, float] | None = None,
@@ -205,6 +207,7 @@ class DistillationModule(LatticeModule):
             task_weights=task_weights,
             autocast_bf16=autocast_bf16,
             group_auc=group_auc,
+            compile=compile,
         )
         # The cache is runtime state (like a serving-side store), not a hyper-parameter.
         self.save_hyperparameters(ignore=["network", "cache", "optimizer", "lr_scheduler"])

@@ -48,15 +48,40 @@ class SwishRMSNorm(RMSNorm):
         return F.silu(super().forward(x))
 
 
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward makes the gradient contiguous."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        return grad.contiguous()
+
+
+class LayerNorm(nn.LayerNorm):
+    """:class:`torch.nn.LayerNorm` (same parameters and ``state_dict``) whose output gradient reaches its
+    backward contiguous.
+
+    Why: under ``torch.compile`` the fake kernel of ``native_layer_norm_backward`` gives the input gradient
+    the strides of a transposed output gradient (a token-axis linear downstream), while the CPU kernel
+    returns it contiguous; the compiled backward's views planned on the fake strides then fail at run time.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        return _ContiguousGrad.apply(super().forward(x))
+
+
 def make_norm(kind: str, dim: int, eps: float = 1e-6) -> nn.Module:
     """``"rms"`` → :class:`RMSNorm`, ``"swish_rms"`` → :class:`SwishRMSNorm`, ``"layer"`` →
-    :class:`torch.nn.LayerNorm`, ``"none"`` → identity."""
+    :class:`LayerNorm` (:class:`torch.nn.LayerNorm`), ``"none"`` → identity."""
     if kind == "rms":
         return RMSNorm(dim, eps)
     if kind == "swish_rms":
         return SwishRMSNorm(dim, eps)
     if kind == "layer":
-        return nn.LayerNorm(dim, eps=eps)
+        return LayerNorm(dim, eps=eps)
     if kind == "none":
         return nn.Identity()
     raise ValueError(f"unknown norm {kind!r}; expected one of 'rms', 'swish_rms', 'layer', 'none'")

@@ -30,6 +30,7 @@ from torch import Tensor
 
 from lattice.ops import _library  # noqa: F401  (registers the schemas)
 from lattice.ops._backend import use_reference
+from lattice.ops.fused_compiled import pool_fused_compiled
 from lattice.ops.reference import pooling as _ref
 from lattice.ops.row_exchange import allgather_sparse_rows, world_size_of
 
@@ -237,7 +238,6 @@ class _FusedPool(torch.autograd.Function):
         return (None, None, None, None, None, None, None, grad_psw, None, None, None, None, None, None, None)
 
 
-@torch.compiler.disable
 def jagged_embedding_pool_fused(
     weights: Tensor,
     optimizer_state: Tensor,
@@ -258,15 +258,33 @@ def jagged_embedding_pool_fused(
 
     ``optimizer_state [rows_total]`` fp32 holds row-wise Adagrad's running mean squared gradient (pass
     an empty tensor for SGD). Outside grad mode this is the plain forward. The update happens when
-    autograd runs this op's backward; ``weights`` must not require grad. Under ``torch.compile`` this
-    function is a graph break (its backward mutates module state, which the compiled graph must not
-    see), and the rest of the model still compiles.
+    autograd runs this op's backward; ``weights`` must not require grad. Under ``torch.compile`` it is
+    captured as the opaque ops of :mod:`lattice.ops.fused_compiled` (no graph break) when
+    ``process_group`` is ``None``; with a process group it stays an eager graph break.
 
     Data parallel: with ``process_group`` spanning several ranks that each hold a replica of the
     weights, the backward all-gathers every rank's unique rows and summed gradients, divides them by
     ``gradient_divisor`` (default: the group's size, the averaging DDP applies to dense gradients) and
     applies the update of the global batch on every rank (see :mod:`lattice.ops.row_exchange`).
     """
+    if torch.compiler.is_compiling() and process_group is None and torch.is_grad_enabled():
+        if weights.requires_grad:
+            raise ValueError("jagged_embedding_pool_fused updates weights in its backward; they must not require grad")
+        return pool_fused_compiled(
+            weights, optimizer_state, table_row_offsets, indices, _match_offsets(indices, offsets),
+            pooling_mode(pooling), per_sample_weights, optimizer_mode(optimizer), float(learning_rate), float(eps),
+            float(weight_decay), use_reference(),
+        )
+    return _jagged_embedding_pool_fused_eager(
+        weights, optimizer_state, table_row_offsets, indices, offsets, pooling, per_sample_weights, optimizer,
+        learning_rate, eps, weight_decay, process_group, gradient_divisor,
+    )
+
+
+@torch.compiler.disable
+def _jagged_embedding_pool_fused_eager(weights, optimizer_state, table_row_offsets, indices, offsets, pooling,
+                                       per_sample_weights, optimizer, learning_rate, eps, weight_decay,
+                                       process_group, gradient_divisor) -> Tensor:
     mode = pooling_mode(pooling)
     opt = optimizer_mode(optimizer)
     offsets = _match_offsets(indices, offsets)

@@ -11,7 +11,10 @@ features; every integer tensor int64):
 - ``sparse_values [Ns]`` ids and ``sparse_offsets [Fs * B + 1]``, key-major (feature ``i``, row ``b`` is
   ``sparse_values[sparse_offsets[i*B + b] : sparse_offsets[i*B + b + 1]]``), ``sparse_mask [B, Fs]`` bool;
 - ``sequence_values [Nq]`` event ids (oldest first), ``sequence_offsets [Fq * B + 1]`` key-major,
-  ``sequence_timestamps [Nq]`` (parallel to the values; ignored when the schema has no timestamps);
+  ``sequence_timestamps [Nq]`` (parallel to the values; ignored when the schema has no timestamps). When the
+  sequence features are parallel attributes of the same events (they share one timestamps column, see
+  :func:`~lattice.nn.processors.parallel_sequences`): ``sequence_values [Fq, N]`` (row ``f`` is feature
+  ``f``'s values of the same ``N`` events) and ``sequence_timestamps [N]``;
 - ``domain [B]`` index into the schema's domains;
 - a KTAP student (a teacher-token network) also takes ``teacher_embedding [B, E]`` float32 and
   ``teacher_mask [B]`` bool (the teacher store had the row).
@@ -32,6 +35,7 @@ from torch import Tensor, nn
 
 from lattice.data.schema import Schema
 from lattice.distill.module import DistillationModule, ServingStudent
+from lattice.nn.processors import parallel_sequences
 from lattice.serve.tables import freeze_tables
 from lattice.sparse import KeyedJaggedTensor
 
@@ -116,6 +120,7 @@ class InferenceModule(nn.Module):
         self.sparse_keys = [f.name for f in schema.sparse_features]
         self.sequence_keys = [f.name for f in schema.sequence_features]
         self.sequence_has_timestamps = any(f.timestamps_column for f in schema.sequence_features)
+        self.parallel_sequences = parallel_sequences(schema.sequence_features)
         self.task_names = [t.name for t in schema.tasks]
         self.register_buffer("binary", torch.tensor([t.kind == "binary" for t in schema.tasks]), persistent=False)
         self.train(False)
@@ -130,6 +135,9 @@ class InferenceModule(nn.Module):
               teacher_mask: Optional[Tensor] = None) -> ServingBatch:
         """The :class:`ServingBatch` the network reads, from the flat inputs (views, no copies)."""
         B = domain.shape[0]
+        if self.parallel_sequences:  # [Fq, N] -> key-major [Fq * N]; the timestamps repeat per feature
+            sequence_values = sequence_values.reshape(-1)
+            sequence_timestamps = sequence_timestamps.repeat(len(self.sequence_keys))
         sparse = KeyedJaggedTensor(self.sparse_keys, sparse_values, offsets=sparse_offsets, stride=B, validate=False)
         sequences = KeyedJaggedTensor(self.sequence_keys, sequence_values, offsets=sequence_offsets, stride=B,
                                       validate=False)

@@ -14,17 +14,21 @@ from lattice.nn.processors import parallel_sequences
 __all__ = ["flat_inputs", "random_inputs", "num_rows"]
 
 
-def flat_inputs(batch: Any, teacher_embedding_dim: Optional[int] = None) -> tuple[Tensor, ...]:
-    """The inputs of :data:`~lattice.serve.inference.INPUT_NAMES` from a Batch (int64 ids and offsets, bool
-    masks). With ``teacher_embedding_dim`` (a KTAP student) also ``teacher_embedding [B, E]`` and
-    ``teacher_mask [B]``: the batch's, or zeros and ``False`` (a store miss) where it carries none."""
+def flat_inputs(batch: Any, schema: Schema, teacher_embedding_dim: Optional[int] = None) -> tuple[Tensor, ...]:
+    """The inputs of :data:`~lattice.serve.inference.INPUT_NAMES` from a Batch of ``schema`` (int64 ids and
+    offsets, bool masks; parallel sequence features as ``[Fq, N]`` values and ``[N]`` timestamps). With
+    ``teacher_embedding_dim`` (a KTAP student) also ``teacher_embedding [B, E]`` and ``teacher_mask [B]``:
+    the batch's, or zeros and ``False`` (a store miss) where it carries none."""
     seq = batch.sequences
     ts = batch.sequence_timestamps
+    values = seq.values().long()
+    stamps = ts.values().long() if ts is not None else torch.zeros_like(values)
+    if parallel_sequences(schema.sequence_features):
+        values = values.view(len(seq.keys()), -1)  # one event list, a row per feature
+        stamps = stamps[: values.shape[1]]
     inputs = (
         batch.dense.float(), batch.dense_mask.bool(), batch.sparse.values().long(), batch.sparse.offsets().long(),
-        batch.sparse_mask.bool(), seq.values().long(), seq.offsets().long(),
-        ts.values().long() if ts is not None else torch.zeros_like(seq.values(), dtype=torch.long),
-        batch.domain.long(),
+        batch.sparse_mask.bool(), values, seq.offsets().long(), stamps, batch.domain.long(),
     )
     if teacher_embedding_dim is None:
         return inputs
@@ -99,6 +103,9 @@ def random_inputs(schema: Schema, batch_size: int, seed: int = 0, max_bag: int =
     else:
         first = torch.zeros(seq_lengths.numel(), dtype=torch.long)
     timestamps = 1_700_000_000 + run - torch.repeat_interleave(first, seq_lengths.reshape(-1))
+    if parallel:  # one event list, a row of values per feature, one timestamp per event
+        seq_values = seq_values.view(len(seq), -1)
+        timestamps = timestamps[: seq_values.shape[1]]
     inputs = (dense, dense_mask, sparse_values, sparse_offsets, sparse_mask, seq_values, seq_offsets, timestamps,
               domain)
     if teacher_embedding_dim is not None:

@@ -110,7 +110,7 @@ class Predictor:
         batch = self._builder.build(prepared, shared=False)
         if batch.batch_size == 0:
             return self.output_schema().empty_table()
-        inputs = flat_inputs(batch, self.teacher_embedding_dim)
+        inputs = flat_inputs(batch, self.schema, self.teacher_embedding_dim)
         with torch.inference_mode():
             probs = self.runner(*inputs)
         if isinstance(probs, (list, tuple)):  # an AOTInductor package returns its outputs as a list

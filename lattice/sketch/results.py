@@ -131,7 +131,8 @@ def _plots(study: optuna.Study, out_dir: str, objective: Objective, flops_constr
             front = pareto_front(points, maximize)
             fig, ax = plt.subplots(figsize=(6, 4))
             ax.scatter([p[0] for p in points], [p[1] for p in points], s=18, label="trial")
-            ax.plot([p[0] for p in front], [p[1] for p in front], "o-", color="C3", label="Pareto front")
+            ax.plot([p[0] for p in front], [p[1] for p in front], "o-", color="C3", drawstyle="steps-post",
+                    label="Pareto front")
             ax.set(xscale="log", xlabel="FLOPs per sample", ylabel=objective.label, title=f"{objective.label} vs FLOPs")
             ax.legend()
             written["pareto_png"] = _save(fig, os.path.join(out_dir, "pareto.png"))

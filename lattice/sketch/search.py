@@ -26,7 +26,8 @@ from lattice.train.module import NonFiniteLossError
 
 __all__ = ["SearchOptions", "base_config", "make_pruner", "make_sampler", "run_search", "trial_counts"]
 
-FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
+# What counts toward --n-trials: a failed trial (a killed one included) is retried or replaced, not counted.
+COUNTED = (TrialState.COMPLETE, TrialState.PRUNED)
 SAMPLERS = ("tpe", "random")
 PRUNERS = ("sha", "hyperband", "median", "none")
 
@@ -109,8 +110,12 @@ def trial_counts(study: optuna.Study) -> dict[str, int]:
     return counts
 
 
-def _finished(study: optuna.Study) -> int:
-    return len(study.get_trials(deepcopy=False, states=FINISHED))
+def _counted(study: optuna.Study) -> int:
+    return len(study.get_trials(deepcopy=False, states=COUNTED))
+
+
+class NoObjectiveError(RuntimeError):
+    """A trial trained but never reached a finite validation objective; it is recorded as failed."""
 
 
 class _Objective:
@@ -134,7 +139,11 @@ class _Objective:
         path = os.path.join(trial_dir, "config.yaml")
         with open(path, "w") as f:
             yaml.safe_dump(config, f, sort_keys=False)
-        module, datamodule = load_from_config(path, seed=True)
+        try:
+            module, datamodule = load_from_config(path, seed=True)
+        except SystemExit:  # the config parser printed its report above
+            raise ValueError(f"trial {trial.number}: its config {path} does not parse with the sampled values "
+                             f"{values} (the parser's message is above)") from None
         self.spec.objective.check_tasks(list(module.task_names))
         measured = self.spec.constraints.measure(module, datamodule)
         for name, value in measured.items():
@@ -156,8 +165,8 @@ class _Objective:
             raise
         trial.set_user_attr("best_step", callback.best_step)
         if not math.isfinite(callback.best):
-            raise ValueError(f"trial {trial.number}: the validation objective was never finite "
-                             "(no validation ran, or every (domain, task) has one class)")
+            raise NoObjectiveError(f"trial {trial.number}: the validation objective was never finite "
+                                   "(no validation ran, or every (domain, task) has one class)")
         return callback.best
 
     def _trainer(self, config: dict[str, Any], trial_dir: str, callback: PruningCallback) -> pl.Trainer:
@@ -192,12 +201,15 @@ def _optimize(spec: SketchSpec, options: SearchOptions, worker: int) -> None:
     study = optuna.load_study(study_name=options.study_name, storage=open_storage(options.storage),
                               sampler=make_sampler(options.sampler, options.seed + worker),
                               pruner=make_pruner(options.pruner))
-    remaining = None if options.n_trials is None else options.n_trials - _finished(study)
+    optuna.storages.fail_stale_trials(study)  # trials of a killed run whose heartbeat lapsed: failed, re-queued
+    remaining = None if options.n_trials is None else options.n_trials - _counted(study)
     if remaining is not None and remaining <= 0:
         return
-    callbacks = [] if options.n_trials is None else [MaxTrialsCallback(options.n_trials, states=FINISHED)]
+    # running trials count too, so parallel workers do not overshoot the total
+    callbacks = [] if options.n_trials is None else [
+        MaxTrialsCallback(options.n_trials, states=(*COUNTED, TrialState.RUNNING))]
     study.optimize(_Objective(spec, space, options), n_trials=remaining, timeout=options.timeout_s,
-                   callbacks=callbacks, catch=(NonFiniteLossError,), gc_after_trial=True)
+                   callbacks=callbacks, catch=(NonFiniteLossError, NoObjectiveError), gc_after_trial=True)
 
 
 def _worker_main(spec: SketchSpec, options: SearchOptions, worker: int) -> None:

@@ -6,15 +6,15 @@ import os
 from typing import Optional
 
 import optuna
-from optuna.storages import RDBStorage, RetryFailedTrialCallback
+from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.storages.journal import JournalFileBackend, JournalStorage
 
 __all__ = ["default_storage", "open_storage"]
 
 # A killed worker's trial stops sending heartbeats; after the grace period the next worker marks it failed and
 # enqueues its parameters again once, so a resumed search re-runs what was cut off.
-_HEARTBEAT_S = 30
-_GRACE_S = 90
+HEARTBEAT_S = 10
+GRACE_S = 30
 
 
 def default_storage(out_dir: str, n_jobs: int) -> str:
@@ -43,7 +43,7 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
     return RDBStorage(
         url,
         engine_kwargs={"connect_args": {"timeout": 60}} if url.startswith("sqlite") else None,
-        heartbeat_interval=_HEARTBEAT_S,
-        grace_period=_GRACE_S,
-        failed_trial_callback=RetryFailedTrialCallback(max_retry=1),
+        heartbeat_interval=HEARTBEAT_S,
+        grace_period=GRACE_S,
+        heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=1),
     )

@@ -17,6 +17,7 @@ from lattice.metrics import masked_multitask_loss, masked_task_sums, weighted_ta
 from lattice.nn.conditional import ConditionalTasks
 from lattice.nn.norms import RunningStandardize
 from lattice.train import faults, parallel
+from lattice.train.compile import CompileOption, compile_network, compile_options, mark_batch_dynamic
 from lattice.train.label_checks import ConditionalLabelCheck, EvalConditionalLabelCheck
 from lattice.train.metrics import MultiTaskMetrics
 
@@ -58,6 +59,9 @@ class LatticeModule(pl.LightningModule):
         task_weights: loss weight per task name (default: each task's ``TaskSpec.weight``).
         autocast_bf16: run forward passes under bf16 autocast (CPU or GPU).
         group_auc: also compute group AUC by user in evaluation.
+        compile: ``torch.compile`` the network's forward and backward at ``setup`` (fit, validate, test,
+            predict): ``false``, ``true`` (inductor) or a dict of options (``backend``, ``mode``, ``dynamic``,
+            ``fullgraph``, ``options``); see :mod:`lattice.train.compile`. Checkpoints are the same either way.
     """
 
     def __init__(
@@ -72,8 +76,10 @@ class LatticeModule(pl.LightningModule):
         task_weights: dict[str, float] | None = None,
         autocast_bf16: bool = False,
         group_auc: bool = True,
+        compile: CompileOption = False,
     ) -> None:
         super().__init__()
+        self.compile_options = compile_options(compile)  # validated here, applied in setup()
         # Optimizer factories are code, not data: leaving them out keeps checkpoints loadable with weights_only.
         self.save_hyperparameters(ignore=["network", "optimizer", "lr_scheduler"])
         self.network = network
@@ -118,6 +124,8 @@ class LatticeModule(pl.LightningModule):
         return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
 
     def forward(self, batch: Any):
+        if self.compile_options is not None:
+            mark_batch_dynamic(batch)
         with self._autocast():
             return self.network(batch)
 
@@ -189,6 +197,7 @@ class LatticeModule(pl.LightningModule):
         results["mean_auc"] = mean_pair_auc(results, self.domain_names, self.task_names)
         self.eval_results[stage] = results
         loggable = {f"{stage}/{k}": v for k, v in results.items() if not k.endswith("/count") and math.isfinite(v)}
+        loggable.setdefault(f"{stage}/mean_auc", results["mean_auc"])  # a checkpoint monitor: present even when nan
         # compute() already synced across ranks: every rank holds the same values.
         self.log_dict(loggable, sync_dist=False, rank_zero_only=False)
 
@@ -224,6 +233,7 @@ class LatticeModule(pl.LightningModule):
         their weights and optimizer state alone (they are kept identical by the exchange instead)."""
         mesh = getattr(self, "_device_mesh", None)
         self.data_parallel.setup(mesh)
+        compile_network(self.network, self.compile_options)
         if self.data_parallel.world_size > 1:
             faults.watch_launcher()
             # dense standardization merges the global batch, so its statistics agree on every rank

@@ -1,0 +1,124 @@
+"""Lattice Sketch against the shipped config and random search on the mdmo planted world.
+
+Three runs through the same trial machinery (lattice.sketch: one config per trial, trained with Lightning,
+scored by the best validation mean AUC it reached, FLOPs per sample from the network):
+
+- ``shipped``: ``configs/mdmo.yaml`` as it is (one trial whose space is the config's own learning rate);
+- ``random``: random search over the space below, no pruning, ``--budget / 2`` seconds;
+- ``sketch``: TPE with successive-halving pruning over the same space, ``--budget / 2`` seconds.
+
+Both searches share a FLOPs-per-sample bound of 4x the shipped model's. ``--budget 1200`` (the default) takes
+about 20 minutes plus the shipped run; ``--smoke`` runs 2 trials each on a tiny world. Prints a table and writes
+JSON (``--out``).
+
+    python benchmarks/bench_sketch.py                   # ~20 min + the shipped run
+    python benchmarks/bench_sketch.py --smoke --out /tmp/sketch.json
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from typing import Any, Dict, Optional
+
+import yaml
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+from benchmarks._common import fmt, machine, print_table, quiet_lightning, write_json  # noqa: E402
+from lattice.sketch.constraints import Constraints  # noqa: E402
+from lattice.sketch.objective import Objective  # noqa: E402
+from lattice.sketch.results import best_trial  # noqa: E402
+from lattice.sketch.search import SearchOptions, base_config, run_search, trial_counts  # noqa: E402
+from lattice.sketch.spec import SketchSpec  # noqa: E402
+
+MDMO = os.path.join(ROOT, "configs", "mdmo.yaml")
+
+SPACE = {
+    "model.optimizer.init_args.lr": {"low": 1.0e-3, "high": 3.0e-2, "log": True},
+    "model.network.init_args.dim": {"choices": [16, 32, 64]},
+    "model.network.init_args.num_layers": {"low": 1, "high": 3},
+    "model.network.class_path": {"choices": ["lattice.models.LatticeNetwork", "lattice.models.MMoE",
+                                             "lattice.models.InterFormer"]},
+    "data.batch_size": {"choices": [512, 1024, 2048]},
+}
+
+# --smoke: the mdmo config on a tiny world (stacked after it), one epoch.
+SMOKE = {
+    "trainer": {"max_epochs": 1},
+    "data": {"batch_size": 128, "synthetic": {"num_users": 150, "num_items": 80, "domains": [
+        {"name": "feed", "rows": 700}, {"name": "shop", "rows": 300, "absent_features": ["price"]}]}},
+}
+
+
+def _run(name: str, spec: SketchSpec, options: SearchOptions) -> Dict[str, Any]:
+    start = time.perf_counter()
+    study = run_search(spec, options)
+    wall = time.perf_counter() - start
+    best = best_trial(study)
+    row: Dict[str, Any] = {"method": name, "wall_s": wall, "trials": trial_counts(study)}
+    if best is not None:
+        row.update(best_mean_auc=best.value, flops_per_sample=best.user_attrs.get("flops_per_sample"),
+                   num_parameters=best.user_attrs.get("num_parameters"), params=best.params, trial=best.number)
+    return row
+
+
+def main(argv: Optional[list] = None) -> Dict[str, Any]:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--budget", type=float, default=1200.0, help="seconds for the two searches together")
+    p.add_argument("--smoke", action="store_true", help="tiny world, 2 trials per search")
+    p.add_argument("--max-epochs", type=int, default=None, help="epochs of every run (default: mdmo.yaml's)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--work", default=None, help="scratch folder kept afterwards (default: temporary, removed)")
+    p.add_argument("--out", default=None, help="JSON report path")
+    args = p.parse_args(argv)
+    quiet_lightning()
+    with tempfile.TemporaryDirectory() as scratch:
+        work = args.work or scratch
+        os.makedirs(work, exist_ok=True)
+        base = [MDMO]
+        limits: Dict[str, Any] = {}
+        if args.smoke:
+            smoke = os.path.join(work, "smoke.yaml")
+            SMOKE["data"]["cache_dir"] = os.path.join(work, "cache")
+            with open(smoke, "w") as f:
+                yaml.safe_dump(SMOKE, f)
+            base.append(smoke)
+            limits = {"limit_train_batches": 2, "limit_val_batches": 2}
+        if args.max_epochs is not None:
+            limits["max_epochs"] = args.max_epochs
+        lr = base_config(SketchSpec(space={}, base=base))["model"]["init_args"]["optimizer"]["init_args"]["lr"]
+        shipped_spec = SketchSpec(space={"model.optimizer.init_args.lr": {"choices": [lr]}}, base=base)
+        shipped = _run("shipped mdmo.yaml", shipped_spec, SearchOptions(
+            out_dir=os.path.join(work, "shipped"), n_trials=1, pruner="none", seed=args.seed, **limits))
+        bound = 4.0 * shipped["flops_per_sample"]
+        spec = SketchSpec(space=SPACE, base=base, objective=Objective(),
+                          constraints=Constraints(flops_per_sample=bound))
+        per_search = {"n_trials": 2} if args.smoke else {"timeout_s": args.budget / 2}
+        rows = [shipped]
+        rows.append(_run("random search", spec, SearchOptions(
+            out_dir=os.path.join(work, "random"), sampler="random", pruner="none", seed=args.seed,
+            **per_search, **limits)))
+        rows.append(_run("sketch (TPE + SHA)", spec, SearchOptions(
+            out_dir=os.path.join(work, "sketch"), sampler="tpe", pruner="sha", seed=args.seed,
+            **per_search, **limits)))
+
+    print(f"\nmdmo world{' (smoke)' if args.smoke else ''}; FLOPs bound {bound:.3g}/sample; "
+          f"search budget {'2 trials' if args.smoke else f'{args.budget / 2:.0f} s'} each")
+    print_table(["method", "trials (complete/pruned)", "best val mean AUC", "FLOPs/sample", "params", "wall s"],
+                [[r["method"], f"{r['trials'].get('COMPLETE', 0)}/{r['trials'].get('PRUNED', 0)}",
+                  fmt(r.get("best_mean_auc")), f"{r.get('flops_per_sample', float('nan')):.3g}",
+                  f"{r.get('num_parameters', float('nan')):.3g}", f"{r['wall_s']:.0f}"] for r in rows])
+    report = {"benchmark": "sketch", "smoke": args.smoke, "budget_s": args.budget, "flops_bound": bound,
+              "space": SPACE, "rows": rows, "machine": machine()}
+    if args.out:
+        write_json(report, args.out)
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,33 @@
+"""benchmarks/bench_sketch.py --smoke: the shipped config, random search and Sketch each run through the library on
+a tiny world and report a mean AUC and FLOPs per sample."""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("optuna")
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.slow
+def test_bench_sketch_smoke(tmp_path):
+    out = tmp_path / "sketch.json"
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "bench_sketch.py"), "--smoke",
+                           "--out", str(out)], cwd=str(tmp_path), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    rows = {r["method"]: r for r in report["rows"]}
+    assert set(rows) == {"shipped mdmo.yaml", "random search", "sketch (TPE + SHA)"}
+    shipped = rows["shipped mdmo.yaml"]
+    assert 0.0 < shipped["best_mean_auc"] < 1.0 and shipped["flops_per_sample"] > 0
+    assert report["flops_bound"] == pytest.approx(4 * shipped["flops_per_sample"])
+    for name in ("random search", "sketch (TPE + SHA)"):
+        assert sum(rows[name]["trials"].values()) == 2, rows[name]
+        if "best_mean_auc" in rows[name]:  # every trial may be pruned on a tiny world
+            assert math.isfinite(rows[name]["best_mean_auc"])
+            assert rows[name]["flops_per_sample"] <= report["flops_bound"]
+    assert "best val mean AUC" in proc.stdout
