@@ -43,6 +43,13 @@ TORCH_LIBRARY(lattice, m) {
       "sparse_rows_optimizer_step_(Tensor(a!) weights, Tensor(b!) optimizer_state, Tensor rows, "
       "Tensor row_grads, int optimizer, float learning_rate, float eps, float weight_decay) -> ()");
 
+  // Inference over int8 row-wise quantized tables (csrc/include/lattice/int8_rows.h): weights uint8
+  // [rows_total, row_bytes(embedding_dim)], each row's codes followed by its fp32 scale and bias; the other
+  // arguments as jagged_embedding_pool's. Accumulates in fp32; returns [B, T, embedding_dim] float32. Forward only.
+  m.def(
+      "jagged_embedding_pool_int8(Tensor weights, Tensor table_row_offsets, Tensor indices, Tensor offsets, "
+      "int pooling, Tensor? per_sample_weights, int embedding_dim) -> Tensor");
+
   // Asks for transparent huge pages over the 2 MB-aligned part of a contiguous CPU tensor's memory (Linux
   // madvise(MADV_HUGEPAGE); advice only, the values are untouched). True when advice was given. Use it before
   // the memory's first touch: pages already mapped stay as they are.

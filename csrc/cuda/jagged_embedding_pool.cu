@@ -9,6 +9,7 @@
 #include <type_traits>
 #include <utility>
 
+#include "jagged_embedding_pool_int8_kernels.cuh"
 #include "jagged_embedding_pool_kernels.cuh"
 #include "lattice/cuda/launch.cuh"
 
@@ -291,6 +292,31 @@ Status forward(const Problem& p, void* out, void* workspace, cudaStream_t stream
           }
         });
       });
+    });
+  }
+  return read_status(status, stream);
+}
+
+Status forward_int8(const Problem& p, float* out, void* workspace, cudaStream_t stream) {
+  check_problem(p);
+  if (p.weights_type != ScalarType::kFloat || p.acc_type != ScalarType::kFloat)
+    throw std::invalid_argument("lattice pooling int8: weights_type and acc_type must be kFloat");
+  if (p.dim < 1 || p.ld != int8_rows::row_bytes(p.dim))
+    throw std::invalid_argument("lattice pooling int8: ld must be int8_rows::row_bytes(dim)");
+  if (reinterpret_cast<uintptr_t>(p.weights) % int8_rows::kAlign != 0)
+    throw std::invalid_argument("lattice pooling int8: weights must be 8-byte aligned");
+  auto* status = static_cast<Status*>(workspace);
+  launch_check(p, status, stream);
+  const long long num_bags = static_cast<long long>(p.num_tables) * p.batch_size;
+  if (num_bags > 0) {
+    const int g = group_size_for(p.dim, kInt8Vec);
+    dispatch_index(p.index_type, [&](auto index_tag) {
+      using index_t = std::remove_pointer_t<decltype(index_tag)>;
+      launch(pool_forward_int8_kernel<index_t>, dim3(blocks_for(num_bags, kThreads / g)), dim3(kThreads), 0, stream,
+             static_cast<const unsigned char*>(p.weights), p.ld, p.rows_total, tables_of(p),
+             static_cast<const index_t*>(p.indices), static_cast<const index_t*>(p.offsets),
+             static_cast<const float*>(p.per_sample_weights), p.num_indices, p.num_tables, p.batch_size, p.dim, g,
+             p.pooling, out);
     });
   }
   return read_status(status, stream);

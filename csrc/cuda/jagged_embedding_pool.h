@@ -82,6 +82,11 @@ size_t forward_workspace_bytes();
 // out: [batch_size, num_tables, dim] in weights_type.
 Status forward(const Problem& p, void* out, void* workspace, cudaStream_t stream);
 
+// The int8 row-wise quantized variant (lattice/int8_rows.h): p.weights uint8 [rows_total, ld] with ld =
+// int8_rows::row_bytes(dim) bytes per row, 8-byte aligned; p.weights_type and p.acc_type must be kFloat
+// (per_sample_weights fp32). out: [batch_size, num_tables, dim] float32. Workspace: forward_workspace_bytes().
+Status forward_int8(const Problem& p, float* out, void* workspace, cudaStream_t stream);
+
 size_t backward_workspace_bytes(long long num_indices);
 // Validates, sorts (row, position) pairs by row and finds the unique rows; Status::num_segments is the number
 // of unique rows U. Follow with backward_sparse_write() using the same workspace.

@@ -12,6 +12,7 @@
 #include <tuple>
 
 #include "jagged_embedding_pool.h"
+#include "lattice/checks.h"
 
 namespace lattice {
 namespace {
@@ -182,6 +183,33 @@ at::Tensor pool_forward_cuda(const at::Tensor& weights, const at::Tensor& table_
   return out;
 }
 
+at::Tensor pool_forward_int8_cuda(const at::Tensor& weights, const at::Tensor& table_row_offsets,
+                                  const at::Tensor& indices, const at::Tensor& offsets, int64_t pooling,
+                                  const std::optional<at::Tensor>& per_sample_weights, int64_t embedding_dim) {
+  const char* op = "jagged_embedding_pool_int8";
+  check_cuda(weights, "weights", weights.device());
+  c10::cuda::CUDAGuard guard(weights.device());
+  TORCH_CHECK(weights.dim() == 2, "weights must be 2-D, got shape ", weights.sizes());
+  check_int8_rows(weights, embedding_dim);
+  Jagged j = make_jagged(table_row_offsets, indices, offsets, pooling, per_sample_weights, at::kFloat,
+                         weights.device(), op);
+  const at::Tensor w = weights.contiguous();
+  TORCH_CHECK(reinterpret_cast<uintptr_t>(w.data_ptr()) % int8_rows::kAlign == 0,
+              "weights must start at an 8-byte aligned address (rows are read with 8-byte loads), got offset ",
+              reinterpret_cast<uintptr_t>(w.data_ptr()) % int8_rows::kAlign);
+  j.p.weights = w.data_ptr();
+  j.p.weights_type = pool::ScalarType::kFloat;
+  j.p.rows_total = w.size(0);
+  j.p.dim = static_cast<int>(embedding_dim);
+  j.p.ld = w.size(1);
+  at::Tensor out = at::empty({j.p.batch_size, j.p.num_tables, embedding_dim}, weights.options().dtype(at::kFloat));
+  at::Tensor ws = workspace(pool::forward_workspace_bytes(), weights.device());
+  const pool::Status s =
+      pool::forward_int8(j.p, out.data_ptr<float>(), ws.data_ptr(), current_stream(weights.device()));
+  check_status(s, op, j.p);
+  return out;
+}
+
 std::tuple<at::Tensor, at::Tensor> pool_backward_sparse_cuda(const at::Tensor& grad_output,
                                                              const at::Tensor& table_row_offsets,
                                                              const at::Tensor& indices, const at::Tensor& offsets,
@@ -288,6 +316,7 @@ void sparse_rows_step_cuda(const at::Tensor& weights, const at::Tensor& optimize
 
 TORCH_LIBRARY_IMPL(lattice, CUDA, m) {
   m.impl("jagged_embedding_pool", &lattice::pool_forward_cuda);
+  m.impl("jagged_embedding_pool_int8", &lattice::pool_forward_int8_cuda);
   m.impl("jagged_embedding_pool_backward_sparse", &lattice::pool_backward_sparse_cuda);
   m.impl("jagged_embedding_pool_backward_per_sample_weights", &lattice::pool_backward_psw_cuda);
   m.impl("jagged_embedding_pool_backward_fused_", &lattice::pool_backward_fused_cuda);

@@ -5,6 +5,8 @@
 #include <ATen/ATen.h>
 #include <c10/util/Exception.h>
 
+#include "lattice/int8_rows.h"
+
 namespace lattice {
 
 inline void check_dim(const at::Tensor& t, int64_t dim, const char* name) {
@@ -14,6 +16,18 @@ inline void check_dim(const at::Tensor& t, int64_t dim, const char* name) {
 inline void check_index_dtype(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.scalar_type() == at::kLong || t.scalar_type() == at::kInt, name,
               " must be int32 or int64, got ", t.scalar_type());
+}
+
+// An int8 row-wise quantized table (lattice/int8_rows.h) of `embedding_dim` columns: uint8 [rows, row_bytes].
+// Shape and device are checked by the caller.
+inline void check_int8_rows(const at::Tensor& weights, int64_t embedding_dim) {
+  TORCH_CHECK(embedding_dim >= 1, "embedding_dim must be >= 1, got ", embedding_dim);
+  TORCH_CHECK(weights.scalar_type() == at::kByte,
+              "weights must be uint8 (rows quantized by lattice.ops.quantize_rows_int8), got ", weights.scalar_type());
+  const int64_t want = int8_rows::row_bytes(embedding_dim);
+  TORCH_CHECK(weights.size(1) == want, "weights must have ", want, " bytes per row for embedding_dim=", embedding_dim,
+              " (", embedding_dim, " uint8 codes padded to a multiple of ", int8_rows::kAlign,
+              ", then fp32 scale and bias), got ", weights.size(1));
 }
 
 // CSR offsets on the CPU: 1-D, `expected_size` entries (if >= 0), starting at 0, non-decreasing, and

@@ -173,3 +173,22 @@ LATTICE_EMU_EXPORT int emu_sparse_rows_step(void* w, long long wtype, long long 
     }
   });
 }
+
+// int8 row-wise quantized tables: w uint8 [rows_total, row_bytes], out float32 [B, T, dim]; psw fp32 or null.
+LATTICE_EMU_EXPORT int emu_pool_forward_int8(const void* w, long long rows_total, long long dim, long long row_bytes,
+                                             const long long* tro, long long tro_stride, long long T, const void* idx,
+                                             const void* off, long long itype, long long N, long long B,
+                                             const void* psw, long long pooling, float* out, char* err,
+                                             size_t err_len) {
+  return guarded_call(err, err_len, [&] {
+    Batch batch(tro, tro_stride, T, idx, off, itype, N, B, psw, 0, pooling, rows_total, dim, row_bytes);
+    DeviceBuffer dw(w, static_cast<size_t>(rows_total * row_bytes), "weights");
+    DeviceBuffer dout(sizeof(float) * B * T * dim, "output");
+    DeviceBuffer ws(lattice::cuda::pool::forward_workspace_bytes(), "workspace");
+    batch.p.weights = dw.get();
+    batch.p.weights_type = ScalarType::kFloat;
+    const Status s = lattice::cuda::pool::forward_int8(batch.p, dout.get<float>(), ws.get(), nullptr);
+    throw_if_bad(s, "jagged_embedding_pool_int8", batch.p);
+    dout.to_host(out);
+  });
+}

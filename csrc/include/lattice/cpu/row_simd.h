@@ -1,5 +1,5 @@
 // Vectorized embedding-row primitives for the CPU kernels: load a row slice of fp32 / bf16 / fp16
-// storage as fp32 lanes, store fp32 lanes back in the storage type, prefetch a whole row.
+// storage (or of uint8 codes) as fp32 lanes, store fp32 lanes back in the storage type, prefetch a whole row.
 //
 // Three implementations, one chosen at build time by what -march targets:
 //   * AVX-512 (F + BW + VL): 16 fp32 lanes per __m512, masked tails, bf16/fp16 converted in registers;
@@ -131,6 +131,12 @@ inline __m512 load16(const c10::Half* p, __mmask16 m) {
   const __m256i x = kMasked ? _mm256_maskz_loadu_epi16(m, p) : _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
   return _mm512_cvtph_ps(x);
 }
+// uint8 codes (int8 row-wise quantized tables) widened to fp32 lanes; the scale and bias are applied by the caller.
+template <bool kMasked>
+inline __m512 load16(const uint8_t* p, __mmask16 m) {
+  const __m128i x = kMasked ? _mm_maskz_loadu_epi8(m, p) : _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(x));
+}
 
 // fp32 -> bf16 with round-to-nearest-even (what c10::BFloat16(float) does); NaN stays NaN.
 inline __m256i cvt_bf16(__m512 v) {
@@ -257,6 +263,13 @@ inline vec_t vload(const c10::BFloat16* p, const tail_t& m) {
 template <bool kMasked>
 inline vec_t vload(const c10::Half* p, const tail_t& m) {
   return _mm256_cvtph_ps(load8x16<kMasked>(p, m.lanes));
+}
+// uint8 codes widened to fp32 lanes. The 8-byte load needs no mask: int8 rows pad their codes to a multiple of
+// 8 bytes, so it never leaves the row (lanes past the row's width are dropped by the masked store).
+template <bool kMasked>
+inline vec_t vload(const uint8_t* p, const tail_t&) {
+  const __m128i x = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
+  return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(x));
 }
 
 // fp32 -> bf16 with round-to-nearest-even (what c10::BFloat16(float) does); NaN stays NaN.
