@@ -21,7 +21,7 @@ from lattice.ops import (
     use_backend,
 )
 from lattice.ops.int8_rows import int8_code_bytes, int8_row_qparams
-from pooling_cases import make_case, pool_cases
+from _pooling_cases import make_case, pool_cases
 
 op = torch.ops.lattice.jagged_embedding_pool_int8
 TOL = dict(atol=2e-5, rtol=1e-5)  # fp32 sums of the same terms in another order
@@ -120,7 +120,7 @@ import sys
 sys.path.insert(0, sys.argv[1])
 import torch, lattice
 from lattice.ops import quantize_rows_int8, reference
-from pooling_cases import make_case
+from _pooling_cases import make_case
 op = torch.ops.lattice.jagged_embedding_pool_int8
 for i, (D, pooling, weighted, itype) in enumerate([(1, 0, True, torch.int32), (16, 1, False, torch.int64),
                                                    (37, 0, False, torch.int32), (64, 0, True, torch.int64),
