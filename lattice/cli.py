@@ -104,7 +104,7 @@ COMMANDS: dict[str, str] = {
     "validate": "evaluate a checkpoint on the validation split and print the per-domain x per-task table",
     "test": "evaluate a checkpoint on the test split and print the per-domain x per-task table",
     "predict": "score rows with a checkpoint and write predictions (teacher logits) to Parquet",
-    "data": "data tools: generate the planted world, consolidate per-domain datasets",
+    "data": "data tools: generate the planted world, consolidate per-domain datasets, infer a schema",
     "filter": "Lattice Filter: permutation importance and Pareto feature selection under a budget",
     "partition": "group (domain, objective) portfolios by id overlap and label delay",
     "sketch": "Lattice Sketch: budgeted search over hyper-parameters and network class (Optuna); --lr-find",
