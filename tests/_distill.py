@@ -8,6 +8,7 @@ teacher token). Batches are :class:`lattice.batch.Batch`.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -159,3 +160,33 @@ def collate_first(items):
     """DataLoader collate for a dataset whose items are ready batches."""
     assert len(items) == 1
     return items[0]
+
+
+def folded_teacher_outputs(tmp_path) -> dict[str, Any]:
+    """A student slice (``student/shop.parquet``: example_id, click, a half-null conversion) and a teacher's logged
+    outputs for its 400 rows split over two fold folders in another row order (``fold0``, ``fold1``), as
+    ``lattice.distill.crossfit`` writes them. Returns the paths and the planted arrays (``click``, ``score``,
+    ``conv``); ``logit_click`` is ``score`` and ``logit_conversion`` is ``-score`` (float32)."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rng = np.random.default_rng(0)
+    n = 400
+    ids = np.arange(n, dtype=np.int64) * 7
+    click = (rng.random(n) < 0.3).astype(float)
+    score = click + rng.normal(0, 1.0, n)
+    conv = np.where(rng.random(n) < 0.5, np.nan, (rng.random(n) < 0.2).astype(float))
+    student = tmp_path / "student"
+    student.mkdir()
+    pq.write_table(pa.table({"example_id": ids, "click": click,
+                             "conversion": pa.array(conv, from_pandas=True)}), student / "shop.parquet")
+    order = rng.permutation(n)
+    folds = []
+    for k, part in enumerate(np.array_split(order, 2)):
+        folds.append(str(tmp_path / f"fold{k}"))
+        os.mkdir(folds[-1])
+        pq.write_table(pa.table({"example_id": ids[part], "logit_click": score[part].astype(np.float32),
+                                 "logit_conversion": -score[part].astype(np.float32)}),
+                       os.path.join(folds[-1], "predictions-rank0.parquet"))
+    return {"student": str(student), "folds": folds, "click": click, "score": score, "conv": conv}

@@ -2,10 +2,9 @@
 checks (the cross-fit itself is lattice.distill.crossfit's, tests/test_distill_crossfit.py). No model is trained
 here."""
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 
+from _distill import folded_teacher_outputs
 from _reference_metrics import pairwise_auc
 
 
@@ -17,25 +16,9 @@ def bench():
 
 
 def test_logged_auc_joins_by_example_id(bench, tmp_path):
-    rng = np.random.default_rng(0)
-    n = 400
-    ids = np.arange(n, dtype=np.int64) * 7
-    click = (rng.random(n) < 0.3).astype(float)
-    score = click + rng.normal(0, 1.0, n)
-    conv = np.where(rng.random(n) < 0.5, np.nan, (rng.random(n) < 0.2).astype(float))
-    student = tmp_path / "student"
-    student.mkdir()
-    pq.write_table(pa.table({"example_id": ids, "click": click,
-                             "conversion": pa.array(conv, from_pandas=True)}), student / "shop.parquet")
-    # teacher outputs split over two fold folders, in another row order
-    order = rng.permutation(n)
-    for k, part in enumerate(np.array_split(order, 2)):
-        (tmp_path / f"fold{k}").mkdir()
-        pq.write_table(pa.table({"example_id": ids[part], "logit_click": score[part].astype(np.float32),
-                                 "logit_conversion": -score[part].astype(np.float32)}),
-                       tmp_path / f"fold{k}" / "predictions-rank0.parquet")
-    got = bench.logged_auc([str(tmp_path / "fold0"), str(tmp_path / "fold1")], str(student), ["click", "conversion"])
-
+    data = folded_teacher_outputs(tmp_path)
+    click, score, conv = data["click"], data["score"], data["conv"]
+    got = bench.logged_auc(data["folds"], data["student"], ["click", "conversion"])
     assert got["click"] == pytest.approx(pairwise_auc(score.astype(np.float32), click), abs=1e-12)
     keep = np.isfinite(conv)
     assert got["conversion"] == pytest.approx(pairwise_auc(-score.astype(np.float32)[keep], conv[keep]), abs=1e-12)

@@ -8,6 +8,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from _distill import folded_teacher_outputs
 from lattice.distill.crossfit import cross_fit_slices, fold_of, read_teacher_logits
 
 
@@ -64,30 +65,14 @@ def test_cross_fit_each_fold_is_scored_by_a_teacher_that_never_saw_it(tmp_path, 
 
 
 def test_out_of_fold_logits_join_by_example_id(tmp_path):
-    rng = np.random.default_rng(0)
-    n = 400
-    ids = np.arange(n, dtype=np.int64) * 7
-    click = (rng.random(n) < 0.3).astype(float)
-    score = click + rng.normal(0, 1.0, n)
-    conv = np.where(rng.random(n) < 0.5, np.nan, (rng.random(n) < 0.2).astype(float))
-    student = tmp_path / "student"
-    student.mkdir()
-    pq.write_table(pa.table({"example_id": ids, "click": click,
-                             "conversion": pa.array(conv, from_pandas=True)}), student / "shop.parquet")
-    # teacher outputs split over two fold folders, in another row order
-    order = rng.permutation(n)
-    for k, part in enumerate(np.array_split(order, 2)):
-        (tmp_path / f"fold{k}").mkdir()
-        pq.write_table(pa.table({"example_id": ids[part], "logit_click": score[part].astype(np.float32),
-                                 "logit_conversion": -score[part].astype(np.float32)}),
-                       tmp_path / f"fold{k}" / "predictions-rank0.parquet")
-    got = read_teacher_logits([str(tmp_path / "fold0"), str(tmp_path / "fold1")], str(student), ["click", "conversion"],
-                              average=False)
+    data = folded_teacher_outputs(tmp_path)
+    student, click, score, conv = data["student"], data["click"], data["score"], data["conv"]
+    got = read_teacher_logits(data["folds"], student, ["click", "conversion"], average=False)
     assert np.array_equal(got["logits"][:, 0], score.astype(np.float32).astype(np.float64))
     assert np.array_equal(got["logits"][:, 1], -score.astype(np.float32).astype(np.float64))
     assert np.array_equal(got["labels"][:, 0], click) and np.array_equal(np.isnan(got["labels"][:, 1]), np.isnan(conv))
     with pytest.raises(ValueError, match="lack 200 example_ids"):  # one fold's outputs alone miss half the rows
-        read_teacher_logits([str(tmp_path / "fold0")], str(student), ["click"], average=False)
+        read_teacher_logits(data["folds"][:1], student, ["click"], average=False)
 
 
 def test_fold_averaged_logits(tmp_path):
