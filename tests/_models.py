@@ -13,6 +13,7 @@ import torch
 
 from lattice.batch import Batch
 from lattice.data.schema import DomainSpec, FeatureSpec, Schema, TaskSpec, WindowSpec
+from lattice.models import DLRM, PLE, InterFormer, LatticeNetwork, MMoE, SharedBottom, Wukong
 from lattice.sparse import KeyedJaggedTensor
 
 
@@ -217,3 +218,18 @@ def label_entropy(batches: list[Batch], schema: Schema) -> float:
         else:
             total += float(y.var(unbiased=False))
     return total / len(schema.tasks)
+
+
+# Small constructor arguments of every deep network class (tests that build each one).
+SMALL_NETWORK_ARGS = {
+    LatticeNetwork: dict(dim=16, num_layers=2, fm_tokens=4, lcb_tokens=4, fm_hidden_dims=[32], representation_dim=32,
+                         head_hidden_dims=[16]),
+    InterFormer: dict(dim=16, num_layers=2, dot_tokens=4, dcn_tokens=4, summary_hidden_dims=[32],
+                      representation_dim=32, head_hidden_dims=[16]),
+    SharedBottom: dict(dim=8, bottom_dims=[32, 16], head_hidden_dims=[16]),
+    MMoE: dict(dim=8, num_experts=3, expert_dims=[32, 16], head_hidden_dims=[16]),
+    PLE: dict(dim=8, num_levels=2, shared_experts=2, task_experts=1, expert_dims=[32, 16], head_hidden_dims=[16]),
+    DLRM: dict(dim=8, bottom_dims=[16], top_dims=[32, 16], head_hidden_dims=[16]),
+    Wukong: dict(dim=16, num_layers=2, fm_tokens=4, lcb_tokens=4, fm_hidden_dims=[32], top_dims=[32],
+                 head_hidden_dims=[16]),
+}

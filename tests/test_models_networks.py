@@ -3,26 +3,15 @@ analytic FLOPs and parameter counts."""
 import pytest
 import torch
 
-from _models import make_schema, random_batch
-from lattice.models import DLRM, MMoE, PLE, InterFormer, LatticeModel, LatticeNetwork, ModelOutput, SharedBottom, Wukong
+from _models import SMALL_NETWORK_ARGS, make_schema, random_batch
+from lattice.models import InterFormer, LatticeModel, LatticeNetwork, MMoE, ModelOutput, Wukong
 from lattice.nn.heads import MultiTaskHeads
 from lattice.nn.linear import DomainLinear
 from lattice.nn.wide import WidePath
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
-SMALL = {
-    LatticeNetwork: dict(dim=16, num_layers=2, fm_tokens=4, lcb_tokens=4, fm_hidden_dims=[32], representation_dim=32,
-                         head_hidden_dims=[16]),
-    InterFormer: dict(dim=16, num_layers=2, dot_tokens=4, dcn_tokens=4, summary_hidden_dims=[32],
-                      representation_dim=32, head_hidden_dims=[16]),
-    SharedBottom: dict(dim=8, bottom_dims=[32, 16], head_hidden_dims=[16]),
-    MMoE: dict(dim=8, num_experts=3, expert_dims=[32, 16], head_hidden_dims=[16]),
-    PLE: dict(dim=8, num_levels=2, shared_experts=2, task_experts=1, expert_dims=[32, 16], head_hidden_dims=[16]),
-    DLRM: dict(dim=8, bottom_dims=[16], top_dims=[32, 16], head_hidden_dims=[16]),
-    Wukong: dict(dim=16, num_layers=2, fm_tokens=4, lcb_tokens=4, fm_hidden_dims=[32], top_dims=[32],
-                 head_hidden_dims=[16]),
-}
+SMALL = SMALL_NETWORK_ARGS
 NETWORKS = list(SMALL)
 ids = [c.__name__ for c in NETWORKS]
 

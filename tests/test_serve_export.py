@@ -8,28 +8,16 @@ import functools
 import pytest
 import torch
 
-from _models import make_schema, random_batch
+from _models import SMALL_NETWORK_ARGS, make_schema, random_batch
 from lattice.distill import DistillationModule, TeacherTokenNetwork
-from lattice.models import DLRM, MMoE, PLE, InterFormer, LatticeNetwork, LogisticRegression, SharedBottom, Wukong
+from lattice.models import LatticeNetwork, LogisticRegression
 from lattice.serve.export import export_program
 from lattice.serve.inference import InferenceModule
 from lattice.serve.inputs import flat_inputs, random_inputs
 from lattice.serve.tables import ServingEmbeddingBagCollection, table_bytes
 from lattice.sparse import KeyedJaggedTensor
 
-SMALL = {
-    LatticeNetwork: dict(dim=16, num_layers=2, fm_tokens=4, lcb_tokens=4, fm_hidden_dims=[32], representation_dim=32,
-                         head_hidden_dims=[16]),
-    InterFormer: dict(dim=16, num_layers=2, dot_tokens=4, dcn_tokens=4, summary_hidden_dims=[32],
-                      representation_dim=32, head_hidden_dims=[16]),
-    SharedBottom: dict(dim=8, bottom_dims=[32, 16], head_hidden_dims=[16]),
-    MMoE: dict(dim=8, num_experts=3, expert_dims=[32, 16], head_hidden_dims=[16]),
-    PLE: dict(dim=8, num_levels=2, shared_experts=2, task_experts=1, expert_dims=[32, 16], head_hidden_dims=[16]),
-    DLRM: dict(dim=8, bottom_dims=[16], top_dims=[32, 16], head_hidden_dims=[16]),
-    Wukong: dict(dim=16, num_layers=2, fm_tokens=4, lcb_tokens=4, fm_hidden_dims=[32], top_dims=[32],
-                 head_hidden_dims=[16]),
-    LogisticRegression: dict(dim=8),
-}
+SMALL = {**SMALL_NETWORK_ARGS, LogisticRegression: dict(dim=8)}
 
 
 def _perturb(model):
