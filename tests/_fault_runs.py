@@ -7,12 +7,11 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import torch
 import yaml
 
-from _workers import session_processes
+from _workers import run_in_session, session_env
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(TESTS)
@@ -68,27 +67,7 @@ def lattice(*args: str, env: dict | None = None, timeout: float = 240,
             prefix: tuple = ()) -> subprocess.CompletedProcess:
     """Runs ``lattice ARGS`` (the console script's ``main``) in its own session, one thread, tests/ importable;
     ``prefix`` wraps the command (e.g. ``unshare``)."""
-    full_env = dict(os.environ)
-    full_env["PYTHONPATH"] = os.pathsep.join([ROOT, TESTS, full_env.get("PYTHONPATH", "")])
-    full_env["OMP_NUM_THREADS"] = "1"
-    for name in ("LOCAL_RANK", "RANK", "WORLD_SIZE"):
-        full_env.pop(name, None)
-    full_env.update(env or {})
-    command = [*prefix, *LATTICE, *args]
-    child = subprocess.Popen(command, env=full_env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                             start_new_session=True)
-    try:
-        stdout, stderr = child.communicate(timeout=timeout)
-    finally:
-        deadline = time.monotonic() + 30
-        while session_processes(child.pid) and time.monotonic() < deadline:
-            time.sleep(0.5)
-        if session_processes(child.pid) or child.poll() is None:
-            try:
-                os.killpg(child.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-    return subprocess.CompletedProcess(child.args, child.returncode, stdout, stderr)
+    return run_in_session([*prefix, *LATTICE, *args], session_env(env), timeout)
 
 
 def checked(proc: subprocess.CompletedProcess, *codes: int) -> subprocess.CompletedProcess:

@@ -13,20 +13,27 @@ TESTS = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(TESTS)
 
 
-def run_worker(script: str, *args: str, timeout: float = 300, expect_ok: bool = True) -> subprocess.CompletedProcess:
-    """Runs ``python tests/<script> args...`` in its own session (so its kills stay inside), 1 thread per rank."""
+def session_env(extra: dict | None = None) -> dict:
+    """This process's environment for a test subprocess: tests/ and the repository importable, one thread, no
+    inherited rank variables, then ``extra``."""
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([ROOT, TESTS, env.get("PYTHONPATH", "")])
     env["OMP_NUM_THREADS"] = "1"
-    env.pop("LOCAL_RANK", None)
-    child = subprocess.Popen(
-        [sys.executable, os.path.join(TESTS, script), *args], env=env, cwd=ROOT, stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE, text=True, start_new_session=True,
-    )
+    for name in ("LOCAL_RANK", "RANK", "WORLD_SIZE"):
+        env.pop(name, None)
+    env.update(extra or {})
+    return env
+
+
+def run_in_session(command: list[str], env: dict, timeout: float) -> subprocess.CompletedProcess:
+    """Runs ``command`` from the repository root in its own session (so its kills stay inside) and reaps the session:
+    processes still alive in it 30 s after the main one ended are killed and listed in ``.leftover``."""
+    child = subprocess.Popen(command, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             start_new_session=True)
     try:
         stdout, stderr = child.communicate(timeout=timeout)
     finally:
-        # Ranks still alive in the worker's session once its main process ended: they would be leaked.
+        # Ranks still alive in the session once its main process ended: they would be leaked.
         deadline = time.monotonic() + 30
         while session_processes(child.pid) and time.monotonic() < deadline:
             time.sleep(0.5)
@@ -38,6 +45,12 @@ def run_worker(script: str, *args: str, timeout: float = 300, expect_ok: bool = 
                 pass
     proc = subprocess.CompletedProcess(child.args, child.returncode, stdout, stderr)
     proc.leftover = leftover
+    return proc
+
+
+def run_worker(script: str, *args: str, timeout: float = 300, expect_ok: bool = True) -> subprocess.CompletedProcess:
+    """Runs ``python tests/<script> args...`` in its own session, 1 thread per rank."""
+    proc = run_in_session([sys.executable, os.path.join(TESTS, script), *args], session_env(), timeout)
     if expect_ok and proc.returncode != 0:
         raise AssertionError(f"{script} {' '.join(args)} exited with {proc.returncode}:\n{proc.stdout[-3000:]}\n"
                              f"{proc.stderr[-6000:]}")
