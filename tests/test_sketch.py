@@ -171,21 +171,26 @@ def test_a_killed_search_resumes_and_retries_the_cut_trial(tmp_path):
     from lattice.sketch.storage import GRACE_S
 
     space, out = _space(tmp_path), tmp_path / "out"
-    args = [sys.executable, "-m", "lattice.cli", "sketch", "--space", space, "--n-trials", "2", "--out", str(out),
+    started = tmp_path / "trial0.started"
+    # The first trial's fit blocks, so the kill always lands inside trial 0 however fast the machine is.
+    hang = tmp_path / "hang_first_fit.py"
+    hang.write_text(
+        "import pathlib, sys, time\n"
+        "import lightning.pytorch as pl\n"
+        "from lattice.cli import main\n"
+        "def fit(self, *args, **kwargs):\n"
+        f"    pathlib.Path({str(started)!r}).touch()\n"
+        "    time.sleep(600)\n"
+        "pl.Trainer.fit = fit\n"
+        "main(sys.argv[1:])\n")
+    args = [sys.executable, str(hang), "sketch", "--space", space, "--n-trials", "2", "--out", str(out),
             "--pruner", "none", *_FAST]
     proc = subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     storage = f"sqlite:///{out / 'study.db'}"
     deadline = time.monotonic() + 240
-    while time.monotonic() < deadline and proc.poll() is None:
-        time.sleep(1)
-        if (out / "study.db").exists():
-            try:
-                trials = optuna.load_study(study_name="sketch", storage=storage).trials
-            except Exception:  # noqa: BLE001 - the study is still being created
-                continue
-            if trials and trials[0].state == optuna.trial.TrialState.RUNNING and len(trials[0].params) == 3:
-                break
-    assert proc.poll() is None, "the search ended before it could be killed"
+    while time.monotonic() < deadline and proc.poll() is None and not started.exists():
+        time.sleep(0.2)
+    assert started.exists() and proc.poll() is None, "trial 0 never reached fit"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     time.sleep(GRACE_S + 2)
