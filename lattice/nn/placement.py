@@ -19,9 +19,13 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Dict, List, Mapping, Optional, Tuple
 
-__all__ = ["PLACEMENT_KINDS", "TablePlacement", "ShardingPlan", "even_bounds"]
+__all__ = ["PLACEMENT_KINDS", "TablePlacement", "ShardingPlan", "even_bounds", "shard_bytes"]
 
 PLACEMENT_KINDS = ("replicated", "table_wise", "row_wise", "column_wise")
+
+# Bytes of fused-optimizer state per stored row: row-wise Adagrad keeps one float32 per row (shared by every
+# column slice of a column-wise shard); SGD and autograd (None) keep none.
+_STATE_BYTES_PER_ROW = {None: 0, "sgd": 0, "rowwise_adagrad": 4}
 
 
 def even_bounds(total: int, parts: int) -> List[int]:
@@ -135,3 +139,20 @@ class ShardingPlan:
     @classmethod
     def from_dict(cls, data: Mapping) -> "ShardingPlan":
         return cls(world_size=int(data["world_size"]), tables=dict(data["tables"]))
+
+
+def shard_bytes(placement: TablePlacement, rank: int, itemsize: int, optimizer: Optional[str]) -> int:
+    """Bytes ``rank`` stores for one table under ``placement``: its shard's weights (``rows * cols * itemsize``)
+    plus the fused optimizer's state (row-wise Adagrad: 4 bytes per stored row, on every shard that holds the
+    row, column-wise slices included; SGD or ``None``: nothing). 0 where the rank holds no shard.
+
+    Args:
+        placement: the table's placement.
+        rank: the rank asked about.
+        itemsize: bytes per weight element (4 for float32, 2 for bfloat16/float16).
+        optimizer: ``None``, ``"sgd"`` or ``"rowwise_adagrad"``.
+    """
+    if optimizer not in _STATE_BYTES_PER_ROW:
+        raise ValueError(f"optimizer must be one of {list(_STATE_BYTES_PER_ROW)}, got {optimizer!r}")
+    rows, cols = placement.shard_shape(rank)
+    return rows * cols * int(itemsize) + rows * _STATE_BYTES_PER_ROW[optimizer]
