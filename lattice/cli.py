@@ -3,7 +3,7 @@
 ``lattice fit|validate|test|predict --config ...`` is a LightningCLI over :class:`LatticeModule` (or a
 subclass of it) and :class:`LatticeDataModule`; the network is chosen by ``class_path`` and the data's
 schema is linked into it. lattice's own commands: ``lattice data generate|consolidate``, ``lattice
-filter``, ``lattice partition``.
+filter``, ``lattice partition``, ``lattice plan``.
 
 The model section takes either form::
 
@@ -35,7 +35,7 @@ from lattice.train.callbacks import ModelSummary
 from lattice.train.checkpoint import AtomicCheckpointIO
 from lattice.train.loading import ConfigCLI
 from lattice.train.module import LatticeModule
-from lattice.train.resume import resolve_ckpt_path
+from lattice.train.resume import default_ckpt_path, resolve_ckpt_path
 from lattice.train.writer import ParquetPredictionWriter
 
 _LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
@@ -56,6 +56,8 @@ class LatticeCLI(ConfigCLI):
         kwargs = super()._prepare_subcommand_kwargs(subcommand)
         if kwargs.get("ckpt_path") is not None:  # "last" past damaged files, a damaged file named (train/resume.py)
             kwargs["ckpt_path"] = resolve_ckpt_path(self.trainer, kwargs["ckpt_path"])
+        elif subcommand != "fit":  # the best checkpoint the config's monitored ModelCheckpoint kept
+            kwargs["ckpt_path"] = default_ckpt_path(self.trainer, subcommand)
         return kwargs
 
     def _instantiate_trainer(self, config, callbacks):
@@ -107,6 +109,7 @@ COMMANDS: dict[str, str] = {
     "data": "data tools: generate the planted world, consolidate per-domain datasets, infer a schema",
     "filter": "Lattice Filter: permutation importance and Pareto feature selection under a budget",
     "partition": "group (domain, objective) portfolios by id overlap and label delay",
+    "plan": "place embedding tables across ranks (replicated, table-, row-, column-wise) under a memory budget",
     "sketch": "Lattice Sketch: budgeted search over hyper-parameters and network class (Optuna); --lr-find",
     "export": "export a checkpoint to a serving package (torch.export + AOTInductor .pt2); "
               "lattice predict --package scores with one",
@@ -133,6 +136,11 @@ def _run(argv: list[str], from_sys_argv: bool) -> None:
         from lattice.commands import run_command
 
         run_command(argv)
+        return
+    if command == "plan":
+        from lattice.train.plan_command import main as plan_main
+
+        plan_main(argv)
         return
     if command == "sketch":
         from lattice.sketch.commands import main as sketch_main  # optional dependency: optuna
