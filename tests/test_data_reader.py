@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from lattice.data import DataSource, LatticeDataLoader, ParquetBatchDataset
-from lattice.data.parquet import round_robin_take
+from lattice.data.dataset import round_robin_take
 from lattice.data.reference import reference_batch
 from lattice.data.splits import hash_split
 
@@ -143,6 +143,37 @@ def test_worker_batches_equal_in_process_batches(dataset_dir, ring_slots):
         assert any(copied)
     else:
         assert not any(copied)
+
+
+def test_ring_carries_every_field_of_a_joined_batch(dataset_dir):
+    """A worker's ring copies whatever memory a batch lies in (the builder's blocks, a teacher join's
+    arrays, a weighted KeyedJaggedTensor) and the main process gets an equal batch in its own memory."""
+    import dataclasses
+
+    from lattice.data.transfer import RingBatch, WorkerRing, close_rings, open_rings
+    from lattice.sparse import KeyedJaggedTensor
+
+    ds = ParquetBatchDataset(dataset_dir, simple_schema(), batch_size=33)
+    batch = next(iter(ds.iter_shard(0, 0, 1, 0, 1)))
+    s = batch.sparse
+    weighted = KeyedJaggedTensor(s.keys(), s.values(), weights=torch.rand(s.values().numel()), lengths=s.lengths(),
+                                 stride=s.stride())
+    batch = dataclasses.replace(batch, sparse=weighted, teacher_logits=torch.randn(33, 2)[:, 1:],
+                                teacher_mask=torch.ones(33, 1, dtype=torch.bool))
+    token, conns = open_rings(1)
+    try:
+        ring = WorkerRing(token, 0, conns[0], slots=1)
+        sent = ring.send(batch)
+        assert isinstance(sent, RingBatch) and ring.send(batch) is batch  # the only slot is busy
+        got = sent.materialize()
+        assert_batch_equal(got, batch)
+        assert torch.equal(got.sparse.weights(), weighted.weights())
+        assert torch.equal(got.teacher_logits, batch.teacher_logits) and got.teacher_logits.stride() == (2, 1)
+        assert torch.equal(got.teacher_mask, batch.teacher_mask)
+        assert got.dense.untyped_storage().data_ptr() != sent.storage.data_ptr()  # copied out of the slot
+        assert isinstance(ring.send(batch), RingBatch)  # the slot came back
+    finally:
+        close_rings(token)
 
 
 @pytest.mark.parametrize("workers", [0, 2])

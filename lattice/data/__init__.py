@@ -16,7 +16,8 @@ from lattice.batch import Batch
 from lattice.data.builder import BatchBuilder, ChunkContext
 from lattice.data.sources import CsvOptions, DataSource
 from lattice.data.splits import RowFilter, hash_split, time_split
-from lattice.data.parquet import LatticeDataLoader, ParquetBatchDataset, identity_collate
+from lattice.data.dataset import ParquetBatchDataset
+from lattice.data.loader import LatticeDataLoader, identity_collate
 from lattice.data.zipper import assign_windows, window_labels
 from lattice.data.infer import infer_schema
 from lattice.data.consolidate import consolidate, union_schema

@@ -25,6 +25,7 @@ import pyarrow as pa
 import torch
 
 from lattice.batch import Batch
+from lattice.data.arrow import column, list_parts, primitive_view, valid_mask
 from lattice.sparse import KeyedJaggedTensor
 
 __all__ = ["Block", "BlockSpec", "assemble"]
@@ -51,50 +52,18 @@ class BlockSpec:
     timestamp: bool = False  # the schema has a timestamp column: Batch.timestamp carries it
 
 
-# ------------------------------------------------------------------------------------------------
-# Arrow helpers (prepared tables hold only int64/float32 columns and large_list<int64>)
-# ------------------------------------------------------------------------------------------------
-def _array(table: pa.Table, i: int) -> pa.Array:
-    col = table.column(i)
-    if col.num_chunks == 1:
-        return col.chunk(0)
-    if col.num_chunks == 0:
-        return pa.array([], type=col.type)
-    return col.combine_chunks()
-
-
-_NP = {pa.int64(): np.int64, pa.float32(): np.float32}
-
-
-def _values(arr: pa.Array) -> np.ndarray:
-    """Zero-copy numpy view of an int64/float32 array (undefined values at null slots)."""
-    n = len(arr)
-    dt = _NP[arr.type]
-    buf = arr.buffers()[1]
-    if buf is None or n == 0:
-        return np.zeros(n, dtype=dt)
-    return np.frombuffer(buf, dtype=dt, count=arr.offset + n)[arr.offset:]
-
-
+# prepared tables hold only int64/float32 columns and large_list<int64>
 def _valid(arr: pa.Array) -> Optional[np.ndarray]:
     """``[n]`` bool validity, or ``None`` when nothing is null."""
-    if arr.null_count == 0:
-        return None
-    n = len(arr)
-    if pa.types.is_null(arr.type):
-        return np.zeros(n, dtype=bool)
-    bits = np.unpackbits(np.frombuffer(arr.buffers()[0], dtype=np.uint8), bitorder="little")
-    return bits[arr.offset: arr.offset + n].astype(bool)
+    return None if arr.null_count == 0 else valid_mask(arr)
 
 
 def _list(arr: pa.Array) -> Tuple[np.ndarray, np.ndarray]:
     """``(offsets [n + 1] int64 into values, values int64)`` of a large_list<int64> (or list) array."""
-    n = len(arr)
-    if pa.types.is_null(arr.type) or n == 0:
-        return np.zeros(n + 1, dtype=np.int64), np.zeros(0, dtype=np.int64)
-    dt = np.int64 if pa.types.is_large_list(arr.type) else np.int32
-    offsets = np.frombuffer(arr.buffers()[1], dtype=dt, count=arr.offset + n + 1)[arr.offset:]
-    return offsets.astype(np.int64, copy=False), _values(arr.values)
+    if pa.types.is_null(arr.type) or len(arr) == 0:
+        return np.zeros(len(arr) + 1, dtype=np.int64), np.zeros(0, dtype=np.int64)
+    offsets, values = list_parts(arr)
+    return offsets, primitive_view(values)
 
 
 def _float_column(arr: pa.Array, out: np.ndarray, mask: np.ndarray) -> None:
@@ -103,7 +72,7 @@ def _float_column(arr: pa.Array, out: np.ndarray, mask: np.ndarray) -> None:
         out[:] = 0
         mask[:] = False
         return
-    vals = _values(arr)
+    vals = primitive_view(arr)
     valid = _valid(arr)
     if valid is None:
         out[:] = vals
@@ -149,14 +118,14 @@ class Block:
         pos = {name: i for i, name in enumerate(table.schema.names)}  # name lookups are slow in pyarrow
 
         def col(name: str) -> pa.Array:
-            return _array(table, pos[name])
+            return column(table, pos[name])
 
         rows: Dict[str, np.ndarray] = {}
         for key, name in (("domain", "_domain"), ("example_id", "_example_id"), ("user_id", "_user_id"),
                           ("item_id", "_item_id")):
-            rows[key] = _values(col(name))
+            rows[key] = primitive_view(col(name))
         if spec.timestamp:
-            rows["timestamp"] = _values(col("_timestamp"))
+            rows["timestamp"] = primitive_view(col("_timestamp"))
         Fd, T = len(spec.dense), len(spec.tasks)
         dense, dense_mask = np.empty((n, Fd), np.float32), np.empty((n, Fd), np.bool_)
         for j, name in enumerate(spec.dense):
@@ -168,7 +137,7 @@ class Block:
         scratch = np.empty(n, np.bool_)
         for j, t in enumerate(spec.tasks):
             _float_column(col("l:" + t), labels[:, j], label_mask[:, j])
-            window[:, j] = _values(col("w:" + t))
+            window[:, j] = primitive_view(col("w:" + t))
             if truth is not None:
                 _float_column(col("p:" + t), truth[:, j], scratch)
         rows["labels"], rows["label_mask"], rows["label_window"] = labels, label_mask, window
@@ -230,12 +199,10 @@ class _Arena:
             total += (size * dtype.itemsize + 63) // 64 * 64
         self.layout, self.nbytes = layout, max(total, 64)
 
-    def carve(self, shared: bool = False, base: Optional[torch.Tensor] = None) -> "_Arena":
-        """Allocate (or take ``base``, a uint8 tensor of at least :attr:`nbytes`) and cut the views."""
+    def carve(self, shared: bool = False) -> "_Arena":
+        """Allocate :attr:`nbytes` and cut the views."""
         total = self.nbytes
-        if base is not None:
-            base_np = base.numpy()
-        elif shared:
+        if shared:
             base = torch.empty(0, dtype=torch.uint8).set_(torch.UntypedStorage._new_shared(total))
             base_np = base.numpy()
         else:  # numpy's allocator reuses freed blocks (fresh pages are expensive on some hosts)
@@ -402,14 +369,13 @@ def _kjt(keys: List[str], values: torch.Tensor, lengths: torch.Tensor, offsets: 
                              validate=False)  # assemble guarantees the invariants
 
 
-def assemble(segments: Sequence[Tuple[Block, Rows]], spec: BlockSpec, shared: bool = False, ring=None) -> Batch:
+def assemble(segments: Sequence[Tuple[Block, Rows]], spec: BlockSpec, shared: bool = False) -> Batch:
     """The :class:`Batch` of the concatenated rows of ``segments`` (``(block, (a, b))`` for rows
     ``a..b-1``, or ``(block, rows)`` with ``int64`` indices in ``[0, block.n)``, see :data:`Rows`).
 
     The per-row tensors are views of one buffer and the jagged parts views of another (two
     allocations per batch; in shared memory when ``shared``); ``.clone()`` a tensor kept long after
-    the step to let its batch go. With ``ring`` (a :class:`~lattice.data.transfer.WorkerRing`) both
-    lie in one of its free slots when there is one."""
+    the step to let its batch go."""
     segments = [(blk, r) for blk, r in segments if _count(r) > 0] or list(segments[:1])
     B = sum(_count(r) for _, r in segments)
     Fs, Fq = len(spec.sparse), len(spec.seq)
@@ -429,14 +395,8 @@ def assemble(segments: Sequence[Tuple[Block, Rows]], spec: BlockSpec, shared: bo
         jagged["t_values"] = ((sum(q_tot),), np.int64)
     # two blocks: per-row tensors (small; metrics may keep ids/labels) and the jagged parts (large)
     rowwise, out = _Arena(row_specs), _Arena(jagged)
-    slot = None if ring is None else ring.acquire(rowwise.nbytes, rowwise.nbytes + out.nbytes)
-    if slot is not None:
-        base = torch.empty(0, dtype=torch.uint8).set_(slot)
-        rowwise.carve(base=base[: rowwise.nbytes])
-        out.carve(base=base[rowwise.nbytes: rowwise.nbytes + out.nbytes])
-    else:
-        rowwise.carve(shared)
-        out.carve(shared)
+    rowwise.carve(shared)
+    out.carve(shared)
     n = {**rowwise.np, **out.np}
     t = {**rowwise.torch, **out.torch}
     pos = 0

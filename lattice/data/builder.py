@@ -25,6 +25,8 @@ import pyarrow.compute as pc
 from torch.utils.data import get_worker_info
 
 from lattice.batch import Batch
+from lattice.data.arrow import (column, decode, first_true, int_values, is_int, is_listlike, is_stringlike,
+                                list_parts, primitive_view, ragged_arange, valid_mask)
 from lattice.data.block import Block, BlockSpec, Rows, assemble
 from lattice.data.errors import DataError
 from lattice.data.hashing import hash_to_range, string_ids
@@ -40,6 +42,7 @@ EXAMPLE_ID_FILE_SHIFT = 40
 # prepared-table column names
 _DOMAIN, _EXAMPLE_ID, _USER, _ITEM, _TS, _ROW = "_domain", "_example_id", "_user_id", "_item_id", "_timestamp", "_row"
 
+
 @dataclass
 class ChunkContext:
     """Where a raw chunk comes from (for error messages and derived example ids)."""
@@ -53,105 +56,6 @@ class ChunkContext:
     def error(self, message: str, column: Optional[str] = None, local_row: Optional[int] = None) -> DataError:
         row = None if local_row is None else self.row_offset + int(local_row)
         return DataError(message, file=self.file, column=column, row_group=self.row_group, row=row)
-
-
-# ------------------------------------------------------------------------------------------------
-# Arrow buffer helpers
-# ------------------------------------------------------------------------------------------------
-def column(table: pa.Table, name: str) -> pa.Array:
-    """One column as a single contiguous Array (combining chunks only when there are several)."""
-    col = table.column(name)
-    if col.num_chunks == 1:
-        return col.chunk(0)
-    if col.num_chunks == 0:
-        return pa.array([], type=col.type)
-    return col.combine_chunks()
-
-
-def valid_mask(arr: pa.Array) -> np.ndarray:
-    """``[n]`` bool validity from the Arrow bitmap (all True without nulls)."""
-    n = len(arr)
-    if arr.null_count == 0:
-        return np.ones(n, dtype=bool)
-    if pa.types.is_null(arr.type):
-        return np.zeros(n, dtype=bool)
-    bitmap = arr.buffers()[0]
-    bits = np.unpackbits(np.frombuffer(bitmap, dtype=np.uint8), bitorder="little")
-    return bits[arr.offset: arr.offset + n].astype(bool)
-
-
-_NP_INT = {
-    pa.int8(): np.int8, pa.int16(): np.int16, pa.int32(): np.int32, pa.int64(): np.int64,
-    pa.uint8(): np.uint8, pa.uint16(): np.uint16, pa.uint32(): np.uint32, pa.uint64(): np.uint64,
-}
-_NP_FLOAT = {pa.float16(): np.float16, pa.float32(): np.float32, pa.float64(): np.float64}
-
-
-def primitive_view(arr: pa.Array) -> np.ndarray:
-    """Zero-copy numpy view of a fixed-width numeric array (values at null slots are undefined)."""
-    dt = _NP_INT.get(arr.type) or _NP_FLOAT.get(arr.type)
-    if dt is None:
-        raise TypeError(f"not a fixed-width numeric array: {arr.type}")
-    n = len(arr)
-    buf = arr.buffers()[1]
-    if buf is None or n == 0:
-        return np.zeros(n, dtype=dt)
-    return np.frombuffer(buf, dtype=dt, count=arr.offset + n)[arr.offset:]
-
-
-def list_parts(arr: pa.Array) -> Tuple[np.ndarray, pa.Array]:
-    """``(offsets [n+1] int64 into child, child)`` of a list/large_list/fixed_size_list array."""
-    n = len(arr)
-    t = arr.type
-    if pa.types.is_fixed_size_list(t):
-        size = t.list_size
-        offsets = (np.arange(n + 1, dtype=np.int64) + arr.offset) * size
-        return offsets, arr.values
-    if pa.types.is_large_list(t):
-        dt = np.int64
-    elif pa.types.is_list(t):
-        dt = np.int32
-    else:
-        raise TypeError(f"not a list array: {t}")
-    buf = arr.buffers()[1]
-    if buf is None:
-        return np.zeros(n + 1, dtype=np.int64), arr.values
-    offsets = np.frombuffer(buf, dtype=dt, count=arr.offset + n + 1)[arr.offset:]
-    return offsets.astype(np.int64, copy=False), arr.values
-
-
-def is_int(t: pa.DataType) -> bool:
-    return pa.types.is_integer(t)
-
-
-def is_stringlike(t: pa.DataType) -> bool:
-    return (pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_binary(t)
-            or pa.types.is_large_binary(t) or pa.types.is_string_view(t) or pa.types.is_binary_view(t))
-
-
-def is_listlike(t: pa.DataType) -> bool:
-    return pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t)
-
-
-def _decode(arr: pa.Array) -> pa.Array:
-    if pa.types.is_dictionary(arr.type):
-        return arr.dictionary_decode()
-    if pa.types.is_list_view(arr.type) or pa.types.is_large_list_view(arr.type):
-        return arr.cast(pa.large_list(arr.type.value_type))
-    return arr
-
-
-def int_values(arr: pa.Array) -> np.ndarray:
-    """int64 numpy of an integer array (copy only when the width differs)."""
-    v = primitive_view(arr)
-    if v.dtype == np.uint64:
-        with np.errstate(over="ignore"):
-            return v.astype(np.int64)  # > 2^63 wraps negative, then fails the range check
-    return v.astype(np.int64, copy=False)
-
-
-def first_true(mask: np.ndarray) -> int:
-    return int(np.argmax(mask))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -264,7 +168,7 @@ class BatchBuilder:
                 return np.zeros(n, dtype=np.int64)
             raise err(f"missing domain column (the schema has {len(s.domains)} domains; name the domain "
                       f"column with domain_column or give each source its domain)", col, None)
-        arr = _decode(column(table, col))
+        arr = decode(column(table, col))
         if arr.null_count:
             raise err("null domain", col, first_true(~valid_mask(arr)))
         if is_int(arr.type) or is_stringlike(arr.type):
@@ -280,7 +184,7 @@ class BatchBuilder:
     def _int_column(self, table, col, names, err, what, allow_string=True) -> np.ndarray:
         if col not in names:
             raise err(f"missing {what} column", col, None)
-        arr = _decode(column(table, col))
+        arr = decode(column(table, col))
         if arr.null_count:
             raise err(f"null {what}", col, first_true(~valid_mask(arr)))
         if is_int(arr.type):
@@ -297,7 +201,7 @@ class BatchBuilder:
             if col not in names:
                 raise err("missing timestamp column (set timestamp_column: null in the schema if the data has "
                           "none)", col, None)
-            arr = _decode(column(table, col))
+            arr = decode(column(table, col))
             if arr.null_count:
                 raise err("null timestamp", col, first_true(~valid_mask(arr)))
             return self._seconds(arr, col, err)
@@ -326,7 +230,7 @@ class BatchBuilder:
             if present.any():
                 raise err(f"missing column for dense feature {f.name!r}", col, first_true(present))
             return pa.nulls(n, type=pa.float32())
-        arr = _decode(column(table, col))
+        arr = decode(column(table, col))
         t = arr.type
         if pa.types.is_floating(t) or is_int(t):
             vals = primitive_view(arr)
@@ -360,7 +264,7 @@ class BatchBuilder:
                 raise err(f"missing column for {f.kind} feature {f.name!r}", col, first_true(present))
             empty = pa.LargeListArray.from_arrays(pa.array(np.zeros(n + 1, np.int64)), pa.array([], pa.int64()))
             return empty, (empty if f.timestamps_column else None)
-        arr = _decode(column(table, col))
+        arr = decode(column(table, col))
         t = arr.type
         if f.kind == "sparse" and is_int(t) and not arr.null_count and n and present.all():
             ids = int_values(arr)  # one id per row, all present: in range -> a zero-copy bag per row
@@ -374,7 +278,7 @@ class BatchBuilder:
             return empty, (empty if f.kind == "sequence" and self._seq_ts else None)
         if is_listlike(t):
             offsets, child = list_parts(arr)
-            child = _decode(child)
+            child = decode(child)
             if arr.null_count:
                 null_rows = ~valid_mask(arr)
                 bad = null_rows & present
@@ -432,7 +336,7 @@ class BatchBuilder:
         if f.max_length is not None and n and int(row_len.max()) > f.max_length:
             cut = np.minimum(row_len, f.max_length)
             row_start = new_off[:-1] + ((row_len - cut) if f.kind == "sequence" else 0)
-            sel = np.repeat(row_start, cut) + _ragged_arange(cut)
+            sel = np.repeat(row_start, cut) + ragged_arange(cut)
             ids = ids[sel]
             if stamps is not None:
                 stamps = stamps[sel]
@@ -471,7 +375,7 @@ class BatchBuilder:
         col = f.timestamps_column
         if col not in names:
             return None
-        ts = _decode(column(table, col))
+        ts = decode(column(table, col))
         if not is_listlike(ts.type) or ts.null_count:
             return None
         t_off, t_child = list_parts(ts)
@@ -509,11 +413,11 @@ class BatchBuilder:
             if keep_rows.any():
                 raise err(f"missing timestamps column of sequence feature {f.name!r}", col, first_true(keep_rows))
             return np.zeros(int(rel[-1]), dtype=np.int64)
-        arr = _decode(column(table, col))
+        arr = decode(column(table, col))
         if not is_listlike(arr.type):
             raise err(f"timestamps of sequence feature {f.name!r} must be a list column, got {arr.type}", col, None)
         offsets, child = list_parts(arr)
-        child = _decode(child)
+        child = decode(child)
         t_len = np.diff(offsets)
         if arr.null_count:
             t_len = np.where(valid_mask(arr), t_len, -1)
@@ -532,8 +436,8 @@ class BatchBuilder:
             return secs
         out = np.zeros(int(rel[-1]), dtype=np.int64)
         rows = np.nonzero(keep_rows)[0]
-        src = np.repeat(offsets[rows] - start, lengths[rows]) + _ragged_arange(lengths[rows])
-        dst = np.repeat(rel[rows], lengths[rows]) + _ragged_arange(lengths[rows])
+        src = np.repeat(offsets[rows] - start, lengths[rows]) + ragged_arange(lengths[rows])
+        dst = np.repeat(rel[rows], lengths[rows]) + ragged_arange(lengths[rows])
         out[dst] = secs[src]
         return out
 
@@ -545,7 +449,7 @@ class BatchBuilder:
             if present.any():
                 raise err(f"missing label column of task {t.name!r}", col, first_true(present))
             return pa.nulls(n, type=pa.float32()), no_window
-        arr = _decode(column(table, col))
+        arr = decode(column(table, col))
         ty = arr.type
         if t.kind == "binary" and not t.windows and is_int(ty) and not arr.null_count and n and present.all():
             v = primitive_view(arr)  # integers: finite; 0/1 checked by range
@@ -588,7 +492,7 @@ class BatchBuilder:
             if positive.any():
                 raise err(f"missing delay column of windowed task {t.name!r}", col, first_true(positive))
             return np.full(n, np.inf)
-        arr = _decode(column(table, col))
+        arr = decode(column(table, col))
         if not (pa.types.is_floating(arr.type) or is_int(arr.type) or pa.types.is_duration(arr.type)):
             raise err(f"delay column of task {t.name!r} must be numeric seconds, got {arr.type}", col, None)
         if pa.types.is_duration(arr.type):
@@ -609,7 +513,7 @@ class BatchBuilder:
         n = table.num_rows
         if col not in names:
             return pa.nulls(n, type=pa.float32())
-        arr = _decode(column(table, col))
+        arr = decode(column(table, col))
         if not (pa.types.is_floating(arr.type) or is_int(arr.type)):
             raise err(f"true-probability column must be numeric, got {arr.type}", col, None)
         if arr.type == pa.float32() and not arr.null_count and len(arr):
@@ -645,14 +549,13 @@ class BatchBuilder:
         numpy layout batches are cut from (convert a chunk once, then cut many batches from it)."""
         return Block.from_table(table, self.block_spec)
 
-    def assemble(self, segments: Sequence[Tuple[Block, Rows]], shared: Optional[bool] = None, ring=None) -> Batch:
+    def assemble(self, segments: Sequence[Tuple[Block, Rows]], shared: Optional[bool] = None) -> Batch:
         """The :class:`Batch` of the concatenated rows of ``segments``: ``(block, (a, b))`` for rows
         ``a..b-1`` of a block, or ``(block, rows)`` with int64 row indices in range (see :func:`assemble`).
-        ``shared``: put the batch in shared memory (default: inside a DataLoader worker); ``ring``: in
-        a free slot of this :class:`~lattice.data.transfer.WorkerRing` when there is one."""
+        ``shared``: put the batch in shared memory (default: inside a DataLoader worker)."""
         if shared is None:
             shared = get_worker_info() is not None
-        return assemble(segments, self.block_spec, shared, ring)
+        return assemble(segments, self.block_spec, shared)
 
     def build(self, table: pa.Table, rows: Optional[np.ndarray] = None, shared: Optional[bool] = None) -> Batch:
         """A :class:`Batch` from a prepared table (or any slice/concatenation of prepared tables).
@@ -674,13 +577,3 @@ class BatchBuilder:
             bad = int(sel[(sel < 0) | (sel >= block.n)][0])
             raise IndexError(f"row {bad} is out of range for a table of {block.n} rows")
         return self.assemble([(block, sel)], shared)
-
-
-def _ragged_arange(lengths: np.ndarray) -> np.ndarray:
-    """``concat([arange(l) for l in lengths])`` without a loop."""
-    lengths = np.asarray(lengths, dtype=np.int64)
-    total = int(lengths.sum())
-    if total == 0:
-        return np.zeros(0, dtype=np.int64)
-    starts = np.cumsum(lengths) - lengths
-    return np.arange(total, dtype=np.int64) - np.repeat(starts, lengths)

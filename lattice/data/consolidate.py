@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 from lattice.data.builder import TRUTH_PREFIX, BatchBuilder, ChunkContext
 from lattice.data.errors import DataError
 from lattice.data.infer import SCHEMA_METADATA_KEY, embedded_schema, infer_schema
-from lattice.data.parquet import check_file
+from lattice.data.plan import check_file
 from lattice.data.schema import DomainSpec, Schema
 from lattice.data.sources import ChunkReader, FileInfo, as_sources, discover
 

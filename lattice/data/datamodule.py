@@ -13,7 +13,8 @@ from lattice.batch import Batch
 from lattice.data.cache import ensure_world, world_dir
 from lattice.data.consolidate import union_schema
 from lattice.data.errors import DataError
-from lattice.data.parquet import LatticeDataLoader, ParquetBatchDataset, _dist_rank_world, identity_collate
+from lattice.data.dataset import ParquetBatchDataset, dist_rank_world
+from lattice.data.loader import LatticeDataLoader, identity_collate
 from lattice.data.schema import Schema
 from lattice.data.sources import ChunkReader, CsvOptions, DataSource, as_sources, discover
 from lattice.data.splits import RowFilter, hash_split, time_split
@@ -206,7 +207,7 @@ class LatticeDataModule(L.LightningDataModule):
             if self.validate:
                 rows = train.validate()
                 log.info("validated %d training rows", rows)
-            rank, world = _dist_rank_world()
+            rank, world = dist_rank_world()
             left = train.left_out_rows(world, self.num_workers)
             if left and rank == 0:
                 log.warning("even_batches: %d training rows per epoch are left out so that every rank yields "

@@ -27,7 +27,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from lattice.data.builder import TRUTH_PREFIX, is_int, is_listlike, is_stringlike
+from lattice.data.arrow import is_int, is_listlike, is_stringlike
+from lattice.data.builder import TRUTH_PREFIX
 from lattice.data.errors import DataError
 from lattice.data.schema import DomainSpec, FeatureSpec, Schema, TaskSpec
 from lattice.data.sources import ChunkReader, FileInfo, as_sources, discover

@@ -10,7 +10,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from lattice.data.builder import EXAMPLE_ID_FILE_SHIFT, _decode, column, int_values, valid_mask
+from lattice.data.arrow import column, decode, int_values, valid_mask
+from lattice.data.builder import EXAMPLE_ID_FILE_SHIFT
 from lattice.data.errors import DataError
 from lattice.data.hashing import mix, to_unit_interval
 from lattice.data.schema import Schema
@@ -59,7 +60,7 @@ class RowFilter:
     def _ints(table, col, file, rows, row_group, what) -> np.ndarray:
         if col not in table.column_names:
             raise DataError(f"missing {what} column (needed by the split)", file=file, column=col, row_group=row_group)
-        arr = _decode(column(table, col))
+        arr = decode(column(table, col))
         if arr.null_count:
             i = int(np.argmax(~valid_mask(arr)))
             raise DataError(f"null {what}", file=file, column=col, row_group=row_group, row=int(rows[i]))

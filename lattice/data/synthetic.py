@@ -49,6 +49,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from lattice.data.arrow import ragged_arange
 from lattice.data.hashing import splitmix64, to_unit_interval
 from lattice.data.infer import SCHEMA_METADATA_KEY
 from lattice.data.schema import DomainSpec, FeatureSpec, Schema, TaskSpec, WindowSpec
@@ -265,12 +266,6 @@ FEATURE_TERMS: Dict[str, Tuple[str, ...]] = {
 
 def _sigmoid(z: np.ndarray) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-z))
-
-
-def _ragged_arange(lengths: np.ndarray) -> np.ndarray:
-    total = int(lengths.sum())
-    starts = np.cumsum(lengths) - lengths
-    return np.arange(total, dtype=np.int64) - np.repeat(starts, lengths)
 
 
 class SyntheticWorld:
@@ -522,7 +517,7 @@ class SyntheticWorld:
         ev = self._events()
         before = np.searchsorted(ev["key"], users * _KEY + (ts - ev["t_min"]), side="left")
         L = np.minimum(before - ev["off"][users], c.max_sequence_length).astype(np.int64)
-        rag = _ragged_arange(L)
+        rag = ragged_arange(L)
         tok = np.repeat(before - L, L) + rag
         tok_items, tok_cl, tok_ts = ev["item"][tok], ev["cluster"][tok], ev["ts"][tok]
         # sequence signals: recency-weighted share of same-cluster history, and re-engagement

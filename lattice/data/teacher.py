@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 import torch
 
 from lattice.batch import Batch
-from lattice.data.builder import column, list_parts, valid_mask
+from lattice.data.arrow import column, list_parts, valid_mask
 from lattice.data.errors import DataError
 from lattice.data.sources import ChunkReader, DataSource, as_sources, discover
 

@@ -191,13 +191,15 @@ class EmbeddingTables(nn.Module):
             for i, f in enumerate(ebc.feature_names):
                 pooled[f] = out[:, i]
         if "sequence" in self.collections and (in_seq or sequences is not None):
-            pooled.update(self._sequence_collection(sparse, in_seq, sequences))
-            events = pooled.pop("__events__", None)
+            seq_pooled, events = self._sequence_collection(sparse, in_seq, sequences)
+            pooled.update(seq_pooled)
         return pooled, events
 
     def _sequence_collection(
         self, sparse: KeyedJaggedTensor | None, in_seq: set[str], sequences: KeyedJaggedTensor | None
-    ) -> dict[str, Tensor]:
+    ) -> tuple[dict[str, Tensor], Tensor | None]:
+        """The sequence collection's lookups: pooled ``{feature: [B, D]}`` of the sparse features in
+        ``in_seq``, and the events' embeddings ``[S, D]`` (``None`` without ``sequences``)."""
         ebc = self.collections["sequence"]
         names = ebc.feature_names
         seq_names = set(self.sequence_features)
@@ -236,11 +238,12 @@ class EmbeddingTables(nn.Module):
         parts.append(KeyedJaggedTensor(self.sequence_features, ids, lengths=lengths.reshape(-1),
                                        stride=B + S, validate=False))
         out = ebc(KeyedJaggedTensor.concat(parts))  # [B + S, F, D]
-        result = {f: out[:B, i] for i, f in enumerate(names) if f in in_seq}
+        pooled = {f: out[:B, i] for i, f in enumerate(names) if f in in_seq}
+        events = None
         if sequences is not None:
             key_of = torch.bucketize(r, key_start[1:-1], right=True)  # feature index of every event
-            result["__events__"] = out[B + r, self._seq_slot[key_of]]
-        return result
+            events = out[B + r, self._seq_slot[key_of]]
+        return pooled, events
 
     def pooled(self, kjt: KeyedJaggedTensor) -> list[Tensor]:
         """Pooled embeddings of every key of ``kjt`` (sparse features): a list of ``[B, D_k]``, key order."""
