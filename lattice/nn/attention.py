@@ -14,9 +14,10 @@ A stream is ``values [N, d]`` with ``offsets [B + 1]`` (int64): sample b owns ro
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lattice.nn.norms import RMSNorm
+from lattice.nn.norms import RMSNorm, rms_norm
 from lattice.ops.attention import jagged_attention
 
 __all__ = ["rope_table", "apply_rope", "RotaryEmbedding", "positions_from_offsets", "JaggedMultiheadAttention", "PMA", "InterleavedCrossAttention"]
@@ -34,12 +35,25 @@ def positions_from_offsets(offsets: Tensor, total: int) -> Tensor:
 
 
 def rope_table(positions: Tensor, head_dim: int, base: float = 10000.0) -> tuple[Tensor, Tensor]:
-    """``(cos, sin)``, each ``[N, 1, head_dim // 2]`` float32, for :func:`apply_rope`. A model computes it
-    once per stream and passes it to every self-attention over that stream (``rotary=``)."""
+    """``(cos, sin)``, each ``[N, 1, head_dim]`` float32, for :func:`apply_rope`: channel pair ``(i, i + Dh/2)`` of
+    row n turns by ``positions[n] * base**(-2i/Dh)``. ``sin`` carries the rotation's sign (negative on the first
+    half) and an odd last channel has ``cos = 1, sin = 0``, so ``apply_rope`` is ``x * cos + swap(x) * sin``. A
+    model computes it once per stream and passes it to every self-attention over that stream (``rotary=``)."""
     half = head_dim // 2
     inv_freq = base ** (-torch.arange(half, device=positions.device, dtype=torch.float32) / max(half, 1))
     angle = positions.to(torch.float32).unsqueeze(-1) * inv_freq  # [N, half]
-    return angle.cos().unsqueeze(1), angle.sin().unsqueeze(1)
+    cos, sin = angle.cos(), angle.sin()
+    parts_cos, parts_sin = [cos, cos], [-sin, sin]
+    if head_dim % 2:
+        parts_cos.append(torch.ones_like(cos[:, :1]))
+        parts_sin.append(torch.zeros_like(sin[:, :1]))
+    return torch.cat(parts_cos, -1).unsqueeze(1), torch.cat(parts_sin, -1).unsqueeze(1)
+
+
+def _swap_halves(x: Tensor) -> Tensor:
+    """``[x2, x1, (x_last)]`` of ``x = [x1, x2, (x_last)]`` along the last dim (halves of ``Dh // 2``)."""
+    half = x.shape[-1] // 2
+    return torch.cat([x[..., half : 2 * half], x[..., :half], x[..., 2 * half :]], dim=-1)
 
 
 def apply_rope(
@@ -47,17 +61,16 @@ def apply_rope(
 ) -> Tensor:
     """Rotary position embedding: rotates channel pairs ``(i, i + Dh/2)`` of ``x [N, H, Dh]`` by
     ``positions[n] * base**(-2i/Dh)`` (or by a precomputed :func:`rope_table`). Scores of rotated q and
-    k then depend on positions only through their difference. An odd last channel is left as is."""
+    k then depend on positions only through their difference. An odd last channel is left as is.
+
+    Why the swapped-halves form: ``x * cos + swap(x) * sin`` is three element-wise kernels and a cat, against
+    the pairwise form's six and a cat (and half as many autograd nodes); the tables carry the signs."""
     dh = x.shape[-1]
-    half = dh // 2
-    if half == 0:
+    if dh // 2 == 0:
         return x
     cos, sin = table if table is not None else rope_table(positions, dh, base)
-    x1, x2 = x[..., :half].float(), x[..., half : 2 * half].float()
-    parts = [x1 * cos - x2 * sin, x1 * sin + x2 * cos]
-    if dh % 2:
-        parts.append(x[..., 2 * half :].float())
-    return torch.cat(parts, dim=-1).to(x.dtype)
+    xf = x.float()
+    return torch.addcmul(xf * cos, _swap_halves(xf), sin).to(x.dtype)
 
 
 class RotaryEmbedding(nn.Module):
@@ -119,6 +132,23 @@ class JaggedMultiheadAttention(nn.Module):
     def _heads(self, x: Tensor) -> Tensor:
         return x.view(x.shape[0], self.num_heads, self.head_dim)
 
+    @staticmethod
+    def _cat_bias(*projections: nn.Linear) -> Tensor | None:
+        return None if projections[0].bias is None else torch.cat([p.bias for p in projections])
+
+    def _qk_norm_weight(self) -> Tensor:
+        """``[2H, Dh]``: the q norm's scale for the first H heads of a joint ``[N, 2H, Dh]``, the k norm's after."""
+        H = self.num_heads
+        return torch.cat([self.q_norm.weight.expand(H, -1), self.k_norm.weight.expand(H, -1)])
+
+    def _rotate_apart(self, q, k, query_offsets, key_offsets, query_positions, key_positions):
+        """RoPE of q and k by their own positions (cross-attention, or self-attention given distinct positions)."""
+        if query_positions is None:
+            query_positions = _positions(query_offsets, q.shape[0])
+        if key_positions is None:
+            key_positions = _positions(key_offsets, k.shape[0])
+        return self.rotary(q, query_positions), self.rotary(k, key_positions)
+
     def forward(
         self,
         query: Tensor,
@@ -142,25 +172,36 @@ class JaggedMultiheadAttention(nn.Module):
                 f"query_offsets ({query_offsets.numel() - 1} samples) and key_offsets "
                 f"({key_offsets.numel() - 1} samples) disagree"
             )
-        q = self._heads(self.q_proj(query))
-        k = self._heads(self.k_proj(key))
-        v = self._heads(self.v_proj(key))
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        if self.rope:
-            if self_attention and (rotary is not None or key_positions is query_positions):
-                if rotary is None:  # one table for q and k
-                    if query_positions is None:
-                        query_positions = _positions(query_offsets, q.shape[0])
-                    rotary = rope_table(query_positions, self.head_dim, self.rope_base)
-                q, k = self.rotary(q, table=rotary), self.rotary(k, table=rotary)
+        H = self.num_heads
+        if self_attention:
+            # one [N, 3d] matmul for q, k and v instead of three [N, d] ones (and one in each backward)
+            qkv = F.linear(query, torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight]),
+                           self._cat_bias(self.q_proj, self.k_proj, self.v_proj))
+            qkv = qkv.view(qkv.shape[0], 3 * H, self.head_dim)
+            qk, v = qkv.split([2 * H, H], dim=1)  # split, not slices: its backward is one cat, no zero fill
+            if self.q_norm is not None:  # q and k normalized in one pass, each head by its own scale
+                qk = rms_norm(qk, self._qk_norm_weight(), self.q_norm.eps)
+            if self.rope and rotary is None and key_positions is not query_positions:
+                q, k = self._rotate_apart(*qk.split(H, dim=1), query_offsets, key_offsets, query_positions,
+                                          key_positions)
             else:
-                if query_positions is None:
-                    query_positions = _positions(query_offsets, q.shape[0])
-                if key_positions is None:
-                    key_positions = _positions(key_offsets, k.shape[0])
-                q = self.rotary(q, query_positions)
-                k = self.rotary(k, key_positions)
+                if self.rope:  # q and k rotated in one pass by one table
+                    if rotary is None:
+                        if query_positions is None:
+                            query_positions = _positions(query_offsets, qk.shape[0])
+                        rotary = rope_table(query_positions, self.head_dim, self.rope_base)
+                    qk = self.rotary(qk, table=rotary)
+                q, k = qk.split(H, dim=1)
+        else:
+            q = self._heads(self.q_proj(query))
+            kv = F.linear(key, torch.cat([self.k_proj.weight, self.v_proj.weight]),
+                          self._cat_bias(self.k_proj, self.v_proj))
+            kv = kv.view(kv.shape[0], 2 * H, self.head_dim)
+            k, v = kv.split(H, dim=1)
+            if self.q_norm is not None:
+                q, k = self.q_norm(q), self.k_norm(k)
+            if self.rope:
+                q, k = self._rotate_apart(q, k, query_offsets, key_offsets, query_positions, key_positions)
         v = v.to(q.dtype)
         k = k.to(q.dtype)
         out, _ = jagged_attention(

@@ -8,7 +8,53 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["RMSNorm", "SwishRMSNorm", "RunningStandardize", "make_norm"]
+__all__ = ["RMSNorm", "SwishRMSNorm", "RunningStandardize", "make_norm", "rms_norm"]
+
+
+class _RMSNormFunction(torch.autograd.Function):
+    """``x * rsqrt(mean(x**2, -1) + eps) * weight`` with a hand-written backward.
+
+    Why: autograd of the composite (``F.rms_norm`` on CPU is pow, mean, add, rsqrt, mul, mul) records
+    six nodes and runs about a dozen kernels in backward; this saves the normalized ``xhat`` and ``rstd``
+    and runs four. Measured on ``[13146, 2, 16]`` (the QK-norm of a mdmo batch), 1 thread, forward +
+    backward: 3.4 ms -> 2.5 ms of CPU time.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor | None, eps: float) -> Tensor:
+        rstd = torch.rsqrt(x.square().mean(-1, keepdim=True).add_(eps))
+        xhat = x * rstd
+        ctx.save_for_backward(xhat, rstd, weight)
+        return xhat if weight is None else xhat * weight
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        xhat, rstd, weight = ctx.saved_tensors
+        gxhat = grad if weight is None else grad * weight
+        # d/dx of x * rstd(x): rstd * (g - xhat * mean(g * xhat))
+        grad_x = (gxhat - xhat * (gxhat * xhat).mean(-1, keepdim=True)) * rstd
+        grad_w = None
+        if weight is not None and ctx.needs_input_grad[1]:
+            lead = grad.dim() - weight.dim()
+            grad_w = (grad * xhat).sum(tuple(range(lead))) if lead else grad * xhat
+            grad_w = grad_w.sum_to_size(weight.shape)
+        return grad_x, grad_w, None
+
+
+def rms_norm(x: Tensor, weight: Tensor | None, eps: float) -> Tensor:
+    """``x / sqrt(mean(x**2, -1) + eps) * weight`` with statistics in float32, returned in ``x``'s dtype.
+
+    ``x [..., D]``; ``weight`` broadcasts against ``x``'s trailing dims (``[D]``, or ``[H, D]`` to give
+    every head of ``[N, H, D]`` its own scale), or ``None``. Eager mode runs :class:`_RMSNormFunction`;
+    under ``torch.compile`` the composite, which inductor fuses into one kernel either way.
+    """
+    xf, wf = x.float(), None if weight is None else weight.float()
+    if torch.compiler.is_compiling():
+        out = xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + eps)
+        out = out if wf is None else out * wf
+    else:
+        out = _RMSNormFunction.apply(xf, wf, eps)
+    return out.to(x.dtype)
 
 
 class RMSNorm(nn.Module):
@@ -31,8 +77,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim)) if elementwise_affine else None
 
     def forward(self, x: Tensor) -> Tensor:
-        weight = None if self.weight is None else self.weight.float()
-        return F.rms_norm(x.float(), (self.dim,), weight, self.eps).to(x.dtype)
+        return rms_norm(x, self.weight, self.eps)
 
     def extra_repr(self) -> str:
         return f"{self.dim}, eps={self.eps}, elementwise_affine={self.weight is not None}"
