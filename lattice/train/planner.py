@@ -551,7 +551,7 @@ def format_plan(estimate: PlanEstimate) -> str:
     out += ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in lines]
     if estimate.memory_per_rank is not None:
         full = max(estimate.bytes_per_rank) / estimate.memory_per_rank
-        out.append(f"memory per rank {format_bytes(estimate.memory_per_rank)}; fullest rank {full:.1%} full")
+        out.append(f"memory per rank {format_bytes(estimate.memory_per_rank)}; fullest rank {100 * full:.3g}% full")
     out.append(estimate.cost.describe())
     return "\n".join(out)
 
