@@ -141,3 +141,17 @@ def test_bad_columns_raise_data_errors_naming_the_column(world, network):
         predictor.predict(42)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         predictor.predict(str(files[0]) + ".missing")
+
+
+def test_int8_tables_score_near_fp32(world, network):
+    """``Predictor.from_model(..., quantization="int8")`` scores with the tables ``lattice export --quantize int8``
+    packages: the same rows, scores within the quantization's reach of fp32 (perturbed weights: steps ~5e-3)."""
+    schema, files = world
+    table = pq.read_table(files[0])
+    fp32 = Predictor.from_model(network).predict(table)
+    int8 = Predictor.from_model(network, quantization="int8", batch_size=50).predict(table)
+    assert int8.column("example_id").to_pylist() == fp32.column("example_id").to_pylist()
+    diff = max(float(np.abs(int8.column(t).to_numpy() - fp32.column(t).to_numpy()).max()) for t in schema.task_names)
+    assert 0 < diff <= 2e-2
+    with pytest.raises(ValueError, match="built with quantization='none'"):
+        Predictor.from_model(Predictor.from_model(network).runner, quantization="int8")

@@ -1,7 +1,8 @@
 """``lattice export`` and ``lattice predict --package`` (``lattice.cli.main`` routes them here).
 
-- ``lattice export --config CFG [--config CFG2 ...] --ckpt_path CKPT --out model.pt2``: rebuild the trained
-  module from its configs and checkpoint, export its serving model and compile it with AOTInductor
+- ``lattice export --config CFG [--config CFG2 ...] [--ckpt_path CKPT] --out model.pt2 [--quantize int8]``:
+  rebuild the trained module from its configs and checkpoint, export its serving model (its embedding tables
+  int8 row-wise with ``--quantize int8``) and compile it with AOTInductor
   (:func:`lattice.serve.export.export_package`).
 - ``lattice predict --package model.pt2 --data PATH [--data PATH ...] --out predictions.parquet``: score
   Parquet files (or folders of them) with the package (:class:`lattice.serve.Predictor`) and write
@@ -13,6 +14,8 @@ import argparse
 import sys
 from pathlib import Path
 from typing import Sequence
+
+from lattice.serve.tables import QUANTIZATIONS
 
 __all__ = ["run_export", "run_predict", "is_package_predict"]
 
@@ -27,8 +30,12 @@ def _export_parser() -> argparse.ArgumentParser:
                                 "(torch.export + AOTInductor): model.pt2, model.schema.yaml, model.manifest.yaml.")
     p.add_argument("--config", action="append", required=True,
                    help="training config(s) of the checkpoint, stacked like lattice fit's")
-    p.add_argument("--ckpt_path", required=True, help="the trained Lightning checkpoint")
+    p.add_argument("--ckpt_path", default=None, help="the trained Lightning checkpoint (default: the best one the "
+                   "configs' monitored ModelCheckpoint kept, e.g. by val/mean_auc)")
     p.add_argument("--out", required=True, help="the .pt2 package to write (schema and manifest go beside it)")
+    p.add_argument("--quantize", default="none", choices=QUANTIZATIONS,
+                   help="embedding table format in the package: none (as trained) or int8 (row-wise, fp32 "
+                        "accumulation; about 0.28x the fp32 bytes at D=64)")
     return p
 
 
@@ -45,6 +52,10 @@ def _predict_parser() -> argparse.ArgumentParser:
 def run_export(argv: Sequence[str]) -> Path:
     """``lattice export ...`` (``argv`` without the leading ``export``)."""
     args = _export_parser().parse_args(list(argv))
+    if args.ckpt_path is None:
+        from lattice.train.resume import default_ckpt_path_for_configs
+
+        args.ckpt_path = default_ckpt_path_for_configs(args.config, "export")
     if not Path(args.ckpt_path).is_file():
         raise SystemExit(f"lattice export: checkpoint {args.ckpt_path!r} does not exist")
     if Path(args.out).suffix != ".pt2":
@@ -53,7 +64,7 @@ def run_export(argv: Sequence[str]) -> Path:
     from lattice.train.loading import load_from_config
 
     module, _ = load_from_config(args.config, args.ckpt_path, seed=False)
-    path, _ = export_package(module.eval(), args.out)
+    path, _ = export_package(module.eval(), args.out, quantization=args.quantize)
     return path
 
 

@@ -20,7 +20,7 @@ from lattice.serve.inference import InferenceModule
 from lattice.serve.inputs import random_inputs
 from lattice.serve.package import Manifest, PackageError, write_side_files
 
-__all__ = ["MAX_BATCH", "dynamic_shapes", "export_program", "compile_package", "verify_package", "export_package",
+__all__ = ["MAX_BATCH", "dynamic_shapes", "inference_module", "export_program", "compile_package", "verify_package", "export_package",
            "manifest_of"]
 
 MAX_BATCH = 1 << 20
@@ -59,10 +59,24 @@ def _example(module: InferenceModule) -> tuple[Tensor, ...]:
     raise ValueError("cannot draw an export example with non-empty bags for this schema")
 
 
-def export_program(model: Union[nn.Module, InferenceModule]) -> tuple[InferenceModule, ExportedProgram]:
+def inference_module(model: Union[nn.Module, InferenceModule], quantization: str = "none") -> InferenceModule:
+    """``model`` as an :class:`InferenceModule` with tables in ``quantization`` (an inference module is taken as
+    it is; asking it for another quantization than it has is an error)."""
+    if not isinstance(model, InferenceModule):
+        return InferenceModule(model, quantization)
+    if quantization not in ("none", model.quantization):
+        raise ValueError(f"quantization={quantization!r}, but the inference module given was built with "
+                         f"quantization={model.quantization!r}: build it with InferenceModule(model, "
+                         f"quantization={quantization!r})")
+    return model
+
+
+def export_program(model: Union[nn.Module, InferenceModule],
+                   quantization: str = "none") -> tuple[InferenceModule, ExportedProgram]:
     """``(inference_module, exported_program)`` of a trained lattice network, LatticeModule or
-    DistillationModule (see :class:`~lattice.serve.inference.InferenceModule`)."""
-    module = model if isinstance(model, InferenceModule) else InferenceModule(model)
+    DistillationModule (see :class:`~lattice.serve.inference.InferenceModule`), its tables in ``quantization``
+    (``"none"`` or ``"int8"``)."""
+    module = inference_module(model, quantization)
     example = _example(module)
     names = module.input_names
     with torch.no_grad():
@@ -103,13 +117,13 @@ def verify_package(path: PathLike, module: InferenceModule, tolerance: float = 1
     return worst
 
 
-def manifest_of(module: InferenceModule, network_class: str, quantization: str = "none") -> Manifest:
-    """The :class:`~lattice.serve.package.Manifest` of an inference module."""
+def manifest_of(module: InferenceModule, network_class: str) -> Manifest:
+    """The :class:`~lattice.serve.package.Manifest` of an inference module (its quantization included)."""
     return Manifest(
         lattice_version=lattice.__version__, torch_version=str(torch.__version__), network_class=network_class,
         tasks=[{"name": t.name, "kind": t.kind} for t in module.schema.tasks],
         domains=list(module.schema.domain_names), input_names=list(module.input_names),
-        schema_fingerprint=module.schema.fingerprint(), quantization=quantization,
+        schema_fingerprint=module.schema.fingerprint(), quantization=module.quantization,
         teacher_embedding_dim=module.teacher_embedding_dim,
     )
 
@@ -123,20 +137,23 @@ def network_class_of(model: nn.Module) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
-def export_package(model: nn.Module, out: PathLike, log=print) -> tuple[Path, Manifest]:
+def export_package(model: nn.Module, out: PathLike, log=print, quantization: str = "none") -> tuple[Path, Manifest]:
     """Export ``model`` to the package ``out`` (``model.pt2``) plus its schema and manifest beside it.
 
     Args:
         model: a trained lattice network, LatticeModule or DistillationModule.
         out: the ``.pt2`` path to write.
         log: progress messages (``None``: quiet).
+        quantization: the served tables' format, ``"none"`` or ``"int8"`` (recorded in the manifest). The
+            compiled package is verified against the eager module of the same format.
     """
     if Path(out).suffix != ".pt2":
         raise ValueError(f"--out must name a .pt2 file, got {str(out)!r}")
     network_class = network_class_of(model)
-    module, program = export_program(model)
+    module, program = export_program(model, quantization)
     if log:
-        log(f"exported {network_class} ({len(module.task_names)} tasks); compiling with AOTInductor")
+        tables = "" if module.quantization == "none" else f", {module.quantization} tables"
+        log(f"exported {network_class} ({len(module.task_names)} tasks{tables}); compiling with AOTInductor")
     path = compile_package(program, out)
     try:
         verify_package(path, module)

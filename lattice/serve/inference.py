@@ -22,7 +22,9 @@ features; every integer tensor int64):
 Output: ``[B, T]`` float32 in the schema's task order: ``sigmoid`` of the serving logit for a binary task
 (a windowed task's longest window; an ESMM child already composed with its parent), the raw prediction
 for a regression task. The module is built in eval mode with frozen tables (:mod:`lattice.serve.tables`):
-no dropout, no fused optimizer, no auxiliary head, no adapter, no teacher cache.
+no dropout, no fused optimizer, no auxiliary head, no adapter, no teacher cache. With ``quantization="int8"``
+its tables are int8 row-wise (:func:`~lattice.serve.tables.quantize_tables`): the module ``lattice export
+--quantize int8`` exports, runnable eagerly for debugging.
 """
 from __future__ import annotations
 
@@ -36,7 +38,7 @@ from torch import Tensor, nn
 from lattice.data.schema import Schema
 from lattice.distill.module import DistillationModule, ServingStudent
 from lattice.nn.processors import parallel_sequences
-from lattice.serve.tables import freeze_tables
+from lattice.serve.tables import freeze_tables, quantize_tables
 from lattice.sparse import KeyedJaggedTensor
 
 __all__ = ["INPUT_NAMES", "TEACHER_INPUT_NAMES", "ServingBatch", "InferenceModule", "serving_network"]
@@ -104,13 +106,16 @@ class InferenceModule(nn.Module):
     Args:
         model: a lattice network, a :class:`LatticeModule` or a :class:`DistillationModule` (copied: the
             original is left as it was).
+        quantization: the tables' format, ``"none"`` (as trained) or ``"int8"`` (row-wise int8, fp32
+            accumulation; see :data:`~lattice.serve.tables.QUANTIZATIONS`).
     """
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, quantization: str = "none") -> None:
         super().__init__()
         model = copy.deepcopy(model)
         net, schema, teacher = serving_network(model)
-        self.net = freeze_tables(net).eval()
+        self.net = quantize_tables(freeze_tables(net), quantization).eval()
+        self.quantization = quantization
         for p in self.net.parameters():
             p.requires_grad_(False)
         self.schema = schema

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from lattice.data.builder import TRUTH_PREFIX, BatchBuilder, ChunkContext
 from lattice.data.errors import DataError
 from lattice.data.schema import Schema
-from lattice.serve.inference import InferenceModule
+from lattice.serve.export import inference_module
 from lattice.serve.inputs import flat_inputs
 from lattice.serve.package import Manifest, read_package
 
@@ -77,10 +77,11 @@ class Predictor:
                    manifest=manifest)
 
     @classmethod
-    def from_model(cls, model: nn.Module, *, batch_size: int = 4096) -> "Predictor":
+    def from_model(cls, model: nn.Module, *, batch_size: int = 4096, quantization: str = "none") -> "Predictor":
         """Score with a trained network, LatticeModule or DistillationModule in eager mode (debugging: the same
-        inputs and outputs as its package, without exporting)."""
-        module = model if isinstance(model, InferenceModule) else InferenceModule(model)
+        inputs and outputs as its package, without exporting), its tables in ``quantization`` (``"none"`` or
+        ``"int8"``, as ``lattice export --quantize`` would serve them)."""
+        module = inference_module(model, quantization)
         return cls(module, module.schema, teacher_embedding_dim=module.teacher_embedding_dim, batch_size=batch_size)
 
     # ---- scoring -----------------------------------------------------------------------------------
