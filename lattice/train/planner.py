@@ -152,7 +152,6 @@ class _Table:
     itemsize: int
     ids: float  # ids looked up per sample, over the table's features
     bags: float  # pooled outputs per sample (a sequence event is a bag of one)
-    num_features: int
 
     def full_bytes(self, optimizer: Optional[str]) -> int:
         return shard_bytes(TablePlacement("replicated", self.rows, self.dim), 0, self.itemsize, optimizer)
@@ -330,7 +329,7 @@ def _prepare(tables: Sequence[EmbeddingTableConfig], pooling_factors: Optional[M
             bags += p if f in sequence_features else 1.0
         d = dtype.get(t.name, torch.float32) if isinstance(dtype, Mapping) else dtype
         out.append(_Table(t.name, int(t.num_embeddings), int(t.embedding_dim), torch.empty((), dtype=d).element_size(),
-                          ids, bags, len(t.feature_names)))
+                          ids, bags))
     return out
 
 
