@@ -19,7 +19,9 @@ import os
 import warnings
 from typing import Any, Dict, List, Optional, Sequence
 
-__all__ = ["main", "parse_overrides"]
+from lattice.train.planner import DEFAULT_TIME_LIMIT_S
+
+__all__ = ["main", "parse_overrides", "plan_config"]
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -36,7 +38,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--overrides", metavar="YAML",
                    help="a YAML mapping table -> kind, or -> {kind, ranks, row_bounds, col_bounds}")
     p.add_argument("--out", help="write the plan to this YAML file")
-    p.add_argument("--time-limit", type=float, default=5.0, help="seconds the search may take (default 5)")
+    p.add_argument("--time-limit", type=float, default=DEFAULT_TIME_LIMIT_S,
+                   help=f"seconds the search may take (default {DEFAULT_TIME_LIMIT_S:g})")
     p.add_argument("--num-batches", type=int, default=8,
                    help="training batches read to measure the pooling factors (default 8)")
     p.add_argument("--batch-size", type=int, help="samples per rank per step (default: the config's data.batch_size)")
@@ -96,7 +99,8 @@ def main(argv: Sequence[str]) -> None:
         print(f"wrote {args.out}")
 
 
-def plan_config(configs: List[str], world_size: int, memory_per_rank, *, overrides=None, time_limit_s: float = 5.0,
+def plan_config(configs: List[str], world_size: int, memory_per_rank, *, overrides=None,
+                time_limit_s: float = DEFAULT_TIME_LIMIT_S,
                 num_batches: int = 8, batch_size: Optional[int] = None, **cost_constants):
     """The :class:`~lattice.train.planner.PlanEstimate` of a training config's tables: the network built on the
     meta device, pooling factors measured on ``num_batches`` training batches, the cost model's batch the config's

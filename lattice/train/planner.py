@@ -52,6 +52,7 @@ __all__ = [
     "TableEstimate",
     "PlanEstimate",
     "plan_tables",
+    "plan_with_estimate",
     "estimate_plan",
     "format_plan",
     "measure_pooling_factors",
@@ -59,6 +60,8 @@ __all__ = [
     "parse_bytes",
     "format_bytes",
 ]
+
+DEFAULT_TIME_LIMIT_S = 5.0  # the search's default wall-clock bound
 
 _UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3, "gb": 1000**3,
           "t": 1000**4, "tb": 1000**4, "kib": 1024, "mib": 1024**2, "gib": 1024**3, "tib": 1024**4}
@@ -349,7 +352,7 @@ def plan_tables(
     *,
     overrides: Optional[Mapping[str, Any]] = None,
     cost: Optional[CostModel] = None,
-    time_limit_s: float = 5.0,
+    time_limit_s: float = DEFAULT_TIME_LIMIT_S,
     optimizer: Optional[str] = "rowwise_adagrad",
     dtype: Union[torch.dtype, Mapping[str, torch.dtype]] = torch.float32,
     sequence_features: Collection[str] = (),
@@ -521,7 +524,7 @@ def plan_with_estimate(tables, world_size, memory_per_rank, pooling_factors=None
     """:func:`plan_tables`, returning the plan with its :class:`PlanEstimate` (what ``lattice plan`` prints)."""
     kwargs.setdefault("overrides", None)
     kwargs.setdefault("cost", None)
-    kwargs.setdefault("time_limit_s", 5.0)
+    kwargs.setdefault("time_limit_s", DEFAULT_TIME_LIMIT_S)
     kwargs.setdefault("optimizer", "rowwise_adagrad")
     kwargs.setdefault("dtype", torch.float32)
     kwargs.setdefault("sequence_features", ())
