@@ -42,13 +42,15 @@ class _RMSNormFunction(torch.autograd.Function):
 
 
 def rms_norm(x: Tensor, weight: Tensor | None, eps: float) -> Tensor:
-    """``x / sqrt(mean(x**2, -1) + eps) * weight`` with statistics in float32, returned in ``x``'s dtype.
+    """``x / sqrt(mean(x**2, -1) + eps) * weight`` with statistics in float32 (float64 for float64 ``x``),
+    returned in ``x``'s dtype.
 
     ``x [..., D]``; ``weight`` broadcasts against ``x``'s trailing dims (``[D]``, or ``[H, D]`` to give
     every head of ``[N, H, D]`` its own scale), or ``None``. Eager mode runs :class:`_RMSNormFunction`;
     under ``torch.compile`` the composite, which inductor fuses into one kernel either way.
     """
-    xf, wf = x.float(), None if weight is None else weight.float()
+    dtype = torch.promote_types(x.dtype, torch.float32)  # float32 statistics, float64 kept
+    xf, wf = x.to(dtype), None if weight is None else weight.to(dtype)
     if torch.compiler.is_compiling():
         out = xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + eps)
         out = out if wf is None else out * wf
