@@ -19,6 +19,7 @@ from lattice.train.planner import (
     estimate_plan,
     format_plan,
     measure_pooling_factors,
+    network_tables,
     parse_bytes,
     plan_tables,
     plan_with_estimate,
@@ -190,3 +191,20 @@ def test_measure_pooling_factors_counts_ids_per_sample():
     assert measure_pooling_factors(batches, num_batches=2) == {"a": 8 / 5, "b": 1.0, "h": 9 / 5}
     with pytest.raises(ValueError, match="no batch"):
         measure_pooling_factors([], 3)
+
+
+def test_network_tables_reads_every_collection_and_qualifies_repeated_names():
+    from lattice.nn.embedding import EmbeddingBagCollection
+
+    with torch.device("meta"):  # geometry only, as lattice plan builds the network
+        net = torch.nn.ModuleDict({
+            "deep": EmbeddingBagCollection([table("user", 10_000, 16), table("item", 500, 16, ["item", "hist"])]),
+            "wide": EmbeddingBagCollection([table("user", 10_000, 4)], dtype=torch.bfloat16),
+        })
+    tables, dtypes = network_tables(net)
+    assert [(t.name, t.num_embeddings, t.embedding_dim, t.feature_names) for t in tables] == [
+        ("user", 10_000, 16, ["user"]), ("item", 500, 16, ["item", "hist"]), ("wide.user", 10_000, 4, ["user"])]
+    assert dtypes == {"user": torch.float32, "item": torch.float32, "wide.user": torch.bfloat16}
+    est = estimate_plan(ShardingPlan(2, {t.name: TablePlacement("replicated", t.num_embeddings, t.embedding_dim)
+                                         for t in tables}), tables, None, dtype=dtypes)
+    assert est.bytes_per_rank[0] == 10_000 * (16 * 4 + 4) + 500 * (16 * 4 + 4) + 10_000 * (4 * 2 + 4)
