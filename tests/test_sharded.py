@@ -1,0 +1,109 @@
+"""ShardedEmbeddingBagCollection (issue 27): TW, RW, CW, replicated and mixed plans over gloo equal one process
+on the same global batch; DCP checkpoints reshard 2 -> 1 and 2 -> 4; bad ids and a dying rank.
+
+The multi-process cases run in tests/sharded_worker.py (one spawn of W ranks per call, every case inside it);
+the in-process tests below cover what needs no process group."""
+from __future__ import annotations
+
+import pytest
+import torch
+from _workers import run_worker
+
+from lattice.nn.embedding import EmbeddingBagCollection, EmbeddingTableConfig
+from lattice.nn.placement import ShardingPlan, TablePlacement
+from lattice.nn.sharded import ShardedEmbeddingBagCollection
+from lattice.sparse import KeyedJaggedTensor
+
+TABLES = [EmbeddingTableConfig("ta", 37, 8, ["fa", "fb"]), EmbeddingTableConfig("tb", 50, 4, ["fc"], pooling="mean")]
+
+
+def one_rank_plan(kinds) -> ShardingPlan:
+    return ShardingPlan(1, {t.name: TablePlacement(k, t.num_embeddings, t.embedding_dim, [] if k == "replicated" else [0])
+                            for t, k in zip(TABLES, kinds)})
+
+
+def features(B: int = 6, seed: int = 0) -> KeyedJaggedTensor:
+    g = torch.Generator().manual_seed(seed)
+    keys, rows = ["fc", "fa", "fb"], {"fa": 37, "fb": 37, "fc": 50}
+    lengths = torch.randint(0, 4, (3 * B,), generator=g)
+    values = torch.cat([torch.randint(0, rows[k], (int(lengths[i * B : (i + 1) * B].sum()),), generator=g)
+                        for i, k in enumerate(keys)])
+    return KeyedJaggedTensor(keys, values, lengths=lengths)
+
+
+@pytest.mark.parametrize("kinds", [("row_wise", "column_wise"), ("table_wise", "replicated")])
+def test_one_rank_forward_dict_and_fused_step_match_the_collection(kinds):
+    torch.manual_seed(0)
+    ref = EmbeddingBagCollection(TABLES, fused_optimizer="rowwise_adagrad", lr=0.2)
+    sharded = ShardedEmbeddingBagCollection.from_collection(ref, one_rank_plan(kinds))
+    for step in range(2):
+        want, got = ref.forward_dict(features(seed=step)), sharded.forward_dict(features(seed=step))
+        assert list(got) == ref.feature_names
+        loss = lambda out: sum((v * (i + 1)).sum() for i, v in enumerate(out.values()))  # noqa: E731
+        loss(want).backward()
+        loss(got).backward()
+        for f in want:
+            torch.testing.assert_close(got[f], want[f].detach(), atol=2e-6, rtol=0)
+    for t in TABLES:
+        kind = sharded.plan.tables[t.name].kind
+        mine = sharded.replicated if kind == "replicated" else None
+        weight = mine.embedding_weight(t.name) if mine else sharded.shard_weight(t.name)
+        state = mine.optimizer_state_of(t.name) if mine else sharded.shard_optimizer_state(t.name)
+        torch.testing.assert_close(weight, ref.embedding_weight(t.name), atol=2e-6, rtol=0)
+        torch.testing.assert_close(state, ref.optimizer_state_of(t.name), atol=2e-6, rtol=0)
+
+
+def test_initialization_does_not_depend_on_the_plan():
+    a = ShardedEmbeddingBagCollection(TABLES, one_rank_plan(("table_wise", "replicated")), init_seed=3)
+    b = ShardedEmbeddingBagCollection(TABLES, one_rank_plan(("column_wise", "row_wise")), init_seed=3)
+    assert torch.equal(a.shard_weight("ta"), b.shard_weight("ta"))
+    assert torch.equal(a.replicated.embedding_weight("tb"), b.shard_weight("tb"))
+    c = ShardedEmbeddingBagCollection(TABLES, one_rank_plan(("column_wise", "row_wise")), init_seed=4)
+    assert not torch.equal(b.shard_weight("ta"), c.shard_weight("ta"))
+
+
+def test_plan_mismatches_are_errors_naming_the_table():
+    plan = one_rank_plan(("table_wise", "table_wise"))
+    with pytest.raises(ValueError, match="world_size 2"):
+        ShardedEmbeddingBagCollection(TABLES, ShardingPlan(2, plan.tables))
+    with pytest.raises(ValueError, match="no placement for table 'tb'"):
+        ShardedEmbeddingBagCollection(TABLES, ShardingPlan(1, {"ta": plan.tables["ta"]}))
+    wrong = ShardingPlan(1, {"ta": plan.tables["ta"], "tb": TablePlacement("table_wise", 50, 8, [0])})
+    with pytest.raises(ValueError, match=r"table 'tb' is 50x4, but its placement is for 50x8"):
+        ShardedEmbeddingBagCollection(TABLES, wrong)
+    with pytest.raises(ValueError, match="fused_optimizer"):
+        ShardedEmbeddingBagCollection(TABLES, plan, fused_optimizer=None)
+
+
+def test_out_of_range_id_has_the_single_process_message():
+    kjt = features()
+    values = kjt.values().clone()
+    values[kjt.offset_per_key()[1] + 1] = 37  # the second id of fa
+    bad = KeyedJaggedTensor(kjt.keys(), values, lengths=kjt.lengths())
+    with pytest.raises(RuntimeError) as single:
+        EmbeddingBagCollection(TABLES, fused_optimizer="sgd").forward_dict(bad)
+    sharded = ShardedEmbeddingBagCollection(TABLES, one_rank_plan(("row_wise", "column_wise")), fused_optimizer="sgd")
+    with pytest.raises(RuntimeError) as caught:
+        sharded.forward_dict(bad)
+    assert str(single.value).splitlines()[0] in str(caught.value)
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_lookup_backward_and_fused_steps_equal_one_process(tmp_path, world):
+    run_worker("sharded_worker.py", "lookup", str(world), str(tmp_path), timeout=240)
+
+
+def test_checkpoint_reshards_from_two_ranks_to_one_and_four(tmp_path):
+    run_worker("sharded_worker.py", "save", "2", str(tmp_path), timeout=180)
+    from lattice.train.sharded_checkpoint import saved_plans
+
+    plans = saved_plans(str(tmp_path / "ckpt"))
+    assert plans[""].world_size == 2 and plans[""].tables["ta"].kind == "row_wise"
+    run_worker("sharded_worker.py", "resume", "1", str(tmp_path), timeout=180)
+    run_worker("sharded_worker.py", "resume", "4", str(tmp_path), timeout=180)
+
+
+def test_a_dying_rank_stops_the_others_with_the_peer_failure_line(tmp_path):
+    proc = run_worker("sharded_worker.py", "die", "2", str(tmp_path), timeout=180)
+    assert "exit codes [3, 1]" in proc.stdout, proc.stdout + proc.stderr[-3000:]
+    assert "lattice: stopping (rank 0 of 2, global step 0): a collective with the other ranks failed" in proc.stderr
