@@ -52,12 +52,17 @@ class LatticeCLI(ConfigCLI):
             parser.set_defaults(return_predictions=False)
         return parser
 
+    def _parse_ckpt_path(self) -> None:
+        subcommand = self.config.get("subcommand")
+        if subcommand in ("validate", "test", "predict") and self.config[subcommand].get("ckpt_path") is None:
+            # the best checkpoint the config's monitored ModelCheckpoint kept, taken as an explicit --ckpt_path
+            self.config[subcommand].ckpt_path = default_ckpt_path(self.config[subcommand].get("trainer"), subcommand)
+        super()._parse_ckpt_path()
+
     def _prepare_subcommand_kwargs(self, subcommand):
         kwargs = super()._prepare_subcommand_kwargs(subcommand)
         if kwargs.get("ckpt_path") is not None:  # "last" past damaged files, a damaged file named (train/resume.py)
             kwargs["ckpt_path"] = resolve_ckpt_path(self.trainer, kwargs["ckpt_path"])
-        elif subcommand != "fit":  # the best checkpoint the config's monitored ModelCheckpoint kept
-            kwargs["ckpt_path"] = default_ckpt_path(self.trainer, subcommand)
         return kwargs
 
     def _instantiate_trainer(self, config, callbacks):

@@ -53,9 +53,10 @@ def run_export(argv: Sequence[str]) -> Path:
     """``lattice export ...`` (``argv`` without the leading ``export``)."""
     args = _export_parser().parse_args(list(argv))
     if args.ckpt_path is None:
-        from lattice.train.resume import default_ckpt_path_for_configs
+        from lattice.train.loading import parse_config
+        from lattice.train.resume import default_ckpt_path
 
-        args.ckpt_path = default_ckpt_path_for_configs(args.config, "export")
+        args.ckpt_path = default_ckpt_path(parse_config(args.config).get("trainer"), "export")
     if not Path(args.ckpt_path).is_file():
         raise SystemExit(f"lattice export: checkpoint {args.ckpt_path!r} does not exist")
     if Path(args.out).suffix != ".pt2":
