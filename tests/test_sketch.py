@@ -78,6 +78,9 @@ def test_search_writes_best_yaml_that_fits_and_resumes(tmp_path):
     main(["sketch", "--space", space, "--n-trials", "3", "--out", str(out), *_FAST])
     trials = _trials(out)
     assert [t["number"] for t in trials] == [0, 1, 2]
+    # the resumed run's sampler does not draw the first run's parameters again
+    assert trials[2]["model.optimizer.init_args.lr"] not in (trials[0]["model.optimizer.init_args.lr"],
+                                                               trials[1]["model.optimizer.init_args.lr"])
     study = optuna.load_study(study_name="sketch", storage=f"sqlite:///{out / 'study.db'}")
     assert len(study.trials) == 3
 

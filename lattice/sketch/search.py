@@ -194,12 +194,17 @@ def _quiet() -> None:
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 
 
-def _optimize(spec: SketchSpec, options: SearchOptions, worker: int) -> None:
-    """One worker (process): load the study and run trials until the study's total or the time budget is reached."""
+def _optimize(spec: SketchSpec, options: SearchOptions, worker: int, resumed_from: int) -> None:
+    """One worker (process): load the study and run trials until the study's total or the time budget is reached.
+
+    The sampler is seeded with ``seed + resumed_from + worker``, ``resumed_from`` being the number of trials the
+    study held when this run began: a fresh study is reproducible under ``seed``, and a resumed one does not draw
+    its first trials' parameters again (a sampler seeded as before would repeat them).
+    """
     _quiet()
     space = SearchSpace(spec.space, base_config(spec))
     study = optuna.load_study(study_name=options.study_name, storage=open_storage(options.storage),
-                              sampler=make_sampler(options.sampler, options.seed + worker),
+                              sampler=make_sampler(options.sampler, options.seed + resumed_from + worker),
                               pruner=make_pruner(options.pruner))
     optuna.storages.fail_stale_trials(study)  # trials of a killed run whose heartbeat lapsed: failed, re-queued
     remaining = None if options.n_trials is None else options.n_trials - _counted(study)
@@ -212,8 +217,8 @@ def _optimize(spec: SketchSpec, options: SearchOptions, worker: int) -> None:
                    callbacks=callbacks, catch=(NonFiniteLossError, NoObjectiveError), gc_after_trial=True)
 
 
-def _worker_main(spec: SketchSpec, options: SearchOptions, worker: int) -> None:
-    _optimize(spec, options, worker)
+def _worker_main(spec: SketchSpec, options: SearchOptions, worker: int, resumed_from: int) -> None:
+    _optimize(spec, options, worker, resumed_from)
 
 
 def run_search(spec: SketchSpec, options: SearchOptions) -> optuna.Study:
@@ -232,11 +237,12 @@ def run_search(spec: SketchSpec, options: SearchOptions) -> optuna.Study:
         raise ValueError(f"study {options.study_name!r} in {options.storage} was created to "
                          f"{study.direction.name.lower()}; objective {spec.objective.kind!r} needs "
                          f"{spec.objective.direction} (use another --study-name or --storage)")
+    resumed_from = len(study.get_trials(deepcopy=False))
     if options.n_jobs == 1:
-        _optimize(spec, options, 0)
+        _optimize(spec, options, 0, resumed_from)
         return study
     context = multiprocessing.get_context("spawn")
-    workers = [context.Process(target=_worker_main, args=(spec, options, i), name=f"sketch-worker-{i}")
+    workers = [context.Process(target=_worker_main, args=(spec, options, i, resumed_from), name=f"sketch-worker-{i}")
                for i in range(options.n_jobs)]
     for process in workers:
         process.start()
