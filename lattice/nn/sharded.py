@@ -428,6 +428,17 @@ class ShardedEmbeddingBagCollection(nn.Module):
         if self.replicated is not None:
             self.replicated.set_fused_optimizer(fused_optimizer, lr, eps, weight_decay)
 
+    def set_process_group(self, process_group, gradient_divisor: Optional[float] = None) -> None:
+        """The shards are bound to the group they were built over; this only changes the gradient divisor (a
+        data-parallel wrapper calling it with that same group, as for a replicated collection, is fine)."""
+        if process_group is not self.group:
+            raise ValueError("ShardedEmbeddingBagCollection is bound to the process group it was built over; build "
+                             "another one for another group")
+        if gradient_divisor is not None:
+            self.gradient_divisor = float(gradient_divisor)
+        if self.replicated is not None and self.world_size > 1:
+            self.replicated.set_process_group(process_group, self.gradient_divisor)
+
     def set_learning_rate(self, lr: float) -> None:
         self.lr = float(lr)
         if self.replicated is not None:

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from lattice.metrics import masked_multitask_loss, masked_task_sums, weighted_task_total
 from lattice.nn.conditional import ConditionalTasks
 from lattice.nn.norms import RunningStandardize
-from lattice.train import faults, parallel
+from lattice.train import faults, parallel, sharding as sharding_
 from lattice.train.compile import CompileOption, compile_network, compile_options, mark_batch_dynamic
 from lattice.train.label_checks import ConditionalLabelCheck, EvalConditionalLabelCheck
 from lattice.train.metrics import MultiTaskMetrics
@@ -62,6 +62,8 @@ class LatticeModule(pl.LightningModule):
         compile: ``torch.compile`` the network's forward and backward at ``setup`` (fit, validate, test,
             predict): ``false``, ``true`` (inductor) or a dict of options (``backend``, ``mode``, ``dynamic``,
             ``fullgraph``, ``options``); see :mod:`lattice.train.compile`. Checkpoints are the same either way.
+        sharding: shard the embedding tables across ranks (``{plan: auto | <plan file>, memory_per_rank,
+            overrides}``, see :mod:`lattice.train.sharding`; needs its ``ShardedDDPStrategy``).
     """
 
     def __init__(
@@ -77,8 +79,11 @@ class LatticeModule(pl.LightningModule):
         autocast_bf16: bool = False,
         group_auc: bool = True,
         compile: CompileOption = False,
+        sharding: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
+        self.sharding = sharding_.ShardingConfig.from_value(sharding)  # applied in setup(), once ranks exist
+        self.sharding_plan = None
         self.compile_options = compile_options(compile)  # validated here, applied in setup()
         # Optimizer factories are code, not data: leaving them out keeps checkpoints loadable with weights_only.
         self.save_hyperparameters(ignore=["network", "optimizer", "lr_scheduler"])
@@ -180,6 +185,8 @@ class LatticeModule(pl.LightningModule):
         loss, _ = self._loss(output, batch)
         self.log(f"{stage}/loss", loss, prog_bar=True, batch_size=batch.batch_size, sync_dist=True)
         metrics.update(output.logits, batch.labels, batch.label_mask, batch.domain, batch.user_id, batch.true_probs)
+        if self.sharding_plan is not None:
+            sharding_.count_eval_step(self, batch)
         if self.eval_label_check is not None:
             self.eval_label_check.update(batch.labels, batch.label_mask)
 
@@ -190,6 +197,8 @@ class LatticeModule(pl.LightningModule):
         self._eval_step(batch, self.test_metrics, "test")
 
     def _eval_epoch_end(self, metrics: MultiTaskMetrics, stage: str):
+        if self.sharding_plan is not None:  # sharded lookups are collectives: every rank runs as many steps
+            sharding_.finish_eval_epoch(self, self.data_parallel.group)
         if self.eval_label_check is not None:
             self.eval_label_check.finish({"val": "validation"}.get(stage, stage), self.device)
         results = metrics.compute()
@@ -233,6 +242,9 @@ class LatticeModule(pl.LightningModule):
         their weights and optimizer state alone (they are kept identical by the exchange instead)."""
         mesh = getattr(self, "_device_mesh", None)
         self.data_parallel.setup(mesh)
+        if self.sharding is not None:
+            self.sharding_plan = sharding_.shard_network(self, self.sharding, self.data_parallel.group)
+            self.fused_modules = _fused_embedding_modules(self.network)
         compile_network(self.network, self.compile_options)
         if self.data_parallel.world_size > 1:
             faults.watch_launcher()

@@ -89,6 +89,8 @@ def broadcast_fused_state(module: nn.Module, state: DataParallelState) -> None:
         return
     src = dist.get_global_rank(state.group, 0)
     for _, child in _fused_modules(module):
+        if getattr(child, "is_sharded", False):  # each rank holds other shards; its replicated tables are a child
+            continue
         for tensor in [*child.weights.values(), *child.optimizer_state.buffers()]:
             if tensor.numel():
                 dist.broadcast(tensor.data, src=src, group=state.group)
