@@ -107,3 +107,23 @@ def test_a_dying_rank_stops_the_others_with_the_peer_failure_line(tmp_path):
     proc = run_worker("sharded_worker.py", "die", "2", str(tmp_path), timeout=180)
     assert "exit codes [3, 1]" in proc.stdout, proc.stdout + proc.stderr[-3000:]
     assert "lattice: stopping (rank 0 of 2, global step 0): a collective with the other ranks failed" in proc.stderr
+
+
+def test_sharding_option_errors_name_the_key_or_file(tmp_path):
+    from lattice.train.sharding import ShardingConfig, _make_plan
+
+    assert ShardingConfig.from_value(None) is None
+    with pytest.raises(ValueError, match=r"unknown key\(s\) \['memory'\]"):
+        ShardingConfig.from_value({"plan": "auto", "memory": "1GiB"})
+    with pytest.raises(ValueError, match="plan: auto needs memory_per_rank"):
+        ShardingConfig.from_value({"plan": "auto"})
+    with pytest.raises(ValueError, match="no plan file 'missing.yaml'"):
+        ShardingConfig.from_value({"plan": "missing.yaml"})
+    path = tmp_path / "plan.yaml"
+    import yaml
+
+    path.write_text(yaml.safe_dump(one_rank_plan(("row_wise", "table_wise")).to_dict()))
+    config = ShardingConfig.from_value({"plan": str(path)})
+    assert _make_plan(None, config, TABLES, {}, 1, None).tables["ta"].kind == "row_wise"
+    with pytest.raises(ValueError, match=r"plan.yaml is for world_size 1, but this run has 2 ranks"):
+        _make_plan(None, config, TABLES, {}, 2, None)
