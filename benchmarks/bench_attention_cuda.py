@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks._common import cuda_median_ms  # noqa: E402
-from benchmarks.bench_attention import lengths_for, offsets_of, visible_pairs  # noqa: E402
+from lattice.benchmark.attention import lengths_for, offsets_of, visible_pairs  # noqa: E402
 
 
 def pad(x, offsets, L):

@@ -16,88 +16,17 @@ loader and >= 300k rows/s on 2 cores. Besides wall-clock rows/s it reports rows 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
-import resource
-import statistics
 import sys
-import time
 
-import pyarrow.parquet as pq
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
-from lattice.data import LatticeDataLoader, ParquetBatchDataset, Schema, SyntheticConfig, SyntheticDomain, SyntheticWorld
-from lattice.data.cache import cache_root
-from lattice.data.reference import reference_batch
-
-
-def world_config(rows: int) -> SyntheticConfig:
-    """8 + 12 noise = 20 sparse, 5 + 5 noise = 10 dense, 2 sequence features; one domain with all of them."""
-    return SyntheticConfig(
-        seed=0, num_users=100_000, num_items=50_000, num_clusters=32,
-        domains=[SyntheticDomain("all", rows)],
-        num_noise_sparse=12, num_noise_dense=5, max_sequence_length=32, mean_sequence_length=12.0,
-        dense_missing_rate=0.02, row_group_size=65536,
-    )
-
-
-def ensure_dataset(rows: int, cache_dir: str | None):
-    cfg = world_config(rows)
-    world = SyntheticWorld(cfg)
-    out = os.path.join(cache_root(cache_dir), "bench_data", cfg.fingerprint())
-    gen = None
-    if not os.path.exists(os.path.join(out, "world.json")):
-        t0 = time.perf_counter()
-        world.write(out, overwrite=True)
-        gen = time.perf_counter() - t0
-    schema = world.schema()
-    assert len(schema.sparse_features) == 20 and len(schema.dense_features) == 10
-    assert len(schema.sequence_features) == 2
-    return world, schema, out, gen
-
-
-def cpu_seconds() -> float:
-    """CPU time of this process and its finished children (DataLoader workers are joined each epoch)."""
-    a, b = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    return a.ru_utime + a.ru_stime + b.ru_utime + b.ru_stime
-
-
-def time_epochs(make_iter, repeats: int):
-    """Median wall seconds, median CPU seconds and rows of a full pass (warm-up pass excluded)."""
-    times, cpus, rows = [], [], 0
-    for r in range(repeats + 1):
-        t0, c0 = time.perf_counter(), cpu_seconds()
-        rows = 0
-        for batch in make_iter(r):
-            rows += batch.batch_size
-        if r:  # the first pass warms the page cache and the allocator
-            times.append(time.perf_counter() - t0)
-            cpus.append(cpu_seconds() - c0)
-    return statistics.median(times), statistics.median(cpus), rows
-
-
-def naive_rate(path: str, schema: Schema, batch_size: int, max_rows: int, repeats: int):
-    """rows/s of reading the same row groups + to_pylist + per-row Python + Python collate."""
-    def run():
-        pf = pq.ParquetFile(path)
-        done = 0
-        t0, c0 = time.perf_counter(), cpu_seconds()
-        for rg in range(pf.metadata.num_row_groups):
-            table = pf.read_row_group(rg)
-            for off in range(0, table.num_rows, batch_size):
-                chunk = table.slice(off, min(batch_size, max_rows - done))
-                reference_batch(chunk, schema, domain="all", truth=True)
-                done += chunk.num_rows
-                if done >= max_rows:
-                    return done, time.perf_counter() - t0, cpu_seconds() - c0
-        return done, time.perf_counter() - t0, cpu_seconds() - c0
-
-    results = [run() for _ in range(repeats)]
-    rows = results[0][0]
-    return rows / statistics.median(t for _, t, _ in results), rows / statistics.median(c for _, _, c in results), rows
+from benchmarks._common import write_json  # noqa: E402
+from lattice.benchmark.data import ensure_dataset, naive_rate, time_epochs  # noqa: E402
+from lattice.data import LatticeDataLoader, ParquetBatchDataset  # noqa: E402
 
 
 def main(argv=None) -> dict:
@@ -167,10 +96,7 @@ def main(argv=None) -> dict:
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": sys.version.split()[0],
                     "torch": torch.__version__},
     }
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as fh:
-        json.dump(report, fh, indent=2)
-    print(f"wrote {args.out}")
+    write_json(report, args.out)
     return report
 
 

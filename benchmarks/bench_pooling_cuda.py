@@ -6,8 +6,8 @@ into backward (row-wise Adagrad). Baselines measured in the same run: one ``F.em
 concatenated table, a Python loop of per-table ``nn.EmbeddingBag``, ``F.embedding_bag(sparse=True)`` + torch's
 sparse Adagrad step, and FBGEMM's GPU TBE when ``fbgemm_gpu`` is importable. Prints medians (CUDA events), ratios
 against ours and effective GB/s (row bytes gathered / time); writes JSON (``--out``). Each configuration is first
-checked against torch on its own tensors (``pool_agreement.py``: forward, sparse backward, fused row-wise Adagrad
-step); a disagreement is printed and makes the exit status 1.
+checked against torch on its own tensors (``lattice.benchmark.pool_agreement``: forward, sparse backward, fused
+row-wise Adagrad step); a disagreement is printed and makes the exit status 1.
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks._common import cuda_median_ms  # noqa: E402
-from benchmarks.pool_agreement import check_pooling_agreement, describe  # noqa: E402
+from lattice.benchmark.pool_agreement import check_pooling_agreement, describe  # noqa: E402
 
 
 def make_batch(T, R, D, B, L, dtype, seed=0):

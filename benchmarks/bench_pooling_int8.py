@@ -3,7 +3,7 @@
 Workload: 26 tables x 100k rows x D=64, bag lengths uniform in [1, 40], uniformly random ids (bench_pooling's
 ``Workload``), at B=512 and 2048. ``torch.ops.lattice.jagged_embedding_pool`` over the fp32 table and
 ``jagged_embedding_pool_int8`` over the same table quantized (``quantize_rows_int8``) are timed in interleaved
-rounds (one call of each per round, bench_pooling's ``timeit_round_robin``), so drift in the machine hits both
+rounds (one call of each per round, ``lattice.benchmark.timing.timeit_rounds``), so drift in the machine hits both
 alike. Printed per batch size: medians, int8 time / fp32 time, table bytes int8 / fp32; the int8 output is
 checked against the dequantized reference (a disagreement makes the exit status 1). JSON to ``--out``. Nothing is
 asserted about time.
@@ -14,7 +14,6 @@ asserted about time.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -23,37 +22,9 @@ import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
-sys.path.insert(0, HERE)
 
-from bench_pooling import Workload, timeit_round_robin  # noqa: E402
-from lattice.ops import jagged_embedding_pool, jagged_embedding_pool_int8, quantize_rows_int8, reference  # noqa: E402
-
-
-def run_config(T: int, rows: int, D: int, B: int, max_len: int, repeats: int, warmup: int, seed: int) -> dict:
-    w = Workload(T, rows, D, B, max_len, seed)
-    q = quantize_rows_int8(w.weights)
-    fns = {
-        "fp32": lambda: jagged_embedding_pool(w.weights, w.tro, w.indices, w.offsets, "sum"),
-        "int8": lambda: jagged_embedding_pool_int8(q, w.tro, w.indices, w.offsets, "sum", embedding_dim=D),
-    }
-    with torch.no_grad():
-        out = fns["int8"]()
-        ref = reference.jagged_embedding_pool_int8(q, w.tro, w.indices, w.offsets, 0, None, D)
-        err = float((out - ref).abs().max())
-        quant_err = float((out - fns["fp32"]()).abs().max())
-        del ref
-        t = timeit_round_robin(fns, repeats, warmup)
-    fp32_s, int8_s = t["fp32"]["median_s"], t["int8"]["median_s"]
-    return {
-        "T": T, "rows": rows, "D": D, "B": B, "indices": w.N, "repeats": repeats,
-        "fp32_median_ms": fp32_s * 1e3, "int8_median_ms": int8_s * 1e3,
-        "int8_over_fp32_time": int8_s / fp32_s,
-        "table_bytes_fp32": w.weights.nbytes, "table_bytes_int8": q.nbytes,
-        "table_bytes_ratio": q.nbytes / w.weights.nbytes,
-        "max_abs_err_vs_dequantized_reference": err, "max_abs_diff_vs_fp32": quant_err,
-        "agrees": err <= 1e-5 * max(1.0, float(out.abs().max())),
-        "times_s": {k: v["times_s"] for k, v in t.items()},
-    }
+from benchmarks._common import write_json  # noqa: E402
+from lattice.benchmark.pooling import measure_int8  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -70,7 +41,7 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     if a.quick:
         a.tables, a.rows, a.batch, a.repeats, a.warmup = 4, 2000, [64], 5, 1
-    results = [run_config(a.tables, a.rows, a.dim, B, a.max_len, a.repeats, a.warmup, seed=i)
+    results = [measure_int8(a.tables, a.rows, a.dim, B, a.max_len, a.repeats, a.warmup, seed=i)
                for i, B in enumerate(a.batch)]
     print(f"int8 vs fp32 pooling forward, {a.tables} tables x {a.rows} rows x D={a.dim}, "
           f"{torch.get_num_threads()} threads, medians of {a.repeats} interleaved rounds")
@@ -78,11 +49,8 @@ def main(argv=None) -> int:
     for r in results:
         print(f"{r['B']:>6} {r['fp32_median_ms']:>9.3f} {r['int8_median_ms']:>9.3f} {r['int8_over_fp32_time']:>10.3f} "
               f"{r['table_bytes_ratio']:>12.4f} {str(r['agrees']):>7}")
-    os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
-    with open(a.out, "w") as f:
-        json.dump({"machine": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
-                   "torch": torch.__version__, "results": results}, f, indent=1)
-    print(f"wrote {a.out}")
+    write_json({"machine": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+                "torch": torch.__version__, "results": results}, a.out)
     return 0 if all(r["agrees"] for r in results) else 1
 
 

@@ -1,6 +1,6 @@
 """benchmarks/bench_pooling.py end to end at smoke size: the JSON holds the timings, the targets and the
 bandwidth floor of the fused step (distinct rows, bytes written back, the read-modify-write bandwidth, the bare
-sparse update and gather probes), with values that follow from the workload. Also benchmarks/memory_probe.py's
+sparse update and gather probes), with values that follow from the workload. Also lattice.benchmark.memory_probe's
 loops against torch on small tables."""
 import json
 
@@ -77,7 +77,7 @@ def test_without_forward_rounds_the_run_wide_bandwidths_stand_in(tmp_path):
 
 
 def _probe():
-    from benchmarks import memory_probe
+    from lattice.benchmark import memory_probe
 
     lib, why = memory_probe.load()
     return lib, why, memory_probe

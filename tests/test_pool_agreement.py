@@ -1,22 +1,15 @@
-"""benchmarks/pool_agreement.py, the check the pooling benchmarks run before timing: it passes on lattice's kernels
+"""lattice.benchmark.pool_agreement, the check the pooling benchmarks run before timing: it passes on lattice's kernels
 (fp32 and bf16), leaves the table as it was, and reports a planted disagreement instead of passing it."""
-import importlib.util
-import os
-
 import pytest
 import torch
 
 import lattice  # noqa: F401  (registers torch.ops.lattice)
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
 
 def _module():
-    spec = importlib.util.spec_from_file_location("pool_agreement", os.path.join(ROOT, "benchmarks",
-                                                                                 "pool_agreement.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    from lattice.benchmark import pool_agreement
+
+    return pool_agreement
 
 
 def _workload(dtype, T=4, R=3000, D=24, B=64, L=12, seed=0):

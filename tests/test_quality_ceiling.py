@@ -1,25 +1,12 @@
-"""benchmarks/quality_ceiling.py: the planted terms its per-term ablations remove (the generator's own, through
-:func:`draw`) rebuild the generator's logit."""
+"""lattice.benchmark.planted (benchmarks/quality_ceiling.py): the planted terms its per-term ablations remove (the
+generator's own, through :func:`draw`) rebuild the generator's logit."""
 from __future__ import annotations
-
-import importlib.util
-import os
 
 import numpy as np
 import pytest
 
+from lattice.benchmark.planted import draw
 from lattice.data.synthetic import SyntheticConfig, SyntheticDomain, SyntheticTask, SyntheticWorld
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-@pytest.fixture(scope="module")
-def ceiling():
-    spec = importlib.util.spec_from_file_location(
-        "quality_ceiling", os.path.join(ROOT, "benchmarks", "quality_ceiling.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _world(drift: float) -> SyntheticWorld:
@@ -38,10 +25,10 @@ def _world(drift: float) -> SyntheticWorld:
 
 
 @pytest.mark.parametrize("drift", [0.0, 0.4])
-def test_planted_terms_rebuild_the_generators_logit(ceiling, drift):
+def test_planted_terms_rebuild_the_generators_logit(drift):
     world = _world(drift)
     for di, domain in enumerate(world.config.domains):
-        users, items, recs, _, _, extra = ceiling.draw(world, di, 500, 0.0, 1.0, 5)
+        users, items, recs, _, _, extra = draw(world, di, 500, 0.0, 1.0, 5)
         terms = extra["terms"]
         assert set(terms) == {"user_bias", "popularity", "seq", "repeat", "brand", "position", "hour", "device",
                               "activity", "price", "query"}

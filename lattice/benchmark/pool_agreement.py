@@ -1,6 +1,6 @@
 """Agreement of lattice's pooling kernels with torch at a benchmark's own scale, checked before anything is timed:
 timings of wrong results measure nothing, and the unit tests run far smaller tables than the benchmarks (where,
-for instance, element offsets pass 2^31). Shared by bench_pooling.py (CPU) and bench_pooling_cuda.py (GPU).
+for instance, element offsets pass 2^31). Shared by benchmarks/bench_pooling.py (CPU) and bench_pooling_cuda.py (GPU).
 
 Three checks, on the benchmark's own tensors (sum pooling):
 - forward against one ``F.embedding_bag`` call over the concatenated table;
