@@ -30,4 +30,7 @@ def test_bench_sketch_smoke(tmp_path):
         if "best_mean_auc" in rows[name]:  # every trial may be pruned on a tiny world
             assert math.isfinite(rows[name]["best_mean_auc"])
             assert rows[name]["flops_per_sample"] <= report["flops_bound"]
+    # the searches alternate, one trial each per round
+    assert [(r["round"], r["method"]) for r in report["rounds"]] == [
+        (0, "random search"), (0, "sketch (TPE + SHA)"), (1, "random search"), (1, "sketch (TPE + SHA)")]
     assert "best val mean AUC" in proc.stdout
