@@ -11,7 +11,7 @@ import numpy as np
 import pyarrow as pa
 
 __all__ = ["column", "valid_mask", "primitive_view", "list_parts", "int_values", "decode", "first_true",
-           "is_int", "is_stringlike", "is_listlike", "ragged_arange"]
+           "is_int", "is_stringlike", "is_listlike", "is_list_or_view", "ragged_arange"]
 
 
 def column(table: pa.Table, name: Union[str, int]) -> pa.Array:
@@ -90,6 +90,11 @@ def is_stringlike(t: pa.DataType) -> bool:
 def is_listlike(t: pa.DataType) -> bool:
     """list, large_list or fixed_size_list (list views are decoded to large lists first, see :func:`decode`)."""
     return pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t)
+
+
+def is_list_or_view(t: pa.DataType) -> bool:
+    """:func:`is_listlike`, or a list view (which :func:`decode` turns into a large list)."""
+    return is_listlike(t) or pa.types.is_list_view(t) or pa.types.is_large_list_view(t)
 
 
 def decode(arr: pa.Array) -> pa.Array:

@@ -27,7 +27,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from lattice.data.arrow import is_int, is_listlike, is_stringlike
+from lattice.data.arrow import is_int, is_list_or_view, is_listlike, is_stringlike
 from lattice.data.builder import TRUTH_PREFIX
 from lattice.data.errors import DataError
 from lattice.data.schema import DomainSpec, FeatureSpec, Schema, TaskSpec
@@ -141,19 +141,15 @@ def _unwrap(t: pa.DataType) -> pa.DataType:
     return t.value_type if pa.types.is_dictionary(t) else t
 
 
-def _is_list(t: pa.DataType) -> bool:
-    return is_listlike(t) or pa.types.is_list_view(t) or pa.types.is_large_list_view(t)
-
-
 def _timestamp_pairs(columns: Dict[str, pa.DataType]) -> Dict[str, str]:
     """``{list column: timestamp list column}`` by name: ``<name>_ts`` / ``<name>_timestamps``, or the
     name's prefix (``hist_ts`` beside ``hist_items``). Checked against the data's lengths in the scan."""
-    lists = [c for c, t in columns.items() if _is_list(_unwrap(t)) and not c.endswith(_TS_SUFFIXES)]
+    lists = [c for c, t in columns.items() if is_list_or_view(_unwrap(t)) and not c.endswith(_TS_SUFFIXES)]
     pairs = {}
     for name in lists:
         prefix = name.rsplit("_", 1)[0] if "_" in name else None
         candidates = [name + s for s in _TS_SUFFIXES] + ([prefix + s for s in _TS_SUFFIXES] if prefix else [])
-        found = next((c for c in candidates if c in columns and _is_list(_unwrap(columns[c]))), None)
+        found = next((c for c in candidates if c in columns and is_list_or_view(_unwrap(columns[c]))), None)
         if found is not None:
             pairs[name] = found
     return pairs
@@ -208,7 +204,7 @@ class _Inferrer:
                  ) -> Tuple[FeatureSpec, str]:
         """A sparse/sequence spec for integer or string ids, and the reason for its size."""
         t = self._type(name)
-        if _is_list(t):
+        if is_list_or_view(t):
             t = _unwrap(t.value_type)
         if is_stringlike(t):
             return (FeatureSpec(name, kind, num_embeddings=self.string_hash_size, oov="hash", timestamps_column=ts_col),
@@ -257,7 +253,7 @@ class _Inferrer:
         feats: Dict[str, FeatureSpec] = {}
         for name in cols:
             t = self._type(name)
-            if name in taken or _is_list(t):
+            if name in taken or is_list_or_view(t):
                 continue
             if name.endswith(_TS_SUFFIXES):
                 self.reasons[name] = "timestamps (name ends in _ts/_timestamps): not a feature"
@@ -310,7 +306,7 @@ class _Inferrer:
         """Decide every list column: a sequence on a matched id column's table, or a bag."""
         ts_used = set(self.ts_pairs.values())
         for name in self.columns:
-            if name in taken or name in ts_used or not _is_list(self._type(name)):
+            if name in taken or name in ts_used or not is_list_or_view(self._type(name)):
                 continue
             if name.endswith(_TS_SUFFIXES):
                 self.reasons[name] = ("timestamps (name ends in _ts/_timestamps) of no list of the same lengths: "
@@ -365,7 +361,7 @@ class _Inferrer:
             return None, "no ids or negative ids"
         top = rng[1] + 1
         owners = [c for c, s in feats.items() if s.kind == "sparse" and s.oov == "error" and is_int(self._type(c))
-                  and not _is_list(self._type(c)) and self._range(c) is not None]
+                  and not is_list_or_view(self._type(c)) and self._range(c) is not None]
         # without id features the id columns still name tables (a sequence's own, sized by their ranges)
         owners += [c for c in _ID_FEATURES if c not in owners and c in self.columns and is_int(self._type(c))
                    and self._range(c) is not None and self._range(c)[0] >= 0]
@@ -449,7 +445,7 @@ def _scan(files: List[FileInfo], reader: ChunkReader, ts_pairs: Dict[str, str]) 
                 t = _unwrap(arr.type)
                 if pa.types.is_dictionary(arr.type):
                     arr = arr.cast(t)
-                if _is_list(t):
+                if is_list_or_view(t):
                     if not is_listlike(t):
                         arr = arr.cast(pa.large_list(t.value_type))
                     lengths = pc.list_value_length(arr).drop_null().to_numpy(zero_copy_only=False)

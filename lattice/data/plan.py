@@ -21,7 +21,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import pyarrow as pa
 
-from lattice.data.arrow import is_int, is_listlike, is_stringlike
+from lattice.data.arrow import is_int, is_list_or_view, is_stringlike
 from lattice.data.builder import TRUTH_PREFIX
 from lattice.data.errors import DataError
 from lattice.data.schema import Schema
@@ -87,17 +87,17 @@ def _type_ok(kind: str, t: pa.DataType) -> bool:
     if kind == "dense" or kind == "label":
         return pa.types.is_floating(t) or is_int(t) or pa.types.is_boolean(t)
     if kind == "sparse":
-        if is_listlike(t) or pa.types.is_list_view(t) or pa.types.is_large_list_view(t):
+        if is_list_or_view(t):
             vt = t.value_type.value_type if pa.types.is_dictionary(t.value_type) else t.value_type
             return is_int(vt) or is_stringlike(vt)
         return is_int(t) or is_stringlike(t)
     if kind == "sequence":
-        if is_listlike(t) or pa.types.is_list_view(t) or pa.types.is_large_list_view(t):
+        if is_list_or_view(t):
             vt = t.value_type.value_type if pa.types.is_dictionary(t.value_type) else t.value_type
             return is_int(vt) or is_stringlike(vt)
         return False
     if kind == "timestamps":
-        return (is_listlike(t) or pa.types.is_list_view(t)) and (is_int(t.value_type) or pa.types.is_timestamp(t.value_type))
+        return is_list_or_view(t) and (is_int(t.value_type) or pa.types.is_timestamp(t.value_type))
     if kind == "delay":
         return pa.types.is_floating(t) or is_int(t) or pa.types.is_duration(t)
     if kind == "id":
