@@ -7,6 +7,9 @@ scored by the best validation mean AUC it reached, FLOPs per sample from the net
 - ``random``: random search over the space below, no pruning;
 - ``sketch``: TPE with successive-halving pruning over the same space.
 
+Both searches use ``--seed``: TPE's first 10 trials are random and then match random search's draws, so only the
+trials after those (and pruning) tell the two apart.
+
 The two searches run in interleaved rounds, one trial each per round (each arm's study resumes from its own
 SQLite file), so a machine shared with other work slows both alike; an arm starts no new trial once its own
 trials have used ``--budget / 2`` seconds, so its last trial may run past that. Both searches share a
