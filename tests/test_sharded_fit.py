@@ -1,6 +1,7 @@
 """The documented sharded fit end to end, as a user runs it (2 processes, gloo), on a small world:
 ``lattice fit --config configs/mdmo.yaml --config configs/sharded.yaml``. Row-wise and column-wise tables are
-forced by overrides so every kind runs inside a real network; the checkpoint must name its tables folder, hold
+forced by overrides so every kind runs inside a real network (the table-wise one gives the ranks shards of
+different shapes, which DDP must leave alone); the checkpoint must name its tables folder, hold
 no table in the file itself, and record the plan."""
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ _SMALL = {
                                               "domains": [{"name": "feed", "rows": 1500}, {"name": "shop", "rows": 700}]}},
     # a dict option is replaced, not merged, by a later config: the whole mapping again
     "model": {"sharding": {"plan": "auto", "memory_per_rank": "1GiB",
-                           "overrides": {"item": "row_wise", "user": "column_wise"}}},
+                           "overrides": {"item": "row_wise", "user": "column_wise", "device": "table_wise"}}},
 }
 
 
@@ -42,6 +43,6 @@ def test_documented_sharded_fit(tmp_path):
     assert (ckpt.parent / entry["folder"] / ".metadata").exists()
     assert len(list((ckpt.parent / entry["folder"]).glob("__*_0.distcp"))) == 2  # one file per rank
     kinds = {name: p["kind"] for plan in entry["plans"].values() for name, p in plan["tables"].items()}
-    assert kinds["item"] == "row_wise" and kinds["user"] == "column_wise", kinds
+    assert (kinds["item"], kinds["user"], kinds["device"]) == ("row_wise", "column_wise", "table_wise"), kinds
     sharded_paths = tuple(f"{p}." for p in entry["plans"])
     assert not [k for k in checkpoint["state_dict"] if k.startswith(sharded_paths)]  # tables only in the folder

@@ -445,9 +445,11 @@ class ShardedEmbeddingBagCollection(nn.Module):
             self.replicated.set_learning_rate(lr)
 
     def fused_state_names(self, prefix: str = "") -> List[str]:
-        """``state_dict`` names of the local shards and their optimizer state, for DDP to leave alone (the
+        """Names of the local shards, their optimizer state and their row-range buffers, for DDP to leave alone:
+        they differ from rank to rank, so DDP must neither check their shapes nor broadcast rank 0's (the
         replicated tables' inner collection reports its own)."""
         names = [f"{prefix}shard_weights.{g.key}" for g in self._groups]
+        names += [f"{prefix}_tro_{g.key}" for g in self._groups]
         return names + [f"{prefix}shard_state.{g.key}" for g in self._groups]
 
     def storage_bytes(self) -> int:
