@@ -34,3 +34,17 @@ def test_bench_sketch_smoke(tmp_path):
     assert [(r["round"], r["method"]) for r in report["rounds"]] == [
         (0, "random search"), (0, "sketch (TPE + SHA)"), (1, "random search"), (1, "sketch (TPE + SHA)")]
     assert "best val mean AUC" in proc.stdout
+
+
+def test_scale_keeps_the_mdmo_world_but_its_rows(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(ROOT)
+    from benchmarks.bench_sketch import MDMO, _scaled_world
+    from lattice.sketch.search import base_config
+    from lattice.sketch.spec import SketchSpec
+
+    full, scaled = (base_config(SketchSpec(space={}, base=base))["data"]["synthetic"]
+                    for base in ([MDMO], [MDMO, _scaled_world(0.05, str(tmp_path))]))
+    assert [d["rows"] for d in scaled["domains"]] == [max(200, round(d["rows"] * 0.05)) for d in full["domains"]]
+    for domain, original in zip(scaled["domains"], full["domains"]):
+        assert {**domain, "rows": original["rows"]} == original
+    assert {k: v for k, v in scaled.items() if k != "domains"} == {k: v for k, v in full.items() if k != "domains"}
