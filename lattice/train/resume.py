@@ -29,6 +29,7 @@ model before it is built, :mod:`lattice.train.loading`).
 from __future__ import annotations
 
 import glob
+import logging
 import math
 import os
 import re
@@ -198,8 +199,15 @@ def best_checkpoint_for_trainer_config(trainer_config: Any) -> BestCheckpoint:
     logger = trainer_config.get("logger")
     if logger is not None and not isinstance(logger, bool):
         logger = [import_dotted(spec.class_path)(**_init_args(spec)) for spec in _as_list(logger)]
-    trainer = pl.Trainer(callbacks=callbacks, logger=logger, default_root_dir=trainer_config.get("default_root_dir"),
-                         accelerator="cpu", devices=1, enable_progress_bar=False, enable_model_summary=False)
+    # quietly: the run's own Trainer prints its device and logger notes
+    lightning_log = logging.getLogger("lightning.pytorch")
+    level = lightning_log.level
+    lightning_log.setLevel(logging.WARNING)
+    try:
+        trainer = pl.Trainer(callbacks=callbacks, logger=logger, default_root_dir=trainer_config.get("default_root_dir"),
+                             accelerator="cpu", devices=1, enable_progress_bar=False, enable_model_summary=False)
+    finally:
+        lightning_log.setLevel(level)
     return resolve_best_checkpoint(trainer)
 
 
