@@ -17,12 +17,15 @@ and ratios, writes JSON to ``--out``; never asserts on time.
     python benchmarks/bench_train.py --quick         # smoke run (few steps, small world)
 
 ``--study compile`` (issue 28) instead measures, for LatticeNetwork, InterFormer and MMoE at the mdmo size on
-``--threads`` threads, eager against ``model.compile`` (inductor) in interleaved rounds: samples/s of the full
-step, the compile time cold (an empty inductor cache) and warm (the same cache, second process), the graphs
-compiled after warm-up (recompiles) and the mean validation AUC after the same steps. "Eager" is also the
-eager of before issue 28 (commit 65fd8d5): the compile work left the eager step as it was.
+``--threads`` threads, in interleaved rounds: the eager step before issue 28's eager cuts (this checkout's lattice
+with the files of those cuts as of ``--before-commit``), the eager step now, and ``model.compile``
+(inductor); for MMoE also the plain-PyTorch MMoE of ``benchmarks/plain_mmoe.py`` over the same Parquet files.
+Reported: samples/s of the full step (wall clock, and per CPU-second of the process, which a shared machine
+disturbs less), the compile time cold (an empty inductor cache) and warm (the same cache, second process), the
+graphs compiled after warm-up (recompiles) and the mean validation AUC after the same steps.
 
     python benchmarks/bench_train.py --study compile
+    python benchmarks/bench_train.py --study compile --quick-world   # the mdmo networks and batch, 10k rows
     python benchmarks/bench_train.py --study compile --smoke   # tiny world, MMoE, aot_eager: a test of the script
 """
 from __future__ import annotations
@@ -31,6 +34,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -40,8 +44,11 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
+# The compile study's "eager before" runs import lattice from an export of BEFORE_COMMIT instead.
+if os.environ.get("LATTICE_BENCH_LIBRARY"):
+    sys.path.insert(0, os.environ["LATTICE_BENCH_LIBRARY"])
 
-from benchmarks._common import write_json  # noqa: E402
+from benchmarks._common import fmt, print_table, write_json  # noqa: E402
 
 CASES = [  # (name, processes, threads per process or None for --threads)
     ("1 process", 1, None),
@@ -133,12 +140,12 @@ def compile_worker(args: argparse.Namespace, cli_args: list) -> None:
             if step == 1:
                 self.first = time.perf_counter() - self.start
             if step == args.warmup:
-                self.t0 = time.perf_counter()
+                self.t0, self.cpu0 = time.perf_counter(), time.process_time()
                 self.graphs_after_warmup = compiled_graph_count()
             elif step > args.warmup:
                 self.rows += batch.batch_size
                 if step == args.warmup + args.steps:
-                    self.t1 = time.perf_counter()
+                    self.t1, self.cpu1 = time.perf_counter(), time.process_time()
                     self.recompiles = compiled_graph_count() - self.graphs_after_warmup  # before eval's own graph
 
     timer = Timer()
@@ -157,31 +164,125 @@ def compile_worker(args: argparse.Namespace, cli_args: list) -> None:
         raise SystemExit(f"the epoch ended before {args.warmup + args.steps} steps; lower --steps")
     seconds = timer.t1 - timer.t0
     with open(args.result, "w") as f:
-        json.dump({"seconds": seconds, "rows": timer.rows, "steps": args.steps, "first_step_s": timer.first,
-                   "recompiles": timer.recompiles,
+        json.dump({"seconds": seconds, "cpu_seconds": timer.cpu1 - timer.cpu0, "rows": timer.rows,
+                   "steps": args.steps, "first_step_s": timer.first, "recompiles": timer.recompiles,
                    "mean_auc": cli.model.eval_results.get("val", {}).get("mean_auc", float("nan"))}, f)
 
 
-def run_compile_case(network: str, compile_arg: str, inductor_cache: str, args, cache: str) -> dict:
+def plain_worker(args: argparse.Namespace, cli_args: list) -> None:
+    """The plain-PyTorch MMoE (``benchmarks/plain_mmoe.py``) on the world ``cli_args`` configure: the same
+    Parquet files, batch size and steps; writes the timings and the mean validation AUC to ``--result``."""
+    import torch
+
+    from benchmarks import plain_mmoe
+    from lattice.cli import run_lightning
+    from lattice.metrics import binary_auc
+
+    torch.set_num_threads(args.threads)
+    cli = run_lightning([*cli_args, "--trainer.logger", "false", "--trainer.default_root_dir", args.run_dir],
+                        run=False)
+    cli.datamodule.prepare_data()  # generates the world into the cache if it is not there yet
+    out = plain_mmoe.train(cli.datamodule.data_dir, cli.datamodule.batch_size, args.warmup, args.steps,
+                           args.val_batches)
+    aucs = []
+    for d in range(len(out["domains"])):
+        for t in range(len(out["tasks"])):
+            rows = (out["domain"] == d) & out["mask"][:, t]
+            auc = binary_auc(out["logits"][rows, t], out["labels"][rows, t]) if bool(rows.any()) else float("nan")
+            if auc == auc:
+                aucs.append(auc)
+    with open(args.result, "w") as f:
+        json.dump({"seconds": out["seconds"], "cpu_seconds": out["cpu_seconds"], "rows": out["rows"],
+                   "steps": args.steps, "first_step_s": None, "recompiles": 0,
+                   "mean_auc": sum(aucs) / len(aucs) if aucs else float("nan")}, f)
+
+
+BEFORE_COMMIT = "1b17987"  # main just before issue 28's eager cuts (f92ba64)
+EAGER_CUT_FILES = ("lattice/nn/attention.py", "lattice/nn/norms.py")  # the files those cuts changed
+VARIANTS = ("eager_before", "eager", "compiled", "plain")
+
+
+def eager_before_library(commit: str) -> str:
+    """A temporary copy of this checkout's ``lattice/`` (built kernels included) with the files of issue 28's eager
+    cuts as they were at ``commit``: the library of the "eager before" runs, which differs from "eager" in those
+    cuts only."""
+    out = tempfile.mkdtemp(prefix=f"lattice-before-{commit}-")
+    shutil.copytree(os.path.join(ROOT, "lattice"), os.path.join(out, "lattice"),
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    for path in EAGER_CUT_FILES:
+        old = subprocess.run(["git", "-C", ROOT, "show", f"{commit}:{path}"], capture_output=True, text=True)
+        if old.returncode != 0:
+            raise SystemExit(f"bench_train: cannot read {path} at --before-commit {commit}: {old.stderr.strip()}")
+        with open(os.path.join(out, path), "w") as f:
+            f.write(old.stdout)
+    return out
+
+
+def run_compile_case(network: str, variant: str, compile_arg: str, inductor_cache: str, args, cache: str,
+                     library: str | None = None) -> dict:
     cli_args = ["--config", os.path.join(ROOT, "configs", "mdmo.yaml"), "--data.cache_dir", cache,
-                "--model.network", json.dumps(STUDY_NETWORKS[network]), "--model.compile", compile_arg]
+                "--model.network", json.dumps(STUDY_NETWORKS[network]),
+                "--model.compile", compile_arg if variant == "compiled" else "false"]
     if args.smoke:
         cli_args += QUICK_DATA + ["--data.batch_size", "256"]
+    elif args.quick_world:
+        cli_args += QUICK_DATA
     with tempfile.TemporaryDirectory() as run_dir:
         result = os.path.join(run_dir, "result.json")
         env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), TORCHINDUCTOR_CACHE_DIR=inductor_cache,
                    PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))
-        cmd = [sys.executable, os.path.abspath(__file__), "--compile-worker", "--threads", str(args.threads),
+        env.pop("LATTICE_BENCH_LIBRARY", None)
+        if variant == "eager_before":
+            env["LATTICE_BENCH_LIBRARY"] = library
+        mode = "--plain-worker" if variant == "plain" else "--compile-worker"
+        cmd = [sys.executable, os.path.abspath(__file__), mode, "--threads", str(args.threads),
                "--warmup", str(args.warmup), "--steps", str(args.steps), "--val-batches", str(args.val_batches),
                "--run-dir", run_dir, "--result", result, "--", *cli_args]
         proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=args.timeout)
         if proc.returncode != 0:
-            raise RuntimeError(f"bench_train compile worker failed ({' '.join(cmd)}):\n{proc.stderr[-4000:]}")
+            raise RuntimeError(f"bench_train {variant} worker failed ({' '.join(cmd)}):\n{proc.stderr[-4000:]}")
         with open(result) as f:
             out = json.load(f)
     out["samples_per_s"] = out["rows"] / out["seconds"]
+    out["samples_per_cpu_s"] = out["rows"] / out["cpu_seconds"]
     out["step_s"] = out["seconds"] / out["steps"]
     return out
+
+
+def compile_study_row(network: str, backend: str, compiled_arg: str, args, cache: str, library: str | None) -> dict:
+    """Every variant of one network in interleaved rounds: medians, ratios, compile times, recompiles, AUC."""
+    inductor_cache = tempfile.mkdtemp(prefix="lattice-inductor-")  # empty: the first compiled run is cold
+    variants = [v for v in args.variants if v != "plain" or network == "MMoE"]
+    runs = {v: [] for v in variants}
+    for r in range(args.repeats):  # interleaved: one run of every variant per round
+        for v in variants:
+            runs[v].append(run_compile_case(network, v, compiled_arg, inductor_cache, args, cache, library))
+    if "compiled" in runs and args.repeats < 2:  # the warm compile needs a second compiled process
+        runs["compiled"].append(run_compile_case(network, "compiled", compiled_arg, inductor_cache, args, cache))
+    row = {"network": network, "backend": backend}
+    for name, rs in runs.items():
+        row[f"{name}_samples_per_s"] = statistics.median(x["samples_per_s"] for x in rs)
+        row[f"{name}_samples_per_cpu_s"] = statistics.median(x["samples_per_cpu_s"] for x in rs)
+        row[f"{name}_runs"] = [x["samples_per_s"] for x in rs]
+        row[f"{name}_mean_auc"] = statistics.median(x["mean_auc"] for x in rs)
+    base = "eager_before" if "eager_before" in runs else "eager"
+    for name in runs:
+        row[f"{name}_vs_{base}"] = row[f"{name}_samples_per_s"] / row[f"{base}_samples_per_s"]
+        row[f"{name}_vs_{base}_cpu"] = row[f"{name}_samples_per_cpu_s"] / row[f"{base}_samples_per_cpu_s"]
+    if "plain" in runs:
+        for name in ("eager", "compiled"):
+            if name in runs:
+                row[f"{name}_vs_plain"] = row[f"{name}_samples_per_s"] / row["plain_samples_per_s"]
+    if "compiled" in runs:
+        eager_step = statistics.median(x["step_s"] for x in runs.get("eager", runs["compiled"]))
+        row["compile_s_cold"] = runs["compiled"][0]["first_step_s"] - eager_step
+        row["compile_s_warm"] = statistics.median(x["first_step_s"] for x in runs["compiled"][1:]) - eager_step
+        row["recompiles_after_warmup"] = max(x["recompiles"] for x in runs["compiled"])
+        if "eager" in runs:
+            row["auc_delta"] = row["compiled_mean_auc"] - row["eager_mean_auc"]
+    print(f"  {network:15s} " + "  ".join(f"{v} {row[f'{v}_samples_per_s']:7.0f}" for v in runs) + " samples/s",
+          flush=True)
+    return row
 
 
 def compile_study(args: argparse.Namespace) -> dict:
@@ -191,43 +292,40 @@ def compile_study(args: argparse.Namespace) -> dict:
     compiled_arg = "true" if backend == "inductor" else json.dumps({"backend": backend})
     networks = ["MMoE"] if args.smoke else args.networks
     cache = args.cache_dir or tempfile.mkdtemp(prefix="lattice-bench-train-")
-    rows = []
-    for network in networks:
-        inductor_cache = tempfile.mkdtemp(prefix="lattice-inductor-")  # empty: the first compiled run is cold
-        runs = {"eager": [], "compiled": []}
-        for r in range(args.repeats):  # interleaved: eager, compiled, eager, compiled...
-            runs["eager"].append(run_compile_case(network, "false", inductor_cache, args, cache))
-            runs["compiled"].append(run_compile_case(network, compiled_arg, inductor_cache, args, cache))
-        if args.repeats < 2:  # the warm compile needs a second compiled process
-            runs["compiled"].append(run_compile_case(network, compiled_arg, inductor_cache, args, cache))
-        eager_step = statistics.median(x["step_s"] for x in runs["eager"])
-        row = {"network": network, "backend": backend}
-        for name, rs in runs.items():
-            row[f"{name}_samples_per_s"] = statistics.median(x["samples_per_s"] for x in rs)
-            row[f"{name}_runs"] = [x["samples_per_s"] for x in rs]
-            row[f"{name}_mean_auc"] = statistics.median(x["mean_auc"] for x in rs)
-        row["speedup"] = row["compiled_samples_per_s"] / row["eager_samples_per_s"]
-        row["compile_s_cold"] = runs["compiled"][0]["first_step_s"] - eager_step
-        row["compile_s_warm"] = statistics.median(x["first_step_s"] for x in runs["compiled"][1:]) - eager_step
-        row["recompiles_after_warmup"] = max(x["recompiles"] for x in runs["compiled"])
-        row["auc_delta"] = row["compiled_mean_auc"] - row["eager_mean_auc"]
-        rows.append(row)
-        print(f"  {network:15s} eager {row['eager_samples_per_s']:8.0f}  compiled {row['compiled_samples_per_s']:8.0f}"
-              f" samples/s", flush=True)
-    print(f"\nfull training step, compiled ({backend}) vs eager, {args.threads} threads: median of {args.repeats} "
-          f"interleaved rounds x {args.steps} steps after {args.warmup}{' (smoke)' if args.smoke else ''}")
-    header = (f"{'network':15s} {'eager/s':>9s} {'compiled/s':>10s} {'ratio':>6s} {'cold s':>7s} {'warm s':>7s} "
-              f"{'recompiles':>10s} {'AUC eager':>9s} {'AUC comp':>9s}")
-    print(header)
-    print("-" * len(header))
+    library = None
+    if "eager_before" in args.variants:
+        library = args.before_library or eager_before_library(args.before_commit)
+    try:
+        rows = [compile_study_row(network, backend, compiled_arg, args, cache, library) for network in networks]
+    finally:
+        if library and not args.before_library:
+            shutil.rmtree(library, ignore_errors=True)
+    world = "smoke" if args.smoke else ("quick world" if args.quick_world else "mdmo world")
+    print(f"\nfull training step, {args.threads} threads, {world}: median of {args.repeats} interleaved rounds x "
+          f"{args.steps} steps after {args.warmup}; compiled ({backend}) vs eager; ratios against the first variant")
+    header = ["network", "variant", "samples/s", "ratio", "samples/CPU-s", "ratio", "mean AUC"]
+    lines = []
     for r in rows:
-        print(f"{r['network']:15s} {r['eager_samples_per_s']:9.0f} {r['compiled_samples_per_s']:10.0f} "
-              f"{r['speedup']:5.2f}x {r['compile_s_cold']:7.1f} {r['compile_s_warm']:7.1f} "
-              f"{r['recompiles_after_warmup']:10d} {r['eager_mean_auc']:9.4f} {r['compiled_mean_auc']:9.4f}")
+        base = "eager_before" if "eager_before_samples_per_s" in r else "eager"
+        for v in VARIANTS:
+            if f"{v}_samples_per_s" not in r:
+                continue
+            lines.append([r["network"], v, f"{r[f'{v}_samples_per_s']:.0f}", f"{r[f'{v}_vs_{base}']:.2f}x",
+                          f"{r[f'{v}_samples_per_cpu_s']:.0f}", f"{r[f'{v}_vs_{base}_cpu']:.2f}x",
+                          fmt(r[f"{v}_mean_auc"])])
+    print_table(header, lines)
+    compiled = [r for r in rows if "compile_s_cold" in r]
+    if compiled:
+        print()
+        print_table(["network", "compile cold s", "compile warm s", "recompiles after warm-up", "lattice vs plain"],
+                    [[r["network"], f"{r['compile_s_cold']:.1f}", f"{r['compile_s_warm']:.1f}",
+                      str(r["recompiles_after_warmup"]),
+                      f"{r['eager_vs_plain']:.2f}x eager, {r['compiled_vs_plain']:.2f}x compiled"
+                      if "compiled_vs_plain" in r else "-"] for r in compiled])
     report = {
         "benchmark": "bench_train", "study": "compile", "config": "configs/mdmo.yaml", "smoke": args.smoke,
-        "eager_before_commit": "65fd8d5", "warmup": args.warmup, "steps": args.steps, "repeats": args.repeats,
-        "threads": args.threads,
+        "quick_world": args.quick_world, "eager_before_commit": args.before_commit, "warmup": args.warmup,
+        "steps": args.steps, "repeats": args.repeats, "threads": args.threads,
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__},
         "results": rows,
     }
@@ -274,9 +372,17 @@ def main(argv=None) -> dict:
     p.add_argument("--networks", nargs="+", default=list(STUDY_NETWORKS), choices=list(STUDY_NETWORKS))
     p.add_argument("--val-batches", type=int, default=20, help="validation batches for the AUC (compile study)")
     p.add_argument("--smoke", action="store_true", help="compile study: tiny world, MMoE, aot_eager, few steps")
+    p.add_argument("--quick-world", action="store_true",
+                   help="compile study: the mdmo networks and batch size on a 10k-row world (a loaded machine)")
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS),
+                   help="compile study: eager_before (--before-commit), eager, compiled, plain (MMoE only)")
+    p.add_argument("--before-commit", default=BEFORE_COMMIT, help="compile study: the eager_before library")
+    p.add_argument("--before-library", default=None,
+                   help="compile study: a folder holding the eager_before lattice/ (default: built from --before-commit)")
+    p.add_argument("--plain-worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--compile-worker", action="store_true", help=argparse.SUPPRESS)
     # worker mode (internal)
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("--compile-worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--run-dir", help=argparse.SUPPRESS)
     p.add_argument("--result", help=argparse.SUPPRESS)
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -289,6 +395,8 @@ def main(argv=None) -> dict:
         return worker(args, cli_args)
     if args.compile_worker:
         return compile_worker(args, cli_args)
+    if args.plain_worker:
+        return plain_worker(args, cli_args)
     if args.out is None:
         name = "bench_train_compile.json" if args.study == "compile" else "bench_train.json"
         args.out = os.path.join(HERE, "results", name)

@@ -1,5 +1,5 @@
-"""``bench_train.py --study compile --smoke`` end to end: eager and compiled fits on a tiny world, its table and
-JSON (samples/s, cold and warm compile, recompiles, AUC)."""
+"""``bench_train.py --study compile --smoke`` end to end: eager before the eager cuts, eager, compiled and the
+plain-PyTorch MMoE on a tiny world, its tables and JSON (samples/s, cold and warm compile, recompiles, AUC)."""
 import json
 import os
 import subprocess
@@ -24,7 +24,11 @@ def test_compile_study_smoke(tmp_path):
     report = json.loads(out.read_text())
     (row,) = report["results"]
     assert row["network"] == "MMoE" and row["backend"] == "aot_eager"
-    assert row["eager_samples_per_s"] > 0 and row["compiled_samples_per_s"] > 0
+    for variant in ("eager_before", "eager", "compiled", "plain"):
+        assert row[f"{variant}_samples_per_s"] > 0 and row[f"{variant}_samples_per_cpu_s"] > 0, variant
+        assert 0.0 <= row[f"{variant}_mean_auc"] <= 1.0, variant
+    assert row["eager_before_vs_eager_before"] == 1.0 and row["eager_vs_plain"] > 0
+    assert report["eager_before_commit"] and "plain" in proc.stdout
     assert len(row["compiled_runs"]) == 2  # cold, then warm from the same cache
     assert 0 <= row["recompiles_after_warmup"] <= 2  # loader batches of new jagged lengths reuse the graph
     assert row["compile_s_cold"] is not None and row["compile_s_warm"] is not None
