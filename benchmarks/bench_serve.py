@@ -1,31 +1,32 @@
 """Serving benchmark: the teacher (``configs/mdmo.yaml``'s LatticeNetwork) and the student
-(``configs/student.yaml``'s model) scored three ways in the same run — eager Python (the
-:class:`~lattice.serve.inference.InferenceModule`), the ``torch.export`` program, and the AOTInductor package —
-at batch 1, 64 and 512 on 2 threads.
+(``configs/student.yaml``'s model) scored four ways in the same run — eager Python (the
+:class:`~lattice.serve.inference.InferenceModule`), the ``torch.export`` program, the AOTInductor package, and the
+AOTInductor package of the int8-table module (``lattice export --quantize int8``) — at batch 1, 64 and 512 on 2
+threads.
 
 Each model is built from its config (the student's model section over the mdmo world, so both see the same
 schema and validation rows; ``sequence_merge: concat`` unless ``--sequence-merge`` says otherwise, since the
 AOTInductor package of the MaskNet merge of the world's parallel sequences is refused, see docs/serving.md),
-trained for ``--fit-steps`` steps unless a checkpoint is given, exported and compiled. Requests are validation
-rows (the data layer's batches, flattened). Timing runs in interleaved rounds (every path and batch size once
-per round) so all paths see the same state of the machine; a round times ``--calls`` calls per (path, batch
-size) after a warm-up. Reported per (model, path, batch): p50 and p99 latency, rows/s (rows over the summed
-call times), and per model: table bytes, parameter bytes, and the validation AUC per task of the eager and
-AOTI paths (they agree: the package is the same function).
+trained for ``--fit-steps`` steps unless a checkpoint is given, exported (fp32 and int8 tables) and compiled.
+Requests are validation rows (the data layer's batches, flattened). Timing runs in interleaved rounds (every path
+and batch size once per round) so all paths see the same state of the machine; a round times ``--calls`` calls
+per (path, batch size) after a warm-up. Reported per (model, path, batch): p50 and p99 latency, rows/s (rows over
+the summed call times), and per model: fp32 and int8 table bytes, parameter bytes, and the validation AUC per
+task of the eager, AOTI and AOTI int8 paths (eager and AOTI agree: the package is the same function). The int8
+pooling op against the fp32 one at D = 64 (table bytes and forward time, ``bench_pooling_int8``'s workload and
+interleaved timing) is measured in the same run.
 
     python benchmarks/bench_serve.py                      # full run (tens of minutes on 2 cores)
     python benchmarks/bench_serve.py --smoke              # tiny world and models, for the test
 
 Prints a table and writes ``--out`` (JSON). Targets (printed, not asserted): AOTI >= 2x eager rows/s at batch
-64 and >= 1.5x at 512; the student >= 5x the teacher's rows/s at batch 512 (AOTI).
+64 and >= 1.5x at 512; int8 table bytes <= 0.29x fp32 at D = 64, mean AUC drop (AOTI int8 vs AOTI) <= 0.001,
+the int8 pooling forward no slower than fp32's; the student >= 5x the teacher's rows/s at batch 512 (AOTI).
 """
 from __future__ import annotations
 
 import argparse
-import copy
-import json
 import os
-import statistics
 import sys
 import tempfile
 import time
@@ -35,16 +36,22 @@ import numpy as np
 import torch
 import yaml
 
-import lattice
-from lattice.metrics import binary_auc
-from lattice.serve.export import compile_package, export_program
-from lattice.serve.inputs import flat_inputs
-from lattice.serve.tables import table_bytes
-from lattice.train.loading import load_from_config
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
 
-ROOT = Path(__file__).resolve().parent.parent
+import lattice  # noqa: E402
+from _common import machine, write_json  # noqa: E402
+from bench_pooling_int8 import run_config as pooling_int8_config  # noqa: E402
+from lattice.metrics import binary_auc  # noqa: E402
+from lattice.serve.export import compile_package, export_program  # noqa: E402
+from lattice.serve.inputs import flat_inputs  # noqa: E402
+from lattice.serve.tables import table_bytes  # noqa: E402
+from lattice.train.loading import load_from_config  # noqa: E402
+
+ROOT = HERE.parent
 BATCHES = (1, 64, 512)
-PATHS = ("eager", "exported", "aoti")
+PATHS = ("eager", "exported", "aoti", "aoti_int8")
+AUC_PATHS = ("eager", "aoti", "aoti_int8")
 
 SMOKE_WORLD = {"num_users": 120, "num_items": 60, "seed": 1,
                "domains": [{"name": "feed", "rows": 1200}, {"name": "shop", "rows": 400, "absent_features": ["price"]}]}
@@ -157,23 +164,45 @@ def bench_model(name, configs, args, tmp: Path) -> dict:
     module = module.eval()
     batches = _validation(datamodule, args.val_rows)
     inference, program = export_program(module)
+    int8, program_int8 = export_program(module, "int8")
     teacher_dim = inference.teacher_embedding_dim
     package = compile_package(program, tmp / f"{name}.pt2")
+    package_int8 = compile_package(program_int8, tmp / f"{name}_int8.pt2")
     runners = {"eager": inference, "exported": program.module(),
-               "aoti": torch._inductor.aoti_load_package(str(package))}
+               "aoti": torch._inductor.aoti_load_package(str(package)),
+               "aoti_int8": torch._inductor.aoti_load_package(str(package_int8))}
     requests = _requests(batches, inference.schema, teacher_dim)
     times = _time(runners, requests, args.rounds, args.calls)
-    auc = {p: _auc(runners[p], batches, inference.schema, teacher_dim) for p in ("eager", "aoti")}
+    auc = {p: _auc(runners[p], batches, inference.schema, teacher_dim) for p in AUC_PATHS}
     return {
         "network_class": type(getattr(module, "network", module)).__name__,
         "module_class": type(module).__name__,
         "parameters": sum(p.numel() for p in inference.parameters()) + sum(b.numel() for b in inference.buffers()),
         "table_bytes": table_bytes(inference),
+        "table_bytes_int8": table_bytes(int8),
         "dense_parameter_bytes": sum(p.numel() * p.element_size() for p in inference.parameters()),
+        "package_bytes": {"aoti": package.stat().st_size, "aoti_int8": package_int8.stat().st_size},
         "validation_rows": sum(b.batch_size for b in batches),
         "auc": auc,
+        "auc_drop_int8": _mean_drop(auc["aoti"], auc["aoti_int8"]),
         "timings": _summary(times, requests),
     }
+
+
+def _mean_drop(fp32: dict, int8: dict) -> float:
+    """Mean over tasks of fp32 AUC - int8 AUC (tasks with a finite AUC on both)."""
+    drops = [fp32[t] - int8[t] for t in fp32 if np.isfinite(fp32[t]) and np.isfinite(int8.get(t, float("nan")))]
+    return float(np.mean(drops)) if drops else float("nan")
+
+
+def bench_pooling(args) -> dict:
+    """int8 against fp32 pooling forward at D = 64 (bench_pooling_int8's workload, interleaved rounds)."""
+    rows = 2000 if args.smoke else args.pool_rows
+    tables = 4 if args.smoke else 26
+    repeats = 5 if args.smoke else 30
+    r = pooling_int8_config(tables, rows, 64, 512, 40, repeats, 2, seed=0)
+    del r["times_s"]
+    return r
 
 
 def _table(results) -> str:
@@ -186,10 +215,18 @@ def _table(results) -> str:
                 speedup = e["rows_per_s"] / t[f"eager/{B}"]["rows_per_s"]
                 lines.append(f"{name:8} {p:9} {e['batch']:>5} {e['p50_ms']:>9.3f} {e['p99_ms']:>9.3f} "
                              f"{e['rows_per_s']:>11.0f} {speedup:>8.2f}")
-        aucs = ", ".join(f"{k} {v:.4f}" for k, v in r["auc"]["aoti"].items())
         dense = r["dense_parameter_bytes"] / 2**20
-        lines.append(f"{name}: tables {r['table_bytes'] / 2**20:.2f} MiB, dense {dense:.2f}"
-                     f" MiB; validation AUC (AOTI, {r['validation_rows']} rows): {aucs}")
+        lines.append(f"{name}: tables {r['table_bytes'] / 2**20:.2f} MiB fp32, {r['table_bytes_int8'] / 2**20:.2f} MiB "
+                     f"int8 ({r['table_bytes_int8'] / r['table_bytes']:.3f}x); dense {dense:.2f} MiB")
+        for p in AUC_PATHS:
+            aucs = ", ".join(f"{k} {v:.4f}" for k, v in r["auc"][p].items())
+            lines.append(f"{name}: validation AUC ({p}, {r['validation_rows']} rows): {aucs}")
+        lines.append(f"{name}: mean AUC drop int8 vs fp32 (AOTI): {r['auc_drop_int8']:+.5f}")
+    pool = results.get("pooling_int8")
+    if pool:
+        lines.append(f"pooling forward D=64 ({pool['T']} tables x {pool['rows']} rows, B={pool['B']}): fp32 "
+                     f"{pool['fp32_median_ms']:.3f} ms, int8 {pool['int8_median_ms']:.3f} ms "
+                     f"({pool['int8_over_fp32_time']:.3f}x); table bytes int8/fp32 {pool['table_bytes_ratio']:.4f}")
     for label, ok in results["targets"].items():
         lines.append(f"target {label}: {'met' if ok else 'MISSED'}")
     return "\n".join(lines)
@@ -204,6 +241,11 @@ def _targets(results) -> dict:
                                                                >= 2 * t["eager/64"]["rows_per_s"])
         out[f"{name} AOTI >= 1.5x eager rows/s at batch 512"] = (t["aoti/512"]["rows_per_s"]
                                                                   >= 1.5 * t["eager/512"]["rows_per_s"])
+        out[f"{name} int8 mean AUC drop <= 0.001"] = bool(r["auc_drop_int8"] <= 0.001)
+    pool = results.get("pooling_int8")
+    if pool:
+        out["int8 table bytes <= 0.29x fp32 at D=64"] = pool["table_bytes_ratio"] <= 0.29
+        out["int8 pooling forward no slower than fp32 at D=64"] = pool["int8_over_fp32_time"] <= 1.0
     if {"teacher", "student"} <= set(m):
         out["student >= 5x teacher rows/s at batch 512 (AOTI)"] = (
             m["student"]["timings"]["aoti/512"]["rows_per_s"] >= 5 * m["teacher"]["timings"]["aoti/512"]["rows_per_s"])
@@ -225,6 +267,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--sequence-merge", default="concat", choices=("auto", "concat", "masknet"),
                         help="sequence_merge of both networks (see the module docstring)")
+    parser.add_argument("--pool-rows", type=int, default=100_000,
+                        help="rows per table of the D=64 int8 pooling workload (26 tables; smoke: 4 x 2000)")
+    parser.add_argument("--no-pooling", action="store_true", help="skip the D=64 int8 pooling measurement")
     parser.add_argument("--cache-dir", default=None, help="where the planted world is generated")
     parser.add_argument("--out", default="bench_serve.json")
     args = parser.parse_args(argv)
@@ -237,7 +282,7 @@ def main(argv=None) -> dict:
     torch.set_num_threads(args.threads)
     names = [n for n in args.models.split(",") if n]
     results = {"lattice_version": lattice.__version__, "torch_version": str(torch.__version__),
-               "threads": args.threads, "load_average_at_start": os.getloadavg(),
+               "machine": machine(), "threads": args.threads, "load_average_at_start": os.getloadavg(),
                "sequence_merge": args.sequence_merge, "smoke": small, "fit_steps": args.fit_steps, "models": {}}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -245,10 +290,13 @@ def main(argv=None) -> dict:
         for name in names:
             print(f"bench_serve: {name}: build, fit, export, compile, time", file=sys.stderr)
             results["models"][name] = bench_model(name, configs[name], args, tmp)
+    if not args.no_pooling:
+        print("bench_serve: int8 vs fp32 pooling forward at D=64", file=sys.stderr)
+        results["pooling_int8"] = bench_pooling(args)
     results["load_average_at_end"] = os.getloadavg()
     results["targets"] = _targets(results)
     print(_table(results))
-    Path(args.out).write_text(json.dumps(results, indent=2))
+    write_json(results, args.out)
     return results
 
 

@@ -1,6 +1,8 @@
 """``lattice export`` and ``lattice predict --package`` end to end, as subprocesses on a tiny planted world:
-fit a LatticeNetwork, export it to an AOTInductor package, score the world's Parquet files with the package, and
-compare with the checkpoint scored in eager mode; bad input ends the command with an error naming the column."""
+fit a LatticeNetwork, export it with int8 tables (``--quantize int8``) to an AOTInductor package, score the
+world's Parquet files with the package, and compare with the checkpoint scored in eager mode with the same int8
+tables; bad input ends the command with an error naming the column. (One AOTInductor compile per run: the fp32
+package is compiled and scored through the Python API in test_serve_package.py.)"""
 import os
 import subprocess
 import sys
@@ -64,15 +66,16 @@ def _world_files(tmp):
     return files
 
 
-def test_export_then_predict_package_equals_the_checkpoint(trained):
+def test_export_int8_then_predict_package_equals_the_checkpoint(trained):
     tmp, cfg, ckpt = trained
     out = tmp / "pkg" / "model.pt2"
-    _lattice("export", "--config", str(cfg), "--ckpt_path", str(ckpt), "--out", str(out))
+    done = _lattice("export", "--config", str(cfg), "--ckpt_path", str(ckpt), "--out", str(out), "--quantize", "int8")
+    assert "int8 tables" in done.stdout
     assert out.is_file() and (tmp / "pkg" / "model.schema.yaml").is_file()
     manifest = yaml.safe_load((tmp / "pkg" / "model.manifest.yaml").read_text())
     assert manifest["network_class"] == "lattice.models.lattice_network.LatticeNetwork"
     assert [t["name"] for t in manifest["tasks"]] == ["click", "like", "conversion"]
-    assert manifest["domains"] == ["feed", "shop"] and manifest["quantization"] == "none"
+    assert manifest["domains"] == ["feed", "shop"] and manifest["quantization"] == "int8"
 
     files = _world_files(tmp)
     args = ["predict", "--package", str(out), "--out", str(tmp / "pred.parquet"), "--batch_size", "100"]
@@ -82,13 +85,16 @@ def test_export_then_predict_package_equals_the_checkpoint(trained):
     assert "predictions" in done.stdout
     got = pq.read_table(tmp / "pred.parquet")
     module, _ = load_from_config(str(cfg), str(ckpt), seed=False)
-    eager = Predictor.from_model(module.eval())
+    eager = Predictor.from_model(module.eval(), quantization="int8")
     expected = pa.concat_tables([eager.predict(str(f)) for f in files])
+    fp32 = pa.concat_tables([Predictor.from_model(module).predict(str(f)) for f in files])
     assert got.column_names == ["example_id", "click", "like", "conversion"]
     assert got.column("example_id").to_pylist() == expected.column("example_id").to_pylist()
     assert got.num_rows == sum(pq.ParquetFile(f).metadata.num_rows for f in files)
     for task in ("click", "like", "conversion"):
         np.testing.assert_allclose(got.column(task).to_numpy(), expected.column(task).to_numpy(), rtol=0, atol=1e-5)
+        # int8 scores are near fp32's (a few training steps: tables near their init, steps ~1e-4)
+        np.testing.assert_allclose(got.column(task).to_numpy(), fp32.column(task).to_numpy(), rtol=0, atol=1e-2)
 
     # a request file with a misspelt column is refused, naming it
     bad = pq.read_table(files[0]).slice(0, 10)
@@ -107,3 +113,6 @@ def test_export_refuses_a_missing_checkpoint_and_a_wrong_suffix(trained):
     done = _lattice("export", "--config", str(cfg), "--ckpt_path", str(ckpt), "--out", str(tmp / "m.onnx"),
                     check=False)
     assert done.returncode != 0 and "must name a .pt2 file" in done.stderr
+    done = _lattice("export", "--config", str(cfg), "--ckpt_path", str(ckpt), "--out", str(tmp / "m.pt2"),
+                    "--quantize", "int4", check=False)
+    assert done.returncode != 0 and "--quantize: invalid choice: 'int4'" in done.stderr

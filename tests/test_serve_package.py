@@ -1,7 +1,7 @@
 """Serving packages: AOTInductor compile, load and score for LatticeNetwork and a distillation student (equal to
 the eager module within 1e-5, lattice's custom ops running inside the package), and the refusals of a package
-built by another lattice or torch version or for another schema. Other network classes compile behind
-``slow`` and LATTICE_TEST_AOTI_ALL=1 (a compile takes minutes on 2 busy cores)."""
+built by another lattice or torch version or for another schema. Other network classes, and int8 packages per
+class, compile behind ``slow`` and LATTICE_TEST_AOTI_ALL=1 (a compile takes minutes on 2 busy cores)."""
 import os
 import re
 
@@ -18,14 +18,14 @@ from lattice.serve.package import PackageError, read_package, side_paths, write_
 from test_serve_export import MODELS, batch_schema
 
 
-def _load_and_compare(model, tmp_path):
-    path, manifest = export_package(model, tmp_path / "model.pt2", log=None)
+def _load_and_compare(model, tmp_path, quantization="none"):
+    path, manifest = export_package(model, tmp_path / "model.pt2", log=None, quantization=quantization)
     schema_path, manifest_path = side_paths(path)
     assert schema_path.name == "model.schema.yaml" and manifest_path.name == "model.manifest.yaml"
     schema, manifest = read_package(path)
     assert schema == batch_schema(model) and manifest.lattice_version == lattice.__version__
-    assert manifest.task_names == [t.name for t in schema.tasks] and manifest.quantization == "none"
-    module = InferenceModule(model)
+    assert manifest.task_names == [t.name for t in schema.tasks] and manifest.quantization == quantization
+    module = InferenceModule(model, quantization)
     runner = torch._inductor.aoti_load_package(str(path))
     for B, seed in ((1, 0), (7, 1), (513, 2)):
         x = random_inputs(schema, B, seed=seed, teacher_embedding_dim=module.teacher_embedding_dim)
@@ -61,6 +61,15 @@ def test_aoti_package_student(tmp_path):
 @pytest.mark.parametrize("name", [n for n in MODELS if n not in ("LatticeNetwork", "student")])
 def test_aoti_package_other_classes(name, tmp_path):
     _load_and_compare(MODELS[name](), tmp_path)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.environ.get("LATTICE_TEST_AOTI_ALL") != "1",
+                    reason="an AOTInductor compile per class takes minutes; set LATTICE_TEST_AOTI_ALL=1")
+@pytest.mark.parametrize("name", ["LatticeNetwork", "student", "student_ktap"])
+def test_aoti_package_int8(name, tmp_path):
+    """int8 tables in the package (test_serve_cli.py compiles one in every run, through lattice export)."""
+    _load_and_compare(MODELS[name](), tmp_path, quantization="int8")
 
 
 @pytest.fixture()
