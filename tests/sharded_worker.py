@@ -166,6 +166,28 @@ def lookup(rank: int, world: int, group) -> None:
             if abs(got - total / world) > 0.1 * total / world:
                 raise AssertionError(f"row_wise: rank {rank} stores {got} bytes, not about {total / world}")
 
+    # evaluation: rank r ran r + 1 batches; finish_eval_epoch has every rank run as many lookups as the most
+    from lattice.train.sharding import count_eval_step, finish_eval_epoch, start_eval_epoch
+
+    class Evaluated(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.tables, self.lookups = ShardedEmbeddingBagCollection(TABLES, plans(world)["mixed"], group), 0
+
+        def forward(self, kjt):
+            self.lookups += 1
+            return self.tables(kjt)
+
+    evaluated = Evaluated().eval()
+    start_eval_epoch(evaluated, group, rank + 1)
+    with torch.no_grad():
+        for i in range(rank + 1):
+            evaluated(batch(20 + i, [3] * world, False)[rank])
+            count_eval_step(evaluated, batch(20 + i, [3] * world, False)[rank])
+    finish_eval_epoch(evaluated)
+    if evaluated.lookups != world:
+        raise AssertionError(f"rank {rank} ran {evaluated.lookups} evaluation lookups, not {world}")
+
     # bad ids: the single-process op's message, before any collective (only rank 0 has the bad id, so a
     # collective would hang the other ranks until the timeout)
     kjts = batch(5, [4] * world, False)

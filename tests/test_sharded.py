@@ -99,7 +99,9 @@ def test_checkpoint_reshards_from_two_ranks_to_one_and_four(tmp_path):
 
     plans = saved_plans(str(tmp_path / "ckpt"))
     assert plans[""].world_size == 2 and plans[""].tables["ta"].kind == "row_wise"
-    run_worker("sharded_worker.py", "resume", "1", str(tmp_path), timeout=180)
+    import sharded_worker  # W=1 needs no process group: resumed here, without another process's start-up
+
+    sharded_worker.steps_state("resume W=1", sharded_worker.resume_plan(1), 0, 1, None, 3, 6, str(tmp_path), load=True)
     run_worker("sharded_worker.py", "resume", "4", str(tmp_path), timeout=180)
 
 

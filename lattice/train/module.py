@@ -198,7 +198,7 @@ class LatticeModule(pl.LightningModule):
 
     def _eval_epoch_end(self, metrics: MultiTaskMetrics, stage: str):
         if self.sharding_plan is not None:  # sharded lookups are collectives: every rank runs as many steps
-            sharding_.finish_eval_epoch(self, self.data_parallel.group)
+            sharding_.finish_eval_epoch(self)
         if self.eval_label_check is not None:
             self.eval_label_check.finish({"val": "validation"}.get(stage, stage), self.device)
         results = metrics.compute()
@@ -213,6 +213,14 @@ class LatticeModule(pl.LightningModule):
     def on_train_epoch_end(self):
         if self.label_check is not None:
             self.label_check.warn_contradictions(rank_zero_warn)
+
+    def on_validation_epoch_start(self):
+        if self.sharding_plan is not None:
+            sharding_.start_eval_epoch(self, self.data_parallel.group, sharding_.eval_batches(self, "val"))
+
+    def on_test_epoch_start(self):
+        if self.sharding_plan is not None:
+            sharding_.start_eval_epoch(self, self.data_parallel.group, sharding_.eval_batches(self, "test"))
 
     def on_validation_epoch_end(self):
         self._eval_epoch_end(self.val_metrics, "val")

@@ -27,13 +27,15 @@ the plan-independent layout of :mod:`lattice.train.sharded_checkpoint`, and the 
 under another plan or world size reshards. The folder is complete before the file is (atomically) written, and a
 file's older folders are removed after, so the file always names a complete folder.
 
-Evaluation: a sharded lookup is a collective, so every rank must evaluate the same number of batches. A rank that
-ran out of evaluation batches re-runs its last one (outputs discarded, no metric updated) until every rank has run
-as many as the one with the most (:func:`finish_eval_epoch`).
+Evaluation: a sharded lookup is a collective, so every rank must evaluate the same number of batches. At the
+epoch's start the ranks agree on the most batches any of them has (:func:`start_eval_epoch`); a rank that ran out
+re-runs its last batch (outputs discarded, no metric updated) until it has run as many (:func:`finish_eval_epoch`).
+Prediction (``lattice predict``) has no such evening out yet: predict under sharding needs equal batch counts.
 """
 from __future__ import annotations
 
 import glob
+import math
 import os
 import re
 import shutil
@@ -50,7 +52,8 @@ from lattice.nn.placement import ShardingPlan, TablePlacement
 from lattice.nn.sharded import ShardedEmbeddingBagCollection
 from lattice.train.sharded_checkpoint import load_sharded_tables, save_sharded_tables, sharded_collections
 
-__all__ = ["ShardingConfig", "shard_network", "ShardedDDPStrategy", "finish_eval_epoch", "count_eval_step"]
+__all__ = ["ShardingConfig", "shard_network", "ShardedDDPStrategy", "eval_batches", "start_eval_epoch", "count_eval_step",
+           "finish_eval_epoch"]
 
 _KEYS = ("plan", "memory_per_rank", "overrides", "time_limit_s", "num_batches")
 
@@ -162,6 +165,11 @@ def shard_network(module: nn.Module, config: ShardingConfig, group: Optional[dis
     from lattice.train.planner import network_tables
 
     network = module.network
+    trainer = getattr(module, "_trainer", None)
+    if trainer is not None and not isinstance(trainer.strategy, ShardedDDPStrategy):
+        raise ValueError(f"model.sharding needs trainer.strategy lattice.train.sharding.ShardedDDPStrategy (configs/"
+                         f"sharded.yaml sets it), got {type(trainer.strategy).__name__}: another strategy would "
+                         "checkpoint rank 0's shards only")
     world = 1 if group is None else dist.get_world_size(group)
     found = list(_collections(network))
     if not found:
@@ -201,30 +209,55 @@ def _merged_plan(network: nn.Module) -> ShardingPlan:
 
 
 # ---- evaluation ------------------------------------------------------------------------------------
+def eval_batches(module: nn.Module, stage: str) -> float:
+    """The evaluation batches this rank will run in the current ``stage`` (``"val"`` or ``"test"``) epoch, as the
+    trainer counts them (``limit_*_batches`` and the sanity check included)."""
+    trainer = module.trainer
+    if trainer.sanity_checking:
+        counts = trainer.num_sanity_val_batches
+    else:
+        counts = trainer.num_val_batches if stage == "val" else trainer.num_test_batches
+    return float(sum(counts))
+
+
+def start_eval_epoch(module: nn.Module, group: Optional[dist.ProcessGroup], num_batches: float) -> None:
+    """Agrees, before any evaluation lookup, on how many lookups every rank runs this epoch: the most any rank has
+    (``num_batches`` is this rank's). Sharded lookups are collectives, so a rank with fewer batches re-runs its
+    last one at the end (:func:`finish_eval_epoch`). The count must be known up front: a collective issued once a
+    rank has run out of batches would pair with another rank's lookup."""
+    module._sharded_eval_steps, module._sharded_eval_batch = 0, None
+    module._sharded_eval_target = None
+    if group is None or dist.get_world_size(group) == 1:
+        return
+    if not math.isfinite(num_batches):
+        raise ValueError("with sharded tables every rank must know its number of evaluation batches in advance "
+                         "(an evaluation dataloader without a length); set trainer.limit_val_batches / "
+                         "limit_test_batches to an int")
+    most = torch.tensor([int(num_batches)], dtype=torch.int64, device=getattr(module, "device", None))
+    dist.all_reduce(most, op=dist.ReduceOp.MAX, group=group)
+    module._sharded_eval_target = int(most.item())
+
+
 def count_eval_step(module: nn.Module, batch: Any) -> None:
     """Records one evaluation step of ``module`` and keeps its batch for :func:`finish_eval_epoch`."""
-    steps = getattr(module, "_sharded_eval_steps", 0)
-    module._sharded_eval_steps = steps + 1
+    module._sharded_eval_steps = getattr(module, "_sharded_eval_steps", 0) + 1
     module._sharded_eval_batch = batch
 
 
 @torch.no_grad()
-def finish_eval_epoch(module: nn.Module, group: Optional[dist.ProcessGroup]) -> None:
-    """Makes this rank run as many evaluation forwards as the rank that ran the most: the sharded lookups are
-    collectives. Extra forwards re-run the rank's last batch and discard the output."""
+def finish_eval_epoch(module: nn.Module) -> None:
+    """Runs the evaluation forwards this rank owes (:func:`start_eval_epoch`): its last batch again, the output
+    discarded, until it has run as many as the rank with the most batches."""
     steps = getattr(module, "_sharded_eval_steps", 0)
     batch = getattr(module, "_sharded_eval_batch", None)
-    module._sharded_eval_steps, module._sharded_eval_batch = 0, None
-    if group is None or dist.get_world_size(group) == 1:
+    target = getattr(module, "_sharded_eval_target", None)
+    module._sharded_eval_steps, module._sharded_eval_batch, module._sharded_eval_target = 0, None, None
+    if target is None or steps >= target:
         return
-    most = torch.tensor([steps], dtype=torch.int64, device=module.device)
-    dist.all_reduce(most, op=dist.ReduceOp.MAX, group=group)
-    extra = int(most.item()) - steps
-    if extra and batch is None:
-        raise RuntimeError(f"rank {dist.get_rank(group)} evaluated no batch while another evaluated {int(most.item())}; "
-                           "with sharded tables every rank needs at least one evaluation batch (use fewer ranks or "
-                           "more evaluation data)")
-    for _ in range(extra):
+    if batch is None:
+        raise RuntimeError(f"this rank evaluated no batch while another evaluated {target}; with sharded tables every "
+                           "rank needs at least one evaluation batch (use fewer ranks or more evaluation data)")
+    for _ in range(target - steps):
         module(batch)
 
 
