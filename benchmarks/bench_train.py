@@ -197,8 +197,8 @@ def plain_worker(args: argparse.Namespace, cli_args: list) -> None:
                    "mean_auc": sum(aucs) / len(aucs) if aucs else float("nan")}, f)
 
 
-BEFORE_COMMIT = "1b17987"  # main just before issue 28's eager cuts (f92ba64)
-EAGER_CUT_FILES = ("lattice/nn/attention.py", "lattice/nn/norms.py")  # the files those cuts changed
+BEFORE_COMMIT = "1b17987"  # main just before issue 28's eager cuts (f92ba64, 01a66cf)
+EAGER_CUT_FILES = ("lattice/nn/attention.py", "lattice/nn/norms.py", "lattice/nn/processors.py")  # what they changed
 VARIANTS = ("eager_before", "eager", "compiled", "plain")
 
 
