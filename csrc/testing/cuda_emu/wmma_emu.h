@@ -131,9 +131,7 @@ class fragment {
   static_assert(M == 16 && N == 16 && (K == 16 || K == 8), "the emulator implements the m16n16k16 and m16n16k8 shapes");
 
  public:
-  using use = Use;
-  using type = T;
-  using layout = Layout;
+  // Only what CUDA's fragment has: element_type, num_elements, x[].
   using element_type = typename detail::storage<T>::type;
   static constexpr int rows = std::is_same<Use, matrix_b>::value ? K : M;
   static constexpr int cols = std::is_same<Use, matrix_a>::value ? K : N;
