@@ -26,6 +26,12 @@ namespace attention {
 
 namespace wm = nvcuda::wmma;
 
+// bf16 and tf32 WMMA need sm_80: compiled for an older architecture (a TORCH_CUDA_ARCH_LIST that names one) the
+// kernels are empty traps; the glue never launches them there (attention_uses_tensor_cores).
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+#define LATTICE_ATTENTION_TC_UNSUPPORTED 1
+#endif
+
 constexpr int kTcRows = 16;                  // rows per warp (the WMMA tile's M)
 constexpr int kTcBlock = kWarps * kTcRows;   // rows per block: 64
 constexpr int kTcKeyTile = 32;               // keys per K/V tile of the forward and dQ kernels
@@ -40,7 +46,11 @@ struct TcInput {
 };
 template <>
 struct TcInput<float> {
+#ifdef LATTICE_ATTENTION_TC_UNSUPPORTED
+  using frag = float;  // no tf32 below sm_80; never instantiated there
+#else
   using frag = wm::precision::tf32;
+#endif
   static constexpr int k = 8;
 };
 
@@ -109,10 +119,12 @@ __device__ __forceinline__ void stage_tc_rows(T* dst, int ld, const T* __restric
 // fp32 operands (T = float) are rounded to tf32 once loaded, as the WMMA API requires.
 template <typename T, typename Frag>
 __device__ __forceinline__ void round_tf32(Frag& f) {
+#ifndef LATTICE_ATTENTION_TC_UNSUPPORTED
   if constexpr (std::is_same<T, float>::value) {
 #pragma unroll
     for (int i = 0; i < f.num_elements; ++i) f.x[i] = wm::__float_to_tf32(f.x[i]);
   }
+#endif
 }
 
 // C [16, 16] (+)= A [16, kDepth] B [kDepth, 16] over `depth` (a multiple of the K step): A row-major at `a`
@@ -182,6 +194,9 @@ __global__ void __launch_bounds__(kThreads)
                             const int64_t* __restrict__ q_offsets, const int64_t* __restrict__ kv_offsets,
                             const int* __restrict__ tiles, int heads, int head_dim, float scale, bool causal,
                             T* __restrict__ out, float* __restrict__ lse) {
+#ifdef LATTICE_ATTENTION_TC_UNSUPPORTED
+  __trap();
+#else
   constexpr int kChunks = kHeadDimMax / 16;
   const int warp = threadIdx.x / kWarpSize;
   const int lane = threadIdx.x % kWarpSize;
@@ -296,6 +311,7 @@ __global__ void __launch_bounds__(kThreads)
     }
   }
   if (half == 0) lse[r * heads + h] = total > 0.f ? (row_max + log2f(total)) * kLn2 : kEmptyLse;
+#endif
 }
 
 // ---- backward: dQ ------------------------------------------------------------------------------------
@@ -307,6 +323,9 @@ __global__ void __launch_bounds__(kThreads)
                                const int64_t* __restrict__ q_offsets, const int64_t* __restrict__ kv_offsets,
                                const int* __restrict__ tiles, int heads, int head_dim, float scale, bool causal,
                                T* __restrict__ grad_q) {
+#ifdef LATTICE_ATTENTION_TC_UNSUPPORTED
+  __trap();
+#else
   constexpr int kChunks = kHeadDimMax / 16;
   const int warp = threadIdx.x / kWarpSize;
   const int lane = threadIdx.x % kWarpSize;
@@ -395,6 +414,7 @@ __global__ void __launch_bounds__(kThreads)
   if (!warp_active) return;
   write_fragments<T, kChunks>(dq, scale, s_w, grad_q + (q_begin + q_first + warp * kTcRows) * row_stride + head_offset,
                               row_stride, imin(kTcRows, valid_q - warp * kTcRows), head_dim, dp16, lane);
+#endif
 }
 
 // ---- backward: dK, dV --------------------------------------------------------------------------------
@@ -407,6 +427,9 @@ __global__ void __launch_bounds__(kThreads)
                                  const int64_t* __restrict__ kv_offsets, const int* __restrict__ tiles, int heads,
                                  int head_dim, float scale, bool causal, T* __restrict__ grad_k,
                                  T* __restrict__ grad_v) {
+#ifdef LATTICE_ATTENTION_TC_UNSUPPORTED
+  __trap();
+#else
   constexpr int kChunks = kHeadDimMax / 16;
   const int warp = threadIdx.x / kWarpSize;
   const int lane = threadIdx.x % kWarpSize;
@@ -505,6 +528,7 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t out0 = (kv_begin + k_first + warp * kTcRows) * row_stride + head_offset;
   write_fragments<T, kChunks>(dk, scale, st_w, grad_k + out0, row_stride, valid_rows, head_dim, dp16, lane);
   write_fragments<T, kChunks>(dv, 1.f, st_w, grad_v + out0, row_stride, valid_rows, head_dim, dp16, lane);
+#endif
 }
 
 }  // namespace attention
