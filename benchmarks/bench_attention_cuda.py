@@ -6,7 +6,10 @@ same jagged sequences; (c) ``full``: every sequence at length L, causal. For B i
 --dims; forward and forward+backward. Baselines in the same run: ``F.scaled_dot_product_attention`` on padded
 ``[B, H, L, Dh]`` tensors with a boolean mask (padding done beforehand, not timed: the most favourable setting
 for the baseline), without a mask (``is_causal``) on the full-length case where padding wastes nothing, and
-FlashAttention-2's ``flash_attn_varlen_func`` when it is installed (fp16/bf16). Prints medians (CUDA events),
+FlashAttention-2's ``flash_attn_varlen_func`` when it is installed and torch's ``varlen_attn`` (fp16/bf16). Also
+measured: our kernel with fp32 on tensor cores as tf32 (``lattice tf32``), and the dispatched path
+(``lattice.ops.jagged_attention_output``, the backend it picks in parentheses), whose time against the best of padded
+SDPA and varlen_attn is issue 30's target (>= 0.9x, printed at the end). Prints medians (CUDA events),
 ratios (their time / ours: > 1 means lattice is faster) and achieved GFLOP/s counting only visible
 (query, key) pairs (4 * pairs * Dh * H for the forward, 2.5x that for the backward); writes JSON (``--out``).
 """
@@ -63,6 +66,24 @@ def run_case(case, B, H, Dh, L, dtype, warmup, repeat, seed=0):
         return ops.jagged_attention_backward(go, q, qo_d, k, v, ko_d, out, lse, scale, causal)
 
     add("forward+backward", "lattice", cuda_median_ms(fwd_bwd, warmup, repeat))
+    if dtype == torch.float32:  # the tensor-core tiles take fp32 as tf32 only when torch allows tf32
+        allow = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = True
+        try:
+            add("forward", "lattice tf32", cuda_median_ms(fwd, warmup, repeat))
+            add("forward+backward", "lattice tf32", cuda_median_ms(fwd_bwd, warmup, repeat))
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = allow
+
+    # --- the dispatched path (what the nn modules call) ---------------------------------------------------------
+    from lattice.ops import attention_backend, jagged_attention_output
+
+    backend = attention_backend(q, qo_d, causal)
+    qd, kd, vd = (t.detach().requires_grad_() for t in (q, k, v))
+    disp = lambda: jagged_attention_output(qd, qo_d, kd, vd, ko_d, scale, causal)  # noqa: E731
+    add("forward", f"dispatched ({backend})", cuda_median_ms(disp, warmup, repeat))
+    add("forward+backward", f"dispatched ({backend})",
+        cuda_median_ms(lambda: torch.autograd.grad(disp(), (qd, kd, vd), go), warmup, repeat))
 
     # --- padded SDPA with a mask -------------------------------------------------------------------------------
     Lq, Lk = int(lq.max()), int(lk.max())
@@ -89,6 +110,22 @@ def run_case(case, B, H, Dh, L, dtype, warmup, repeat, seed=0):
         add("forward", "SDPA dense is_causal", cuda_median_ms(sdpa_c, warmup, repeat))
         add("forward+backward", "SDPA dense is_causal",
             cuda_median_ms(lambda: torch.autograd.grad(sdpa_c(), (qp_, kp_, vp_), gop), warmup, repeat))
+
+    # --- torch's varlen_attn (FlashAttention on cumulative offsets; fp16/bf16) --------------------------------
+    from lattice.ops.attention import _varlen_fn
+
+    varlen = _varlen_fn()
+    if dtype in (torch.float16, torch.bfloat16) and varlen is not None:
+        try:
+            cq, ck = qo_d.int(), ko_d.int()
+            qv, kv, vv = (t.detach().requires_grad_() for t in (q, k, v))
+            window = (-1, 0) if causal else (-1, -1)
+            va = lambda: varlen(qv, kv, vv, cq, ck, Lq, Lk, scale=scale, window_size=window)  # noqa: E731
+            add("forward", "varlen_attn", cuda_median_ms(va, warmup, repeat))
+            add("forward+backward", "varlen_attn",
+                cuda_median_ms(lambda: torch.autograd.grad(va(), (qv, kv, vv), go), warmup, repeat))
+        except Exception as err:  # noqa: BLE001 - optional baseline
+            print(f"  (varlen_attn skipped: {type(err).__name__}: {err})", file=sys.stderr)
 
     # --- FlashAttention-2 varlen (optional) --------------------------------------------------------------------
     if dtype in (torch.float16, torch.bfloat16):
@@ -155,9 +192,29 @@ def main():
         ratio = f"{r['ratio_vs_ours']:.2f}x" if base else "-"
         print(f"{r['dtype']:<9}{r['case']:<12}{r['B']:>5}{r['H']:>3}{r['Dh']:>4}  {r['mode']:<17}{r['impl']:<22}"
               f"{r['ms']:>10.3f}{ratio:>9}{r['gflops']:>9.0f}")
+    # Issue 30's target: the dispatched path >= 0.9x the best of padded SDPA and varlen_attn on every case.
+    targets = []
+    for k_ in sorted({key(r) for r in results}):
+        rows = [r for r in results if key(r) == k_]
+        disp = [r for r in rows if r["impl"].startswith("dispatched")]
+        base = [r for r in rows if r["impl"] in ("SDPA padded + mask", "varlen_attn")]
+        if disp and base:
+            best = min(base, key=lambda r: r["ms"])
+            targets.append(dict(zip(("dtype", "case", "B", "H", "Dh", "mode"), k_), dispatched=disp[0]["impl"],
+                                best_baseline=best["impl"], ratio=best["ms"] / disp[0]["ms"]))
+    if targets:
+        print("\ndispatched path vs the best of padded SDPA and varlen_attn (their time / dispatched; target >= 0.9):")
+        for t in targets:
+            flag = "" if t["ratio"] >= 0.9 else "  BELOW TARGET"
+            print(f"  {t['dtype']:<9}{t['case']:<12}{t['B']:>5}{t['H']:>3}{t['Dh']:>4}  {t['mode']:<17}"
+                  f"{t['dispatched']:<22}{t['ratio']:>6.2f}x vs {t['best_baseline']}{flag}")
+    from lattice.ops.attention import varlen_causal_matches
+
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
-        json.dump(dict(device=torch.cuda.get_device_name(), results=results), f, indent=1)
+        json.dump(dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
+                       varlen_causal_bottom_right=varlen_causal_matches(str(torch.device("cuda"))),
+                       results=results, dispatch_targets=targets), f, indent=1)
     print(f"\nwrote {args.out}  ('vs ours' = their time / ours: > 1 means lattice is faster)")
     return 0
 

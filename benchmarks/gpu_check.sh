@@ -3,7 +3,10 @@
 # process per file; a file that crashes is re-run under cuda-gdb for a native backtrace), the CPU kernels'
 # bad-input tests under that machine's torch, the compile/resource report, the CUDA kernel benchmarks, an
 # end-to-end `lattice fit` on the GPU and a compute-sanitizer memcheck pass over the float32 CUDA tests; print
-# their tables.
+# their tables. The attention benchmark also times torch's varlen_attn and flash_attn_varlen_func (when
+# installed) and the dispatched path (lattice.ops.jagged_attention_output) against the best of them and padded
+# SDPA, and records whether varlen_attn's causal mask is aligned as ours; every benchmark writes its JSON to
+# GPU_CHECK_OUT (the figures docs/cuda.md quotes and the attention dispatch table is revised from).
 #
 # Usage: benchmarks/gpu_check.sh [--quick]    (--quick: smoke-sized benchmarks)
 # Needs a CUDA build of torch and nvcc (CUDA_HOME). Every step runs even when an earlier one failed (a build

@@ -22,6 +22,15 @@ def test_cuda_sources_compile_for_sm80_and_sm90():
     print(proc.stdout)  # the ptxas resource table, in the test log
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "FAIL" not in proc.stdout
+    # The tensor-core attention kernels compile to mma instructions (PTX wmma.mma.sync; HMMA in the SASS where
+    # cuobjdump is installed), for every dtype and head-dim variant.
+    report = proc.stdout.split("tensor-core instructions (csrc/cuda/jagged_attention.cu", 1)[-1]
+    report = report.split("\nok ", 1)[0].split("\nFAIL", 1)[0]  # up to the next file's line
+    tc = re.findall(r"^\s+attention::(attention_\w+_tc_kernel)<([^>]*)>\s+(\d+)\s+(\d+)", report, re.M)
+    names = {name for name, *_ in tc}
+    assert names == {"attention_fwd_tc_kernel", "attention_bwd_dq_tc_kernel", "attention_bwd_dkdv_tc_kernel"}, tc
+    assert len(tc) == 3 * 3 * 3, tc  # 3 kernels x {fp16, bf16, fp32 as tf32} x head dims {32, 64, 128}
+    assert all(int(mma) > 0 and int(loads) > 0 for *_, mma, loads in tc), tc
 
 
 IMPL = re.compile(r'm\.impl\(\s*"(\w+)"\s*,\s*&([\w:]+)\s*\)')

@@ -5,6 +5,7 @@
 
 #include "jagged_attention.h"
 #include "jagged_attention_kernels.cuh"
+#include "jagged_attention_tc_kernels.cuh"
 #include "lattice/cuda/launch.cuh"
 
 namespace lattice {
@@ -44,12 +45,36 @@ void forward_variant(const T* q, const T* k, const T* v, const int64_t* q_offset
          stream, q, k, v, q_offsets, kv_offsets, tiles, heads, head_dim, scale, causal, out, lse);
 }
 
+// Dynamic shared memory above the 48 KiB default needs the kernel's opt-in (set at every launch: it is a
+// per-device attribute and costs microseconds).
+template <typename Kernel>
+void allow_shared_bytes(Kernel* kernel, size_t bytes) {
+  if (bytes > static_cast<size_t>(kMaxSharedBytes)) {
+    check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)),
+          "jagged_attention: cudaFuncSetAttribute(MaxDynamicSharedMemorySize)");
+  }
+}
+
 template <typename T, int kHeadDimMax>
-void forward_head_dim(int block_q, const T* q, const T* k, const T* v, const int64_t* q_offsets,
+void forward_tc(const T* q, const T* k, const T* v, const int64_t* q_offsets, const int64_t* kv_offsets,
+                const int32_t* tiles, int64_t num_tiles, int heads, int head_dim, float scale, bool causal, T* out,
+                float* lse, cudaStream_t stream) {
+  const size_t smem = attention::tc_fwd_smem_bytes<T>(attention::round16(head_dim));
+  auto* kernel = attention::attention_fwd_tc_kernel<T, kHeadDimMax>;
+  allow_shared_bytes(kernel, smem);
+  launch(kernel, tile_grid(num_tiles, heads), dim3(kThreads), smem, stream, q, k, v, q_offsets, kv_offsets, tiles,
+         heads, head_dim, scale, causal, out, lse);
+}
+
+template <typename T, int kHeadDimMax>
+void forward_head_dim(int block_q, bool tensor_cores, const T* q, const T* k, const T* v, const int64_t* q_offsets,
                       const int64_t* kv_offsets, const int32_t* tiles, int64_t num_tiles, int heads, int head_dim,
                       float scale, bool causal, T* out, float* lse, cudaStream_t stream) {
-  const AttentionBlockSizes sizes = attention_block_sizes(kHeadDimMax);
-  if (block_q == sizes.forward_small) {
+  const AttentionBlockSizes sizes = attention_block_sizes(kHeadDimMax, tensor_cores);
+  if (tensor_cores && block_q == sizes.forward_large) {
+    forward_tc<T, kHeadDimMax>(q, k, v, q_offsets, kv_offsets, tiles, num_tiles, heads, head_dim, scale, causal, out,
+                               lse, stream);
+  } else if (block_q == sizes.forward_small) {
     forward_variant<T, kHeadDimMax, 2>(q, k, v, q_offsets, kv_offsets, tiles, num_tiles, heads, head_dim, scale,
                                        causal, out, lse, stream);
   } else if (block_q == sizes.forward_large) {
@@ -62,7 +87,7 @@ void forward_head_dim(int block_q, const T* q, const T* k, const T* v, const int
 }
 
 template <typename T>
-void forward_typed(int block_q, const void* q, const void* k, const void* v, const int64_t* q_offsets,
+void forward_typed(int block_q, bool tensor_cores, const void* q, const void* k, const void* v, const int64_t* q_offsets,
                    const int64_t* kv_offsets, const int32_t* tiles, int64_t num_tiles, int heads, int head_dim,
                    float scale, bool causal, void* out, float* lse, cudaStream_t stream) {
   const T* qt = static_cast<const T*>(q);
@@ -71,13 +96,13 @@ void forward_typed(int block_q, const void* q, const void* k, const void* v, con
   T* ot = static_cast<T*>(out);
   switch (attention_head_dim_class(head_dim)) {
     case 32:
-      return forward_head_dim<T, 32>(block_q, qt, kt, vt, q_offsets, kv_offsets, tiles, num_tiles, heads, head_dim,
+      return forward_head_dim<T, 32>(block_q, tensor_cores, qt, kt, vt, q_offsets, kv_offsets, tiles, num_tiles, heads, head_dim,
                                      scale, causal, ot, lse, stream);
     case 64:
-      return forward_head_dim<T, 64>(block_q, qt, kt, vt, q_offsets, kv_offsets, tiles, num_tiles, heads, head_dim,
+      return forward_head_dim<T, 64>(block_q, tensor_cores, qt, kt, vt, q_offsets, kv_offsets, tiles, num_tiles, heads, head_dim,
                                      scale, causal, ot, lse, stream);
     default:
-      return forward_head_dim<T, 128>(block_q, qt, kt, vt, q_offsets, kv_offsets, tiles, num_tiles, heads,
+      return forward_head_dim<T, 128>(block_q, tensor_cores, qt, kt, vt, q_offsets, kv_offsets, tiles, num_tiles, heads,
                                       head_dim, scale, causal, ot, lse, stream);
   }
 }
@@ -104,15 +129,46 @@ void dkdv_variant(const T* grad_out, const T* q, const T* k, const T* v, const f
 }
 
 template <typename T, int kHeadDimMax>
-void backward_head_dim(const T* grad_out, const T* q, const T* k, const T* v, const float* lse, const float* delta,
+void backward_tc(const T* grad_out, const T* q, const T* k, const T* v, const float* lse, const float* delta,
+                 const int64_t* q_offsets, const int64_t* kv_offsets, const int32_t* dkdv_tiles, int64_t num_dkdv_tiles,
+                 const int32_t* dq_tiles, int64_t num_dq_tiles, bool dq_on_tensor_cores, int heads, int head_dim,
+                 float scale, bool causal, T* grad_q, T* grad_k, T* grad_v, cudaStream_t stream) {
+  const int dp16 = attention::round16(head_dim);
+  const size_t dkdv_smem = attention::tc_dkdv_smem_bytes<T>(dp16);
+  auto* dkdv = attention::attention_bwd_dkdv_tc_kernel<T, kHeadDimMax>;
+  allow_shared_bytes(dkdv, dkdv_smem);
+  launch(dkdv, tile_grid(num_dkdv_tiles, heads), dim3(kThreads), dkdv_smem, stream, grad_out, q, k, v, lse, delta,
+         q_offsets, kv_offsets, dkdv_tiles, heads, head_dim, scale, causal, grad_k, grad_v);
+  if (!dq_on_tensor_cores) return;
+  const size_t dq_smem = attention::tc_dq_smem_bytes<T>(dp16);
+  auto* dq = attention::attention_bwd_dq_tc_kernel<T, kHeadDimMax>;
+  allow_shared_bytes(dq, dq_smem);
+  launch(dq, tile_grid(num_dq_tiles, heads), dim3(kThreads), dq_smem, stream, grad_out, q, k, v, lse, delta,
+         q_offsets, kv_offsets, dq_tiles, heads, head_dim, scale, causal, grad_q);
+}
+
+template <typename T, int kHeadDimMax>
+void backward_head_dim(bool tensor_cores, const T* grad_out, const T* q, const T* k, const T* v, const float* lse, const float* delta,
                        const int64_t* q_offsets, const int64_t* kv_offsets, const int32_t* dq_tiles,
                        int64_t num_dq_tiles, int block_q, const int32_t* dkdv_tiles, int64_t num_dkdv_tiles,
                        int block_k, int heads, int head_dim, float scale, bool causal, T* grad_q, T* grad_k,
                        T* grad_v, cudaStream_t stream) {
-  const AttentionBlockSizes sizes = attention_block_sizes(kHeadDimMax);
+  const AttentionBlockSizes sizes = attention_block_sizes(kHeadDimMax, tensor_cores);
   constexpr int kLargeDqRows = kHeadDimMax == 128 ? 2 : 8;
   constexpr int kDkdvRows = kHeadDimMax == 128 ? 2 : 8;
   if (block_k != sizes.dkdv) unsupported("dk/dv key tile", block_k);
+  if (block_q != sizes.dq_small && block_q != sizes.dq_large) unsupported("dq query tile", block_q);
+  if (tensor_cores) {
+    // dK/dV and the large dQ tile on tensor cores; the small dQ tile (summary queries) on FMA tiles.
+    backward_tc<T, kHeadDimMax>(grad_out, q, k, v, lse, delta, q_offsets, kv_offsets, dkdv_tiles, num_dkdv_tiles,
+                                dq_tiles, num_dq_tiles, block_q == sizes.dq_large, heads, head_dim, scale, causal,
+                                grad_q, grad_k, grad_v, stream);
+    if (block_q == sizes.dq_small) {
+      dq_variant<T, kHeadDimMax, 2>(grad_out, q, k, v, lse, delta, q_offsets, kv_offsets, dq_tiles, num_dq_tiles,
+                                    heads, head_dim, scale, causal, grad_q, stream);
+    }
+    return;
+  }
   dkdv_variant<T, kHeadDimMax, kDkdvRows>(grad_out, q, k, v, lse, delta, q_offsets, kv_offsets, dkdv_tiles,
                                           num_dkdv_tiles, heads, head_dim, scale, causal, grad_k, grad_v, stream);
   if (block_q == sizes.dq_small) {
@@ -127,7 +183,7 @@ void backward_head_dim(const T* grad_out, const T* q, const T* k, const T* v, co
 }
 
 template <typename T>
-void backward_typed(const void* grad_out, const void* q, const void* k, const void* v, const void* out,
+void backward_typed(bool tensor_cores, const void* grad_out, const void* q, const void* k, const void* v, const void* out,
                     const float* lse, const int64_t* q_offsets, const int64_t* kv_offsets, int64_t total_q,
                     const int32_t* dq_tiles, int64_t num_dq_tiles, int block_q, const int32_t* dkdv_tiles,
                     int64_t num_dkdv_tiles, int block_k, int heads, int head_dim, float scale, bool causal,
@@ -145,15 +201,15 @@ void backward_typed(const void* grad_out, const void* q, const void* k, const vo
   T* gv = static_cast<T*>(grad_v);
   switch (attention_head_dim_class(head_dim)) {
     case 32:
-      return backward_head_dim<T, 32>(g, qt, kt, vt, lse, delta, q_offsets, kv_offsets, dq_tiles, num_dq_tiles,
+      return backward_head_dim<T, 32>(tensor_cores, g, qt, kt, vt, lse, delta, q_offsets, kv_offsets, dq_tiles, num_dq_tiles,
                                       block_q, dkdv_tiles, num_dkdv_tiles, block_k, heads, head_dim, scale, causal,
                                       gq, gk, gv, stream);
     case 64:
-      return backward_head_dim<T, 64>(g, qt, kt, vt, lse, delta, q_offsets, kv_offsets, dq_tiles, num_dq_tiles,
+      return backward_head_dim<T, 64>(tensor_cores, g, qt, kt, vt, lse, delta, q_offsets, kv_offsets, dq_tiles, num_dq_tiles,
                                       block_q, dkdv_tiles, num_dkdv_tiles, block_k, heads, head_dim, scale, causal,
                                       gq, gk, gv, stream);
     default:
-      return backward_head_dim<T, 128>(g, qt, kt, vt, lse, delta, q_offsets, kv_offsets, dq_tiles, num_dq_tiles,
+      return backward_head_dim<T, 128>(tensor_cores, g, qt, kt, vt, lse, delta, q_offsets, kv_offsets, dq_tiles, num_dq_tiles,
                                        block_q, dkdv_tiles, num_dkdv_tiles, block_k, heads, head_dim, scale, causal,
                                        gq, gk, gv, stream);
   }
@@ -215,18 +271,18 @@ void check_batch(int64_t batch) {
 void jagged_attention_forward(AttentionDtype dtype, const void* q, const void* k, const void* v,
                               const int64_t* q_offsets, const int64_t* kv_offsets, const int32_t* tiles,
                               int64_t num_tiles, int block_q, int heads, int head_dim, float scale, bool causal,
-                              void* out, float* lse, cudaStream_t stream) {
+                              bool tensor_cores, void* out, float* lse, cudaStream_t stream) {
   check_sizes(heads, head_dim);
   if (num_tiles == 0) return;
   switch (dtype) {
     case AttentionDtype::kFloat32:
-      return forward_typed<float>(block_q, q, k, v, q_offsets, kv_offsets, tiles, num_tiles, heads, head_dim, scale,
+      return forward_typed<float>(block_q, tensor_cores, q, k, v, q_offsets, kv_offsets, tiles, num_tiles, heads, head_dim, scale,
                                   causal, out, lse, stream);
     case AttentionDtype::kFloat16:
-      return forward_typed<__half>(block_q, q, k, v, q_offsets, kv_offsets, tiles, num_tiles, heads, head_dim,
+      return forward_typed<__half>(block_q, tensor_cores, q, k, v, q_offsets, kv_offsets, tiles, num_tiles, heads, head_dim,
                                    scale, causal, out, lse, stream);
     case AttentionDtype::kBFloat16:
-      return forward_typed<__nv_bfloat16>(block_q, q, k, v, q_offsets, kv_offsets, tiles, num_tiles, heads,
+      return forward_typed<__nv_bfloat16>(block_q, tensor_cores, q, k, v, q_offsets, kv_offsets, tiles, num_tiles, heads,
                                           head_dim, scale, causal, out, lse, stream);
     case AttentionDtype::kFloat64:
       break;
@@ -238,21 +294,21 @@ void jagged_attention_backward(AttentionDtype dtype, const void* grad_out, const
                                const void* v, const void* out, const float* lse, const int64_t* q_offsets,
                                const int64_t* kv_offsets, int64_t total_q, const int32_t* dq_tiles,
                                int64_t num_dq_tiles, int block_q, const int32_t* dkdv_tiles, int64_t num_dkdv_tiles,
-                               int block_k, int heads, int head_dim, float scale, bool causal, float* delta,
-                               void* grad_q, void* grad_k, void* grad_v, cudaStream_t stream) {
+                               int block_k, int heads, int head_dim, float scale, bool causal, bool tensor_cores,
+                               float* delta, void* grad_q, void* grad_k, void* grad_v, cudaStream_t stream) {
   check_sizes(heads, head_dim);
   if (total_q == 0 && num_dkdv_tiles == 0) return;
   switch (dtype) {
     case AttentionDtype::kFloat32:
-      return backward_typed<float>(grad_out, q, k, v, out, lse, q_offsets, kv_offsets, total_q, dq_tiles,
+      return backward_typed<float>(tensor_cores, grad_out, q, k, v, out, lse, q_offsets, kv_offsets, total_q, dq_tiles,
                                    num_dq_tiles, block_q, dkdv_tiles, num_dkdv_tiles, block_k, heads, head_dim, scale,
                                    causal, delta, grad_q, grad_k, grad_v, stream);
     case AttentionDtype::kFloat16:
-      return backward_typed<__half>(grad_out, q, k, v, out, lse, q_offsets, kv_offsets, total_q, dq_tiles,
+      return backward_typed<__half>(tensor_cores, grad_out, q, k, v, out, lse, q_offsets, kv_offsets, total_q, dq_tiles,
                                     num_dq_tiles, block_q, dkdv_tiles, num_dkdv_tiles, block_k, heads, head_dim,
                                     scale, causal, delta, grad_q, grad_k, grad_v, stream);
     case AttentionDtype::kBFloat16:
-      return backward_typed<__nv_bfloat16>(grad_out, q, k, v, out, lse, q_offsets, kv_offsets, total_q, dq_tiles,
+      return backward_typed<__nv_bfloat16>(tensor_cores, grad_out, q, k, v, out, lse, q_offsets, kv_offsets, total_q, dq_tiles,
                                            num_dq_tiles, block_q, dkdv_tiles, num_dkdv_tiles, block_k, heads,
                                            head_dim, scale, causal, delta, grad_q, grad_k, grad_v, stream);
     case AttentionDtype::kFloat64:

@@ -24,16 +24,28 @@ inline bool attention_uses_generic(AttentionDtype dtype, int head_dim) {
   return dtype == AttentionDtype::kFloat64 || head_dim > kAttentionMaxHeadDim;
 }
 
+// Whether the large tiles run on tensor cores (jagged_attention_tc_kernels.cuh): always for bf16/fp16
+// (fp32 accumulation), for fp32 only as tf32 when the caller allows it (torch's allow_tf32 for matmuls:
+// tf32 keeps 10 mantissa bits). Needs compute capability 8.0 or newer: the glue passes
+// allow_tensor_cores = false below that.
+inline bool attention_uses_tensor_cores(AttentionDtype dtype, bool allow_tf32, bool allow_tensor_cores = true) {
+  if (!allow_tensor_cores) return false;
+  return dtype == AttentionDtype::kFloat16 || dtype == AttentionDtype::kBFloat16 ||
+         (dtype == AttentionDtype::kFloat32 && allow_tf32);
+}
+
 // Rows per block of each kernel for a head dim: the compiled variants (see jagged_attention.cu). The
-// forward and dq kernels come in a small variant (8 queries: a few summary tokens per sample) and a
-// large one (long query streams; smaller for head dim 128 to stay within 48 KiB of shared memory).
+// forward and dq kernels come in a small FMA variant (8 queries: a few summary tokens per sample) and a
+// large one: on tensor cores 64 queries (dK/dV: 64 keys) for every head dim; on FMA tiles smaller for head
+// dim 128 to stay within 48 KiB of shared memory.
 struct AttentionBlockSizes {
   int forward_small, forward_large, dq_small, dq_large, dkdv;
 };
 
 inline int attention_head_dim_class(int head_dim) { return head_dim <= 32 ? 32 : (head_dim <= 64 ? 64 : 128); }
 
-inline AttentionBlockSizes attention_block_sizes(int head_dim) {
+inline AttentionBlockSizes attention_block_sizes(int head_dim, bool tensor_cores = false) {
+  if (tensor_cores) return AttentionBlockSizes{8, 64, 8, 64, 64};
   return attention_head_dim_class(head_dim) == 128 ? AttentionBlockSizes{8, 16, 8, 8, 8}
                                                    : AttentionBlockSizes{8, 64, 8, 32, 32};
 }
@@ -111,38 +123,41 @@ inline AttentionTilePlan plan_query_tiles(const int64_t* q_offsets, const int64_
 // Host copies of q_offsets / kv_offsets [batch + 1] (validated) -> the forward's query tiles. min_tiles:
 // the number of tiles (blocks per head) below which the GPU would be underfilled, e.g.
 // 2 * multiprocessors / heads; 0 ignores occupancy.
+// tensor_cores: attention_uses_tensor_cores() of the call.
 inline AttentionTilePlan plan_attention_forward(const int64_t* q_offsets, const int64_t* kv_offsets, int64_t batch,
-                                                int head_dim, bool causal, int64_t min_tiles = 0) {
-  const AttentionBlockSizes sizes = attention_block_sizes(head_dim);
+                                                int head_dim, bool causal, bool tensor_cores, int64_t min_tiles = 0) {
+  const AttentionBlockSizes sizes = attention_block_sizes(head_dim, tensor_cores);
   return plan_detail::plan_query_tiles(q_offsets, kv_offsets, batch, causal, sizes.forward_small, sizes.forward_large,
                                        min_tiles);
 }
 
 // The backward's dQ query tiles.
 inline AttentionTilePlan plan_attention_backward_dq(const int64_t* q_offsets, const int64_t* kv_offsets,
-                                                    int64_t batch, int head_dim, bool causal, int64_t min_tiles = 0) {
-  const AttentionBlockSizes sizes = attention_block_sizes(head_dim);
+                                                    int64_t batch, int head_dim, bool causal, bool tensor_cores,
+                                                    int64_t min_tiles = 0) {
+  const AttentionBlockSizes sizes = attention_block_sizes(head_dim, tensor_cores);
   return plan_detail::plan_query_tiles(q_offsets, kv_offsets, batch, causal, sizes.dq_small, sizes.dq_large,
                                        min_tiles);
 }
 
 // The backward's dK/dV key tiles.
 inline AttentionTilePlan plan_attention_backward_dkdv(const int64_t* q_offsets, const int64_t* kv_offsets,
-                                                      int64_t batch, int head_dim, bool causal) {
-  return plan_detail::make_tiles(q_offsets, kv_offsets, batch, attention_block_sizes(head_dim).dkdv, causal, false,
-                            nullptr);
+                                                      int64_t batch, int head_dim, bool causal,
+                                                      bool tensor_cores) {
+  return plan_detail::make_tiles(q_offsets, kv_offsets, batch, attention_block_sizes(head_dim, tensor_cores).dkdv,
+                                 causal, false, nullptr);
 }
 
 // ---- launchers (jagged_attention.cu) ---------------------------------------------------------------
 // Pointers are device pointers; q, k, v, out, grad_* are contiguous [N, heads, head_dim] in `dtype`;
 // offsets int64 [B+1]; lse, delta fp32 [Nq, heads]; tiles int32 [num_tiles, 2] from the planners above
-// (with the plan's block). 1 <= head_dim <= kAttentionMaxHeadDim, 1 <= heads <= 65535.
+// (with the plan's block, planned with the same tensor_cores flag). 1 <= head_dim <= kAttentionMaxHeadDim, 1 <= heads <= 65535.
 
 // out, lse: every row of every sample is written (rows past q_offsets[B] are left alone).
 void jagged_attention_forward(AttentionDtype dtype, const void* q, const void* k, const void* v,
                               const int64_t* q_offsets, const int64_t* kv_offsets, const int32_t* tiles,
                               int64_t num_tiles, int block_q, int heads, int head_dim, float scale, bool causal,
-                              void* out, float* lse, cudaStream_t stream);
+                              bool tensor_cores, void* out, float* lse, cudaStream_t stream);
 
 // grad_q, grad_k, grad_v: every row of every sample is written. `delta` is an fp32 workspace of
 // total_q * heads entries (total_q = rows of q, grad_out and out).
@@ -150,8 +165,8 @@ void jagged_attention_backward(AttentionDtype dtype, const void* grad_out, const
                                const void* v, const void* out, const float* lse, const int64_t* q_offsets,
                                const int64_t* kv_offsets, int64_t total_q, const int32_t* dq_tiles,
                                int64_t num_dq_tiles, int block_q, const int32_t* dkdv_tiles, int64_t num_dkdv_tiles,
-                               int block_k, int heads, int head_dim, float scale, bool causal, float* delta,
-                               void* grad_q, void* grad_k, void* grad_v, cudaStream_t stream);
+                               int block_k, int heads, int head_dim, float scale, bool causal, bool tensor_cores,
+                               float* delta, void* grad_q, void* grad_k, void* grad_v, cudaStream_t stream);
 
 // Generic path. Workspaces are of the accumulation type (double for kFloat64, float otherwise):
 // acc / acc_q [total_q, heads, head_dim], acc_k, acc_v [total_k, heads, head_dim], row_lse and delta

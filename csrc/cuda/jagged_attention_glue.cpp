@@ -127,6 +127,15 @@ int64_t min_tiles_per_head(int64_t heads) {
   return (2 * static_cast<int64_t>(sms) + heads - 1) / heads;
 }
 
+// The large tiles run on tensor cores from compute capability 8.0 (bf16 WMMA, tf32); fp32 only where torch
+// allows tf32 for matmuls (torch.backends.cuda.matmul.allow_tf32), as cuBLAS does.
+bool use_tensor_cores(AttentionDtype dtype) {
+  int device = 0, major = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+  return cuda::attention_uses_tensor_cores(dtype, at::globalContext().allowTF32CuBLAS(), major >= 8);
+}
+
 void check_grid(const AttentionTilePlan& plan, const char* what) {
   TORCH_CHECK(plan.num_tiles() <= std::numeric_limits<int32_t>::max(), "jagged_attention (CUDA): ", plan.num_tiles(),
               " ", what, " tiles exceed the grid limit");
@@ -155,14 +164,15 @@ std::tuple<at::Tensor, at::Tensor> jagged_attention_cuda(const at::Tensor& q_in,
                                            stream);
     return {out, lse};
   }
+  const bool tensor_cores = use_tensor_cores(pb.dtype);
   const AttentionTilePlan plan =
       cuda::plan_attention_forward(pb.q_offsets_host.data_ptr<int64_t>(), pb.kv_offsets_host.data_ptr<int64_t>(), pb.B,
-                                   Dh, causal, min_tiles_per_head(pb.H));
+                                   Dh, causal, tensor_cores, min_tiles_per_head(pb.H));
   check_grid(plan, "query");
   const at::Tensor tiles = tiles_on_device({&plan}, q.device());
   cuda::jagged_attention_forward(pb.dtype, q.data_ptr(), k.data_ptr(), v.data_ptr(), qo, ko, tiles.data_ptr<int32_t>(),
-                                 plan.num_tiles(), plan.block, H, Dh, static_cast<float>(scale), causal, out.data_ptr(),
-                                 lse.data_ptr<float>(), stream);
+                                 plan.num_tiles(), plan.block, H, Dh, static_cast<float>(scale), causal, tensor_cores,
+                                 out.data_ptr(), lse.data_ptr<float>(), stream);
   return {out, lse};
 }
 
@@ -214,9 +224,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> jagged_attention_backward_cuda(
   }
   const int64_t* qo_host = pb.q_offsets_host.data_ptr<int64_t>();
   const int64_t* ko_host = pb.kv_offsets_host.data_ptr<int64_t>();
+  const bool tensor_cores = use_tensor_cores(pb.dtype);
   const AttentionTilePlan dq_plan =
-      cuda::plan_attention_backward_dq(qo_host, ko_host, pb.B, Dh, causal, min_tiles_per_head(pb.H));
-  const AttentionTilePlan dkdv_plan = cuda::plan_attention_backward_dkdv(qo_host, ko_host, pb.B, Dh, causal);
+      cuda::plan_attention_backward_dq(qo_host, ko_host, pb.B, Dh, causal, tensor_cores, min_tiles_per_head(pb.H));
+  const AttentionTilePlan dkdv_plan =
+      cuda::plan_attention_backward_dkdv(qo_host, ko_host, pb.B, Dh, causal, tensor_cores);
   check_grid(dq_plan, "query");
   check_grid(dkdv_plan, "key");
   const at::Tensor tiles = tiles_on_device({&dq_plan, &dkdv_plan}, q.device());
@@ -226,7 +238,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> jagged_attention_backward_cuda(
   cuda::jagged_attention_backward(pb.dtype, go.data_ptr(), q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(),
                                   lse.data_ptr<float>(), qo, ko, pb.Nq, dq_tiles, dq_plan.num_tiles(), dq_plan.block,
                                   dkdv_tiles, dkdv_plan.num_tiles(), dkdv_plan.block, H, Dh, static_cast<float>(scale),
-                                  causal, delta.data_ptr<float>(), gq.data_ptr(), gk.data_ptr(), gv.data_ptr(), stream);
+                                  causal, tensor_cores, delta.data_ptr<float>(), gq.data_ptr(), gk.data_ptr(),
+                                  gv.data_ptr(), stream);
   return {gq, gk, gv};
 }
 

@@ -27,6 +27,15 @@ int blocks_for(long long work_items, long long per_block) {
 
 size_t align_up(size_t x) { return (x + 255) & ~size_t(255); }
 
+// A persistent grid for the grid-stride forward: at most as many blocks as the GPU holds at once, so short
+// bags are not paid for with block launches and per-block tails (B = 2048, T = 26 is 53k bags).
+int persistent_blocks(long long work_items, long long per_block) {
+  int device = 0, sms = 0;
+  check(cudaGetDevice(&device), "cudaGetDevice");
+  check(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device), "cudaDeviceGetAttribute");
+  return std::max(1, std::min(blocks_for(work_items, per_block), sms * kForwardBlocksPerSm));
+}
+
 template <typename F>
 void dispatch_scalar(ScalarType t, F&& f) {
   switch (t) {
@@ -284,7 +293,7 @@ Status forward(const Problem& p, void* out, void* workspace, cudaStream_t stream
         dispatch_vec(vec, [&](auto vec_c) {
           constexpr int VEC = decltype(vec_c)::value;
           if constexpr (VEC * sizeof(scalar_t) <= 16) {
-            launch(pool_forward_kernel<scalar_t, index_t, VEC>, dim3(blocks_for(num_bags, kThreads / g)),
+            launch(pool_forward_kernel<scalar_t, index_t, VEC>, dim3(persistent_blocks(num_bags, kThreads / g)),
                    dim3(kThreads), 0, stream, static_cast<const scalar_t*>(p.weights), p.ld, p.rows_total,
                    tables_of(p), static_cast<const index_t*>(p.indices), static_cast<const index_t*>(p.offsets),
                    static_cast<const typename AccOf<scalar_t>::type*>(p.per_sample_weights), p.num_indices,

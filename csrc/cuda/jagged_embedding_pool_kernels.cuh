@@ -32,6 +32,8 @@ namespace cuda {
 namespace pool {
 
 constexpr int kThreads = 256;         // block size of the row/bag kernels
+constexpr int kForwardRowsInFlight = 4;  // rows a forward group gathers at once (memory-level parallelism)
+constexpr int kForwardBlocksPerSm = 8;   // persistent forward grid: 8 blocks of 256 threads fill an SM's 2048
 constexpr int kSortThreads = 256;     // block size of the radix sort kernels (8 warps)
 constexpr int kSortItemsPerWarp = 256;  // 8 chunks of 32
 constexpr int kSortTile = kSortThreads / 32 * kSortItemsPerWarp;  // 2048 keys per block
@@ -305,14 +307,30 @@ __global__ void pool_forward_kernel(const scalar_t* __restrict__ weights, long l
           if (per_sample_weights) my_w = __ldg(&per_sample_weights[j0 + g.lane]);
         }
         const int cnt = static_cast<int>(end - j0 < g.size ? end - j0 : g.size);
-        for (int k = 0; k < cnt; ++k) {
-          const long long row = __shfl_sync(g.mask, my_row, k, g.size);
-          const acc_t w = per_sample_weights ? __shfl_sync(g.mask, my_w, k, g.size) : acc_t(1);
-          if (active && row >= 0) {
-            acc_t v[VEC];
-            load_vec<scalar_t, VEC>(weights + row * ld + c, v);
+        // kForwardRowsInFlight rows per step: their loads are all issued before any is summed, so a lane keeps
+        // several independent 16-byte gathers in flight (a short bag is otherwise one latency per row). The sum
+        // stays in position order, so results are bitwise those of a row-at-a-time loop.
+        for (int k0 = 0; k0 < cnt; k0 += kForwardRowsInFlight) {
+          long long rows[kForwardRowsInFlight];
+          acc_t ws[kForwardRowsInFlight];
 #pragma unroll
-            for (int e = 0; e < VEC; ++e) acc[e] += w * v[e];
+          for (int u = 0; u < kForwardRowsInFlight; ++u) {
+            const int k = k0 + u < cnt ? k0 + u : 0;  // every lane of the group takes part in each shuffle
+            const long long row = __shfl_sync(g.mask, my_row, k, g.size);
+            ws[u] = per_sample_weights ? __shfl_sync(g.mask, my_w, k, g.size) : acc_t(1);
+            rows[u] = k0 + u < cnt ? row : -1;
+          }
+          acc_t v[kForwardRowsInFlight][VEC];
+#pragma unroll
+          for (int u = 0; u < kForwardRowsInFlight; ++u) {
+            if (active && rows[u] >= 0) load_vec<scalar_t, VEC>(weights + rows[u] * ld + c, v[u]);
+          }
+#pragma unroll
+          for (int u = 0; u < kForwardRowsInFlight; ++u) {
+            if (active && rows[u] >= 0) {
+#pragma unroll
+              for (int e = 0; e < VEC; ++e) acc[e] += ws[u] * v[u][e];
+            }
           }
         }
       }

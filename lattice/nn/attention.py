@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lattice.nn.norms import RMSNorm, rms_norm
-from lattice.ops.attention import jagged_attention
+from lattice.ops.attention import jagged_attention_output
 
 __all__ = ["rope_table", "apply_rope", "RotaryEmbedding", "positions_from_offsets", "JaggedMultiheadAttention", "PMA", "InterleavedCrossAttention"]
 
@@ -204,7 +204,8 @@ class JaggedMultiheadAttention(nn.Module):
                 q, k = self._rotate_apart(q, k, query_offsets, key_offsets, query_positions, key_positions)
         v = v.to(q.dtype)
         k = k.to(q.dtype)
-        out, _ = jagged_attention(
+        # On CUDA the backend (our kernel, varlen_attn, padded SDPA) is picked per call: lattice.ops.attention.
+        out = jagged_attention_output(
             q.contiguous(), query_offsets.long(), k.contiguous(), v.contiguous(), key_offsets.long(),
             self.head_dim**-0.5, causal,
         )

@@ -22,6 +22,7 @@ DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 
 # Tolerances against the float64 reference (inputs rounded to the dtype first); fp16/bf16 outputs and
 # gradients are rounded once more on the way out.
 TOL = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2, torch.float64: 1e-10}
+TOL_TF32 = 4e-3  # fp32 inputs on tensor cores: tf32 products (10 mantissa bits), fp32 accumulation
 # Planner's choice (0), generic path (-1), or a forced query-tile size.
 PLANNED, GENERIC = 0, -1
 
@@ -80,22 +81,22 @@ def _per_sample_reference(q, q_offsets, k, v, kv_offsets, scale, causal, grad_ou
     return out.detach(), lse.detach(), grads
 
 
-def emu_forward(lib, q, q_offsets, k, v, kv_offsets, scale, causal, mode=PLANNED):
+def emu_forward(lib, q, q_offsets, k, v, kv_offsets, scale, causal, mode=PLANNED, tf32=False):
     out = torch.empty_like(q)
     lse = torch.empty(q.shape[0], q.shape[1], dtype=torch.float32)
     block = torch.zeros(1, dtype=torch.int64)
     lib.call("emu_attention_forward", q, k, v, q_offsets, kv_offsets, q_offsets.numel() - 1, q.shape[0], k.shape[0],
-             q.shape[1], q.shape[2], DTYPES[q.dtype], float(scale), bool(causal), mode, out, lse, block)
+             q.shape[1], q.shape[2], DTYPES[q.dtype], float(scale), bool(causal), mode, bool(tf32), out, lse, block)
     return out, lse, int(block)
 
 
 def emu_backward(lib, grad_out, q, q_offsets, k, v, kv_offsets, out, lse, scale, causal, mode=PLANNED,
-                 with_block=False):
+                 with_block=False, tf32=False):
     gq, gk, gv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     block = torch.zeros(1, dtype=torch.int64)
     lib.call("emu_attention_backward", grad_out, q, k, v, out, lse, q_offsets, kv_offsets, q_offsets.numel() - 1,
-             q.shape[0], k.shape[0], q.shape[1], q.shape[2], DTYPES[q.dtype], float(scale), bool(causal), mode, gq, gk,
-             gv, block)
+             q.shape[0], k.shape[0], q.shape[1], q.shape[2], DTYPES[q.dtype], float(scale), bool(causal), mode, bool(tf32),
+             gq, gk, gv, block)
     return (gq, gk, gv, int(block)) if with_block else (gq, gk, gv)
 
 
@@ -107,22 +108,24 @@ def _close(name, got, want, tol):
 
 
 def check_case(lib, lq, lk, heads, head_dim, causal, dtype=torch.float32, mode=PLANNED, seed=0, expect_block=None,
-               dq_mode=None):
+               dq_mode=None, tf32=False):
     """Forward and backward through the emulator vs the reference. `mode` picks the forward's query tile
-    (planner, generic path or a forced size), `dq_mode` the backward's (default: the same)."""
+    (planner, generic path or a forced size), `dq_mode` the backward's (default: the same); `tf32` lets fp32
+    take the tensor-core tiles (bf16/fp16 always do)."""
     q, qo, k, v, ko, go = _inputs(lq, lk, heads, head_dim, dtype, seed)
     scale = head_dim ** -0.5
     dq_mode = mode if dq_mode is None else dq_mode
-    out, lse, block = emu_forward(lib, q, qo, k, v, ko, scale, causal, mode)
+    out, lse, block = emu_forward(lib, q, qo, k, v, ko, scale, causal, mode, tf32)
     if expect_block is not None:
         assert block == expect_block
     ref_out, ref_lse, ref_grads = reference(q, qo, k, v, ko, scale, causal, go)
-    tol = TOL[dtype]
+    tol = TOL_TF32 if tf32 and dtype == torch.float32 else TOL[dtype]
     _close("out", out, ref_out, tol)
     empty = torch.isinf(ref_lse)
     assert torch.equal(torch.isinf(lse), empty) and (lse[empty] < 0).all(), "lse must be -inf exactly where no key is seen"
     _close("lse", lse[~empty], ref_lse[~empty], max(tol, 2e-6))
-    *grads, dq_block = emu_backward(lib, go, q, qo, k, v, ko, out, lse, scale, causal, dq_mode, with_block=True)
+    *grads, dq_block = emu_backward(lib, go, q, qo, k, v, ko, out, lse, scale, causal, dq_mode, with_block=True,
+                                    tf32=tf32)
     if dq_mode != PLANNED:
         assert dq_block == dq_mode
     for name, got, want in zip(("grad_q", "grad_k", "grad_v"), grads, ref_grads):
@@ -170,6 +173,56 @@ def test_matches_reference_half_types(lib, dtype, causal):
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 def test_forced_tile_sizes(lib, lq, lk, head_dim, block, dq_block, causal):
     check_case(lib, lq, lk, 1, head_dim, causal, mode=block, expect_block=block, dq_mode=dq_block)
+
+
+# Tensor-core tiles (64 rows per block, 16 per warp; dK/dV: 64 keys against 16-query tiles): bf16 / fp16, and
+# fp32 as tf32; lengths at the 16- and 64-row edges +-1; head dims padded to 16.
+TC_CASES = {
+    "tile_edges": ([63, 64, 65, 0], [64, 15, 66, 5], 32),
+    "keys_at_16": ([17, 1, 33], [16, 17, 31], 64),
+    "head_dim_100": ([15, 16, 40], [20, 33, 17], 100),
+    "head_dim_128": ([20, 3], [9, 40], 128),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=["bf16", "fp16", "tf32"])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("case", list(TC_CASES))
+def test_tensor_core_tiles(lib, case, causal, dtype):
+    lq, lk, head_dim = TC_CASES[case]
+    check_case(lib, lq, lk, 2 if head_dim <= 32 else 1, head_dim, causal, dtype=dtype, mode=64, expect_block=64,
+               tf32=True, seed=len(case))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "tf32"])
+def test_tensor_core_backward_with_small_dq_tile(lib, dtype):
+    """Summary queries: the forward and dQ take the small FMA tile, dK/dV the tensor-core one."""
+    check_case(lib, [8, 8, 3], [70, 0, 33], 2, 40, True, dtype=dtype, tf32=True, expect_block=8, dq_mode=8)
+
+
+def test_allow_tf32_moves_fp32_onto_tensor_cores(lib):
+    q, qo, k, v, ko, go = _inputs([40, 9], [50, 20], 1, 32, torch.float32, seed=2)
+    ref_out, _, _ = reference(q, qo, k, v, ko, 0.3, False, go)
+    fma, _, _ = emu_forward(lib, q, qo, k, v, ko, 0.3, False, 64, tf32=False)
+    tc, _, _ = emu_forward(lib, q, qo, k, v, ko, 0.3, False, 64, tf32=True)
+    _close("fp32", fma, ref_out, TOL[torch.float32])
+    _close("tf32", tc, ref_out, TOL_TF32)
+    assert (tc.double() - ref_out).abs().max() > 10 * (fma.double() - ref_out).abs().max()  # tf32 rounding shows
+
+
+def test_tensor_core_tiles_schedule_independent_and_deterministic(lib):
+    lq, lk = [40, 17, 0], [33, 50, 7]
+    q, qo, k, v, ko, go = _inputs(lq, lk, 1, 48, torch.bfloat16, seed=5)
+
+    def run():
+        out, lse, block = emu_forward(lib, q, qo, k, v, ko, 0.2, True, 64)
+        assert block == 64
+        return (out, lse, *emu_backward(lib, go, q, qo, k, v, ko, out, lse, 0.2, True, 64))
+
+    results = h.run_all_schedules(lib, run)
+    for cfg, other in zip(h.DEFAULT_RUNS[1:], results[1:]):
+        for a, b in zip(results[0], other):
+            assert torch.equal(a, b), f"results differ under schedule {cfg}"
 
 
 @pytest.mark.parametrize(
@@ -237,12 +290,13 @@ def test_schedule_independent_and_deterministic(lib):
 # ---------------------------------------------------------------------------------------------------------
 # The tile planner (the host side of the skew-aware grid)
 # ---------------------------------------------------------------------------------------------------------
-def _plan(lib, lq, lk, head_dim, causal, kind, min_tiles=0):
+def _plan(lib, lq, lk, head_dim, causal, kind, min_tiles=0, tensor_cores=False):
     qo, ko = _offsets(lq), _offsets(lk)
     rows = lq if kind != 2 else lk
     tiles = torch.empty(2 * (sum(rows) + 1), dtype=torch.int32)
     info = torch.zeros(2, dtype=torch.int64)
-    lib.call("emu_attention_plan", qo, ko, len(lq), head_dim, bool(causal), kind, min_tiles, tiles, sum(rows) + 1, info)
+    lib.call("emu_attention_plan", qo, ko, len(lq), head_dim, bool(causal), kind, min_tiles, bool(tensor_cores), tiles,
+             sum(rows) + 1, info)
     return tiles[: 2 * int(info[0])].view(-1, 2).tolist(), int(info[1])
 
 
@@ -274,6 +328,11 @@ def test_planner_picks_tile_size_by_shape(lib):
     assert _plan(lib, [1024], [1024], 64, False, 0, min_tiles=216)[1] == 8
     assert _plan(lib, [1024], [1024], 64, False, 1, min_tiles=216)[1] == 8
     assert _plan(lib, [1024], [1024], 64, False, 1, min_tiles=0)[1] == 32
+    # Tensor-core tiles: 64 rows for every head dim, the small tile still for summary queries.
+    assert _plan(lib, [256] * 4, [256] * 4, 128, True, 0, tensor_cores=True)[1] == 64
+    assert _plan(lib, [256] * 4, [256] * 4, 128, True, 1, tensor_cores=True)[1] == 64
+    assert _plan(lib, [256] * 4, [256] * 4, 128, True, 2, tensor_cores=True)[1] == 64
+    assert _plan(lib, [8] * 32, [100] * 32, 64, False, 0, tensor_cores=True)[1] == 8
     # Heaviest tiles first: the long sample's tiles lead.
     tiles, _ = _plan(lib, [8, 8, 8], [1, 300, 2], 32, False, 0)
     assert tiles[0][0] == 1

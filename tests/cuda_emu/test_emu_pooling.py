@@ -190,6 +190,15 @@ def test_forward_many_bags_multiwarp_schedules(lib):
     h.assert_schedule_independent(lib, lambda: run_forward(lib, c), lambda out, cfg: close(out, ref, c.dtype))
 
 
+def test_forward_persistent_grid_strides_over_more_bags_than_blocks(lib):
+    # D=128 fp32: 32-lane groups, 8 bags per block; the emulator's 4 SMs cap the persistent grid at 32 blocks
+    # (256 bags), so the 300 bags wrap around the grid; bags of 0..9 rows cover partial 4-row gather steps.
+    c = Case(T=3, B=100, D=128, rows=(40, 7, 300), max_len=9, seed=11, psw=True)
+    ref = c.ref_forward()
+    h.assert_schedule_independent(lib, lambda: run_forward(lib, c), lambda out, cfg: close(out, ref, c.dtype),
+                                  runs=h.DEFAULT_RUNS[:2])
+
+
 def test_forward_all_empty_and_zero_indices(lib):
     c = Case(T=2, B=3, D=4, lengths=[0] * 6)
     out = run_forward(lib, c)

@@ -74,7 +74,8 @@ const char* const kOpNames[kNumWarpOps] = {
     "__shfl_sync", "__shfl_up_sync", "__shfl_down_sync", "__shfl_xor_sync", "__ballot_sync", "__any_sync",
     "__all_sync", "__uni_sync", "__match_any_sync", "__match_all_sync", "__reduce_add_sync(unsigned)",
     "__reduce_add_sync(int)", "__reduce_min_sync(unsigned)", "__reduce_min_sync(int)", "__reduce_max_sync(unsigned)",
-    "__reduce_max_sync(int)", "__reduce_and_sync", "__reduce_or_sync", "__reduce_xor_sync", "__syncwarp"};
+    "__reduce_max_sync(int)", "__reduce_and_sync", "__reduce_or_sync", "__reduce_xor_sync", "__syncwarp",
+    "wmma::fill_fragment", "wmma::load_matrix_sync", "wmma::store_matrix_sync", "wmma::mma_sync"};
 
 struct Fiber {
   void* sp = nullptr;
@@ -590,6 +591,23 @@ void complete_collective(int warp, unsigned mask) {
         f->pred_out = all ? 1 : 0;
         break;
       }
+      case kWmmaFill:
+      case kWmmaLoad:
+      case kWmmaStore:
+      case kWmmaMma: {
+        // Every lane must make the same call: same call site (line in `arg`), pointer, ldm, layout.
+        const int l0 = __builtin_ctz(mask);
+        if (lanes[l0]->value != f->value || lanes[l0]->arg != f->arg) {
+          g_run.cur = f;
+          threadIdx = f->tid;
+          g_run.error = where(f) + fmt(": divergent %s: lane %d calls it at line %d, lane %d at line %d%s; every lane "
+                                       "of the warp must execute the same call with the same pointer, ldm and layout",
+                                       kOpNames[op], l0, lanes[l0]->arg, l, f->arg,
+                                       lanes[l0]->arg == f->arg ? " with a different pointer, ldm, layout or value" : "");
+          return;
+        }
+        break;
+      }
       default: {
         if (op == kSyncWarp) break;
         uint32_t acc = op == kReduceAnd ? 0xffffffffu : 0u;
@@ -801,6 +819,11 @@ void yield_thread() {
 void trap(const char* what) {
   if (!g_in_fiber) throw std::runtime_error(std::string("lattice_emu: ") + what + " outside a kernel");
   fail(std::string("the kernel executed ") + what);
+}
+
+void misuse(const std::string& what) {
+  if (!g_in_fiber) throw std::runtime_error("lattice_emu: " + what + " outside a kernel");
+  fail(what);
 }
 
 unsigned lane_id() { return g_run.cur ? static_cast<unsigned>(g_run.cur->lane) : 0u; }

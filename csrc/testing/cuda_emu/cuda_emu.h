@@ -387,8 +387,10 @@ namespace lattice_emu {
 enum WarpOp : int {
   kShflIdx = 0, kShflUp, kShflDown, kShflXor, kBallot, kAny, kAll, kUni, kMatchAny, kMatchAll,
   kReduceAddU, kReduceAddI, kReduceMinU, kReduceMinI, kReduceMaxU, kReduceMaxI, kReduceAnd, kReduceOr,
-  kReduceXor, kSyncWarp, kNumWarpOps
+  kReduceXor, kSyncWarp, kWmmaFill, kWmmaLoad, kWmmaStore, kWmmaMma, kNumWarpOps
 };
+// The nvcuda::wmma collectives (wmma_emu.h) pass a signature (pointer, ldm, layout, call site) as `value`
+// and the call's line as `arg`; every lane of the warp must agree on both.
 
 // A warp collective among the lanes named by `mask` (which must include the calling lane and match the
 // other participants' masks exactly). Returns the op's result; for kMatchAll *pred receives the predicate.
@@ -398,6 +400,8 @@ int block_barrier(int kind, int predicate);
 unsigned active_mask();
 void yield_thread();  // __nanosleep and friends: let other threads run
 [[noreturn]] void trap(const char* what);
+// Reports a misuse of a device API (e.g. a wmma pointer that is not 32-byte aligned) with kernel and thread.
+[[noreturn]] void misuse(const std::string& what);
 unsigned lane_id();
 long long clock_ticks();
 void* dynamic_shared_base();
