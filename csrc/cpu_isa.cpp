@@ -9,9 +9,12 @@
 // The widest variant the host supports is used. LATTICE_CPU_ISA=avx512|avx2|generic asks for one (the tests
 // run each variant on one machine, as LATTICE_CPU_ISA=generic does for lattice._C); a value the host cannot
 // run, or an unknown one, is reported on stderr and the widest supported variant is used instead, as
-// ATen does for ATEN_CPU_CAPABILITY. This file and the generic objects come first on the link line, so where
-// variants share an out-of-line inline function of a header outside lattice (ATen, c10, libstdc++), the
-// linker keeps the baseline copy.
+// ATen does for ATEN_CPU_CAPABILITY.
+//
+// Inline functions of headers outside lattice (ATen, c10, libstdc++) are not renamed: each variant that calls one
+// out of line emits a copy, and the linker keeps the first. setup.py links this file and ops.cpp first, then the
+// variants from the narrowest (generic, avx2, avx512), so the copy a variant reaches is never wider than itself
+// (tests/test_cpp_ops_library.py checks the built library).
 #include <torch/library.h>
 
 #include <cstdio>

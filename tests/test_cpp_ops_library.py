@@ -1,7 +1,7 @@
 """liblattice_ops.so, the op library for C++ processes (lattice.ops.library_path()): no Python symbols, loads with
 RTLD_NOW in a fresh process after libtorch and registers every op with a CPU kernel; each instruction-set variant
-(LATTICE_CPU_ISA=avx512|avx2|generic) is selectable and matches the pure-torch reference; and no AVX instruction
-escapes its variant's namespace (a shared inline function compiled for AVX-512 would crash an AVX2 host)."""
+(LATTICE_CPU_ISA=avx512|avx2|generic) is selectable and matches the pure-torch reference; and AVX-512 (AVX2) code
+is reached only from its own variant (a shared inline function compiled for AVX-512 would crash an AVX2 host)."""
 import os
 import platform
 import re
