@@ -1,12 +1,21 @@
-"""Builds ``lattice._C``: the C++ (OpenMP) kernels always, the CUDA kernels when torch has CUDA and nvcc
-is present (or ``LATTICE_FORCE_CUDA=1``).
+"""Builds two libraries from csrc/:
+
+- ``lattice._C``, the Python extension: the C++ (OpenMP) kernels always, the CUDA kernels when torch has CUDA and
+  nvcc is present (or ``LATTICE_FORCE_CUDA=1``), compiled for the build host (``LATTICE_MARCH``);
+- ``lattice/lib/liblattice_ops.so``, the op library for C++ processes without Python (AOTInductor packages served
+  from C++): the op schemas and the CPU kernels, no Python symbols. Serving hosts differ from the build host, so
+  its kernels are compiled once per instruction set (AVX-512, AVX2, generic) and the host's widest is chosen
+  when the library is loaded (csrc/cpu_isa.cpp). ``lattice.ops.library_path()`` gives its path.
 
 The extension is compiled against the torch that is already installed; never let pip's build isolation
 fetch another one (``pip install --no-build-isolation -e .``).
 
 Environment knobs:
-  LATTICE_MARCH       -march value for the CPU kernels (default ``native``: a source build targets the
+  LATTICE_MARCH       -march value for lattice._C's CPU kernels (default ``native``: a source build targets the
                       machine it runs on, AVX-512 where present); ``x86-64-v3`` for a portable AVX2 build.
+                      liblattice_ops.so ignores it (it carries every variant).
+  LATTICE_OPS_LIBRARY 0 not to build liblattice_ops.so (only C++ serving needs it; a LATTICE_SANITIZE build
+                      never builds it).
   LATTICE_FORCE_CUDA  1 to build the CUDA sources even when torch reports no GPU; 0 never to build them.
   LATTICE_DEBUG       1 for -O0 -g.
   LATTICE_SANITIZE    ``address`` for an AddressSanitizer build of the CPU kernels (-O0 -g; run it with libasan
@@ -14,12 +23,15 @@ Environment knobs:
 """
 import glob
 import os
+import platform
+import sys
 
-from setuptools import setup
+from setuptools import Extension, setup
 
 try:
     import torch
-    from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+    from torch.utils.cpp_extension import (CUDA_HOME, BuildExtension, CppExtension, CUDAExtension, include_paths,
+                                           library_paths)
 except ImportError as err:  # pragma: no cover - exercised only on a machine without torch
     raise SystemExit(
         "lattice-rec compiles its kernels against the installed torch, and none was found.\n"
@@ -71,7 +83,7 @@ def build_extension():
     opt = ["-O0", "-g"] if debug or sanitize else ["-O3"]
     sanitize_flags = [f"-fsanitize={sanitize}", "-fno-omit-frame-pointer"] if sanitize else []
     cxx_flags = opt + sanitize_flags + ["-std=c++17", "-fopenmp", f"-march={march}", "-fno-math-errno"]
-    sources = ["csrc/ops.cpp"] + _sources("csrc/cpu/*.cpp")
+    sources = ["csrc/python_module.cpp", "csrc/ops.cpp"] + _sources("csrc/cpu/*.cpp")
     include_dirs = [os.path.join(HERE, "csrc", "include")]
     # cpp_extension adds no OpenMP flag: compile AND link with it, so the kernels run multithreaded.
     # libgomp's SONAME matches the copy torch ships, so one OpenMP runtime is loaded, not two.
@@ -96,7 +108,81 @@ def build_extension():
     )
 
 
+OPS_LIBRARY = "lattice.lib.liblattice_ops"
+
+
+def _isa_variants():
+    """``(name, flags)`` of each instruction-set variant of liblattice_ops.so's CPU kernels, generic first (the
+    link order csrc/cpu_isa.cpp relies on). The names and levels are csrc/cpu_isa.cpp's."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return [("generic", [])]
+    return [("generic", ["-march=x86-64", "-mtune=generic"]),
+            ("avx2", ["-march=x86-64-v3", "-mtune=generic"]),
+            ("avx512", ["-march=x86-64-v4", "-mtune=generic"])]
+
+
+def ops_library():
+    """liblattice_ops.so: ops.cpp and cpu_isa.cpp once, csrc/cpu/*.cpp once per :func:`_isa_variants` entry
+    (built by :class:`BuildLattice`). Linked against libtorch only (no libtorch_python, no libpython), with
+    ``--no-undefined`` so that a Python symbol, or any other unresolved one, fails the link instead of a
+    loader at run time."""
+    debug = os.environ.get("LATTICE_DEBUG", "0") == "1"
+    # -g0: the three variants' debug info would triple the build time and size; LATTICE_DEBUG=1 keeps it.
+    opt = ["-O0", "-g"] if debug else ["-O3", "-g0"]
+    return Extension(
+        OPS_LIBRARY,
+        sources=["csrc/ops.cpp", "csrc/cpu_isa.cpp"] + _sources("csrc/cpu/*.cpp"),
+        include_dirs=[os.path.join(HERE, "csrc", "include")] + include_paths(),
+        library_dirs=library_paths(),
+        libraries=["c10", "torch", "torch_cpu"],
+        extra_compile_args=opt + ["-std=c++17", "-fopenmp", "-fno-math-errno"],
+        extra_link_args=["-fopenmp", "-Wl,--no-undefined"] + _cxx_runtime_link_args(),
+        language="c++",
+    )
+
+
+class BuildLattice(BuildExtension):
+    """BuildExtension, plus liblattice_ops.so: a plain shared library named ``liblattice_ops.so`` (no Python
+    ABI suffix) whose kernel sources are compiled once per instruction set."""
+
+    def get_ext_filename(self, ext_name):  # called with the full dotted name and with its last part
+        if ext_name in (OPS_LIBRARY, OPS_LIBRARY.rsplit(".", 1)[1]):
+            return os.path.join(*ext_name.split(".")) + ".so"
+        return super().get_ext_filename(ext_name)
+
+    def copy_extensions_to_source(self):  # --inplace / editable installs: lattice/lib/ is not in git
+        os.makedirs(os.path.join(HERE, *OPS_LIBRARY.split(".")[:-1]), exist_ok=True)
+        super().copy_extensions_to_source()
+
+    def build_extension(self, ext):
+        if ext.name != OPS_LIBRARY:
+            return super().build_extension(ext)
+        common = [s for s in ext.sources if not s.startswith(os.path.join("csrc", "cpu") + os.sep)]
+        kernels = [s for s in ext.sources if s not in common]
+        cxx = [f for f in ext.extra_compile_args if not f.startswith("-DTORCH_EXTENSION_NAME")]
+        compile_args = dict(include_dirs=ext.include_dirs, depends=ext.depends)
+        # ops.cpp and cpu_isa.cpp at the baseline, then the generic variant: see _isa_variants.
+        objects = self.compiler.compile(common, output_dir=os.path.join(self.build_temp, "ops_library", "common"),
+                                        extra_postargs=cxx + _isa_variants()[0][1], **compile_args)
+        for name, flags in _isa_variants():
+            # `lattice` -> `lattice_<name>`: each variant's namespace, header inlines included (lattice/cpu/register.h)
+            objects += self.compiler.compile(
+                kernels, output_dir=os.path.join(self.build_temp, "ops_library", name),
+                macros=[("LATTICE_CPU_VARIANT", name), ("lattice", f"lattice_{name}")],
+                extra_postargs=cxx + flags, **compile_args)
+        out = self.get_ext_fullpath(ext.name)
+        os.makedirs(os.path.dirname(out), exist_ok=True)
+        self.compiler.link_shared_object(
+            objects, out, libraries=ext.libraries, library_dirs=ext.library_dirs,
+            extra_postargs=ext.extra_link_args, debug=self.debug, build_temp=self.build_temp, target_lang="c++")
+
+
+def _want_ops_library():
+    return (sys.platform.startswith("linux") and os.environ.get("LATTICE_OPS_LIBRARY", "1") != "0"
+            and not os.environ.get("LATTICE_SANITIZE"))
+
+
 setup(
-    ext_modules=[build_extension()],
-    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+    ext_modules=[build_extension()] + ([ops_library()] if _want_ops_library() else []),
+    cmdclass={"build_ext": BuildLattice.with_options(use_ninja=True)},
 )

@@ -1,18 +1,10 @@
 // Every lattice op schema, in one place. Kernels register implementations per dispatch key in
 // csrc/cpu/*.cpp (CPU) and csrc/cuda/*.cpp (CUDA); the Python side (lattice/ops/) adds autograd and
 // fake (meta) kernels.
-#include <Python.h>
 #include <torch/library.h>
 
-// An importable, empty Python module: `import lattice._C` loads this library, which runs the
-// TORCH_LIBRARY registrations below.
-extern "C" {
-PyObject* PyInit__C(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
-  return PyModule_Create(&module_def);
-}
-}
-
+// No Python here: this file is also part of liblattice_ops.so (C++ serving); lattice._C's module init is in
+// csrc/python_module.cpp.
 TORCH_LIBRARY(lattice, m) {
   // ---- fused jagged embedding pooling -------------------------------------------------------
   // weights [rows_total, D]; table_row_offsets [T+1] int64; indices [N] int32|int64, local to their

@@ -4,6 +4,7 @@
 #include <torch/library.h>
 
 #include "lattice/cpu/huge_pages.h"
+#include "lattice/cpu/register.h"
 
 namespace lattice {
 namespace cpu {
@@ -20,6 +21,6 @@ bool advise_huge_pages_cpu(const at::Tensor& self) {
 }  // namespace cpu
 }  // namespace lattice
 
-TORCH_LIBRARY_IMPL(lattice, CPU, m) {
+LATTICE_REGISTER_CPU_KERNELS(huge_pages, m) {
   m.impl("advise_huge_pages", &lattice::cpu::advise_huge_pages_cpu);
 }

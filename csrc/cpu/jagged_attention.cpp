@@ -54,6 +54,7 @@
 
 #include <lattice/checks.h>
 #include "lattice/cpu/huge_pages.h"
+#include "lattice/cpu/register.h"
 
 namespace lattice {
 namespace {
@@ -1237,7 +1238,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> jagged_attention_backward_cpu(
 }  // namespace
 }  // namespace lattice
 
-TORCH_LIBRARY_IMPL(lattice, CPU, m) {
+LATTICE_REGISTER_CPU_KERNELS(jagged_attention, m) {
   m.impl("jagged_attention", &lattice::jagged_attention_cpu);
   m.impl("jagged_attention_backward", &lattice::jagged_attention_backward_cpu);
 }

@@ -21,6 +21,7 @@
 #include "lattice/cpu/pool_common.h"
 #include "lattice/cpu/pool_forward.h"
 #include "lattice/cpu/row_simd.h"
+#include "lattice/cpu/register.h"
 
 namespace lattice {
 namespace cpu {
@@ -301,7 +302,7 @@ at::Tensor jagged_embedding_pool_backward_per_sample_weights_cpu(const at::Tenso
 }  // namespace cpu
 }  // namespace lattice
 
-TORCH_LIBRARY_IMPL(lattice, CPU, m) {
+LATTICE_REGISTER_CPU_KERNELS(jagged_embedding_pool, m) {
   m.impl("jagged_embedding_pool", &lattice::cpu::jagged_embedding_pool_cpu);
   m.impl("jagged_embedding_pool_backward_per_sample_weights",
          &lattice::cpu::jagged_embedding_pool_backward_per_sample_weights_cpu);

@@ -35,6 +35,7 @@
 #include "lattice/cpu/row_simd.h"
 #include "lattice/cpu/row_update.h"
 #include "lattice/cpu/workspace.h"
+#include "lattice/cpu/register.h"
 
 #ifdef LATTICE_POOL_PROFILE  // phase times (thread CPU time) to stderr, for tuning
 #include <time.h>
@@ -674,7 +675,7 @@ void sparse_rows_optimizer_step_cpu(const at::Tensor& weights, const at::Tensor&
 }  // namespace cpu
 }  // namespace lattice
 
-TORCH_LIBRARY_IMPL(lattice, CPU, m) {
+LATTICE_REGISTER_CPU_KERNELS(jagged_embedding_pool_backward, m) {
   m.impl("jagged_embedding_pool_backward_sparse", &lattice::cpu::jagged_embedding_pool_backward_sparse_cpu);
   m.impl("jagged_embedding_pool_backward_fused_", &lattice::cpu::jagged_embedding_pool_backward_fused_cpu);
   m.impl("sparse_rows_optimizer_step_", &lattice::cpu::sparse_rows_optimizer_step_cpu);

@@ -21,6 +21,7 @@
 #include "lattice/cpu/pool_forward.h"
 #include "lattice/cpu/row_simd.h"
 #include "lattice/int8_rows.h"
+#include "lattice/cpu/register.h"
 
 namespace lattice {
 namespace cpu {
@@ -221,6 +222,6 @@ at::Tensor jagged_embedding_pool_int8_cpu(const at::Tensor& weights, const at::T
 }  // namespace cpu
 }  // namespace lattice
 
-TORCH_LIBRARY_IMPL(lattice, CPU, m) {
+LATTICE_REGISTER_CPU_KERNELS(jagged_embedding_pool_int8, m) {
   m.impl("jagged_embedding_pool_int8", &lattice::cpu::jagged_embedding_pool_int8_cpu);
 }
