@@ -112,9 +112,9 @@ def run_case(case, B, H, Dh, L, dtype, warmup, repeat, seed=0):
             cuda_median_ms(lambda: torch.autograd.grad(sdpa_c(), (qp_, kp_, vp_), gop), warmup, repeat))
 
     # --- torch's varlen_attn (FlashAttention on cumulative offsets; fp16/bf16) --------------------------------
-    from lattice.ops.attention import _varlen_fn
+    from lattice.ops.attention import varlen_attention_fn
 
-    varlen = _varlen_fn()
+    varlen = varlen_attention_fn()
     if dtype in (torch.float16, torch.bfloat16) and varlen is not None:
         try:
             cq, ck = qo_d.int(), ko_d.int()

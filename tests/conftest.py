@@ -15,6 +15,12 @@ if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
 
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # Two pytest workers share the cores: each keeps its own in-process ops on one thread, so neither waits in an
+    # OpenMP barrier for a thread the other has descheduled. Subprocesses a test starts keep torch's default.
+    torch.set_num_threads(1)
+
+
 @pytest.fixture
 def single_thread():
     """Runs a test on one intra-op thread: these tensors are tiny, and on a busy 2-core machine every

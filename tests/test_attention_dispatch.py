@@ -47,7 +47,7 @@ def fake_gpu(monkeypatch):
     """The routing believes it runs on CUDA, with a bottom-right varlen_attn."""
     monkeypatch.delenv(A.BACKEND_ENV, raising=False)
     monkeypatch.setattr(A, "_on_cuda", lambda t: True)
-    monkeypatch.setattr(A, "_varlen_fn", lambda: _bottom_right_varlen)
+    monkeypatch.setattr(A, "varlen_attention_fn", lambda: _bottom_right_varlen)
     A.varlen_causal_matches.cache_clear()
     yield monkeypatch
     A.varlen_causal_matches.cache_clear()
@@ -78,7 +78,7 @@ def test_cuda_routing_table(fake_gpu, dtype, lq, causal, dh, expected):
 
 
 def test_causal_calls_avoid_a_top_left_varlen(fake_gpu):
-    fake_gpu.setattr(A, "_varlen_fn", lambda: _top_left_varlen)
+    fake_gpu.setattr(A, "varlen_attention_fn", lambda: _top_left_varlen)
     q, qo, *_ = _inputs([100, 60], [50, 50], 1, 64, torch.bfloat16)
     assert not A.varlen_causal_matches("cpu")
     assert attention_backend(q, qo, causal=True) == "sdpa"
@@ -86,7 +86,7 @@ def test_causal_calls_avoid_a_top_left_varlen(fake_gpu):
 
 
 def test_no_varlen_in_this_torch_means_sdpa(fake_gpu):
-    fake_gpu.setattr(A, "_varlen_fn", lambda: None)
+    fake_gpu.setattr(A, "varlen_attention_fn", lambda: None)
     q, qo, *_ = _inputs([100, 60], [50, 50], 1, 64, torch.bfloat16)
     assert attention_backend(q, qo, causal=False) == "sdpa"
 

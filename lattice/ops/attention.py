@@ -120,7 +120,7 @@ def _on_cuda(t: Tensor) -> bool:
     return t.is_cuda
 
 
-def _varlen_fn():
+def varlen_attention_fn():
     """torch.nn.attention.varlen.varlen_attn, or None where this torch lacks it."""
     try:
         from torch.nn.attention.varlen import varlen_attn
@@ -136,7 +136,7 @@ def varlen_causal_matches(device: str) -> bool:
     Probed once per device: one query against two keys with equal scores sees both keys bottom-right aligned
     (output 0.5) but only the first top-left aligned (output 0). Causal calls never go to varlen_attn where
     this is False."""
-    fn = _varlen_fn()
+    fn = varlen_attention_fn()
     if fn is None:
         return False
     dev = torch.device(device)
@@ -170,7 +170,7 @@ def attention_backend(q: Tensor, q_offsets: Tensor, causal: bool = False) -> str
         q.dtype in _VARLEN_DTYPES
         and head_dim % 8 == 0
         and head_dim <= 256
-        and _varlen_fn() is not None
+        and varlen_attention_fn() is not None
         and (not causal or varlen_causal_matches(str(q.device)))
     ):
         return "varlen"
@@ -226,7 +226,7 @@ def _varlen_attention(q, q_offsets, k, v, kv_offsets, scale, causal):
     """torch's varlen_attn (FlashAttention on cumulative offsets), zeroing queries that see no key."""
     if q.dtype not in _VARLEN_DTYPES:
         raise ValueError(f"{BACKEND_ENV}=varlen: varlen_attn takes float16 or bfloat16 inputs, got {q.dtype}")
-    fn = _varlen_fn()
+    fn = varlen_attention_fn()
     if fn is None or not _on_cuda(q):
         raise ValueError(f"{BACKEND_ENV}=varlen: varlen_attn needs a CUDA device and torch.nn.attention.varlen, "
                          f"got {q.device}")
