@@ -19,7 +19,7 @@ and ratios, writes JSON to ``--out``; never asserts on time.
 ``--study compile`` (issue 28) instead measures, for LatticeNetwork, InterFormer and MMoE at the mdmo size on
 ``--threads`` threads, in interleaved rounds: the eager step before issue 28's eager cuts (this checkout's lattice
 with the files of those cuts as of ``--before-commit``), the eager step now, and ``model.compile``
-(inductor); for MMoE also the plain-PyTorch MMoE of ``benchmarks/plain_mmoe.py`` over the same Parquet files.
+(inductor); for MMoE also the plain-PyTorch MMoE of ``lattice/benchmark/plain_mmoe.py`` over the same Parquet files.
 Reported: samples/s of the full step (wall clock, and per CPU-second of the process, which a shared machine
 disturbs less), the compile time cold (an empty inductor cache) and warm (the same cache, second process), the
 graphs compiled after warm-up (recompiles) and the mean validation AUC after the same steps.
@@ -170,11 +170,11 @@ def compile_worker(args: argparse.Namespace, cli_args: list) -> None:
 
 
 def plain_worker(args: argparse.Namespace, cli_args: list) -> None:
-    """The plain-PyTorch MMoE (``benchmarks/plain_mmoe.py``) on the world ``cli_args`` configure: the same
+    """The plain-PyTorch MMoE (``lattice/benchmark/plain_mmoe.py``) on the world ``cli_args`` configure: the same
     Parquet files, batch size and steps; writes the timings and the mean validation AUC to ``--result``."""
     import torch
 
-    from benchmarks import plain_mmoe
+    from lattice.benchmark import plain_mmoe
     from lattice.cli import run_lightning
     from lattice.metrics import binary_auc
 

@@ -10,7 +10,7 @@ divides by the bag length), ``torch.optim.Adagrad`` on the sparse tables and ``A
 Not replicated: lattice's candidate-in-history match, its running standardization of dense features (this
 uses the training rows' mean and deviation) and the conversion windows (the final label only).
 
-Nothing here imports lattice.
+Nothing here imports lattice: it lives in lattice.benchmark only so the benchmark scripts stay short.
 """
 from __future__ import annotations
 
