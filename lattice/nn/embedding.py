@@ -104,6 +104,17 @@ class _Group:
         self.rows += cfg.num_embeddings
 
 
+def checked_tables(tables: Sequence[EmbeddingTableConfig], owner: str) -> List[EmbeddingTableConfig]:
+    """``tables`` as a list, refused (naming ``owner``) when empty or when two tables share a name."""
+    tables = list(tables)
+    if not tables:
+        raise ValueError(f"{owner} needs at least one table")
+    names = [t.name for t in tables]
+    if len(set(names)) != len(names):
+        raise ValueError(f"{owner}: duplicate table names in {names}")
+    return tables
+
+
 class EmbeddingBagCollection(nn.Module):
     """Pooled embeddings ``[B, F, D]`` of the F features served by ``tables``.
 
@@ -135,12 +146,7 @@ class EmbeddingBagCollection(nn.Module):
         device: Optional[Union[str, torch.device]] = None,
     ) -> None:
         super().__init__()
-        tables = list(tables)
-        if not tables:
-            raise ValueError("EmbeddingBagCollection needs at least one table")
-        names = [t.name for t in tables]
-        if len(set(names)) != len(names):
-            raise ValueError(f"EmbeddingBagCollection: duplicate table names in {names}")
+        tables = checked_tables(tables, "EmbeddingBagCollection")
         if fused_optimizer is not None:
             optimizer_mode(fused_optimizer)  # validates
         if dtype not in (torch.float32, torch.bfloat16, torch.float16):

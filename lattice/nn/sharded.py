@@ -47,7 +47,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from lattice.nn.embedding import EmbeddingBagCollection, EmbeddingTableConfig
+from lattice.nn.embedding import EmbeddingBagCollection, EmbeddingTableConfig, checked_tables
 from lattice.nn.placement import ShardingPlan, TablePlacement
 from lattice.ops._backend import use_reference
 from lattice.ops.pooling import SUM, optimizer_mode, pooling_mode
@@ -243,12 +243,7 @@ class ShardedEmbeddingBagCollection(nn.Module):
         init_seed: int = 0,
     ) -> None:
         super().__init__()
-        tables = list(tables)
-        if not tables:
-            raise ValueError("ShardedEmbeddingBagCollection needs at least one table")
-        names = [t.name for t in tables]
-        if len(set(names)) != len(names):
-            raise ValueError(f"ShardedEmbeddingBagCollection: duplicate table names in {names}")
+        tables = checked_tables(tables, "ShardedEmbeddingBagCollection")
         if fused_optimizer not in ("sgd", "rowwise_adagrad"):
             raise ValueError(f"ShardedEmbeddingBagCollection: fused_optimizer must be 'sgd' or 'rowwise_adagrad', "
                              f"got {fused_optimizer!r} (sharded tables never have a weight gradient)")
