@@ -227,22 +227,14 @@ def run_compile_case(network: str, variant: str, compile_arg: str, inductor_cach
         cli_args += QUICK_DATA + ["--data.batch_size", "256"]
     elif args.quick_world:
         cli_args += QUICK_DATA
-    with tempfile.TemporaryDirectory() as run_dir:
-        result = os.path.join(run_dir, "result.json")
-        env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), TORCHINDUCTOR_CACHE_DIR=inductor_cache,
-                   PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))
-        env.pop("LATTICE_BENCH_LIBRARY", None)
-        if variant == "eager_before":
-            env["LATTICE_BENCH_LIBRARY"] = library
-        mode = "--plain-worker" if variant == "plain" else "--compile-worker"
-        cmd = [sys.executable, os.path.abspath(__file__), mode, "--threads", str(args.threads),
-               "--warmup", str(args.warmup), "--steps", str(args.steps), "--val-batches", str(args.val_batches),
-               "--run-dir", run_dir, "--result", result, "--", *cli_args]
-        proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=args.timeout)
-        if proc.returncode != 0:
-            raise RuntimeError(f"bench_train {variant} worker failed ({' '.join(cmd)}):\n{proc.stderr[-4000:]}")
-        with open(result) as f:
-            out = json.load(f)
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), TORCHINDUCTOR_CACHE_DIR=inductor_cache)
+    env.pop("LATTICE_BENCH_LIBRARY", None)
+    if variant == "eager_before":
+        env["LATTICE_BENCH_LIBRARY"] = library
+    mode = "--plain-worker" if variant == "plain" else "--compile-worker"
+    out = _run_worker(f"bench_train {variant}", [mode, "--threads", str(args.threads), "--warmup", str(args.warmup),
+                                                 "--steps", str(args.steps), "--val-batches", str(args.val_batches)],
+                      cli_args, env, args.timeout)
     out["samples_per_s"] = out["rows"] / out["seconds"]
     out["samples_per_cpu_s"] = out["rows"] / out["cpu_seconds"]
     out["step_s"] = out["seconds"] / out["steps"]
@@ -333,6 +325,21 @@ def compile_study(args: argparse.Namespace) -> dict:
     return report
 
 
+def _run_worker(label: str, worker_args: list, cli_args: list, env: dict, timeout: float) -> dict:
+    """Runs this script as a worker (``worker_args`` then ``-- cli_args``) in a fresh run folder with ``env`` (this
+    checkout first on PYTHONPATH) and returns the JSON result it writes."""
+    env = dict(env, PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))
+    with tempfile.TemporaryDirectory() as run_dir:
+        result = os.path.join(run_dir, "result.json")
+        cmd = [sys.executable, os.path.abspath(__file__), *worker_args, "--run-dir", run_dir, "--result", result,
+               "--", *cli_args]
+        proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{label} worker failed ({' '.join(cmd)}):\n{proc.stderr[-4000:]}")
+        with open(result) as f:
+            return json.load(f)
+
+
 # ---- driver ------------------------------------------------------------------------------------------
 def run_case(processes: int, threads: int, ops: str, args: argparse.Namespace, cache: str) -> dict:
     cli_args = ["--config", os.path.join(ROOT, "configs", "mdmo.yaml"), "--data.cache_dir", cache]
@@ -340,18 +347,9 @@ def run_case(processes: int, threads: int, ops: str, args: argparse.Namespace, c
         cli_args += ["--config", os.path.join(ROOT, "configs", "ddp.yaml"), "--trainer.devices", str(processes)]
     if args.quick:
         cli_args += QUICK_DATA
-    with tempfile.TemporaryDirectory() as run_dir:
-        result = os.path.join(run_dir, "result.json")
-        env = dict(os.environ, OMP_NUM_THREADS=str(threads), LATTICE_OPS=ops,
-                   PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))
-        cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--threads", str(threads),
-               "--warmup", str(args.warmup), "--steps", str(args.steps), "--run-dir", run_dir, "--result", result,
-               "--", *cli_args]
-        proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=args.timeout)
-        if proc.returncode != 0:
-            raise RuntimeError(f"bench_train worker failed ({' '.join(cmd)}):\n{proc.stderr[-4000:]}")
-        with open(result) as f:
-            out = json.load(f)
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), LATTICE_OPS=ops)
+    out = _run_worker("bench_train", ["--worker", "--threads", str(threads), "--warmup", str(args.warmup),
+                                      "--steps", str(args.steps)], cli_args, env, args.timeout)
     out["samples_per_s"] = out["rows"] / out["seconds"]
     return out
 
