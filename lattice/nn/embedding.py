@@ -104,6 +104,12 @@ class _Group:
         self.rows += cfg.num_embeddings
 
 
+def mixed_dims_error(owner: str, dims: Sequence[int]) -> ValueError:
+    """The error of ``forward`` (which stacks ``[B, F, D]``) on a collection whose tables differ in dim."""
+    return ValueError(f"{owner}.forward returns [B, F, D] and needs one embedding dim; tables have dims "
+                      f"{sorted(set(dims))}: use forward_dict()")
+
+
 def checked_tables(tables: Sequence[EmbeddingTableConfig], owner: str) -> List[EmbeddingTableConfig]:
     """``tables`` as a list, refused (naming ``owner``) when empty or when two tables share a name."""
     tables = list(tables)
@@ -324,10 +330,7 @@ class EmbeddingBagCollection(nn.Module):
     def forward(self, features: KeyedJaggedTensor) -> Tensor:
         """``[B, F, D]`` pooled embeddings in :attr:`feature_names` order (all tables of one dim)."""
         if not self._uniform_dim:
-            raise ValueError(
-                "EmbeddingBagCollection.forward returns [B, F, D] and needs one embedding dim; tables have "
-                f"dims {sorted(set(self.embedding_dims))}: use forward_dict()"
-            )
+            raise mixed_dims_error("EmbeddingBagCollection", self.embedding_dims)
         pooled = self._pooled_groups(features)
         out = pooled[0] if len(pooled) == 1 else torch.cat(pooled, dim=1)
         if self._out_perm is not None:

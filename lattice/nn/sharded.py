@@ -47,7 +47,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from lattice.nn.embedding import EmbeddingBagCollection, EmbeddingTableConfig, checked_tables
+from lattice.nn.embedding import EmbeddingBagCollection, EmbeddingTableConfig, checked_tables, mixed_dims_error
 from lattice.nn.placement import ShardingPlan, TablePlacement
 from lattice.ops._backend import use_reference
 from lattice.ops.pooling import SUM, optimizer_mode, pooling_mode
@@ -515,10 +515,7 @@ class ShardedEmbeddingBagCollection(nn.Module):
     def forward(self, features: KeyedJaggedTensor) -> Tensor:
         """``[B, F, D]`` pooled embeddings in :attr:`feature_names` order (all tables of one dim)."""
         if not self._uniform_dim:
-            raise ValueError(
-                "ShardedEmbeddingBagCollection.forward returns [B, F, D] and needs one embedding dim; tables have "
-                f"dims {sorted(set(self.embedding_dims))}: use forward_dict()"
-            )
+            raise mixed_dims_error("ShardedEmbeddingBagCollection", self.embedding_dims)
         out = self.forward_dict(features)
         return torch.stack([out[f] for f in self.feature_names], dim=1)
 
