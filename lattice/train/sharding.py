@@ -27,10 +27,10 @@ the plan-independent layout of :mod:`lattice.train.sharded_checkpoint`, and the 
 under another plan or world size reshards. The folder is complete before the file is (atomically) written, and a
 file's older folders are removed after, so the file always names a complete folder.
 
-Evaluation: a sharded lookup is a collective, so every rank must evaluate the same number of batches. At the
-epoch's start the ranks agree on the most batches any of them has (:func:`start_eval_epoch`); a rank that ran out
-re-runs its last batch (outputs discarded, no metric updated) until it has run as many (:func:`finish_eval_epoch`).
-Prediction (``lattice predict``) has no such evening out yet: predict under sharding needs equal batch counts.
+Evaluation and prediction: a sharded lookup is a collective, so every rank must run the same number of
+batches. At the epoch's start the ranks agree on the most batches any of them has (:func:`start_eval_epoch`); a
+rank that ran out re-runs its last batch (outputs discarded: no metric updated, nothing written by
+``lattice predict``) until it has run as many (:func:`finish_eval_epoch`).
 """
 from __future__ import annotations
 
@@ -209,14 +209,16 @@ def _merged_plan(network: nn.Module) -> ShardingPlan:
 
 
 # ---- evaluation ------------------------------------------------------------------------------------
+_STAGE_BATCHES = {"val": "num_val_batches", "test": "num_test_batches", "predict": "num_predict_batches"}
+
+
 def eval_batches(module: nn.Module, stage: str) -> float:
-    """The evaluation batches this rank will run in the current ``stage`` (``"val"`` or ``"test"``) epoch, as the
-    trainer counts them (``limit_*_batches`` and the sanity check included)."""
+    """The batches this rank will run in the current ``stage`` (``"val"``, ``"test"`` or ``"predict"``) epoch, as
+    the trainer counts them (``limit_*_batches`` and the sanity check included)."""
+    if stage not in _STAGE_BATCHES:
+        raise ValueError(f"stage must be one of {list(_STAGE_BATCHES)}, got {stage!r}")
     trainer = module.trainer
-    if trainer.sanity_checking:
-        counts = trainer.num_sanity_val_batches
-    else:
-        counts = trainer.num_val_batches if stage == "val" else trainer.num_test_batches
+    counts = trainer.num_sanity_val_batches if trainer.sanity_checking else getattr(trainer, _STAGE_BATCHES[stage])
     return float(sum(counts))
 
 
@@ -232,7 +234,7 @@ def start_eval_epoch(module: nn.Module, group: Optional[dist.ProcessGroup], num_
     if not math.isfinite(num_batches):
         raise ValueError("with sharded tables every rank must know its number of evaluation batches in advance "
                          "(an evaluation dataloader without a length); set trainer.limit_val_batches / "
-                         "limit_test_batches to an int")
+                         "limit_test_batches / limit_predict_batches to an int")
     most = torch.tensor([int(num_batches)], dtype=torch.int64, device=getattr(module, "device", None))
     dist.all_reduce(most, op=dist.ReduceOp.MAX, group=group)
     module._sharded_eval_target = int(most.item())
