@@ -9,7 +9,7 @@ import pytest
 import torch
 from _workers import run_worker
 
-from lattice.nn.embedding import EmbeddingBagCollection, EmbeddingTableConfig
+from lattice.nn.embedding import EmbeddingBagCollection, EmbeddingTableConfig, deferred_tables
 from lattice.nn.placement import ShardingPlan, TablePlacement
 from lattice.nn.sharded import ShardedEmbeddingBagCollection
 from lattice.sparse import KeyedJaggedTensor
@@ -60,6 +60,73 @@ def test_initialization_does_not_depend_on_the_plan():
     assert torch.equal(a.replicated.embedding_weight("tb"), b.shard_weight("tb"))
     c = ShardedEmbeddingBagCollection(TABLES, one_rank_plan(("column_wise", "row_wise")), init_seed=4)
     assert not torch.equal(b.shard_weight("ta"), c.shard_weight("ta"))
+
+
+def test_a_deferred_collection_shards_into_the_values_of_the_whole_one():
+    torch.manual_seed(5)
+    whole = EmbeddingBagCollection(TABLES, fused_optimizer="rowwise_adagrad", lr=0.2)
+    drawn_after_whole = torch.rand(4)
+    torch.manual_seed(5)
+    with deferred_tables():
+        deferred = EmbeddingBagCollection(TABLES, fused_optimizer="rowwise_adagrad", lr=0.2, device="cpu")
+    assert torch.equal(torch.rand(4), drawn_after_whole)  # layers built after the tables draw the same values
+    assert all(w.is_meta for w in deferred.weights.values())
+    assert all(s.is_meta for s in deferred.optimizer_state.buffers())
+    for kinds in (("row_wise", "column_wise"), ("table_wise", "replicated")):
+        sharded = ShardedEmbeddingBagCollection.from_collection(deferred, one_rank_plan(kinds))
+        assert sharded.lr == 0.2 and sharded.fused_optimizer == "rowwise_adagrad"
+        for t, kind in zip(TABLES, kinds):
+            mine = sharded.replicated.embedding_weight(t.name) if kind == "replicated" else sharded.shard_weight(t.name)
+            assert mine.device.type == "cpu"
+            assert torch.equal(mine, whole.embedding_weight(t.name)), (kinds, t.name)
+
+
+def _cli_model(*overrides):
+    import os
+
+    from lattice.cli import run_lightning
+
+    configs = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+    return run_lightning(["--config", os.path.join(configs, "mdmo.yaml"), *overrides], run=False).model
+
+
+def test_the_cli_builds_tables_deferred_under_sharding_only():
+    import os
+
+    configs = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+    model = _cli_model("--config", os.path.join(configs, "sharded.yaml"))
+    assert model.sharding is not None
+    collections = [m for m in model.network.modules() if isinstance(m, EmbeddingBagCollection)]
+    assert collections and all(w.is_meta for c in collections for w in c.weights.values())
+    plain = _cli_model()
+    assert not any(w.is_meta for m in plain.network.modules() if isinstance(m, EmbeddingBagCollection)
+                   for w in m.weights.values())
+
+
+def test_distillation_module_shards_its_network_and_counts_eval_steps(tmp_path):
+    import yaml
+    from _models import make_schema, random_batch
+
+    from lattice.distill import DistillationModule
+    from lattice.models import LatticeNetwork
+    from lattice.train.planner import network_tables
+    from lattice.train.sharding import shard_network
+
+    schema = make_schema()
+    network = LatticeNetwork(schema, dim=16, num_layers=1)
+    tables, _ = network_tables(network)
+    plan = ShardingPlan(1, {t.name: TablePlacement("row_wise", t.num_embeddings, t.embedding_dim, [0]) for t in tables})
+    path = tmp_path / "plan.yaml"
+    path.write_text(yaml.safe_dump(plan.to_dict()))
+    module = DistillationModule(network, sharding={"plan": str(path)}, distillation="none")
+    assert module.hparams["sharding"] == {"plan": str(path)}
+    module.sharding_plan = shard_network(module, module.sharding, None)
+    assert {p.kind for p in module.sharding_plan.tables.values()} == {"row_wise"}
+    assert not any(isinstance(m, EmbeddingBagCollection) for m in module.network.modules())
+    module.eval()
+    with torch.no_grad():
+        module._eval_step(random_batch(schema, 8), module.val_metrics, "val")
+    assert module._sharded_eval_steps == 1
 
 
 def test_plan_mismatches_are_errors_naming_the_table():

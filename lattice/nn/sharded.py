@@ -41,7 +41,6 @@ Per-sample weights travel with the ids and weight the pooling; they get no gradi
 from __future__ import annotations
 
 import warnings
-import zlib
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
@@ -49,7 +48,13 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from lattice.nn.embedding import EmbeddingBagCollection, EmbeddingTableConfig, checked_tables, mixed_dims_error
+from lattice.nn.embedding import (
+    EmbeddingBagCollection,
+    EmbeddingTableConfig,
+    checked_tables,
+    init_table_block,
+    mixed_dims_error,
+)
 from lattice.nn.placement import ShardingPlan, TablePlacement
 from lattice.ops._backend import use_reference
 from lattice.ops.pooling import SUM, optimizer_mode, pooling_mode
@@ -57,8 +62,6 @@ from lattice.ops.reference import pooling as _ref
 from lattice.sparse import KeyedJaggedTensor, _gather_rows, jagged_row_ids
 
 __all__ = ["ShardedEmbeddingBagCollection", "check_feature_ids"]
-
-_INIT_CHUNK_ROWS = 4096  # rows initialized per seeded chunk: the init is the same whatever the plan
 
 
 @dataclass(frozen=True)
@@ -219,8 +222,9 @@ class ShardedEmbeddingBagCollection(nn.Module):
         device: where to allocate the shards.
         gradient_divisor: the pooled gradients are divided by it before the update (default: the group size,
             matching DDP's averaging of dense gradients).
-        init_seed: seed of the tables' initialization. Rows are initialized in seeded chunks of
-            4096 rows, so a table gets the same initial values under any plan and world size.
+        init_seed: seed of the tables' initialization (:func:`lattice.nn.embedding.init_table_block`): a table
+            gets the same initial values under any plan and world size, the values an
+            :class:`EmbeddingBagCollection` with this ``init_seed`` starts from.
 
     ``forward(kjt)`` takes this rank's :class:`~lattice.sparse.KeyedJaggedTensor` (every rank must call it,
     with any batch size, the same number of times) and returns ``[B, F, D]`` in :attr:`feature_names` order
@@ -288,7 +292,7 @@ class ShardedEmbeddingBagCollection(nn.Module):
         if replicated:
             self.replicated = EmbeddingBagCollection(replicated, fused_optimizer=fused_optimizer, lr=lr, eps=eps,
                                                      weight_decay=weight_decay, dtype=dtype, is_weighted=is_weighted,
-                                                     device=device)
+                                                     device=device, init_seed=self.init_seed)
             if self.world_size > 1:
                 self.replicated.set_process_group(process_group, self.gradient_divisor)
 
@@ -347,32 +351,18 @@ class ShardedEmbeddingBagCollection(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        """Initialize every local shard from its table's ``init``, in seeded chunks of whole rows (the same
-        values under any plan: only the chunks overlapping the shard are drawn), and zero the optimizer state."""
-        with torch.random.fork_rng(devices=[]):
-            for t in self.tables:
-                p = self.plan.tables[t.name]
-                if not p.holds(self.rank):
-                    continue
+        """Initialize every local shard and replica from its table's ``init`` and :attr:`init_seed` (drawing only
+        the seeded chunks of rows a shard overlaps: the same values under any plan), and zero the optimizer
+        state."""
+        for t in self.sharded_tables:
+            p = self.plan.tables[t.name]
+            if p.holds(self.rank):
                 r0, c0 = p.shard_offsets(self.rank)
-                weight = self.replicated.embedding_weight(t.name) if p.kind == "replicated" else self.shard_weight(t.name)
-                rows, cols = weight.shape
-                first, last = r0 // _INIT_CHUNK_ROWS, (r0 + rows - 1) // _INIT_CHUNK_ROWS
-                for c in range(first, last + 1):
-                    lo, hi = c * _INIT_CHUNK_ROWS, min((c + 1) * _INIT_CHUNK_ROWS, t.num_embeddings)
-                    torch.manual_seed(self._chunk_seed(t.name, c))
-                    chunk = torch.empty(hi - lo, t.embedding_dim)
-                    t.init(chunk, t.num_embeddings)
-                    a, b = max(lo, r0), min(hi, r0 + rows)
-                    weight[a - r0 : b - r0].copy_(chunk[a - lo : b - lo, c0 : c0 + cols])
+                init_table_block(self.shard_weight(t.name), t, self.init_seed, r0, c0)
         for g in self._groups:
             getattr(self.shard_state, g.key).zero_()
         if self.replicated is not None:
-            for state in self.replicated.optimizer_state.buffers():
-                state.zero_()
-
-    def _chunk_seed(self, table: str, chunk: int) -> int:
-        return (self.init_seed * 1_000_003 + zlib.crc32(table.encode()) * 7919 + chunk) % (2**63)
+            self.replicated.reset_parameters()
 
     @torch.no_grad()
     def load_full_tables(self, weights: Dict[str, Tensor], states: Optional[Dict[str, Tensor]] = None) -> None:
@@ -396,12 +386,20 @@ class ShardedEmbeddingBagCollection(nn.Module):
     def from_collection(cls, collection: EmbeddingBagCollection, plan: ShardingPlan,
                         process_group: Optional[dist.ProcessGroup] = None, **kwargs) -> "ShardedEmbeddingBagCollection":
         """A sharded copy of ``collection`` (its tables, fused optimizer, hyper-parameters, dtype, weights and
-        optimizer state: each rank copies only its part)."""
+        optimizer state: each rank copies only its part). A collection built inside
+        :func:`~lattice.nn.embedding.deferred_tables` (on the meta device) has no values to copy: each rank
+        allocates and draws only its own shards, from the collection's ``init_seed``, on the CPU (or
+        ``device=``), getting the values the full tables would have started from."""
         dtype = next(iter(collection.weights.values())).dtype
         device = next(iter(collection.weights.values())).device
+        deferred = device.type == "meta"
+        kwargs.setdefault("init_seed", collection.init_seed)
+        kwargs.setdefault("device", None if deferred else device)
         out = cls(collection.tables, plan, process_group, fused_optimizer=collection.fused_optimizer,
                   lr=collection.lr, eps=collection.eps, weight_decay=collection.weight_decay, dtype=dtype,
-                  is_weighted=collection.is_weighted, device=device, **kwargs)
+                  is_weighted=collection.is_weighted, **kwargs)
+        if deferred:
+            return out
         weights = {t.name: collection.embedding_weight(t.name) for t in collection.tables}
         states = None
         if collection.fused_optimizer == "rowwise_adagrad":
