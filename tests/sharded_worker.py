@@ -2,7 +2,7 @@
 against a single-process :class:`EmbeddingBagCollection` on the same global batch, which each rank computes
 itself; a mismatch raises, naming the case, and the spawn exits non-zero.
 
-Usage: python tests/sharded_worker.py MODE WORLD DIR
+Usage: python tests/sharded_worker.py MODE[,MODE...] WORLD DIR (several modes run in order in one spawn)
   lookup:  forward, backward and two fused steps for TW, RW, CW, mixed and replicated plans (SGD and row-wise
            Adagrad; shared tables, a mean table, empty bags, per-sample weights, ids at shard boundaries,
            unequal batch sizes), storage bytes against the plan's figure, bad ids; at W=2 also a network built
@@ -324,48 +324,55 @@ def deferred_network(rank: int, world: int, group, directory: str) -> None:
             raise AssertionError(f"deferred build: {name} differs from the whole build's")
 
 
-def main(rank: int, mode: str, world: int, directory: str) -> None:
+def run_mode(mode: str, rank: int, world: int, group, directory: str) -> None:
+    if mode == "lookup":
+        lookup(rank, world, group)
+        if world == 2:
+            deferred_network(rank, world, group, directory)
+    elif mode == "save":
+        steps_state("save W=%d" % world, plans(world)["mixed"], rank, world, group, 0, 3, directory, load=False)
+    elif mode == "resume":
+        steps_state("resume W=%d" % world, resume_plan(world), rank, world, group, 3, 6, directory, load=True)
+    elif mode == "die":
+        collection = ShardedEmbeddingBagCollection(TABLES, plans(world)["row_wise"], group)
+        dist.barrier(group)
+        if rank == 1:
+            os._exit(1)
+        try:
+            collection(batch(0, [4] * world, False)[rank]).sum().backward()
+            collection(batch(1, [4] * world, False)[rank]).sum().backward()
+        except RuntimeError as exc:
+            from types import SimpleNamespace
+
+            from lattice.train.faults import PeerFailureReporter
+
+            trainer = SimpleNamespace(world_size=world, global_rank=rank, global_step=0)
+            PeerFailureReporter().on_exception(trainer, None, exc)
+            os._exit(3)
+        raise AssertionError("the lookup went on without rank 1")
+    else:
+        raise ValueError(f"unknown mode {mode!r}")
+
+
+def main(rank: int, modes: str, world: int, directory: str) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{directory}/store-{mode}-{world}", rank=rank,
+    dist.init_process_group("gloo", init_method=f"file://{directory}/store-{modes}-{world}", rank=rank,
                             world_size=world, timeout=datetime.timedelta(seconds=60))
     group = dist.new_group(list(range(world)))
     try:
-        if mode == "lookup":
-            lookup(rank, world, group)
-            if world == 2:
-                deferred_network(rank, world, group, directory)
-        elif mode == "save":
-            steps_state("save W=%d" % world, plans(world)["mixed"], rank, world, group, 0, 3, directory, load=False)
-        elif mode == "resume":
-            steps_state("resume W=%d" % world, resume_plan(world), rank, world, group, 3, 6, directory, load=True)
-        elif mode == "die":
-            collection = ShardedEmbeddingBagCollection(TABLES, plans(world)["row_wise"], group)
-            dist.barrier(group)
-            if rank == 1:
-                os._exit(1)
-            try:
-                collection(batch(0, [4] * world, False)[rank]).sum().backward()
-                collection(batch(1, [4] * world, False)[rank]).sum().backward()
-            except RuntimeError as exc:
-                from types import SimpleNamespace
-
-                from lattice.train.faults import PeerFailureReporter
-
-                trainer = SimpleNamespace(world_size=world, global_rank=rank, global_step=0)
-                PeerFailureReporter().on_exception(trainer, None, exc)
-                os._exit(3)
-            raise AssertionError("the lookup went on without rank 1")
+        for mode in modes.split(","):
+            run_mode(mode, rank, world, group, directory)
     finally:
-        if mode != "die":
+        if modes != "die":
             dist.destroy_process_group()
 
 
 if __name__ == "__main__":
-    mode, world, directory = sys.argv[1], int(sys.argv[2]), sys.argv[3]
-    if mode != "die":
-        mp.spawn(main, args=(mode, world, directory), nprocs=world, join=True)
+    modes, world, directory = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+    if modes != "die":
+        mp.spawn(main, args=(modes, world, directory), nprocs=world, join=True)
     else:  # no join=True: it would terminate rank 0 as soon as rank 1 exits
-        context = mp.start_processes(main, args=(mode, world, directory), nprocs=world, join=False)
+        context = mp.start_processes(main, args=(modes, world, directory), nprocs=world, join=False)
         for process in context.processes:
             process.join(120)
         print("exit codes", [p.exitcode for p in context.processes])

@@ -1,7 +1,7 @@
 """ShardedEmbeddingBagCollection (issue 27): TW, RW, CW, replicated and mixed plans over gloo equal one process
 on the same global batch; DCP checkpoints reshard 2 -> 1 and 2 -> 4; bad ids and a dying rank.
 
-The multi-process cases run in tests/sharded_worker.py (one spawn of W ranks per call, every case inside it);
+The multi-process cases run in tests/sharded_worker.py (one spawn of W ranks per world size, every case inside it);
 the in-process tests below cover what needs no process group."""
 from __future__ import annotations
 
@@ -155,13 +155,10 @@ def test_out_of_range_id_has_the_single_process_message():
     assert str(single.value).splitlines()[0] in str(caught.value)
 
 
-@pytest.mark.parametrize("world", [2, 4])
-def test_lookup_backward_and_fused_steps_equal_one_process(tmp_path, world):
-    run_worker("sharded_worker.py", "lookup", str(world), str(tmp_path), timeout=240)
-
-
-def test_checkpoint_reshards_from_two_ranks_to_one_and_four(tmp_path):
-    run_worker("sharded_worker.py", "save", "2", str(tmp_path), timeout=180)
+def test_lookups_equal_one_process_and_checkpoints_reshard_two_to_one_and_four(tmp_path):
+    """Two spawns (one per world size) run every case: at W=2 the lookups (forward, backward, fused steps), the
+    deferred network and 3 steps saved; resumed at W=1 here; at W=4 the lookups and the resume."""
+    run_worker("sharded_worker.py", "lookup,save", "2", str(tmp_path), timeout=300)
     from lattice.train.sharded_checkpoint import saved_plans
 
     plans = saved_plans(str(tmp_path / "ckpt"))
@@ -169,7 +166,7 @@ def test_checkpoint_reshards_from_two_ranks_to_one_and_four(tmp_path):
     import sharded_worker  # W=1 needs no process group: resumed here, without another process's start-up
 
     sharded_worker.steps_state("resume W=1", sharded_worker.resume_plan(1), 0, 1, None, 3, 6, str(tmp_path), load=True)
-    run_worker("sharded_worker.py", "resume", "4", str(tmp_path), timeout=180)
+    run_worker("sharded_worker.py", "lookup,resume", "4", str(tmp_path), timeout=300)
 
 
 def test_a_dying_rank_stops_the_others_with_the_peer_failure_line(tmp_path):
