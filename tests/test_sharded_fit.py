@@ -67,7 +67,8 @@ def test_plan_file_then_fit_then_predict_with_uneven_batches(tmp_path):
 
     # 2201 rows: predict gives the ranks 1100 and 1101, 11 and 12 batches of 100
     data = {**_SMALL["data"], "eval_batch_size": 100}
-    data["synthetic"] = {**data["synthetic"], "domains": [{"name": "feed", "rows": 1500}, {"name": "shop", "rows": 701}]}
+    domains = [{"name": "feed", "rows": 1500}, {"name": "shop", "rows": 701}]
+    data["synthetic"] = {**data["synthetic"], "domains": domains}
     small = tmp_path / "small.yaml"
     small.write_text(yaml.safe_dump({**_SMALL, "data": data, "metrics_table": {"output_dir": str(tmp_path / "tables")},
                                      "prediction_writer": {"output_dir": str(tmp_path / "predictions")}}))

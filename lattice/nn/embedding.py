@@ -104,8 +104,8 @@ def deferred_tables() -> Iterator[None]:
     """Inside, every :class:`EmbeddingBagCollection` built puts its tables and optimizer state on the meta device
     (whatever its ``device``): their geometry and init seed, none of their memory. It still draws its
     ``init_seed``, so the global generator, and every layer built after it, is where a real build leaves them.
-    :meth:`ShardedEmbeddingBagCollection.from_collection <lattice.nn.sharded.ShardedEmbeddingBagCollection.from_collection>`
-    turns such a collection into shards whose values are those the full tables would have had."""
+    :meth:`lattice.nn.sharded.ShardedEmbeddingBagCollection.from_collection` turns such a collection into
+    shards whose values are those the full tables would have had."""
     token = _DEFERRED.set(True)
     try:
         yield

@@ -18,9 +18,10 @@ plus a :class:`~lattice.nn.placement.ShardingPlan`; ``forward`` / ``forward_dict
    padded locally with empty bags to the largest batch received (``B_max``). RW shards pool by sum (a mean is
    taken by the source over the whole bag).
 3. **Output distribution.** The pooled ``[B_s, cols]`` pieces (``B_s``: the source's batch size) go back with
-   one ``all_to_all_single``. The source concatenates CW slices along ``D`` and sums RW partial sums. That sum is the reduce-scatter of the
-   RW partials, built from ``all_to_all_single`` + a local sum because gloo has no ``reduce_scatter``; it
-   moves the same bytes as a direct reduce-scatter, and shares one collective with the TW/CW outputs.
+   one ``all_to_all_single``. The source concatenates CW slices along ``D`` and sums RW partial sums. That sum
+   is the reduce-scatter of the RW partials, built from ``all_to_all_single`` + a local sum because gloo has no
+   ``reduce_scatter``; it moves the same bytes as a direct reduce-scatter, and shares one collective with the
+   TW/CW outputs.
 
 The backward is the mirror image: the pooled gradient goes back to the shard owners through the reversed
 all-to-all, is divided by ``gradient_divisor`` (default: the world size, the averaging DDP applies to dense

@@ -56,8 +56,8 @@ from lattice.nn.placement import ShardingPlan, TablePlacement
 from lattice.nn.sharded import ShardedEmbeddingBagCollection
 from lattice.train.sharded_checkpoint import load_sharded_tables, save_sharded_tables, sharded_collections
 
-__all__ = ["ShardingConfig", "sharding_requested", "shard_network", "ShardedDDPStrategy", "eval_batches", "start_eval_epoch", "count_eval_step",
-           "finish_eval_epoch"]
+__all__ = ["ShardingConfig", "sharding_requested", "shard_network", "ShardedDDPStrategy", "eval_batches",
+           "start_eval_epoch", "count_eval_step", "finish_eval_epoch"]
 
 _KEYS = ("plan", "memory_per_rank", "overrides", "time_limit_s", "num_batches")
 
