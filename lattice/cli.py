@@ -19,6 +19,7 @@ configs/interformer.yaml`` merge as before).
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from argparse import ArgumentError
@@ -30,12 +31,14 @@ from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from lattice.data.datamodule import LatticeDataModule
+from lattice.nn.embedding import deferred_tables
 from lattice.train import faults
 from lattice.train.callbacks import ModelSummary
 from lattice.train.checkpoint import AtomicCheckpointIO
 from lattice.train.loading import ConfigCLI
 from lattice.train.module import LatticeModule
 from lattice.train.resume import default_ckpt_path, resolve_ckpt_path
+from lattice.train.sharding import sharding_requested
 from lattice.train.writer import ParquetPredictionWriter
 
 _LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
@@ -64,6 +67,12 @@ class LatticeCLI(ConfigCLI):
         if kwargs.get("ckpt_path") is not None:  # "last" past damaged files, a damaged file named (train/resume.py)
             kwargs["ckpt_path"] = resolve_ckpt_path(self.trainer, kwargs["ckpt_path"])
         return kwargs
+
+    def instantiate_classes(self) -> None:
+        # Under model.sharding each rank makes its own shards at setup: the network's tables are never built whole.
+        deferred = sharding_requested(self._get(self.config, "model"))
+        with deferred_tables() if deferred else contextlib.nullcontext():
+            super().instantiate_classes()
 
     def _instantiate_trainer(self, config, callbacks):
         if self.subcommand != "predict":  # the prediction writer only belongs to `lattice predict`

@@ -2,10 +2,11 @@
 against a single-process :class:`EmbeddingBagCollection` on the same global batch, which each rank computes
 itself; a mismatch raises, naming the case, and the spawn exits non-zero.
 
-Usage: python tests/sharded_worker.py MODE WORLD DIR
+Usage: python tests/sharded_worker.py MODE[,MODE...] WORLD DIR (several modes run in order in one spawn)
   lookup:  forward, backward and two fused steps for TW, RW, CW, mixed and replicated plans (SGD and row-wise
            Adagrad; shared tables, a mean table, empty bags, per-sample weights, ids at shard boundaries,
-           unequal batch sizes), storage bytes against the plan's figure, bad ids.
+           unequal batch sizes), storage bytes against the plan's figure, bad ids; at W=2 also a network built
+           with deferred tables and sharded by shard_network (never a whole table on a rank, same values).
   save:    3 steps of a mixed plan at WORLD ranks, then a DCP checkpoint into DIR/ckpt.
   resume:  load DIR/ckpt under this WORLD's plan, 3 more steps; compared with 6 uninterrupted steps.
   die:     rank 1 exits before the lookup; rank 0 prints the peer-failure line and exits 3.
@@ -265,46 +266,113 @@ def resume_plan(world: int) -> ShardingPlan:
                                 "tc": place("replicated", TABLES[2], []), "td": place("row_wise", TABLES[3], every[::-1])})
 
 
-def main(rank: int, mode: str, world: int, directory: str) -> None:
+def deferred_network(rank: int, world: int, group, directory: str) -> None:
+    """A LatticeNetwork built inside deferred_tables and sharded by shard_network (row- and column-wise over every
+    rank): the only tensors as large as a whole table made on this rank are the sharded collections' packed
+    shards, and the shards, the optimizer state and the dense layers equal those of the same network built
+    whole, then sharded."""
+    import yaml
+    from _models import make_schema
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from lattice.models import LatticeNetwork
+    from lattice.nn.embedding import deferred_tables
+    from lattice.train.module import LatticeModule
+    from lattice.train.planner import network_tables
+    from lattice.train.sharding import shard_network
+
+    schema = make_schema(rows=9000)  # tables of about 9000 rows: more than two seeded init chunks of 4096
+    with deferred_tables():
+        tables, _ = network_tables(LatticeNetwork(schema, dim=16, num_layers=1))
+    kinds = ["row_wise", "column_wise"]
+    plan = ShardingPlan(world, {t.name: place(kinds[i % 2], t, range(world)) for i, t in enumerate(tables)})
+    path = os.path.join(directory, f"plan-{rank}.yaml")
+    with open(path, "w") as fh:
+        yaml.safe_dump(plan.to_dict(), fh)
+    smallest = min(t.num_embeddings * t.embedding_dim for t in tables)
+
+    class Allocations(TorchDispatchMode):
+        large = []  # (op, shape) of every non-meta tensor with as many elements as the smallest whole table
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else [out]:
+                if isinstance(t, torch.Tensor) and not t.is_meta and t.numel() >= smallest:
+                    Allocations.large.append((str(func), tuple(t.shape)))
+            return out
+
+    def build(deferred: bool):
+        torch.manual_seed(11)
+        with Allocations() if deferred else torch.no_grad():
+            with deferred_tables() if deferred else torch.no_grad():
+                module = LatticeModule(LatticeNetwork(schema, dim=16, num_layers=1), sharding={"plan": path})
+            shard_network(module, module.sharding, group)
+        return module
+
+    got, want = build(True), build(False)
+    packed = {tuple(w.shape) for c in got.network.modules() if isinstance(c, ShardedEmbeddingBagCollection)
+              for w in c.shard_weights.values()}
+    other = [(op, shape) for op, shape in Allocations.large if shape not in packed]
+    if other or not Allocations.large:
+        raise AssertionError(f"rank {rank} made tensors as large as a whole table ({smallest} elements) while building "
+                             f"and sharding deferred tables: {other or 'none, not even its packed shards'}")
+    want_state = want.state_dict()
+    for name, value in got.state_dict().items():
+        if value.is_meta:
+            raise AssertionError(f"{name} is still on the meta device after shard_network")
+        if not torch.equal(value, want_state[name]):
+            raise AssertionError(f"deferred build: {name} differs from the whole build's")
+
+
+def run_mode(mode: str, rank: int, world: int, group, directory: str) -> None:
+    if mode == "lookup":
+        lookup(rank, world, group)
+        if world == 2:
+            deferred_network(rank, world, group, directory)
+    elif mode == "save":
+        steps_state("save W=%d" % world, plans(world)["mixed"], rank, world, group, 0, 3, directory, load=False)
+    elif mode == "resume":
+        steps_state("resume W=%d" % world, resume_plan(world), rank, world, group, 3, 6, directory, load=True)
+    elif mode == "die":
+        collection = ShardedEmbeddingBagCollection(TABLES, plans(world)["row_wise"], group)
+        dist.barrier(group)
+        if rank == 1:
+            os._exit(1)
+        try:
+            collection(batch(0, [4] * world, False)[rank]).sum().backward()
+            collection(batch(1, [4] * world, False)[rank]).sum().backward()
+        except RuntimeError as exc:
+            from types import SimpleNamespace
+
+            from lattice.train.faults import PeerFailureReporter
+
+            trainer = SimpleNamespace(world_size=world, global_rank=rank, global_step=0)
+            PeerFailureReporter().on_exception(trainer, None, exc)
+            os._exit(3)
+        raise AssertionError("the lookup went on without rank 1")
+    else:
+        raise ValueError(f"unknown mode {mode!r}")
+
+
+def main(rank: int, modes: str, world: int, directory: str) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{directory}/store-{mode}-{world}", rank=rank,
+    dist.init_process_group("gloo", init_method=f"file://{directory}/store-{modes}-{world}", rank=rank,
                             world_size=world, timeout=datetime.timedelta(seconds=60))
     group = dist.new_group(list(range(world)))
     try:
-        if mode == "lookup":
-            lookup(rank, world, group)
-        elif mode == "save":
-            steps_state("save W=%d" % world, plans(world)["mixed"], rank, world, group, 0, 3, directory, load=False)
-        elif mode == "resume":
-            steps_state("resume W=%d" % world, resume_plan(world), rank, world, group, 3, 6, directory, load=True)
-        elif mode == "die":
-            collection = ShardedEmbeddingBagCollection(TABLES, plans(world)["row_wise"], group)
-            dist.barrier(group)
-            if rank == 1:
-                os._exit(1)
-            try:
-                collection(batch(0, [4] * world, False)[rank]).sum().backward()
-                collection(batch(1, [4] * world, False)[rank]).sum().backward()
-            except RuntimeError as exc:
-                from types import SimpleNamespace
-
-                from lattice.train.faults import PeerFailureReporter
-
-                trainer = SimpleNamespace(world_size=world, global_rank=rank, global_step=0)
-                PeerFailureReporter().on_exception(trainer, None, exc)
-                os._exit(3)
-            raise AssertionError("the lookup went on without rank 1")
+        for mode in modes.split(","):
+            run_mode(mode, rank, world, group, directory)
     finally:
-        if mode != "die":
+        if modes != "die":
             dist.destroy_process_group()
 
 
 if __name__ == "__main__":
-    mode, world, directory = sys.argv[1], int(sys.argv[2]), sys.argv[3]
-    if mode != "die":
-        mp.spawn(main, args=(mode, world, directory), nprocs=world, join=True)
+    modes, world, directory = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+    if modes != "die":
+        mp.spawn(main, args=(modes, world, directory), nprocs=world, join=True)
     else:  # no join=True: it would terminate rank 0 as soon as rank 1 exits
-        context = mp.start_processes(main, args=(mode, world, directory), nprocs=world, join=False)
+        context = mp.start_processes(main, args=(modes, world, directory), nprocs=world, join=False)
         for process in context.processes:
             process.join(120)
         print("exit codes", [p.exitcode for p in context.processes])

@@ -1,7 +1,7 @@
 """ShardedEmbeddingBagCollection (issue 27): TW, RW, CW, replicated and mixed plans over gloo equal one process
 on the same global batch; DCP checkpoints reshard 2 -> 1 and 2 -> 4; bad ids and a dying rank.
 
-The multi-process cases run in tests/sharded_worker.py (one spawn of W ranks per call, every case inside it);
+The multi-process cases run in tests/sharded_worker.py (one spawn of W ranks per world size, every case inside it);
 the in-process tests below cover what needs no process group."""
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 from _workers import run_worker
 
-from lattice.nn.embedding import EmbeddingBagCollection, EmbeddingTableConfig
+from lattice.nn.embedding import EmbeddingBagCollection, EmbeddingTableConfig, deferred_tables
 from lattice.nn.placement import ShardingPlan, TablePlacement
 from lattice.nn.sharded import ShardedEmbeddingBagCollection
 from lattice.sparse import KeyedJaggedTensor
@@ -62,6 +62,73 @@ def test_initialization_does_not_depend_on_the_plan():
     assert not torch.equal(b.shard_weight("ta"), c.shard_weight("ta"))
 
 
+def test_a_deferred_collection_shards_into_the_values_of_the_whole_one():
+    torch.manual_seed(5)
+    whole = EmbeddingBagCollection(TABLES, fused_optimizer="rowwise_adagrad", lr=0.2)
+    drawn_after_whole = torch.rand(4)
+    torch.manual_seed(5)
+    with deferred_tables():
+        deferred = EmbeddingBagCollection(TABLES, fused_optimizer="rowwise_adagrad", lr=0.2, device="cpu")
+    assert torch.equal(torch.rand(4), drawn_after_whole)  # layers built after the tables draw the same values
+    assert all(w.is_meta for w in deferred.weights.values())
+    assert all(s.is_meta for s in deferred.optimizer_state.buffers())
+    for kinds in (("row_wise", "column_wise"), ("table_wise", "replicated")):
+        sharded = ShardedEmbeddingBagCollection.from_collection(deferred, one_rank_plan(kinds))
+        assert sharded.lr == 0.2 and sharded.fused_optimizer == "rowwise_adagrad"
+        for t, kind in zip(TABLES, kinds):
+            mine = sharded.replicated.embedding_weight(t.name) if kind == "replicated" else sharded.shard_weight(t.name)
+            assert mine.device.type == "cpu"
+            assert torch.equal(mine, whole.embedding_weight(t.name)), (kinds, t.name)
+
+
+def _cli_model(*overrides):
+    import os
+
+    from lattice.cli import run_lightning
+
+    configs = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+    return run_lightning(["--config", os.path.join(configs, "mdmo.yaml"), *overrides], run=False).model
+
+
+def test_the_cli_builds_tables_deferred_under_sharding_only():
+    import os
+
+    configs = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+    model = _cli_model("--config", os.path.join(configs, "sharded.yaml"))
+    assert model.sharding is not None
+    collections = [m for m in model.network.modules() if isinstance(m, EmbeddingBagCollection)]
+    assert collections and all(w.is_meta for c in collections for w in c.weights.values())
+    plain = _cli_model()
+    assert not any(w.is_meta for m in plain.network.modules() if isinstance(m, EmbeddingBagCollection)
+                   for w in m.weights.values())
+
+
+def test_distillation_module_shards_its_network_and_counts_eval_steps(tmp_path):
+    import yaml
+    from _models import make_schema, random_batch
+
+    from lattice.distill import DistillationModule
+    from lattice.models import LatticeNetwork
+    from lattice.train.planner import network_tables
+    from lattice.train.sharding import shard_network
+
+    schema = make_schema()
+    network = LatticeNetwork(schema, dim=16, num_layers=1)
+    tables, _ = network_tables(network)
+    plan = ShardingPlan(1, {t.name: TablePlacement("row_wise", t.num_embeddings, t.embedding_dim, [0]) for t in tables})
+    path = tmp_path / "plan.yaml"
+    path.write_text(yaml.safe_dump(plan.to_dict()))
+    module = DistillationModule(network, sharding={"plan": str(path)}, distillation="none")
+    assert module.hparams["sharding"] == {"plan": str(path)}
+    module.sharding_plan = shard_network(module, module.sharding, None)
+    assert {p.kind for p in module.sharding_plan.tables.values()} == {"row_wise"}
+    assert not any(isinstance(m, EmbeddingBagCollection) for m in module.network.modules())
+    module.eval()
+    with torch.no_grad():
+        module._eval_step(random_batch(schema, 8), module.val_metrics, "val")
+    assert module._sharded_eval_steps == 1
+
+
 def test_plan_mismatches_are_errors_naming_the_table():
     plan = one_rank_plan(("table_wise", "table_wise"))
     with pytest.raises(ValueError, match="world_size 2"):
@@ -88,13 +155,10 @@ def test_out_of_range_id_has_the_single_process_message():
     assert str(single.value).splitlines()[0] in str(caught.value)
 
 
-@pytest.mark.parametrize("world", [2, 4])
-def test_lookup_backward_and_fused_steps_equal_one_process(tmp_path, world):
-    run_worker("sharded_worker.py", "lookup", str(world), str(tmp_path), timeout=240)
-
-
-def test_checkpoint_reshards_from_two_ranks_to_one_and_four(tmp_path):
-    run_worker("sharded_worker.py", "save", "2", str(tmp_path), timeout=180)
+def test_lookups_equal_one_process_and_checkpoints_reshard_two_to_one_and_four(tmp_path):
+    """Two spawns (one per world size) run every case: at W=2 the lookups (forward, backward, fused steps), the
+    deferred network and 3 steps saved; resumed at W=1 here; at W=4 the lookups and the resume."""
+    run_worker("sharded_worker.py", "lookup,save", "2", str(tmp_path), timeout=300)
     from lattice.train.sharded_checkpoint import saved_plans
 
     plans = saved_plans(str(tmp_path / "ckpt"))
@@ -102,7 +166,7 @@ def test_checkpoint_reshards_from_two_ranks_to_one_and_four(tmp_path):
     import sharded_worker  # W=1 needs no process group: resumed here, without another process's start-up
 
     sharded_worker.steps_state("resume W=1", sharded_worker.resume_plan(1), 0, 1, None, 3, 6, str(tmp_path), load=True)
-    run_worker("sharded_worker.py", "resume", "4", str(tmp_path), timeout=180)
+    run_worker("sharded_worker.py", "lookup,resume", "4", str(tmp_path), timeout=300)
 
 
 def test_a_dying_rank_stops_the_others_with_the_peer_failure_line(tmp_path):

@@ -177,6 +177,7 @@ class DistillationModule(LatticeModule):
         autocast_bf16: bool = False,
         group_auc: bool = True,
         compile: CompileOption = False,
+        sharding: dict[str, Any] | None = None,
         distillation: DistillationMode = "aux_head",
         distill_weight: float = 1.0,
         distill_task_weights: dict[str, float] | None = None,
@@ -208,6 +209,7 @@ class DistillationModule(LatticeModule):
             autocast_bf16=autocast_bf16,
             group_auc=group_auc,
             compile=compile,
+            sharding=sharding,
         )
         # The cache is runtime state (like a serving-side store), not a hyper-parameter.
         self.save_hyperparameters(ignore=["network", "cache", "optimizer", "lr_scheduler"])
@@ -454,6 +456,7 @@ class DistillationModule(LatticeModule):
         loss, _ = self._loss(output, batch)
         self.log(f"{stage}/loss", loss, prog_bar=True, batch_size=batch.batch_size, sync_dist=True)
         metrics.update(output.logits, batch.labels, batch.label_mask, batch.domain, batch.user_id, batch.true_probs)
+        self._count_sharded_step(batch)
         self._log_teacher_token(output, stage, batch.batch_size)
 
     def on_train_epoch_start(self) -> None:

@@ -10,12 +10,21 @@ With ``fused_optimizer="sgd"`` or ``"rowwise_adagrad"`` the backward updates the
 so the model's dense optimizer leaves them alone). With ``fused_optimizer=None`` the weights get
 sparse COO gradients through autograd, for ``torch.optim.SGD`` / ``SparseAdam`` / ``Adagrad``.
 The fused optimizer's state is a buffer, so ``state_dict`` carries it and a checkpoint resumes exactly.
+
+Initial values come from the tables' ``init`` in seeded chunks of whole rows (:func:`init_table_block`), from
+one seed per collection (``init_seed``, drawn from the global generator by default): any block of a table, such
+as a shard of it on another rank, can be drawn alone and gets the values the whole table would. Inside
+:func:`deferred_tables` a collection keeps its tables on the meta device, for a
+:class:`~lattice.nn.sharded.ShardedEmbeddingBagCollection` to draw only its own shards.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
+import zlib
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence, Union
+from typing import Dict, Iterator, List, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
@@ -29,7 +38,11 @@ from lattice.ops.pooling import (
 )
 from lattice.sparse import KeyedJaggedTensor
 
-__all__ = ["UniformInit", "NormalInit", "EmbeddingTableConfig", "EmbeddingBagCollection"]
+__all__ = ["UniformInit", "NormalInit", "EmbeddingTableConfig", "EmbeddingBagCollection", "deferred_tables",
+           "init_table_block"]
+
+INIT_CHUNK_ROWS = 4096  # rows drawn per seeded chunk: a table's initial values do not depend on how it is split
+_DEFERRED = contextvars.ContextVar("lattice_deferred_tables", default=False)
 
 
 @dataclass
@@ -86,6 +99,51 @@ class EmbeddingTableConfig:
         pooling_mode(self.pooling)  # validates
 
 
+@contextlib.contextmanager
+def deferred_tables() -> Iterator[None]:
+    """Inside, every :class:`EmbeddingBagCollection` built puts its tables and optimizer state on the meta device
+    (whatever its ``device``): their geometry and init seed, none of their memory. It still draws its
+    ``init_seed``, so the global generator, and every layer built after it, is where a real build leaves them.
+    :meth:`lattice.nn.sharded.ShardedEmbeddingBagCollection.from_collection` turns such a collection into
+    shards whose values are those the full tables would have had."""
+    token = _DEFERRED.set(True)
+    try:
+        yield
+    finally:
+        _DEFERRED.reset(token)
+
+
+def draw_init_seed() -> int:
+    """A collection's ``init_seed`` from the global CPU generator (one draw, whatever the tables' size)."""
+    return int(torch.randint(0, 2**62, (1,), device="cpu"))
+
+
+def _chunk_seed(init_seed: int, table: str, chunk: int) -> int:
+    return (init_seed * 1_000_003 + zlib.crc32(table.encode()) * 7919 + chunk) % (2**63)
+
+
+@torch.no_grad()
+def init_table_block(out: Tensor, table: EmbeddingTableConfig, init_seed: int, row_start: int = 0,
+                     col_start: int = 0) -> None:
+    """Writes into ``out [rows, cols]`` the initial values of rows ``[row_start, row_start + rows)`` and columns
+    ``[col_start, col_start + cols)`` of ``table``: whole rows are drawn by ``table.init`` on the CPU in chunks of
+    4096 rows, each seeded from ``(init_seed, table.name, chunk)``, and only the chunks the block overlaps are
+    drawn. A block (a row- or column-wise shard) thus gets the values of the whole table, and the global
+    generator is left as it was."""
+    rows, cols = out.shape
+    if rows == 0 or cols == 0:
+        return
+    first, last = row_start // INIT_CHUNK_ROWS, (row_start + rows - 1) // INIT_CHUNK_ROWS
+    with torch.random.fork_rng(devices=[]):
+        for c in range(first, last + 1):
+            lo, hi = c * INIT_CHUNK_ROWS, min((c + 1) * INIT_CHUNK_ROWS, table.num_embeddings)
+            torch.manual_seed(_chunk_seed(init_seed, table.name, c))
+            chunk = torch.empty(hi - lo, table.embedding_dim, device="cpu")
+            table.init(chunk, table.num_embeddings)
+            a, b = max(lo, row_start), min(hi, row_start + rows)
+            out[a - row_start : b - row_start].copy_(chunk[a - lo : b - lo, col_start : col_start + cols])
+
+
 class _Group:
     """Tables of one (dim, pooling) packed in one weight tensor, and the features pooled from them."""
 
@@ -133,7 +191,9 @@ class EmbeddingBagCollection(nn.Module):
             :meth:`set_learning_rate`.
         dtype: weight storage dtype (float32, bfloat16 or float16; pooling accumulates in fp32).
         is_weighted: pass the KeyedJaggedTensor's weights as per-sample weights (sum pooling only).
-        device: where to allocate the weights.
+        device: where to allocate the weights (the meta device inside :func:`deferred_tables`).
+        init_seed: seed of the tables' initial values (:func:`init_table_block`); default: drawn from the
+            global generator, so ``torch.manual_seed`` before the build fixes it.
 
     ``forward(kjt)`` takes a :class:`~lattice.sparse.KeyedJaggedTensor` holding (at least) the
     module's features, in any key order, and returns ``[B, F, D]`` in :attr:`feature_names` order when
@@ -150,9 +210,12 @@ class EmbeddingBagCollection(nn.Module):
         dtype: torch.dtype = torch.float32,
         is_weighted: bool = False,
         device: Optional[Union[str, torch.device]] = None,
+        init_seed: Optional[int] = None,
     ) -> None:
         super().__init__()
         tables = checked_tables(tables, "EmbeddingBagCollection")
+        if _DEFERRED.get():
+            device = torch.device("meta")
         if fused_optimizer is not None:
             optimizer_mode(fused_optimizer)  # validates
         if dtype not in (torch.float32, torch.bfloat16, torch.float16):
@@ -163,6 +226,7 @@ class EmbeddingBagCollection(nn.Module):
         self.fused_optimizer = fused_optimizer
         self.lr, self.eps, self.weight_decay = float(lr), float(eps), float(weight_decay)
         self.is_weighted = is_weighted
+        self.init_seed = draw_init_seed() if init_seed is None else int(init_seed)
         self.process_group = None
         self.gradient_divisor: Optional[float] = None
         self._table_of_feature: Dict[str, EmbeddingTableConfig] = {}
@@ -214,14 +278,14 @@ class EmbeddingBagCollection(nn.Module):
     # ---- parameters and state ----------------------------------------------------------------
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        """Re-initialize every table with its ``init`` and zero the optimizer state."""
+        """Re-initialize every table from its ``init`` and :attr:`init_seed` (the same values each time) and zero
+        the optimizer state. Tables on the meta device have no values to set."""
         for g in self._groups:
             w = self.weights[g.key]
-            for t in g.tables:
-                start = g.table_start[t.name]
-                rows = torch.empty(t.num_embeddings, t.embedding_dim, dtype=torch.float32, device=w.device)
-                t.init(rows, t.num_embeddings)
-                w[start : start + t.num_embeddings].copy_(rows)
+            if not w.is_meta:
+                for t in g.tables:
+                    start = g.table_start[t.name]
+                    init_table_block(w[start : start + t.num_embeddings], t, self.init_seed)
             getattr(self.optimizer_state, g.key).zero_()
 
     def _group_of_table(self, name: str) -> _Group:

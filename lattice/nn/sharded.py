@@ -9,16 +9,19 @@ plus a :class:`~lattice.nn.placement.ShardingPlan`; ``forward`` / ``forward_dict
    so a bad id never reaches a collective. The rank's bags are cut per destination rank and *slot* (a
    (table, feature) pair whose shard lives there): a table-wise (TW) or column-wise (CW) shard gets the
    feature's whole bags (CW: every CW rank gets them), a row-wise (RW) shard only the ids in its row range,
-   shifted to shard-local rows. Bags are padded to the largest batch of the group (``B_max``, one all-gather)
-   so every slot is ``B_max`` bags. Lengths go first through ``all_to_all_single``, then the ids, then the
-   per-sample weights when the collection is weighted.
+   shifted to shard-local rows. Three ``all_to_all_single`` calls carry them: a header of two numbers per
+   destination (this rank's batch size ``B`` and how many ids it sends there), then every slot's ``B``
+   lengths followed by the ids, in one int64 buffer, then the per-sample weights when the collection is
+   weighted. The header is the lookup's one host sync; ranks may have different batch sizes.
 2. **Pooling.** Each rank pools what it received with :func:`torch.ops.lattice.jagged_embedding_pool`, one
-   call per local group of shards (same width and pooling), its "tables" being (source rank, slot) pairs.
-   RW shards pool by sum (a mean is taken by the source over the whole bag).
-3. **Output distribution.** The pooled ``[B_max, cols]`` pieces go back with one ``all_to_all_single``. The
-   source concatenates CW slices along ``D`` and sums RW partial sums. That sum is the reduce-scatter of the
-   RW partials, built from ``all_to_all_single`` + a local sum because gloo has no ``reduce_scatter``; it
-   moves the same bytes as a direct reduce-scatter, and shares one collective with the TW/CW outputs.
+   call per local group of shards (same width and pooling), its "tables" being (source rank, slot) pairs, each
+   padded locally with empty bags to the largest batch received (``B_max``). RW shards pool by sum (a mean is
+   taken by the source over the whole bag).
+3. **Output distribution.** The pooled ``[B_s, cols]`` pieces (``B_s``: the source's batch size) go back with
+   one ``all_to_all_single``. The source concatenates CW slices along ``D`` and sums RW partial sums. That sum
+   is the reduce-scatter of the RW partials, built from ``all_to_all_single`` + a local sum because gloo has no
+   ``reduce_scatter``; it moves the same bytes as a direct reduce-scatter, and shares one collective with the
+   TW/CW outputs.
 
 The backward is the mirror image: the pooled gradient goes back to the shard owners through the reversed
 all-to-all, is divided by ``gradient_divisor`` (default: the world size, the averaging DDP applies to dense
@@ -39,7 +42,6 @@ Per-sample weights travel with the ids and weight the pooling; they get no gradi
 from __future__ import annotations
 
 import warnings
-import zlib
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
@@ -47,7 +49,13 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from lattice.nn.embedding import EmbeddingBagCollection, EmbeddingTableConfig, checked_tables, mixed_dims_error
+from lattice.nn.embedding import (
+    EmbeddingBagCollection,
+    EmbeddingTableConfig,
+    checked_tables,
+    init_table_block,
+    mixed_dims_error,
+)
 from lattice.nn.placement import ShardingPlan, TablePlacement
 from lattice.ops._backend import use_reference
 from lattice.ops.pooling import SUM, optimizer_mode, pooling_mode
@@ -55,8 +63,6 @@ from lattice.ops.reference import pooling as _ref
 from lattice.sparse import KeyedJaggedTensor, _gather_rows, jagged_row_ids
 
 __all__ = ["ShardedEmbeddingBagCollection", "check_feature_ids"]
-
-_INIT_CHUNK_ROWS = 4096  # rows initialized per seeded chunk: the init is the same whatever the plan
 
 
 @dataclass(frozen=True)
@@ -189,18 +195,18 @@ class _ShardPool(torch.autograd.Function):
     :func:`lattice.ops.jagged_embedding_pool_fused`: the shards themselves never require grad."""
 
     @staticmethod
-    def forward(ctx, dummy, owner, inputs):
+    def forward(ctx, dummy, owner, inputs, batch_sizes):
         pooled = owner._pool_local(inputs)
-        ctx.owner, ctx.inputs = owner, inputs
+        ctx.owner, ctx.inputs, ctx.batch_sizes = owner, inputs, batch_sizes
         ctx.shapes = [p.shape for p in pooled]
-        return owner._pack_by_source(pooled)
+        return owner._pack_by_source(pooled, batch_sizes)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
-        ctx.owner._apply_fused(ctx.owner._unpack_by_source(grad, ctx.shapes), ctx.inputs)
+        ctx.owner._apply_fused(ctx.owner._unpack_by_source(grad, ctx.shapes, ctx.batch_sizes), ctx.inputs)
         ctx.owner = ctx.inputs = None
-        return None, None, None
+        return None, None, None, None
 
 
 class ShardedEmbeddingBagCollection(nn.Module):
@@ -217,8 +223,9 @@ class ShardedEmbeddingBagCollection(nn.Module):
         device: where to allocate the shards.
         gradient_divisor: the pooled gradients are divided by it before the update (default: the group size,
             matching DDP's averaging of dense gradients).
-        init_seed: seed of the tables' initialization. Rows are initialized in seeded chunks of
-            4096 rows, so a table gets the same initial values under any plan and world size.
+        init_seed: seed of the tables' initialization (:func:`lattice.nn.embedding.init_table_block`): a table
+            gets the same initial values under any plan and world size, the values an
+            :class:`EmbeddingBagCollection` with this ``init_seed`` starts from.
 
     ``forward(kjt)`` takes this rank's :class:`~lattice.sparse.KeyedJaggedTensor` (every rank must call it,
     with any batch size, the same number of times) and returns ``[B, F, D]`` in :attr:`feature_names` order
@@ -286,7 +293,7 @@ class ShardedEmbeddingBagCollection(nn.Module):
         if replicated:
             self.replicated = EmbeddingBagCollection(replicated, fused_optimizer=fused_optimizer, lr=lr, eps=eps,
                                                      weight_decay=weight_decay, dtype=dtype, is_weighted=is_weighted,
-                                                     device=device)
+                                                     device=device, init_seed=self.init_seed)
             if self.world_size > 1:
                 self.replicated.set_process_group(process_group, self.gradient_divisor)
 
@@ -345,32 +352,18 @@ class ShardedEmbeddingBagCollection(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        """Initialize every local shard from its table's ``init``, in seeded chunks of whole rows (the same
-        values under any plan: only the chunks overlapping the shard are drawn), and zero the optimizer state."""
-        with torch.random.fork_rng(devices=[]):
-            for t in self.tables:
-                p = self.plan.tables[t.name]
-                if not p.holds(self.rank):
-                    continue
+        """Initialize every local shard and replica from its table's ``init`` and :attr:`init_seed` (drawing only
+        the seeded chunks of rows a shard overlaps: the same values under any plan), and zero the optimizer
+        state."""
+        for t in self.sharded_tables:
+            p = self.plan.tables[t.name]
+            if p.holds(self.rank):
                 r0, c0 = p.shard_offsets(self.rank)
-                weight = self.replicated.embedding_weight(t.name) if p.kind == "replicated" else self.shard_weight(t.name)
-                rows, cols = weight.shape
-                first, last = r0 // _INIT_CHUNK_ROWS, (r0 + rows - 1) // _INIT_CHUNK_ROWS
-                for c in range(first, last + 1):
-                    lo, hi = c * _INIT_CHUNK_ROWS, min((c + 1) * _INIT_CHUNK_ROWS, t.num_embeddings)
-                    torch.manual_seed(self._chunk_seed(t.name, c))
-                    chunk = torch.empty(hi - lo, t.embedding_dim)
-                    t.init(chunk, t.num_embeddings)
-                    a, b = max(lo, r0), min(hi, r0 + rows)
-                    weight[a - r0 : b - r0].copy_(chunk[a - lo : b - lo, c0 : c0 + cols])
+                init_table_block(self.shard_weight(t.name), t, self.init_seed, r0, c0)
         for g in self._groups:
             getattr(self.shard_state, g.key).zero_()
         if self.replicated is not None:
-            for state in self.replicated.optimizer_state.buffers():
-                state.zero_()
-
-    def _chunk_seed(self, table: str, chunk: int) -> int:
-        return (self.init_seed * 1_000_003 + zlib.crc32(table.encode()) * 7919 + chunk) % (2**63)
+            self.replicated.reset_parameters()
 
     @torch.no_grad()
     def load_full_tables(self, weights: Dict[str, Tensor], states: Optional[Dict[str, Tensor]] = None) -> None:
@@ -394,12 +387,20 @@ class ShardedEmbeddingBagCollection(nn.Module):
     def from_collection(cls, collection: EmbeddingBagCollection, plan: ShardingPlan,
                         process_group: Optional[dist.ProcessGroup] = None, **kwargs) -> "ShardedEmbeddingBagCollection":
         """A sharded copy of ``collection`` (its tables, fused optimizer, hyper-parameters, dtype, weights and
-        optimizer state: each rank copies only its part)."""
+        optimizer state: each rank copies only its part). A collection built inside
+        :func:`~lattice.nn.embedding.deferred_tables` (on the meta device) has no values to copy: each rank
+        allocates and draws only its own shards, from the collection's ``init_seed``, on the CPU (or
+        ``device=``), getting the values the full tables would have started from."""
         dtype = next(iter(collection.weights.values())).dtype
         device = next(iter(collection.weights.values())).device
+        deferred = device.type == "meta"
+        kwargs.setdefault("init_seed", collection.init_seed)
+        kwargs.setdefault("device", None if deferred else device)
         out = cls(collection.tables, plan, process_group, fused_optimizer=collection.fused_optimizer,
                   lr=collection.lr, eps=collection.eps, weight_decay=collection.weight_decay, dtype=dtype,
-                  is_weighted=collection.is_weighted, device=device, **kwargs)
+                  is_weighted=collection.is_weighted, **kwargs)
+        if deferred:
+            return out
         weights = {t.name: collection.embedding_weight(t.name) for t in collection.tables}
         states = None
         if collection.fused_optimizer == "rowwise_adagrad":
@@ -534,22 +535,15 @@ class ShardedEmbeddingBagCollection(nn.Module):
             out.update(self._sharded_lookup(features))
         return {f: out[f] for f in self.feature_names}
 
-    def _batch_max(self, B: int, device) -> int:
-        if self.group is None:
-            return B
-        sizes = torch.tensor([B], dtype=torch.int64, device=device)
-        dist.all_reduce(sizes, op=dist.ReduceOp.MAX, group=self.group)
-        return int(sizes.item())
-
-    def _send_bags(self, features: KeyedJaggedTensor, B: int, B_max: int):
-        """Per destination rank, its slots' bags: lengths ``[n_d * B_max]``, ids and weights."""
+    def _send_bags(self, features: KeyedJaggedTensor, B: int):
+        """Per destination rank: its slots' lengths (``B`` per slot) and ids in one int64 tensor, the weights
+        (``None`` unless weighted) and the number of ids."""
         device = features.values().device
         sharded = {t.name for t in self.sharded_tables}
         jts = {f: features[f] for f in self.feature_names if self._table_of_feature[f].name in sharded}
-        pad = torch.zeros(B_max - B, dtype=torch.int64, device=device)
-        lengths, values, weights, value_counts = [], [], [], []
+        ids, weights, counts = [], [], []
         for d in range(self.world_size):
-            count = 0
+            lengths, values, w_d = [], [], []
             for s in self._slots[d]:
                 jt = jts[s.feature]
                 v, L = jt.values().long(), jt.lengths().long()
@@ -560,44 +554,58 @@ class ShardedEmbeddingBagCollection(nn.Module):
                     L = torch.zeros(B, dtype=torch.int64, device=device).index_add_(0, bag, keep.long())
                     v = v[keep] - s.row_start
                     w = None if w is None else w[keep]
-                lengths += [L, pad]
+                lengths.append(L)
                 values.append(v)
                 if self.is_weighted:
-                    weights.append(w.float() if w is not None else torch.ones(v.numel(), device=device))
-                count += v.numel()
-            value_counts.append(count)
-        lengths = torch.cat(lengths) if lengths else torch.zeros(0, dtype=torch.int64, device=device)
-        values = torch.cat(values) if values else torch.zeros(0, dtype=torch.int64, device=device)
-        weights = torch.cat(weights) if weights else None
-        return lengths, values, weights, value_counts
+                    w_d.append(w.float() if w is not None else torch.ones(v.numel(), device=device))
+            counts.append(sum(v.numel() for v in values))
+            ids.append(torch.cat(lengths + values) if lengths else torch.zeros(0, dtype=torch.int64, device=device))
+            weights.append(torch.cat(w_d) if w_d else torch.zeros(0, device=device))
+        return ids, (weights if self.is_weighted else None), counts
 
     def _sharded_lookup(self, features: KeyedJaggedTensor) -> Dict[str, Tensor]:
         B = features.stride()
-        B_max = self._batch_max(B, features.values().device)
         W, me = self.world_size, self.rank
-        send_lengths, send_values, send_weights, value_counts = self._send_bags(features, B, B_max)
+        device = features.values().device
+        send_ids, send_weights, counts = self._send_bags(features, B)
+        header = torch.tensor([[B, c] for c in counts], dtype=torch.int64, device=device)
+        sizes = _all_to_all(header, [1] * W, [1] * W, self.group).tolist()  # (B_s, ids) from every source s
+        batch_sizes = [b for b, _ in sizes]
         n_me = len(self._slots[me])
-        recv_lengths = _all_to_all(send_lengths, [n_me * B_max] * W,
-                                   [len(self._slots[d]) * B_max for d in range(W)], self.group)
-        recv_counts = recv_lengths.view(W, -1).sum(1).tolist() if n_me else [0] * W
-        recv_values = _all_to_all(send_values, recv_counts, value_counts, self.group)
+        recv_ids = _all_to_all(torch.cat(send_ids), [n_me * b + c for b, c in sizes],
+                               [t.numel() for t in send_ids], self.group)
         recv_weights = None
         if send_weights is not None:
-            recv_weights = _all_to_all(send_weights, recv_counts, value_counts, self.group)
+            recv_weights = _all_to_all(torch.cat(send_weights), [c for _, c in sizes], counts, self.group)
+        B_max = max(batch_sizes)
+        recv_lengths, recv_values = self._received_bags(recv_ids, sizes, n_me, B_max)
         inputs = self._group_inputs(recv_lengths, recv_values, recv_weights, B_max)
 
         if torch.is_grad_enabled() and self.training:
-            dummy = torch.empty(0, device=send_values.device, requires_grad=True)
-            send_pooled = _ShardPool.apply(dummy, self, inputs)
+            dummy = torch.empty(0, device=device, requires_grad=True)
+            send_pooled = _ShardPool.apply(dummy, self, inputs, batch_sizes)
         else:
-            send_pooled = self._pack_by_source(self._pool_local(inputs))
-        piece_counts = [B_max * sum(s.cols for s in self._slots[d]) for d in range(W)]
-        send_splits = [B_max * sum(s.cols for s in self._slots[me])] * W
+            send_pooled = self._pack_by_source(self._pool_local(inputs), batch_sizes)
+        piece_counts = [B * sum(s.cols for s in self._slots[d]) for d in range(W)]
+        send_splits = [b * sum(s.cols for s in self._slots[me]) for b in batch_sizes]
         if send_pooled.requires_grad:
             received = _AllToAll.apply(send_pooled, piece_counts, send_splits, self.group)
         else:
             received = _all_to_all(send_pooled, piece_counts, send_splits, self.group)
-        return self._assemble(received, piece_counts, features, B, B_max)
+        return self._assemble(received, features, B)
+
+    @staticmethod
+    def _received_bags(recv: Tensor, sizes: List[List[int]], n_slots: int, B_max: int) -> Tuple[Tensor, Tensor]:
+        """``(lengths [W * n_slots * B_max], ids)`` from the received ``[lengths, ids]`` of every source, each
+        source's slots padded with empty bags to ``B_max`` (ids are unchanged: a padded bag holds none)."""
+        parts = recv.split([n_slots * b + c for b, c in sizes])
+        if all(b == B_max for b, _ in sizes):
+            lengths = [p[: n_slots * b] for p, (b, _) in zip(parts, sizes)]
+        else:
+            lengths = [torch.nn.functional.pad(p[: n_slots * b].view(n_slots, b), (0, B_max - b)).reshape(-1)
+                       for p, (b, _) in zip(parts, sizes)]
+        values = [p[n_slots * b :] for p, (b, _) in zip(parts, sizes)]
+        return torch.cat(lengths), torch.cat(values)
 
     def _group_inputs(self, lengths: Tensor, values: Tensor, weights: Optional[Tensor], B_max: int):
         """Per local group: ``(indices, offsets, per_sample_weights)`` of its ``W * n_g`` op tables, ordered
@@ -624,26 +632,31 @@ class ShardedEmbeddingBagCollection(nn.Module):
                                            g.pooling, w)
                 for g, (v, o, w) in zip(self._groups, inputs)]
 
-    def _pack_by_source(self, pooled: List[Tensor]) -> Tensor:
-        """The output all-to-all's send buffer: per source rank, per group, ``[n_g, B_max, cols]`` flattened."""
+    def _pack_by_source(self, pooled: List[Tensor], batch_sizes: List[int]) -> Tensor:
+        """The output all-to-all's send buffer: per source rank ``s``, per group, ``[n_g, B_s, cols]`` flattened
+        (the source's own bags, not the padding)."""
         parts = []
         for s in range(self.world_size):
             for g, out in zip(self._groups, pooled):
                 n_g = len(g.slots)
-                parts.append(out[:, s * n_g : (s + 1) * n_g].transpose(0, 1).reshape(-1))
+                parts.append(out[: batch_sizes[s], s * n_g : (s + 1) * n_g].transpose(0, 1).reshape(-1))
         if not parts:
             return torch.zeros(0, dtype=self.dtype, device=self.shard_weights_device())
         return torch.cat(parts)
 
-    def _unpack_by_source(self, flat: Tensor, shapes) -> List[Tensor]:
-        grads = [flat.new_empty(shape) for shape in shapes]
+    def _unpack_by_source(self, flat: Tensor, shapes, batch_sizes: List[int]) -> List[Tensor]:
+        """The pooled gradients ``[B_max, W * n_g, cols]`` per group from :meth:`_pack_by_source`'s layout (padded
+        bags get zeros)."""
+        B_max = max(batch_sizes)
+        grads = [flat.new_zeros(shape) if B_max and min(batch_sizes) < B_max else flat.new_empty(shape)
+                 for shape in shapes]
         pos = 0
-        for s in range(self.world_size):
+        for s, b in enumerate(batch_sizes):
             for g, grad in zip(self._groups, grads):
                 n_g = len(g.slots)
-                B_max, cols = grad.shape[0], grad.shape[2]
-                size = n_g * B_max * cols
-                grad[:, s * n_g : (s + 1) * n_g] = flat[pos : pos + size].view(n_g, B_max, cols).transpose(0, 1)
+                cols = grad.shape[2]
+                size = n_g * b * cols
+                grad[:b, s * n_g : (s + 1) * n_g] = flat[pos : pos + size].view(n_g, b, cols).transpose(0, 1)
                 pos += size
         return grads
 
@@ -679,14 +692,13 @@ class ShardedEmbeddingBagCollection(nn.Module):
             update = current - (self.lr / (new_state.to(acc).sqrt() + self.eps)).unsqueeze(1) * step
             weight.index_copy_(0, rows, update.to(weight.dtype))
 
-    def _assemble(self, received: Tensor, piece_counts: List[int], features: KeyedJaggedTensor, B: int,
-                  B_max: int) -> Dict[str, Tensor]:
+    def _assemble(self, received: Tensor, features: KeyedJaggedTensor, B: int) -> Dict[str, Tensor]:
         pieces: Dict[Tuple[int, str], Tensor] = {}
         pos = 0
         for d in range(self.world_size):
             for s in self._slots[d]:
-                size = B_max * s.cols
-                pieces[(d, s.feature)] = received[pos : pos + size].view(B_max, s.cols)[:B]
+                size = B * s.cols
+                pieces[(d, s.feature)] = received[pos : pos + size].view(B, s.cols)
                 pos += size
         out: Dict[str, Tensor] = {}
         for t in self.sharded_tables:

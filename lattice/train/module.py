@@ -185,10 +185,15 @@ class LatticeModule(pl.LightningModule):
         loss, _ = self._loss(output, batch)
         self.log(f"{stage}/loss", loss, prog_bar=True, batch_size=batch.batch_size, sync_dist=True)
         metrics.update(output.logits, batch.labels, batch.label_mask, batch.domain, batch.user_id, batch.true_probs)
-        if self.sharding_plan is not None:
-            sharding_.count_eval_step(self, batch)
+        self._count_sharded_step(batch)
         if self.eval_label_check is not None:
             self.eval_label_check.update(batch.labels, batch.label_mask)
+
+    def _count_sharded_step(self, batch) -> None:
+        """Under sharding, records an evaluation or prediction step (:func:`lattice.train.sharding.count_eval_step`):
+        a rank that runs out of batches re-runs its last one at the epoch's end, as often as the others need."""
+        if self.sharding_plan is not None:
+            sharding_.count_eval_step(self, batch)
 
     def validation_step(self, batch, batch_idx):
         self._eval_step(batch, self.val_metrics, "val")
@@ -222,6 +227,14 @@ class LatticeModule(pl.LightningModule):
         if self.sharding_plan is not None:
             sharding_.start_eval_epoch(self, self.data_parallel.group, sharding_.eval_batches(self, "test"))
 
+    def on_predict_epoch_start(self):
+        if self.sharding_plan is not None:
+            sharding_.start_eval_epoch(self, self.data_parallel.group, sharding_.eval_batches(self, "predict"))
+
+    def on_predict_epoch_end(self):
+        if self.sharding_plan is not None:  # the padding steps' outputs never reach predict_step's callers
+            sharding_.finish_eval_epoch(self)
+
     def on_validation_epoch_end(self):
         self._eval_epoch_end(self.val_metrics, "val")
 
@@ -232,6 +245,7 @@ class LatticeModule(pl.LightningModule):
         """Returns ``example_id [B]``, ``logits [B, T]``, ``probs [B, T]`` (sigmoid for binary tasks) and, when the
         network provides one, ``embedding [B, E]`` (its final representation, for teacher logging)."""
         output = self(batch)
+        self._count_sharded_step(batch)
         logits = output.logits.float()
         binary = torch.tensor([k == "binary" for k in self.task_kinds], device=logits.device)
         result = {

@@ -12,11 +12,15 @@ evaluation steps every rank must take together.
     trainer:
       strategy: {class_path: lattice.train.sharding.ShardedDDPStrategy}
 
-At ``setup`` (the process group exists by then) :func:`shard_network` plans the network's tables on rank 0
+``lattice fit|validate|test|predict`` build the network's tables on the meta device when ``model.sharding`` is
+set (:func:`~lattice.nn.embedding.deferred_tables`): no rank ever holds a whole sharded table. At ``setup`` (the
+process group exists by then) :func:`shard_network` plans the network's tables on rank 0
 (:func:`lattice.train.planner.plan_tables`, pooling factors measured on a few training batches), broadcasts the
-plan, and replaces every :class:`~lattice.nn.EmbeddingBagCollection` by a sharded copy of it: each rank keeps
-its shards and frees the rest. The dense layers stay data parallel under DDP, which is told to leave the shards
-alone as it does the replicated fused tables.
+plan and rank 0's init seeds, and replaces every :class:`~lattice.nn.EmbeddingBagCollection` by a
+:class:`~lattice.nn.sharded.ShardedEmbeddingBagCollection`: each rank allocates its own shards and draws their
+initial values, the values the whole tables would have had (a network built in Python with its tables whole
+has each rank copy its shards and free the rest instead). The dense layers stay data parallel under DDP, which
+is told to leave the shards alone as it does the replicated fused tables.
 
 Table names are those of :func:`lattice.train.planner.network_tables` (the bare name, or ``<collection path>.<name>``
 for the wide path's repeats), the names ``lattice plan`` prints and writes.
@@ -27,10 +31,10 @@ the plan-independent layout of :mod:`lattice.train.sharded_checkpoint`, and the 
 under another plan or world size reshards. The folder is complete before the file is (atomically) written, and a
 file's older folders are removed after, so the file always names a complete folder.
 
-Evaluation: a sharded lookup is a collective, so every rank must evaluate the same number of batches. At the
-epoch's start the ranks agree on the most batches any of them has (:func:`start_eval_epoch`); a rank that ran out
-re-runs its last batch (outputs discarded, no metric updated) until it has run as many (:func:`finish_eval_epoch`).
-Prediction (``lattice predict``) has no such evening out yet: predict under sharding needs equal batch counts.
+Evaluation and prediction: a sharded lookup is a collective, so every rank must run the same number of
+batches. At the epoch's start the ranks agree on the most batches any of them has (:func:`start_eval_epoch`); a
+rank that ran out re-runs its last batch (outputs discarded: no metric updated, nothing written by
+``lattice predict``) until it has run as many (:func:`finish_eval_epoch`).
 """
 from __future__ import annotations
 
@@ -52,8 +56,8 @@ from lattice.nn.placement import ShardingPlan, TablePlacement
 from lattice.nn.sharded import ShardedEmbeddingBagCollection
 from lattice.train.sharded_checkpoint import load_sharded_tables, save_sharded_tables, sharded_collections
 
-__all__ = ["ShardingConfig", "shard_network", "ShardedDDPStrategy", "eval_batches", "start_eval_epoch", "count_eval_step",
-           "finish_eval_epoch"]
+__all__ = ["ShardingConfig", "sharding_requested", "shard_network", "ShardedDDPStrategy", "eval_batches",
+           "start_eval_epoch", "count_eval_step", "finish_eval_epoch"]
 
 _KEYS = ("plan", "memory_per_rank", "overrides", "time_limit_s", "num_batches")
 
@@ -92,6 +96,15 @@ class ShardingConfig:
         if config.plan != "auto" and not os.path.exists(config.plan):
             raise ValueError(f"model.sharding.plan: no plan file {config.plan!r} (or use plan: auto)")
         return config
+
+
+def sharding_requested(model_config: Any) -> bool:
+    """Whether a parsed ``model`` section (``{class_path, init_args}``, as LightningCLI's subclass mode holds it)
+    sets ``sharding``."""
+    if model_config is None:
+        return False
+    init_args = model_config.get("init_args") if hasattr(model_config, "get") else None
+    return init_args is not None and init_args.get("sharding") is not None
 
 
 def _read_plan(path: str) -> ShardingPlan:
@@ -159,9 +172,11 @@ def _pooling_factors(module: nn.Module, num_batches: int, measure) -> Optional[D
 
 def shard_network(module: nn.Module, config: ShardingConfig, group: Optional[dist.ProcessGroup]) -> ShardingPlan:
     """Replaces every :class:`EmbeddingBagCollection` of ``module.network`` by a
-    :class:`ShardedEmbeddingBagCollection` over ``group`` (each rank copies its shards and frees the full
-    tables), placed by ``config``; returns the plan (keyed by :func:`~lattice.train.planner.network_tables`'
-    names). A network already sharded is left as it is (``setup`` runs once per stage)."""
+    :class:`ShardedEmbeddingBagCollection` over ``group``, placed by ``config``; returns the plan (keyed by
+    :func:`~lattice.train.planner.network_tables`' names). A collection on the meta device
+    (:func:`~lattice.nn.embedding.deferred_tables`) gets shards drawn from rank 0's ``init_seed`` on every rank;
+    a full one has each rank copy its shards and free the full tables. A network already sharded is left as it
+    is (``setup`` runs once per stage)."""
     from lattice.train.planner import network_tables
 
     network = module.network
@@ -180,6 +195,7 @@ def shard_network(module: nn.Module, config: ShardingConfig, group: Optional[dis
         raise ValueError("model.sharding needs the fused sparse optimizer (sparse_optimizer: rowwise_adagrad or sgd)")
     tables, dtypes = network_tables(network)
     plan = _make_plan(module, config, tables, dtypes, world, group)
+    _agree_init_seeds([c for *_, c in found], world, group)
     names = iter(tables)  # network_tables lists the collections' tables in this same module order
     for parent, attr, path, collection in found:
         local: Dict[str, TablePlacement] = {}
@@ -197,6 +213,17 @@ def shard_network(module: nn.Module, config: ShardingConfig, group: Optional[dis
     return plan
 
 
+def _agree_init_seeds(collections: List[EmbeddingBagCollection], world: int, group) -> None:
+    """Rank 0's ``init_seed`` of every collection, on every rank: each draws its shards of the same tables (the
+    seeds agree already where every rank seeded its generator alike)."""
+    if world == 1:
+        return
+    payload: List[Any] = [[c.init_seed for c in collections]]
+    dist.broadcast_object_list(payload, src=dist.get_global_rank(group, 0), group=group)
+    for c, seed in zip(collections, payload[0]):
+        c.init_seed = seed
+
+
 def _merged_plan(network: nn.Module) -> ShardingPlan:
     """The plan of an already sharded network, under the planner's table names."""
     tables: Dict[str, TablePlacement] = {}
@@ -209,14 +236,16 @@ def _merged_plan(network: nn.Module) -> ShardingPlan:
 
 
 # ---- evaluation ------------------------------------------------------------------------------------
+_STAGE_BATCHES = {"val": "num_val_batches", "test": "num_test_batches", "predict": "num_predict_batches"}
+
+
 def eval_batches(module: nn.Module, stage: str) -> float:
-    """The evaluation batches this rank will run in the current ``stage`` (``"val"`` or ``"test"``) epoch, as the
-    trainer counts them (``limit_*_batches`` and the sanity check included)."""
+    """The batches this rank will run in the current ``stage`` (``"val"``, ``"test"`` or ``"predict"``) epoch, as
+    the trainer counts them (``limit_*_batches`` and the sanity check included)."""
+    if stage not in _STAGE_BATCHES:
+        raise ValueError(f"stage must be one of {list(_STAGE_BATCHES)}, got {stage!r}")
     trainer = module.trainer
-    if trainer.sanity_checking:
-        counts = trainer.num_sanity_val_batches
-    else:
-        counts = trainer.num_val_batches if stage == "val" else trainer.num_test_batches
+    counts = trainer.num_sanity_val_batches if trainer.sanity_checking else getattr(trainer, _STAGE_BATCHES[stage])
     return float(sum(counts))
 
 
@@ -232,7 +261,7 @@ def start_eval_epoch(module: nn.Module, group: Optional[dist.ProcessGroup], num_
     if not math.isfinite(num_batches):
         raise ValueError("with sharded tables every rank must know its number of evaluation batches in advance "
                          "(an evaluation dataloader without a length); set trainer.limit_val_batches / "
-                         "limit_test_batches to an int")
+                         "limit_test_batches / limit_predict_batches to an int")
     most = torch.tensor([int(num_batches)], dtype=torch.int64, device=getattr(module, "device", None))
     dist.all_reduce(most, op=dist.ReduceOp.MAX, group=group)
     module._sharded_eval_target = int(most.item())
