@@ -1,4 +1,5 @@
-"""``Predictor``: scores rows with a serving package (or, for debugging, a trained model in memory).
+"""``Predictor``: scores rows with a serving package (or, for debugging, a trained model in memory or rebuilt from
+its configs and checkpoint).
 
 Rows come as a ``pyarrow.Table``, a Parquet path or a list of dicts (one per row, column -> value). They go
 through the data layer's own :class:`~lattice.data.builder.BatchBuilder` with the package's schema, so a
@@ -40,7 +41,8 @@ Rows = Union[pa.Table, str, os.PathLike, Sequence[Mapping[str, Any]]]
 
 
 class Predictor:
-    """Scores rows (see the module docstring). Build it with :meth:`from_package` or :meth:`from_model`.
+    """Scores rows (see the module docstring). Build it with :meth:`from_package`, :meth:`from_model` or
+    :meth:`from_checkpoint`.
 
     Args:
         runner: ``runner(*flat_inputs) -> [B, T]`` probabilities.
@@ -83,6 +85,17 @@ class Predictor:
         ``"int8"``, as ``lattice export --quantize`` would serve them)."""
         module = inference_module(model, quantization)
         return cls(module, module.schema, teacher_embedding_dim=module.teacher_embedding_dim, batch_size=batch_size)
+
+    @classmethod
+    def from_checkpoint(cls, configs: Union[str, Sequence[str]], ckpt_path: Union[str, os.PathLike], *,
+                        batch_size: int = 4096, quantization: str = "none") -> "Predictor":
+        """Score with the module that training ``configs`` (stacked as for ``lattice fit``) and its checkpoint
+        ``ckpt_path`` rebuild, in eager mode (:meth:`from_model`); the checkpoint of a sharded run is read with its
+        tables folder, into whole tables on this one process."""
+        from lattice.train.loading import load_from_config
+
+        module, _ = load_from_config(configs, os.fspath(ckpt_path), seed=False)
+        return cls.from_model(module.eval(), batch_size=batch_size, quantization=quantization)
 
     # ---- scoring -----------------------------------------------------------------------------------
     def predict(self, rows: Rows, domain: Optional[str] = None) -> pa.Table:

@@ -21,6 +21,7 @@ from lattice.dotted import import_dotted
 from lattice.train.callbacks import MetricsTable
 from lattice.train.checkpoint import load_checkpoint_file
 from lattice.train.module import LatticeModule
+from lattice.train.sharded_checkpoint import load_full_tables, tables_folder
 from lattice.train.writer import ParquetPredictionWriter
 
 __all__ = ["ConfigCLI", "checkpoint_model_spec", "load_from_config", "parse_config"]
@@ -161,7 +162,8 @@ def load_from_config(
     Args:
         configs: one config path or several, stacked in order.
         ckpt_path: a Lightning checkpoint of the module; its hyper-parameters are laid over the config's model
-            section and its ``state_dict`` loaded strictly. Default: the configs' ``ckpt_path`` if they give one.
+            section and its ``state_dict`` loaded strictly (a sharded run's tables from the DCP folder beside it,
+            whole: the module comes back unsharded). Default: the configs' ``ckpt_path`` if they give one.
         overrides: ``--key=value`` arguments applied after the configs (as on the command line).
         seed: seed everything from the configs' ``seed_everything`` first, as ``lattice fit`` does.
     """
@@ -173,5 +175,21 @@ def load_from_config(
         state = load_checkpoint_file(loader._ckpt_path, map_location="cpu", weights_only=False)
         if "state_dict" not in state:
             raise ValueError(f"checkpoint {loader._ckpt_path!r} has no state_dict (is it a Lightning checkpoint?)")
-        module.load_state_dict(state["state_dict"])
+        _load_weights(module, state, loader._ckpt_path)
     return module, datamodule
+
+
+def _load_weights(module: LatticeModule, checkpoint: dict, ckpt_path: str) -> None:
+    """``checkpoint``'s weights into ``module`` (strictly); the tables of a sharded run come from the DCP folder
+    beside the file, whole, into the module's unsharded collections."""
+    folder = tables_folder(checkpoint, ckpt_path)
+    if folder is None:
+        module.load_state_dict(checkpoint["state_dict"])
+        return
+    prefixes = tuple(f"{p}." for p in checkpoint["sharded_tables"]["plans"])
+    result = module.load_state_dict(checkpoint["state_dict"], strict=False)
+    missing = [k for k in result.missing_keys if not k.startswith(prefixes)]
+    if missing or result.unexpected_keys:
+        raise RuntimeError(f"loading {ckpt_path}: missing keys {missing[:10]}, unexpected keys "
+                           f"{result.unexpected_keys[:10]}")
+    load_full_tables(module, folder)

@@ -11,7 +11,8 @@ at module path ``P`` and each of its tables ``T``,
 - ``P.__plan__``   the plan the folder was written under (:meth:`ShardingPlan.to_dict` as JSON).
 
 So the state keys are the same under every plan, and a replicated table is stored under the same keys as a
-sharded one.
+sharded one, and one process without a process group reads a folder back into whole tables
+(:func:`load_full_tables`: ``lattice export``, ``load_from_config``).
 """
 from __future__ import annotations
 
@@ -19,16 +20,18 @@ import contextlib
 import json
 import os
 import warnings
-from typing import Dict, Iterator, Tuple
+from typing import Any, Dict, Iterator, Mapping, Optional, Tuple
 
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 
+from lattice.nn.embedding import EmbeddingBagCollection
 from lattice.nn.placement import ShardingPlan
 from lattice.nn.sharded import ShardedEmbeddingBagCollection
 
-__all__ = ["sharded_collections", "save_sharded_tables", "load_sharded_tables", "saved_plans"]
+__all__ = ["sharded_collections", "save_sharded_tables", "load_sharded_tables", "saved_plans", "tables_folder",
+           "load_full_tables"]
 
 _PLAN = "__plan__"
 
@@ -89,8 +92,24 @@ def load_sharded_tables(module: nn.Module, path: str) -> None:
         ValueError: a table of ``module`` is missing from the folder or has another shape there, naming it.
     """
     state = _state(module, for_loading=True)
-    metadata = dcp.FileSystemReader(os.fspath(path)).read_metadata()
-    saved = metadata.state_dict_metadata
+    _check_entries(state, _saved_entries(path), path)
+    with _quiet():
+        dcp.load(state, checkpoint_id=os.fspath(path), no_dist=not dist.is_initialized())
+
+
+def _saved_entries(path: str) -> Dict[str, Any]:
+    """The folder's ``{key: metadata}``; a folder that is missing or not a DCP checkpoint raises, naming it."""
+    if not os.path.isdir(path):
+        raise ValueError(f"sharded checkpoint: the tables folder {os.fspath(path)!r} does not exist (a checkpoint of "
+                         "sharded tables keeps them there, beside its .ckpt file; copy the folder with the file)")
+    try:
+        return dcp.FileSystemReader(os.fspath(path)).read_metadata().state_dict_metadata
+    except FileNotFoundError as exc:
+        raise ValueError(f"sharded checkpoint {path}: not a complete torch.distributed.checkpoint folder "
+                         f"(no .metadata)") from exc
+
+
+def _check_entries(state: Mapping[str, Any], saved: Mapping[str, Any], path: str) -> None:
     for key, value in state.items():
         if key not in saved:
             raise ValueError(f"sharded checkpoint {path}: no entry {key!r} (it holds "
@@ -99,5 +118,43 @@ def load_sharded_tables(module: nn.Module, path: str) -> None:
         if shape != tuple(value.shape if not hasattr(value, "metadata") else value.metadata().size):
             raise ValueError(f"sharded checkpoint {path}: {key!r} has shape {shape} there, but the model's is "
                              f"{tuple(value.size())}")
+
+
+def tables_folder(checkpoint: Mapping[str, Any], ckpt_path: str) -> Optional[str]:
+    """The tables folder a Lightning checkpoint (loaded as ``checkpoint`` from ``ckpt_path``) names, beside the
+    file; ``None`` for a checkpoint written without sharded tables."""
+    entry = checkpoint.get("sharded_tables")
+    if entry is None:
+        return None
+    return os.path.join(os.path.dirname(os.fspath(ckpt_path)), entry["folder"])
+
+
+def load_full_tables(module: nn.Module, path: str) -> None:
+    """Loads the folder ``path`` into the unsharded :class:`EmbeddingBagCollection` s of ``module`` (whole tables
+    and their row-wise Adagrad state, on one process, no process group needed): each collection at the path a
+    sharded collection had when the folder was written reads every piece of its tables, whatever plan and world
+    size wrote them.
+
+    Raises:
+        ValueError: the folder is missing, or a collection or table it holds is not in ``module`` (or has another
+            shape), naming it.
+    """
+    saved = _saved_entries(path)
+    state: Dict[str, object] = {}
+    for collection_path in sorted(k[: -len(_PLAN)].rstrip(".") for k in saved if k.endswith(_PLAN)):
+        try:
+            collection = module.get_submodule(collection_path)
+        except AttributeError:
+            collection = None
+        if not isinstance(collection, EmbeddingBagCollection):
+            raise ValueError(f"sharded checkpoint {path}: it holds the tables of {collection_path!r}, which is not an "
+                             f"embedding collection of {type(module).__name__}")
+        for t in collection.tables:
+            key = _key(collection_path, t.name)
+            state[f"{key}.weight"] = collection.embedding_weight(t.name)
+            momentum = collection.optimizer_state_of(t.name)
+            if momentum.numel() and f"{key}.momentum" in saved:  # an SGD folder has none
+                state[f"{key}.momentum"] = momentum
+    _check_entries(state, saved, path)
     with _quiet():
-        dcp.load(state, checkpoint_id=os.fspath(path), no_dist=not dist.is_initialized())
+        dcp.load(state, checkpoint_id=os.fspath(path), no_dist=True)

@@ -29,7 +29,8 @@ for the wide path's repeats), the names ``lattice plan`` prints and writes.
 beside it (``<file>.tables-<step>``) where each rank writes its own shards and their row-wise Adagrad state, in
 the plan-independent layout of :mod:`lattice.train.sharded_checkpoint`, and the file names the folder. A resume
 under another plan or world size reshards. The folder is complete before the file is (atomically) written, and a
-file's older folders are removed after, so the file always names a complete folder.
+file's older folders are removed after, so the file always names a complete folder. :class:`lattice.train.FSDP2Strategy`
+checkpoints sharded tables the same way (:func:`save_tables_folder`), with FSDP2 for the dense layers.
 
 Evaluation and prediction: a sharded lookup is a collective, so every rank must run the same number of
 batches. At the epoch's start the ranks agree on the most batches any of them has (:func:`start_eval_epoch`); a
@@ -56,8 +57,8 @@ from lattice.nn.placement import ShardingPlan, TablePlacement
 from lattice.nn.sharded import ShardedEmbeddingBagCollection
 from lattice.train.sharded_checkpoint import load_sharded_tables, save_sharded_tables, sharded_collections
 
-__all__ = ["ShardingConfig", "sharding_requested", "shard_network", "ShardedDDPStrategy", "eval_batches",
-           "start_eval_epoch", "count_eval_step", "finish_eval_epoch"]
+__all__ = ["ShardingConfig", "sharding_requested", "shard_network", "ShardedDDPStrategy", "save_tables_folder",
+           "remove_stale_folders", "eval_batches", "start_eval_epoch", "count_eval_step", "finish_eval_epoch"]
 
 _KEYS = ("plan", "memory_per_rank", "overrides", "time_limit_s", "num_batches")
 
@@ -181,10 +182,11 @@ def shard_network(module: nn.Module, config: ShardingConfig, group: Optional[dis
 
     network = module.network
     trainer = getattr(module, "_trainer", None)
-    if trainer is not None and not isinstance(trainer.strategy, ShardedDDPStrategy):
+    if trainer is not None and not getattr(trainer.strategy, "saves_sharded_tables", False):
         raise ValueError(f"model.sharding needs trainer.strategy lattice.train.sharding.ShardedDDPStrategy (configs/"
-                         f"sharded.yaml sets it), got {type(trainer.strategy).__name__}: another strategy would "
-                         "checkpoint rank 0's shards only")
+                         f"sharded.yaml sets it) or lattice.train.FSDP2Strategy (stack configs/fsdp.yaml after it), "
+                         f"got {type(trainer.strategy).__name__}: another strategy would checkpoint rank 0's shards "
+                         "only")
     world = 1 if group is None else dist.get_world_size(group)
     found = list(_collections(network))
     if not found:
@@ -298,6 +300,32 @@ def _folders_of(filepath: str) -> List[str]:
     return [p for p in glob.glob(glob.escape(os.fspath(filepath)) + ".tables-*") if _FOLDER.search(p)]
 
 
+def save_tables_folder(strategy, checkpoint: Dict[str, Any], filepath) -> Optional[str]:
+    """Writes the sharded tables of ``strategy``'s module into ``<filepath>.tables-<step>`` (every rank its own
+    shards; collective) and records the folder and the plans in ``checkpoint["sharded_tables"]``; returns the
+    folder (``None`` when the module has no sharded collection). Call it before the file is written."""
+    module = strategy.lightning_module
+    if not any(True for _ in sharded_collections(module)):
+        return None
+    folder = f"{os.fspath(filepath)}.tables-{checkpoint.get('global_step', 0)}"
+    if strategy.is_global_zero and os.path.isdir(folder):
+        shutil.rmtree(folder)  # a save of the same step that a crash left partial
+    strategy.barrier("sharded_checkpoint_clear")
+    save_sharded_tables(module, folder)
+    plans = {p: c.plan.to_dict() for p, c in sharded_collections(module)}
+    checkpoint["sharded_tables"] = {"folder": os.path.basename(folder), "plans": plans}
+    strategy.barrier("sharded_checkpoint_tables")
+    return folder
+
+
+def remove_stale_folders(strategy, filepath, keep: Optional[str]) -> None:
+    """Rank 0 removes the tables folders of ``filepath`` other than ``keep`` (after the file is written)."""
+    if strategy.is_global_zero:
+        for stale in _folders_of(filepath):
+            if stale != keep:
+                shutil.rmtree(stale, ignore_errors=True)
+
+
 class ShardedDDPStrategy(DDPStrategy):
     """DDP for the dense layers; the sharded embedding tables checkpoint through ``torch.distributed.checkpoint``.
 
@@ -309,6 +337,7 @@ class ShardedDDPStrategy(DDPStrategy):
     """
 
     strategy_name = "sharded_ddp"
+    saves_sharded_tables = True  # shard_network accepts the strategies whose checkpoints hold every rank's shards
 
     def _sharded_paths(self) -> List[str]:
         return [path for path, _ in sharded_collections(self.lightning_module)]
@@ -319,29 +348,14 @@ class ShardedDDPStrategy(DDPStrategy):
         return {k: v for k, v in state.items() if not k.startswith(prefixes)} if prefixes else state
 
     def save_checkpoint(self, checkpoint: Dict[str, Any], filepath, storage_options: Optional[Any] = None) -> None:
-        module = self.lightning_module
-        paths = self._sharded_paths()
-        folder = None
-        if paths:
-            folder = f"{os.fspath(filepath)}.tables-{checkpoint.get('global_step', 0)}"
-            if self.is_global_zero and os.path.isdir(folder):
-                shutil.rmtree(folder)  # a save of the same step that a crash left partial
-            self.barrier("sharded_checkpoint_clear")
-            save_sharded_tables(module, folder)
-            plans = {p: c.plan.to_dict() for p, c in sharded_collections(module)}
-            checkpoint["sharded_tables"] = {"folder": os.path.basename(folder), "plans": plans}
-            self.barrier("sharded_checkpoint_tables")
+        folder = save_tables_folder(self, checkpoint, filepath)
         super().save_checkpoint(checkpoint, filepath, storage_options)
-        if folder is not None and self.is_global_zero:
-            for stale in _folders_of(filepath):
-                if stale != folder:
-                    shutil.rmtree(stale, ignore_errors=True)
+        if folder is not None:
+            remove_stale_folders(self, filepath, keep=folder)
 
     def remove_checkpoint(self, filepath) -> None:
         super().remove_checkpoint(filepath)
-        if self.is_global_zero:
-            for folder in _folders_of(filepath):
-                shutil.rmtree(folder, ignore_errors=True)
+        remove_stale_folders(self, filepath, keep=None)
 
     def load_checkpoint(self, checkpoint_path, *args: Any, **kwargs: Any) -> Dict[str, Any]:
         checkpoint = super().load_checkpoint(checkpoint_path, *args, **kwargs)
