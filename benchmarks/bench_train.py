@@ -198,7 +198,8 @@ def plain_worker(args: argparse.Namespace, cli_args: list) -> None:
 
 
 BEFORE_COMMIT = "1b17987"  # main just before issue 28's eager cuts (f92ba64, 01a66cf)
-EAGER_CUT_FILES = ("lattice/nn/attention.py", "lattice/nn/norms.py", "lattice/nn/processors.py")  # what they changed
+EAGER_CUT_FILES = ("lattice/nn/attention.py", "lattice/nn/norms.py", "lattice/nn/processors.py",  # what they changed
+                   "lattice/nn/match.py", "lattice/models/baselines.py")
 VARIANTS = ("eager_before", "eager", "compiled", "plain")
 
 

@@ -754,6 +754,13 @@ class KeyedJaggedTensor:
             self._offset_per_key = out
         return self._offset_per_key
 
+    def offset_per_key_or_none(self) -> Optional[List[int]]:
+        """:meth:`offset_per_key` when it needs no host sync (given, or derived from a given
+        ``length_per_key``, as the data loader's batches carry them), else ``None``."""
+        if self._offset_per_key is None and self._length_per_key is None:
+            return None
+        return self.offset_per_key()
+
     def index_per_key(self) -> Dict[str, int]:
         """``{key: position in keys}``."""
         if self._index_per_key is None:

@@ -56,6 +56,9 @@ def test_matches_and_stats_equal_a_per_sample_reference(data, batch, rows):
     sequences, sparse = _kjt(seq_names, seq_bags), _kjt(sparse_names, sparse_bags)
     flags, stats = _reference(pairs, seq_names, sparse_names, seq_bags, sparse_bags)
     assert match.matches(sparse, sequences).tolist() == flags
+    # with offset_per_key known (as the loader's batches carry it), each pair searches its own keys only
+    synced = _kjt(seq_names, seq_bags).sync(), _kjt(sparse_names, sparse_bags).sync()
+    assert match.matches(synced[1], synced[0]).tolist() == flags
     # stats recovered from the tokens: tokens = stats @ W_p + b_p with an invertible W_p
     with torch.no_grad():
         match.weight.copy_(torch.eye(3, 4, dtype=torch.float64).expand(3, 3, 4))
@@ -66,14 +69,17 @@ def test_matches_and_stats_equal_a_per_sample_reference(data, batch, rows):
     assert torch.allclose(got, torch.tensor(stats, dtype=torch.float64))
     expected_bias = torch.tensor(flags, dtype=torch.float64).T @ match.event_vector
     assert torch.allclose(event_bias, expected_bias)
+    tokens_synced, event_bias_synced = match(synced[1], synced[0])
+    assert torch.equal(tokens_synced, tokens) and torch.equal(event_bias_synced, event_bias)
 
 
 def test_empty_batch_of_events_and_candidates():
     match = HistoryMatch([("hist", "item", 10)], ["hist"], ["item"], dim=3)
     sequences, sparse = _kjt(["hist"], [[[], []]]), _kjt(["item"], [[[], []]])
-    tokens, event_bias = match(sparse, sequences)
-    assert tokens.shape == (2, 1, 3) and event_bias.shape == (0, 3)
-    assert torch.allclose(tokens, match.bias.expand(2, 1, 3))
+    for seq, cand in ((sequences, sparse), (sequences.sync(), sparse.sync())):
+        tokens, event_bias = match(cand, seq)
+        assert tokens.shape == (2, 1, 3) and event_bias.shape == (0, 3)
+        assert torch.allclose(tokens, match.bias.expand(2, 1, 3))
 
 
 def test_bad_pairs_and_keys_are_named():

@@ -431,3 +431,11 @@ def test_torchrec_missing_gives_clear_import_error():
         to_torchrec(kjt)
     with pytest.raises(ImportError, match="need TorchRec"):
         from_torchrec(object())
+
+
+def test_offset_per_key_or_none_only_without_a_sync():
+    values, lengths = torch.tensor([1, 2, 3]), torch.tensor([1, 0, 2, 0])
+    assert KeyedJaggedTensor(["a", "b"], values, lengths=lengths).offset_per_key_or_none() is None
+    given = KeyedJaggedTensor(["a", "b"], values, lengths=lengths, length_per_key=[1, 2])
+    assert given.offset_per_key_or_none() == [0, 1, 3]
+    assert KeyedJaggedTensor(["a", "b"], values, lengths=lengths).sync().offset_per_key_or_none() == [0, 1, 3]

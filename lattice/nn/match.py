@@ -95,6 +95,9 @@ class HistoryMatch(nn.Module):
         if sequences.keys() != self.sequence_names or sparse.keys() != self.sparse_names:
             raise ValueError(f"history match was built for sequences {self.sequence_names} and sparse "
                              f"{self.sparse_names}, got {sequences.keys()} and {sparse.keys()}")
+        seq_keys, cand_keys = sequences.offset_per_key_or_none(), sparse.offset_per_key_or_none()
+        if seq_keys is not None and cand_keys is not None and not torch.compiler.is_compiling():  # ints: guards
+            return self._matches_per_key(sparse, sequences, seq_keys, cand_keys)
         B = sequences.stride()
         ev_ids = sequences.values().long()
         ev_feature, ev_sample = ev_bag // B, ev_bag % B
@@ -111,6 +114,25 @@ class HistoryMatch(nn.Module):
             pos = torch.searchsorted(keys, ev_keys).clamp(max=keys.numel() - 1)
             out.append((keys[pos] == ev_keys) & (ev_feature == s_idx))
         return torch.stack(out) if out else ev_ids.new_zeros((0, ev_ids.shape[0]), dtype=torch.bool)
+
+    def _matches_per_key(self, sparse: KeyedJaggedTensor, sequences: KeyedJaggedTensor, seq_keys: list[int],
+                         cand_keys: list[int]) -> Tensor:
+        """:meth:`_matches` when both KJTs know where each key's values lie (``offset_per_key`` without a sync):
+        each pair sorts only its sparse feature's ids and searches only its sequence feature's events."""
+        B, S = sequences.stride(), sequences.values().shape[0]
+        ev_lengths, cand_lengths = sequences.lengths().long(), sparse.lengths().long()
+        out = []
+        for s_idx, c_idx, rows in self._index:
+            e0, e1, c0, c1 = seq_keys[s_idx], seq_keys[s_idx + 1], cand_keys[c_idx], cand_keys[c_idx + 1]
+            cand_sample = jagged_row_ids(cand_lengths[c_idx * B:(c_idx + 1) * B], c1 - c0)
+            keys = cand_sample * rows + sparse.values()[c0:c1].long()  # (sample, id) as one key, as in _matches
+            keys = torch.cat([keys, keys.new_full((1,), B * rows)]).sort().values
+            ev_sample = jagged_row_ids(ev_lengths[s_idx * B:(s_idx + 1) * B], e1 - e0)
+            ev_keys = ev_sample * rows + sequences.values()[e0:e1].long()
+            pos = torch.searchsorted(keys, ev_keys).clamp(max=keys.numel() - 1)
+            hit = keys[pos] == ev_keys
+            out.append(torch.cat([hit.new_zeros(e0), hit, hit.new_zeros(S - e1)]))
+        return torch.stack(out) if out else sequences.values().new_zeros((0, S), dtype=torch.bool)
 
     def forward(self, sparse: KeyedJaggedTensor, sequences: KeyedJaggedTensor) -> tuple[Tensor, Tensor]:
         B = sequences.stride()

@@ -169,11 +169,6 @@ class EmbeddingTables(nn.Module):
                     self._collection_of[fname] = key
         self.table_of = {f: name for name, t in tables.items() for f in t["features"]}
         self.sequence_dim = seq_dims.pop() if seq_dims else None
-        if "sequence" in self.collections:
-            order = self.collections["sequence"].feature_names
-            slots = [order.index(f) for f in self.sequence_features]
-            # position of each sequence feature among the sequence collection's features
-            self.register_buffer("_seq_slot", torch.tensor(slots), persistent=False)
 
     def forward(
         self, sparse: KeyedJaggedTensor | None, sequences: KeyedJaggedTensor | None = None
@@ -245,8 +240,10 @@ class EmbeddingTables(nn.Module):
         pooled = {f: columns[i] for i, f in enumerate(names) if f in in_seq}
         events = None
         if sequences is not None:
-            key_of = torch.bucketize(r, key_start[1:-1], right=True)  # feature index of every event
-            events = event_rows[r, self._seq_slot[key_of]]
+            # Row B + r holds one non-empty bag (event r's own feature); every other column pooled an empty bag
+            # to zero, so the sum over features is that column exactly. Its backward is an expand, not the
+            # zero-fill of [S, F, D] and scatter that picking the column by an advanced index costs.
+            events = event_rows.sum(1)
         return pooled, events
 
     def pooled(self, kjt: KeyedJaggedTensor) -> list[Tensor]:
