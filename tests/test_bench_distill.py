@@ -52,3 +52,17 @@ def test_bad_arguments_are_refused_before_any_work(bench, argv, capsys):
         bench.main(argv)
     err = capsys.readouterr().err
     assert argv[0] in err
+
+
+def test_student_network_option_builds_the_shipped_students_class():
+    """``--student-network SharedBottom`` (docs/distillation.md): the study's student is that class at the study's
+    width, and the auxiliary head can share its serving heads' hidden layer (the study's default aux_input)."""
+    from lattice.data.synthetic import SyntheticWorld
+    from lattice.distill import DistillationModule
+    from lattice.models import SharedBottom
+
+    schema = SyntheticWorld(study.world_config(True, 0, 0.6)).schema()
+    network = study.network(schema, "SharedBottom", "student", True)
+    assert type(network) is SharedBottom and network.dim == 8
+    module = DistillationModule(network, distillation="aux_head", aux_input="head_hidden", aux_hidden_dims=[])
+    assert module.serving_model().network is network and module.aux_head is not None

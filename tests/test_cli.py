@@ -211,7 +211,8 @@ def test_print_config_both_model_forms(capsys):
     assert config["model"]["class_path"] == "lattice.distill.DistillationModule"
     args = config["model"]["init_args"]
     assert args["distillation"] == "soft_label" and args["adapter"] is True
-    assert args["network"]["init_args"]["dim"] == 12 and args["network"]["init_args"]["num_layers"] == 1
+    assert args["network"]["class_path"] == "lattice.models.SharedBottom"
+    assert args["network"]["init_args"]["dim"] == 12 and args["network"]["init_args"]["bottom_dims"] == [256, 64]
 
     # A plain-args config can switch to the student class and keep its network.
     config = _print_config(capsys, "--config", os.path.join(ROOT, "configs", "mdmo.yaml"),

@@ -56,3 +56,27 @@ def test_student_reads_the_teachers_logged_outputs():
     # same schema and split seed: domain indices line up, the teacher's validation rows stay unseen
     assert student["data"].get("schema") == teacher["data"].get("schema")
     assert student["data"].get("seed", 0) == teacher["data"].get("seed", 0)
+
+
+def _build(section, schema):
+    cls = _class(section["class_path"])
+    return cls(schema, **(section.get("init_args") or {}))
+
+
+def test_student_is_a_cheaper_network_than_the_teacher():
+    """The shipped student exists to be served: over the planted world's schema it costs at most a fifth of the
+    teacher's FLOPs per sample at full histories, and its trunk attends over no history event (a LatticeNetwork
+    student spent most of its serving time in attention and served only about 2x the teacher's rows/s)."""
+    from lattice.data.synthetic import SyntheticWorld
+
+    schema = SyntheticWorld().schema()
+    teacher = _build(_load("teacher.yaml")["model"]["network"], schema)
+    student = _build(_load("student.yaml")["model"]["init_args"]["network"], schema)
+    full = teacher.default_sequence_length()
+    assert student.default_sequence_length() == full
+    ratio = student.flops_per_sample(full) / teacher.flops_per_sample(full)
+    assert ratio <= 0.2, ratio
+    # the trunk's cost does not grow with the history (the mean-pooled token only), unlike the teacher's
+    assert student.trunk_flops(full) == student.trunk_flops(1.0)
+    assert teacher.trunk_flops(full) > teacher.trunk_flops(1.0)
+    assert student.processor.match is not None  # the exact candidate-in-history signal attention would learn
