@@ -10,7 +10,7 @@ import torch
 
 from _models import SMALL_NETWORK_ARGS, make_schema, random_batch
 from lattice.distill import DistillationModule, TeacherTokenNetwork
-from lattice.models import LatticeNetwork, LogisticRegression
+from lattice.models import LatticeNetwork, LogisticRegression, SharedBottom
 from lattice.serve.export import export_program
 from lattice.serve.inference import InferenceModule
 from lattice.serve.inputs import flat_inputs, random_inputs
@@ -40,8 +40,10 @@ def _student(schema, teacher_token=False):
         network = TeacherTokenNetwork(schema, "lattice.models.LatticeNetwork", SMALL[LatticeNetwork])
         module = DistillationModule(network, teacher_embedding_dim=12, adapter=True)
     else:
-        module = DistillationModule(LatticeNetwork(schema, **SMALL[LatticeNetwork]), distillation="aux_head",
-                                    adapter=True, aux_input="head_hidden", aux_hidden_dims=[])
+        # the shipped student's shape (configs/student.yaml): a SharedBottom with history-match tokens
+        network = SharedBottom(schema, **SMALL[SharedBottom], history_match=True)
+        module = DistillationModule(network, distillation="aux_head", adapter=True, aux_input="head_hidden",
+                                    aux_hidden_dims=[])
     return _perturb(module)
 
 

@@ -52,7 +52,7 @@ def test_aoti_package_lattice_network(tmp_path):
 
 def test_aoti_package_student(tmp_path):
     manifest = _load_and_compare(MODELS["student"](), tmp_path)
-    assert manifest.network_class == "lattice.models.lattice_network.LatticeNetwork"
+    assert manifest.network_class == "lattice.models.baselines.SharedBottom"  # the shipped student's class
 
 
 @pytest.mark.slow
