@@ -7,8 +7,9 @@ scored by the best validation mean AUC it reached, FLOPs per sample from the net
 - ``random``: random search over the space below, no pruning;
 - ``sketch``: TPE with successive-halving pruning over the same space.
 
-Both searches use ``--seed``: TPE's first 10 trials are random and then match random search's draws, so only the
-trials after those (and pruning) tell the two apart.
+TPE draws its first ``--n-startup-trials`` trials at random (default 4 here, so that a small budget reaches the
+model-guided trials; Optuna's own default is 10). Each arm's sampler has its own seed derived from ``--seed``
+(recorded in the JSON): with one shared seed, TPE's random start-up trials would be random search's own draws.
 
 The two searches run in interleaved rounds, one trial each per round (each arm's study resumes from its own
 SQLite file), so a machine shared with other work slows both alike; an arm starts no new trial once its own
@@ -31,6 +32,7 @@ import tempfile
 import time
 from typing import Any, Dict, Optional
 
+import numpy as np
 import yaml
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -108,6 +110,17 @@ def _interleaved(arms: Dict[str, tuple], budget_s: Optional[float], n_trials: Op
                   flush=True)
 
 
+ARMS = ("shipped", "random", "sketch")
+
+
+def arm_seeds(seed: int) -> Dict[str, int]:
+    """Independent sampler seeds for the arms, derived from ``seed``. Adjacent integers would not do: a study resumed
+    at round ``r`` seeds its sampler with ``seed + r`` (lattice.sketch.search), so arms seeded ``s`` and ``s + 1``
+    would draw each other's trials one round apart. 31 bits, so that ``seed + r`` stays a valid NumPy seed."""
+    children = np.random.SeedSequence(seed).spawn(len(ARMS))
+    return {arm: int(child.generate_state(1)[0] >> 1) for arm, child in zip(ARMS, children)}
+
+
 def main(argv: Optional[list] = None) -> Dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--budget", type=float, default=1200.0, help="seconds for the two searches together")
@@ -115,11 +128,14 @@ def main(argv: Optional[list] = None) -> Dict[str, Any]:
     p.add_argument("--max-epochs", type=int, default=None, help="epochs of every run (default: mdmo.yaml's)")
     p.add_argument("--scale", type=float, default=1.0,
                    help="the mdmo world with every domain's rows times this (the same users, items and tasks)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="the arms' sampler seeds are derived from it")
+    p.add_argument("--n-startup-trials", type=int, default=4,
+                   help="Sketch's random trials before TPE models the results (default 4)")
     p.add_argument("--work", default=None, help="scratch folder kept afterwards (default: temporary, removed)")
     p.add_argument("--out", default=None, help="JSON report path")
     args = p.parse_args(argv)
     quiet_lightning()
+    seeds = arm_seeds(args.seed)
     with tempfile.TemporaryDirectory() as scratch:
         work = args.work or scratch
         os.makedirs(work, exist_ok=True)
@@ -138,7 +154,7 @@ def main(argv: Optional[list] = None) -> Dict[str, Any]:
         shipped_spec = SketchSpec(space={"model.optimizer.init_args.lr": {"choices": [lr]}}, base=base)
         start = time.perf_counter()
         shipped = _row("shipped mdmo.yaml", run_search(shipped_spec, SearchOptions(
-            out_dir=os.path.join(work, "shipped"), n_trials=1, pruner="none", seed=args.seed,
+            out_dir=os.path.join(work, "shipped"), n_trials=1, pruner="none", seed=seeds["shipped"],
             max_epochs=args.max_epochs, **limits)),
             time.perf_counter() - start)
         print(f"shipped mdmo.yaml: {shipped['wall_s']:.0f} s", flush=True)
@@ -147,11 +163,11 @@ def main(argv: Optional[list] = None) -> Dict[str, Any]:
                           constraints=Constraints(flops_per_sample=bound))
         searches = {
             "random search": (spec, SearchOptions(
-                out_dir=os.path.join(work, "random"), n_trials=1, sampler="random", pruner="none", seed=args.seed,
-                max_epochs=args.max_epochs, **limits)),
+                out_dir=os.path.join(work, "random"), n_trials=1, sampler="random", pruner="none",
+                seed=seeds["random"], max_epochs=args.max_epochs, **limits)),
             "sketch (TPE + SHA)": (spec, SearchOptions(
-                out_dir=os.path.join(work, "sketch"), n_trials=1, sampler="tpe", pruner="sha", seed=args.seed,
-                max_epochs=args.max_epochs, **limits)),
+                out_dir=os.path.join(work, "sketch"), n_trials=1, sampler="tpe", pruner="sha",
+                seed=seeds["sketch"], n_startup_trials=args.n_startup_trials, max_epochs=args.max_epochs, **limits)),
         }
         log, studies, spent = _interleaved(searches, None if args.smoke else args.budget / 2,
                                            2 if args.smoke else None)
@@ -166,7 +182,8 @@ def main(argv: Optional[list] = None) -> Dict[str, Any]:
                   fmt(r.get("best_mean_auc")), f"{r.get('flops_per_sample', float('nan')):.3g}",
                   f"{r.get('num_parameters', float('nan')):.3g}", f"{r['wall_s']:.0f}"] for r in rows])
     report = {"benchmark": "sketch", "smoke": args.smoke, "scale": args.scale, "budget_s": args.budget,
-              "max_epochs": args.max_epochs,
+              "max_epochs": args.max_epochs, "seed": args.seed, "arm_seeds": seeds,
+              "n_startup_trials": args.n_startup_trials,
               "flops_bound": bound, "space": SPACE, "rows": rows,
               "rounds": [{"round": r, "method": m, "seconds": s} for r, m, s in log], "machine": machine()}
     if args.out:

@@ -150,7 +150,9 @@ def compile_worker(args: argparse.Namespace, cli_args: list) -> None:
 
     timer = Timer()
     overrides = [
-        "--trainer.max_steps", str(args.warmup + args.steps), "--trainer.limit_val_batches", str(args.val_batches),
+        # max_steps alone ends the run, over several epochs of a small world, as the plain worker's loop does
+        "--trainer.max_steps", str(args.warmup + args.steps), "--trainer.max_epochs", "-1",
+        "--trainer.limit_val_batches", str(args.val_batches),
         "--trainer.val_check_interval", str(args.warmup + args.steps), "--trainer.check_val_every_n_epoch", "null",
         "--trainer.logger", "false", "--trainer.enable_checkpointing", "false", "--trainer.callbacks", "null",
         "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
@@ -161,7 +163,7 @@ def compile_worker(args: argparse.Namespace, cli_args: list) -> None:
     cli.trainer.callbacks.append(timer)
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     if timer.t1 is None:
-        raise SystemExit(f"the epoch ended before {args.warmup + args.steps} steps; lower --steps")
+        raise SystemExit(f"training ended before {args.warmup + args.steps} steps; lower --steps")
     seconds = timer.t1 - timer.t0
     with open(args.result, "w") as f:
         json.dump({"seconds": seconds, "cpu_seconds": timer.cpu1 - timer.cpu0, "rows": timer.rows,

@@ -108,6 +108,26 @@ def test_flops_constraint_prunes_before_training(tmp_path):
         assert trial.system_attrs["constraints:flops_per_sample"] > 0
 
 
+@pytest.mark.parametrize("where", ["command line", "sketch file"])
+def test_n_startup_trials_reaches_the_tpe_sampler(tmp_path, monkeypatch, where):
+    made = []
+
+    class Recording(optuna.samplers.TPESampler):
+        def __init__(self, *args, **kwargs):
+            made.append(kwargs)
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(optuna.samplers, "TPESampler", Recording)
+    # every trial breaks the FLOPs bound: pruned before training, so only the sampling runs
+    extra = {"search": {"n_startup_trials": 1}} if where == "sketch file" else {}
+    space = _space(tmp_path, constraints={"flops_per_sample": 1000}, **extra)
+    flag = ["--n-startup-trials", "1"] if where == "command line" else []
+    main(["sketch", "--space", space, "--n-trials", "2", "--seed", "5", *flag, "--out", str(tmp_path / "out"), *_FAST])
+    # the search's sampler (a study opened without one, for the results, gets Optuna's default: no seed)
+    assert [kwargs for kwargs in made if "seed" in kwargs] == [{"seed": 5, "n_startup_trials": 1}], made
+    assert [t["state"] for t in _trials(tmp_path / "out")] == ["PRUNED"] * 2
+
+
 def test_search_is_reproducible_under_a_seed(tmp_path):
     space = _space(tmp_path)
     runs = []

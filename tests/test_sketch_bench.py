@@ -25,6 +25,8 @@ def test_bench_sketch_smoke(tmp_path):
     shipped = rows["shipped mdmo.yaml"]
     assert 0.0 < shipped["best_mean_auc"] < 1.0 and shipped["flops_per_sample"] > 0
     assert report["flops_bound"] == pytest.approx(4 * shipped["flops_per_sample"])
+    assert report["n_startup_trials"] == 4 and report["seed"] == 0
+    assert len(set(report["arm_seeds"].values())) == 3
     for name in ("random search", "sketch (TPE + SHA)"):
         assert sum(rows[name]["trials"].values()) == 2, rows[name]
         if "best_mean_auc" in rows[name]:  # every trial may be pruned on a tiny world
@@ -48,3 +50,23 @@ def test_scale_keeps_the_mdmo_world_but_its_rows(tmp_path, monkeypatch):
     for domain, original in zip(scaled["domains"], full["domains"]):
         assert {**domain, "rows": original["rows"]} == original
     assert {k: v for k, v in scaled.items() if k != "domains"} == {k: v for k, v in full.items() if k != "domains"}
+
+
+def test_the_arms_draw_from_their_own_seeds(monkeypatch):
+    monkeypatch.syspath_prepend(ROOT)
+    import optuna
+
+    from benchmarks.bench_sketch import ARMS, arm_seeds
+    from lattice.sketch.search import make_sampler
+
+    seeds = arm_seeds(0)
+    assert seeds == arm_seeds(0) != arm_seeds(1) and set(seeds) == set(ARMS)
+    values = sorted(seeds.values())
+    # a resumed study seeds round r with seed + r: the arms stay far apart for any realistic number of rounds
+    assert all(b - a > 10_000 for a, b in zip(values, values[1:])) and values[-1] + 10_000 < 2**32
+    first = {}
+    for arm, sampler in (("random", make_sampler("random", seeds["random"])),
+                         ("sketch", make_sampler("tpe", seeds["sketch"], 4))):
+        study = optuna.create_study(sampler=sampler)
+        first[arm] = [study.ask().suggest_float("lr", 1e-3, 3e-2, log=True) for _ in range(3)]
+    assert first["random"] != first["sketch"]

@@ -163,3 +163,31 @@ def test_pruning_reports_samples_seen_and_rank_zero_decides():
     with pytest.raises(optuna.TrialPruned):
         rank1.on_validation_end(_trainer(1, 2, 20, broadcasts), module)
     assert broadcasts == [(0, True), (1, False)]
+
+
+@pytest.mark.parametrize("value, sampler, message", [
+    (-1, "tpe", "--n-startup-trials must be an integer >= 0, got -1"),
+    ("3", "tpe", "--n-startup-trials must be an integer >= 0, got '3'"),
+    (True, "tpe", "--n-startup-trials must be an integer >= 0, got True"),
+    (2, "random", "--n-startup-trials applies to --sampler tpe only, not 'random'"),
+])
+def test_n_startup_trials_is_validated(tmp_path, value, sampler, message):
+    from lattice.sketch.search import SearchOptions
+
+    with pytest.raises(ValueError, match=message):
+        SearchOptions(out_dir=str(tmp_path), n_trials=1, sampler=sampler, n_startup_trials=value)
+    SearchOptions(out_dir=str(tmp_path), n_trials=1, n_startup_trials=0)  # 0: TPE from the first trial
+
+
+def test_n_startup_trials_is_checked_from_the_command_line_and_the_sketch_file(tmp_path):
+    from lattice.sketch.commands import main
+
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(BASE))
+    space = {"base": ["base.yaml"], "space": {"model.optimizer.init_args.lr": {"low": 1.0e-3, "high": 1.0e-2}}}
+    (tmp_path / "cli.yaml").write_text(yaml.safe_dump(space))
+    (tmp_path / "file.yaml").write_text(yaml.safe_dump({**space, "search": {"n_startup_trials": -2}}))
+    out = ["--n-trials", "1", "--out", str(tmp_path / "out")]
+    with pytest.raises(ValueError, match="--n-startup-trials must be an integer >= 0, got -1"):
+        main(["sketch", "--space", str(tmp_path / "cli.yaml"), "--n-startup-trials", "-1", *out])
+    with pytest.raises(ValueError, match="--n-startup-trials must be an integer >= 0, got -2"):
+        main(["sketch", "--space", str(tmp_path / "file.yaml"), *out])

@@ -178,6 +178,7 @@ class DistillationModule(LatticeModule):
         group_auc: bool = True,
         compile: CompileOption = False,
         sharding: dict[str, Any] | None = None,
+        finite_check_every_n_steps: int | None = None,
         distillation: DistillationMode = "aux_head",
         distill_weight: float = 1.0,
         distill_task_weights: dict[str, float] | None = None,
@@ -210,6 +211,7 @@ class DistillationModule(LatticeModule):
             group_auc=group_auc,
             compile=compile,
             sharding=sharding,
+            finite_check_every_n_steps=finite_check_every_n_steps,
         )
         # The cache is runtime state (like a serving-side store), not a hyper-parameter.
         self.save_hyperparameters(ignore=["network", "cache", "optimizer", "lr_scheduler"])
@@ -427,7 +429,7 @@ class DistillationModule(LatticeModule):
                 loss = loss + self.adapter_weight * extra["adapter"]
         parts = {"label": label_loss, **dict(zip(self.task_names, per_task)),
                  **{k: v for k, v in extra.items() if v.dim() == 0}}
-        self._stop_if_not_finite(loss, parts, batch_idx)
+        self._watch_finite(loss, parts, batch_idx)
         size = batch.batch_size
         self.log("train/loss", loss, prog_bar=True, batch_size=size)
         self.log("train/label_loss", label_loss, batch_size=size)

@@ -38,6 +38,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--n-jobs", type=int, help="trials at once, each in its own process (default 1)")
     p.add_argument("--seed", type=int, help="sampler seed (worker i uses seed + i; default 0)")
     p.add_argument("--sampler", help="tpe (default) or random")
+    p.add_argument("--n-startup-trials", type=int,
+                   help="TPE's random trials before it models the results (default Optuna's, 10); >= 0")
     p.add_argument("--pruner", help="sha (successive halving, default), hyperband, median or none")
     p.add_argument("--max-epochs", type=int, help="epochs per trial (default: the base config's); kept in best.yaml")
     p.add_argument("--reports-per-epoch", type=int, help="validations per epoch the pruner sees (default 2)")

@@ -37,9 +37,10 @@ class SearchOptions:
     """How to run a search (the ``lattice sketch`` options).
 
     ``n_trials`` is the study's total (a resumed study runs only the rest); ``timeout_s`` bounds this invocation's
-    wall time (checked between trials). ``max_epochs`` overrides the base configs' and goes into ``best.yaml``;
-    ``reports_per_epoch`` validations per epoch feed the pruner; ``limit_*_batches`` shorten trials (not in
-    ``best.yaml``).
+    wall time (checked between trials). ``n_startup_trials`` is TPE's number of random trials before it models
+    the results (Optuna's default, 10, when ``None``); a small budget wants fewer. ``max_epochs`` overrides the
+    base configs' and goes into ``best.yaml``; ``reports_per_epoch`` validations per epoch feed the pruner;
+    ``limit_*_batches`` shorten trials (not in ``best.yaml``).
     """
 
     out_dir: str
@@ -50,6 +51,7 @@ class SearchOptions:
     n_jobs: int = 1
     seed: int = 0
     sampler: str = "tpe"
+    n_startup_trials: Optional[int] = None
     pruner: str = "sha"
     max_epochs: Optional[int] = None
     reports_per_epoch: int = 2
@@ -67,6 +69,12 @@ class SearchOptions:
             raise ValueError(f"--n-jobs must be >= 1, got {self.n_jobs}")
         if self.sampler not in SAMPLERS:
             raise ValueError(f"--sampler {self.sampler!r}: expected one of {SAMPLERS}")
+        if self.n_startup_trials is not None:
+            startup = self.n_startup_trials
+            if isinstance(startup, bool) or not isinstance(startup, int) or startup < 0:
+                raise ValueError(f"--n-startup-trials must be an integer >= 0, got {self.n_startup_trials!r}")
+            if self.sampler != "tpe":
+                raise ValueError(f"--n-startup-trials applies to --sampler tpe only, not {self.sampler!r}")
         if self.pruner not in PRUNERS:
             raise ValueError(f"--pruner {self.pruner!r}: expected one of {PRUNERS}")
         if self.max_epochs is not None and self.max_epochs < 1:
@@ -85,10 +93,13 @@ def base_config(spec: SketchSpec) -> dict[str, Any]:
     return config
 
 
-def make_sampler(name: str, seed: int) -> optuna.samplers.BaseSampler:
+def make_sampler(name: str, seed: int, n_startup_trials: Optional[int] = None) -> optuna.samplers.BaseSampler:
+    """``"random"`` or ``"tpe"``; ``n_startup_trials`` (TPE only) is None for Optuna's default."""
     if name == "random":
         return optuna.samplers.RandomSampler(seed=seed)
-    return optuna.samplers.TPESampler(seed=seed)
+    if n_startup_trials is None:
+        return optuna.samplers.TPESampler(seed=seed)
+    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=n_startup_trials)
 
 
 def make_pruner(name: str) -> optuna.pruners.BasePruner:
@@ -204,7 +215,8 @@ def _optimize(spec: SketchSpec, options: SearchOptions, worker: int, resumed_fro
     _quiet()
     space = SearchSpace(spec.space, base_config(spec))
     study = optuna.load_study(study_name=options.study_name, storage=open_storage(options.storage),
-                              sampler=make_sampler(options.sampler, options.seed + resumed_from + worker),
+                              sampler=make_sampler(options.sampler, options.seed + resumed_from + worker,
+                                                   options.n_startup_trials),
                               pruner=make_pruner(options.pruner))
     optuna.storages.fail_stale_trials(study)  # trials of a killed run whose heartbeat lapsed: failed, re-queued
     remaining = None if options.n_trials is None else options.n_trials - _counted(study)

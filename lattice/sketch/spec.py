@@ -9,8 +9,9 @@ under which limits (``constraints``)::
     constraints: {flops_per_sample: 2.0e6, num_parameters: 5.0e6, latency_ms: {max: 20, batch_size: 256}}
     search: {n_trials: 10, budget: 10m, max_epochs: 2}   # defaults of the `lattice sketch` options of that name
 
-``search`` takes ``n_trials``, ``budget``, ``n_jobs``, ``seed``, ``sampler``, ``pruner``, ``max_epochs``,
-``reports_per_epoch``, ``limit_train_batches``, ``limit_val_batches``; the command line overrides them.
+``search`` takes ``n_trials``, ``budget``, ``n_jobs``, ``seed``, ``sampler``, ``n_startup_trials``, ``pruner``,
+``max_epochs``, ``reports_per_epoch``, ``limit_train_batches``, ``limit_val_batches``; the command line overrides
+them.
 """
 from __future__ import annotations
 
@@ -27,8 +28,8 @@ from lattice.sketch.objective import Objective
 __all__ = ["SEARCH_KEYS", "SketchSpec", "plain"]
 
 _KEYS = {"base", "objective", "space", "constraints", "search"}
-SEARCH_KEYS = ("n_trials", "budget", "n_jobs", "seed", "sampler", "pruner", "max_epochs", "reports_per_epoch",
-               "limit_train_batches", "limit_val_batches")
+SEARCH_KEYS = ("n_trials", "budget", "n_jobs", "seed", "sampler", "n_startup_trials", "pruner", "max_epochs",
+               "reports_per_epoch", "limit_train_batches", "limit_val_batches")
 
 
 @dataclass

@@ -18,6 +18,7 @@ from lattice.nn.conditional import ConditionalTasks
 from lattice.nn.norms import RunningStandardize
 from lattice.train import faults, parallel, sharding as sharding_
 from lattice.train.compile import CompileOption, compile_network, compile_options, mark_batch_dynamic
+from lattice.train.finite_check import FiniteLossWatch, NonFiniteLossError, StepPlace
 from lattice.train.label_checks import ConditionalLabelCheck, EvalConditionalLabelCheck
 from lattice.train.metrics import MultiTaskMetrics
 
@@ -26,10 +27,7 @@ from lattice.train.metrics import MultiTaskMetrics
 warnings.filterwarnings("ignore", message=r"It is recommended to use `self\.log\('(val|test)/", category=PossibleUserWarning)
 
 SparseOptimizer = Literal["rowwise_adagrad", "sgd", "none"]
-
-
-class NonFiniteLossError(RuntimeError):
-    """Raised when a training loss becomes NaN or infinite; names the step and the tasks."""
+__all__ = ["LatticeModule", "NonFiniteLossError", "SparseOptimizer", "mean_pair_auc"]
 
 
 def _fused_embedding_modules(network: nn.Module) -> list[nn.Module]:
@@ -62,6 +60,10 @@ class LatticeModule(pl.LightningModule):
         compile: ``torch.compile`` the network's forward and backward at ``setup`` (fit, validate, test,
             predict): ``false``, ``true`` (inductor) or a dict of options (``backend``, ``mode``, ``dynamic``,
             ``fullgraph``, ``options``); see :mod:`lattice.train.compile`. Checkpoints are the same either way.
+        finite_check_every_n_steps: a NaN/inf training loss raises :class:`NonFiniteLossError`; the check reads
+            the loss on the host, a device sync, so it runs every this many steps (``None``: the Trainer's
+            ``log_every_n_steps``; ``1``: every step, before the bad step's backward), and always before a
+            validation, at epoch end and before a checkpoint is written (see :mod:`lattice.train.finite_check`).
         sharding: shard the embedding tables across ranks (``{plan: auto | <plan file>, memory_per_rank,
             overrides}``, see :mod:`lattice.train.sharding`; needs its ``ShardedDDPStrategy``).
     """
@@ -80,6 +82,7 @@ class LatticeModule(pl.LightningModule):
         group_auc: bool = True,
         compile: CompileOption = False,
         sharding: dict[str, Any] | None = None,
+        finite_check_every_n_steps: int | None = None,
     ) -> None:
         super().__init__()
         self.sharding = sharding_.ShardingConfig.from_value(sharding)  # applied in setup(), once ranks exist
@@ -111,6 +114,9 @@ class LatticeModule(pl.LightningModule):
             )
         self.sparse_optimizer = sparse_optimizer
         self.data_parallel = parallel.DataParallelState()
+        self.finite_check_every_n_steps = finite_check_every_n_steps
+        every = 1 if finite_check_every_n_steps is None else finite_check_every_n_steps  # None: set at fit start
+        self.finite_watch = FiniteLossWatch(every, self.data_parallel.all_reduce_sum)
         conditional = next((m for m in network.modules() if isinstance(m, ConditionalTasks)), None)
         pairs = [] if conditional is None else [
             (c, p, self.task_names.index(c), self.task_names.index(p)) for c, p in conditional.order
@@ -151,26 +157,16 @@ class LatticeModule(pl.LightningModule):
         per_task = sums * world / global_counts.clamp_min(1.0)
         return weighted_task_total(per_task, self.task_weights), per_task
 
-    def _stop_if_not_finite(self, loss: Tensor, parts: dict[str, Tensor], batch_idx: int) -> None:
-        """Raises :class:`NonFiniteLossError` on every rank at once when any rank's loss is NaN/inf."""
-        names = list(parts)
-        flags = torch.stack([~torch.isfinite(loss.detach())] + [~torch.isfinite(parts[n].detach()) for n in names])
-        flags = self.data_parallel.all_reduce_sum(flags.float()) if self.data_parallel.world_size > 1 else flags
-        if not bool(flags.any()):
-            return
-        bad = [n for n, f in zip(names, flags[1:].tolist()) if f]
-        raise NonFiniteLossError(
-            f"training loss became non-finite ({loss.item()} on this rank) at global step {self.global_step} "
-            f"(epoch {self.current_epoch}, batch {batch_idx}); non-finite parts: "
-            f"{bad or 'none (the weighted sum overflowed)'}. Stopping; the last checkpoint written before this "
-            "step is intact."
-        )
+    def _watch_finite(self, loss: Tensor, parts: dict[str, Tensor], batch_idx: int) -> None:
+        """Records the step's loss for :attr:`finite_watch`, which raises :class:`NonFiniteLossError` on every rank
+        at once, at its next check, when any rank's loss or part was NaN/inf."""
+        self.finite_watch.record(loss, parts, StepPlace(self.global_step, self.current_epoch, batch_idx))
 
     # ---- steps -----------------------------------------------------------------------------------
     def training_step(self, batch, batch_idx):
         output = self(batch)
         loss, per_task = self._loss(output, batch, global_batch=True)
-        self._stop_if_not_finite(loss, dict(zip(self.task_names, per_task)), batch_idx)
+        self._watch_finite(loss, dict(zip(self.task_names, per_task)), batch_idx)
         if self.label_check is not None:
             self.label_check.update(batch.labels, batch.label_mask)
         size = batch.batch_size
@@ -215,7 +211,22 @@ class LatticeModule(pl.LightningModule):
         # compute() already synced across ranks: every rank holds the same values.
         self.log_dict(loggable, sync_dist=False, rank_zero_only=False)
 
+    def on_train_start(self) -> None:
+        if self.finite_check_every_n_steps is None:
+            self.finite_watch.check()
+            self.finite_watch.every = max(1, int(self.trainer.log_every_n_steps))
+
+    def on_validation_start(self) -> None:
+        self.finite_watch.check()  # a spoiled model is not validated (nor reported to a pruner)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.finite_watch.check()  # raising here leaves the file unwritten
+
+    def on_train_end(self) -> None:
+        self.finite_watch.check()
+
     def on_train_epoch_end(self):
+        self.finite_watch.check()
         if self.label_check is not None:
             self.label_check.warn_contradictions(rank_zero_warn)
 
