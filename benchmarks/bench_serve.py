@@ -8,9 +8,9 @@ Each model is built from its config (the student's model section over the mdmo w
 schema and validation rows; ``sequence_merge: concat`` unless ``--sequence-merge`` says otherwise, since the
 AOTInductor package of the MaskNet merge of the world's parallel sequences is refused, see docs/serving.md),
 trained for ``--fit-steps`` steps unless a checkpoint is given, exported (fp32 and int8 tables) and compiled.
-Requests are validation rows (the data layer's batches, flattened). Timing runs in interleaved rounds (every path
-and batch size once per round) so all paths see the same state of the machine; a round times ``--calls`` calls
-per (path, batch size) after a warm-up. Reported per (model, path, batch): p50 and p99 latency, rows/s (rows over
+Requests are validation rows (the data layer's batches, flattened). Timing runs in interleaved rounds (every
+model, path and batch size once per round), so the teacher, the student and every path see the same state of the
+machine; a round times ``--calls`` calls per (model, path, batch size) after a warm-up. Reported per (model, path, batch): p50 and p99 latency, rows/s (rows over
 the summed call times; ``x eager p50`` compares p50 latencies, which a call descheduled by other load cannot move), and per
 model: fp32 and int8 table bytes, parameter bytes, and the validation AUC per
 task of the eager, AOTI and AOTI int8 paths (eager and AOTI agree: the package is the same function). The int8
@@ -127,21 +127,26 @@ def _requests(batches, schema, teacher_dim) -> dict[int, tuple]:
     return out
 
 
-def _time(runners, requests, rounds: int, calls: int) -> dict:
-    """Interleaved rounds: every (path, batch) timed ``calls`` times per round. Returns per-call seconds."""
-    times = {(p, B): [] for p in runners for B in requests}
+def _time(cases, rounds: int, calls: int) -> dict:
+    """Interleaved rounds over every model: ``cases`` maps a model name to ``(runners, requests)``; each round
+    times every (batch, model, path) ``calls`` times, so load drift hits the teacher and the student alike.
+    Returns model -> (path, batch) -> per-call seconds."""
+    times = {name: {(p, B): [] for p in runners for B in requests} for name, (runners, requests) in cases.items()}
     with torch.inference_mode():
-        for p, run in runners.items():  # warm-up (first calls allocate and fault in pages)
-            for x in requests.values():
-                for _ in range(3):
-                    run(*x)
-        for _ in range(rounds):
-            for B, x in requests.items():
-                for p, run in runners.items():
-                    for _ in range(calls):
-                        start = time.perf_counter()
+        for runners, requests in cases.values():  # warm-up (first calls allocate and fault in pages)
+            for run in runners.values():
+                for x in requests.values():
+                    for _ in range(3):
                         run(*x)
-                        times[(p, B)].append(time.perf_counter() - start)
+        for _ in range(rounds):
+            for B in BATCHES:
+                for name, (runners, requests) in cases.items():
+                    x = requests[B]
+                    for p, run in runners.items():
+                        for _ in range(calls):
+                            start = time.perf_counter()
+                            run(*x)
+                            times[name][(p, B)].append(time.perf_counter() - start)
     return times
 
 
@@ -157,7 +162,9 @@ def _summary(times, requests) -> dict:
     return out
 
 
-def bench_model(name, configs, args, tmp: Path) -> dict:
+def build_model(name, configs, args, tmp: Path) -> tuple[dict, dict, dict]:
+    """Builds, fits (without a checkpoint), exports and compiles one model: ``(report, runners, requests)``, the
+    report holding everything but the timings, which :func:`_time` takes over every model at once."""
     module, datamodule = load_from_config(configs, args.ckpt.get(name), seed=True)
     if args.ckpt.get(name) is None:
         _fit(module, datamodule, args.fit_steps)
@@ -172,9 +179,8 @@ def bench_model(name, configs, args, tmp: Path) -> dict:
                "aoti": torch._inductor.aoti_load_package(str(package)),
                "aoti_int8": torch._inductor.aoti_load_package(str(package_int8))}
     requests = _requests(batches, inference.schema, teacher_dim)
-    times = _time(runners, requests, args.rounds, args.calls)
     auc = {p: _auc(runners[p], batches, inference.schema, teacher_dim) for p in AUC_PATHS}
-    return {
+    report = {
         "network_class": type(getattr(module, "network", module)).__name__,
         "module_class": type(module).__name__,
         "parameters": sum(p.numel() for p in inference.parameters()) + sum(b.numel() for b in inference.buffers()),
@@ -185,8 +191,8 @@ def bench_model(name, configs, args, tmp: Path) -> dict:
         "validation_rows": sum(b.batch_size for b in batches),
         "auc": auc,
         "auc_drop_int8": _mean_drop(auc["aoti"], auc["aoti_int8"]),
-        "timings": _summary(times, requests),
     }
+    return report, runners, requests
 
 
 def _mean_drop(fp32: dict, int8: dict) -> float:
@@ -289,9 +295,14 @@ def main(argv=None) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         configs = _configs(args, tmp)
+        cases = {}
         for name in names:
-            print(f"bench_serve: {name}: build, fit, export, compile, time", file=sys.stderr)
-            results["models"][name] = bench_model(name, configs[name], args, tmp)
+            print(f"bench_serve: {name}: build, fit, export, compile", file=sys.stderr)
+            results["models"][name], *cases[name] = build_model(name, configs[name], args, tmp)
+        print(f"bench_serve: timing {', '.join(names)} in {args.rounds} interleaved rounds", file=sys.stderr)
+        times = _time(cases, args.rounds, args.calls)
+        for name, (_, requests) in cases.items():
+            results["models"][name]["timings"] = _summary(times[name], requests)
     if not args.no_pooling:
         print("bench_serve: int8 vs fp32 pooling forward at D=64", file=sys.stderr)
         results["pooling_int8"] = bench_pooling(args)
