@@ -742,7 +742,10 @@ class KeyedJaggedTensor:
     def length_per_key(self) -> List[int]:
         """``[K]`` number of values of each key (Python ints, cached)."""
         if self._length_per_key is None:
-            self._length_per_key = self._length_per_key_tensor().tolist()
+            counts = self._length_per_key_tensor()
+            # Compiled: one .item() per key. Dynamo traces .tolist() into nodes that AOTAutograd's cache refuses
+            # ("Unsupported call_method target getitem"), so every run would recompile the graph from scratch.
+            self._length_per_key = [n.item() for n in counts.unbind(0)] if _is_compiling() else counts.tolist()
         return self._length_per_key
 
     def offset_per_key(self) -> List[int]:

@@ -12,7 +12,7 @@ from torch._dynamo.testing import CompileCounterWithBackend
 from _models import make_schema, random_batch
 from lattice.models import LatticeNetwork
 from lattice.train import LatticeModule
-from lattice.train.compile import compile_options, mark_batch_dynamic
+from lattice.train.compile import compile_network, compile_options, mark_batch_dynamic
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -108,6 +108,26 @@ def test_new_batch_sizes_and_sequence_lengths_do_not_recompile():
             warm = counter.frame_count
     assert warm <= 2
     assert counter.frame_count - warm <= 2, f"{counter.frame_count - warm} recompiles over {sizes[2:]}"
+
+
+def test_loader_batches_with_host_sizes_compile_one_graph():
+    """The data loader's KeyedJaggedTensors carry their batch size and per-key value counts as Python ints;
+    compile_network keeps Dynamo from specializing on them, so a new batch's counts and the epoch's short last
+    batch reuse the first graph (each recompile costs minutes of inductor compile)."""
+    torch._dynamo.reset()
+    schema = make_schema()
+    torch.manual_seed(0)
+    network = LatticeNetwork(schema, **SIZE)
+    counter = CompileCounterWithBackend("aot_eager")
+    compile_network(network, {"backend": counter, "fullgraph": True})
+    for seed, size in enumerate([16, 16, 9, 16]):
+        batch = random_batch(schema, size, seed=seed)
+        for kjt in (batch.sparse, batch.sequences, batch.sequence_timestamps):
+            if kjt is not None:
+                kjt.sync()  # as the loader hands them over: length_per_key / offset_per_key cached
+        mark_batch_dynamic(batch)
+        network(batch).train_logits.sum().backward()
+    assert counter.frame_count == 1, f"{counter.frame_count} graphs over 4 batches"
 
 
 def test_distillation_module_takes_the_compile_option():

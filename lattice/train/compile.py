@@ -5,8 +5,8 @@ The network is compiled with :meth:`torch.nn.Module.compile`, which compiles its
 module tree alone: ``state_dict`` keys are the same with compile on or off, so checkpoints move freely between
 the two. Every batch's tensors have their leading dim (the batch size ``B``, a jagged ``values [N]``, key-major
 ``offsets [F*B+1]``) marked dynamic before the call, so a batch of another size or other sequence lengths
-reuses the compiled graph instead of recompiling. Compiling turns on Dynamo's ``capture_scalar_outputs`` for the
-process (see :func:`compile_network`).
+reuses the compiled graph instead of recompiling. Compiling turns on Dynamo's ``capture_scalar_outputs`` and marks
+the KeyedJaggedTensor's host-side sizes dynamic for the process (see :func:`compile_network`).
 """
 from __future__ import annotations
 
@@ -22,6 +22,13 @@ __all__ = ["CompileOption", "compile_options", "compile_network", "mark_batch_dy
 CompileOption = Union[bool, dict]
 
 _KEYS = ("backend", "mode", "dynamic", "fullgraph", "options")
+
+# A KeyedJaggedTensor carries its batch size (``_stride``) and per-key value counts (``_length_per_key``,
+# ``_offset_per_key``) as Python ints, which Dynamo would otherwise specialize on: the first batch's values get
+# baked into the graph, and the next batch (new counts), then the epoch's short last batch (new B), each recompile
+# the whole forward and backward. Regexes (``re.match``) over Dynamo source names, e.g.
+# ``L['batch'].sparse._length_per_key[6]``; ``torch.compiler.config.dynamic_sources`` splits entries on commas.
+_DYNAMIC_KJT_SOURCES = (r".*\._stride$", r".*\._length_per_key\[\d+\]$", r".*\._offset_per_key\[\d+\]$")
 
 
 def compile_options(option: Any) -> dict | None:
@@ -51,9 +58,19 @@ def compile_network(network: nn.Module, option: Any) -> bool:
     # KeyedJaggedTensor.permute/split read per-key value counts on the host (.tolist()): captured as unbacked
     # symbolic ints instead of a graph break whose resumed graphs specialize on every batch's counts.
     torch._dynamo.config.capture_scalar_outputs = True
+    _mark_kjt_sizes_dynamic()
     if getattr(network, "_compiled_call_impl", None) is None:
         network.compile(**kwargs)
     return True
+
+
+def _mark_kjt_sizes_dynamic() -> None:
+    """Adds :data:`_DYNAMIC_KJT_SOURCES` to ``torch.compiler.config.dynamic_sources`` (keeping what the user set
+    there, e.g. through ``TORCH_COMPILE_DYNAMIC_SOURCES``)."""
+    present = [s for s in torch.compiler.config.dynamic_sources.split(",") if s.strip()]
+    missing = [s for s in _DYNAMIC_KJT_SOURCES if s not in present]
+    if missing:
+        torch.compiler.config.dynamic_sources = ",".join(present + missing)
 
 
 def mark_batch_dynamic(batch: Any) -> None:
