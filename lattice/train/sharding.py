@@ -57,8 +57,9 @@ from lattice.nn.placement import ShardingPlan, TablePlacement
 from lattice.nn.sharded import ShardedEmbeddingBagCollection
 from lattice.train.sharded_checkpoint import load_sharded_tables, save_sharded_tables, sharded_collections
 
-__all__ = ["ShardingConfig", "sharding_requested", "shard_network", "ShardedDDPStrategy", "save_tables_folder",
-           "remove_stale_folders", "eval_batches", "start_eval_epoch", "count_eval_step", "finish_eval_epoch"]
+__all__ = ["ShardingConfig", "sharding_requested", "shard_network", "ShardedDDPStrategy", "ShardedTablesCheckpoints",
+           "save_tables_folder", "remove_stale_folders", "eval_batches", "start_eval_epoch", "count_eval_step",
+           "finish_eval_epoch"]
 
 _KEYS = ("plan", "memory_per_rank", "overrides", "time_limit_s", "num_batches")
 
@@ -326,7 +327,27 @@ def remove_stale_folders(strategy, filepath, keep: Optional[str]) -> None:
                 shutil.rmtree(stale, ignore_errors=True)
 
 
-class ShardedDDPStrategy(DDPStrategy):
+class ShardedTablesCheckpoints:
+    """Mixin of a Lightning strategy whose checkpoints keep the sharded tables out of the file: before the file is
+    written every rank writes its own shards into the DCP folder ``<file>.tables-<step>`` beside it
+    (:func:`save_tables_folder`), and after it rank 0 removes the file's older folders. Put it before the
+    strategy's base class (``class S(ShardedTablesCheckpoints, DDPStrategy)``)."""
+
+    saves_sharded_tables = True  # shard_network accepts the strategies whose checkpoints hold every rank's shards
+
+    def save_checkpoint(self, checkpoint: Dict[str, Any], filepath, storage_options: Optional[Any] = None) -> None:
+        filepath = self.broadcast(filepath)  # every rank writes its shards beside rank 0's file
+        folder = save_tables_folder(self, checkpoint, filepath)
+        super().save_checkpoint(checkpoint, filepath, storage_options)
+        if folder is not None:
+            remove_stale_folders(self, filepath, keep=folder)
+
+    def remove_checkpoint(self, filepath) -> None:
+        super().remove_checkpoint(filepath)
+        remove_stale_folders(self, filepath, keep=None)
+
+
+class ShardedDDPStrategy(ShardedTablesCheckpoints, DDPStrategy):
     """DDP for the dense layers; the sharded embedding tables checkpoint through ``torch.distributed.checkpoint``.
 
     The Lightning checkpoint file holds everything but the sharded collections' tables (and is written by rank 0,
@@ -337,8 +358,6 @@ class ShardedDDPStrategy(DDPStrategy):
     """
 
     strategy_name = "sharded_ddp"
-    saves_sharded_tables = True  # shard_network accepts the strategies whose checkpoints hold every rank's shards
-
     def _sharded_paths(self) -> List[str]:
         return [path for path, _ in sharded_collections(self.lightning_module)]
 
@@ -346,16 +365,6 @@ class ShardedDDPStrategy(DDPStrategy):
         state = self.lightning_module.state_dict()
         prefixes = tuple(f"{p}." for p in self._sharded_paths())
         return {k: v for k, v in state.items() if not k.startswith(prefixes)} if prefixes else state
-
-    def save_checkpoint(self, checkpoint: Dict[str, Any], filepath, storage_options: Optional[Any] = None) -> None:
-        folder = save_tables_folder(self, checkpoint, filepath)
-        super().save_checkpoint(checkpoint, filepath, storage_options)
-        if folder is not None:
-            remove_stale_folders(self, filepath, keep=folder)
-
-    def remove_checkpoint(self, filepath) -> None:
-        super().remove_checkpoint(filepath)
-        remove_stale_folders(self, filepath, keep=None)
 
     def load_checkpoint(self, checkpoint_path, *args: Any, **kwargs: Any) -> Dict[str, Any]:
         checkpoint = super().load_checkpoint(checkpoint_path, *args, **kwargs)

@@ -8,10 +8,12 @@ from typing import Any, Dict, List, Optional
 import torch
 from lightning.pytorch.strategies import ModelParallelStrategy
 
+from lattice.train.sharding import ShardedTablesCheckpoints
+
 __all__ = ["FSDP2Strategy"]
 
 
-class FSDP2Strategy(ModelParallelStrategy):
+class FSDP2Strategy(ShardedTablesCheckpoints, ModelParallelStrategy):
     """FSDP2 (``fully_shard``) over all ranks: Lightning's ``ModelParallelStrategy`` with the data-parallel
     size set to the world size and no tensor parallelism, which is how lattice models train sharded.
 
@@ -33,8 +35,6 @@ class FSDP2Strategy(ModelParallelStrategy):
             tables, whose own folder already holds one piece per rank).
         process_group_backend: ``"gloo"``, ``"nccl"``..., default from the accelerator.
     """
-
-    saves_sharded_tables = True  # lattice.train.sharding.shard_network accepts it
 
     def __init__(self, save_distributed_checkpoint: bool = False, process_group_backend: Optional[str] = None) -> None:
         super().__init__(
@@ -78,21 +78,6 @@ class FSDP2Strategy(ModelParallelStrategy):
             optimizer = optimizer._optimizer
         options = StateDictOptions(full_state_dict=True, cpu_offload=True)
         return get_optimizer_state_dict(self.model, optimizer, options=options)
-
-    def save_checkpoint(self, checkpoint: Dict[str, Any], filepath, storage_options: Optional[Any] = None) -> None:
-        from lattice.train.sharding import remove_stale_folders, save_tables_folder
-
-        filepath = self.broadcast(filepath)  # every rank writes its shards beside rank 0's file
-        folder = save_tables_folder(self, checkpoint, filepath)
-        super().save_checkpoint(checkpoint, filepath, storage_options)
-        if folder is not None:
-            remove_stale_folders(self, filepath, keep=folder)
-
-    def remove_checkpoint(self, filepath) -> None:
-        from lattice.train.sharding import remove_stale_folders
-
-        super().remove_checkpoint(filepath)
-        remove_stale_folders(self, filepath, keep=None)
 
     def load_checkpoint(self, checkpoint_path, weights_only: Optional[bool] = None) -> Dict[str, Any]:
         """Lightning's load, except that the sharded collections' tables come from the checkpoint's DCP folder
