@@ -55,7 +55,8 @@ from torch import nn
 from lattice.nn.embedding import EmbeddingBagCollection
 from lattice.nn.placement import ShardingPlan, TablePlacement
 from lattice.nn.sharded import ShardedEmbeddingBagCollection
-from lattice.train.sharded_checkpoint import load_sharded_tables, save_sharded_tables, sharded_collections
+from lattice.train.sharded_checkpoint import (load_sharded_tables, save_sharded_tables, sharded_collections,
+                                              tables_folder)
 
 __all__ = ["ShardingConfig", "sharding_requested", "shard_network", "ShardedDDPStrategy", "ShardedTablesCheckpoints",
            "save_tables_folder", "remove_stale_folders", "eval_batches", "start_eval_epoch", "count_eval_step",
@@ -346,6 +347,16 @@ class ShardedTablesCheckpoints:
         super().remove_checkpoint(filepath)
         remove_stale_folders(self, filepath, keep=None)
 
+    def _sharded_prefixes(self) -> tuple:
+        """``"<path>."`` of every sharded collection of the module (empty without sharding)."""
+        return tuple(f"{p}." for p, _ in sharded_collections(self.lightning_module))
+
+    def lightning_module_state_dict(self) -> Dict[str, Any]:
+        """The base strategy's state, without the sharded tables (they go to the folder)."""
+        state = super().lightning_module_state_dict()
+        prefixes = self._sharded_prefixes()
+        return {k: v for k, v in state.items() if not k.startswith(prefixes)} if prefixes else state
+
 
 class ShardedDDPStrategy(ShardedTablesCheckpoints, DDPStrategy):
     """DDP for the dense layers; the sharded embedding tables checkpoint through ``torch.distributed.checkpoint``.
@@ -358,32 +369,23 @@ class ShardedDDPStrategy(ShardedTablesCheckpoints, DDPStrategy):
     """
 
     strategy_name = "sharded_ddp"
-    def _sharded_paths(self) -> List[str]:
-        return [path for path, _ in sharded_collections(self.lightning_module)]
-
-    def lightning_module_state_dict(self) -> Dict[str, Any]:
-        state = self.lightning_module.state_dict()
-        prefixes = tuple(f"{p}." for p in self._sharded_paths())
-        return {k: v for k, v in state.items() if not k.startswith(prefixes)} if prefixes else state
 
     def load_checkpoint(self, checkpoint_path, *args: Any, **kwargs: Any) -> Dict[str, Any]:
         checkpoint = super().load_checkpoint(checkpoint_path, *args, **kwargs)
-        entry = checkpoint.get("sharded_tables")
-        if entry is not None:
-            checkpoint["sharded_tables"] = dict(entry, path=os.path.join(os.path.dirname(os.fspath(checkpoint_path)),
-                                                                         entry["folder"]))
+        folder = tables_folder(checkpoint, checkpoint_path)
+        if folder is not None:
+            checkpoint["sharded_tables"] = dict(checkpoint["sharded_tables"], path=folder)
         return checkpoint
 
     def load_model_state_dict(self, checkpoint: Mapping[str, Any], strict: bool = True) -> None:
         module = self.lightning_module
-        paths = self._sharded_paths()
-        if not paths:
+        prefixes = self._sharded_prefixes()
+        if not prefixes:
             return super().load_model_state_dict(checkpoint, strict)
         entry = checkpoint.get("sharded_tables")
         if entry is None:
             raise ValueError("this checkpoint has no sharded tables (it was written without model.sharding); "
                              "resume it without configs/sharded.yaml")
-        prefixes = tuple(f"{p}." for p in paths)
         result = module.load_state_dict(checkpoint["state_dict"], strict=False)
         missing = [k for k in result.missing_keys if not k.startswith(prefixes)]
         unexpected = [k for k in result.unexpected_keys if not k.startswith(prefixes)]

@@ -50,21 +50,11 @@ class FSDP2Strategy(ShardedTablesCheckpoints, ModelParallelStrategy):
         super().setup_environment()
 
     # ---- sharded embedding tables ----------------------------------------------------------------
-    def _sharded_prefixes(self) -> tuple:
-        from lattice.train.sharded_checkpoint import sharded_collections
-
-        return tuple(f"{p}." for p, _ in sharded_collections(self.lightning_module))
-
     def setup(self, trainer) -> None:
         super().setup(trainer)
         if self._save_distributed_checkpoint and self._sharded_prefixes():
             raise ValueError("FSDP2Strategy: save_distributed_checkpoint: true does not hold sharded embedding tables; "
                              "set it to false (the tables still go to their own folder, one piece per rank)")
-
-    def lightning_module_state_dict(self) -> Dict[str, Any]:
-        state = super().lightning_module_state_dict()  # collective: every rank takes part
-        prefixes = self._sharded_prefixes()
-        return {k: v for k, v in state.items() if not k.startswith(prefixes)} if prefixes else state
 
     def optimizer_state(self, optimizer) -> Dict[str, Any]:
         if not self._sharded_prefixes():
