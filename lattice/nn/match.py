@@ -109,10 +109,7 @@ class HistoryMatch(nn.Module):
             # (sample, id) as one sortable key; ids lie in [0, rows), so B * rows is above every key
             sentinel = B * rows
             keys = torch.where(cand_feature == c_idx, cand_sample * rows + cand_ids, sentinel)
-            keys = torch.cat([keys, keys.new_full((1,), sentinel)]).sort().values
-            ev_keys = ev_sample * rows + ev_ids
-            pos = torch.searchsorted(keys, ev_keys).clamp(max=keys.numel() - 1)
-            out.append((keys[pos] == ev_keys) & (ev_feature == s_idx))
+            out.append(_found(keys, ev_sample * rows + ev_ids, sentinel) & (ev_feature == s_idx))
         return torch.stack(out) if out else ev_ids.new_zeros((0, ev_ids.shape[0]), dtype=torch.bool)
 
     def _matches_per_key(self, sparse: KeyedJaggedTensor, sequences: KeyedJaggedTensor, seq_keys: list[int],
@@ -126,11 +123,8 @@ class HistoryMatch(nn.Module):
             e0, e1, c0, c1 = seq_keys[s_idx], seq_keys[s_idx + 1], cand_keys[c_idx], cand_keys[c_idx + 1]
             cand_sample = jagged_row_ids(cand_lengths[c_idx * B:(c_idx + 1) * B], c1 - c0)
             keys = cand_sample * rows + sparse.values()[c0:c1].long()  # (sample, id) as one key, as in _matches
-            keys = torch.cat([keys, keys.new_full((1,), B * rows)]).sort().values
             ev_sample = jagged_row_ids(ev_lengths[s_idx * B:(s_idx + 1) * B], e1 - e0)
-            ev_keys = ev_sample * rows + sequences.values()[e0:e1].long()
-            pos = torch.searchsorted(keys, ev_keys).clamp(max=keys.numel() - 1)
-            hit = keys[pos] == ev_keys
+            hit = _found(keys, ev_sample * rows + sequences.values()[e0:e1].long(), B * rows)
             out.append(torch.cat([hit.new_zeros(e0), hit, hit.new_zeros(S - e1)]))
         return torch.stack(out) if out else sequences.values().new_zeros((0, S), dtype=torch.bool)
 
@@ -158,3 +152,11 @@ class HistoryMatch(nn.Module):
     def flops(self) -> float:
         """Per sample: the per-pair affine maps (the per-event work is comparisons, not counted)."""
         return 2.0 * len(self.pairs) * self.num_stats * self.dim
+
+
+def _found(keys: Tensor, queries: Tensor, sentinel: int) -> Tensor:
+    """``[Q]`` whether each of ``queries [Q]`` is among ``keys [K]`` (unsorted; every key and query below
+    ``sentinel``, which bounds the search so that no position runs past the end)."""
+    keys = torch.cat([keys, keys.new_full((1,), sentinel)]).sort().values
+    pos = torch.searchsorted(keys, queries).clamp(max=keys.numel() - 1)
+    return keys[pos] == queries
